@@ -1,0 +1,229 @@
+"""The rewriting interpreter: evaluates a jaxpr, letting passes replace what they own.
+
+Run under ``jax.make_jaxpr`` it *emits* a new jaxpr, so a rewrite costs one
+Python walk per input signature and nothing per step. Equations that touch no
+parameter ref and contain no hooked equation are bound unchanged. Higher-order
+primitives that do are re-expressed through their public APIs (``lax.scan``,
+``lax.while_loop``, ``lax.switch``, ``jax.checkpoint``) around a recursive walk
+of their bodies, so parameter refs (pytrees) travel into bodies as ordinary
+operands and scans slice stacked weights and their state together.
+
+Eqns are named by *keys*: tuples such as ``(3, "jaxpr", 5)`` (eqn 5 of the body
+of the scan that is eqn 3 of the top-level jaxpr). Analysis and rewrite walk the
+same cached jaxpr, so a key found by one names the same eqn in the other.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from typing import Any, Callable, Sequence
+
+import jax
+from jax import lax
+from jax.extend import core as jex_core
+
+from sparsejax.compiler import views
+from sparsejax.compiler.param_ref import is_ref, materialize
+
+Key = tuple
+SiteFn = Callable[["Interpreter", Any, Key, list, "Scope"], list]
+HookFn = Callable[[Any, list], list]
+
+SITE_PRIMITIVES = frozenset({"dot_general", "conv_general_dilated"})
+_INLINE = frozenset({"jit", "pjit", "closed_call", "core_call"})
+_CUSTOM = frozenset({"custom_jvp_call", "custom_vjp_call", "custom_vjp_call_jaxpr"})
+_REMAT = frozenset({"checkpoint", "remat2", "remat"})
+
+
+@dataclasses.dataclass(frozen=True)
+class Scope:
+    """Where an eqn sits: the loops around it and how often they run it."""
+
+    loops: tuple[tuple[str, int | None], ...] = ()
+
+    def enter(self, kind: str, trips: int | None) -> "Scope":
+        return Scope(self.loops + ((kind, trips),))
+
+    @property
+    def trips(self) -> int:
+        """Times the eqn runs per call; loops of unknown length count once."""
+        total = 1
+        for _, n in self.loops:
+            total *= n or 1
+        return total
+
+    @property
+    def exact(self) -> bool:
+        return all(n is not None for _, n in self.loops)
+
+    def describe(self) -> str:
+        return ">".join(f"{k}[{n if n is not None else '?'}]" for k, n in self.loops) or "top"
+
+
+def bind_eqn(eqn, invals: Sequence[Any]) -> list:
+    """Binds ``eqn``'s primitive to plain values, as ``jax.core.eval_jaxpr`` does."""
+    bind_params = eqn.primitive.get_bind_params(eqn.params)
+    # JAX < 0.7 returned (subfuns, params); later versions return params alone.
+    subfuns, bind_params = bind_params if isinstance(bind_params, tuple) else ((), bind_params)
+    ctx = getattr(getattr(eqn, "ctx", None), "manager", None) or contextlib.nullcontext()
+    with ctx:
+        out = eqn.primitive.bind(*subfuns, *invals, **bind_params)
+    return list(out) if eqn.primitive.multiple_results else [out]
+
+
+class Interpreter:
+    """Evaluates jaxprs, delegating weight sites and hooked eqns to passes.
+
+    Args:
+      on_site: called for a dot_general / conv whose operand is a ParamRef;
+        returns the eqn's output values.
+      hooks: eqn key -> function(eqn, outvals) -> new outvals (activation passes).
+    """
+
+    def __init__(self, on_site: SiteFn, hooks: dict[Key, HookFn] | None = None):
+        self.on_site = on_site
+        self.hooks = dict(hooks or {})
+        self._hooked_prefixes = {k[:i] for k in self.hooks for i in range(1, len(k))}
+        self.notes: dict[Key, str] = {}
+
+    # -- the walk --------------------------------------------------------------
+
+    def run(self, jaxpr, consts: Sequence[Any], args: Sequence[Any],
+            prefix: Key = (), scope: Scope = Scope()) -> list:
+        env: dict[Any, Any] = {}
+
+        def read(v):
+            return v.val if isinstance(v, jex_core.Literal) else env[v]
+
+        for v, x in zip(jaxpr.constvars, consts):
+            env[v] = x
+        for v, x in zip(jaxpr.invars, args):
+            env[v] = x
+        for i, eqn in enumerate(jaxpr.eqns):
+            key = prefix + (i,)
+            invals = [read(v) for v in eqn.invars]
+            outvals = self._eval_eqn(eqn, key, invals, scope)
+            if key in self.hooks:
+                outvals = self.hooks[key](eqn, outvals)
+            for v, x in zip(eqn.outvars, outvals):
+                if not isinstance(v, jex_core.DropVar):
+                    env[v] = x
+        return [materialize(read(v)) for v in jaxpr.outvars]
+
+    def _eval_eqn(self, eqn, key: Key, invals: list, scope: Scope) -> list:
+        has_ref = any(is_ref(x) for x in invals)
+        name = eqn.primitive.name
+        if has_ref and views.is_view(eqn, invals):
+            return [views.apply_view(eqn, invals[0], invals[1:])]
+        if has_ref and name in SITE_PRIMITIVES:
+            return self.on_site(self, eqn, key, invals, scope)
+        if has_ref or key in self._hooked_prefixes:
+            handler = _HIGHER_ORDER.get(name)
+            if handler is not None:
+                return handler(self, eqn, key, invals, scope)
+        return bind_eqn(eqn, [materialize(x) for x in invals])
+
+    # -- higher-order primitives ----------------------------------------------
+
+    def _inline(self, eqn, key, invals, scope):
+        closed = eqn.params.get("jaxpr", eqn.params.get("call_jaxpr"))
+        jaxpr, consts = _open(closed)
+        return self.run(jaxpr, consts, invals, key + ("jaxpr",), scope)
+
+    def _custom(self, eqn, key, invals, scope):
+        # A custom derivative rule was written for the original body; once the body is
+        # rewritten, autodiff of the rewritten body is the only rule that stays correct.
+        self.notes[key] = (f"{eqn.primitive.name} '{eqn.params.get('name', '')}' inlined: "
+                           "its custom derivative is replaced by autodiff of the rewritten body")
+        jaxpr, consts = _open(eqn.params["call_jaxpr"])
+        return self.run(jaxpr, consts, invals, key + ("call_jaxpr",), scope)
+
+    def _scan(self, eqn, key, invals, scope):
+        p = eqn.params
+        jaxpr, consts = _open(p["jaxpr"])
+        n_consts, n_carry = p["num_consts"], p["num_carry"]
+        scan_consts = invals[:n_consts]
+        init = [materialize(x) for x in invals[n_consts:n_consts + n_carry]]
+        xs = invals[n_consts + n_carry:]
+        body_scope = scope.enter("scan", p["length"])
+
+        def body(carry, x_slices):
+            x_slices = [x.after_leading_slice() if is_ref(x) else x for x in x_slices]
+            outs = self.run(jaxpr, consts, [*scan_consts, *carry, *x_slices],
+                            key + ("jaxpr",), body_scope)
+            return outs[:n_carry], outs[n_carry:]
+
+        carry, ys = lax.scan(body, init, xs, length=p["length"], reverse=p["reverse"],
+                             unroll=p["unroll"])
+        return [*carry, *ys]
+
+    def _while(self, eqn, key, invals, scope):
+        p = eqn.params
+        cond_jaxpr, cond_consts_closed = _open(p["cond_jaxpr"])
+        body_jaxpr, body_consts_closed = _open(p["body_jaxpr"])
+        nc, nb = p["cond_nconsts"], p["body_nconsts"]
+        cond_consts, body_consts = invals[:nc], invals[nc:nc + nb]
+        init = [materialize(x) for x in invals[nc + nb:]]
+        body_scope = scope.enter("while", None)
+
+        def cond_fun(carry):
+            return self.run(cond_jaxpr, cond_consts_closed, [*cond_consts, *carry],
+                            key + ("cond_jaxpr",), scope)[0]
+
+        def body_fun(carry):
+            return self.run(body_jaxpr, body_consts_closed, [*body_consts, *carry],
+                            key + ("body_jaxpr",), body_scope)
+
+        return list(lax.while_loop(cond_fun, body_fun, init))
+
+    def _cond(self, eqn, key, invals, scope):
+        index, operands = invals[0], invals[1:]
+
+        def branch_fn(j, closed):
+            jaxpr, consts = _open(closed)
+            return lambda ops: self.run(jaxpr, consts, ops, key + (f"branches{j}",), scope)
+
+        fns = [branch_fn(j, br) for j, br in enumerate(eqn.params["branches"])]
+        return list(lax.switch(index, fns, list(operands)))
+
+    def _remat(self, eqn, key, invals, scope):
+        jaxpr, consts = _open(eqn.params["jaxpr"])
+
+        def body(ops):
+            return self.run(jaxpr, consts, ops, key + ("jaxpr",), scope)
+
+        fn = jax.checkpoint(body, prevent_cse=eqn.params.get("prevent_cse", True),
+                            policy=eqn.params.get("policy"))
+        return list(fn(list(invals)))
+
+
+def _open(closed_or_open) -> tuple[Any, Sequence[Any]]:
+    if hasattr(closed_or_open, "consts") and hasattr(closed_or_open, "jaxpr"):
+        return closed_or_open.jaxpr, closed_or_open.consts
+    return closed_or_open, ()
+
+
+_HIGHER_ORDER: dict[str, Callable] = {
+    **{n: Interpreter._inline for n in _INLINE},
+    **{n: Interpreter._custom for n in _CUSTOM},
+    **{n: Interpreter._remat for n in _REMAT},
+    "scan": Interpreter._scan,
+    "while": Interpreter._while,
+    "cond": Interpreter._cond,
+}
+
+
+def sub_jaxprs(eqn) -> list[tuple[str, Any]]:
+    """The (name, open jaxpr) pairs an eqn holds, keyed as the interpreter keys them."""
+    p, name = eqn.params, eqn.primitive.name
+    if name == "cond":
+        return [(f"branches{j}", _open(b)[0]) for j, b in enumerate(p["branches"])]
+    if name == "while":
+        return [("cond_jaxpr", _open(p["cond_jaxpr"])[0]), ("body_jaxpr", _open(p["body_jaxpr"])[0])]
+    if name in _CUSTOM:
+        return [("call_jaxpr", _open(p["call_jaxpr"])[0])]
+    if name in _INLINE or name in _REMAT or name == "scan":
+        inner = p.get("jaxpr", p.get("call_jaxpr"))
+        return [("jaxpr", _open(inner)[0])] if inner is not None else []
+    return []

@@ -1,0 +1,23 @@
+"""Passes: how each kind of rule rewrites the sites it owns."""
+
+from __future__ import annotations
+
+from sparsejax.compiler.passes.base import WeightHandler
+from sparsejax.compiler.passes.factorized import FactorizedHandler
+from sparsejax.compiler.passes.masking import MaskHandler
+from sparsejax.rules import Factorize, MaskRule
+
+_WEIGHT_HANDLERS: list[tuple[type, type[WeightHandler]]] = [
+    (MaskRule, MaskHandler), (Factorize, FactorizedHandler)]
+
+
+def register_weight_handler(rule_type: type, handler_type: type[WeightHandler]) -> None:
+    """Registers the pass for a new weight rule type (most recent registration wins)."""
+    _WEIGHT_HANDLERS.insert(0, (rule_type, handler_type))
+
+
+def weight_handler(rule, path, layout, sites) -> WeightHandler:
+    for rule_type, handler_type in _WEIGHT_HANDLERS:
+        if isinstance(rule, rule_type):
+            return handler_type(rule, path, layout, sites)
+    raise TypeError(f"no compiler pass handles rule {rule.describe()}")

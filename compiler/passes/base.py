@@ -1,0 +1,95 @@
+"""What every weight pass provides to the rewriting interpreter."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import jax.numpy as jnp
+
+from sparsejax.compiler.interpreter import Interpreter, Key, Scope, bind_eqn
+from sparsejax.compiler.param_ref import ParamRef, materialize
+from sparsejax.compiler.sites import WeightSite
+from sparsejax.layout import WeightLayout
+
+
+class WeightHandler:
+    """The compiled form of one rule on one parameter leaf.
+
+    ``make_input`` turns the leaf's entry in the sparse params (and its mask) into
+    the ParamRef the interpreter carries; ``on_site`` computes a matmul/conv that
+    consumes the ref; ``materialize`` gives its dense value for any other use.
+    The default site computes the original eqn on the materialized value.
+    """
+
+    def __init__(self, rule, path: str, layout: WeightLayout | None, sites: Sequence[WeightSite]):
+        self.rule, self.path, self.layout, self.sites = rule, path, layout, tuple(sites)
+
+    def init(self, leaf, key) -> tuple[Any, Any]:
+        """(entry in the sparse params, mask or None) for the dense ``leaf``."""
+        raise NotImplementedError
+
+    def make_input(self, item: Any, mask: Any) -> ParamRef:
+        raise NotImplementedError
+
+    @property
+    def size(self) -> int:
+        return math.prod(self.layout.shape) if self.layout else math.prod(self.sites[0].weight_shape)
+
+    def params_after(self, density: float) -> int:
+        return int(round(self.size * density))
+
+    def flops_after(self, site: WeightSite, density: float) -> int:
+        return int(round(site.flops * density))
+
+    def on_site(self, interp: Interpreter, eqn, key: Key, invals: list, scope: Scope) -> list:
+        return bind_eqn(eqn, [materialize(x) for x in invals])
+
+    def materialize(self, ref: ParamRef):
+        return ref.value
+
+    def site_path(self, key: Key) -> str:
+        """How this handler computes the site at ``key``, for the report."""
+        return "XLA"
+
+
+# View ops a direct site computation absorbs: Flax's dtype cast, DenseGeneral's reshape,
+# a scan's slice (the site's state is sliced alike).
+DIRECT_VIEWS = frozenset({"convert_element_type", "reshape", "copy", "copy_p", "scan_slice"})
+
+
+def direct_site_reason(site: WeightSite, layout: WeightLayout | None) -> str | None:
+    """Why a pass cannot compute ``site`` as ``x2 @ W(K, N)`` in ``layout`` (None if it can)."""
+    if site.primitive != "dot_general" or layout is None or site.layout != layout:
+        return "the site uses the weight in another layout"
+    (_, _), (lb, rb) = site.dimension_numbers
+    if lb or rb:
+        return "batched dot_general"
+    if math.prod(site.weight_shape) != layout.k * layout.n:
+        return "stacked layers not sliced by a scan"
+    if set(site.view_ops) - DIRECT_VIEWS:
+        return f"weight passes through {sorted(set(site.view_ops) - DIRECT_VIEWS)}"
+    return None
+
+
+def matmul_at_site(eqn, operand: int, x, matmul):
+    """Computes a dot_general site as ``matmul(x2) -> y2`` in the ``(K, N)`` matrix view.
+
+    ``x2`` is the activation with its contracted dims last, in dimension-number order,
+    flattened to ``(..., K)``; ``matmul`` returns ``(..., N)``. The result is put back
+    in dot_general's output layout (weight's free dims after the activation's when
+    the weight is the right operand, before them when it is the left one).
+    """
+    (lc, rc), _ = eqn.params["dimension_numbers"]
+    x_contract, w_contract = (lc, rc) if operand == 1 else (rc, lc)
+    x_free = [d for d in range(x.ndim) if d not in x_contract]
+    x2 = jnp.transpose(x, (*x_free, *x_contract))
+    x2 = x2.reshape(*x2.shape[:len(x_free)], math.prod(x.shape[d] for d in x_contract))
+    y = matmul(x2)
+    w_shape = eqn.invars[operand].aval.shape
+    w_free_shape = [w_shape[d] for d in range(len(w_shape)) if d not in w_contract]
+    y = y.reshape(*x2.shape[:-1], *w_free_shape)
+    if operand == 0:
+        nx = len(x_free)
+        y = jnp.transpose(y, (*range(nx, y.ndim), *range(nx)))
+    return [y.astype(eqn.outvars[0].aval.dtype)]

@@ -1,0 +1,105 @@
+"""The factorization pass: Monarch and block-diagonal weights.
+
+A factorized leaf exists in the sparse params only as factors; it enters the
+program as a ParamRef with no dense value. At a matmul whose layout matches the
+one the factors were built for, the site computes ``x @ W`` straight from the
+factors (the fused kernel on GPU, the plain-JAX reference elsewhere). Any other
+use (a tied weight read as an embedding, a site inside a fori_loop that indexes
+the stack) materializes the dense matrix: right, just not fast; the report's
+compute column says which sites took which path.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+from sparsejax import monarch
+from sparsejax.compiler import views
+from sparsejax.compiler.interpreter import bind_eqn
+from sparsejax.compiler.param_ref import ParamRef, materialize
+from sparsejax.compiler.passes.base import WeightHandler, direct_site_reason, matmul_at_site
+from sparsejax.kernels import monarch_matmul
+from sparsejax.layout import WeightLayout
+from sparsejax.rules import BlockDiagonal, Monarch
+
+
+class _Kind:
+    """The factor math one rule uses."""
+
+    def __init__(self, project, init, to_dense, matmul, param_count, flops_kind):
+        self.project, self.init, self.to_dense = project, init, to_dense
+        self.matmul, self.param_count, self.flops_kind = matmul, param_count, flops_kind
+
+
+_KINDS = {
+    Monarch: _Kind(monarch.project, monarch.init_factors, monarch.to_dense,
+                   monarch_matmul.monarch_matmul, monarch.param_count, "monarch"),
+    BlockDiagonal: _Kind(monarch.blockdiag_project, monarch.blockdiag_init,
+                         monarch.blockdiag_to_dense, monarch.blockdiag_matmul_reference,
+                         monarch.blockdiag_param_count, "blockdiag"),
+}
+
+
+class FactorizedHandler(WeightHandler):
+
+    def __init__(self, rule, path, layout, sites):
+        super().__init__(rule, path, rule.check_layout(path, layout), sites)
+        self.kind = _KINDS[type(rule)]
+        self._reasons = {s.key: direct_site_reason(s, self.layout) for s in sites}
+
+    def init(self, leaf, key):
+        layout = self.layout
+        name = f"{self.path}: {self.rule.describe()}"
+        if self.rule.init == "project":
+            factors = self.kind.project(layout.to_matrix(leaf), self.rule.nblocks, name=name)
+        else:
+            factors = self.kind.init(key, layout.k, layout.n, self.rule.nblocks, jnp.float32,
+                                     stack_shape=layout.stack_shape, name=name)
+        return jax.tree.map(lambda f: f.astype(leaf.dtype), factors), None
+
+    def make_input(self, item, mask) -> ParamRef:
+        return ParamRef.for_leaf(self.path, None, len(self.layout.shape), state=item, handler=self)
+
+    # -- computing ------------------------------------------------------------------
+
+    def site_path(self, key) -> str:
+        reason = self._reasons[key]
+        if reason is not None:
+            return f"dense fallback ({reason})"
+        return ("fused Monarch kernel on GPU, reference elsewhere"
+                if self.kind.flops_kind == "monarch" else "block-diagonal einsum")
+
+    def on_site(self, interp, eqn, key, invals, scope):
+        operand = 0 if isinstance(invals[0], ParamRef) else 1
+        ref = invals[operand]
+        if self._reasons.get(key, "not a site found at init") is not None:
+            return bind_eqn(eqn, [materialize(x) for x in invals])
+        return matmul_at_site(eqn, operand, invals[1 - operand],
+                              lambda x2: self.kind.matmul(x2, ref.state, self.layout.n))
+
+    def materialize(self, ref: ParamRef):
+        consumed = [a for a in self.layout.stack_axes if a in ref.consumed]
+        layout = self.layout
+        if consumed:  # a scan sliced the leading stack axes off state and value alike
+            c = len(consumed)
+            layout = WeightLayout(layout.shape[c:], tuple(a - c for a in layout.stack_axes[c:]),
+                                  tuple(a - c for a in layout.contract_axes),
+                                  tuple(a - c for a in layout.free_axes))
+        dense = self.kind.to_dense(ref.state, self.layout.k, self.layout.n)
+        return views.replay_pending(ref, layout.from_matrix(dense).astype(
+            jax.tree.leaves(ref.state)[0].dtype))
+
+    # -- report ---------------------------------------------------------------------
+
+    def params_after(self, density):
+        stack = math.prod(self.layout.stack_shape)
+        return stack * self.kind.param_count(self.layout.k, self.layout.n, self.rule.nblocks)
+
+    def flops_after(self, site, density):
+        k, n = self.layout.k, self.layout.n
+        tokens = site.flops // (2 * k * n)
+        return monarch.flops(tokens, k, n, self.rule.nblocks, kind=self.kind.flops_kind)
+

@@ -1,0 +1,30 @@
+"""The mask pass: a masked leaf enters the program as ``apply_mask(w, mask)``.
+
+The masked value is formed once where the leaf enters and flows, as a ParamRef,
+to every matmul, conv or other use, inside scans, conds and remat alike; so
+``sparsify`` with mask rules computes exactly ``fn(params * mask)`` while the
+gradient follows the rule's mode. The kernel lowering pass reuses the ref's
+site-view mask to swap dots for block-sparse or N:M kernels.
+"""
+
+from __future__ import annotations
+
+from sparsejax import masks as mask_math
+from sparsejax.compiler.param_ref import ParamRef
+from sparsejax.compiler.passes.base import WeightHandler
+
+
+class MaskHandler(WeightHandler):
+
+    def init(self, leaf, key):
+        self.leaf_size = leaf.size
+        return leaf, self.rule.mask_for(self.path, leaf, self.layout, key)
+
+    @property
+    def size(self) -> int:
+        return self.leaf_size
+
+    def make_input(self, item, mask) -> ParamRef:
+        rule = self.rule
+        value = mask_math.apply_mask(item, mask, rule.gradient, rule.srste_decay)
+        return ParamRef.for_leaf(self.path, value, item.ndim, mask=mask, handler=self)

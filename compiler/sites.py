@@ -1,0 +1,134 @@
+"""Weight sites: which matmul or conv consumes which parameter leaf, and how.
+
+:func:`find_weight_sites` walks a traced function with every parameter leaf
+wrapped in a :class:`ParamRef`; each dot_general or conv_general_dilated that
+receives a ref is a site. The site records the leaf's :class:`WeightLayout`
+(read off the dimension numbers through the view ops in between), the loops
+around it and its FLOPs per call.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Sequence
+
+import jax
+
+from sparsejax.compiler.interpreter import Interpreter, Key, Scope, bind_eqn
+from sparsejax.compiler.param_ref import ParamRef, is_ref, materialize
+from sparsejax.layout import WeightLayout
+
+
+@dataclasses.dataclass(frozen=True)
+class WeightSite:
+    """One matmul/conv that multiplies by a parameter leaf."""
+
+    path: str
+    key: Key
+    primitive: str
+    operand: int                      # which operand is the weight (0 or 1)
+    layout: WeightLayout | None       # None: the leaf's axes mix K and N (unusual reshapes)
+    flops: int                        # per call, loops included
+    scope: Scope
+    weight_shape: tuple[int, ...]     # the operand's shape at the site
+    other_shape: tuple[int, ...]
+    out_shape: tuple[int, ...]
+    dimension_numbers: Any
+    view_ops: tuple[str, ...] = ()    # view ops between the leaf and the site
+    dtype: str = "float32"            # the operands' promoted dtype
+
+
+def _site_dims(eqn, operand: int, ndim: int):
+    """(contracted dims, free dims, batch dims) of the weight operand, or None."""
+    if eqn.primitive.name == "dot_general":
+        (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
+        contract, batch = (lc, lb) if operand == 0 else (rc, rb)
+        free = [d for d in range(ndim) if d not in contract and d not in batch]
+        return list(contract), free, list(batch)
+    if operand != 1:  # conv inputs are activations, kernels are operand 1
+        return None
+    rhs_spec = eqn.params["dimension_numbers"].rhs_spec
+    out_dim, in_dim, *spatial = rhs_spec
+    # Spatial dims first, input features innermost: N:M groups then run over channels.
+    return [*spatial, in_dim], [out_dim], []
+
+
+def layout_at_site(eqn, ref: ParamRef, operand: int, leaf_shape: Sequence[int]) -> WeightLayout | None:
+    """The leaf's axis roles as this site uses them."""
+    dims = _site_dims(eqn, operand, len(ref.origins))
+    if dims is None:
+        return None
+    contract_dims, free_dims, _ = dims
+
+    def axes_of(site_dims):
+        out: list[int] = []
+        for d in site_dims:
+            out.extend(a for a in ref.origins[d] if a not in out)
+        return out
+
+    contract, free = axes_of(contract_dims), axes_of(free_dims)
+    if set(contract) & set(free) or not contract or not free:
+        return None
+    stack = [a for a in range(len(leaf_shape)) if a not in contract and a not in free]
+    # A stack axis must have been indexed away, or be a dot batch dim; a leaf axis that
+    # was broadcast into contracted and free dims at once cannot be laid out as a matrix.
+    try:
+        return WeightLayout(tuple(leaf_shape), tuple(stack), tuple(contract), tuple(free))
+    except ValueError:
+        return None
+
+
+def site_flops(eqn, operand: int) -> int:
+    out_size = math.prod(eqn.outvars[0].aval.shape)
+    w_shape = eqn.invars[operand].aval.shape
+    if eqn.primitive.name == "dot_general":
+        (lc, rc), _ = eqn.params["dimension_numbers"]
+        contract = lc if operand == 0 else rc
+        k = math.prod(w_shape[d] for d in contract)
+    else:
+        out_dim = eqn.params["dimension_numbers"].rhs_spec[0]
+        k = math.prod(w_shape) // w_shape[out_dim]
+    return 2 * out_size * k
+
+
+class SiteRecorder:
+    """The analysis pass: records every weight site, computes the original eqn."""
+
+    def __init__(self, leaf_shapes: dict[str, tuple[int, ...]]):
+        self.leaf_shapes = leaf_shapes
+        self.sites: list[WeightSite] = []
+
+    def __call__(self, interp: Interpreter, eqn, key: Key, invals: list, scope: Scope) -> list:
+        for operand, x in enumerate(invals[:2]):
+            if not is_ref(x):
+                continue
+            other = invals[1 - operand]
+            self.sites.append(WeightSite(
+                path=x.path, key=key, primitive=eqn.primitive.name, operand=operand,
+                layout=layout_at_site(eqn, x, operand, self.leaf_shapes[x.path]),
+                flops=site_flops(eqn, operand) * scope.trips, scope=scope,
+                weight_shape=tuple(eqn.invars[operand].aval.shape),
+                other_shape=tuple(jax.numpy.shape(materialize(other))),
+                out_shape=tuple(eqn.outvars[0].aval.shape),
+                dimension_numbers=eqn.params["dimension_numbers"], view_ops=x.ops,
+                dtype=str(jax.numpy.result_type(*(v.aval.dtype for v in eqn.invars[:2])))))
+        return bind_eqn(eqn, [materialize(x) for x in invals])
+
+
+def find_weight_sites(closed_jaxpr, leaf_paths: Sequence[str], n_params: int):
+    """Weight sites of a traced function whose first ``n_params`` inputs are parameter leaves.
+
+    Returns (sites, interpreter notes).
+    """
+    jaxpr = closed_jaxpr.jaxpr
+    shapes = {p: tuple(v.aval.shape) for p, v in zip(leaf_paths, jaxpr.invars[:n_params])}
+    recorder = SiteRecorder(shapes)
+    interp = Interpreter(recorder)
+
+    def walk(*args):
+        refs = [ParamRef.for_leaf(p, a, a.ndim) for p, a in zip(leaf_paths, args[:n_params])]
+        return interp.run(jaxpr, closed_jaxpr.consts, [*refs, *args[n_params:]])
+
+    jax.make_jaxpr(walk)(*[jax.ShapeDtypeStruct(v.aval.shape, v.aval.dtype) for v in jaxpr.invars])
+    return recorder.sites, interp.notes

@@ -1,0 +1,43 @@
+"""sparsejax: one transform for sparsity in JAX/Flax models."""
+
+from setuptools import setup
+
+# compiler/ and models/ sit at the top of the repository but install under the
+# `sparsejax` namespace, so site-packages gains exactly one top-level package.
+PACKAGE_DIRS = {
+    "sparsejax": "sparsejax",
+    "sparsejax.optim": "sparsejax/optim",
+    "sparsejax.kernels": "sparsejax/kernels",
+    "sparsejax.compiler": "compiler",
+    "sparsejax.models": "models",
+}
+
+setup(
+    name="sparsejax",
+    version="0.1.0",
+    description="Sparsity for JAX/Flax through a jaxpr-rewriting transform.",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=list(PACKAGE_DIRS),
+    package_dir=PACKAGE_DIRS,
+    install_requires=[
+        "jax>=0.10",
+        "flax>=0.10",
+        "optax>=0.2.4",
+        "chex>=0.1.88",
+        "orbax-checkpoint>=0.11",
+        "einops>=0.8",
+        "absl-py>=2.1",
+        "numpy>=1.26",
+        "matplotlib>=3.8",      # train.py's loss and sparsity plot
+        "tensorboardX>=2.6",    # train.py's TensorBoard event files
+    ],
+    extras_require={
+        "dev": ["pytest>=8", "pytest-xdist>=3", "scikit-learn>=1.4", "nbclient>=0.10",
+                "nbformat>=5.10", "ipykernel>=6"],
+        "vision": ["scikit-learn>=1.4"],
+        "notebooks": ["jupyter", "scikit-learn>=1.4"],
+        "gpu": ["jax[cuda12]>=0.10"],
+    },
+)

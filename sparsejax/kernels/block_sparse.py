@@ -1,0 +1,810 @@
+"""Block-sparse matmul: ``y = x @ W`` where ``W`` keeps a set of ``(bk, bn)`` blocks.
+
+Convention (as :mod:`sparsejax.layout`): ``W`` is the ``(K, N)`` matrix view,
+``x`` is ``(..., K)``. :func:`pack` stores the kept blocks compactly, ordered by
+block column, with index tables built once per mask (host-side, from a concrete
+mask): for output column tile ``j`` the kernel iterates only over the kept
+blocks of that column, so work is proportional to density.
+
+Paths, chosen by :func:`supported` and :func:`block_sparse_matmul`:
+
+* GPU (Hopper): Mosaic GPU kernels (``plgpu.kernel`` + ``plgpu.wgmma``): by
+  default two compute warpgroups sharing each weight tile, fed by a copy
+  warpgroup (``plgpu.emit_pipeline_warp_specialized``); a single-warpgroup
+  ``plgpu.emit_pipeline`` kernel where M does not divide. GPU backends have no
+  scalar prefetch, so the index tables are ordinary operands read from global
+  memory inside the pipeline's index maps; the pipeline's trip count is the
+  column's kept-block count (a dynamic grid), so empty and sparse columns cost
+  nothing.
+* TPU: ``pl.pallas_call`` with the tables as scalar-prefetch operands. The grid
+  is padded to the longest column; steps past a column's count skip the dot.
+  The same kernel runs in interpret mode on CPU (tests).
+* Elsewhere: :func:`block_sparse_matmul_reference` (scatter to dense, XLA dot).
+
+The backward pass is a ``custom_vjp``: ``dx = dy @ W^T`` runs the forward kernel
+on the transposed block structure (row tables); ``dW`` is computed at the kept
+blocks only (a sampled dense-dense product, one output block per kept block).
+Shapes the blocks do not divide are zero-padded; padding never changes the
+answer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import pallas as pl
+
+from sparsejax.kernels import tile_tables
+
+__all__ = [
+    "BlockSparseWeight",
+    "pack",
+    "block_sparse_matmul",
+    "block_sparse_matmul_reference",
+    "supported",
+]
+
+
+# --------------------------------------------------------------------------- packing
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockTables:
+    """Static index tables of a block mask (hashable: jit caches on them).
+
+    Blocks are numbered in packed order: by block column ``j``, then block row.
+
+    Attributes:
+      shape: ``(K, N)`` of the unpadded matrix.
+      block: ``(bk, bn)``.
+      grid: ``(K_blocks, N_blocks)`` after padding.
+      col_ptr: ``N_blocks + 1`` offsets: column ``j`` owns packed blocks
+        ``col_ptr[j]:col_ptr[j + 1]``.
+      row_of: block row of each packed block.
+      col_of: block column of each packed block.
+      row_ptr: ``K_blocks + 1`` offsets into ``by_row``.
+      by_row: packed block ids in row-major order (the transposed structure).
+    """
+
+    shape: tuple[int, int]
+    block: tuple[int, int]
+    grid: tuple[int, int]
+    col_ptr: tuple[int, ...]
+    row_of: tuple[int, ...]
+    col_of: tuple[int, ...]
+    row_ptr: tuple[int, ...]
+    by_row: tuple[int, ...]
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.row_of)
+
+    @property
+    def max_per_col(self) -> int:
+        return int(max(np.diff(self.col_ptr), default=0))
+
+    @property
+    def max_per_row(self) -> int:
+        return int(max(np.diff(self.row_ptr), default=0))
+
+    def transposed(self) -> "BlockTables":
+        """Tables of ``W^T`` (blocks ``(bn, bk)``), packed in ``by_row`` order."""
+        by_row = np.asarray(self.by_row, np.int64)
+        return BlockTables(
+            shape=self.shape[::-1], block=self.block[::-1], grid=self.grid[::-1],
+            col_ptr=self.row_ptr,
+            row_of=tuple(int(v) for v in np.asarray(self.col_of)[by_row]),
+            col_of=tuple(int(v) for v in np.asarray(self.row_of)[by_row]),
+            row_ptr=self.col_ptr,
+            by_row=tuple(int(v) for v in np.argsort(by_row, kind="stable")),
+        )
+
+
+@jax.tree_util.register_pytree_node_class
+class BlockSparseWeight:
+    """A ``(K, N)`` weight that keeps only some ``(bk, bn)`` blocks.
+
+    A pytree whose only leaf is ``blocks`` (``(num_blocks, bk, bn)``, packed by
+    block column); the index tables are static. Build it with :func:`pack`.
+    Gradients with respect to it are again a ``BlockSparseWeight``, holding
+    ``dW`` at the kept blocks.
+    """
+
+    def __init__(self, blocks: jax.Array, tables: BlockTables):
+        self.blocks = blocks
+        self.tables = tables
+
+    def tree_flatten(self):
+        return (self.blocks,), self.tables
+
+    @classmethod
+    def tree_unflatten(cls, tables, children):
+        return cls(children[0], tables)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.tables.shape
+
+    @property
+    def block(self) -> tuple[int, int]:
+        return self.tables.block
+
+    @property
+    def dtype(self):
+        return self.blocks.dtype
+
+    @property
+    def density(self) -> float:
+        """Kept blocks over all blocks of the padded grid."""
+        kb, nb = self.tables.grid
+        return self.tables.num_blocks / (kb * nb)
+
+    def block_mask(self) -> np.ndarray:
+        """``(K_blocks, N_blocks)`` boolean mask of kept blocks."""
+        mask = np.zeros(self.tables.grid, bool)
+        mask[np.asarray(self.tables.row_of, np.int64), np.asarray(self.tables.col_of, np.int64)] = True
+        return mask
+
+    def to_dense(self) -> jax.Array:
+        """The ``(K, N)`` matrix, zeros outside the kept blocks."""
+        (kb, nb), (bk, bn) = self.tables.grid, self.tables.block
+        grid = jnp.zeros((kb, nb, bk, bn), self.blocks.dtype)
+        if self.tables.num_blocks:
+            rows = np.asarray(self.tables.row_of, np.int32)
+            cols = np.asarray(self.tables.col_of, np.int32)
+            grid = grid.at[rows, cols].set(self.blocks)
+        dense = grid.transpose(0, 2, 1, 3).reshape(kb * bk, nb * bn)
+        k, n = self.tables.shape
+        return dense[:k, :n]
+
+    def __repr__(self):
+        return (f"BlockSparseWeight(shape={self.shape}, block={self.block}, "
+                f"blocks={self.tables.num_blocks}/{math.prod(self.tables.grid)}, dtype={self.dtype})")
+
+
+def _check_block(block, where: str) -> tuple[int, int]:
+    if (not isinstance(block, (tuple, list)) or len(block) != 2
+            or not all(isinstance(b, (int, np.integer)) and b > 0 for b in block)):
+        raise ValueError(f"{where}: block must be a pair of positive ints (bk, bn), got {block!r}")
+    return int(block[0]), int(block[1])
+
+
+def block_mask_of(mask, shape: tuple[int, int], block: tuple[int, int]) -> np.ndarray:
+    """A concrete ``(K, N)`` element mask or ``(K_blocks, N_blocks)`` block mask -> block mask.
+
+    An element mask must keep each block whole (the part inside the matrix), or
+    packing would change the function: a ValueError says which block is split.
+    """
+    try:
+        mask = np.asarray(mask)
+    except jax.errors.TracerArrayConversionError as e:
+        raise TypeError("pack: mask must be concrete (index tables are built once, on the host); "
+                        "got a traced array") from e
+    k, n = shape
+    bk, bn = block
+    kb, nb = -(-k // bk), -(-n // bn)
+    if mask.ndim != 2:
+        raise ValueError(f"pack: mask must be 2-D, got shape {mask.shape}")
+    mask = mask.astype(bool)
+    if mask.shape == (k, n):
+        padded = np.zeros((kb * bk, nb * bn), bool)
+        padded[:k, :n] = mask
+        inside = np.zeros_like(padded)
+        inside[:k, :n] = True
+        tiles = padded.reshape(kb, bk, nb, bn).transpose(0, 2, 1, 3)
+        inside_t = inside.reshape(kb, bk, nb, bn).transpose(0, 2, 1, 3)
+        any_kept = tiles.any(axis=(2, 3))
+        whole = (tiles == inside_t).all(axis=(2, 3))
+        split = any_kept & ~whole
+        if split.any():
+            r, c = np.argwhere(split)[0]
+            raise ValueError(f"pack: mask is not block-structured for block={block}: block "
+                             f"({r}, {c}) is partly kept")
+        return any_kept
+    if mask.shape == (kb, nb):
+        return mask
+    raise ValueError(f"pack: mask shape {mask.shape} is neither the weight shape {shape} nor "
+                     f"its block grid {(kb, nb)} for block={block}")
+
+
+def tables_of(block_mask: np.ndarray, shape: tuple[int, int], block: tuple[int, int]) -> BlockTables:
+    """Index tables of a concrete block mask."""
+    kb, nb = block_mask.shape
+    cols, rows = np.nonzero(block_mask.T)          # column-major order: by column, then row
+    counts = np.bincount(cols, minlength=nb)
+    col_ptr = np.concatenate([[0], np.cumsum(counts)])
+    by_row = np.lexsort((cols, rows))              # row-major order of the packed ids
+    row_counts = np.bincount(rows, minlength=kb)
+    row_ptr = np.concatenate([[0], np.cumsum(row_counts)])
+    as_tuple = lambda a: tuple(int(v) for v in a)
+    return BlockTables(shape=tuple(int(s) for s in shape), block=block, grid=(kb, nb),
+                       col_ptr=as_tuple(col_ptr), row_of=as_tuple(rows), col_of=as_tuple(cols),
+                       row_ptr=as_tuple(row_ptr), by_row=as_tuple(by_row))
+
+
+def _gather_blocks(w: jax.Array, tables: BlockTables) -> jax.Array:
+    (kb, nb), (bk, bn) = tables.grid, tables.block
+    k, n = tables.shape
+    wp = jnp.pad(w, ((0, kb * bk - k), (0, nb * bn - n)))
+    grid = wp.reshape(kb, bk, nb, bn).transpose(0, 2, 1, 3)
+    return grid[np.asarray(tables.row_of, np.int32), np.asarray(tables.col_of, np.int32)]
+
+
+def pack(w: jax.Array, mask, block: tuple[int, int]) -> BlockSparseWeight:
+    """Packs the kept blocks of ``w`` (``(K, N)``) into a :class:`BlockSparseWeight`.
+
+    Args:
+      w: the dense ``(K, N)`` weight; may be traced (only the mask must be concrete).
+      mask: concrete, either the ``(K, N)`` element mask (each block kept whole)
+        or the ``(ceil(K / bk), ceil(N / bn))`` block mask.
+      block: ``(bk, bn)``. Blocks that overhang the matrix are zero-padded.
+    """
+    block = _check_block(block, "pack")
+    if getattr(w, "ndim", None) != 2:
+        raise ValueError(f"pack: w must be a (K, N) matrix, got shape {getattr(w, 'shape', None)}")
+    shape = tuple(int(s) for s in w.shape)
+    tables = tables_of(block_mask_of(mask, shape, block), shape, block)
+    return BlockSparseWeight(_gather_blocks(jnp.asarray(w), tables), tables)
+
+
+# --------------------------------------------------------------------------- reference
+
+
+def block_sparse_matmul_reference(x: jax.Array, packed: BlockSparseWeight) -> jax.Array:
+    """Plain-JAX twin of :func:`block_sparse_matmul`: scatter to dense, then one XLA dot."""
+    _check_operands(x, packed, "block_sparse_matmul_reference")
+    dtype = jnp.result_type(x.dtype, packed.dtype)
+    y = jnp.matmul(x.astype(dtype), packed.to_dense().astype(dtype),
+                   preferred_element_type=jnp.float32)
+    return y.astype(dtype)
+
+
+def _check_operands(x, packed, where: str):
+    if not isinstance(packed, BlockSparseWeight):
+        raise TypeError(f"{where}: packed must be a BlockSparseWeight (see pack), got {type(packed).__name__}")
+    if x.ndim < 1 or x.shape[-1] != packed.shape[0]:
+        raise ValueError(f"{where}: x's last axis {x.shape[-1:]} must equal the weight's K = "
+                         f"{packed.shape[0]} (y = x @ W, W of shape {packed.shape})")
+
+
+# --------------------------------------------------------------------------- support
+
+
+_GPU_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+
+
+def supported(shape, dtype, backend: str | None = None, block: tuple[int, int] = (128, 128)
+              ) -> tuple[bool, str]:
+    """Whether a kernel handles a ``(K, N)`` weight of ``dtype`` with ``block`` on ``backend``.
+
+    Returns ``(ok, reason)``; when ``ok`` is False, :func:`block_sparse_matmul`
+    uses the plain-JAX reference, and ``reason`` says why (for the lowering
+    pass's report). Any ``(K, N)`` is fine: the blocks are zero-padded.
+    """
+    backend = backend or jax.default_backend()
+    bk, bn = _check_block(block, "supported")
+    if len(tuple(shape)) != 2:
+        return False, f"weight shape {tuple(shape)} is not a (K, N) matrix"
+    dtype = jnp.dtype(dtype)
+    if backend == "gpu":
+        if dtype not in _GPU_DTYPES:
+            return False, f"Mosaic GPU kernel takes bfloat16/float16 operands, not {dtype}"
+        # One warpgroup holds a (rows, bn) and, for dW, a (bk, bn) f32 accumulator:
+        # 128 x 128 is 128 registers a thread; larger tiles would spill.
+        if bk not in (64, 128) or bn not in (64, 128):
+            return False, f"block {block}: the Mosaic GPU kernel takes bk, bn in (64, 128)"
+        return True, "Mosaic GPU block-sparse kernel"
+    if backend == "tpu":
+        if bk % 128 or bn % 128:
+            return False, f"block {block}: the TPU kernel needs bk, bn multiples of 128"
+        return True, "Pallas TPU block-sparse kernel (scalar prefetch)"
+    if backend == "interpret":
+        return True, "Pallas kernel in interpret mode"
+    return False, f"no block-sparse kernel on backend {backend!r}: plain-JAX reference"
+
+
+# --------------------------------------------------------------------------- Pallas (TPU / interpret)
+
+
+def _pallas_gather_matmul(a, blocks, ptr, idx, *, rows: int, interpret: bool, poison: bool):
+    """``out[:, j-tile] = sum_{t in col j} a[:, idx[t]-tile] @ blocks[t]``, f32 output.
+
+    Tables travel as scalar-prefetch operands; the grid runs to the longest
+    column and shorter columns clamp their block index and skip the dot.
+    """
+    from jax.experimental.pallas import tpu as pltpu
+
+    m, _ = a.shape
+    nnzb, bk, bn = blocks.shape
+    ncols = len(ptr) - 1
+    steps = max(1, int(np.max(np.diff(np.asarray(ptr)))) if ncols else 1)
+    ptr_a = jnp.asarray(ptr, jnp.int32)
+    idx_a = jnp.asarray(idx, jnp.int32)
+
+    def block_id(j, t, ptr_ref):
+        last = jnp.maximum(ptr_ref[j + 1] - 1, ptr_ref[j])
+        return jnp.clip(jnp.minimum(ptr_ref[j] + t, last), 0, nnzb - 1)
+
+    def a_map(i, j, t, ptr_ref, idx_ref):
+        return i, idx_ref[block_id(j, t, ptr_ref)]
+
+    def w_map(i, j, t, ptr_ref, idx_ref):
+        return block_id(j, t, ptr_ref), 0, 0
+
+    def o_map(i, j, t, ptr_ref, idx_ref):
+        return i, j
+
+    def kernel(ptr_ref, idx_ref, a_ref, w_ref, *rest):
+        o_ref = rest[-1]
+        j, t = pl.program_id(1), pl.program_id(2)
+
+        @pl.when(t == 0)
+        def _():
+            o_ref[...] = jnp.zeros(o_ref.shape, o_ref.dtype)
+
+        @pl.when(t < ptr_ref[j + 1] - ptr_ref[j])
+        def _():
+            o_ref[...] += jnp.dot(a_ref[...], w_ref[0], preferred_element_type=jnp.float32)
+
+    out_shape = jax.ShapeDtypeStruct((m, ncols * bn), jnp.float32)
+    in_specs = [pl.BlockSpec((rows, bk), a_map), pl.BlockSpec((1, bk, bn), w_map)]
+    out_spec = pl.BlockSpec((rows, bn), o_map)
+    operands = [a, blocks]
+    aliases = {}
+    if poison:   # tests: every output element must be written over the NaNs
+        in_specs.append(out_spec)
+        operands.append(jnp.full(out_shape.shape, jnp.nan, out_shape.dtype))
+        aliases = {4: 0}
+    grid_spec = pltpu.PrefetchScalarGridSpec(
+        num_scalar_prefetch=2, grid=(m // rows, ncols, steps),
+        in_specs=in_specs, out_specs=out_spec)
+    return pl.pallas_call(kernel, grid_spec=grid_spec, out_shape=out_shape,
+                          input_output_aliases=aliases, interpret=interpret)(ptr_a, idx_a, *operands)
+
+
+def _pallas_sampled_matmul(a, g, rows_of, cols_of, bk: int, bn: int, *, rows: int,
+                           interpret: bool, poison: bool):
+    """``out[b] = a[:, rows_of[b]-tile]^T @ g[:, cols_of[b]-tile]`` for each kept block, f32."""
+    from jax.experimental.pallas import tpu as pltpu
+
+    m = a.shape[0]
+    nnzb = len(rows_of)
+    r_a = jnp.asarray(rows_of, jnp.int32)
+    c_a = jnp.asarray(cols_of, jnp.int32)
+
+    def kernel(r_ref, c_ref, a_ref, g_ref, *rest):
+        o_ref = rest[-1]
+
+        @pl.when(pl.program_id(1) == 0)
+        def _():
+            o_ref[...] = jnp.zeros(o_ref.shape, o_ref.dtype)
+
+        o_ref[0] += jax.lax.dot_general(a_ref[...], g_ref[...], (((0,), (0,)), ((), ())),
+                                        preferred_element_type=jnp.float32)
+
+    out_shape = jax.ShapeDtypeStruct((nnzb, bk, bn), jnp.float32)
+    in_specs = [pl.BlockSpec((rows, bk), lambda b, i, r, c: (i, r[b])),
+                pl.BlockSpec((rows, bn), lambda b, i, r, c: (i, c[b]))]
+    out_spec = pl.BlockSpec((1, bk, bn), lambda b, i, r, c: (b, 0, 0))
+    operands = [a, g]
+    aliases = {}
+    if poison:
+        in_specs.append(out_spec)
+        operands.append(jnp.full(out_shape.shape, jnp.nan, out_shape.dtype))
+        aliases = {4: 0}
+    grid_spec = pltpu.PrefetchScalarGridSpec(
+        num_scalar_prefetch=2, grid=(nnzb, m // rows), in_specs=in_specs, out_specs=out_spec)
+    return pl.pallas_call(kernel, grid_spec=grid_spec, out_shape=out_shape,
+                          input_output_aliases=aliases, interpret=interpret)(r_a, c_a, *operands)
+
+
+# --------------------------------------------------------------------------- Mosaic GPU
+
+
+def _swizzled(cols: int, dtype) -> tuple:
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    itemsize = jnp.dtype(dtype).itemsize
+    swizzle = plgpu.find_swizzle(cols * itemsize * 8)
+    return (plgpu.TilingTransform((8, swizzle // itemsize)), plgpu.SwizzleTransform(swizzle))
+
+
+def mosaic_gpu_interpret_params():
+    """Mosaic GPU interpret parameters (``plgpu.InterpretGPUParams``; private before JAX 0.11).
+
+    Uninitialised memory reads as NaN, so an output tile the kernel never writes
+    shows up in the comparison with the reference (the kernel's outputs are
+    poisoned).
+    """
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    params = getattr(plgpu, "InterpretGPUParams", None)
+    if params is None:   # JAX 0.10
+        from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams as params
+    return params(uninitialized_memory="nan")
+
+
+def _mgpu_kernel(body, out_type, grid, grid_names, interpret: bool):
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    kwargs = {"interpret": mosaic_gpu_interpret_params()} if interpret else {}
+    return plgpu.kernel(
+        body, out_type=out_type, grid=grid, grid_names=grid_names,
+        compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
+        **kwargs)
+
+
+def _tile_order(lin, m_tiles: int, ncols: int, width: int, interpret: bool):
+    """Program id -> output tile ``(mi, j)``: bands of ``width`` M tiles sweep all columns.
+
+    Programs that run together share a band of ``x`` rows and one weight column,
+    so both stay in L2. On GPU this is ``plgpu.planar_snake`` (what was measured);
+    in interpret mode the same bands without the snake, because planar_snake
+    also evaluates a division by its (possibly zero-width) remainder band, which
+    traps on CPU.
+    """
+    width = min(width, m_tiles)
+    if not interpret:
+        from jax.experimental.pallas import mosaic_gpu as plgpu
+
+        return plgpu.planar_snake(lin, (m_tiles, ncols), 0, width)
+    band_size = width * ncols
+    band = jax.lax.div(lin, jnp.int32(band_size))
+    within = jax.lax.rem(lin, jnp.int32(band_size))
+    rows_in_band = jnp.minimum(jnp.int32(width), jnp.int32(m_tiles) - band * width)   # >= 1
+    mi = band * width + jax.lax.rem(within, rows_in_band)
+    j = jax.lax.div(within, rows_in_band)
+    return mi, j
+
+
+def _mgpu_gather_matmul(a, blocks, ptr, idx, out_dtype, tiles: tile_tables.BlockSparseTiles,
+                        interpret: bool = False):
+    """Mosaic GPU: ``out[:, j-tile] = sum_{t in col j} a[:, idx[t]-tile] @ blocks[t]``.
+
+    One program per output tile (a space-filling order over tiles keeps a band of
+    ``x`` rows and the weight's columns hot in L2). Its pipeline runs
+    ``count_j * bk / step_k`` steps, the count read from ``ptr`` at run time.
+    """
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    m, _ = a.shape
+    nnzb, bk, bn = blocks.shape
+    ncols = len(ptr) - 1
+    rows, step_k = tiles.rows, tiles.step_k
+    sub = bk // step_k
+    b2d = blocks.reshape(nnzb * bk, bn)
+    ptr_a = jnp.asarray(ptr, jnp.int32)
+    idx_a = jnp.asarray(idx, jnp.int32)
+    m_tiles = m // rows
+    a_transforms = _swizzled(step_k, a.dtype)
+    b_transforms = _swizzled(bn, a.dtype)
+    o_transforms = _swizzled(bn, out_dtype)
+
+    def body(ptr_ref, idx_ref, a_ref, b_ref, o_ref):
+        mi, j = _tile_order(jax.lax.axis_index("tile"), m_tiles, ncols, tiles.grid_tile_width,
+                            interpret)
+        start = ptr_ref[j]
+        count = ptr_ref[j + 1] - start
+
+        def acc_scope(acc_ref):
+            @pl.when(count > 0)
+            def _():
+                def a_map(s):
+                    return mi, idx_ref[start + s // sub] * sub + s % sub
+
+                def b_map(s):
+                    return start * sub + s, 0
+
+                def step(_, a_smem, b_smem):
+                    plgpu.wgmma(acc_ref, a_smem, b_smem)
+                    plgpu.wgmma_wait(1)
+
+                plgpu.emit_pipeline(
+                    step, grid=(count * sub,),
+                    in_specs=[
+                        plgpu.BlockSpec((rows, step_k), a_map, transforms=a_transforms,
+                                        delay_release=1),
+                        plgpu.BlockSpec((step_k, bn), b_map, transforms=b_transforms,
+                                        delay_release=1),
+                    ],
+                    max_concurrent_steps=tiles.stages,
+                )(a_ref, b_ref)
+            return acc_ref[...]
+
+        acc = pl.run_scoped(acc_scope, plgpu.ACC((rows, bn), jnp.float32))
+
+        @functools.partial(pl.run_scoped,
+                           o_smem=plgpu.SMEM((rows, bn), out_dtype, transforms=o_transforms))
+        def _store(o_smem):
+            o_smem[...] = acc.astype(out_dtype)
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(o_smem, o_ref.at[pl.ds(mi * rows, rows), pl.ds(j * bn, bn)])
+            plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+
+    kernel = _mgpu_kernel(body, jax.ShapeDtypeStruct((m, ncols * bn), out_dtype),
+                          (m_tiles * ncols,), ("tile",), interpret)
+    return kernel(ptr_a, idx_a, a, b2d)
+
+
+def _mgpu_gather_matmul_ws(a, blocks, ptr, idx, out_dtype, tiles: tile_tables.BlockSparseTiles,
+                           interpret: bool = False):
+    """Warp-specialized variant of :func:`_mgpu_gather_matmul` with a ``2 * rows`` M tile.
+
+    Two compute warpgroups own ``rows`` rows each and share every weight tile; a
+    third warpgroup only issues the copies. The weight is read half as often as
+    with one warpgroup per tile, which is what bounds the single-warpgroup kernel.
+    Columns with no kept block are never visited by a pipeline: their output is
+    zeroed afterwards (the tables are static, so only those columns are touched).
+    """
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    m, _ = a.shape
+    nnzb, bk, bn = blocks.shape
+    ncols = len(ptr) - 1
+    rows, step_k = tiles.rows, tiles.step_k
+    cta_rows = 2 * rows
+    sub = bk // step_k
+    b2d = blocks.reshape(nnzb * bk, bn)
+    ptr_a = jnp.asarray(ptr, jnp.int32)
+    idx_a = jnp.asarray(idx, jnp.int32)
+    m_tiles = m // cta_rows
+    epi = 64
+    a_transforms = _swizzled(step_k, a.dtype)
+    b_transforms = _swizzled(bn, a.dtype)
+    o_transforms = _swizzled(epi, out_dtype)
+
+    def body(ptr_ref, idx_ref, a_ref, b_ref, o_ref):
+        mi, j = _tile_order(jax.lax.axis_index("tile"), m_tiles, ncols, tiles.grid_tile_width,
+                            interpret)
+        start = ptr_ref[j]
+        count = ptr_ref[j + 1] - start
+        wg = jax.lax.axis_index("wg")
+
+        def a_map(s):
+            return mi, idx_ref[start + s // sub] * sub + s % sub
+
+        def b_map(s):
+            return start * sub + s, 0
+
+        def mma(_, a_smem, b_smem, acc_ref):
+            plgpu.wgmma(acc_ref, a_smem.at[pl.ds(wg * rows, rows)], b_smem)
+            plgpu.wgmma_wait(1)
+            return acc_ref
+
+        def pipeline(body, context):
+            return plgpu.emit_pipeline_warp_specialized(
+                body, grid=(count * sub,), memory_registers=40,
+                in_specs=[
+                    plgpu.BlockSpec((cta_rows, step_k), a_map, transforms=a_transforms,
+                                    delay_release=1),
+                    plgpu.BlockSpec((step_k, bn), b_map, transforms=b_transforms,
+                                    delay_release=1),
+                ],
+                wg_axis="wg", num_compute_wgs=2, max_concurrent_steps=tiles.stages,
+                compute_context=context,
+            )
+
+        ignore = lambda *_, **__: None   # the allocations do not depend on the bodies
+
+        # Scoped allocations are collective over the warpgroups. The output leaves
+        # in 64 x 64 pieces through two slots per warpgroup, so the staging buffer
+        # is small enough for four pipeline stages.
+        @functools.partial(pl.run_scoped,
+                           allocs=pipeline(ignore, ignore).get_allocations(a_ref, b_ref),
+                           o_smem=plgpu.SMEM((2, 2, epi, epi), out_dtype, transforms=o_transforms),
+                           collective_axes="wg")
+        def _scope(allocs, o_smem):
+            def compute_context(eval_pipeline):
+                @functools.partial(pl.run_scoped, acc_ref=plgpu.ACC((rows, bn), jnp.float32))
+                def _acc_scope(acc_ref):
+                    eval_pipeline(acc_ref)
+                    acc = acc_ref[...].astype(out_dtype)
+                    row0 = mi * cta_rows + wg * rows
+                    piece = 0
+                    for pr in range(rows // epi):
+                        for pc in range(bn // epi):
+                            slot = piece % 2
+                            piece += 1
+                            plgpu.wait_smem_to_gmem(1, wait_read_only=True)
+                            o_smem[wg, slot] = acc[pr * epi:(pr + 1) * epi, pc * epi:(pc + 1) * epi]
+                            plgpu.commit_smem()
+                            plgpu.copy_smem_to_gmem(
+                                o_smem.at[wg, slot],
+                                o_ref.at[pl.ds(row0 + pr * epi, epi), pl.ds(j * bn + pc * epi, epi)])
+                    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+
+            @pl.when(count > 0)
+            def _():
+                pipeline(mma, compute_context)(a_ref, b_ref, allocations=allocs)
+
+    kwargs = {"interpret": mosaic_gpu_interpret_params()} if interpret else {}
+    kernel = plgpu.kernel(
+        body, out_type=jax.ShapeDtypeStruct((m, ncols * bn), out_dtype),
+        grid=(m_tiles * ncols,), grid_names=("tile",), num_threads=3, thread_name="wg",
+        compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
+        **kwargs)
+    out = kernel(ptr_a, idx_a, a, b2d)
+    empty = np.flatnonzero(np.diff(np.asarray(ptr)) == 0)
+    if empty.size:
+        cols = (empty[:, None] * bn + np.arange(bn)).reshape(-1)
+        out = out.at[:, cols].set(0)
+    return out
+
+
+def _mgpu_sampled_matmul(a, g, rows_of, cols_of, bk: int, bn: int, out_dtype,
+                         tiles: tile_tables.BlockSparseTiles, interpret: bool = False):
+    """Mosaic GPU: ``out[b] = a[:, rows_of[b]-tile]^T @ g[:, cols_of[b]-tile]`` per kept block.
+
+    ``a`` is transposed once in XLA (one pass over ``x``) so both wgmma
+    operands arrive in their natural layout; each program owns one kept block
+    and pipelines over all of M.
+    """
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    m = a.shape[0]
+    nnzb = len(rows_of)
+    step_m = tiles.step_k
+    at = a.T                                           # (K, M)
+    r_a = jnp.asarray(rows_of, jnp.int32)
+    c_a = jnp.asarray(cols_of, jnp.int32)
+    a_transforms = _swizzled(step_m, a.dtype)
+    b_transforms = _swizzled(bn, a.dtype)
+    o_transforms = _swizzled(bn, out_dtype)
+
+    def body(r_ref, c_ref, a_ref, g_ref, o_ref):
+        b = jax.lax.axis_index("block")
+        r = r_ref[b]
+        c = c_ref[b]
+
+        def acc_scope(acc_ref):
+            def step(_, a_smem, g_smem):
+                plgpu.wgmma(acc_ref, a_smem, g_smem)
+                plgpu.wgmma_wait(1)
+
+            plgpu.emit_pipeline(
+                step, grid=(m // step_m,),
+                in_specs=[
+                    plgpu.BlockSpec((bk, step_m), lambda s: (r, s), transforms=a_transforms,
+                                    delay_release=1),
+                    plgpu.BlockSpec((step_m, bn), lambda s: (s, c), transforms=b_transforms,
+                                    delay_release=1),
+                ],
+                max_concurrent_steps=tiles.stages,
+            )(a_ref, g_ref)
+            return acc_ref[...]
+
+        acc = pl.run_scoped(acc_scope, plgpu.ACC((bk, bn), jnp.float32))
+
+        @functools.partial(pl.run_scoped,
+                           o_smem=plgpu.SMEM((bk, bn), out_dtype, transforms=o_transforms))
+        def _store(o_smem):
+            o_smem[...] = acc.astype(out_dtype)
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(o_smem, o_ref.at[pl.ds(b * bk, bk)])
+            plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+
+    kernel = _mgpu_kernel(body, jax.ShapeDtypeStruct((nnzb * bk, bn), out_dtype),
+                          (nnzb,), ("block",), interpret)
+    return kernel(r_a, c_a, at, g).reshape(nnzb, bk, bn)
+
+
+# --------------------------------------------------------------------------- dispatch
+
+
+@dataclasses.dataclass(frozen=True)
+class _Config:
+    tables: BlockTables
+    impl: str                       # "mosaic_gpu" | "pallas" (TPU or interpret)
+    tiles: tile_tables.BlockSparseTiles
+    interpret: bool
+    poison: bool
+
+
+def _gather_matmul(a, blocks, ptr, idx, out_dtype, cfg: _Config):
+    nb = len(ptr) - 1
+    bn = blocks.shape[2]
+    if blocks.shape[0] == 0:   # all-zero mask: nothing to multiply
+        return jnp.zeros((a.shape[0], nb * bn), out_dtype)
+    if cfg.impl == "mosaic_gpu":
+        if cfg.tiles.warp_specialized and a.shape[0] % (2 * cfg.tiles.rows) == 0:
+            return _mgpu_gather_matmul_ws(a, blocks, ptr, idx, out_dtype, cfg.tiles, cfg.interpret)
+        return _mgpu_gather_matmul(a, blocks, ptr, idx, out_dtype, cfg.tiles, cfg.interpret)
+    out = _pallas_gather_matmul(a, blocks, ptr, idx, rows=cfg.tiles.rows,
+                                interpret=cfg.interpret, poison=cfg.poison)
+    return out.astype(out_dtype)
+
+
+def _sampled_matmul(a, g, tables: BlockTables, out_dtype, cfg: _Config):
+    bk, bn = tables.block
+    if tables.num_blocks == 0:
+        return jnp.zeros((0, bk, bn), out_dtype)
+    if cfg.impl == "mosaic_gpu":
+        return _mgpu_sampled_matmul(a, g, tables.row_of, tables.col_of, bk, bn, out_dtype, cfg.tiles,
+                                    cfg.interpret)
+    out = _pallas_sampled_matmul(a, g, tables.row_of, tables.col_of, bk, bn, rows=cfg.tiles.rows,
+                                 interpret=cfg.interpret, poison=cfg.poison)
+    return out.astype(out_dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _bsmm(a, blocks, cfg: _Config):
+    t = cfg.tables
+    return _gather_matmul(a, blocks, t.col_ptr, t.row_of, a.dtype, cfg)
+
+
+def _bsmm_fwd(a, blocks, cfg):
+    return _bsmm(a, blocks, cfg), (a, blocks)
+
+
+def _bsmm_bwd(cfg, residuals, g):
+    a, blocks = residuals
+    t = cfg.tables
+    tt = t.transposed()
+    g = g.astype(a.dtype)
+    # dx = dy @ W^T: the same kernel over the transposed block structure.
+    blocks_t = blocks[np.asarray(t.by_row, np.int32)].transpose(0, 2, 1) if t.num_blocks else (
+        jnp.zeros((0, t.block[1], t.block[0]), blocks.dtype))
+    da = _gather_matmul(g, blocks_t, tt.col_ptr, tt.row_of, a.dtype, cfg)
+    # dW only at the kept blocks.
+    dblocks = _sampled_matmul(a, g, t, blocks.dtype, cfg)
+    return da, dblocks
+
+
+_bsmm.defvjp(_bsmm_fwd, _bsmm_bwd)
+
+
+def block_sparse_matmul(x: jax.Array, packed: BlockSparseWeight, *, backend: str | None = None,
+                        interpret: bool | str = False, poison: bool = False) -> jax.Array:
+    """``x @ W`` for a packed block-sparse ``W``, differentiable in ``x`` and ``packed``.
+
+    Args:
+      x: ``(..., K)``.
+      packed: from :func:`pack`.
+      backend: ``"gpu"``, ``"tpu"``, ``"cpu"``; default: JAX's default backend.
+      interpret: run a kernel in interpret mode on CPU (tests): ``True`` or
+        ``"pallas"`` for the ``pallas_call`` (TPU-style) kernel, ``"mosaic_gpu"``
+        for the Mosaic GPU kernel (small shapes only: it simulates every thread).
+      poison: fill the ``pallas_call`` kernel's outputs with NaN before it
+        writes them (tests); Mosaic GPU interpret mode always does.
+
+    Where no kernel applies (:func:`supported` says why), this is
+    :func:`block_sparse_matmul_reference`.
+    """
+    _check_operands(x, packed, "block_sparse_matmul")
+    if interpret not in (False, True, "pallas", "mosaic_gpu"):
+        raise ValueError(f"block_sparse_matmul: interpret must be a bool, 'pallas' or 'mosaic_gpu', "
+                         f"got {interpret!r}")
+    if interpret == "mosaic_gpu":
+        backend = "gpu"
+    elif interpret:
+        backend = "interpret"
+    else:
+        backend = backend or jax.default_backend()
+    dtype = jnp.result_type(x.dtype, packed.dtype)
+    ok, _ = supported(packed.shape, dtype, backend, packed.block)
+    if not ok:
+        return block_sparse_matmul_reference(x, packed)
+    t = packed.tables
+    (kb, nb), (bk, bn) = t.grid, t.block
+    lead = x.shape[:-1]
+    a = x.reshape(-1, x.shape[-1]).astype(dtype)
+    m = a.shape[0]
+    tiles = tile_tables.block_sparse_tiles(backend, m)
+    if interpret == "mosaic_gpu":   # the simulation runs every thread: keep the pipeline short
+        tiles = dataclasses.replace(tiles, stages=2)
+    rows = tiles.rows
+    if backend == "gpu":
+        # The dW kernel pipelines over M in steps of step_k: pad M to both.
+        rows = math.lcm(rows, tiles.step_k)
+    m_pad = -(-max(m, 1) // rows) * rows
+    a = jnp.pad(a, ((0, m_pad - m), (0, kb * bk - a.shape[1])))
+    cfg = _Config(tables=t, impl="mosaic_gpu" if backend == "gpu" else "pallas",
+                  tiles=tiles, interpret=bool(interpret), poison=bool(poison))
+    y = _bsmm(a, packed.blocks.astype(dtype), cfg)
+    return y[:m, :t.shape[1]].reshape(*lead, t.shape[1])

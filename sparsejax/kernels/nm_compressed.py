@@ -1,0 +1,368 @@
+"""Compressed N:M weights and their matmul/GEMV kernel: ``y = x @ W``, ``W`` N:M along K.
+
+Convention (as :mod:`sparsejax.layout`): ``W`` is the ``(K, N)`` matrix view and
+its N:M groups are ``m`` consecutive rows of one column (the layout
+:func:`sparsejax.masks.nm_mask` produces). :func:`compress_nm` keeps the ``n``
+values of every group and the position of each inside its group, packed at 2
+bits per index for ``m <= 4`` and 4 bits for ``m <= 16``. A 2:4 bf16 weight is
+then 0.5 + 0.0625 of its dense bytes, which is what a memory-bound decode GEMV
+can turn into speed (at most 1.78x).
+
+Hopper's 2:4 sparse tensor cores are not reachable from Pallas: Mosaic GPU
+exposes sparse MMA only for Blackwell (``tcgen05``) and Triton has no sparse
+``mma`` for sm_90. So the kernel expands the indices on chip with selects and
+multiplies on the CUDA cores; the gain is fewer bytes, for small batches.
+
+Packed layout, chosen so the kernel never reshapes or interleaves: groups are
+cut into tiles of ``group_tile`` groups; inside a tile, byte ``r`` of slot ``t``
+holds the indices of groups ``r + e * q`` (``e < 8 / bits``, ``q = group_tile *
+bits / 8``) in bit field ``e``. Unpacking field ``e`` of a tile's bytes gives
+the indices of a contiguous run of ``q`` groups.
+
+The kernel is a ``pl.pallas_call`` (the Triton backend on GPU; interpret mode
+on CPU for tests). Elsewhere, and on GPU for batches above ``MAX_KERNEL_BATCH``,
+:func:`nm_matmul` uses :func:`nm_matmul_reference` (expand to dense, XLA dot).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import pallas as pl
+
+from sparsejax.kernels import tile_tables
+
+__all__ = ["NMWeight", "compress_nm", "nm_matmul", "nm_matmul_reference", "supported"]
+
+MAX_KERNEL_BATCH = 2   # measured on an H100: the kernel loses to dense XLA from batch 4
+
+
+def _index_bits(m: int) -> int:
+    return 2 if m <= 4 else 4
+
+
+@jax.tree_util.register_pytree_node_class
+class NMWeight:
+    """A compressed N:M ``(K, N)`` weight (build it with :func:`compress_nm`).
+
+    Leaves: ``values`` (``(n, G_pad, N)``: slot ``t`` of group ``g``) and
+    ``meta`` (``(n, G_pad * bits / 8, N)`` uint8, packed positions). Static:
+    ``shape``, ``n``, ``m``, ``group_tile``. ``G_pad`` is ``K / m`` rounded up to
+    ``group_tile``; padded groups hold zeros.
+    """
+
+    def __init__(self, values, meta, shape, n, m, group_tile):
+        self.values = values
+        self.meta = meta
+        self.shape = tuple(shape)
+        self.n, self.m, self.group_tile = int(n), int(m), int(group_tile)
+
+    def tree_flatten(self):
+        return (self.values, self.meta), (self.shape, self.n, self.m, self.group_tile)
+
+    @classmethod
+    def tree_unflatten(cls, aux, children):
+        return cls(*children, *aux)
+
+    @property
+    def dtype(self):
+        return self.values.dtype
+
+    @property
+    def bits(self) -> int:
+        return _index_bits(self.m)
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.values.size * self.values.dtype.itemsize + self.meta.size)
+
+    def indices(self) -> jax.Array:
+        """``(n, G_pad, N)`` int32 positions of the kept values inside their groups."""
+        return _unpack(self.meta, self.bits, self.group_tile)
+
+    def to_dense(self) -> jax.Array:
+        """The ``(K, N)`` matrix, zeros at the dropped positions."""
+        k, n_cols = self.shape
+        g = k // self.m
+        idx = self.indices()[:, :g]                                   # (n, G, N)
+        vals = self.values[:, :g]
+        onehot = idx[..., None] == jnp.arange(self.m)                  # (n, G, N, m)
+        dense = jnp.sum(jnp.where(onehot, vals[..., None], 0), axis=0)  # (G, N, m)
+        return dense.transpose(0, 2, 1).reshape(k, n_cols).astype(self.dtype)
+
+    def __repr__(self):
+        return f"NMWeight(shape={self.shape}, n={self.n}, m={self.m}, dtype={self.dtype})"
+
+
+def _pack(idx: jax.Array, bits: int, group_tile: int) -> jax.Array:
+    """``(n, G_pad, N)`` positions -> ``(n, G_pad * bits / 8, N)`` uint8 (see module doc)."""
+    n, g_pad, cols = idx.shape
+    per = 8 // bits
+    q = group_tile // per
+    tiles = idx.reshape(n, g_pad // group_tile, per, q, cols).astype(jnp.uint8)
+    shifts = (jnp.arange(per, dtype=jnp.uint8) * bits)[None, None, :, None, None]
+    packed = jnp.sum(tiles << shifts, axis=2, dtype=jnp.uint8)         # fields are disjoint
+    return packed.reshape(n, g_pad // per, cols)
+
+
+def _unpack(meta: jax.Array, bits: int, group_tile: int) -> jax.Array:
+    n, rows, cols = meta.shape
+    per = 8 // bits
+    q = group_tile // per
+    tiles = meta.reshape(n, rows // q, 1, q, cols).astype(jnp.int32)
+    shifts = (jnp.arange(per, dtype=jnp.int32) * bits)[None, None, :, None, None]
+    idx = (tiles >> shifts) & ((1 << bits) - 1)
+    return idx.reshape(n, rows * per, cols)
+
+
+def compress_nm(w: jax.Array, n: int, m: int, mask=None, *, group_tile: int = 64) -> NMWeight:
+    """Compresses a ``(K, N)`` weight that is N:M along K.
+
+    Args:
+      w: ``(K, N)``, ``K % m == 0``. May be traced.
+      n, m: keep ``n`` of every ``m`` consecutive entries along K; ``m <= 16``.
+      mask: which entries are kept (N:M: at most ``n`` per group). Default: the
+        ``n`` largest ``|w|`` of each group (exactly the nonzeros of an N:M-masked
+        weight). Groups with fewer than ``n`` kept entries store zeros.
+      group_tile: groups per packed tile (the kernel's K step is ``group_tile * m``);
+        a multiple of ``8 / bits``.
+    """
+    if not (isinstance(n, int) and isinstance(m, int) and 0 < n <= m):
+        raise ValueError(f"compress_nm: needs ints 0 < n <= m, got n={n!r}, m={m!r}")
+    if m > 16:
+        raise ValueError(f"compress_nm: m={m} > 16 (indices are packed in at most 4 bits)")
+    if getattr(w, "ndim", None) != 2:
+        raise ValueError(f"compress_nm: w must be a (K, N) matrix, got shape {getattr(w, 'shape', None)}")
+    k, cols = w.shape
+    if k % m:
+        raise ValueError(f"compress_nm: m={m} must divide the reduction size K={k}")
+    bits = _index_bits(m)
+    if group_tile <= 0 or group_tile % (8 // bits):
+        raise ValueError(f"compress_nm: group_tile={group_tile} must be a positive multiple of {8 // bits}")
+    w = jnp.asarray(w)
+    g = k // m
+    grouped = w.reshape(g, m, cols)
+    if mask is None:
+        score = jnp.abs(grouped.astype(jnp.float32))
+    else:
+        mask = jnp.asarray(mask)
+        if mask.shape != w.shape:
+            raise ValueError(f"compress_nm: mask shape {mask.shape} != weight shape {w.shape}")
+        kept = mask.reshape(g, m, cols)
+        try:
+            too_many = int(np.max(np.asarray(kept.sum(axis=1)), initial=0)) > n
+        except jax.errors.ConcretizationTypeError:
+            too_many = False          # traced mask: the caller vouches for its structure
+        if too_many:
+            raise ValueError(f"compress_nm: mask keeps more than n={n} of some group of m={m}")
+        grouped = jnp.where(kept, grouped, 0)
+        score = kept.astype(jnp.float32) * 2.0 + (jnp.abs(grouped.astype(jnp.float32)) > 0)
+    # Positions of the n kept entries, in increasing order inside each group.
+    order = jnp.argsort(-score, axis=1, stable=True)[:, :n]            # (G, n, N)
+    idx = jnp.sort(order, axis=1)
+    vals = jnp.take_along_axis(grouped, idx, axis=1)                   # (G, n, N)
+    g_pad = -(-g // group_tile) * group_tile
+    idx = jnp.pad(idx.transpose(1, 0, 2), ((0, 0), (0, g_pad - g), (0, 0)))
+    vals = jnp.pad(vals.transpose(1, 0, 2), ((0, 0), (0, g_pad - g), (0, 0)))
+    return NMWeight(vals, _pack(idx, bits, group_tile), (k, cols), n, m, group_tile)
+
+
+# --------------------------------------------------------------------------- reference
+
+
+def nm_matmul_reference(x: jax.Array, packed: NMWeight) -> jax.Array:
+    """Plain-JAX twin of :func:`nm_matmul`: expand to dense, then one XLA dot."""
+    _check_operands(x, packed, "nm_matmul_reference")
+    dtype = jnp.result_type(x.dtype, packed.dtype)
+    y = jnp.matmul(x.astype(dtype), packed.to_dense().astype(dtype), preferred_element_type=jnp.float32)
+    return y.astype(dtype)
+
+
+def _check_operands(x, packed, where: str):
+    if not isinstance(packed, NMWeight):
+        raise TypeError(f"{where}: packed must be an NMWeight (see compress_nm), got {type(packed).__name__}")
+    if x.ndim < 1 or x.shape[-1] != packed.shape[0]:
+        raise ValueError(f"{where}: x's last axis {x.shape[-1:]} must equal the weight's K = "
+                         f"{packed.shape[0]} (y = x @ W, W of shape {packed.shape})")
+
+
+def supported(shape, dtype, backend: str | None = None, batch: int = 1) -> tuple[bool, str]:
+    """Whether the compressed N:M kernel handles a ``(K, N)`` weight for ``batch`` rows of ``x``.
+
+    Returns ``(ok, reason)``; otherwise :func:`nm_matmul` uses the reference.
+    """
+    backend = backend or jax.default_backend()
+    if len(tuple(shape)) != 2:
+        return False, f"weight shape {tuple(shape)} is not a (K, N) matrix"
+    if backend == "gpu":
+        if batch > MAX_KERNEL_BATCH:
+            return False, (f"batch {batch} > {MAX_KERNEL_BATCH}: the GEMV kernel pays only while "
+                           f"memory-bound; keep the dense (masked) weight on XLA")
+        if jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32)):
+            return False, f"no compressed N:M GPU kernel for dtype {jnp.dtype(dtype)}"
+        return True, "compressed N:M GEMV kernel (Pallas, Triton backend)"
+    if backend == "interpret":
+        if batch > 8:
+            return False, f"batch {batch} > 8: interpret mode unrolls every row; reference"
+        return True, "compressed N:M kernel in interpret mode"
+    return False, f"no compressed N:M kernel on backend {backend!r}: plain-JAX reference"
+
+
+# --------------------------------------------------------------------------- kernel
+
+
+def _nm_kernel(x_ref, v_ref, meta_ref, *rest, n: int, m: int, bits: int, group_tile: int,
+               tiles_per_split: int):
+    """One output tile of one K split: loop over group tiles, expand indices, multiply-add."""
+    o_ref = rest[-1]
+    per = 8 // bits
+    q = group_tile // per
+    field = (1 << bits) - 1
+    bn = o_ref.shape[-1]
+    batch = x_ref.shape[1]
+
+    def tile_step(i, acc):
+        # Elementwise (q, bn) accumulators, one per row of x: the cross-lane sum
+        # over groups happens once, after the loop, not once per step.
+        acc = list(acc)
+        for t in range(n):
+            meta = meta_ref[t, pl.ds(i * q, q), :].astype(jnp.int32)                 # (q, bn)
+            for e in range(per):
+                idx = (meta >> (e * bits)) & field                                  # (q, bn)
+                g0 = i * group_tile + e * q
+                vals = v_ref[t, pl.ds(g0, q), :].astype(jnp.float32)                 # (q, bn)
+                for b in range(batch):
+                    sel = jnp.zeros((q, bn), jnp.float32)
+                    for p in range(m):
+                        xp = x_ref[p, b, pl.ds(g0, q)].astype(jnp.float32)          # (q,)
+                        sel = jnp.where(idx == p, xp[:, None], sel)
+                    acc[b] = acc[b] + sel * vals
+        return tuple(acc)
+
+    init = tuple(jnp.zeros((q, bn), jnp.float32) for _ in range(batch))
+    acc = jax.lax.fori_loop(0, tiles_per_split, tile_step, init)
+    for b in range(batch):
+        o_ref[0, b, :] = jnp.sum(acc[b], axis=0)
+
+
+def _nm_call(xg, values, meta, *, n, m, bits, group_tile, cols_tile, splits, interpret, poison):
+    _, batch, g_pad = xg.shape
+    cols = values.shape[2]
+    per = 8 // bits
+    g_split = g_pad // splits
+    out_shape = jax.ShapeDtypeStruct((splits, batch, cols), jnp.float32)
+    in_specs = [
+        pl.BlockSpec((m, batch, g_split), lambda j, s: (0, 0, s)),
+        pl.BlockSpec((n, g_split, cols_tile), lambda j, s: (0, s, j)),
+        pl.BlockSpec((n, g_split // per, cols_tile), lambda j, s: (0, s, j)),
+    ]
+    out_spec = pl.BlockSpec((1, batch, cols_tile), lambda j, s: (s, 0, j))
+    operands = [xg, values, meta]
+    aliases = {}
+    if poison:   # tests: every output element must be written over the NaNs
+        in_specs.append(out_spec)
+        operands.append(jnp.full(out_shape.shape, jnp.nan, out_shape.dtype))
+        aliases = {3: 0}
+    kernel = functools.partial(_nm_kernel, n=n, m=m, bits=bits, group_tile=group_tile,
+                               tiles_per_split=g_split // group_tile)
+    params = {}
+    if not interpret and jax.default_backend() == "gpu":
+        from jax.experimental.pallas import triton as pltriton
+        params["compiler_params"] = pltriton.CompilerParams(num_warps=NUM_WARPS, num_stages=NUM_STAGES)
+    return pl.pallas_call(kernel, grid=(cols // cols_tile, splits), in_specs=in_specs,
+                          out_specs=out_spec, out_shape=out_shape, input_output_aliases=aliases,
+                          interpret=interpret, **params)(*operands)
+
+
+TARGET_PROGRAMS = 512   # programs a GEMV launch should have to fill an H100 (132 SMs)
+NUM_WARPS = 8
+NUM_STAGES = 3
+
+
+def _choose_splits(tiles: int, col_tiles: int, target_programs: int | None = None) -> int:
+    """Split K so there are enough programs to fill the GPU (a GEMV has few output tiles)."""
+    target_programs = target_programs or TARGET_PROGRAMS
+    splits = 1
+    while col_tiles * splits < target_programs and tiles % (splits * 2) == 0:
+        splits *= 2
+    return splits
+
+
+def nm_matmul(x: jax.Array, packed: NMWeight, *, backend: str | None = None,
+              interpret: bool = False, poison: bool = False) -> jax.Array:
+    """``x @ W`` for a compressed N:M ``W``; a GEMV kernel for small batches.
+
+    Args:
+      x: ``(..., K)``; on GPU the kernel runs when the flattened batch is at
+        most ``MAX_KERNEL_BATCH`` (decode); larger batches use the reference.
+      packed: from :func:`compress_nm`.
+      backend: default JAX's default backend.
+      interpret: run the kernel in interpret mode (CPU tests).
+      poison: fill the kernel's output with NaN before it writes it (tests).
+
+    Differentiable: the backward pass expands ``W`` once (``dx = dy @ W^T``) and
+    gathers ``dW`` at the kept positions.
+    """
+    _check_operands(x, packed, "nm_matmul")
+    backend = "interpret" if interpret else (backend or jax.default_backend())
+    dtype = jnp.result_type(x.dtype, packed.dtype)
+    lead = x.shape[:-1]
+    batch = math.prod(lead)
+    ok, _ = supported(packed.shape, dtype, backend, batch)
+    if not ok or batch == 0:
+        return nm_matmul_reference(x, packed)
+    tiles = tile_tables.nm_tiles(backend)
+    y = _nm_apply(x.reshape(batch, -1).astype(dtype), packed.values.astype(dtype), packed.meta,
+                  (packed.shape, packed.n, packed.m, packed.group_tile, tiles.cols,
+                   bool(interpret), bool(poison)))
+    return y.reshape(*lead, packed.shape[1])
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _nm_apply(x2, values, meta, static):
+    (k, cols), n, m, group_tile, cols_tile, interpret, poison = static
+    bits = _index_bits(m)
+    batch = x2.shape[0]
+    # Triton blocks need power-of-two sizes: pad the batch (at most MAX_KERNEL_BATCH rows).
+    batch_pad = 1 << max(0, (batch - 1).bit_length())
+    x2_pad = jnp.pad(x2, ((0, batch_pad - batch), (0, 0)))
+    g = k // m
+    g_pad = values.shape[1]
+    cols_tile = min(cols_tile, 1 << max(0, (cols - 1).bit_length()))
+    cols_pad = -(-cols // cols_tile) * cols_tile
+    # x as (m, batch, G): position p of every group is one contiguous row.
+    xg = x2_pad.reshape(batch_pad, g, m).transpose(2, 0, 1)
+    xg = jnp.pad(xg, ((0, 0), (0, 0), (0, g_pad - g)))
+    values = jnp.pad(values, ((0, 0), (0, 0), (0, cols_pad - cols)))
+    meta = jnp.pad(meta, ((0, 0), (0, 0), (0, cols_pad - cols)))
+    splits = _choose_splits(g_pad // group_tile, cols_pad // cols_tile)
+    partial = _nm_call(xg, values, meta, n=n, m=m, bits=bits, group_tile=group_tile,
+                       cols_tile=cols_tile, splits=splits, interpret=interpret, poison=poison)
+    return jnp.sum(partial, axis=0)[:batch, :cols].astype(x2.dtype)
+
+
+def _nm_apply_fwd(x2, values, meta, static):
+    return _nm_apply(x2, values, meta, static), (x2, values, meta)
+
+
+def _nm_apply_bwd(static, residuals, g):
+    x2, values, meta = residuals
+    (k, cols), n, m, group_tile, *_ = static
+    w = NMWeight(values, meta, (k, cols), n, m, group_tile)
+    dx = jnp.matmul(g.astype(x2.dtype), w.to_dense().T, preferred_element_type=jnp.float32)
+    # dW at the kept positions: (x^T g)[g * m + idx, col] for every slot.
+    grp = k // m
+    idx = w.indices()                                                   # (n, G_pad, N)
+    xg = x2.reshape(x2.shape[0], grp, m)
+    xg = jnp.pad(xg, ((0, 0), (0, values.shape[1] - grp), (0, 0)))       # (B, G_pad, m)
+    onehot = (idx[..., None] == jnp.arange(m)).astype(jnp.float32)       # (n, G_pad, N, m)
+    x_at = jnp.einsum("bgp,tgcp->btgc", xg.astype(jnp.float32), onehot)
+    dvals = jnp.einsum("btgc,bc->tgc", x_at, g.astype(jnp.float32))
+    return dx.astype(x2.dtype), dvals.astype(values.dtype), None
+
+
+_nm_apply.defvjp(_nm_apply_fwd, _nm_apply_bwd)

@@ -1,0 +1,402 @@
+"""Top-k gated FFN at decode: compute only the neurons that fire.
+
+A gated FFN ``y = (act(x_g @ W_g) * (x_u @ W_u)) @ W_d`` whose activation is
+statistically top-k sparse (Spark FFN, or any gated FFN after the top-k pass)
+needs, for a decode batch of 1 to 8 tokens:
+
+1. the *selector*: the gate pre-activation ``x_g @ W_g`` (Spark: only the first
+   ``r`` input dims and rows, the predictor), dense;
+2. statistical top-k on it and the activation; the union over the batch of the
+   neurons that fired, compacted into an index list of fixed ``capacity``;
+3. the *gathered* part: for those neurons only, the matching rows of ``W_u^T``
+   and of ``W_d``: ``y = sum_j h[:, j] W_d[j]``, ``h = act[:, j] * (x_u . W_u^T[j])``.
+
+At decode everything is memory-bound, so the cost is the weight bytes read: the
+selector's ``r x d_ff`` plus ``2 x active x d`` instead of ``3 x d x d_ff``.
+
+:class:`DecodeWeights` stores the layout the gathered part wants (rows of
+``W_u^T`` and ``W_d`` are contiguous per neuron); build it once with
+:func:`decode_weights_from_spark` or :func:`decode_weights_from_gated`.
+
+Paths for the gathered part (:func:`gathered_ffn`):
+
+* ``"xla"``: gather the rows, then two dots (static shapes: the cost follows
+  ``capacity``); ``lax.cond`` to the dense product when the union overflows.
+* ``"pallas"``: two ``pl.pallas_call`` kernels (Triton backend on GPU; interpret
+  mode on CPU) that read the neuron count from memory and loop over the active
+  neurons only, gathering weight rows by index inside the kernel; past
+  ``capacity`` they walk all ``d_ff`` neurons instead (the dense fallback, in
+  the same launch). Cost follows the actual count.
+* ``"reference"``: :func:`gathered_ffn_reference`, dense, exact.
+
+An overflow never gives a wrong answer: every path then computes all neurons.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import pallas as pl
+
+from sparsejax.topk import resolve_k_frac, statistical_threshold
+
+__all__ = [
+    "DecodeWeights",
+    "decode_weights_from_spark",
+    "decode_weights_from_gated",
+    "select_neurons",
+    "gathered_ffn",
+    "gathered_ffn_reference",
+    "topk_ffn_decode",
+    "topk_ffn_decode_reference",
+    "MAX_BATCH",
+]
+
+MAX_BATCH = 8
+_IMPLS = ("xla", "pallas", "reference")
+
+
+@jax.tree_util.register_pytree_node_class
+class DecodeWeights:
+    """Decode-layout weights of a top-k gated FFN.
+
+    Leaves: ``w_gate`` ``(d_gate_in, d_ff)`` (selector), ``w_up_t`` ``(d_ff,
+    d_up_in)`` (up projection, transposed so each neuron's weights are one row),
+    ``w_down`` ``(d_ff, d_model)``. Static: ``split`` -- ``None`` when gate and up
+    both read all of ``x`` (a plain gated FFN), or ``r`` when the gate reads
+    ``x[:, :r]`` and the up projection ``x[:, r:]`` (Spark FFN).
+    """
+
+    def __init__(self, w_gate, w_up_t, w_down, split):
+        self.w_gate, self.w_up_t, self.w_down, self.split = w_gate, w_up_t, w_down, split
+
+    def tree_flatten(self):
+        return (self.w_gate, self.w_up_t, self.w_down), self.split
+
+    @classmethod
+    def tree_unflatten(cls, split, children):
+        return cls(*children, split)
+
+    @property
+    def d_ff(self) -> int:
+        return self.w_down.shape[0]
+
+    @property
+    def d_model(self) -> int:
+        return self.w_down.shape[1]
+
+    def gate_input(self, x):
+        return x if self.split is None else x[..., :self.split]
+
+    def up_input(self, x):
+        return x if self.split is None else x[..., self.split:]
+
+
+def decode_weights_from_spark(wi: jax.Array, wo: jax.Array, predictor_dims: int) -> DecodeWeights:
+    """From a Spark FFN's merged ``wi`` ``(d_model, d_ff)`` (first ``r`` rows: the
+    predictor/gate, the rest: up) and ``wo`` ``(d_ff, d_model)``."""
+    if wi.ndim != 2 or wo.ndim != 2 or wo.shape != wi.shape[::-1]:
+        raise ValueError(f"decode_weights_from_spark: wi must be (d_model, d_ff) and wo (d_ff, d_model); "
+                         f"got {wi.shape} and {wo.shape}")
+    if not 0 < predictor_dims < wi.shape[0]:
+        raise ValueError(f"decode_weights_from_spark: predictor_dims must satisfy 0 < r < d_model = "
+                         f"{wi.shape[0]}, got {predictor_dims}")
+    return DecodeWeights(wi[:predictor_dims], wi[predictor_dims:].T, wo, predictor_dims)
+
+
+def decode_weights_from_gated(w_gate: jax.Array, w_up: jax.Array, w_down: jax.Array) -> DecodeWeights:
+    """From a plain gated FFN: ``w_gate``, ``w_up`` ``(d_model, d_ff)``, ``w_down`` ``(d_ff, d_model)``."""
+    if w_gate.shape != w_up.shape or w_down.shape != w_up.shape[::-1]:
+        raise ValueError(f"decode_weights_from_gated: need w_gate, w_up (d_model, d_ff) and w_down "
+                         f"(d_ff, d_model); got {w_gate.shape}, {w_up.shape}, {w_down.shape}")
+    return DecodeWeights(w_gate, w_up.T, w_down, None)
+
+
+# --------------------------------------------------------------------------- selection
+
+
+def select_neurons(pre: jax.Array, *, k: Any = None, k_frac: Any = None, capacity: int,
+                   activation: Callable = jax.nn.gelu, soft: bool = True):
+    """Statistical top-k of the gate pre-activation and the union of fired neurons.
+
+    Args:
+      pre: ``(B, d_ff)`` gate pre-activations (float32 preferred).
+      k, k_frac: neurons kept per row (see :func:`sparsejax.topk.statistical_topk`).
+      capacity: length of the index list; more active neurons than this is an
+        overflow (the gathered part then computes all neurons).
+      activation: applied to the soft top-k output (``act(max(pre - theta, 0))``,
+        Spark) or, with ``soft=False``, to the kept pre-activations.
+
+    Returns:
+      ``act`` ``(B, d_ff)`` float32 (zero outside each row's selection), ``idx``
+      ``(capacity,)`` int32 (the union, ascending; entries past ``count`` are 0),
+      ``count`` int32 scalar (size of the union; ``> capacity`` means overflow).
+    """
+    d_ff = pre.shape[-1]
+    if not isinstance(capacity, (int, np.integer)) or not 0 < capacity <= d_ff:
+        raise ValueError(f"select_neurons: capacity must be an int in (0, d_ff = {d_ff}], got {capacity!r}")
+    pre = pre.astype(jnp.float32)
+    theta = statistical_threshold(pre, k=k, k_frac=k_frac, axis=-1)
+    keep = pre > theta
+    act = jnp.where(keep, activation(pre - theta if soft else pre), 0.0)
+    fired = jnp.any(keep, axis=0)
+    pos = jnp.cumsum(fired.astype(jnp.int32)) - 1
+    count = pos[-1] + 1
+    slot = jnp.where(fired & (pos < capacity), pos, capacity)          # capacity: dropped
+    idx = jnp.zeros((capacity,), jnp.int32).at[slot].set(jnp.arange(d_ff, dtype=jnp.int32), mode="drop")
+    return act, idx, count
+
+
+# --------------------------------------------------------------------------- gathered part
+
+
+def gathered_ffn_reference(x_up, act, w_up_t, w_down):
+    """Dense twin of :func:`gathered_ffn`: ``(act * (x_up @ W_u)) @ W_d`` in float32."""
+    up = jnp.dot(x_up, w_up_t.T, preferred_element_type=jnp.float32)
+    h = (act.astype(jnp.float32) * up).astype(w_down.dtype)
+    return jnp.dot(h, w_down, preferred_element_type=jnp.float32)
+
+
+def _gathered_xla(x_up, act, w_up_t, w_down, idx, count):
+    capacity = idx.shape[0]
+
+    def sparse(_):
+        live = jnp.arange(capacity) < count          # entries past count point at neuron 0
+        rows_up = jnp.take(w_up_t, idx, axis=0)
+        up = jnp.dot(x_up, rows_up.T, preferred_element_type=jnp.float32)
+        h = jnp.where(live, jnp.take(act, idx, axis=1) * up, 0.0).astype(w_down.dtype)
+        return jnp.dot(h, jnp.take(w_down, idx, axis=0), preferred_element_type=jnp.float32)
+
+    def dense(_):
+        return gathered_ffn_reference(x_up, act, w_up_t, w_down)
+
+    return jax.lax.cond(count <= capacity, sparse, dense, None)
+
+
+def _cdiv(a, b):
+    return (a + b - 1) // b
+
+
+def _live_neurons(meta_ref, idx_ref, p0, *, bc, capacity, d_ff):
+    """Neuron ids at positions ``p0 .. p0 + bc``: from the index list, or the
+    positions themselves after an overflow; and which positions are live."""
+    count = meta_ref[0]
+    overflow = count > capacity
+    n_live = jnp.where(overflow, d_ff, count)
+    pos = p0 + jnp.arange(bc, dtype=jnp.int32)
+    listed = idx_ref[pl.ds(jnp.minimum(p0, idx_ref.shape[0] - bc), bc)]
+    live = pos < n_live
+    neuron = jnp.where(overflow, pos, listed)
+    return jnp.where(live, neuron, 0), live            # dead positions read neuron 0, then drop it
+
+
+def _n_chunks(meta_ref, *, bc, capacity, d_ff):
+    count = meta_ref[0]
+    return _cdiv(jnp.where(count > capacity, d_ff, count), bc)
+
+
+def _up_kernel(meta_ref, idx_ref, x_ref, act_ref, w_ref, *rest, bc, bk, programs, capacity, d_ff):
+    """h[p] = act[:, n_p] * (x_up . W_u^T[n_p]) for the live positions p of this program."""
+    h_ref = rest[-1]                      # rest = (poisoned output alias, output) or (output,)
+    s = pl.program_id(0)
+    chunks = _n_chunks(meta_ref, bc=bc, capacity=capacity, d_ff=d_ff)
+    trips = _cdiv(jnp.maximum(chunks - s, 0), programs)
+    n_k = w_ref.shape[1] // bk
+
+    def chunk(t, carry):
+        p0 = (s + t * programs) * bc
+        neuron, live = _live_neurons(meta_ref, idx_ref, p0, bc=bc, capacity=capacity, d_ff=d_ff)
+
+        def k_step(c, acc):
+            w = w_ref[neuron, pl.ds(c * bk, bk)].astype(jnp.float32)          # (bc, bk) gathered rows
+            xv = x_ref[:, pl.ds(c * bk, bk)].astype(jnp.float32)              # (B, bk)
+            return acc + jnp.sum(w[:, None, :] * xv[None, :, :], axis=-1)     # (bc, B)
+
+        up = jax.lax.fori_loop(0, n_k, k_step, jnp.zeros((bc, x_ref.shape[0]), jnp.float32))
+        a = act_ref[neuron, :]                                                  # (bc, B)
+        h_ref[pl.ds(p0, bc), :] = jnp.where(live[:, None], a * up, 0.0)
+        return carry
+
+    jax.lax.fori_loop(0, trips, chunk, 0)
+
+
+def _down_kernel(meta_ref, idx_ref, h_ref, w_ref, *rest, bc, bn, splits, capacity, d_ff):
+    """One column tile of one split: sum over its live positions of h[p] * W_d[n_p]."""
+    o_ref = rest[-1]
+    t, s = pl.program_id(0), pl.program_id(1)
+    chunks = _n_chunks(meta_ref, bc=bc, capacity=capacity, d_ff=d_ff)
+    trips = _cdiv(jnp.maximum(chunks - s, 0), splits)
+
+    def chunk(i, acc):
+        p0 = (s + i * splits) * bc
+        neuron, live = _live_neurons(meta_ref, idx_ref, p0, bc=bc, capacity=capacity, d_ff=d_ff)
+        w = w_ref[neuron, pl.ds(t * bn, bn)].astype(jnp.float32)               # (bc, bn)
+        h = jnp.where(live[:, None], h_ref[pl.ds(p0, bc), :], 0.0)              # (bc, B)
+        return acc + jnp.sum(h[:, :, None] * w[:, None, :], axis=0)             # (B, bn)
+
+    acc = jax.lax.fori_loop(0, trips, chunk, jnp.zeros((h_ref.shape[1], bn), jnp.float32))
+    o_ref[s, :, pl.ds(t * bn, bn)] = acc
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, (int(n) - 1).bit_length())
+
+
+def _pad_to(a, axis, multiple):
+    extra = (-a.shape[axis]) % multiple
+    if not extra:
+        return a
+    pads = [(0, 0)] * a.ndim
+    pads[axis] = (0, extra)
+    return jnp.pad(a, pads)
+
+
+def _gathered_pallas(x_up, act, w_up_t, w_down, idx, count, *, bc, bk, bn, up_programs, splits,
+                     num_warps, interpret, poison):
+    batch = x_up.shape[0]
+    d_ff, d_out = w_down.shape
+    capacity = idx.shape[0]
+    b_pad = _next_pow2(batch)                 # Triton tensors have power-of-two shapes
+    # Zero padding never changes the answer; real decode weights are prepared already
+    # padded (see pad_decode_weights), so these are no-ops on the fast path.
+    w_up_t = _pad_to(w_up_t, 1, bk)
+    w_down = _pad_to(w_down, 1, bn)
+    x_up = _pad_to(jnp.pad(x_up, ((0, 0), (0, w_up_t.shape[1] - x_up.shape[1]))), 0, b_pad)
+    act_t = _pad_to(act.astype(jnp.float32), 0, b_pad).T                     # (d_ff, B)
+    idx = _pad_to(idx, 0, bc)
+    meta = jnp.reshape(count.astype(jnp.int32), (1,))
+    h_rows = _cdiv(d_ff, bc) * bc
+    compiler = dict(compiler_params=_triton_params(num_warps)) if not interpret else {}
+
+    h_shape = jax.ShapeDtypeStruct((h_rows, b_pad), jnp.float32)
+    up_args = [meta, idx, x_up, act_t, w_up_t]
+    aliases = {}
+    if poison:    # tests: live rows must be written over the NaNs (dead rows are never read)
+        up_args.append(jnp.full(h_shape.shape, jnp.nan, jnp.float32))
+        aliases = {5: 0}
+    up = functools.partial(_up_kernel, bc=bc, bk=bk, programs=up_programs, capacity=capacity, d_ff=d_ff)
+    h = pl.pallas_call(up, grid=(up_programs,), out_shape=h_shape, input_output_aliases=aliases,
+                       interpret=interpret, **compiler)(*up_args)
+
+    o_shape = jax.ShapeDtypeStruct((splits, b_pad, w_down.shape[1]), jnp.float32)
+    down_args = [meta, idx, h, w_down]
+    aliases = {}
+    if poison:
+        down_args.append(jnp.full(o_shape.shape, jnp.nan, jnp.float32))
+        aliases = {4: 0}
+    down = functools.partial(_down_kernel, bc=bc, bn=bn, splits=splits, capacity=capacity, d_ff=d_ff)
+    partial = pl.pallas_call(down, grid=(w_down.shape[1] // bn, splits), out_shape=o_shape,
+                             input_output_aliases=aliases, interpret=interpret, **compiler)(*down_args)
+    return jnp.sum(partial, axis=0)[:batch, :d_out]
+
+
+def _triton_params(num_warps):
+    try:
+        from jax.experimental.pallas import triton as pltriton
+        return pltriton.CompilerParams(num_warps=num_warps, num_stages=2)
+    except (ImportError, AttributeError):      # older spellings
+        return dict(triton=dict(num_warps=num_warps, num_stages=2))
+
+
+def gathered_ffn(x_up: jax.Array, act: jax.Array, w_up_t: jax.Array, w_down: jax.Array,
+                 idx: jax.Array, count: jax.Array, *, impl: str = "xla", interpret: bool = False,
+                 poison: bool = False, bc: int = 16, bk: int = 128, bn: int = 128,
+                 up_programs: int = 128, splits: int = 16, num_warps: int = 4) -> jax.Array:
+    """The FFN over the selected neurons: ``sum_{j in idx[:count]} act[:, j] (x_up . W_u^T[j]) W_d[j]``.
+
+    Args:
+      x_up: ``(B, d_up_in)``, ``B <= MAX_BATCH``.
+      act: ``(B, d_ff)`` activations, zero outside each row's selection.
+      w_up_t: ``(d_ff, d_up_in)``; w_down: ``(d_ff, d_model)``.
+      idx, count: from :func:`select_neurons`; ``idx[:count]`` must cover every
+        neuron with a nonzero ``act`` unless ``count > len(idx)`` (overflow: all
+        neurons are computed).
+      impl: ``"xla"``, ``"pallas"`` or ``"reference"`` (see the module doc).
+      interpret: run the Pallas kernels in interpret mode (CPU tests).
+      poison: NaN-fill the kernels' outputs before they write them (tests).
+      bc, bk, bn, up_programs, splits, num_warps: Pallas tiling (powers of two).
+
+    Returns:
+      ``(B, d_model)`` float32.
+    """
+    if impl not in _IMPLS:
+        raise ValueError(f"gathered_ffn: impl must be one of {_IMPLS}, got {impl!r}")
+    if x_up.ndim != 2 or act.ndim != 2 or act.shape[0] != x_up.shape[0]:
+        raise ValueError(f"gathered_ffn: x_up must be (B, d_up_in) and act (B, d_ff); got {x_up.shape}, "
+                         f"{act.shape}")
+    if (w_up_t.ndim != 2 or w_up_t.shape[0] != act.shape[1] or w_up_t.shape[1] < x_up.shape[1]
+            or w_down.ndim != 2 or w_down.shape[0] != act.shape[1]):
+        raise ValueError(f"gathered_ffn: w_up_t must be (d_ff, d_up_in) = {(act.shape[1], x_up.shape[1])} "
+                         f"(columns may be zero-padded) and w_down (d_ff, d_model); got {w_up_t.shape}, "
+                         f"{w_down.shape}")
+    if idx.ndim != 1:
+        raise ValueError(f"gathered_ffn: idx must be 1-D (the index list), got shape {idx.shape}")
+    if impl == "reference":
+        return gathered_ffn_reference(x_up, act, w_up_t[:, :x_up.shape[1]], w_down)
+    if impl == "xla":
+        return _gathered_xla(x_up, act, w_up_t[:, :x_up.shape[1]], w_down, idx, count)
+    if x_up.shape[0] > MAX_BATCH:
+        raise ValueError(f"gathered_ffn: impl='pallas' handles batch <= {MAX_BATCH} (decode), "
+                         f"got {x_up.shape[0]}; use impl='xla'")
+    for name, v in dict(bc=bc, bk=bk, bn=bn).items():
+        if v & (v - 1) or v <= 0:
+            raise ValueError(f"gathered_ffn: {name} must be a power of two, got {v}")
+    return _gathered_pallas(x_up, act, w_up_t, w_down, idx, count, bc=bc, bk=bk, bn=bn,
+                            up_programs=up_programs, splits=splits, num_warps=num_warps,
+                            interpret=interpret, poison=poison)
+
+
+def pad_decode_weights(weights: DecodeWeights, *, bk: int = 128, bn: int = 128) -> DecodeWeights:
+    """Zero-pads ``w_up_t``'s columns to ``bk`` and ``w_down``'s to ``bn`` once, so the
+    Pallas path copies no weights per call. :func:`topk_ffn_decode` slices its
+    output back to ``x``'s width."""
+    return DecodeWeights(weights.w_gate, _pad_to(weights.w_up_t, 1, bk), _pad_to(weights.w_down, 1, bn),
+                         weights.split)
+
+
+# --------------------------------------------------------------------------- the layer
+
+
+def topk_ffn_decode(x: jax.Array, weights: DecodeWeights, *, k: Any = None, k_frac: Any = None,
+                    capacity: int, activation: Callable = jax.nn.gelu, impl: str = "xla",
+                    interpret: bool = False, **tiling) -> jax.Array:
+    """One decode step of a statistically top-k sparse gated FFN.
+
+    ``y = (act(soft_topk(x_g @ W_g)) * (x_u @ W_u)) @ W_d`` computed for the
+    union of the selected neurons only (see the module doc).
+
+    Args:
+      x: ``(B, d_model)``, ``1 <= B <= MAX_BATCH`` for the Pallas path.
+      weights: :class:`DecodeWeights` (possibly padded by :func:`pad_decode_weights`).
+      k, k_frac: neurons kept per token.
+      capacity: length of the active-neuron list (union over the batch); beyond
+        it the layer computes every neuron (same answer, dense cost).
+      activation: Spark uses GELU on the soft top-k output.
+      impl, interpret, tiling: see :func:`gathered_ffn`.
+
+    Returns:
+      ``(B, d_model)`` in ``x``'s dtype.
+    """
+    d_model = x.shape[-1]
+    pre = jnp.dot(weights.gate_input(x), weights.w_gate, preferred_element_type=jnp.float32)
+    act, idx, count = select_neurons(pre, k=k, k_frac=k_frac, capacity=capacity, activation=activation)
+    y = gathered_ffn(weights.up_input(x), act, weights.w_up_t, weights.w_down, idx, count, impl=impl,
+                     interpret=interpret, **tiling)
+    return y[:, :d_model].astype(x.dtype)
+
+
+def topk_ffn_decode_reference(x: jax.Array, weights: DecodeWeights, *, k: Any = None,
+                              k_frac: Any = None, activation: Callable = jax.nn.gelu) -> jax.Array:
+    """Dense plain-JAX twin of :func:`topk_ffn_decode` (every neuron, no index list)."""
+    d_model = x.shape[-1]
+    resolve_k_frac(weights.d_ff, k, k_frac, "topk_ffn_decode_reference")
+    pre = jnp.dot(weights.gate_input(x), weights.w_gate, preferred_element_type=jnp.float32)
+    theta = statistical_threshold(pre, k=k, k_frac=k_frac)
+    act = jnp.where(pre > theta, activation(pre - theta), 0.0)
+    x_up = weights.up_input(x)
+    y = gathered_ffn_reference(x_up, act, weights.w_up_t[:, :x_up.shape[-1]], weights.w_down[:, :d_model])
+    return y.astype(x.dtype)

@@ -1,0 +1,45 @@
+"""optax transformations for sparse training.
+
+* Proximal group-sparse optimizers: :func:`prox_sgd`, :func:`prox_adamw` with
+  :func:`l1`, :func:`group_lasso`, :func:`sparse_group_lasso` over groups
+  (:func:`output_channels`, :func:`input_neurons`, :func:`channels`,
+  :func:`attention_heads`, :func:`blocks`, :func:`nm_groups`), optional
+  :class:`HalfSpace` steps, and :func:`remove_zero_groups` to shrink shapes.
+* Pruning: :func:`prune` with :func:`one_shot`, :func:`gradual`,
+  :func:`iterative` schedules, uniform / ERK / global allocation.
+* Dynamic sparse training: :func:`sparse_evolutionary_training` (SET), :func:`rigl`.
+* N:M training: :func:`srste`, :func:`progressive_nm`.
+
+Masks live where :func:`sparsejax.sparsify` reads them: ``{"masks": masks}``;
+:func:`current_masks` pulls them out of any optimizer state.
+"""
+
+from sparsejax.optim.allocation import DISTRIBUTIONS, erk_ratios, layer_sparsities, masks_from_scores
+from sparsejax.optim.dst import (DynamicSparseState, dynamic_sparse, random_masks, rigl,
+                                 sparse_evolutionary_training)
+from sparsejax.optim.groups import (GroupIndex, GroupSpec, attention_heads, blocks, channels,
+                                    input_neurons, nm_groups, output_channels, resolve_groups)
+from sparsejax.optim.masking import (apply_masks, current_masks, mask_layouts, masked_sparsity,
+                                     sparsity_of)
+from sparsejax.optim.nm_training import (NMState, current_mask_strength, progressive_nm,
+                                         soft_mask_params, srste)
+from sparsejax.optim.prox import (HalfSpace, ProxAdamWState, ProxSGDState, Regularizer,
+                                  group_lasso, group_prox, l1, prox_adamw, prox_sgd,
+                                  regularizer_value, soft_threshold, sparse_group_lasso)
+from sparsejax.optim.pruning import SCORES, PruneState, prune
+from sparsejax.optim.schedules import (SparsitySchedule, cosine_drop_fraction, exponential_decay,
+                                       gradual, iterative, linear_decay, one_shot)
+from sparsejax.optim.structure import remove_zero_groups
+
+__all__ = [
+    "DISTRIBUTIONS", "DynamicSparseState", "GroupIndex", "GroupSpec", "HalfSpace", "NMState",
+    "ProxAdamWState", "ProxSGDState", "PruneState", "Regularizer", "SCORES", "SparsitySchedule",
+    "apply_masks", "attention_heads", "blocks", "channels", "cosine_drop_fraction",
+    "current_mask_strength", "current_masks", "dynamic_sparse", "erk_ratios",
+    "exponential_decay", "gradual", "group_lasso", "group_prox", "input_neurons", "iterative",
+    "l1", "layer_sparsities", "linear_decay", "mask_layouts", "masked_sparsity",
+    "masks_from_scores", "nm_groups", "one_shot", "output_channels", "progressive_nm",
+    "prox_adamw", "prox_sgd", "prune", "random_masks", "regularizer_value", "remove_zero_groups",
+    "resolve_groups", "rigl", "soft_mask_params", "soft_threshold", "sparse_evolutionary_training",
+    "sparse_group_lasso", "sparsity_of", "srste",
+]

@@ -1,0 +1,178 @@
+"""Pruning during training: one-shot, gradual (GMP) and iterative with rewinding.
+
+:func:`prune` wraps any optax optimizer. It receives the raw gradients as its
+``updates`` argument (so gradient-based scores see gradients, not the inner
+optimizer's output), hands the inner optimizer masked gradients, and at the
+steps its :class:`~sparsejax.optim.schedules.SparsitySchedule` names recomputes
+the masks from scores of the updated weights. With ``zero_pruned=True`` (the
+default) the returned updates land every pruned weight exactly on 0 and the
+pruned entries of the inner optimizer's moments are zeroed, so pruned weights
+stay zero for good and masks are nested (a pruned weight never returns).
+
+Scores:
+  * ``"magnitude"``: ``|w|`` of the updated weights.
+  * ``"random"``: uniform noise (a static random mask when used one-shot).
+  * ``"saliency"``: ``|w * g|`` (first-order Taylor / SNIP-style).
+  * ``"movement"``: ``-sum_t w_t * g_t`` accumulated since init (Sanh et al., 2020):
+    weights moving away from zero score high.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from sparsejax.optim import _common, allocation
+from sparsejax.optim.masking import mask_state
+from sparsejax.optim.schedules import SparsitySchedule
+
+__all__ = ["PruneState", "prune", "SCORES"]
+
+SCORES = ("magnitude", "random", "saliency", "movement")
+
+
+@mask_state
+class PruneState(NamedTuple):
+    """State of :func:`prune`.
+
+    Attributes:
+      step: updates applied so far.
+      masks: current masks (params structure; bool where masked, None elsewhere).
+      inner_state: the wrapped optimizer's state.
+      rng: key for random scores.
+      movement: accumulated movement scores at masked leaves (None elsewhere, and
+        everywhere unless ``score="movement"``).
+      rewind_params: weights saved at ``rewind_step`` (None unless rewinding).
+    """
+
+    step: jax.Array
+    masks: Any
+    inner_state: Any
+    rng: jax.Array
+    movement: Any
+    rewind_params: Any
+
+
+def prune(schedule: SparsitySchedule, inner: optax.GradientTransformation | None = None, *,
+          score: str = "magnitude", distribution: str = "uniform", min_kept: int = 1,
+          layouts: Any = None, where: Callable | None = None, initial_masks: Any = None,
+          zero_pruned: bool = True, rewind_step: int | None = None,
+          seed: int = 0) -> optax.GradientTransformationExtraArgs:
+    """Prunes masked leaves to ``schedule``'s sparsity while ``inner`` trains them.
+
+    Args:
+      schedule: :func:`~sparsejax.optim.one_shot`, :func:`~sparsejax.optim.gradual`
+        or :func:`~sparsejax.optim.iterative`.
+      inner: the optimizer that turns (masked) gradients into updates; default
+        identity (then this transform sees and returns gradients).
+      score: one of ``SCORES``.
+      distribution: ``"uniform"``, ``"erk"`` or ``"global"`` (see
+        :mod:`sparsejax.optim.allocation`).
+      min_kept: weights kept per matrix under ``"global"``.
+      layouts: pytree of ``WeightLayout``/None (e.g. ``sfn.layouts``); leaves of
+        ndim >= 2 default to the Flax layout, ndim < 2 are never masked.
+      where: ``(path, leaf) -> bool`` restricting which leaves are masked.
+      initial_masks: starting masks (e.g. from ``sfn.init``); default all kept.
+      zero_pruned: land pruned weights on 0 and zero their moments. ``False``
+        trains the dense weights straight through (the forward pass masks them)
+        and lets pruned weights come back at the next mask update.
+      rewind_step: if set, the weights at this step are saved, and at every later
+        mask update the survivors are rewound to them (lottery-ticket rewinding);
+        the inner optimizer's state restarts from ``inner.init``.
+      seed: PRNG seed for random scores.
+    """
+    if not isinstance(schedule, SparsitySchedule):
+        raise TypeError(f"schedule must be a SparsitySchedule (one_shot, gradual, iterative), "
+                        f"got {type(schedule).__name__}")
+    if score not in SCORES:
+        raise ValueError(f"score must be one of {SCORES}, got {score!r}")
+    allocation.check_distribution(distribution)
+    if rewind_step is not None and (isinstance(rewind_step, bool) or not isinstance(rewind_step, int)
+                                    or rewind_step < 0):
+        raise ValueError(f"rewind_step must be a non-negative int or None, got {rewind_step!r}")
+    if isinstance(min_kept, bool) or not isinstance(min_kept, int) or min_kept < 1:
+        raise ValueError(f"min_kept must be a positive int, got {min_kept!r}")
+    # with no inner optimizer the updates are gradients, not steps: score the weights as they are
+    steps_are_updates = inner is not None
+    inner = _common.with_extra_args(inner)
+
+    def init_fn(params):
+        targets = _common.resolve_targets(params, layouts, where)
+        leaves = targets.treedef.flatten_up_to(params)
+        if initial_masks is not None:
+            masks = _common.check_initial_masks(targets, params, initial_masks)
+        else:
+            masks = [jnp.ones(leaves[i].shape, bool) for i in targets.index]
+        movement = None
+        if score == "movement":
+            movement = targets.tree([jnp.zeros(leaves[i].shape, jnp.float32) for i in targets.index])
+        rewind = None if rewind_step is None else jax.tree.map(jnp.array, params)
+        return PruneState(step=jnp.zeros([], jnp.int32), masks=targets.tree(masks),
+                          inner_state=inner.init(params), rng=jax.random.PRNGKey(seed),
+                          movement=movement, rewind_params=rewind)
+
+    def update_fn(updates, state, params=None, **extra_args):
+        if params is None:
+            raise ValueError("prune needs params: call update(grads, state, params)")
+        targets = _common.resolve_targets(params, layouts, where)
+        old = targets.masks_of(state.masks)
+        inner_grads = _common.masked_grads(targets, updates, old) if zero_pruned else updates
+        inner_updates, inner_state = inner.update(inner_grads, state.inner_state, params,
+                                                  **extra_args)
+        p_flat = targets.treedef.flatten_up_to(params)
+        g_flat = targets.treedef.flatten_up_to(updates)
+        u_flat = targets.treedef.flatten_up_to(inner_updates)
+        weights = [p_flat[i] for i in targets.index]
+        grads = [g_flat[i].astype(jnp.float32) for i in targets.index]
+        candidate = [(p_flat[i] + u_flat[i] if steps_are_updates else p_flat[i]).astype(jnp.float32)
+                     for i in targets.index]
+        if zero_pruned:
+            candidate = [jnp.where(m, c, 0.0) for m, c in zip(old, candidate)]
+
+        movement = state.movement
+        if score == "movement":
+            acc = [a - w.astype(jnp.float32) * g
+                   for a, w, g in zip(targets.masks_of(movement), weights, grads)]
+            movement = targets.tree(acc)
+        rng, key = jax.random.split(state.rng)
+        do_update = schedule.is_update(state.step)
+
+        def new_masks():
+            if score == "magnitude":
+                scores = [jnp.abs(c) for c in candidate]
+            elif score == "random":
+                keys = jax.random.split(key, len(candidate))
+                scores = [jax.random.uniform(k, c.shape) for k, c in zip(keys, candidate)]
+            elif score == "saliency":
+                scores = [jnp.abs(w.astype(jnp.float32) * g) for w, g in zip(weights, grads)]
+            else:
+                scores = list(targets.masks_of(movement))
+            if zero_pruned:  # nested masks: what is pruned stays pruned
+                scores = [jnp.where(m, s, -jnp.inf) for m, s in zip(old, scores)]
+            return allocation.masks_from_scores(scores, targets.layouts,
+                                                schedule.sparsity(state.step),
+                                                distribution, min_kept)
+
+        masks = jax.lax.cond(do_update, new_masks, lambda: list(old)) if targets.index else []
+
+        rewind_params = state.rewind_params
+        if rewind_step is not None:
+            rewind_params = _common.select_tree(state.step == rewind_step, params, rewind_params)
+            rewinding = do_update & (state.step > rewind_step)
+            rewound = jax.tree.map(lambda r, p: (r - p), rewind_params, params)
+            inner_updates = _common.select_tree(rewinding, rewound, inner_updates)
+            inner_state = _common.select_tree(rewinding, inner.init(params), inner_state)
+
+        out = inner_updates
+        if zero_pruned:
+            out = _common.land_on_masks(targets, inner_updates, params, masks,
+                                        as_steps=steps_are_updates)
+            inner_state = _common.zero_moments(targets, params, inner_state, masks)
+        return out, PruneState(step=state.step + 1, masks=targets.tree(masks),
+                               inner_state=inner_state, rng=rng, movement=movement,
+                               rewind_params=rewind_params)
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -1,0 +1,180 @@
+"""Named sparsity presets: a recipe plus the optimizer wrapper that goes with it.
+
+A preset turns "train this model 90% sparse with RigL" into the two pieces the
+library is made of: the :class:`~sparsejax.Recipe` that ``sparsify`` rewrites the
+model with, and a function wrapping any optax optimizer in the sparsity
+transform that updates the masks (``sparsejax.optim``). train.py, the
+notebooks and the results tables all use these.
+
+Masks have one home per preset: ``"recipe"`` (fixed, in ``sstate``) or
+``"optimizer"`` (updated during training, read with
+:func:`sparsejax.optim.current_masks`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from sparsejax import optim, rules
+from sparsejax.rules import Recipe
+
+# The weights each model family sparsifies: hidden layers, not embeddings or heads.
+SPARSE_WEIGHTS = {
+    "lm": "re:.*layers.*/kernel",
+    "mixer": "re:.*mixer_.*/kernel",
+    "convnet": "re:.*conv_[1-9].*/kernel",
+}
+FFN_WEIGHTS = {
+    "lm": "re:.*mlp/.*/kernel",
+    "mixer": "re:.*channel_mixing/.*/kernel",
+    "convnet": "re:.*conv_[1-9].*/kernel",
+}
+
+WrapFn = Callable[[optax.GradientTransformation, Any, Any, dict, int], optax.GradientTransformation]
+
+
+@dataclasses.dataclass(frozen=True)
+class Preset:
+    """A named recipe and its optimizer wrapper.
+
+    Attributes:
+      name: the preset's name.
+      description: one line for --help and summaries.
+      recipe: model family -> Recipe.
+      wrap: (inner optimizer, sfn, sparams, sstate, total steps) -> optimizer; None keeps
+        the inner one.
+      masks_from: "recipe" (masks fixed in sstate), "optimizer" (updated by it), or
+        "soft" (Progressive Gradient Flow's decaying masks, read from the optimizer).
+    """
+
+    name: str
+    description: str
+    recipe: Callable[[str], Recipe]
+    wrap: WrapFn | None = None
+    masks_from: str = "recipe"
+
+
+def masked_where(sfn) -> Callable[[str, Any], bool]:
+    """The optimizer-side twin of a recipe's mask rules: mask exactly what sfn masks."""
+    masked = {path for path in sfn.masked_paths}
+    return lambda path, leaf: path in masked
+
+
+def _gmp(sparsity: float) -> Preset:
+    def wrap(inner, sfn, sparams, sstate, steps):
+        schedule = optim.gradual(sparsity, begin_step=steps // 10, end_step=(3 * steps) // 4,
+                                 frequency=max(steps // 40, 1))
+        return optim.prune(schedule, inner, layouts=sfn.layouts, where=masked_where(sfn),
+                           initial_masks=sstate["masks"])
+    return Preset(f"gmp{round(sparsity * 100)}",
+                  f"gradual magnitude pruning to {sparsity:.0%} (cubic schedule, 10%-75% of steps)",
+                  lambda model: Recipe([rules.Prune(SPARSE_WEIGHTS[model], 0.0)]), wrap, "optimizer")
+
+
+def _dst(name: str, grow: str, sparsity: float) -> Preset:
+    def wrap(inner, sfn, sparams, sstate, steps):
+        return optim.dynamic_sparse(inner, sparsity, grow=grow, end_step=(3 * steps) // 4,
+                                    update_every=max(steps // 20, 1), distribution="erk",
+                                    layouts=sfn.layouts, where=masked_where(sfn))
+    label = "RigL (grow by gradient)" if grow == "gradient" else "SET (grow at random)"
+    # Straight-through gradients: growth needs the gradient at weights that are pruned now.
+    return Preset(name, f"{label} at {sparsity:.0%}, ERK layer sparsities",
+                  lambda model: Recipe([rules.Prune(SPARSE_WEIGHTS[model], 0.0, gradient="ste")]),
+                  wrap, "optimizer")
+
+
+def _static(sparsity: float) -> Preset:
+    def wrap(inner, sfn, sparams, sstate, steps):
+        masks = optim.random_masks(sparams, sparsity, distribution="erk", layouts=sfn.layouts,
+                                   where=masked_where(sfn))
+        fixed = optim.SparsitySchedule(lambda t: jnp.asarray(sparsity), lambda t: t < 0, sparsity,
+                                       0, f"fixed random masks at {sparsity}")
+        return optim.prune(fixed, inner, layouts=sfn.layouts, where=masked_where(sfn),
+                           initial_masks=masks)
+    return Preset(f"static{round(sparsity * 100)}", f"static random masks at {sparsity:.0%} (ERK)",
+                  lambda model: Recipe([rules.Prune(SPARSE_WEIGHTS[model], 0.0)]), wrap, "optimizer")
+
+
+def _pgf(n: int, m: int) -> Preset:
+    def wrap(inner, sfn, sparams, sstate, steps):
+        return optim.progressive_nm(inner, n, m, decay="exponential", begin_step=0,
+                                    end_step=(3 * steps) // 4, layouts=sfn.layouts,
+                                    where=masked_where(sfn))
+    return Preset(f"nm{n}{m}_pgf", f"{n}:{m} with Progressive Gradient Flow (decaying mask strength)",
+                  lambda model: Recipe([rules.NM(SPARSE_WEIGHTS[model], n, m, gradient="ste")]),
+                  wrap, "soft")
+
+
+PRESETS: dict[str, Preset] = {p.name: p for p in [
+    Preset("dense", "no sparsity", lambda model: Recipe([])),
+    _gmp(0.5), _gmp(0.8), _gmp(0.9),
+    _static(0.9),
+    _dst("set90", "random", 0.9),
+    _dst("rigl90", "gradient", 0.9),
+    Preset("nm24", "2:4 along the reduction axis, trained with SR-STE",
+           lambda model: Recipe([rules.NM(SPARSE_WEIGHTS[model], 2, 4, gradient="srste")])),
+    _pgf(2, 4),
+    Preset("monarch4", "Monarch factors (nblocks 4) on the FFN weights, from scratch",
+           lambda model: Recipe([rules.Monarch(FFN_WEIGHTS[model], 4, init="random")])),
+    Preset("monarch4_proj", "Monarch (nblocks 4) on the FFN weights, projected from the given weights",
+           lambda model: Recipe([rules.Monarch(FFN_WEIGHTS[model], 4, init="project")])),
+    Preset("spark8", "Spark statistical top-k: 8% of FFN neurons active per token",
+           lambda model: Recipe([rules.SparkTopK(site="ffn", k_frac=0.08)])),
+    Preset("block90", "90% sparse 32×32 blocks by magnitude, masks fixed at init",
+           lambda model: Recipe([rules.Block(SPARSE_WEIGHTS[model], 0.9, block=(32, 32))])),
+]}
+
+
+_RULES = {name: getattr(rules, name) for name in
+          ("Prune", "NM", "Block", "Channels", "Monarch", "BlockDiagonal", "SparkTopK")}
+
+
+def recipe_from_json(path: str) -> Preset:
+    """A preset from a JSON file: ``{"rules": [{"rule": "Prune", "pattern": "*", ...}, ...]}``.
+
+    Masks from such a recipe are fixed at init (use a named preset for schedules).
+    """
+    try:
+        with open(path) as f:
+            spec = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"recipe file {path}: cannot read it as JSON ({e})") from None
+    built = []
+    for i, entry in enumerate(spec.get("rules", [])):
+        entry = dict(entry)
+        name = entry.pop("rule", None)
+        if name not in _RULES:
+            raise ValueError(f"recipe file {path}: rules[{i}]: 'rule' must be one of {sorted(_RULES)}")
+        if "block" in entry:
+            entry["block"] = tuple(entry["block"])
+        built.append(_RULES[name](**entry))
+    recipe = Recipe(built)
+    return Preset(path, f"recipe file {path}", lambda model: recipe)
+
+
+def get(name: str) -> Preset:
+    """A named preset, or a recipe file ending in .json."""
+    if name.endswith(".json"):
+        return recipe_from_json(name)
+    if name not in PRESETS:
+        raise ValueError(f"unknown recipe {name!r}: use one of {sorted(PRESETS)} or a .json file")
+    return PRESETS[name]
+
+
+def forward_masks(preset: Preset, sstate: dict, opt_state: Any) -> Any:
+    """The masks the forward pass uses at this step (see :attr:`Preset.masks_from`)."""
+    if preset.masks_from == "recipe":
+        return sstate["masks"]
+    masks = optim.current_masks(opt_state)
+    if preset.masks_from == "optimizer":
+        return masks
+    strength = optim.current_mask_strength(opt_state)
+    return jax.tree.map(lambda m: None if m is None else
+                        m.astype(jnp.float32) + strength * (1.0 - m.astype(jnp.float32)),
+                        masks, is_leaf=lambda x: x is None)

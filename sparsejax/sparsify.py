@@ -1,0 +1,552 @@
+"""``sparsify(fn, recipe)``: the transform.
+
+``fn`` is any JAX function whose first argument is a pytree of parameters: a
+Linen ``model.apply`` (params = the variables dict), an NNX function
+``lambda state, x: nnx.merge(graphdef, state)(x)``, or a plain function.
+
+    sfn = sparsify(model.apply, recipe)
+    sparams, sstate = sfn.init(variables, x)     # traces fn once, finds sites, builds masks
+    y = sfn(sparams, sstate, x)                  # the rewritten program
+    print(sfn.report())
+
+``sfn(...)`` evaluates a rewritten jaxpr cached per input signature (avals,
+tree structure and non-array arguments), so under ``jax.jit`` it is traced
+once, and it composes with ``jax.grad``, ``jax.vmap``, ``jax.checkpoint`` and
+sharded jit like any JAX function. Arguments after the parameters that are not
+arrays (Python bools, strings, numbers) are treated as static.
+
+State: ``sstate = {"masks": masks}``, where ``masks`` has the structure of
+``sparams`` with a boolean array for every masked leaf and ``None`` elsewhere.
+It is the one home of masks: the optimizers in ``sparsejax.optim`` keep and
+update the same pytree.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.extend import core as jex_core
+
+from sparsejax import paths as path_lib
+from sparsejax.compiler import passes
+from sparsejax.compiler.activation_sites import ActivationSite, find_activation_sites
+from sparsejax.compiler.interpreter import Interpreter, bind_eqn
+from sparsejax.compiler.passes import spark as spark_pass
+from sparsejax.compiler.param_ref import is_ref, materialize
+from sparsejax.compiler.sites import WeightSite, find_weight_sites
+from sparsejax.layout import WeightLayout
+from sparsejax.report import ActivationRow, Report, ReportRow
+from sparsejax.rules import ActivationRule, MaskRule, Recipe, Rule, recipe_of
+
+__all__ = ["sparsify", "SparseFunction"]
+
+
+def sparsify(fn: Callable, recipe: Recipe | Sequence[Rule] | Rule) -> "SparseFunction":
+    """Returns ``fn`` rewritten by ``recipe``; call ``.init`` first, then the function.
+
+    Args:
+      fn: a function ``fn(params, *args, **kwargs)``.
+      recipe: a :class:`~sparsejax.Recipe` (or a rule, or a list of rules).
+    """
+    return SparseFunction(fn, recipe_of(recipe))
+
+
+@dataclasses.dataclass(frozen=True)
+class _Slot:
+    """One leaf of the dense params and what the recipe does with it."""
+
+    index: int
+    path: str
+    shape: tuple[int, ...]
+    dtype: Any
+    sites: tuple[WeightSite, ...]
+    rule: Rule | None = None
+    layout: WeightLayout | None = None
+
+
+@dataclasses.dataclass
+class _Traced:
+    closed: Any               # ClosedJaxpr of fn(params leaves..., dynamic arg leaves...)
+    out_tree: Any
+    sites: list[WeightSite]
+    notes: dict
+    activation_sites: list[ActivationSite]
+
+
+def _aval_key(x) -> tuple:
+    aval = jax.typeof(x) if hasattr(jax, "typeof") else jax.core.get_aval(x)
+    return (tuple(aval.shape), str(aval.dtype), bool(getattr(aval, "weak_type", False)))
+
+
+def _is_array(x) -> bool:
+    return isinstance(x, (jax.Array, np.ndarray, np.generic)) or isinstance(x, jax.core.Tracer)
+
+
+class SparseFunction:
+    """A function rewritten by a recipe. Build it with :func:`sparsify`."""
+
+    def __init__(self, fn: Callable, recipe: Recipe):
+        self.fn = fn
+        self.recipe = recipe
+        self.trace_count = 0        # traces of ``fn`` itself
+        self.rewrite_count = 0      # rewritten jaxprs built
+        self._traces: dict[Any, _Traced] = {}
+        self._rewrites: dict[Any, tuple[Any, Any]] = {}
+        self._slots: list[_Slot] | None = None
+        self._dense_treedef = None
+        self._sparams_treedef = None
+        self._sparams_avals = None
+        self._handlers: dict[str, passes.WeightHandler] = {}
+        self._report: Report | None = None
+        self._measured: list[dict] = []
+
+    # ------------------------------------------------------------------ tracing
+
+    def _split_args(self, args, kwargs):
+        leaves, treedef = jax.tree_util.tree_flatten((args, kwargs))
+        dynamic = tuple(i for i, x in enumerate(leaves) if _is_array(x))
+        static = tuple((i, x) for i, x in enumerate(leaves) if not _is_array(x))
+        try:
+            hash(static)
+        except TypeError as e:
+            raise TypeError(f"non-array arguments must be hashable (they are static): {e}") from None
+        return leaves, treedef, dynamic, static
+
+    def _trace(self, dense_avals: Sequence[Any], leaves, arg_treedef, dynamic, static) -> _Traced:
+        key = (tuple(_aval_key(a) for a in dense_avals), arg_treedef, static,
+               tuple(_aval_key(leaves[i]) for i in dynamic))
+        traced = self._traces.get(key)
+        if traced is not None:
+            return traced
+        n_params = len(dense_avals)
+        dense_treedef = self._dense_treedef
+
+        def flat_fn(*flat):
+            params = jax.tree_util.tree_unflatten(dense_treedef, flat[:n_params])
+            arg_leaves = list(leaves)
+            for i, x in zip(dynamic, flat[n_params:]):
+                arg_leaves[i] = x
+            args, kwargs = jax.tree_util.tree_unflatten(arg_treedef, arg_leaves)
+            return self.fn(params, *args, **kwargs)
+
+        self.trace_count += 1
+        structs = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in dense_avals]
+        structs += [jax.ShapeDtypeStruct(jnp.shape(leaves[i]), jnp.result_type(leaves[i]))
+                    for i in dynamic]
+        closed, out_shape = jax.make_jaxpr(flat_fn, return_shape=True)(*structs)
+        out_tree = jax.tree_util.tree_structure(out_shape)
+        paths = [s.path for s in self._slots] if self._slots else self._init_paths
+        sites, notes = find_weight_sites(closed, paths, n_params)
+        traced = _Traced(closed, out_tree, sites, notes, find_activation_sites(closed.jaxpr, sites))
+        self._traces[key] = traced
+        return traced
+
+    # --------------------------------------------------------------------- init
+
+    def init(self, params: Any, *args: Any, rng: jax.Array | None = None,
+             **kwargs: Any) -> tuple[Any, dict]:
+        """Traces ``fn(params, *args, **kwargs)``, finds its sites, builds the sparse state.
+
+        Args:
+          params: the dense parameters (the first argument of ``fn``).
+          *args, **kwargs: example arguments (only shapes and static values matter).
+          rng: a PRNG key for rules that draw random masks or factors.
+
+        Returns:
+          ``(sparams, sstate)``: the parameters the rewritten function takes (the
+          dense ones, or factors where a rule factorizes a leaf) and the sparsity
+          state ``{"masks": ...}``.
+        """
+        with_path, self._dense_treedef = jax.tree_util.tree_flatten_with_path(params)
+        self._rewrites, self._handlers = {}, {}   # a second init rebuilds what depends on it
+        leaves = [x for _, x in with_path]
+        self._init_paths = [path_lib.path_str(kp) for kp, _ in with_path]
+        if len(set(self._init_paths)) != len(self._init_paths):
+            raise ValueError("parameter paths are not unique; give the pytree distinct keys")
+        for path, leaf in zip(self._init_paths, leaves):
+            if not _is_array(leaf):
+                raise TypeError(f"{path}: parameters must be arrays, got {type(leaf).__name__}")
+        arg_leaves, arg_treedef, dynamic, static = self._split_args(args, kwargs)
+        traced = self._trace(leaves, arg_leaves, arg_treedef, dynamic, static)
+        self._slots = self._assign_rules(leaves, traced.sites)
+        self._activation_plan(traced, check=True)
+        rng = jax.random.key(0) if rng is None else rng
+
+        items, masks = [], []
+        for slot, leaf in zip(self._slots, leaves):
+            item, mask = leaf, None
+            if slot.rule is not None:
+                handler = passes.weight_handler(slot.rule, slot.path, slot.layout, slot.sites)
+                self._handlers[slot.path] = handler
+                item, mask = handler.init(jnp.asarray(leaf), jax.random.fold_in(rng, slot.index))
+            items.append(item)
+            masks.append(mask if mask is not None else jax.tree.map(lambda _: None, item))
+        sparams = jax.tree_util.tree_unflatten(self._dense_treedef, items)
+        self._sparams_treedef = jax.tree_util.tree_structure(sparams)
+        self._sparams_avals = [(tuple(jnp.shape(x)), jnp.result_type(x))
+                               for x in jax.tree_util.tree_leaves(sparams)]
+        sstate = {"masks": jax.tree_util.tree_unflatten(self._dense_treedef, masks)}
+        self._report = self._build_report(traced, self._slot_masks(sstate))
+        return sparams, sstate
+
+    def _assign_rules(self, leaves, sites: list[WeightSite]) -> list[_Slot]:
+        by_path: dict[str, list[WeightSite]] = {}
+        for site in sites:
+            by_path.setdefault(site.path, []).append(site)
+        claimed: dict[int, list[str]] = {i: [] for i in range(len(self.recipe))}
+        matched_any: dict[int, list[str]] = {i: [] for i in range(len(self.recipe))}
+        slots = []
+        for index, (path, leaf) in enumerate(zip(self._init_paths, leaves)):
+            leaf_sites = tuple(by_path.get(path, ()))
+            rule = layout = None
+            for r_index, r in enumerate(self.recipe):
+                if isinstance(r, ActivationRule) or not r.matches(path):
+                    continue
+                matched_any[r_index].append(path)
+                if leaf_sites and rule is None:
+                    rule = r
+                    claimed[r_index].append(path)
+            if rule is not None:
+                layout = _leaf_layout(leaf_sites)
+            slots.append(_Slot(index, path, tuple(jnp.shape(leaf)), jnp.result_type(leaf),
+                               leaf_sites, rule, layout))
+        site_paths = sorted(by_path)
+        for r_index, r in enumerate(self.recipe):
+            if claimed[r_index] or isinstance(r, ActivationRule):
+                continue
+            if not matched_any[r_index]:
+                near = path_lib.close_matches(r.pattern, site_paths or self._init_paths)
+                hint = f"; close matches: {near}" if near else f"; weight parameters: {site_paths[:8]}"
+                raise ValueError(f"{r.describe()}: the pattern matches no parameter{hint}")
+            not_sites = [p for p in matched_any[r_index] if p not in by_path]
+            if not_sites and len(not_sites) == len(matched_any[r_index]):
+                raise ValueError(f"{r.describe()}: matches {not_sites[:5]}, but no matmul or "
+                                 "conv multiplies by them, so there is no weight site to rewrite")
+            raise ValueError(f"{r.describe()}: every parameter it matches "
+                             f"({matched_any[r_index][:5]}) is claimed by an earlier rule")
+        return slots
+
+    def _activation_plan(self, traced: _Traced, check: bool = False
+                         ) -> list[tuple[ActivationSite, ActivationRule | None]]:
+        """Each activation site with the first activation rule that selects it (or None)."""
+        rules = [r for r in self.recipe if isinstance(r, ActivationRule)]
+        used = {id(r): False for r in rules}
+        plan = []
+        for site in traced.activation_sites:
+            chosen = None
+            for r in rules:
+                if r.site == site.kind and (any(r.matches(p) for p in site.paths) or
+                                            r.pattern == "*"):
+                    chosen = r
+                    used[id(r)] = True
+                    break
+            plan.append((site, chosen))
+        if check:
+            for r in rules:
+                if not used[id(r)]:
+                    found = [s.describe() + f" {list(s.paths)}" for s in traced.activation_sites]
+                    raise ValueError(f"{r.describe()}: selects no {r.site} site; sites found: "
+                                     f"{found if found else 'none'}")
+        return plan
+
+    # --------------------------------------------------------------------- call
+
+    def _check_params(self, sparams) -> list:
+        if self._slots is None:
+            raise RuntimeError("call .init(params, *args) before calling the sparsified function")
+        leaves, treedef = jax.tree_util.tree_flatten(sparams)
+        if treedef != self._sparams_treedef:
+            got = set(path_lib.leaf_paths(sparams))
+            want = set(path_lib.leaf_paths(jax.tree_util.tree_unflatten(
+                self._sparams_treedef, [0] * self._sparams_treedef.num_leaves)))
+            missing, extra = sorted(want - got), sorted(got - want)
+            raise ValueError("params do not match the structure given to init: "
+                             f"missing {missing[:5]}, unexpected {extra[:5]}")
+        for path, x, (shape, _) in zip(path_lib.leaf_paths(sparams), leaves, self._sparams_avals):
+            if tuple(jnp.shape(x)) != shape:
+                raise ValueError(f"{path}: shape {tuple(jnp.shape(x))} differs from the shape "
+                                 f"{shape} given to init")
+        return leaves
+
+    def _mask_leaves(self, sstate) -> list:
+        """Masks flattened like the sparse params' leaves (None where unmasked)."""
+        if not isinstance(sstate, dict) or "masks" not in sstate:
+            raise TypeError("sstate must be the dict returned by init: {'masks': ...}")
+        try:
+            return self._sparams_treedef.flatten_up_to(sstate["masks"])
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"sstate['masks'] does not match the params structure: {e}") from None
+
+    def _slot_items(self, sparams) -> list:
+        """The sparse params grouped per dense leaf: an array, or a subtree (factors)."""
+        return self._dense_treedef.flatten_up_to(sparams)
+
+    def _slot_masks(self, sstate) -> list:
+        """One mask (or None) per dense leaf."""
+        self._mask_leaves(sstate)
+        masks = self._dense_treedef.flatten_up_to(sstate["masks"])
+        return [m if _is_array(m) else None for m in masks]
+
+    def __call__(self, sparams: Any, sstate: dict, *args: Any, **kwargs: Any) -> Any:
+        param_leaves = self._check_params(sparams)
+        mask_leaves = self._mask_leaves(sstate)
+        for slot, m in zip(self._slots, self._slot_masks(sstate)):
+            needs = isinstance(slot.rule, MaskRule)
+            if needs and (m is None or tuple(jnp.shape(m)) != slot.shape):
+                raise ValueError(f"{slot.path}: sstate['masks'] needs a mask of shape {slot.shape}")
+        present = [m for m in mask_leaves if m is not None]
+        arg_leaves, arg_treedef, dynamic, static = self._split_args(args, kwargs)
+        dyn = [arg_leaves[i] for i in dynamic]
+        flat = [*param_leaves, *present, *dyn]
+        key = (arg_treedef, static, tuple(i for i, m in enumerate(mask_leaves) if m is not None),
+               tuple(_aval_key(x) for x in flat))
+        entry = self._rewrites.get(key)
+        if entry is None:
+            entry = self._rewrite(param_leaves, mask_leaves, arg_leaves, arg_treedef, dynamic,
+                                  static, flat)
+            self._rewrites[key] = entry
+        closed, out_tree = entry
+        out = jex_core.jaxpr_as_fun(closed)(*flat)
+        return jax.tree_util.tree_unflatten(out_tree, out)
+
+    def _rewrite(self, param_leaves, mask_leaves, arg_leaves, arg_treedef, dynamic, static, flat):
+        traced = self._trace_for(param_leaves, arg_leaves, arg_treedef, dynamic, static)
+        hooks = {site.key: spark_pass.topk_hook(rule, site)
+                 for site, rule in self._activation_plan(traced) if rule is not None}
+        program = self._program(traced, hooks, len(param_leaves), mask_leaves)
+        self.rewrite_count += 1
+        structs = [jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x)) for x in flat]
+        return jax.make_jaxpr(program)(*structs), traced.out_tree
+
+    def _trace_for(self, param_leaves, arg_leaves, arg_treedef, dynamic, static) -> _Traced:
+        items = self._slot_items(jax.tree_util.tree_unflatten(self._sparams_treedef, param_leaves))
+        dense_avals = [jax.ShapeDtypeStruct(s.shape, jnp.result_type(x) if _is_array(x) else s.dtype)
+                       for s, x in zip(self._slots, items)]
+        traced = self._trace(dense_avals, arg_leaves, arg_treedef, dynamic, static)
+        self._check_sites(traced)
+        return traced
+
+    def _program(self, traced: _Traced, hooks, n_params: int, mask_leaves) -> Callable:
+        """The rewritten function of flat inputs (params leaves, present masks, array args)."""
+        has_mask = [m is not None for m in mask_leaves]
+        handlers = [self._handlers.get(s.path) for s in self._slots]
+        sparams_treedef, dense_treedef = self._sparams_treedef, self._dense_treedef
+        interp = Interpreter(_rewrite_site, hooks)
+
+        def program(*inputs):
+            leaves, rest = inputs[:n_params], list(inputs[n_params:])
+            masks = [rest.pop(0) if h else None for h in has_mask]
+            slot_items = dense_treedef.flatten_up_to(
+                jax.tree_util.tree_unflatten(sparams_treedef, leaves))
+            slot_masks = dense_treedef.flatten_up_to(
+                jax.tree_util.tree_unflatten(sparams_treedef, masks))
+            invals = [h.make_input(p, m if _is_array(m) else None) if h is not None else p
+                      for h, p, m in zip(handlers, slot_items, slot_masks)]
+            return interp.run(traced.closed.jaxpr, traced.closed.consts, [*invals, *rest])
+
+        return program
+
+    def measure_activations(self, sparams: Any, sstate: dict, *args: Any, **kwargs: Any) -> list[dict]:
+        """Activation densities per site and per layer, on one batch.
+
+        For every FFN and attention site (whether or not a rule selects it):
+        ``before``, the fraction of pre-activations above zero (the neurons a ReLU
+        would fire: the "lazy neuron" statistic) or of unmasked attention scores;
+        ``after``, the fraction the site's top-k rule keeps (equal to ``before``
+        where no rule applies). A scanned layer stack gives one entry per layer.
+        The latest measurement also appears in :meth:`report`.
+        """
+        param_leaves = self._check_params(sparams)
+        mask_leaves = self._mask_leaves(sstate)
+        arg_leaves, arg_treedef, dynamic, static = self._split_args(args, kwargs)
+        traced = self._trace_for(param_leaves, arg_leaves, arg_treedef, dynamic, static)
+        plan = self._activation_plan(traced)
+        records: dict[int, list[tuple[float, float]]] = {}
+
+        def record(index, before, after):
+            records.setdefault(int(index), []).append((float(before), float(after)))
+
+        hooks = {site.key: spark_pass.measuring_hook(rule, site, i, record)
+                 for i, (site, rule) in enumerate(plan)}
+        program = self._program(traced, hooks, len(param_leaves), mask_leaves)
+        flat = [*param_leaves, *[m for m in mask_leaves if m is not None],
+                *[arg_leaves[i] for i in dynamic]]
+        jax.block_until_ready(jax.jit(program)(*flat))
+        jax.effects_barrier()
+        results = []
+        for i, (site, rule) in enumerate(plan):
+            for layer, (before, after) in enumerate(records.get(i, [])):
+                results.append({"site": site.describe(), "kind": site.kind, "key": site.key,
+                                "paths": site.paths, "layer": layer,
+                                "rule": rule.describe() if rule else None,
+                                "before": before, "after": after})
+        self._measured = results
+        return results
+
+    def _check_sites(self, traced: _Traced) -> None:
+        have = {s.path for s in traced.sites}
+        for slot in self._slots:
+            if slot.rule is not None and slot.path not in have:
+                raise ValueError(f"{slot.path}: {slot.rule.describe()}: with these arguments no "
+                                 "matmul or conv uses this parameter, but init found one")
+
+    # ------------------------------------------------------------------ helpers
+
+    @property
+    def layouts(self) -> Any:
+        """Per-leaf :class:`WeightLayout` (None where no rule applies), params-structured."""
+        self._require_init()
+        return jax.tree_util.tree_unflatten(
+            self._sparams_treedef, [s.layout if s.rule is not None else None for s in self._slots])
+
+    @property
+    def masked_paths(self) -> tuple[str, ...]:
+        """Paths of the leaves a mask rule applies to (those with masks in ``sstate``)."""
+        self._require_init()
+        return tuple(s.path for s in self._slots if isinstance(s.rule, MaskRule))
+
+    def rule_of(self, path: str) -> Rule | None:
+        self._require_init()
+        return next((s.rule for s in self._slots if s.path == path), None)
+
+    def recompute_masks(self, sparams: Any, sstate: dict, *, sparsity: Any = None,
+                        scores: Any = None, rng: jax.Array | None = None) -> dict:
+        """New masks from the current weights (jit-able).
+
+        Args:
+          sparams, sstate: as returned by :meth:`init` (or trained since).
+          sparsity: None (each rule's own), a float for every masked leaf, or a dict
+            path -> float. May be traced. N:M rules keep their n:m.
+          scores: optional params-structured scores (e.g. ``|w * g|``); default ``|w|``.
+          rng: key for random rules.
+        """
+        self._check_params(sparams)
+        items, old = self._slot_items(sparams), self._slot_masks(sstate)
+        score_items = (self._slot_items(scores) if scores is not None else [None] * len(items))
+        rng = jax.random.key(0) if rng is None else rng
+        new = []
+        for slot, w, m, sc in zip(self._slots, items, old, score_items):
+            if not isinstance(slot.rule, MaskRule):
+                new.append(m if m is not None else jax.tree.map(lambda _: None, w))
+                continue
+            s = sparsity.get(slot.path) if isinstance(sparsity, dict) else sparsity
+            new.append(slot.rule.mask_for(slot.path, w, slot.layout,
+                                          jax.random.fold_in(rng, slot.index), sc, s))
+        return {**sstate, "masks": jax.tree_util.tree_unflatten(self._dense_treedef, new)}
+
+    def dense_params(self, sparams: Any, sstate: dict) -> Any:
+        """Parameters in the original structure with every rule baked in.
+
+        Masked leaves become ``w * mask``; factorized leaves their dense matrix
+        (the sparse-to-dense step: ``fn(dense_params(...))`` computes what the
+        sparsified function computes, and trains on densely from there).
+        """
+        self._check_params(sparams)
+        out = []
+        for slot, w, m in zip(self._slots, self._slot_items(sparams), self._slot_masks(sstate)):
+            handler = self._handlers.get(slot.path)
+            out.append(w if handler is None else handler.make_input(w, m).materialize())
+        return jax.tree_util.tree_unflatten(self._dense_treedef, out)
+
+    def lower(self, sstate: dict, *, backend: str | None = None,
+              interpret: bool | str = False) -> "SparseFunction":
+        """A copy whose block-structured masked matmuls run the block-sparse kernel.
+
+        Masks are read from ``sstate`` now (concretely) and fixed in the copy: call
+        ``lower`` again after masks change. Sites that cannot take the kernel stay
+        on XLA; ``report()`` of the copy says which path each site took and why.
+
+        Args:
+          sstate: the state whose masks to lower.
+          backend: "gpu", "tpu" or "cpu" (default: JAX's default backend).
+          interpret: run the kernels in Pallas interpret mode (tests on CPU).
+        """
+        from sparsejax.compiler.passes.lowering import BlockSparseHandler
+
+        self._require_init()
+        lowered = copy.copy(self)
+        lowered._rewrites, lowered._handlers = {}, dict(self._handlers)
+        for slot, mask in zip(self._slots, self._slot_masks(sstate)):
+            if isinstance(slot.rule, MaskRule):
+                lowered._handlers[slot.path] = BlockSparseHandler(
+                    self._handlers[slot.path], mask, backend, interpret)
+        lowered._report = lowered._build_report(next(iter(self._traces.values())),
+                                                self._slot_masks(sstate))
+        return lowered
+
+    def rewritten_jaxpr(self, sparams: Any, sstate: dict, *args: Any, **kwargs: Any):
+        """The rewritten program as a ClosedJaxpr, for inspection."""
+        return jax.make_jaxpr(lambda p, s: self(p, s, *args, **kwargs))(sparams, sstate)
+
+    def report(self, sstate: dict | None = None) -> Report:
+        """Every rewritten site and the parameters no rule touched.
+
+        With ``sstate`` the densities are read from its masks; otherwise from init's.
+        """
+        self._require_init()
+        traced = next(iter(self._traces.values()))
+        if sstate is None:
+            return dataclasses.replace(self._report, activations=self._activation_rows(traced))
+        return self._build_report(traced, self._slot_masks(sstate))
+
+    def _activation_rows(self, traced: _Traced) -> list[ActivationRow]:
+        rows = []
+        for site, rule in self._activation_plan(traced):
+            measured = [r for r in self._measured if r["key"] == site.key]
+            mean = lambda k: (sum(r[k] for r in measured) / len(measured)) if measured else None
+            rows.append(ActivationRow(
+                kind=site.kind, where=site.scope.describe() + " eqn " + "/".join(map(str, site.key)),
+                paths=site.paths, shape=site.shape, rule=rule.describe() if rule else None,
+                target=(rule.kept_per_row(site.width) / site.width) if rule else None,
+                measured_before=mean("before"), measured_after=mean("after")))
+        return rows
+
+    def _build_report(self, traced: _Traced, slot_masks) -> Report:
+        rows, untouched = [], []
+        for slot, m in zip(self._slots, slot_masks):
+            if slot.rule is None:
+                untouched.append((slot.path, slot.shape, bool(slot.sites)))
+                continue
+            handler = self._handlers[slot.path]
+            size = int(np.prod(slot.shape))
+            if m is not None:
+                density = float(jnp.mean(jnp.asarray(m, jnp.float32)))
+                params_after = handler.params_after(density)
+            else:   # factors: density is their size relative to the dense weight
+                params_after = handler.params_after(1.0)
+                density = params_after / size
+            rows.append(ReportRow(
+                path=slot.path, rule=slot.rule.describe(), shape=slot.shape,
+                layout=slot.layout.describe() if slot.layout else "unstructured",
+                sites=len(slot.sites), density=density,
+                params_before=size, params_after=params_after,
+                flops_before=sum(s.flops for s in slot.sites),
+                flops_after=sum(handler.flops_after(s, density) for s in slot.sites),
+                kernel=", ".join(sorted({handler.site_path(s.key) for s in slot.sites}))))
+        notes = [f"{'/'.join(map(str, k))}: {v}" for k, v in traced.notes.items()]
+        return Report(rows, untouched, notes, self._activation_rows(traced))
+
+    def _require_init(self):
+        if self._slots is None:
+            raise RuntimeError("call .init(params, *args) first")
+
+
+def _leaf_layout(sites: Sequence[WeightSite]) -> WeightLayout | None:
+    """The leaf's layout as its first site reads it.
+
+    A weight read in two orientations (a tied embedding: a lookup and the output
+    projection) gets the first site's; structured masks need a single one.
+    """
+    return next((s.layout for s in sites if s.layout is not None), None)
+
+
+def _rewrite_site(interp: Interpreter, eqn, key, invals, scope):
+    refs = [x for x in invals[:2] if is_ref(x)]
+    if len(refs) == 1 and refs[0].handler is not None:
+        return refs[0].handler.on_site(interp, eqn, key, invals, scope)
+    return bind_eqn(eqn, [materialize(x) for x in invals])

@@ -1,0 +1,226 @@
+"""Block-sparse matmul: packing, reference, kernels in interpret mode (poisoned outputs)."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from sparsejax import masks
+from sparsejax.kernels import block_sparse as bs
+
+
+def _rel(a, b):
+    a = np.asarray(a, np.float64)
+    b = np.asarray(b, np.float64)
+    return np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30)
+
+
+def _block_mask(kind, grid, rng):
+    kb, nb = grid
+    if kind == "random":
+        m = rng.random(grid) < 0.5
+        m[0, 0] = True
+        m[:, -1] = False       # an empty block column
+        return m
+    if kind == "zero":
+        return np.zeros(grid, bool)
+    if kind == "dense":
+        return np.ones(grid, bool)
+    if kind == "one_per_row":
+        m = np.zeros(grid, bool)
+        m[np.arange(kb), rng.integers(0, nb, kb)] = True
+        return m
+    raise AssertionError(kind)
+
+
+def _operands(rng, m, k, n, block, kind, dtype=jnp.float32, lead=()):
+    w = jnp.asarray(rng.standard_normal((k, n)), dtype)
+    grid = (-(-k // block[0]), -(-n // block[1]))
+    packed = bs.pack(w, _block_mask(kind, grid, rng), block)
+    x = jnp.asarray(rng.standard_normal((*lead, m, k)), dtype)
+    return x, packed
+
+
+# --------------------------------------------------------------------------- packing
+
+
+def test_pack_keeps_exactly_the_masked_blocks_on_odd_shapes():
+    rng = np.random.default_rng(1)
+    k, n, block = 37, 29, (8, 16)
+    w = jnp.asarray(rng.standard_normal((k, n)), jnp.float32)
+    # An element mask from the library's block_mask, on the padded matrix, cut back.
+    scores = jnp.asarray(rng.random((40, 32)), jnp.float32)
+    elem = np.asarray(masks.block_mask(scores, 0.5, block))[:k, :n]
+    packed = bs.pack(w, elem, block)
+    np.testing.assert_array_equal(np.asarray(packed.to_dense()), np.where(elem, np.asarray(w), 0))
+    assert packed.blocks.shape == (int(packed.block_mask().sum()), 8, 16)
+    # Tables: column pointers cover every packed block, rows and columns match the mask.
+    t = packed.tables
+    assert t.col_ptr[-1] == t.num_blocks == len(t.by_row)
+    assert sorted(zip(t.row_of, t.col_of)) == [tuple(v) for v in np.argwhere(packed.block_mask())]
+
+
+def test_pack_accepts_a_block_mask_and_rebuilds_dense():
+    rng = np.random.default_rng(2)
+    w = jnp.asarray(rng.standard_normal((20, 12)), jnp.float32)
+    bmask = rng.random((3, 2)) < 0.6
+    packed = bs.pack(w, bmask, (8, 8))
+    elem = np.kron(bmask, np.ones((8, 8), bool))[:20, :12]
+    np.testing.assert_array_equal(np.asarray(packed.to_dense()), np.where(elem, np.asarray(w), 0))
+
+
+def test_pack_rejects_bad_input():
+    rng = np.random.default_rng(3)
+    w = jnp.asarray(rng.standard_normal((16, 16)), jnp.float32)
+    split = np.ones((16, 16), bool)
+    split[3, 5] = False
+    with pytest.raises(ValueError, match="block-structured"):
+        bs.pack(w, split, (8, 8))
+    with pytest.raises(ValueError, match="block must be a pair"):
+        bs.pack(w, np.ones((2, 2), bool), (8, 0))
+    with pytest.raises(ValueError, match="neither the weight shape"):
+        bs.pack(w, np.ones((3, 3), bool), (8, 8))
+    with pytest.raises(ValueError, match=r"\(K, N\) matrix"):
+        bs.pack(w[None], np.ones((2, 2), bool), (8, 8))
+    with pytest.raises(TypeError, match="concrete"):
+        jax.jit(lambda m: bs.pack(w, m, (8, 8)).blocks)(jnp.ones((2, 2), bool))
+    packed = bs.pack(w, np.ones((2, 2), bool), (8, 8))
+    with pytest.raises(ValueError, match="last axis"):
+        bs.block_sparse_matmul(jnp.ones((3, 15)), packed)
+    with pytest.raises(TypeError, match="BlockSparseWeight"):
+        bs.block_sparse_matmul(jnp.ones((3, 16)), w)
+    with pytest.raises(ValueError, match="interpret must be"):
+        bs.block_sparse_matmul(jnp.ones((3, 16)), packed, interpret="triton")
+
+
+def test_pack_works_under_jit_with_traced_weights():
+    rng = np.random.default_rng(4)
+    w = jnp.asarray(rng.standard_normal((24, 16)), jnp.float32)
+    bmask = np.array([[1, 0], [0, 1], [1, 1]], bool)
+    eager = bs.pack(w, bmask, (8, 8))
+    jitted = jax.jit(lambda w: bs.pack(w, bmask, (8, 8)))(w)
+    np.testing.assert_array_equal(np.asarray(jitted.blocks), np.asarray(eager.blocks))
+    assert jitted.tables == eager.tables
+
+
+# --------------------------------------------------------------------------- kernel vs reference
+
+
+@pytest.mark.parametrize("kind", ["random", "zero", "dense", "one_per_row"])
+@pytest.mark.parametrize("m,k,n,block", [(13, 37, 29, (8, 16)), (5, 24, 40, (8, 8))])
+def test_pallas_kernel_forward_matches_reference(kind, m, k, n, block):
+    rng = np.random.default_rng(hash((kind, m, k, n)) % 2**32)
+    x, packed = _operands(rng, m, k, n, block, kind, lead=(2,))
+    ref = bs.block_sparse_matmul_reference(x, packed)
+    out = bs.block_sparse_matmul(x, packed, interpret=True, poison=True)
+    assert out.shape == (2, m, n)
+    assert np.isfinite(np.asarray(out)).all()
+    if kind == "zero":
+        assert np.abs(np.asarray(out)).max() == 0
+    else:
+        assert _rel(out, ref) < 1e-5
+    # The reference itself is the masked dense product.
+    np.testing.assert_allclose(np.asarray(ref), np.asarray(x @ packed.to_dense()), rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["random", "zero", "one_per_row"])
+def test_pallas_kernel_gradients_match_reference(kind):
+    rng = np.random.default_rng({"random": 11, "zero": 12, "one_per_row": 13}[kind])
+    x, packed = _operands(rng, 11, 37, 29, (8, 16), kind)
+    cot = jnp.asarray(rng.standard_normal((11, 29)), jnp.float32)
+
+    def loss(fn, x, p):
+        return jnp.sum(fn(x, p) * cot)
+
+    kern = lambda x, p: bs.block_sparse_matmul(x, p, interpret=True, poison=True)
+    gx_r, gp_r = jax.grad(functools.partial(loss, bs.block_sparse_matmul_reference), (0, 1))(x, packed)
+    gx_k, gp_k = jax.grad(functools.partial(loss, kern), (0, 1))(x, packed)
+    assert isinstance(gp_k, bs.BlockSparseWeight) and gp_k.tables == packed.tables
+    assert np.isfinite(np.asarray(gx_k)).all() and np.isfinite(np.asarray(gp_k.blocks)).all()
+    if kind == "zero":
+        assert np.abs(np.asarray(gx_k)).max() == 0 and gp_k.blocks.shape[0] == 0
+        return
+    assert _rel(gx_k, gx_r) < 1e-5
+    assert _rel(gp_k.blocks, gp_r.blocks) < 1e-5
+    # dW is exactly x^T @ dy at the kept blocks.
+    dense_dw = np.asarray(x).T @ np.asarray(cot)
+    np.testing.assert_allclose(np.asarray(gp_k.to_dense()),
+                               np.where(np.asarray(packed.to_dense()) != 0, dense_dw, 0),
+                               rtol=1e-4, atol=1e-4)
+
+
+def test_mosaic_gpu_kernel_in_interpret_mode_forward_and_backward():
+    rng = np.random.default_rng(21)
+    # Odd M, K and N; two block columns, one of them empty.
+    w = jnp.asarray(rng.standard_normal((100, 120)), jnp.bfloat16)
+    packed = bs.pack(w, np.array([[False, True]]), (128, 64))
+    x = jnp.asarray(rng.standard_normal((50, 100)), jnp.bfloat16)
+    cot = jnp.asarray(rng.standard_normal((50, 120)), jnp.float32)
+
+    def loss(fn, x, p):
+        return jnp.sum(fn(x, p).astype(jnp.float32) * cot)
+
+    kern = lambda x, p: bs.block_sparse_matmul(x, p, interpret="mosaic_gpu")
+    y_k = kern(x, packed)
+    y_r = bs.block_sparse_matmul_reference(x, packed)
+    assert np.isfinite(np.asarray(y_k, np.float32)).all()
+    assert _rel(y_k, y_r) < 1e-2
+    gx_r, gp_r = jax.grad(functools.partial(loss, bs.block_sparse_matmul_reference), (0, 1))(x, packed)
+    gx_k, gp_k = jax.grad(functools.partial(loss, kern), (0, 1))(x, packed)
+    assert np.isfinite(np.asarray(gx_k, np.float32)).all()
+    assert _rel(gx_k, gx_r) < 1e-2
+    assert _rel(gp_k.blocks, gp_r.blocks) < 1e-2
+
+
+def test_kernel_composes_with_jit_and_packed_weights_as_arguments():
+    rng = np.random.default_rng(31)
+    x, packed = _operands(rng, 9, 24, 40, (8, 8), "random")
+    f = jax.jit(lambda x, p: bs.block_sparse_matmul(x, p, interpret=True))
+    assert _rel(f(x, packed), bs.block_sparse_matmul_reference(x, packed)) < 1e-5
+
+
+def test_cpu_without_interpret_uses_the_reference():
+    rng = np.random.default_rng(41)
+    x, packed = _operands(rng, 7, 24, 16, (8, 8), "random")
+    ok, reason = bs.supported(packed.shape, x.dtype, "cpu", packed.block)
+    assert not ok and "reference" in reason
+    np.testing.assert_array_equal(np.asarray(bs.block_sparse_matmul(x, packed, backend="cpu")),
+                                  np.asarray(bs.block_sparse_matmul_reference(x, packed)))
+
+
+def test_supported_names_the_reason():
+    assert bs.supported((8192, 8192), jnp.bfloat16, "gpu", (128, 128)) == (
+        True, "Mosaic GPU block-sparse kernel")
+    ok, reason = bs.supported((8192, 8192), jnp.float32, "gpu", (128, 128))
+    assert not ok and "float32" in reason
+    ok, reason = bs.supported((8192, 8192), jnp.bfloat16, "gpu", (32, 128))
+    assert not ok and "(64, 128)" in reason
+    ok, reason = bs.supported((512, 512), jnp.bfloat16, "tpu", (64, 128))
+    assert not ok and "multiples of 128" in reason
+    assert bs.supported((512, 512), jnp.float32, "tpu", (128, 128))[0]
+
+
+def test_warp_specialized_mosaic_gpu_kernel_in_interpret_mode():
+    # The shipped GPU path: two compute warpgroups, an empty block column zeroed afterwards.
+    rng = np.random.default_rng(51)
+    w = jnp.asarray(rng.standard_normal((128, 128)), jnp.bfloat16)
+    packed = bs.pack(w, np.array([[True, False]]), (128, 64))
+    x = jnp.asarray(rng.standard_normal((128, 128)), jnp.bfloat16)
+    tiles = bs.tile_tables.BlockSparseTiles(rows=64, step_k=64, stages=2, grid_tile_width=1,
+                                            warp_specialized=True)
+    t = packed.tables
+    out = bs._mgpu_gather_matmul_ws(x, packed.blocks, t.col_ptr, t.row_of, jnp.bfloat16, tiles,
+                                    interpret=True)
+    ref = bs.block_sparse_matmul_reference(x, packed)
+    assert np.isfinite(np.asarray(out, np.float32)).all()
+    assert np.abs(np.asarray(out[:, 64:], np.float32)).max() == 0
+    assert _rel(out, ref) < 1e-2
+
+
+@pytest.mark.parametrize("m_tiles,ncols,width", [(1, 1, 4), (5, 3, 4), (7, 2, 8), (8, 5, 4)])
+def test_tile_order_visits_every_output_tile_once(m_tiles, ncols, width):
+    mi, j = bs._tile_order(jnp.arange(m_tiles * ncols), m_tiles, ncols, width, interpret=True)
+    pairs = sorted(zip(np.asarray(mi).tolist(), np.asarray(j).tolist()))
+    assert pairs == [(a, b) for a in range(m_tiles) for b in range(ncols)]

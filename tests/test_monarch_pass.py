@@ -1,0 +1,144 @@
+"""The Monarch / block-diagonal pass: projection at init, factor multiplies at sites."""
+
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import pytest
+from flax import nnx
+
+import sparsejax as sj
+from sparsejax import monarch
+
+
+class Block(nn.Module):
+    @nn.compact
+    def __call__(self, x, _):
+        h = nn.Dense(32, name="up")(x)
+        return x + nn.Dense(x.shape[-1], name="down")(nn.gelu(h)), None
+
+
+class Scanned(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        x, _ = nn.scan(Block, variable_axes={"params": 0}, split_rngs={"params": True},
+                       length=3)(name="layers")(x, None)
+        return nn.DenseGeneral((2, 5), name="head")(x)
+
+
+def _setup():
+    model = Scanned()
+    x = jax.random.normal(jax.random.key(0), (2, 5, 16))
+    return model.apply, model.init(jax.random.key(1), x), x
+
+
+def _structured(params, path_keys, nblocks, key):
+    """Replaces the kernels at ``path_keys`` by exactly Monarch-structured matrices."""
+    params = jax.tree.map(lambda a: a, params)
+    for i, keys in enumerate(path_keys):
+        node = params
+        for k in keys[:-1]:
+            node = node[k]
+        leaf = node[keys[-1]]
+        *stack, k_dim, n_dim = leaf.shape
+        f = monarch.init_factors(jax.random.fold_in(key, i), k_dim, n_dim, nblocks,
+                                 stack_shape=tuple(stack))
+        node[keys[-1]] = monarch.to_dense(f, k_dim, n_dim)
+    return params
+
+
+def test_structured_weights_give_the_same_outputs():
+    fn, params, x = _setup()
+    params = _structured(params, [("params", "layers", "up", "kernel"),
+                                  ("params", "layers", "down", "kernel")], 4, jax.random.key(5))
+    sfn = sj.sparsify(fn, sj.Monarch("*layers/*/kernel", nblocks=4))
+    sparams, sstate = sfn.init(params, x)
+    assert sparams["params"]["layers"]["up"]["kernel"]["w1"].shape[0] == 3  # per layer
+    chex.assert_trees_all_close(sfn(sparams, sstate, x), fn(params, x), rtol=2e-5, atol=2e-5)
+    # the rewritten program multiplies by the factors: no dense (3, 16, 32) kernel in it
+    jaxpr = str(sfn.rewritten_jaxpr(sparams, sstate, x))
+    assert "f32[3,16,32]" not in jaxpr and "f32[16,32]" not in jaxpr
+
+
+def test_projection_beats_random_factors_on_dense_weights():
+    fn, params, x = _setup()
+    proj = sj.sparsify(fn, sj.Monarch("*layers/up/kernel", nblocks=4))
+    rand = sj.sparsify(fn, sj.Monarch("*layers/up/kernel", nblocks=4, init="random"))
+    errors = []
+    for sfn in (proj, rand):
+        sparams, sstate = sfn.init(params, x)
+        dense = sfn.dense_params(sparams, sstate)["params"]["layers"]["up"]["kernel"]
+        errors.append(float(jnp.linalg.norm(dense - params["params"]["layers"]["up"]["kernel"])))
+    assert errors[0] < 0.8 * errors[1]
+
+
+def test_sparse_to_dense_preserves_outputs():
+    fn, params, x = _setup()
+    sfn = sj.sparsify(fn, [sj.Monarch("*layers/*/kernel", nblocks=4, init="random"),
+                           sj.BlockDiagonal("*head/kernel", nblocks=2)])
+    sparams, sstate = sfn.init(params, x, rng=jax.random.key(3))
+    dense = sfn.dense_params(sparams, sstate)
+    assert jax.tree.structure(dense) == jax.tree.structure(params)
+    chex.assert_trees_all_close(fn(dense, x), sfn(sparams, sstate, x), rtol=1e-5, atol=1e-5)
+
+
+def test_gradients_flow_to_factors_and_match_dense_chain_rule():
+    fn, params, x = _setup()
+    sfn = sj.sparsify(fn, sj.Monarch("*layers/down/kernel", nblocks=2, init="random"))
+    sparams, sstate = sfn.init(params, x)
+    loss = lambda p: jnp.sum(jnp.tanh(sfn(p, sstate, x)))
+    via_dense = lambda p: jnp.sum(jnp.tanh(fn(sfn.dense_params(p, sstate), x)))
+    chex.assert_trees_all_close(jax.grad(loss)(sparams), jax.grad(via_dense)(sparams),
+                                rtol=1e-4, atol=1e-5)
+
+
+def test_report_counts_params_and_flops_saved():
+    fn, params, x = _setup()
+    sfn = sj.sparsify(fn, sj.Monarch("*layers/*/kernel", nblocks=4))
+    sfn.init(params, x)
+    rows = {r.path: r for r in sfn.report().rows}
+    up = rows["params/layers/up/kernel"]
+    assert up.params_before == 3 * 16 * 32
+    assert up.params_after == 3 * monarch.param_count(16, 32, 4)
+    assert up.flops_after < up.flops_before and "dense fallback" not in up.kernel
+
+
+def test_nnx_model():
+    class Net(nnx.Module):
+        def __init__(self, rngs):
+            self.a, self.b = nnx.Linear(16, 32, rngs=rngs), nnx.Linear(32, 8, rngs=rngs)
+
+        def __call__(self, x):
+            return self.b(jax.nn.relu(self.a(x)))
+
+    graphdef, state = nnx.split(Net(nnx.Rngs(0)))
+    fn = lambda s, x: nnx.merge(graphdef, s)(x)
+    x = jax.random.normal(jax.random.key(1), (4, 16))
+    sfn = sj.sparsify(fn, sj.Monarch("a/kernel", nblocks=4, init="random"))
+    sparams, sstate = sfn.init(state, x)
+    chex.assert_trees_all_close(sfn(sparams, sstate, x),
+                                fn(sfn.dense_params(sparams, sstate), x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("nblocks,match", [(0, "nblocks must be an integer >= 1"),
+                                           (17, r"params/layers/up/kernel: Monarch.*min\(K, N\) = 16")])
+def test_bad_nblocks(nblocks, match):
+    fn, params, x = _setup()
+    with pytest.raises(ValueError, match=match):
+        sj.sparsify(fn, sj.Monarch("*layers/up/kernel", nblocks=nblocks)).init(params, x)
+
+
+def test_projection_of_nan_names_the_path():
+    fn, params, x = _setup()
+    params = jax.tree.map(lambda a: a, params)
+    params["params"]["layers"]["up"]["kernel"] = params["params"]["layers"]["up"]["kernel"].at[0, 0, 0].set(jnp.nan)
+    with pytest.raises(ValueError, match=r"params/layers/up/kernel.*NaN"):
+        sj.sparsify(fn, sj.Monarch("*layers/up/kernel", nblocks=4)).init(params, x)
+
+
+def test_weight_mixing_axes_is_refused():
+    # the weight is reshaped so one leaf axis feeds both K and N: not a matrix layout
+    params = {"w": jax.random.normal(jax.random.key(0), (64,))}
+    fn = lambda p, x: x @ p["w"].reshape(8, 8)
+    with pytest.raises(ValueError, match=r"w: Monarch.*mix the reduction and output"):
+        sj.sparsify(fn, sj.Monarch("w", nblocks=2)).init(params, jnp.ones((2, 8)))

@@ -1,0 +1,108 @@
+"""Compressed N:M weights: packing round trip, kernel in interpret mode (poisoned) vs reference."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from sparsejax import masks
+from sparsejax.kernels import nm_compressed as nm
+
+
+def _rel(a, b):
+    a = np.asarray(a, np.float64)
+    b = np.asarray(b, np.float64)
+    return np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30)
+
+
+def _nm_weight(rng, k, n_cols, n, m):
+    w = jnp.asarray(rng.standard_normal((k, n_cols)), jnp.float32)
+    return jnp.where(masks.nm_mask(jnp.abs(w), n, m), w, 0)
+
+
+@pytest.mark.parametrize("n,m", [(2, 4), (1, 4), (2, 8)])
+def test_compress_round_trips_and_counts_bytes(n, m):
+    rng = np.random.default_rng(10 * n + m)
+    k, cols = 12 * m, 23                      # 12 groups: padded up to the group tile of 8
+    wm = _nm_weight(rng, k, cols, n, m)
+    packed = nm.compress_nm(wm, n, m, group_tile=8)
+    np.testing.assert_array_equal(np.asarray(packed.to_dense()), np.asarray(wm))
+    bits = 2 if m <= 4 else 4
+    assert packed.meta.dtype == jnp.uint8
+    assert packed.meta.shape == (n, 16 * bits // 8, cols)
+    idx = np.asarray(packed.indices())[:, :12]
+    assert idx.min() >= 0 and idx.max() < m
+    assert (np.diff(idx, axis=0) > 0).all()   # distinct, increasing positions per group
+
+
+def test_compress_with_explicit_mask_and_underfull_groups():
+    rng = np.random.default_rng(3)
+    w = jnp.asarray(rng.standard_normal((16, 9)), jnp.float32)
+    mask = np.array(masks.nm_mask(jnp.abs(w), 2, 4))
+    mask[0:4, 0] = [True, False, False, False]           # one kept entry in this group
+    packed = nm.compress_nm(w, 2, 4, mask=mask, group_tile=8)
+    np.testing.assert_array_equal(np.asarray(packed.to_dense()), np.where(mask, np.asarray(w), 0))
+
+
+def test_compress_rejects_bad_input():
+    w = jnp.ones((16, 8))
+    with pytest.raises(ValueError, match="0 < n <= m"):
+        nm.compress_nm(w, 5, 4)
+    with pytest.raises(ValueError, match="must divide the reduction size"):
+        nm.compress_nm(jnp.ones((18, 8)), 2, 4)
+    with pytest.raises(ValueError, match="more than n=2"):
+        nm.compress_nm(w, 2, 4, mask=np.ones((16, 8), bool))
+    with pytest.raises(ValueError, match="m=32 > 16"):
+        nm.compress_nm(jnp.ones((32, 8)), 2, 32)
+    with pytest.raises(ValueError, match="group_tile"):
+        nm.compress_nm(w, 2, 4, group_tile=6)
+    packed = nm.compress_nm(w, 2, 4, group_tile=8)
+    with pytest.raises(ValueError, match="last axis"):
+        nm.nm_matmul(jnp.ones((1, 15)), packed)
+    with pytest.raises(TypeError, match="NMWeight"):
+        nm.nm_matmul(jnp.ones((1, 16)), w)
+
+
+@pytest.mark.parametrize("n,m,batch", [(2, 4, 1), (2, 4, 3), (2, 8, 2)])
+def test_kernel_matches_reference(n, m, batch):
+    rng = np.random.default_rng(100 * n + 10 * m + batch)
+    k, cols = 10 * m, 37                      # odd column count, groups padded to the tile
+    wm = _nm_weight(rng, k, cols, n, m)
+    packed = nm.compress_nm(wm, n, m, group_tile=8)
+    x = jnp.asarray(rng.standard_normal((batch, k)), jnp.float32)
+    assert nm.supported(packed.shape, x.dtype, "interpret", batch=batch)[0]
+    out = nm.nm_matmul(x, packed, interpret=True, poison=True)
+    ref = nm.nm_matmul_reference(x, packed)
+    assert out.shape == (batch, cols) and np.isfinite(np.asarray(out)).all()
+    assert _rel(out, ref) < 1e-5
+    assert _rel(ref, x @ wm) < 1e-5
+
+
+def test_gradients_match_reference():
+    rng = np.random.default_rng(7)
+    wm = _nm_weight(rng, 20, 21, 2, 4)
+    packed = nm.compress_nm(wm, 2, 4, group_tile=8)
+    x = jnp.asarray(rng.standard_normal((2, 20)), jnp.float32)
+    cot = jnp.asarray(rng.standard_normal((2, 21)), jnp.float32)
+
+    def loss(fn, x, p):
+        return jnp.sum(fn(x, p) * cot)
+
+    kern = lambda x, p: nm.nm_matmul(x, p, interpret=True)
+    gx_r, gp_r = jax.grad(lambda x, p: loss(nm.nm_matmul_reference, x, p), (0, 1), allow_int=True)(x, packed)
+    gx_k, gp_k = jax.grad(lambda x, p: loss(kern, x, p), (0, 1), allow_int=True)(x, packed)
+    assert _rel(gx_k, gx_r) < 1e-5
+    assert _rel(gp_k.values, gp_r.values) < 1e-5
+
+
+def test_large_batch_and_cpu_fall_back_to_reference():
+    rng = np.random.default_rng(8)
+    packed = nm.compress_nm(_nm_weight(rng, 16, 8, 2, 4), 2, 4, group_tile=8)
+    ok, reason = nm.supported(packed.shape, jnp.bfloat16, "gpu", batch=64)
+    assert not ok and "batch 64" in reason
+    ok, reason = nm.supported(packed.shape, jnp.float32, "cpu")
+    assert not ok and "reference" in reason
+    assert nm.supported((8192, 8192), jnp.bfloat16, "gpu", batch=1)[0]
+    x = jnp.asarray(rng.standard_normal((3, 16)), jnp.float32)
+    np.testing.assert_array_equal(np.asarray(nm.nm_matmul(x, packed, backend="cpu")),
+                                  np.asarray(nm.nm_matmul_reference(x, packed)))

@@ -1,0 +1,111 @@
+"""Every notebook runs top to bottom (headless, on CPU at small sizes), the stored
+notebooks are what notebooks/build.py writes, and the benchmark summary the
+notebooks plot quotes its sources exactly."""
+
+import json
+import os
+import pathlib
+import sys
+
+import pytest
+
+nbformat = pytest.importorskip("nbformat")
+nbclient = pytest.importorskip("nbclient")
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+NOTEBOOKS = ROOT / "notebooks"
+SUMMARY = ROOT / "benchmarks" / "results" / "summary.json"
+NOTEBOOK_NAMES = ("tour", "gpu", "tpu")
+CELL_TIMEOUT_S = 300
+
+
+def _build_module():
+    sys.path.insert(0, str(NOTEBOOKS))
+    try:
+        import build
+    finally:
+        sys.path.remove(str(NOTEBOOKS))
+    return build
+
+
+@pytest.mark.parametrize("name", NOTEBOOK_NAMES)
+def test_notebook_executes_without_errors(name, monkeypatch):
+    # The kernel inherits this environment: small sizes, and figures drawn by the
+    # inline backend (Agg underneath), so the plotting code really renders.
+    monkeypatch.setenv("SPARSEJAX_NOTEBOOK_SIZE", "small")
+    monkeypatch.setenv("MPLBACKEND", "module://matplotlib_inline.backend_inline")
+    monkeypatch.setenv("JAX_PLATFORMS", "cpu")
+    nb = nbformat.read(NOTEBOOKS / f"{name}.ipynb", as_version=4)
+    client = nbclient.NotebookClient(nb, timeout=CELL_TIMEOUT_S, kernel_name="python3",
+                                     resources={"metadata": {"path": str(NOTEBOOKS)}})
+    client.execute()    # raises CellExecutionError naming the failing cell
+    outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])]
+    assert not [o for o in outputs if o.output_type == "error"]
+    images = [o for o in outputs if o.output_type == "display_data" and "image/png" in o.data]
+    # activation densities, mask patterns, schedule + losses, per-layer density, speed chart
+    assert len(images) >= 5, f"{name}: {len(images)} figures rendered"
+    text = "".join(o.get("text", "") for o in outputs if o.output_type == "stream")
+    assert "sizes: small (backend cpu)" in text
+    assert "activation sites:" in text                     # the LM's report
+    assert "no block-sparse kernel on backend 'cpu'" in text   # lowering says it fell back
+    assert "goals met" in text                             # the speed chart read the summary
+
+
+def test_stored_notebooks_are_built_from_the_cells_and_have_no_outputs():
+    build = _build_module()
+    assert build.main(["--check"]) == 0
+    for name in NOTEBOOK_NAMES:
+        nb = nbformat.read(NOTEBOOKS / f"{name}.ipynb", as_version=4)
+        nbformat.validate(nb)
+        code = [c for c in nb.cells if c.cell_type == "code"]
+        assert code and all(not c.outputs and c.execution_count is None for c in code)
+
+
+def test_build_check_reports_a_stale_notebook(tmp_path, monkeypatch):
+    build = _build_module()
+    for name in NOTEBOOK_NAMES:
+        (tmp_path / f"{name}.ipynb").write_text(build.render(name))
+    monkeypatch.setattr(build, "HERE", tmp_path)
+    assert build.main(["--check"]) == 0
+    stale = tmp_path / "gpu.ipynb"
+    stale.write_text(stale.read_text().replace("GPU notes", "GPU remarks"))
+    assert build.main(["--check"]) == 1
+
+
+def test_gpu_and_tpu_notebooks_are_the_tour_plus_backend_notes():
+    build = _build_module()
+    tour = [c.source for c in build.notebook("tour").cells]
+    for kind, words in (("gpu", ("Mosaic GPU", "nvidia-smi", "Colab")),
+                        ("tpu", ("PrefetchScalarGridSpec", "Cloud TPU", "jax[tpu]"))):
+        cells = [c.source for c in build.notebook(kind).cells]
+        shared = [s for s in tour if s in cells]
+        assert len(shared) == len(tour) - 4    # title, backend notes, device check, lowering text
+        joined = "\n".join(cells)
+        assert all(w in joined for w in words), kind
+
+
+def test_summary_entries_quote_their_sources():
+    entries = json.loads(SUMMARY.read_text())["entries"]
+    assert entries
+    required = {"benchmark", "case", "speedup", "goal", "baseline", "device", "jax", "source",
+                "command", "quote"}
+    for e in entries:
+        assert required <= set(e), e
+        source = ROOT / e["source"]
+        assert source.is_file(), e["source"]
+        text = source.read_text()
+        assert e["quote"] in text, (e["source"], e["quote"])
+        assert f"`{e['command']}" in text, (e["source"], e["command"])
+        assert e["speedup"] > 0 and (e["goal"] is None or e["goal"] > 0)
+
+
+def test_summary_speedups_are_the_quoted_numbers():
+    # Where the recorded number is a speed-up, it appears verbatim in the quote;
+    # the one inverted ratio (a time ratio where lower is better) says so.
+    for e in json.loads(SUMMARY.read_text())["entries"]:
+        if "note" in e:
+            assert "inverse" in e["note"]
+            ratio = float(e["quote"].strip("| ").split("|")[-1])
+            assert abs(1.0 / ratio - e["speedup"]) < 5e-3, e
+        else:
+            assert (f"{e['speedup']:.2f}" in e["quote"] or f"{e['speedup']:.1f}" in e["quote"]), e

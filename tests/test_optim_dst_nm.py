@@ -1,0 +1,161 @@
+"""SET / RigL topology moves, and N:M training (SR-STE, progressive gradient flow)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from sparsejax import masks as mask_math
+from sparsejax import optim
+
+
+def _params(seed=0):
+    k = jax.random.split(jax.random.PRNGKey(seed), 3)
+    return {"a": {"kernel": jax.random.normal(k[0], (11, 6)), "bias": jax.random.normal(k[1], (6,))},
+            "b": {"kernel": jax.random.normal(k[2], (16, 5))}}
+
+
+def test_cosine_drop_fraction_formula():
+    f = optim.cosine_drop_fraction(0.3, 100)
+    for t in [0, 10, 50, 99]:
+        # float32: absolute resolution near 0.3 is ~3e-8
+        np.testing.assert_allclose(f(t), 0.15 * (1 + np.cos(np.pi * t / 100)), rtol=1e-6, atol=1e-7)
+    assert float(f(100)) == 0.0 and float(f(150)) == 0.0
+
+
+def test_rigl_drops_smallest_and_regrows_where_the_gradient_is_largest():
+    params = _params(1)
+    grads = jax.tree.map(lambda p: jax.random.normal(jax.random.PRNGKey(7), p.shape), params)
+    tx = optim.rigl(optax.adam(0.0), 0.7, end_step=100, update_every=1, drop_fraction=0.4,
+                    distribution="uniform")
+    state = tx.init(params)
+    params = optim.apply_masks(params, optim.current_masks(state))
+    old = optim.current_masks(state)
+    state = state._replace(step=jnp.asarray(1, jnp.int32))  # an update step
+    # give the moments something to reset
+    state = state._replace(inner_state=jax.tree.map(lambda x: x + 1.0 if x.dtype == jnp.float32
+                                                     and x.ndim else x, state.inner_state))
+    updates, new_state = jax.jit(tx.update)(grads, state, params)
+    new = optim.current_masks(new_state)
+    frac = float(optim.cosine_drop_fraction(0.4, 100)(1))
+    for k in ("a", "b"):
+        m0, m1 = old[k]["kernel"], new[k]["kernel"]
+        w, g = params[k]["kernel"], grads[k]["kernel"]
+        n_active = int(m0.sum())
+        n_drop = int(round(frac * n_active))
+        assert n_drop > 0 and int(m1.sum()) == n_active
+        keep = mask_math.topk_mask(jnp.where(m0, jnp.abs(w), -jnp.inf).reshape(-1),
+                                   n_active - n_drop).reshape(m0.shape)
+        grow = mask_math.topk_mask(jnp.where(keep, -jnp.inf, jnp.abs(g)).reshape(-1),
+                                   n_drop).reshape(m0.shape)
+        np.testing.assert_array_equal(m1, keep | grow)
+        # every grown weight had a larger |g| than every inactive one left out
+        assert float(jnp.abs(g)[grow].min()) >= float(jnp.abs(g)[~m1].max())
+        newly = m1 & ~m0
+        assert bool(newly.any())
+        new_w = optax.apply_updates(params, updates)[k]["kernel"]
+        assert bool(jnp.all(new_w[newly] == 0)) and bool(jnp.all(new_w[~m1] == 0))
+        adam = new_state.inner_state[0]
+        assert bool(jnp.all(adam.mu[k]["kernel"][newly] == 0))
+        assert bool(jnp.all(adam.nu[k]["kernel"][~m1] == 0))
+
+
+def test_dense_grads_extra_argument_drives_growth():
+    params = _params(2)
+    grads = jax.tree.map(jnp.ones_like, params)
+    dense = jax.tree.map(lambda p: jax.random.normal(jax.random.PRNGKey(3), p.shape), params)
+    tx = optim.rigl(optax.sgd(0.0), 0.5, end_step=10, update_every=1, distribution="uniform")
+    state = tx.init(params)._replace(step=jnp.asarray(1, jnp.int32))
+    _, s_dense = tx.update(grads, state, params, dense_grads=dense)
+    _, s_plain = tx.update(grads, state, params)
+    m0 = state.masks["b"]["kernel"]
+    grown = s_dense.masks["b"]["kernel"] & ~m0
+    inactive_left = ~s_dense.masks["b"]["kernel"]
+    assert float(jnp.abs(dense["b"]["kernel"])[grown].min()) >= \
+        float(jnp.abs(dense["b"]["kernel"])[inactive_left & ~m0].max())
+    assert not bool(jnp.all(s_dense.masks["b"]["kernel"] == s_plain.masks["b"]["kernel"]))
+
+
+def test_set_keeps_sparsity_and_zeros_through_many_moves():
+    params = _params(4)
+    tx = optim.sparse_evolutionary_training(optax.adam(0.05), 0.8, end_step=40, update_every=5)
+    state = tx.init(params)
+    step = jax.jit(lambda p, s, t: tx.update(jax.tree.map(lambda x: jnp.cos(x + t), p), s, p))
+    first = optim.current_masks(state)
+    for t in range(45):
+        u, state = step(params, state, t)
+        params = optax.apply_updates(params, u)
+        masks = optim.current_masks(state)
+        for k in ("a", "b"):
+            assert bool(jnp.all(params[k]["kernel"][~masks[k]["kernel"]] == 0))
+    counts = {k: int(first[k]["kernel"].sum()) for k in ("a", "b")}
+    assert {k: int(masks[k]["kernel"].sum()) for k in ("a", "b")} == counts
+    assert not bool(jnp.all(first["b"]["kernel"] == masks["b"]["kernel"]))  # the topology moved
+    assert masks["a"]["bias"] is None
+
+
+def test_random_masks_meet_erk_sparsity():
+    params = _params(5)
+    masks = optim.random_masks(params, 0.75, distribution="erk", seed=3)
+    total = sum(int(m.size) for m in jax.tree.leaves(masks))
+    kept = sum(int(m.sum()) for m in jax.tree.leaves(masks))
+    assert abs(kept - 0.25 * total) <= 2  # per-layer rounding only
+    with pytest.raises(ValueError, match="sparsity must be a sparsity in \\[0, 1\\)"):
+        optim.rigl(None, 1.0, end_step=10)
+
+
+def test_srste_adds_the_decay_term_and_keeps_n_of_m():
+    params = _params(6)
+    grads = jax.tree.map(lambda p: jax.random.normal(jax.random.PRNGKey(8), p.shape), params)
+    lr, lam = 0.1, 0.05
+    tx = optim.srste(optax.sgd(lr), 2, 4, decay=lam, where=lambda path, _: path == "b/kernel")
+    state = tx.init(params)
+    m = optim.current_masks(state)["b"]["kernel"]
+    np.testing.assert_array_equal(m, mask_math.nm_mask(jnp.abs(params["b"]["kernel"]), 2, 4))
+    updates, state = jax.jit(tx.update)(grads, state, params)
+    w = params["b"]["kernel"]
+    expected = -lr * (grads["b"]["kernel"] + lam * jnp.where(m, 0.0, w))
+    np.testing.assert_allclose(updates["b"]["kernel"], expected, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(updates["a"]["kernel"], -lr * grads["a"]["kernel"], rtol=1e-6)
+    new_w = w + updates["b"]["kernel"]
+    new_m = optim.current_masks(state)["b"]["kernel"]
+    np.testing.assert_array_equal(new_m, mask_math.nm_mask(jnp.abs(new_w), 2, 4))
+    np.testing.assert_array_equal(new_m.reshape(4, 4, 5).sum(1), 2)
+
+
+def test_progressive_nm_strength_and_stepwise_patterns():
+    params = {"w": jax.random.normal(jax.random.PRNGKey(9), (16, 3))}
+    lin = optim.progressive_nm(optax.sgd(0.01), 2, 8, decay="linear", begin_step=2, end_step=6)
+    exp = optim.progressive_nm(optax.sgd(0.01), 2, 8, decay="exponential", begin_step=0,
+                               end_step=8, rate=3.0)
+    for tx, formula in [(lin, lambda t: np.clip(1 - (t - 2) / 4, 0, 1)),
+                        (exp, lambda t: 0.0 if t >= 8 else np.exp(-3.0 * t / 8))]:
+        state, p = tx.init(params), params
+        for t in range(1, 10):
+            u, state = jax.jit(tx.update)(jax.tree.map(jnp.sin, p), state, p)
+            p = optax.apply_updates(p, u)
+            np.testing.assert_allclose(optim.current_mask_strength(state), formula(t), rtol=1e-5,
+                                       atol=1e-7)
+        m = optim.current_masks(state)["w"]
+        np.testing.assert_array_equal(m.reshape(2, 8, 3).sum(1), 2)
+    soft = optim.soft_mask_params(params, {"w": m}, 0.25)
+    np.testing.assert_allclose(soft["w"], params["w"] * jnp.where(m, 1.0, 0.25), rtol=1e-6)
+
+    step = optim.progressive_nm(optax.sgd(0.01), 2, 8, decay="stepwise", boundaries=[3, 5, 7])
+    state, p, kept = step.init(params), params, []
+    for t in range(1, 9):
+        u, state = jax.jit(step.update)(jax.tree.map(jnp.cos, p), state, p)
+        p = optax.apply_updates(p, u)
+        kept.append(int(optim.current_masks(state)["w"].reshape(2, 8, 3).sum(1).max()))
+    assert kept == [8, 8, 7, 7, 4, 4, 2, 2]  # dense -> 7:8 -> 4:8 -> 2:8
+
+
+def test_nm_errors_name_the_parameter():
+    params = {"w": jnp.ones((10, 3)) * 0.5}
+    with pytest.raises(ValueError, match="w has reduction size K=10.*m=4"):
+        optim.srste(None, 2, 4).init(params)
+    with pytest.raises(ValueError, match="needs 0 < n <= m"):
+        optim.srste(None, 5, 4)
+    with pytest.raises(ValueError, match="boundaries needs 3"):
+        optim.progressive_nm(None, 2, 8, decay="stepwise", boundaries=[1, 2])

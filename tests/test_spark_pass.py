@@ -1,0 +1,135 @@
+"""The Spark pass inserts statistical top-k into unmodified models, found by structure."""
+
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import sparsejax as sj
+from sparsejax.models.spark import GatedFFN, SparkAttention, SparkFFN
+
+
+class PlainAttention(nn.Module):
+    """SparkAttention's parameters and math without the top-k."""
+
+    num_heads: int
+    head_dim: int
+
+    @nn.compact
+    def __call__(self, x):
+        d = x.shape[-1]
+        shape = (d, self.num_heads, self.head_dim)
+        init = nn.initializers.lecun_normal()
+        wq, wk, wv = (self.param(n, init, shape) for n in ("query", "key", "value"))
+        wo = self.param("out", init, (self.num_heads, self.head_dim, d))
+        proj = lambda w: jnp.einsum("...td,dhe->...hte", x, w)
+        q, k, v = proj(wq), proj(wk), proj(wv)
+        t = x.shape[-2]
+        valid = jnp.tril(jnp.ones((t, t), bool))
+        scores = jnp.einsum("...hqe,...hke->...hqk", q, k) / jnp.sqrt(self.head_dim)
+        weights = jax.nn.softmax(jnp.where(valid, scores, -jnp.inf), axis=-1)
+        return jnp.einsum("...hqe,hed->...qd", jnp.einsum("...hqk,...hke->...hqe", weights, v), wo)
+
+
+def test_ffn_pass_equals_spark_ffn_module():
+    x = jax.random.normal(jax.random.key(0), (3, 7, 24))
+    dense, spark = GatedFFN(d_ff=96), SparkFFN(d_ff=96, k_frac=0.1)
+    params = dense.init(jax.random.key(1), x)
+    sfn = sj.sparsify(dense.apply, sj.SparkTopK(site="ffn", k_frac=0.1))
+    sparams, sstate = sfn.init(params, x)
+    out = sfn(sparams, sstate, x)
+    chex.assert_trees_all_close(out, spark.apply(params, x), rtol=1e-5, atol=1e-6)
+    assert not np.allclose(out, dense.apply(params, x), atol=1e-3)
+    g = jax.grad(lambda p: jnp.sum(sfn(p, sstate, x) ** 2))(sparams)
+    g_ref = jax.grad(lambda p: jnp.sum(spark.apply(p, x) ** 2))(params)
+    chex.assert_trees_all_close(g, g_ref, rtol=1e-4, atol=1e-6)
+
+
+def test_attention_pass_equals_spark_attention_module():
+    x = jax.random.normal(jax.random.key(2), (2, 9, 16))
+    plain, spark = PlainAttention(2, 8), SparkAttention(num_heads=2, head_dim=8, k=3)
+    params = plain.init(jax.random.key(3), x)
+    sfn = sj.sparsify(plain.apply, sj.SparkTopK(site="attention", k=3))
+    sparams, sstate = sfn.init(params, x)
+    out = sfn(sparams, sstate, x)
+    chex.assert_trees_all_close(out, spark.apply(params, x), rtol=1e-5, atol=1e-5)
+    assert not np.allclose(out, plain.apply(params, x), atol=1e-3)
+
+
+class Layer(nn.Module):
+    @nn.compact
+    def __call__(self, x, _):
+        h = nn.LayerNorm()(x)
+        x = x + nn.MultiHeadDotProductAttention(2, qkv_features=16, name="attn")(
+            h, h, mask=nn.make_causal_mask(h[..., 0]))
+        h = nn.LayerNorm()(x)
+        g, u = nn.Dense(64, name="gate")(h), nn.Dense(64, name="up")(h)
+        return x + nn.Dense(x.shape[-1], name="down")(nn.silu(g) * u), None
+
+
+class ScannedLM(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        x, _ = nn.scan(Layer, variable_axes={"params": 0}, split_rngs={"params": True},
+                       length=2)(name="layers")(x, None)
+        return x
+
+
+def test_scanned_lm_sites_and_measured_kept_fraction():
+    x = jax.random.normal(jax.random.key(4), (4, 16, 16))
+    model = ScannedLM()
+    params = model.init(jax.random.key(5), x)
+    sfn = sj.sparsify(model.apply, [sj.SparkTopK("*mlp*", site="ffn", k_frac=0.125),
+                                    sj.SparkTopK(site="attention", k=4)])
+    with pytest.raises(ValueError, match=r"SparkTopK\('\*mlp\*'.*selects no ffn site"):
+        sfn.init(params, x)   # the FFN weights are named gate/up/down, not mlp
+    sfn = sj.sparsify(model.apply, [sj.SparkTopK("*down*", site="ffn", k_frac=0.125),
+                                    sj.SparkTopK(site="attention", k=4)])
+    sparams, sstate = sfn.init(params, x)
+    kinds = sorted(a.kind for a in sfn.report().activations)
+    assert kinds == ["attention", "ffn"]
+    stats = sfn.measure_activations(sparams, sstate, x)
+    ffn = [s for s in stats if s["kind"] == "ffn"]
+    assert [s["layer"] for s in ffn] == [0, 1]            # one entry per scanned layer
+    for s in ffn:
+        assert 0.3 < s["before"] < 0.7                     # a SiLU FFN: about half positive
+        assert abs(s["after"] - 0.125) < 0.05              # statistical top-k near its target
+    attn = [s for s in stats if s["kind"] == "attention"]
+    assert all(s["after"] < s["before"] for s in attn)
+    text = str(sfn.report())
+    assert "measured" in text and "ffn" in text
+
+
+def test_nnx_model_without_names():
+    class FFN(nnx.Module):
+        def __init__(self, rngs):
+            self.w1, self.w2 = nnx.Linear(12, 48, rngs=rngs), nnx.Linear(48, 12, rngs=rngs)
+
+        def __call__(self, x):
+            return self.w2(jax.nn.relu(self.w1(x)))
+
+    graphdef, state = nnx.split(FFN(nnx.Rngs(0)))
+    fn = lambda s, x: nnx.merge(graphdef, s)(x)
+    x = jax.random.normal(jax.random.key(1), (64, 12))
+    sfn = sj.sparsify(fn, sj.SparkTopK(site="ffn", k_frac=0.1, mode="hard"))
+    sparams, sstate = sfn.init(state, x)
+    [site] = sfn.report().activations
+    assert site.paths == ("w1/kernel", "w2/kernel")
+    hidden = sfn.measure_activations(sparams, sstate, x)[0]
+    assert hidden["after"] < 0.15
+
+
+def test_bad_spark_rules():
+    with pytest.raises(ValueError, match="k or k_frac, not both"):
+        sj.SparkTopK(k=3, k_frac=0.1)
+    with pytest.raises(ValueError, match=r"k_frac must be in \(0, 1\)"):
+        sj.SparkTopK(k_frac=1.5)
+    with pytest.raises(ValueError, match="site must be 'ffn' or 'attention'"):
+        sj.SparkTopK(site="mlp")
+    params = {"w": jnp.ones((4, 4))}
+    with pytest.raises(ValueError, match=r"selects no attention site; sites found: none"):
+        sj.sparsify(lambda p, x: x @ p["w"], sj.SparkTopK(site="attention")).init(
+            params, jnp.ones((2, 4)))

@@ -1,0 +1,147 @@
+"""train.py end to end at tiny sizes: every preset learns, runs resume exactly, bad input is refused."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import train  # noqa: E402
+from sparsejax import presets  # noqa: E402
+
+TINY = dict(d_model=32, n_layers=1, n_heads=2, d_ff=64, seq_len=32, batch_size=8, steps=40,
+            learning_rate=1e-2, warmup_steps=5, log_every=5, eval_every=40, eval_batches=2,
+            checkpoint_every=20)
+
+
+def tiny(tmp_path, **overrides) -> train.Config:
+    return train.Config(**{**TINY, "workdir": str(tmp_path / "run"), **overrides})
+
+
+def falls(history) -> bool:
+    losses = [h["loss"] for h in history]
+    return np.mean(losses[-2:]) < 0.85 * np.mean(losses[:2])
+
+
+@pytest.mark.parametrize("recipe", sorted(presets.PRESETS))
+def test_every_preset_trains(tmp_path, recipe):
+    cfg = tiny(tmp_path, recipe=recipe, mesh="data:1")
+    if recipe == "monarch4_proj":
+        cfg.steps = 20
+    result = train.train_and_evaluate(cfg)
+    assert falls(result["history"]), [h["loss"] for h in result["history"]]
+    assert np.isfinite(result["eval"]["loss"])
+    if recipe in ("gmp90", "rigl90", "set90", "static90"):
+        assert result["history"][-1]["sparsity"] == pytest.approx(0.9, abs=0.01)
+    written = (tmp_path / "run" / "summary.txt").read_text()
+    assert "eval_loss" in written and (tmp_path / "run" / "curves.png").stat().st_size > 0
+
+
+def test_vision_model_trains(tmp_path):
+    cfg = tiny(tmp_path, model="mixer", recipe="nm24", batch_size=32, steps=60, mesh="data:1")
+    result = train.train_and_evaluate(cfg)
+    assert falls(result["history"]) and result["eval"]["accuracy"] > 0.3
+
+
+def test_eight_devices_follow_the_one_device_curve(tmp_path):
+    one = train.train_and_evaluate(tiny(tmp_path / "a", recipe="gmp90", mesh="data:1", steps=20))
+    eight = train.train_and_evaluate(tiny(tmp_path / "b", recipe="gmp90", mesh="data:4,fsdp:2",
+                                          steps=20))
+    np.testing.assert_allclose([h["loss"] for h in eight["history"]],
+                               [h["loss"] for h in one["history"]], rtol=2e-4)
+    sharded = [x.sharding for x in jax.tree.leaves(eight["state"].params)]
+    assert any("fsdp" in str(s.spec) for s in sharded)
+
+
+def _run_cli(args, env_extra=None):
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", **(env_extra or {})}
+    return subprocess.run([sys.executable, str(ROOT / "train.py"), *args], cwd=ROOT,
+                          capture_output=True, text=True, env=env, timeout=600)
+
+
+def _cli_args(workdir, **overrides):
+    settings = {**TINY, "steps": 30, "checkpoint_every": 10, "workdir": str(workdir),
+                "recipe": "rigl90", **overrides}
+    return [f"--{k}={v}" for k, v in settings.items()]
+
+
+def test_sigkill_and_resume_ends_bit_identical(tmp_path):
+    straight = _run_cli(_cli_args(tmp_path / "straight"))
+    assert straight.returncode == 0, straight.stderr[-2000:]
+    killed = _run_cli(_cli_args(tmp_path / "killed", sigkill_at_step=20))
+    assert killed.returncode == -9
+    resumed = _run_cli(_cli_args(tmp_path / "killed"))
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resumed from step 20" in resumed.stderr + resumed.stdout
+
+    def final(workdir):
+        cfg = train.Config(**{**TINY, "steps": 30, "workdir": str(workdir), "recipe": "rigl90",
+                              "mesh": "data:1"})
+        run = train.prepare(cfg)
+        return run.ckpt.restore(train.create_state(run)[0]).state
+
+    a, b = final(tmp_path / "straight"), final(tmp_path / "killed")
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_corrupt_newest_checkpoint_falls_back(tmp_path):
+    cfg = tiny(tmp_path, recipe="nm24", steps=20, checkpoint_every=10, mesh="data:1")
+    train.train_and_evaluate(cfg)
+    ckpt_dir = tmp_path / "run" / "checkpoints" / "20"
+    for f in ckpt_dir.rglob("*"):
+        if f.is_file() and f.stat().st_size > 0 and "state" in str(f):
+            f.write_bytes(b"\0" * f.stat().st_size)
+    cfg.steps = 25
+    with pytest.warns(RuntimeWarning, match="cannot be read"):
+        result = train.train_and_evaluate(cfg)
+    assert result["history"][0]["step"] == 15    # resumed from step 10, logging every 5
+
+
+@pytest.mark.parametrize("overrides,message", [
+    ({"recipe": "gmp95"}, "unknown recipe 'gmp95'"),
+    ({"model": "resnet"}, "unknown model 'resnet'"),
+    ({"data": "/no/such/corpus.txt"}, "does not exist"),
+    ({"seq_len": 10_000_000}, "longer than"),
+    ({"batch_size": 6, "mesh": "data:4"}, "must be divisible by the 4 devices"),
+    ({"optimizer": "adamq"}, "unknown optimizer 'adamq'"),
+])
+def test_bad_input_is_one_line_before_compiling(tmp_path, overrides, message):
+    with pytest.raises(ValueError, match=message):
+        train.prepare(tiny(tmp_path, **overrides))
+
+
+def test_empty_data_path(tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    with pytest.raises(ValueError, match="empty"):
+        train.prepare(tiny(tmp_path, data=str(empty)))
+
+
+def test_workdir_of_another_model_is_refused(tmp_path):
+    train.train_and_evaluate(tiny(tmp_path, steps=5, mesh="data:1"))
+    with pytest.raises(ValueError, match="different"):
+        train.prepare(tiny(tmp_path, steps=5, d_model=48, mesh="data:1"))
+
+
+def test_cli_prints_one_line_error(tmp_path):
+    out = _run_cli(_cli_args(tmp_path, recipe="nope"))
+    assert out.returncode != 0
+    assert out.stderr.strip().splitlines()[-1].startswith("train.py: unknown recipe 'nope'")
+
+
+def test_recipe_file(tmp_path):
+    spec = {"rules": [{"rule": "NM", "pattern": "re:.*mlp.*/kernel", "n": 2, "m": 4},
+                      {"rule": "Prune", "pattern": "re:.*attn.*/kernel", "sparsity": 0.5}]}
+    path = tmp_path / "recipe.json"
+    path.write_text(json.dumps(spec))
+    result = train.train_and_evaluate(tiny(tmp_path, recipe=str(path), steps=20, mesh="data:1"))
+    rules = {r.rule.split("(")[0] for r in result["report"].rows}
+    assert rules == {"NM", "Prune"}
