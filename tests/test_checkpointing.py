@@ -69,10 +69,14 @@ def test_corrupt_newest_checkpoint_warns_and_uses_the_previous(tmp_path, damage)
             ckpt.save(step, _state(step), data_position=step)
     newest = tmp_path / "3"
     if damage == "array_bytes":
-        chunk = max(glob.glob(str(newest / "state" / "**" / "d" / "*"), recursive=True), key=os.path.getsize)
-        raw = bytearray(open(chunk, "rb").read())
-        raw[len(raw) // 2] ^= 0xFF
-        open(chunk, "wb").write(bytes(raw))
+        # Which data file holds which array, and where, is orbax's business (one flipped byte can
+        # land in an unreferenced region): damage the back half of every data file instead.
+        chunks = glob.glob(str(newest / "state" / "**" / "d" / "*"), recursive=True)
+        assert chunks
+        for chunk in chunks:
+            raw = bytearray(open(chunk, "rb").read())
+            raw[len(raw) // 2:] = bytes(b ^ 0xFF for b in raw[len(raw) // 2:])
+            open(chunk, "wb").write(bytes(raw))
     elif damage == "metadata":
         (newest / "state" / "_METADATA").write_text("{not json")
     else:   # bytes that still decode, but not to what was saved
