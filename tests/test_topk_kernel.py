@@ -1,0 +1,109 @@
+"""The one-pass statistical top-k kernel (Pallas, interpret mode) against its plain-JAX twin."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from sparsejax import topk
+from sparsejax.kernels import statistical_topk as st
+
+
+def _rows(seed, shape, dtype=jnp.float32):
+    # A per-row mean and scale, so the statistics are not those of a standard normal.
+    k1, k2, k3 = jax.random.split(jax.random.key(seed), 3)
+    mean = jax.random.normal(k1, shape[:-1] + (1,)) * 3.0
+    scale = jnp.exp(jax.random.normal(k2, shape[:-1] + (1,)))
+    return (mean + scale * jax.random.normal(k3, shape)).astype(dtype)
+
+
+def _assert_close(a, b, dtype):
+    a, b = np.asarray(a.astype(jnp.float32)), np.asarray(b.astype(jnp.float32))
+    tol = 1e-5 if dtype == jnp.float32 else 1e-2
+    np.testing.assert_allclose(a, b, rtol=tol, atol=tol * np.abs(b).max())
+
+
+@pytest.mark.parametrize("shape", [(5, 128), (3, 200), (2, 3, 77), (1, 1024)])
+@pytest.mark.parametrize("mode,fill", [("soft", 0.0), ("hard", -jnp.inf), ("hard", -2.5)])
+def test_kernel_equals_reference_on_odd_shapes(shape, mode, fill):
+    x = _rows(sum(shape), shape)
+    out = st.statistical_topk_pallas(x, k_frac=0.08, mode=mode, fill=fill, interpret=True, poison=True)
+    ref = st.statistical_topk_reference(x, k_frac=0.08, mode=mode, fill=fill)
+    assert out.shape == x.shape and out.dtype == x.dtype
+    kept, kept_ref = out != fill, ref != fill
+    np.testing.assert_array_equal(np.asarray(kept), np.asarray(kept_ref))
+    assert 0 < int(kept.sum()) < x.size // 4
+    _assert_close(jnp.where(kept, out, 0), jnp.where(kept_ref, ref, 0), jnp.float32)
+
+
+@pytest.mark.parametrize("rows_per_block", [2, 4])
+def test_row_blocks_that_do_not_divide_the_rows(rows_per_block):
+    x = _rows(11, (7, 96))
+    out = st.statistical_topk_pallas(x, k=9, rows_per_block=rows_per_block, interpret=True, poison=True)
+    _assert_close(out, st.statistical_topk_reference(x, k=9), jnp.float32)
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_half_precision_rows(dtype):
+    x = _rows(4, (6, 256), dtype)
+    out = st.statistical_topk_pallas(x, k_frac=0.1, interpret=True, poison=True)
+    assert out.dtype == dtype and bool(jnp.all(jnp.isfinite(out.astype(jnp.float32))))
+    _assert_close(out, st.statistical_topk_reference(x, k_frac=0.1), dtype)
+
+
+def test_constant_rows_keep_nothing():
+    x = jnp.concatenate([jnp.full((1, 64), 0.1), jnp.full((1, 64), -7.0), _rows(2, (1, 64))])
+    for mode in ("soft", "hard"):
+        out = st.statistical_topk_pallas(x, k=4, mode=mode, interpret=True, poison=True)
+        assert not bool(jnp.any(out[:2])) and bool(jnp.any(out[2]))
+
+
+@pytest.mark.parametrize("stop", [False, True])
+def test_gradient_is_the_references(stop):
+    x = _rows(8, (4, 96))
+    w = jax.random.normal(jax.random.key(9), x.shape)
+
+    def loss(f, v):
+        return jnp.sum(w * f(v, k=9, stop_gradient_threshold=stop) ** 2)
+
+    g = jax.grad(lambda v: loss(lambda *a, **kw: st.statistical_topk_pallas(*a, interpret=True, **kw), v))(x)
+    g_ref = jax.grad(lambda v: loss(topk.statistical_topk, v))(x)
+    assert float(jnp.abs(g).max()) > 0
+    _assert_close(g, g_ref, jnp.float32)
+
+
+def test_jit_and_vmap():
+    x = _rows(12, (3, 4, 128))
+    f = jax.jit(jax.vmap(lambda v: st.statistical_topk_pallas(v, k_frac=0.1, interpret=True)))
+    _assert_close(f(x), st.statistical_topk_reference(x, k_frac=0.1), jnp.float32)
+
+
+def test_statistical_topk_impl_pallas_on_any_axis():
+    x = _rows(13, (3, 100, 5))
+    ref = topk.statistical_topk(x, k=10, axis=1)
+    out = topk.statistical_topk(x, k=10, axis=1, impl="pallas")
+    _assert_close(out, ref, jnp.float32)
+    # "auto" takes the kernel on GPU only; on CPU it is XLA's answer exactly
+    if jax.default_backend() != "gpu":
+        np.testing.assert_array_equal(np.asarray(topk.statistical_topk(x, k=10, axis=1, impl="auto")),
+                                      np.asarray(ref))
+
+
+@pytest.mark.parametrize("kwargs,rule", [
+    (dict(k=3, mode="mask"), "mode 'mask'"),
+    (dict(k=3, where=jnp.ones((2, 16), bool)), "where= mask"),
+    (dict(k=jnp.asarray(3)), "traced k"),
+])
+def test_what_the_kernel_does_not_take_is_named(kwargs, rule):
+    x = _rows(1, (2, 16))
+    with pytest.raises(ValueError, match=rule):
+        topk.statistical_topk(x, impl="pallas", **kwargs)
+    topk.statistical_topk(x, impl="auto", **kwargs)          # falls back to XLA instead
+    with pytest.raises(ValueError, match="impl must be one of"):
+        topk.statistical_topk(x, k=3, impl="triton")
+
+
+def test_rows_longer_than_a_program_holds_are_refused():
+    x = jnp.ones((1, st.MAX_ROW + 1))
+    with pytest.raises(ValueError, match=f"holds up to {st.MAX_ROW}"):
+        st.statistical_topk_pallas(x, k=3, interpret=True)
