@@ -3,7 +3,8 @@
     PYTHONUNBUFFERED=1 python benchmarks/nm_gemv_speed.py [--size 8192] [--variants]
 
 bf16, ``W`` of ``size x size``; ``y = x @ W`` for batch 1 (and 2, 4, 8), 2:4
-(and 1:4, 2:8) against the dense product of the same shape in the same run.
+(and 1:4, 2:8), by the Pallas kernel and by the fused-XLA formulation
+(``nm_matmul_xla``), against the dense product of the same shape in the same run.
 Prints a table last and writes benchmarks/results/nm_gemv_speed.md (or
 $OUT/nm_gemv_speed.md when OUT is set).
 """
@@ -55,6 +56,7 @@ def main():
             x, p.values, p.meta, (p.shape, p.n, p.m, p.group_tile,
                                   tile_tables.nm_tiles("gpu").cols, False, False)))
         dense = jax.jit(lambda x, w: x @ w)
+        fused_xla = jax.jit(nm.nm_matmul_xla)
         for batch in ((1, 2, 4, 8) if (n, m) == (2, 4) else (1,)):
             x = jnp.asarray(rng.standard_normal((batch, size)), jnp.bfloat16)
             try:
@@ -64,14 +66,21 @@ def main():
             except Exception:   # noqa: BLE001
                 log(traceback.format_exc())
                 err, ok, t_k = float("nan"), False, float("nan")
-            all_ok &= ok
+            try:
+                err_x = rel_err(fused_xla(x, packed), x.astype(jnp.float32) @ wm.astype(jnp.float32))
+                ok_x = np.isfinite(err_x) and err_x < 1e-2
+                t_x = median_us(fused_xla, x, packed)
+            except Exception:   # noqa: BLE001
+                log(traceback.format_exc())
+                err_x, ok_x, t_x = float("nan"), False, float("nan")
+            all_ok &= ok and ok_x
             t_d = median_us(dense, x, w)
             ratio = t_d / t_k
             bytes_ratio = (size * size * 2) / packed.nbytes
-            rows.append((f"{n}:{m}", batch, t_d, t_k, ratio, bytes_ratio, err))
+            rows.append((f"{n}:{m}", batch, t_d, t_k, ratio, t_x, t_d / t_x, bytes_ratio, max(err, err_x)))
             log(f"{n}:{m} batch {batch}: dense {t_d:.1f} us, compressed {t_k:.1f} us, "
-                f"{ratio:.2f}x (bytes allow {bytes_ratio:.2f}x), rel err {err:.1e} "
-                f"{'ok' if ok else 'FAIL'}")
+                f"{ratio:.2f}x; fused XLA {t_x:.1f} us, {t_d / t_x:.2f}x (bytes allow "
+                f"{bytes_ratio:.2f}x), rel err {err:.1e} / {err_x:.1e} {'ok' if ok and ok_x else 'FAIL'}")
         if args.variants and (n, m) == (2, 4):
             x = jnp.asarray(rng.standard_normal((1, size)), jnp.bfloat16)
             for target, warps in ((256, 4), (512, 4), (1024, 4), (512, 8), (1024, 2)):
@@ -89,10 +98,10 @@ def main():
             nm.TARGET_PROGRAMS, nm.NUM_WARPS = 512, 8
         del w, wm, packed
 
-    table = ["| N:M | batch | dense us | compressed us | x dense | bytes allow | rel err |",
-             "|---|---|---|---|---|---|---|"]
-    table += [f"| {a} | {b} | {d:.1f} | {k:.1f} | {r:.2f} | {br:.2f} | {e:.1e} |"
-              for a, b, d, k, r, br, e in rows]
+    table = ["| N:M | batch | dense us | Pallas kernel us | x dense | fused XLA us | x dense | "
+             "bytes allow | rel err |", "|---|---|---|---|---|---|---|---|---|"]
+    table += [f"| {a} | {b} | {d:.1f} | {k:.1f} | {r:.2f} | {tx:.1f} | {rx:.2f} | {br:.2f} | {e:.1e} |"
+              for a, b, d, k, r, tx, rx, br, e in rows]
     command = "PYTHONUNBUFFERED=1 python " + " ".join(["benchmarks/nm_gemv_speed.py", *sys.argv[1:]])
     md = ["# Compressed N:M GEMV speed", "", f"Command: `{command}`", "",
           f"Device: {dev.device_kind}; JAX {jax.__version__}; bf16; W {size}x{size}; "
