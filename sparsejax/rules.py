@@ -285,6 +285,10 @@ class SparkTopK(ActivationRule):
     and drops the rest; positions the model already masked stay masked.
     Exactly one of ``k`` (entries per row) and ``k_frac`` (fraction) is given;
     the default is ``k_frac=0.08`` for FFNs and ``k=256`` keys for attention.
+    ``impl`` picks the FFN top-k's implementation (see
+    :func:`sparsejax.topk.statistical_topk`): ``"auto"`` takes the one-pass
+    Pallas kernel on a GPU; the default ``"xla"`` stays partitionable by
+    XLA's sharding (a Pallas call is not), as multi-device training needs.
     """
 
     pattern: str | re.Pattern = "*"
@@ -293,6 +297,7 @@ class SparkTopK(ActivationRule):
     k: int | None = None
     mode: str | None = dataclasses.field(default=None, kw_only=True)
     stop_gradient_threshold: bool = dataclasses.field(default=False, kw_only=True)
+    impl: str = dataclasses.field(default="xla", kw_only=True)
 
     def __post_init__(self):
         if self.site not in ("ffn", "attention"):
@@ -305,6 +310,9 @@ class SparkTopK(ActivationRule):
             raise ValueError(f"{self.describe()}: k must be a positive integer")
         if self.mode not in (None, "soft", "hard"):
             raise ValueError(f"{self.describe()}: mode must be 'soft' or 'hard'")
+        if self.impl not in ("xla", "pallas", "auto"):
+            raise ValueError(f"{self.describe()}: impl must be 'xla', 'pallas' or 'auto', "
+                             f"got {self.impl!r}")
         if self.site == "attention" and self.mode == "soft":
             raise ValueError(f"{self.describe()}: attention scores are kept or dropped "
                              "(mode='hard'), never shifted")

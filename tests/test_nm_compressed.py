@@ -78,23 +78,6 @@ def test_kernel_matches_reference(n, m, batch):
     assert _rel(ref, x @ wm) < 1e-5
 
 
-@pytest.mark.parametrize("n,m,lead", [(2, 4, (1,)), (1, 4, (2, 3)), (2, 8, (5,))])
-def test_fused_xla_gemv_matches_reference(n, m, lead):
-    rng = np.random.default_rng(7 * n + m + len(lead))
-    k, cols = 12 * m, 45                      # groups not a multiple of the tile: padded
-    wm = _nm_weight(rng, k, cols, n, m)
-    packed = nm.compress_nm(wm, n, m, group_tile=8)
-    x = jnp.asarray(rng.standard_normal(lead + (k,)), jnp.float32)
-    out = jax.jit(nm.nm_matmul_xla)(x, packed)
-    assert out.shape == lead + (cols,)
-    assert _rel(out, x @ wm) < 1e-5
-    grad = jax.grad(lambda v: jnp.sum(nm.nm_matmul_xla(x, nm.NMWeight(v, packed.meta, packed.shape,
-                                                                      n, m, 8)) ** 2))(packed.values)
-    grad_ref = jax.grad(lambda v: jnp.sum(nm.nm_matmul_reference(x, nm.NMWeight(
-        v, packed.meta, packed.shape, n, m, 8)) ** 2))(packed.values)
-    assert _rel(grad, grad_ref) < 1e-5
-
-
 def test_gradients_match_reference():
     rng = np.random.default_rng(7)
     wm = _nm_weight(rng, 20, 21, 2, 4)

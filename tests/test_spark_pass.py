@@ -48,6 +48,22 @@ def test_ffn_pass_equals_spark_ffn_module():
     chex.assert_trees_all_close(g, g_ref, rtol=1e-4, atol=1e-6)
 
 
+def test_ffn_pass_with_the_pallas_kernel_equals_xla():
+    x = jax.random.normal(jax.random.key(4), (2, 5, 24))
+    dense = GatedFFN(d_ff=96)
+    params = dense.init(jax.random.key(5), x)
+    outs, grads = [], []
+    for impl in ("xla", "pallas"):      # pallas: interpret mode on CPU
+        sfn = sj.sparsify(dense.apply, sj.SparkTopK(site="ffn", k_frac=0.1, impl=impl))
+        sparams, sstate = sfn.init(params, x)
+        outs.append(jax.jit(sfn)(sparams, sstate, x))
+        grads.append(jax.grad(lambda p: jnp.sum(sfn(p, sstate, x) ** 2))(sparams))
+    chex.assert_trees_all_close(outs[1], outs[0], rtol=1e-5, atol=1e-6)
+    chex.assert_trees_all_close(grads[1], grads[0], rtol=1e-4, atol=1e-6)
+    with pytest.raises(ValueError, match="impl must be 'xla', 'pallas' or 'auto'"):
+        sj.SparkTopK(site="ffn", impl="triton")
+
+
 def test_attention_pass_equals_spark_attention_module():
     x = jax.random.normal(jax.random.key(2), (2, 9, 16))
     plain, spark = PlainAttention(2, 8), SparkAttention(num_heads=2, head_dim=8, k=3)

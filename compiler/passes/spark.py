@@ -30,7 +30,8 @@ def apply_topk(rule, site: ActivationSite, x):
                                      where=_valid_scores(x),
                                      stop_gradient_threshold=rule.stop_gradient_threshold)
     return topk.statistical_topk(x, **args, mode=rule.effective_mode,
-                                 stop_gradient_threshold=rule.stop_gradient_threshold)
+                                 stop_gradient_threshold=rule.stop_gradient_threshold,
+                                 impl=rule.impl)
 
 
 def topk_hook(rule, site: ActivationSite) -> Callable:

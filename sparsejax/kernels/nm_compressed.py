@@ -36,7 +36,7 @@ from jax.experimental import pallas as pl
 
 from sparsejax.kernels import tile_tables
 
-__all__ = ["NMWeight", "compress_nm", "nm_matmul", "nm_matmul_reference", "nm_matmul_xla", "supported"]
+__all__ = ["NMWeight", "compress_nm", "nm_matmul", "nm_matmul_reference", "supported"]
 
 MAX_KERNEL_BATCH = 2   # measured on an H100: the kernel loses to dense XLA from batch 4
 
@@ -180,29 +180,6 @@ def nm_matmul_reference(x: jax.Array, packed: NMWeight) -> jax.Array:
     dtype = jnp.result_type(x.dtype, packed.dtype)
     y = jnp.matmul(x.astype(dtype), packed.to_dense().astype(dtype), preferred_element_type=jnp.float32)
     return y.astype(dtype)
-
-
-def nm_matmul_xla(x: jax.Array, packed: NMWeight) -> jax.Array:
-    """``x @ W`` straight from the compressed bytes, as one XLA reduction.
-
-    Unpacking the indices, selecting ``x`` at each kept position and the
-    multiply-add are elementwise producers of one sum over the groups, which XLA
-    fuses: no dense ``W`` is written to memory. A decode GEMV then reads only the
-    compressed bytes, as the Pallas kernel does, with XLA's tuned reduction.
-    """
-    _check_operands(x, packed, "nm_matmul_xla")
-    dtype = jnp.result_type(x.dtype, packed.dtype)
-    (k, cols), n, m = packed.shape, packed.n, packed.m
-    g = k // m
-    lead = x.shape[:-1]
-    xg = x.reshape(-1, g, m).astype(jnp.float32)                        # (B, G, m)
-    idx = packed.indices()[:, :g]                                       # (n, G, N)
-    vals = packed.values[:, :g].astype(jnp.float32)
-    picked = jnp.zeros((xg.shape[0],) + idx.shape, jnp.float32)         # x at each kept position
-    for p in range(m):
-        picked = jnp.where(idx == p, xg[:, None, :, p, None], picked)
-    y = jnp.sum(picked * vals, axis=(1, 2))
-    return y.reshape(*lead, cols).astype(dtype)
 
 
 def _check_operands(x, packed, where: str):
