@@ -231,3 +231,52 @@ def test_bad_group_specs_and_weights_name_the_parameter():
         optim.group_lasso(-1.0, optim.output_channels("a/kernel"))
     with pytest.raises(ValueError, match="b/kernel"):
         optim.prox_adamw(0.1, optim.group_lasso(0.1, optim.blocks("*kernel", (2, 2)))).init(params)
+
+
+def test_stacked_layers_get_groups_per_layer():
+    layers = 3
+    stacked = {"up": {"kernel": np.zeros((layers, 5, 7))}, "down": {"kernel": np.zeros((layers, 7, 5))}}
+    unstacked = [{"up": {"kernel": np.zeros((5, 7))}, "down": {"kernel": np.zeros((7, 5))}}
+                 for _ in range(layers)]
+    neuron = optim.channels(("up/kernel", -1), ("down/kernel", -2), stack_axes=1)
+    index = optim.resolve_groups(neuron, stacked)
+    assert index.num_groups == layers * 7 and np.all(index.sizes == 10)
+    down, up = index.ids
+    for layer in range(layers):           # layer l's neuron j is group l * 7 + j in both leaves
+        np.testing.assert_array_equal(up[layer], np.arange(7)[None, :] + 7 * layer + 0 * up[layer])
+        np.testing.assert_array_equal(down[layer], np.arange(7)[:, None] + 7 * layer + 0 * down[layer])
+    # every kind gives each layer the groups an unstacked layer would have
+    for spec, flat in [(optim.output_channels("up/kernel", stack_axes=1), optim.output_channels("up/kernel")),
+                       (optim.blocks("up/kernel", (5, 7), stack_axes=1), optim.blocks("up/kernel", (5, 7))),
+                       (optim.nm_groups("down/kernel", 7, stack_axes=1), optim.nm_groups("down/kernel", 7))]:
+        per_layer = optim.resolve_groups(flat, unstacked[0])
+        index = optim.resolve_groups(spec, stacked)
+        assert index.num_groups == layers * per_layer.num_groups
+        ids = [x for x in index.ids if x is not None][0]
+        ref = [x for x in per_layer.ids if x is not None][0]
+        for layer in range(layers):
+            np.testing.assert_array_equal(ids[layer], ref + layer * per_layer.num_groups)
+
+
+def test_group_lasso_on_stacked_layers_zeroes_neurons_per_layer():
+    # Layer 0's neuron 0 is pushed to zero; the same neuron of layer 1 has a large weight and must
+    # survive, which a group spanning the stack would not allow.
+    w = {"k": jnp.stack([jnp.array([[0.01, 1.0], [0.01, 1.0]]), jnp.array([[2.0, 1.0], [2.0, 1.0]])])}
+    tx = optim.prox_sgd(1.0, optim.group_lasso(0.1, optim.output_channels("k", stack_axes=1)))
+    zero = jax.tree.map(jnp.zeros_like, w)
+    new = optax.apply_updates(w, jax.jit(tx.update)(zero, tx.init(w), w)[0])["k"]
+    np.testing.assert_array_equal(new[0, :, 0], 0.0)
+    assert np.all(np.abs(new[1, :, 0]) > 1.5) and np.all(np.abs(new[:, :, 1]) > 0.5)
+
+
+def test_stacked_group_errors_name_the_parameter():
+    stacked = {"up": {"kernel": np.zeros((3, 5, 7))}, "down": {"kernel": np.zeros((2, 7, 5))},
+               "bias": np.zeros((3, 7))}
+    with pytest.raises(ValueError, match="down/kernel has layer axes \\(2,\\)"):
+        optim.resolve_groups(optim.channels(("up/kernel", -1), ("down/kernel", -2), stack_axes=1), stacked)
+    with pytest.raises(ValueError, match="bias of shape \\(3, 7\\) is not a matrix once its 1 layer axes"):
+        optim.resolve_groups(optim.blocks("bias", (1, 1), stack_axes=1), stacked)
+    with pytest.raises(ValueError, match="stack_axes must be an int >= 0"):
+        optim.output_channels("up/kernel", stack_axes=-1)
+    with pytest.raises(ValueError, match="unstack the layers first"):
+        optim.remove_zero_groups(stacked, optim.output_channels("up/kernel", stack_axes=1))

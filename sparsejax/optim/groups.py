@@ -19,6 +19,12 @@ shapes only, so they cost nothing under ``jit``). Kinds:
 
 Patterns are leaf paths (``params/Dense_0/kernel``), globs or ``re:`` regexes
 (see :mod:`sparsejax.paths`). A weight may belong to at most one group.
+
+Stacked layers (``nn.scan``, ``TransformerLM(scan_layers=True)``) keep every
+layer's weights in one leaf with leading layer axes. ``stack_axes=n`` on any
+constructor says the first ``n`` axes index layers: each layer then gets its
+own groups (a hidden neuron of layer 3 is not tied to the same neuron of layer
+4), and axes are counted within one layer.
 """
 
 from __future__ import annotations
@@ -47,6 +53,7 @@ class GroupSpec:
     block: tuple[int, int] = (1, 1)
     m: int = 0
     name: str = ""
+    stack_axes: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,44 +66,75 @@ class GroupIndex:
     channel_members: tuple  # per group spec of kind channels: ((leaf index, axis), ...), first id
 
 
-def output_channels(pattern: str = "*kernel") -> GroupSpec:
+def _check_stack_axes(stack_axes, where: str) -> int:
+    if isinstance(stack_axes, bool) or not isinstance(stack_axes, int) or stack_axes < 0:
+        raise ValueError(f"{where}: stack_axes must be an int >= 0 (leading layer axes), "
+                         f"got {stack_axes!r}")
+    return stack_axes
+
+
+def _stacked_name(name: str, stack_axes: int) -> str:
+    return name if not stack_axes else f"{name[:-1]}, stack_axes={stack_axes})"
+
+
+def output_channels(pattern: str = "*kernel", *, stack_axes: int = 0) -> GroupSpec:
     """One group per output channel (index of the last axis) of each leaf matching ``pattern``."""
-    return GroupSpec("per_leaf_axis", pattern=pattern, axis=-1, name=f"output_channels({pattern!r})")
+    stack_axes = _check_stack_axes(stack_axes, "output_channels")
+    return GroupSpec("per_leaf_axis", pattern=pattern, axis=-1, stack_axes=stack_axes,
+                     name=_stacked_name(f"output_channels({pattern!r})", stack_axes))
 
 
-def input_neurons(pattern: str = "*kernel") -> GroupSpec:
+def input_neurons(pattern: str = "*kernel", *, stack_axes: int = 0) -> GroupSpec:
     """One group per input neuron (index of axis -2) of each leaf matching ``pattern``."""
-    return GroupSpec("per_leaf_axis", pattern=pattern, axis=-2, name=f"input_neurons({pattern!r})")
+    stack_axes = _check_stack_axes(stack_axes, "input_neurons")
+    return GroupSpec("per_leaf_axis", pattern=pattern, axis=-2, stack_axes=stack_axes,
+                     name=_stacked_name(f"input_neurons({pattern!r})", stack_axes))
 
 
-def channels(*members: tuple[str, int]) -> GroupSpec:
+def channels(*members: tuple[str, int], stack_axes: int = 0) -> GroupSpec:
     """One group per index of a channel shared by several leaves: ``(pattern, axis)`` pairs,
-    each pattern matching exactly one leaf, all axes of the same size."""
+    each pattern matching exactly one leaf, all axes of the same size (and, with
+    ``stack_axes``, the same layer axes)."""
     if not members:
         raise ValueError("channels needs at least one (pattern, axis) member")
     for mem in members:
         if not (isinstance(mem, tuple) and len(mem) == 2 and isinstance(mem[1], int)):
             raise ValueError(f"channels: members must be (pattern, axis) pairs, got {mem!r}")
-    return GroupSpec("channels", members=tuple(members), name=f"channels{tuple(members)!r}")
+    stack_axes = _check_stack_axes(stack_axes, "channels")
+    return GroupSpec("channels", members=tuple(members), stack_axes=stack_axes,
+                     name=_stacked_name(f"channels{tuple(members)!r}", stack_axes))
 
 
-def attention_heads(query: str, key: str, value: str, out: str) -> GroupSpec:
+def attention_heads(query: str, key: str, value: str, out: str, *, stack_axes: int = 0) -> GroupSpec:
     """One group per attention head across Flax's q/k/v kernels (axis -2) and out kernel (axis 0)."""
-    return channels((query, -2), (key, -2), (value, -2), (out, 0))
+    return channels((query, -2), (key, -2), (value, -2), (out, 0), stack_axes=stack_axes)
 
 
-def blocks(pattern: str, block: tuple[int, int]) -> GroupSpec:
+def blocks(pattern: str, block: tuple[int, int], *, stack_axes: int = 0) -> GroupSpec:
     """``(bk, bn)`` tiles of the ``(K, N)`` matrix (Flax layout) of each leaf matching ``pattern``."""
     if len(block) != 2 or any(not isinstance(b, int) or b < 1 for b in block):
         raise ValueError(f"blocks: block must be two positive ints, got {block!r}")
-    return GroupSpec("blocks", pattern=pattern, block=tuple(block), name=f"blocks({pattern!r}, {block})")
+    stack_axes = _check_stack_axes(stack_axes, "blocks")
+    return GroupSpec("blocks", pattern=pattern, block=tuple(block), stack_axes=stack_axes,
+                     name=_stacked_name(f"blocks({pattern!r}, {block})", stack_axes))
 
 
-def nm_groups(pattern: str, m: int) -> GroupSpec:
+def nm_groups(pattern: str, m: int, *, stack_axes: int = 0) -> GroupSpec:
     """Groups of ``m`` consecutive entries along K, per column, of each leaf matching ``pattern``."""
     if isinstance(m, bool) or not isinstance(m, int) or m < 1:
         raise ValueError(f"nm_groups: m must be a positive int, got {m!r}")
-    return GroupSpec("nm", pattern=pattern, m=m, name=f"nm_groups({pattern!r}, {m})")
+    stack_axes = _check_stack_axes(stack_axes, "nm_groups")
+    return GroupSpec("nm", pattern=pattern, m=m, stack_axes=stack_axes,
+                     name=_stacked_name(f"nm_groups({pattern!r}, {m})", stack_axes))
+
+
+def _per_layer(stack_shape, ids, count):
+    """Per-layer ids (of one layer's shape) repeated over the layer axes, each layer its own
+    ``count`` groups."""
+    layers = int(np.prod(stack_shape, dtype=np.int64))
+    layer_offsets = (np.arange(layers, dtype=np.int32) * count).reshape(
+        tuple(stack_shape) + (1,) * ids.ndim)
+    return (ids[(None,) * len(stack_shape)] + layer_offsets).astype(np.int32), layers * count
 
 
 def _axis_ids(shape, axis, offset):
@@ -134,6 +172,16 @@ def resolve_groups(specs: Sequence[GroupSpec] | GroupSpec, params: Any) -> Group
                              "group; a weight may be in one group only")
         ids[i] = np.where(new >= 0, new, ids[i]).astype(np.int32)
 
+    def layer_shape_of(i, spec, min_ndim):
+        """One layer's shape of leaf ``i``: its shape without ``spec.stack_axes`` leading axes."""
+        layer_shape = shapes[i][spec.stack_axes:]
+        if len(layer_shape) < min_ndim:
+            what = "a matrix" if min_ndim == 2 else "an array"
+            aside = f" once its {spec.stack_axes} layer axes are set aside" if spec.stack_axes else ""
+            raise ValueError(f"{spec.name}: parameter {leaf_paths[i]} of shape {shapes[i]} is not "
+                             f"{what}{aside} (needs ndim >= {min_ndim + spec.stack_axes})")
+        return layer_shape
+
     def matching(pattern, spec):
         hits = [i for i, p in enumerate(leaf_paths) if paths.matches(pattern, p)]
         if not hits:
@@ -147,37 +195,38 @@ def resolve_groups(specs: Sequence[GroupSpec] | GroupSpec, params: Any) -> Group
             raise TypeError(f"groups must be GroupSpecs (output_channels, channels, ...), got "
                             f"{type(spec).__name__}")
         if spec.kind == "channels":
-            members, size = [], None
+            members, size, stack = [], None, None
             for pattern, axis in spec.members:
                 hits = matching(pattern, spec)
                 if len(hits) != 1:
                     raise ValueError(f"{spec.name}: pattern {pattern!r} must match one parameter, "
                                      f"matches {[leaf_paths[i] for i in hits]}")
                 i = hits[0]
-                if not -len(shapes[i]) <= axis < len(shapes[i]):
+                layer_shape = layer_shape_of(i, spec, 1)
+                if not -len(layer_shape) <= axis < len(layer_shape):
                     raise ValueError(f"{spec.name}: axis {axis} is out of range for parameter "
-                                     f"{leaf_paths[i]} of shape {shapes[i]}")
-                if size is not None and shapes[i][axis] != size:
-                    raise ValueError(f"{spec.name}: parameter {leaf_paths[i]} has {shapes[i][axis]} "
+                                     f"{leaf_paths[i]} of (per-layer) shape {layer_shape}")
+                if size is not None and layer_shape[axis] != size:
+                    raise ValueError(f"{spec.name}: parameter {leaf_paths[i]} has {layer_shape[axis]} "
                                      f"channels on axis {axis}, the other members have {size}")
-                size = shapes[i][axis]
+                if stack is not None and shapes[i][:spec.stack_axes] != stack:
+                    raise ValueError(f"{spec.name}: parameter {leaf_paths[i]} has layer axes "
+                                     f"{shapes[i][:spec.stack_axes]}, the other members have {stack}")
+                size, stack = layer_shape[axis], shapes[i][:spec.stack_axes]
                 members.append((i, axis))
             for i, axis in members:
-                place(i, _axis_ids(shapes[i], axis, offset), spec)
-            channel_members.append((tuple(members), offset, size))
-            offset += size
+                ids_layer = _axis_ids(layer_shape_of(i, spec, 1), axis, 0)
+                place(i, _per_layer(stack, ids_layer, size)[0] + offset, spec)
+            if not spec.stack_axes:
+                channel_members.append((tuple(members), offset, size))
+            offset += int(np.prod(stack, dtype=np.int64)) * size
             continue
         for i in matching(spec.pattern, spec):
-            shape, path = shapes[i], leaf_paths[i]
+            path = leaf_paths[i]
+            shape = layer_shape_of(i, spec, 2)
             if spec.kind == "per_leaf_axis":
-                if len(shape) < 2:
-                    raise ValueError(f"{spec.name}: parameter {path} of shape {shape} has no axis "
-                                     f"{spec.axis} to group (needs ndim >= 2)")
-                place(i, _axis_ids(shape, spec.axis, offset), spec)
-                offset += shape[spec.axis]
+                ids_layer, count = _axis_ids(shape, spec.axis, 0), shape[spec.axis]
             elif spec.kind == "blocks":
-                if len(shape) < 2:
-                    raise ValueError(f"{spec.name}: parameter {path} of shape {shape} is not a matrix")
                 bk, bn = spec.block
                 k, n = WeightLayout.default(shape).k, WeightLayout.default(shape).n
                 if k % bk or n % bn:
@@ -188,12 +237,8 @@ def resolve_groups(specs: Sequence[GroupSpec] | GroupSpec, params: Any) -> Group
                     r = np.arange(k)[:, None] // bk
                     c = np.arange(n)[None, :] // bn
                     return r * (n // bn) + c, (k // bk) * (n // bn)
-                new, count = _matrix_ids(shape, tiles, offset)
-                place(i, new, spec)
-                offset += count
+                ids_layer, count = _matrix_ids(shape, tiles, 0)
             else:  # nm
-                if len(shape) < 2:
-                    raise ValueError(f"{spec.name}: parameter {path} of shape {shape} is not a matrix")
                 k = WeightLayout.default(shape).k
                 if k % spec.m:
                     raise ValueError(f"{spec.name}: m={spec.m} does not divide parameter {path}'s "
@@ -201,9 +246,10 @@ def resolve_groups(specs: Sequence[GroupSpec] | GroupSpec, params: Any) -> Group
 
                 def runs(k, n, m=spec.m):
                     return (np.arange(k)[:, None] // m) * n + np.arange(n)[None, :], (k // m) * n
-                new, count = _matrix_ids(shape, runs, offset)
-                place(i, new, spec)
-                offset += count
+                ids_layer, count = _matrix_ids(shape, runs, 0)
+            new, total = _per_layer(shapes[i][:spec.stack_axes], ids_layer, count)
+            place(i, new + offset, spec)
+            offset += total
     sizes = np.zeros(offset, np.int64)
     for a in ids:
         if a is not None:

@@ -35,6 +35,9 @@ def remove_zero_groups(params: Any, groups: Sequence[GroupSpec] | GroupSpec,
         if spec.kind not in ("channels", "per_leaf_axis"):
             raise ValueError(f"{spec.name}: only channel-like groups shrink shapes; block and N:M "
                              "groups cannot be removed")
+        if spec.stack_axes:
+            raise ValueError(f"{spec.name}: stacked layers keep different channels per layer, which "
+                             "no single smaller stacked shape holds; unstack the layers first")
     leaves, treedef = jax.tree_util.tree_flatten(params)
     leaves = [np.asarray(x) for x in leaves]
     leaf_paths = paths.leaf_paths(params)
