@@ -59,6 +59,62 @@ def test_rigl_drops_smallest_and_regrows_where_the_gradient_is_largest():
         adam = new_state.inner_state[0]
         assert bool(jnp.all(adam.mu[k]["kernel"][newly] == 0))
         assert bool(jnp.all(adam.nu[k]["kernel"][~m1] == 0))
+        # grown weights' nu starts at the mean nu of the weights that stayed active
+        nu = adam.nu[k]["kernel"]
+        np.testing.assert_allclose(nu[newly], float(nu[m1 & ~newly].mean()), rtol=1e-6)
+
+
+ADAM_LIKE = {
+    "adam": lambda lr: optax.adam(lr),
+    # train.py's optimizer: AdamW behind a gradient clip
+    "clip_adamw": lambda lr: optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(lr)),
+    "injected_adamw": lambda lr: optax.inject_hyperparams(optax.adamw)(learning_rate=lr),
+}
+
+
+@pytest.mark.parametrize("name", sorted(ADAM_LIKE))
+def test_grown_weights_take_adam_steps_no_larger_than_the_learning_rate(name):
+    # After many steps Adam's bias correction is ~1; a grown weight whose nu restarted
+    # at 0 would step ~2.5x the learning rate (0.1 g / sqrt(0.001 g^2 / 0.63)).
+    lr, warm = 1e-3, 1000
+    params = _params(9)
+    grads = jax.tree.map(lambda p: jax.random.normal(jax.random.PRNGKey(5), p.shape), params)
+    tx = optim.rigl(ADAM_LIKE[name](lr), 0.8, end_step=2 * warm, update_every=warm,
+                    distribution="uniform")
+    state = tx.init(params)
+    params = optim.apply_masks(params, optim.current_masks(state))
+    step = jax.jit(lambda p, s: tx.update(grads, s, p))
+    for _ in range(warm + 1):  # the last step moves the topology
+        before = optim.current_masks(state)
+        updates, state = step(params, state)
+        params = optax.apply_updates(params, updates)
+    masks = optim.current_masks(state)
+    updates, _ = step(params, state)
+    for k in ("a", "b"):
+        m0, m1 = before[k]["kernel"], masks[k]["kernel"]
+        newly = m1 & ~m0
+        assert bool(newly.any())
+        assert bool(jnp.all(params[k]["kernel"][~m1] == 0))
+        assert bool(jnp.all(params[k]["kernel"][newly] == 0))
+        assert float(jnp.abs(updates[k]["kernel"][newly]).max()) <= lr
+        assert bool(jnp.all(updates[k]["kernel"][~m1] == 0))
+
+
+def test_grown_weights_restart_sgd_momentum_at_zero():
+    params = _params(10)
+    grads = jax.tree.map(lambda p: jax.random.normal(jax.random.PRNGKey(6), p.shape), params)
+    tx = optim.rigl(optax.sgd(0.0, momentum=0.9), 0.7, end_step=10, update_every=1,
+                    distribution="uniform", zero_pruned=False)
+    state = tx.init(params)._replace(step=jnp.asarray(1, jnp.int32))
+    _, state = tx.update(grads, state, params)  # momentum at every weight (zero_pruned=False)
+    old = optim.current_masks(state)
+    _, new_state = tx.update(grads, state, params)
+    trace = new_state.inner_state[0].trace
+    for k in ("a", "b"):
+        newly = new_state.masks[k]["kernel"] & ~old[k]["kernel"]
+        assert bool(newly.any())
+        assert bool(jnp.all(trace[k]["kernel"][newly] == 0))
+        assert bool(jnp.all(trace[k]["kernel"][~newly] != 0))
 
 
 def test_dense_grads_extra_argument_drives_growth():
