@@ -490,7 +490,7 @@ def plot(s: dict, path: str, title: str) -> None:
     plt.close(fig)
 
 
-def write_outputs(args, argv, results, env, total_wall) -> str:
+def write_outputs(args, argv, results, env, total_wall, reruns=()) -> str:
     s = summarize(results)
     checks = trend_checks(s)
     out = args.out
@@ -507,7 +507,11 @@ def write_outputs(args, argv, results, env, total_wall) -> str:
           f"Device: {env['device']}; JAX {env['jax']}, flax {env['flax']}, optax {env['optax']}, "
           f"Python {env['python']}; commit {env['commit'][:12]}"
           + (" (with uncommitted changes)" if env["tree_dirty"] else "") + ".", "",
-          setup, "", *table_lines(s, results), "",
+          setup, "", *[f"Rows {', '.join(r['rows'])} were rerun with `{r['command']}` at commit "
+                       f"{r['commit']} ({r['why']}); the table takes {', '.join(r['replaced'])} from "
+                       f"that run{' (static90 reproduced its recorded losses exactly)' if r.get('static90_reproduced') else ''}."
+                       for r in reruns],
+          *([""] if reruns else []), *table_lines(s, results), "",
           "Params and FLOPs count kept weights only (embedding and head included; FLOPs are forward "
           "matmul FLOPs per token with attention at the full sequence length). Masked rows still "
           "run dense matmuls under XLA: their FLOPs are what a sparse kernel could skip. Monarch and "
@@ -528,7 +532,7 @@ def write_outputs(args, argv, results, env, total_wall) -> str:
     with open(base + ".json", "w") as f:
         json.dump({"environment": env, "setup": vars(args), "summary": s,
                    "trends": [{"claim": c, "holds": h, "evidence": e} for c, h, e in checks],
-                   "runs": results, "wall_s": total_wall}, f, indent=1)
+                   "runs": results, "wall_s": total_wall, "reruns": list(reruns)}, f, indent=1)
     return "\n".join(table_lines(s, results) + [""] +
                      [f"- {c}: {'holds' if h else 'does not hold'} ({e})" for c, h, e in checks])
 
@@ -564,13 +568,17 @@ def parse(argv):
 
 
 def render(json_path: str, out: str) -> str:
-    """Rewrites the Markdown, PNG and JSON from a recorded JSON (no training)."""
+    """Rewrites the Markdown, PNG and JSON from a recorded JSON (no training).
+
+    A JSON may list ``reruns``: rows trained again later (command, commit, why,
+    which rows replaced the recorded ones); the Markdown says so above the table.
+    """
     with open(json_path) as f:
         saved = json.load(f)
     args = argparse.Namespace(**{**saved["setup"], "out": out})
     env = saved["environment"]
     argv = env["command"].split()[2:]
-    return write_outputs(args, argv, saved["runs"], env, saved["wall_s"])
+    return write_outputs(args, argv, saved["runs"], env, saved["wall_s"], saved.get("reruns", ()))
 
 
 def main(argv=None):
