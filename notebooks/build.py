@@ -76,7 +76,7 @@ machine the same command works in a fresh virtual environment.
 |---|---|---|
 | `Block` masks after `sfn.lower(sstate)` | Mosaic GPU block-sparse kernel (`plgpu.emit_pipeline` + `wgmma`) | a Hopper GPU (H100/H200), bf16/f16 weights, blocks of 64 or 128 |
 | `Prune`, `NM`, `Channels` masks | XLA: the masked weight is multiplied densely (masks alone make nothing faster) | |
-| `NM` weights in decode (`sparsejax.kernels.nm_compressed`) | compressed N:M GEMV (Pallas, Triton backend), batch ≤ 2 | 0.86× of dense for 2:4 on H100: compact memory, not speed yet |
+| `NM` weights in decode (`sparsejax.kernels.nm_compressed`) | compressed N:M GEMV (Pallas, Triton backend), batch ≤ 2 | 0.80× of dense for 2:4 on H100: compact memory, not speed yet |
 | `Monarch` | two XLA einsums (the fused Pallas kernel is slower than them; see the results) | |
 | `SparkTopK` | statistical top-k in XLA (three passes, no sort) | |
 
