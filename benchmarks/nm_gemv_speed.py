@@ -52,6 +52,16 @@ def median_us(fn, *args, calls: int = 20, **kwargs) -> float:
     return 1e6 * median_seconds(fn, *args, calls=calls, **kwargs)
 
 
+def checked_us(fn, x, packed, expected, log):
+    """(relative error, passed, median us) of ``fn(x, packed)``; a failure is logged, not raised."""
+    try:
+        err = rel_err(fn(x, packed), expected)
+        return err, bool(np.isfinite(err) and err < 1e-2), median_us(fn, x, packed)
+    except Exception:   # noqa: BLE001
+        log(traceback.format_exc())
+        return float("nan"), False, float("nan")
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--size", type=int, default=8192)
@@ -80,20 +90,9 @@ def main():
         fused_xla = jax.jit(fused_xla_gemv)
         for batch in ((1, 2, 4, 8) if (n, m) == (2, 4) else (1,)):
             x = jnp.asarray(rng.standard_normal((batch, size)), jnp.bfloat16)
-            try:
-                err = rel_err(kernel(x, packed), x.astype(jnp.float32) @ wm.astype(jnp.float32))
-                ok = np.isfinite(err) and err < 1e-2
-                t_k = median_us(kernel, x, packed)
-            except Exception:   # noqa: BLE001
-                log(traceback.format_exc())
-                err, ok, t_k = float("nan"), False, float("nan")
-            try:
-                err_x = rel_err(fused_xla(x, packed), x.astype(jnp.float32) @ wm.astype(jnp.float32))
-                ok_x = np.isfinite(err_x) and err_x < 1e-2
-                t_x = median_us(fused_xla, x, packed)
-            except Exception:   # noqa: BLE001
-                log(traceback.format_exc())
-                err_x, ok_x, t_x = float("nan"), False, float("nan")
+            expected = x.astype(jnp.float32) @ wm.astype(jnp.float32)
+            err, ok, t_k = checked_us(kernel, x, packed, expected, log)
+            err_x, ok_x, t_x = checked_us(fused_xla, x, packed, expected, log)
             all_ok &= ok and ok_x
             t_d = median_us(dense, x, w)
             ratio = t_d / t_k
