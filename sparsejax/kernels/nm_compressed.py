@@ -35,6 +35,7 @@ import numpy as np
 from jax.experimental import pallas as pl
 
 from sparsejax.kernels import tile_tables
+from sparsejax.kernels._triton import compiler_params, next_pow2
 
 __all__ = ["NMWeight", "compress_nm", "nm_matmul", "nm_matmul_reference", "supported"]
 
@@ -271,8 +272,7 @@ def _nm_call(xg, values, meta, *, n, m, bits, group_tile, cols_tile, splits, int
                                tiles_per_split=g_split // group_tile)
     params = {}
     if not interpret and jax.default_backend() == "gpu":
-        from jax.experimental.pallas import triton as pltriton
-        params["compiler_params"] = pltriton.CompilerParams(num_warps=NUM_WARPS, num_stages=NUM_STAGES)
+        params["compiler_params"] = compiler_params(NUM_WARPS, NUM_STAGES)
     return pl.pallas_call(kernel, grid=(cols // cols_tile, splits), in_specs=in_specs,
                           out_specs=out_spec, out_shape=out_shape, input_output_aliases=aliases,
                           interpret=interpret, **params)(*operands)
@@ -328,11 +328,11 @@ def _nm_apply(x2, values, meta, static):
     bits = _index_bits(m)
     batch = x2.shape[0]
     # Triton blocks need power-of-two sizes: pad the batch (at most MAX_KERNEL_BATCH rows).
-    batch_pad = 1 << max(0, (batch - 1).bit_length())
+    batch_pad = next_pow2(batch)
     x2_pad = jnp.pad(x2, ((0, batch_pad - batch), (0, 0)))
     g = k // m
     g_pad = values.shape[1]
-    cols_tile = min(cols_tile, 1 << max(0, (cols - 1).bit_length()))
+    cols_tile = min(cols_tile, next_pow2(cols))
     cols_pad = -(-cols // cols_tile) * cols_tile
     # x as (m, batch, G): position p of every group is one contiguous row.
     xg = x2_pad.reshape(batch_pad, g, m).transpose(2, 0, 1)

@@ -42,6 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import pallas as pl
 
+from sparsejax.kernels._triton import compiler_params, next_pow2
 from sparsejax.topk import resolve_k_frac, statistical_threshold
 
 __all__ = [
@@ -242,10 +243,6 @@ def _down_kernel(meta_ref, idx_ref, h_ref, w_ref, *rest, bc, bn, splits, capacit
     o_ref[s, :, pl.ds(t * bn, bn)] = acc
 
 
-def _next_pow2(n: int) -> int:
-    return 1 << max(0, (int(n) - 1).bit_length())
-
-
 def _pad_to(a, axis, multiple):
     extra = (-a.shape[axis]) % multiple
     if not extra:
@@ -260,7 +257,7 @@ def _gathered_pallas(x_up, act, w_up_t, w_down, idx, count, *, bc, bk, bn, up_pr
     batch = x_up.shape[0]
     d_ff, d_out = w_down.shape
     capacity = idx.shape[0]
-    b_pad = _next_pow2(batch)                 # Triton tensors have power-of-two shapes
+    b_pad = next_pow2(batch)                 # Triton tensors have power-of-two shapes
     # Zero padding never changes the answer; real decode weights are prepared already
     # padded (see pad_decode_weights), so these are no-ops on the fast path.
     w_up_t = _pad_to(w_up_t, 1, bk)
@@ -270,7 +267,7 @@ def _gathered_pallas(x_up, act, w_up_t, w_down, idx, count, *, bc, bk, bn, up_pr
     idx = _pad_to(idx, 0, bc)
     meta = jnp.reshape(count.astype(jnp.int32), (1,))
     h_rows = _cdiv(d_ff, bc) * bc
-    compiler = dict(compiler_params=_triton_params(num_warps)) if not interpret else {}
+    compiler = dict(compiler_params=compiler_params(num_warps, num_stages=2)) if not interpret else {}
 
     h_shape = jax.ShapeDtypeStruct((h_rows, b_pad), jnp.float32)
     up_args = [meta, idx, x_up, act_t, w_up_t]
@@ -292,14 +289,6 @@ def _gathered_pallas(x_up, act, w_up_t, w_down, idx, count, *, bc, bk, bn, up_pr
     partial = pl.pallas_call(down, grid=(w_down.shape[1] // bn, splits), out_shape=o_shape,
                              input_output_aliases=aliases, interpret=interpret, **compiler)(*down_args)
     return jnp.sum(partial, axis=0)[:batch, :d_out]
-
-
-def _triton_params(num_warps):
-    try:
-        from jax.experimental.pallas import triton as pltriton
-        return pltriton.CompilerParams(num_warps=num_warps, num_stages=2)
-    except (ImportError, AttributeError):      # older spellings
-        return dict(triton=dict(num_warps=num_warps, num_stages=2))
 
 
 def gathered_ffn(x_up: jax.Array, act: jax.Array, w_up_t: jax.Array, w_down: jax.Array,

@@ -28,6 +28,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from sparsejax import topk
+from sparsejax.kernels._triton import compiler_params, next_pow2
 
 __all__ = ["MAX_ROW", "kernel_applies", "statistical_topk_pallas", "statistical_topk_reference"]
 
@@ -40,10 +41,6 @@ def statistical_topk_reference(x, *, k=None, k_frac=None, mode="soft", fill=0.0)
     return topk.statistical_topk(x, k=k, k_frac=k_frac, axis=-1, mode=mode, fill=fill)
 
 
-def _next_pow2(n: int) -> int:
-    return 1 << max(0, (int(n) - 1).bit_length())
-
-
 def kernel_applies(x, *, k=None, k_frac=None, mode="soft", where=None) -> str | None:
     """Why the kernel cannot compute this call (``None`` when it can)."""
     if mode not in ("soft", "hard"):
@@ -52,7 +49,7 @@ def kernel_applies(x, *, k=None, k_frac=None, mode="soft", where=None) -> str | 
         return "a where= mask"
     if isinstance(k, jax.Array) or isinstance(k_frac, jax.Array):
         return "a traced k"
-    if x.ndim == 0 or _next_pow2(x.shape[-1]) > MAX_ROW:
+    if x.ndim == 0 or next_pow2(x.shape[-1]) > MAX_ROW:
         return f"rows of {x.shape[-1] if x.ndim else 0} entries (the kernel holds up to {MAX_ROW})"
     if x.dtype not in (jnp.float32, jnp.bfloat16, jnp.float16):
         return f"dtype {x.dtype}"
@@ -83,20 +80,12 @@ def _kernel(x_ref, *refs, d, z, mode, fill):
     o_ref[...] = out.astype(o_ref.dtype)
 
 
-def _triton_params(num_warps: int):
-    try:
-        from jax.experimental.pallas import triton as pltriton
-        return pltriton.CompilerParams(num_warps=num_warps, num_stages=1)
-    except (ImportError, AttributeError):      # older spellings
-        return dict(triton=dict(num_warps=num_warps, num_stages=1))
-
-
 def _forward(x, *, frac, mode, fill, stop_gradient, rows_per_block, num_warps, interpret, poison):
     del stop_gradient     # the backward pass's business
     shape, d = x.shape, x.shape[-1]
     rows = x.reshape(-1, d)
     n = rows.shape[0]
-    d_pad = _next_pow2(d)
+    d_pad = next_pow2(d)
     n_pad = -(-n // rows_per_block) * rows_per_block
     if (n_pad, d_pad) != (n, d):
         rows = jnp.pad(rows, ((0, n_pad - n), (0, d_pad - d)))
@@ -110,7 +99,7 @@ def _forward(x, *, frac, mode, fill, stop_gradient, rows_per_block, num_warps, i
         args.append(jnp.full(out_shape.shape, jnp.nan, x.dtype))
         in_specs.append(spec)
         aliases = {1: 0}
-    compiler = {} if interpret else dict(compiler_params=_triton_params(num_warps))
+    compiler = {} if interpret else dict(compiler_params=compiler_params(num_warps, num_stages=1))
     out = pl.pallas_call(kernel, grid=(n_pad // rows_per_block,), in_specs=in_specs, out_specs=spec,
                          out_shape=out_shape, input_output_aliases=aliases, interpret=interpret,
                          **compiler)(*args)

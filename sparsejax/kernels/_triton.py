@@ -1,0 +1,17 @@
+"""What the kernels on Pallas's Triton backend share: power-of-two sizes and compiler params."""
+
+from __future__ import annotations
+
+
+def next_pow2(n: int) -> int:
+    """The smallest power of two >= ``n`` (Triton tensors have power-of-two shapes)."""
+    return 1 << max(0, (int(n) - 1).bit_length())
+
+
+def compiler_params(num_warps: int, num_stages: int):
+    """``compiler_params`` for ``pl.pallas_call`` on the Triton backend, across JAX spellings."""
+    try:
+        from jax.experimental.pallas import triton as pltriton
+        return pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages)
+    except (ImportError, AttributeError):      # older spellings
+        return dict(triton=dict(num_warps=num_warps, num_stages=num_stages))
