@@ -1,0 +1,329 @@
+"""The fastest correct path for one call site, chosen by measurement and remembered.
+
+A rewritten site (a lowered block-sparse matmul, a Monarch product, a decode
+GEMV) can usually be computed several correct ways: one or more kernels and
+XLA's dense product. Which is fastest depends on the shape, the density and the
+device, and it is not always the kernel: a block-sparse matmul whose columns
+keep one block each, or a Monarch product at 768 wide, loses to XLA. So a site
+never trusts a rule of thumb on an accelerator: :func:`choose` times every
+supported candidate on the device the first time a signature is seen, keeps the
+answer in memory, in a user cache file (``SPARSEJAX_PATH_CACHE``) and in the
+tables shipped with the library (``path_tables/<device>.json``), and the site
+then takes the winner. On the CPU, and whenever measuring is off, the choice is
+deterministic: the first supported candidate in the caller's order of
+preference (the reference twin where no kernel runs).
+
+Modes (:func:`set_mode` / :func:`mode`, or ``SPARSEJAX_PATHS``):
+
+* ``"auto"`` (default): measure on GPU/TPU when no table knows the signature;
+  deterministic on CPU.
+* ``"table"``: use the memory cache and the tables, never measure; an unknown
+  signature takes the deterministic choice.
+* ``"off"``: always the deterministic choice.
+* ``"force:<path>"``: that path wherever it is a candidate and supported (tests,
+  benchmarks of one path).
+
+Measurements run in a worker thread: a site is chosen while the rewritten
+program is being traced, and a thread starts with no trace of its own, so the
+candidates run eagerly on concrete random inputs of the site's shapes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import pathlib
+import statistics
+import threading
+import time
+from concurrent import futures
+from typing import Callable, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+__all__ = ["Candidate", "Choice", "choose", "set_mode", "mode", "clear_cache", "cache_entries",
+           "device_key", "table_path"]
+
+_TABLE_DIR = pathlib.Path(__file__).with_name("path_tables")
+
+
+@dataclasses.dataclass(frozen=True)
+class Candidate:
+    """One way to compute a site.
+
+    Attributes:
+      name: short, stable name (the key in tables and reports), e.g. ``"kernel"``, ``"xla_dense"``.
+      fn: the computation, ``fn(*args)`` on arrays shaped like the caller's ``args``.
+      unsupported: why this path cannot run here (``None`` if it can); unsupported
+        candidates are never measured or chosen.
+      describe: a human description for the report (defaults to ``name``).
+    """
+
+    name: str
+    fn: Callable
+    unsupported: str | None = None
+    describe: str | None = None
+
+    @property
+    def label(self) -> str:
+        return self.describe or self.name
+
+
+@dataclasses.dataclass(frozen=True)
+class Choice:
+    """The path a site takes, and why.
+
+    Attributes:
+      name: the chosen candidate's name.
+      label: its description.
+      source: ``"measured"`` (now), ``"cache"`` (this process or the user cache
+        file), ``"table"`` (shipped table), ``"default"`` (deterministic order),
+        ``"forced"``.
+      times_us: median microseconds of each measured candidate (empty if none was measured).
+      baseline: the candidate the times are compared against (XLA dense), if given.
+    """
+
+    name: str
+    label: str
+    source: str
+    times_us: Mapping[str, float] = dataclasses.field(default_factory=dict)
+    baseline: str | None = None
+
+    def summary(self) -> str:
+        """One phrase for a report column: the path, and its time against the baseline."""
+        text = self.label
+        mine = self.times_us.get(self.name)
+        base = self.times_us.get(self.baseline) if self.baseline else None
+        if mine is not None and base is not None and self.name != self.baseline:
+            text += f" ({mine:.0f} µs vs dense {base:.0f} µs, {base / mine:.2f}×, {self.source})"
+        elif mine is not None:
+            text += f" ({mine:.0f} µs, {self.source})"
+        elif self.source != "default":
+            text += f" ({self.source})"
+        return text
+
+
+# --------------------------------------------------------------------------- mode
+
+_state = threading.local()
+_MODES = ("auto", "table", "off")
+
+
+def _check_mode(m: str) -> str:
+    if m in _MODES or (isinstance(m, str) and m.startswith("force:") and len(m) > 6):
+        return m
+    raise ValueError(f"path choice mode must be one of {_MODES} or 'force:<path>', got {m!r}")
+
+
+_global_mode = _check_mode(os.environ.get("SPARSEJAX_PATHS", "auto"))
+
+
+def set_mode(m: str) -> None:
+    """Sets the process-wide mode (see the module docstring)."""
+    global _global_mode
+    _global_mode = _check_mode(m)
+
+
+def current_mode() -> str:
+    return getattr(_state, "mode", None) or _global_mode
+
+
+@contextlib.contextmanager
+def mode(m: str):
+    """Context manager: the mode for choices made (traced) inside the block, in this thread."""
+    _check_mode(m)
+    previous = getattr(_state, "mode", None)
+    _state.mode = m
+    try:
+        yield
+    finally:
+        _state.mode = previous
+
+
+# --------------------------------------------------------------------------- cache and tables
+
+_memory: dict[str, dict] = {}
+_lock = threading.Lock()
+_loaded_tables: dict[str, dict] = {}
+
+
+def device_key(device=None) -> str:
+    """A file-name-safe name of the device kind, e.g. ``nvidia_h200``."""
+    device = device or jax.devices()[0]
+    kind = getattr(device, "device_kind", device.platform)
+    return "".join(c if c.isalnum() else "_" for c in kind.lower()).strip("_") or device.platform
+
+
+def table_path(device=None) -> pathlib.Path:
+    """Where the shipped table of a device kind lives."""
+    return _TABLE_DIR / f"{device_key(device)}.json"
+
+
+def _read_table(path: pathlib.Path) -> dict:
+    key = str(path)
+    if key not in _loaded_tables:
+        try:
+            _loaded_tables[key] = json.loads(path.read_text()).get("entries", {})
+        except (OSError, ValueError):
+            _loaded_tables[key] = {}
+    return _loaded_tables[key]
+
+
+def _user_cache_path() -> pathlib.Path | None:
+    p = os.environ.get("SPARSEJAX_PATH_CACHE")
+    return pathlib.Path(p) if p else None
+
+
+def _lookup(key: str) -> tuple[dict, str] | None:
+    with _lock:
+        if key in _memory:
+            return _memory[key], "cache"
+    user = _user_cache_path()
+    if user is not None and key in _read_table(user):
+        return _read_table(user)[key], "cache"
+    shipped = _read_table(table_path())
+    if key in shipped:
+        return shipped[key], "table"
+    return None
+
+
+def _remember(key: str, entry: dict) -> None:
+    with _lock:
+        _memory[key] = entry
+    user = _user_cache_path()
+    if user is not None:
+        entries = dict(_read_table(user))
+        entries[key] = entry
+        user.parent.mkdir(parents=True, exist_ok=True)
+        user.write_text(json.dumps({"device": device_key(), "entries": entries}, indent=1,
+                                   sort_keys=True))
+        _loaded_tables[str(user)] = entries
+
+
+def cache_entries() -> dict[str, dict]:
+    """Everything measured in this process, keyed by signature: the form of a shipped table."""
+    with _lock:
+        return dict(_memory)
+
+
+def clear_cache() -> None:
+    """Forgets this process's measurements and reloads table files on next use."""
+    with _lock:
+        _memory.clear()
+    _loaded_tables.clear()
+
+
+# --------------------------------------------------------------------------- measuring
+
+
+def _random_like(spec, key):
+    if isinstance(spec, jax.ShapeDtypeStruct):
+        dtype = jnp.dtype(spec.dtype)
+        if jnp.issubdtype(dtype, jnp.floating):
+            return jax.random.normal(key, spec.shape, jnp.float32).astype(dtype)
+        if jnp.issubdtype(dtype, jnp.integer):
+            return jax.random.randint(key, spec.shape, 0, 2, dtype)
+        return jnp.zeros(spec.shape, dtype)
+    return spec
+
+
+def _median_us(fn, args, calls: int, repeats: int) -> float:
+    jax.block_until_ready(fn(*args))          # compile
+    jax.block_until_ready(fn(*args))          # warm
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            out = fn(*args)
+        jax.block_until_ready(out)
+        times.append((time.perf_counter() - t0) / calls)
+    return 1e6 * statistics.median(times)
+
+
+def measure(candidates: Sequence[Candidate], arg_specs: Sequence, *, calls: int = 10,
+            repeats: int = 7) -> dict[str, float]:
+    """Median µs of each supported candidate on random inputs shaped like ``arg_specs``.
+
+    ``arg_specs`` are ShapeDtypeStructs (or concrete non-array values passed through).
+    Runs in a fresh thread, so it may be called while a program is being traced.
+    """
+    def run():
+        keys = jax.random.split(jax.random.key(0), max(len(arg_specs), 1))
+        args = [_random_like(s, k) for s, k in zip(arg_specs, keys)]
+        out = {}
+        for c in candidates:
+            if c.unsupported is None:
+                out[c.name] = _median_us(jax.jit(c.fn), args, calls, repeats)
+        return out
+
+    with futures.ThreadPoolExecutor(max_workers=1) as pool:
+        return pool.submit(run).result()
+
+
+# --------------------------------------------------------------------------- choosing
+
+
+def _measuring_pays() -> bool:
+    """Whether timings here say anything about the device the program targets (not on CPU)."""
+    return jax.devices()[0].platform != "cpu"
+
+
+def _default_choice(candidates: Sequence[Candidate], baseline: str | None, source: str,
+                    times: Mapping[str, float] | None = None) -> Choice:
+    first = next(c for c in candidates if c.unsupported is None)
+    return Choice(first.name, first.label, source, dict(times or {}), baseline)
+
+
+def choose(op: str, signature: str, candidates: Sequence[Candidate], arg_specs: Sequence, *,
+           baseline: str | None = None) -> Choice:
+    """The path for one site.
+
+    Args:
+      op: the operation's name (``"block_sparse_matmul"``, ``"monarch_matmul"``, ...).
+      signature: everything besides the device that decides the winner (shapes,
+        dtype, density, block), as a stable string.
+      candidates: the paths in order of preference; at least one must be supported
+        (the XLA one always is).
+      arg_specs: ShapeDtypeStructs of ``fn``'s array arguments (random inputs are
+        drawn for measurement), or concrete values passed as they are.
+      baseline: the candidate the report compares against (XLA's dense product).
+    """
+    supported = [c for c in candidates if c.unsupported is None]
+    if not supported:
+        raise ValueError(f"{op}: no candidate path is supported here: "
+                         + "; ".join(f"{c.name}: {c.unsupported}" for c in candidates))
+    m = current_mode()
+    if m.startswith("force:"):
+        want = m[len("force:"):]
+        for c in supported:
+            if c.name == want:
+                return Choice(c.name, c.label, "forced", {}, baseline)
+        return _default_choice(supported, baseline, "default")
+    if m == "off" or len(supported) == 1:
+        return _default_choice(supported, baseline, "default")
+    key = f"{op}|{signature}"
+    names = {c.name for c in supported}
+    found = _lookup(key)
+    if found is not None:
+        entry, source = found
+        if entry.get("path") in names:
+            c = next(c for c in supported if c.name == entry["path"])
+            return Choice(c.name, c.label, source, entry.get("times_us", {}), baseline)
+    if m == "table" or not _measuring_pays():
+        return _default_choice(supported, baseline, "default")
+    times = measure(supported, arg_specs)
+    best = min(times, key=times.get)
+    _remember(key, {"path": best, "times_us": {k: round(v, 2) for k, v in times.items()}})
+    c = next(c for c in supported if c.name == best)
+    return Choice(c.name, c.label, "measured", times, baseline)
+
+
+def write_table(path, entries: Mapping[str, dict] | None = None, device=None) -> None:
+    """Writes ``entries`` (default: this process's measurements) as a shippable table file."""
+    entries = dict(cache_entries() if entries is None else entries)
+    pathlib.Path(path).write_text(json.dumps({"device": device_key(device), "entries": entries},
+                                             indent=1, sort_keys=True))

@@ -1,0 +1,96 @@
+"""The per-site path choice: deterministic on CPU, forced on request, remembered when measured."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from sparsejax.kernels import path_choice as pc
+
+
+def _candidates():
+    dense = lambda x, w: x @ w
+    slow = lambda x, w: (x[:, :, None] * w[None]).sum(1)
+    return [pc.Candidate("kernel", slow, unsupported="no kernel on cpu"),
+            pc.Candidate("einsum", slow, describe="einsum path"),
+            pc.Candidate("xla_dense", dense, describe="XLA dense")]
+
+
+SPECS = [jax.ShapeDtypeStruct((8, 16), jnp.float32), jax.ShapeDtypeStruct((16, 4), jnp.float32)]
+
+
+@pytest.fixture(autouse=True)
+def _fresh(monkeypatch):
+    monkeypatch.delenv("SPARSEJAX_PATH_CACHE", raising=False)
+    pc.clear_cache()
+    yield
+    pc.clear_cache()
+
+
+def test_cpu_choice_is_the_first_supported_candidate():
+    c = pc.choose("op", "sig", _candidates(), SPECS, baseline="xla_dense")
+    assert (c.name, c.source, dict(c.times_us)) == ("einsum", "default", {})
+    assert c.summary() == "einsum path"
+
+
+def test_forced_path_wins_and_unsupported_is_never_forced():
+    with pc.mode("force:xla_dense"):
+        assert pc.choose("op", "sig", _candidates(), SPECS).name == "xla_dense"
+    with pc.mode("force:kernel"):   # unsupported here: the deterministic choice instead
+        assert pc.choose("op", "sig", _candidates(), SPECS).name == "einsum"
+
+
+def test_no_supported_candidate_is_a_clear_error():
+    with pytest.raises(ValueError, match="op: no candidate path is supported here: kernel: no kernel"):
+        pc.choose("op", "sig", _candidates()[:1], SPECS)
+
+
+def test_bad_mode_is_rejected():
+    with pytest.raises(ValueError, match="path choice mode"):
+        pc.set_mode("fastest")
+
+
+def test_user_cache_file_decides_and_measurements_are_written_there(tmp_path, monkeypatch):
+    cache = tmp_path / "paths.json"
+    cache.write_text(json.dumps({"entries": {"op|sig": {"path": "xla_dense",
+                                                        "times_us": {"einsum": 9.0, "xla_dense": 3.0}}}}))
+    monkeypatch.setenv("SPARSEJAX_PATH_CACHE", str(cache))
+    c = pc.choose("op", "sig", _candidates(), SPECS, baseline="xla_dense")
+    assert (c.name, c.source, c.times_us["einsum"]) == ("xla_dense", "cache", 9.0)
+    # A recorded path that is not a candidate any more is ignored, not obeyed.
+    cache.write_text(json.dumps({"entries": {"op|sig": {"path": "gone"}}}))
+    pc.clear_cache()
+    assert pc.choose("op", "sig", _candidates(), SPECS).name == "einsum"
+
+
+def test_measure_runs_eagerly_while_a_program_is_being_traced():
+    seen = {}
+
+    def f(x):
+        seen.update(pc.measure(_candidates(), SPECS, calls=1, repeats=1))
+        return x + 1
+
+    jax.make_jaxpr(f)(jnp.ones(3))
+    assert set(seen) == {"einsum", "xla_dense"} and all(t > 0 for t in seen.values())
+
+
+def test_choice_summary_compares_with_the_baseline():
+    c = pc.Choice("kernel", "block-sparse kernel", "measured", {"kernel": 20.0, "xla_dense": 50.0},
+                  "xla_dense")
+    assert c.summary() == "block-sparse kernel (20 µs vs dense 50 µs, 2.50×, measured)"
+
+
+def test_measured_choice_is_the_fastest_and_is_remembered(monkeypatch, tmp_path):
+    monkeypatch.setattr(pc, "_measuring_pays", lambda: True)
+    monkeypatch.setattr(pc, "measure", lambda cands, specs: {"einsum": 5.0, "xla_dense": 2.0})
+    monkeypatch.setenv("SPARSEJAX_PATH_CACHE", str(tmp_path / "c.json"))
+    first = pc.choose("op", "sig", _candidates(), SPECS, baseline="xla_dense")
+    assert (first.name, first.source) == ("xla_dense", "measured")
+    monkeypatch.setattr(pc, "measure", lambda *a: pytest.fail("measured twice"))
+    again = pc.choose("op", "sig", _candidates(), SPECS, baseline="xla_dense")
+    assert (again.name, again.source) == ("xla_dense", "cache")
+    saved = json.loads((tmp_path / "c.json").read_text())["entries"]["op|sig"]
+    assert saved == {"path": "xla_dense", "times_us": {"einsum": 5.0, "xla_dense": 2.0}}
+    with pc.mode("off"):
+        assert pc.choose("op", "sig", _candidates(), SPECS).name == "einsum"
