@@ -1,0 +1,175 @@
+"""Where the time of a data-parallel train.py step goes on several GPUs.
+
+    python benchmarks/multi_gpu_probe.py                 # all variants, one table
+    python benchmarks/multi_gpu_probe.py --variant=NAME  # one variant (a subprocess of the above)
+
+Measures, on the machine's GPUs: how they are connected (``nvidia-smi topo -m``), the
+all-reduce bandwidth JAX gets for a gradient-sized buffer (float32 and bfloat16), the
+collectives the compiled data-parallel step contains (count, dtype, bytes), and the time
+of the jitted step alone (batches already on the devices, no host work in the loop) for
+one GPU and for all GPUs under several XLA flag sets. The step time of one GPU over the
+number of GPUs, plus the measured all-reduce time, is what the data-parallel step
+should cost if nothing overlaps; the gap to the measured step says what overlapped, or
+what else costs. Prints the table last and writes it to $OUT/multi_gpu_probe.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import re
+import statistics
+import subprocess
+import sys
+import time
+
+FLAG_SETS = {
+    "default": "",
+    "lhs": "--xla_gpu_enable_latency_hiding_scheduler=true",
+    "lhs_combine32M": ("--xla_gpu_enable_latency_hiding_scheduler=true "
+                       "--xla_gpu_all_reduce_combine_threshold_bytes=33554432"),
+}
+CONFIG = dict(model="lm", d_model=1024, n_layers=8, n_heads=16, d_ff=4096, seq_len=512,
+              batch_size=64, steps=1000, dtype="bfloat16", learning_rate=1e-3, recipe="dense")
+
+
+def _step_time(mesh_spec: str, steps: int = 12) -> dict:
+    import jax
+    import optax
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    sys.path.append(str(pathlib.Path(__file__).resolve().parents[1]))
+    import train
+
+    import tempfile
+    with tempfile.TemporaryDirectory() as workdir:
+        run = train.prepare(train.Config(**CONFIG, mesh=mesh_spec, workdir=workdir))
+        state, sfn, tx = train.create_state(run)
+    mesh, preset = run.mesh, run.preset
+    state_sharding = jax.tree.map(lambda x: train.fsdp_sharding(mesh, x), state)
+    batch_sharding = NamedSharding(mesh, P(("data", "fsdp")))
+    state = jax.device_put(jax.tree.map(lambda x: x.copy(), state), state_sharding)
+
+    def loss_fn(params, masks, batch):
+        logits = sfn(params, {"masks": masks}, train.model_inputs(batch))
+        return train.loss_and_metrics(logits, batch)
+
+    def step(state, batch):
+        masks = train.presets.forward_masks(preset, state.sstate, state.opt_state)
+        (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, masks, batch)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        return state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
+                             opt_state=opt_state), metrics["loss"]
+
+    jstep = jax.jit(step, in_shardings=(state_sharding, batch_sharding),
+                    out_shardings=(state_sharding, None), donate_argnums=0)
+    batches = [jax.device_put(run.train_batches.batch(i), batch_sharding) for i in range(4)]
+    compiled = jstep.lower(state, batches[0]).compile()
+    hlo = compiled.as_text()
+    collectives = {}
+    for m in re.finditer(r"= (\w+)\[([\d,]*)\][^\n]*? (all-reduce|reduce-scatter|all-gather)(-start)?\(",
+                         hlo):
+        dtype, dims, op = m.group(1), m.group(2), m.group(3)
+        size = 1
+        for d in filter(None, dims.split(",")):
+            size *= int(d)
+        nbytes = size * {"f32": 4, "bf16": 2, "f16": 2, "s32": 4}.get(dtype, 4)
+        c = collectives.setdefault(f"{op} {dtype}", [0, 0])
+        c[0] += 1
+        c[1] += nbytes
+    for _ in range(3):
+        state, loss = jstep(state, batches[0])
+    jax.block_until_ready(loss)
+    times = []
+    for r in range(5):
+        t0 = time.perf_counter()
+        for i in range(steps):
+            state, loss = jstep(state, batches[i % len(batches)])
+        jax.block_until_ready(loss)
+        times.append((time.perf_counter() - t0) / steps)
+    return {"step_ms": 1e3 * statistics.median(times), "collectives": collectives,
+            "tokens_per_s": CONFIG["batch_size"] * CONFIG["seq_len"] / statistics.median(times)}
+
+
+def _allreduce_gbps() -> dict:
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+    n = jax.device_count()
+    mesh = Mesh(jax.devices(), ("d",))
+    out = {}
+    for dtype in (jnp.float32, jnp.bfloat16):
+        elems = 100 * 2 ** 20          # ~ the LM's gradient: 100M values per device
+        x = jax.device_put(jnp.ones((n, elems), dtype), NamedSharding(mesh, P("d")))
+        f = jax.jit(lambda x: jnp.sum(x, axis=0), out_shardings=NamedSharding(mesh, P()))
+        jax.block_until_ready(f(x))
+        times = []
+        for _ in range(5):
+            t0 = time.perf_counter()
+            jax.block_until_ready(f(x))
+            times.append(time.perf_counter() - t0)
+        t = statistics.median(times)
+        nbytes = elems * jnp.dtype(dtype).itemsize
+        # bus bandwidth of a ring all-reduce: 2 (n - 1) / n of the buffer crosses each link
+        out[jnp.dtype(dtype).name] = {"ms": 1e3 * t, "busbw_GBps": 2 * (n - 1) / n * nbytes / t / 1e9}
+    return out
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--variant", default="")
+    args = parser.parse_args()
+    if args.variant:
+        mesh_spec, _, flagset = args.variant.partition("@")
+        result = _step_time(mesh_spec)
+        if mesh_spec != "data:1":
+            result["allreduce"] = _allreduce_gbps()
+        print("RESULT " + json.dumps(result))
+        return
+
+    topo = subprocess.run(["nvidia-smi", "topo", "-m"], capture_output=True, text=True).stdout
+    print(topo)
+    rows = {}
+    base_env = dict(os.environ)
+    variants = [("data:1", "default")] + [("data:2", f) for f in FLAG_SETS] + [("data:1,fsdp:2", "default")]
+    for mesh_spec, flagset in variants:
+        env = dict(base_env)
+        env["XLA_FLAGS"] = (base_env.get("XLA_FLAGS", "") + " " + FLAG_SETS[flagset]).strip()
+        t0 = time.time()
+        proc = subprocess.run([sys.executable, __file__, f"--variant={mesh_spec}@{flagset}"],
+                              env=env, capture_output=True, text=True, timeout=240)
+        line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
+        if not line:
+            print(f"{mesh_spec}@{flagset} failed:\n{proc.stderr[-3000:]}")
+            continue
+        rows[(mesh_spec, flagset)] = json.loads(line[0][7:])
+        print(mesh_spec, flagset, f"{time.time() - t0:.0f}s", rows[(mesh_spec, flagset)], flush=True)
+    import jax
+    one = rows.get(("data:1", "default"))
+    lines = [f"## multi-GPU step probe: {jax.device_count()}× {jax.devices()[0].device_kind}, "
+             f"JAX {jax.__version__}", "", "Command: `python benchmarks/multi_gpu_probe.py`", "",
+             "LM d_model 1024, 8 layers, d_ff 4096, global batch 64×512 tokens, bf16, dense, "
+             "AdamW; jitted step alone (batches on device).", "",
+             "| mesh | XLA flags | step ms | tokens/s | vs 1 GPU | collectives (count, MB) |",
+             "|---|---|---|---|---|---|"]
+    for (mesh_spec, flagset), r in rows.items():
+        coll = "; ".join(f"{k}: {v[0]}, {v[1] / 2**20:.0f}" for k, v in r["collectives"].items()) or "-"
+        speed = f"{one['step_ms'] / r['step_ms']:.2f}×" if one else "-"
+        lines.append(f"| {mesh_spec} | {flagset} | {r['step_ms']:.1f} | {r['tokens_per_s']:.0f} | "
+                     f"{speed} | {coll} |")
+    ar = next((r["allreduce"] for r in rows.values() if "allreduce" in r), None)
+    if ar:
+        lines.append("")
+        lines.append("All-reduce of 100M values per device: " + ", ".join(
+            f"{k} {v['ms']:.1f} ms ({v['busbw_GBps']:.0f} GB/s bus bandwidth)" for k, v in ar.items()))
+    text = "\n".join(lines) + "\n"
+    if os.environ.get("OUT"):
+        pathlib.Path(os.environ["OUT"], "multi_gpu_probe.md").write_text(topo + "\n" + text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
