@@ -35,6 +35,10 @@ CONFIG = dict(model="lm", d_model=1024, n_layers=8, n_heads=16, d_ff=4096, seq_l
               batch_size=64, steps=1000, dtype="bfloat16", learning_rate=1e-3, recipe="dense")
 
 
+if os.environ.get("PROBE_SMOKE"):   # a CPU check of the script itself, tiny sizes
+    CONFIG.update(d_model=32, n_layers=1, n_heads=2, d_ff=64, seq_len=16, batch_size=4, dtype="float32")
+
+
 def _step_time(mesh_spec: str, steps: int = 12) -> dict:
     import jax
     import optax
@@ -69,16 +73,17 @@ def _step_time(mesh_spec: str, steps: int = 12) -> dict:
     compiled = jstep.lower(state, batches[0]).compile()
     hlo = compiled.as_text()
     collectives = {}
-    for m in re.finditer(r"= (\w+)\[([\d,]*)\][^\n]*? (all-reduce|reduce-scatter|all-gather)(-start)?\(",
-                         hlo):
-        dtype, dims, op = m.group(1), m.group(2), m.group(3)
-        size = 1
-        for d in filter(None, dims.split(",")):
-            size *= int(d)
-        nbytes = size * {"f32": 4, "bf16": 2, "f16": 2, "s32": 4}.get(dtype, 4)
-        c = collectives.setdefault(f"{op} {dtype}", [0, 0])
-        c[0] += 1
-        c[1] += nbytes
+    for line in hlo.splitlines():
+        m = re.search(r"= (.*?) (all-reduce|reduce-scatter|all-gather)(-start)?\(", line)
+        if not m:
+            continue
+        for dtype, dims in re.findall(r"(\w+)\[([\d,]*)\]", m.group(1)):
+            size = 1
+            for d in filter(None, dims.split(",")):
+                size *= int(d)
+            c = collectives.setdefault(f"{m.group(2)} {dtype}", [0, 0])
+            c[0] += 1
+            c[1] += size * {"f32": 4, "bf16": 2, "f16": 2, "s32": 4}.get(dtype, 4)
     for _ in range(3):
         state, loss = jstep(state, batches[0])
     jax.block_until_ready(loss)
@@ -102,7 +107,7 @@ def _allreduce_gbps() -> dict:
     mesh = Mesh(jax.devices(), ("d",))
     out = {}
     for dtype in (jnp.float32, jnp.bfloat16):
-        elems = 100 * 2 ** 20          # ~ the LM's gradient: 100M values per device
+        elems = 2 ** 10 if os.environ.get("PROBE_SMOKE") else 100 * 2 ** 20         # ~ the LM's gradient: 100M values per device
         x = jax.device_put(jnp.ones((n, elems), dtype), NamedSharding(mesh, P("d")))
         f = jax.jit(lambda x: jnp.sum(x, axis=0), out_shardings=NamedSharding(mesh, P()))
         jax.block_until_ready(f(x))
@@ -130,7 +135,10 @@ def main():
         print("RESULT " + json.dumps(result))
         return
 
-    topo = subprocess.run(["nvidia-smi", "topo", "-m"], capture_output=True, text=True).stdout
+    try:
+        topo = subprocess.run(["nvidia-smi", "topo", "-m"], capture_output=True, text=True).stdout
+    except OSError as e:
+        topo = f"nvidia-smi: {e}"
     print(topo)
     rows = {}
     base_env = dict(os.environ)
