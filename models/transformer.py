@@ -140,26 +140,43 @@ def rope(x: jax.Array, positions: jax.Array, base: float = 10_000.0) -> jax.Arra
 
 
 class CausalSelfAttention(nn.Module):
+    """Causal multi-head attention with RoPE.
+
+    With ``cache=None`` it attends within ``x``. With a KV cache ``(k, v)``, each of shape
+    ``(B, S, heads, head_dim)``, the ``T`` new tokens sit at ``position ... position + T - 1``:
+    their keys and values are written into the cache there and each attends to every cached
+    position up to its own (decoding); the updated cache is returned beside the output.
+    """
+
     config: TransformerConfig
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, cache=None, position=None):
         cfg = self.config
         dense = lambda name: nn.Dense(cfg.d_model, use_bias=False, dtype=cfg.dtype,
                                       param_dtype=cfg.param_dtype, name=name)
         b, t, _ = x.shape
         heads = lambda y: y.reshape(b, t, cfg.n_heads, cfg.head_dim)
-        positions = jnp.arange(t)
+        start = jnp.zeros([], jnp.int32) if position is None else jnp.asarray(position, jnp.int32)
+        positions = start + jnp.arange(t)
         q = rope(heads(dense("q")(x)), positions, cfg.rope_base)
         k = rope(heads(dense("k")(x)), positions, cfg.rope_base)
         v = heads(dense("v")(x))
-        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32)
+        if cache is None:
+            keys, values, key_positions = k, v, positions
+        else:
+            zero = jnp.zeros([], jnp.int32)
+            keys = jax.lax.dynamic_update_slice(cache[0], k.astype(cache[0].dtype), (zero, start, zero, zero))
+            values = jax.lax.dynamic_update_slice(cache[1], v.astype(cache[1].dtype), (zero, start, zero, zero))
+            key_positions = jnp.arange(keys.shape[1])
+        scores = jnp.einsum("bqhd,bkhd->bhqk", q, keys.astype(q.dtype)).astype(jnp.float32)
         scores = scores / jnp.sqrt(jnp.float32(cfg.head_dim))
-        causal = jnp.tril(jnp.ones((t, t), dtype=bool))
+        causal = key_positions[None, :] <= positions[:, None]
         scores = jnp.where(causal, scores, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-        out = jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(b, t, cfg.d_model)
-        return dense("o")(out)
+        out = jnp.einsum("bhqk,bkhd->bqhd", probs, values.astype(v.dtype)).reshape(b, t, cfg.d_model)
+        out = dense("o")(out)
+        return out if cache is None else (out, (keys, values))
 
 
 class GatedMLP(nn.Module):
@@ -177,27 +194,39 @@ class GatedMLP(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm residual block; the ``(x, carry)`` signature serves ``nn.scan`` too."""
+    """Pre-norm residual block; ``(x, cache) -> (x, cache)`` serves ``nn.scan`` too.
+
+    ``cache`` is this layer's ``(k, v)`` KV cache or None; ``position`` is where the new tokens
+    of a cached call start (see :class:`CausalSelfAttention`).
+    """
 
     config: TransformerConfig
 
     @nn.compact
-    def __call__(self, x: jax.Array, _=None):
+    def __call__(self, x: jax.Array, cache=None, position=None):
         cfg = self.config
         norm = lambda name: nn.RMSNorm(epsilon=cfg.norm_eps, dtype=cfg.dtype,
                                        param_dtype=cfg.param_dtype, name=name)
-        x = x + CausalSelfAttention(cfg, name="attn")(norm("attn_norm")(x))
+        attn = CausalSelfAttention(cfg, name="attn")(norm("attn_norm")(x), cache, position)
+        if cache is not None:
+            attn, cache = attn
+        x = x + attn
         x = x + GatedMLP(cfg, name="mlp")(norm("mlp_norm")(x))
-        return x, None
+        return x, cache
 
 
 class TransformerLM(nn.Module):
-    """Decoder-only LM: ``apply(variables, tokens (B, T) int) -> logits (B, T, vocab)``."""
+    """Decoder-only LM: ``apply(variables, tokens (B, T) int) -> logits (B, T, vocab)``.
+
+    Decoding with a KV cache: ``apply(variables, tokens, cache, position)`` with ``cache``
+    from :func:`init_cache` returns ``(logits, cache)``; the ``T`` tokens are placed at
+    ``position`` (a traced int is fine) and attend to the cache up to themselves.
+    """
 
     config: TransformerConfig
 
     @nn.compact
-    def __call__(self, tokens: jax.Array) -> jax.Array:
+    def __call__(self, tokens: jax.Array, cache=None, position=None):
         cfg = self.config
         embed = nn.Embed(cfg.vocab_size, cfg.d_model, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
                          embedding_init=nn.initializers.normal(stddev=1.0), name="embed")
@@ -207,12 +236,19 @@ class TransformerLM(nn.Module):
             # Inside a scan, CSE cannot merge the recomputation away, so it need not be prevented.
             block = nn.remat(Block, prevent_cse=not cfg.scan_layers)
         if cfg.scan_layers:
+            # The cache (stacked over layers) is scanned with the parameters; the position is
+            # the same for every layer.
             stack = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
-                            length=cfg.n_layers)
-            x, _ = stack(cfg, name="layers")(x, None)
+                            in_axes=(0, nn.broadcast), out_axes=0, length=cfg.n_layers)
+            x, cache = stack(cfg, name="layers")(x, cache, position)
         else:
+            new_cache = []
             for i in range(cfg.n_layers):
-                x, _ = block(cfg, name=f"layers_{i}")(x)
+                layer_cache = None if cache is None else jax.tree.map(lambda c: c[i], cache)
+                x, layer_cache = block(cfg, name=f"layers_{i}")(x, layer_cache, position)
+                new_cache.append(layer_cache)
+            if cache is not None:
+                cache = jax.tree.map(lambda *cs: jnp.stack(cs), *new_cache)
         x = nn.RMSNorm(epsilon=cfg.norm_eps, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
                        name="final_norm")(x)
         if cfg.tie_embeddings:
@@ -220,7 +256,15 @@ class TransformerLM(nn.Module):
         else:
             logits = nn.Dense(cfg.vocab_size, use_bias=False, dtype=cfg.dtype,
                               param_dtype=cfg.param_dtype, name="lm_head")(x)
-        return logits.astype(jnp.float32)
+        logits = logits.astype(jnp.float32)
+        return logits if cache is None else (logits, cache)
+
+
+def init_cache(config: TransformerConfig, batch: int, length: int, dtype=None):
+    """An empty KV cache ``(k, v)``, each ``(n_layers, batch, length, heads, head_dim)``."""
+    shape = (config.n_layers, batch, length, config.n_heads, config.head_dim)
+    dtype = dtype or config.dtype
+    return jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)
 
 
 def lm_loss(logits: jax.Array, targets: jax.Array, weights: jax.Array | None = None) -> jax.Array:

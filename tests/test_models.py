@@ -191,3 +191,20 @@ def test_patchify_orders_patches_row_major():
     np.testing.assert_array_equal(p[1, 4].reshape(2, 2, 3), x[1, 2:4, 2:4])
     with pytest.raises(ValueError, match="patch size 4 must divide"):
         vision.patchify(x, 4)
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_lm_kv_cache_decoding_matches_the_full_forward(scan):
+    cfg = tr.TransformerConfig(d_model=32, n_layers=2, n_heads=4, d_ff=48, scan_layers=scan)
+    model = tr.TransformerLM(cfg)
+    tokens = jax.random.randint(jax.random.key(0), (2, 7), 0, 256)
+    params = model.init(jax.random.key(1), tokens)
+    full = model.apply(params, tokens)
+    logits, cache = model.apply(params, tokens[:, :4], tr.init_cache(cfg, 2, 10), 0)
+    steps = [logits]
+    decode = jax.jit(model.apply)
+    for i in range(4, 7):   # one token at a time, the position traced
+        logits, cache = decode(params, tokens[:, i:i + 1], cache, jnp.int32(i))
+        steps.append(logits)
+    np.testing.assert_allclose(jnp.concatenate(steps, 1), full, atol=2e-5, rtol=2e-5)
+    assert cache[0].shape == (2, 2, 10, 4, 8)

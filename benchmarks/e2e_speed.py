@@ -1,0 +1,233 @@
+"""End to end: does sparsity make a whole LM faster? Prefill, AdamW step and decode vs dense.
+
+    python benchmarks/e2e_speed.py                       # the full table (GPU)
+    python benchmarks/e2e_speed.py --recipes=block90 --layouts=scan --measure=prefill,train
+    python benchmarks/e2e_speed.py --smoke               # tiny sizes on CPU: checks the script
+
+A GPT-2-medium-width LM (models/transformer.py: d_model 1024, 24 layers, 16 heads, d_ff 4096,
+vocab 50304, bf16 compute), written with ``nn.scan`` over layers and unrolled. Recipes, all
+through ``sparsify``: block masks at 90/75/50% on every linear layer but the head, then
+``lower`` (the block-sparse kernel or XLA per site, whichever measured faster); 90% on FFNs
+only; Monarch (4 blocks) on every linear layer but the head. Measured: prefill forward
+(batch 8 × 1024), the AdamW training step (same batch), and decoding one token with a
+1024-token KV cache at batch 1 and 8. Beside each ratio to dense: the FLOP-ideal ratio
+(dense model FLOPs over the sparse model's, from the report's counts) or, for decode, the
+bytes-ideal ratio (weight and cache bytes a dense step reads over a packed sparse one's).
+Every sparse forward is first checked against its masked (XLA) twin. Prints the table last;
+writes $OUT/e2e_speed.md and $OUT/e2e_speed.json when $OUT is set.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import pathlib
+import sys
+import time
+import traceback
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+sys.path.append(str(pathlib.Path(__file__).resolve().parent))
+from timing import median_seconds, rel_err  # noqa: E402
+
+import sparsejax as sj  # noqa: E402
+from sparsejax.models import transformer  # noqa: E402
+
+LINEAR = r"re:.*(attn/(q|k|v|o)|mlp/(gate|up|down))/kernel"
+FFN = r"re:.*mlp/(gate|up|down)/kernel"
+RECIPES = {
+    "block90": lambda: sj.Block(LINEAR, sparsity=0.9, block=(128, 128)),
+    "block75": lambda: sj.Block(LINEAR, sparsity=0.75, block=(128, 128)),
+    "block50": lambda: sj.Block(LINEAR, sparsity=0.5, block=(128, 128)),
+    "block90_ffn": lambda: sj.Block(FFN, sparsity=0.9, block=(128, 128)),
+    "monarch4": lambda: sj.Monarch(LINEAR, nblocks=4),
+}
+MEASURES = ("prefill", "train", "decode1", "decode8")
+
+
+def model_config(smoke: bool, layers: int, scan: bool) -> transformer.TransformerConfig:
+    if smoke:
+        return transformer.TransformerConfig(vocab_size=512, d_model=128, n_layers=2, n_heads=4,
+                                             d_ff=256, scan_layers=scan)
+    return transformer.TransformerConfig(vocab_size=50304, d_model=1024, n_layers=layers, n_heads=16,
+                                         d_ff=4096, scan_layers=scan, dtype="bfloat16")
+
+
+def _cast(tree, dtype):
+    return jax.tree.map(lambda x: x.astype(dtype) if x is not None and jnp.issubdtype(x.dtype, jnp.floating)
+                        else x, tree, is_leaf=lambda x: x is None)
+
+
+def _nbytes(tree) -> int:
+    return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
+
+
+class Variant:
+    """One recipe on one layout: the functions to time, and their ideal ratios."""
+
+    def __init__(self, name, model, cfg, params, prefill_tokens, smoke):
+        self.name, self.model, self.cfg = name, model, cfg
+        self.notes = []
+        if name == "dense":
+            self.fwd = lambda p, s, *a: model.apply(p, *a)
+            self.params, self.sstate = params, None
+            self.flop_ratio = self.byte_ratio = 1.0
+            self.infer_params, self.infer_fwd = params, self.fwd
+            self.train_fwd = self.fwd
+            self.err = 0.0
+            return
+        sfn = sj.sparsify(model.apply, RECIPES[name]())
+        sparams, sstate = sfn.init(params, prefill_tokens)
+        report = sfn.report()
+        dense_flops = cfg.flops_per_token(prefill_tokens.shape[1]) * prefill_tokens.size
+        self.flop_ratio = dense_flops / (dense_flops - (report.flops_before - report.flops_after))
+        self.params, self.sstate = sparams, sstate
+        self.fwd = sfn
+        if name.startswith("block"):
+            try:
+                lowered = sfn.lower(sstate, packed=True)
+                self.infer_params = lowered.pack(sparams) if hasattr(lowered, "pack") else sparams
+            except TypeError:      # no packed inference form: gathers kept blocks from the dense leaf
+                lowered = sfn.lower(sstate)
+                self.infer_params = sparams
+                self.notes.append("decode reads the dense leaf (no packed form)")
+            self.fwd_lowered = lowered
+            self.train_fwd = sfn.lower(sstate)
+            self.infer_fwd = lowered
+            self.report = lowered.report()
+        else:
+            self.train_fwd = self.infer_fwd = sfn
+            self.infer_params = sparams
+            self.report = report
+        # Bytes a decode step must read: every weight once (kept part only where lowered), the cache.
+        dense_w = sum(r.params_before for r in report.rows)
+        kept_w = sum(r.params_after for r in report.rows)
+        total_w = sum(x.size for x in jax.tree.leaves(params))
+        self.byte_ratio = total_w / (total_w - dense_w + kept_w)
+        masked = jax.jit(sfn)(_cast(sparams, jnp.float32), sstate, prefill_tokens[:2, :64])
+        fast = jax.jit(self.train_fwd)(_cast(sparams, jnp.float32), sstate, prefill_tokens[:2, :64])
+        self.err = rel_err(fast, masked)
+        self.paths = sorted({r.kernel for r in self.report.rows})
+
+
+def time_variant(v: Variant, measures, batch, seq, smoke) -> dict:
+    cfg, out = v.cfg, {}
+    tokens = jax.random.randint(jax.random.key(2), (batch, seq), 0, cfg.vocab_size)
+    calls, repeats = (1, 2) if smoke else (3, 7)
+    infer_params = _cast(v.infer_params, jnp.bfloat16) if not smoke else v.infer_params
+    if "prefill" in measures:
+        f = jax.jit(v.infer_fwd)
+        out["prefill"] = median_seconds(f, infer_params, v.sstate, tokens, calls=calls, repeats=repeats)
+    if "train" in measures:
+        tx = optax.adamw(1e-4)
+        fwd = v.train_fwd
+
+        def step(params, opt_state, sstate, tokens):
+            def loss(p):
+                logits = fwd(p, sstate, tokens)
+                return transformer.lm_loss(logits[:, :-1], tokens[:, 1:])
+            l, g = jax.value_and_grad(loss)(params)
+            updates, opt_state = tx.update(g, opt_state, params)
+            return optax.apply_updates(params, updates), opt_state, l
+
+        params = jax.tree.map(jnp.copy, v.params)
+        opt_state = tx.init(params)
+        jstep = jax.jit(step, donate_argnums=(0, 1))
+        state = [params, opt_state]
+
+        def run(sstate, tokens):
+            state[0], state[1], l = jstep(state[0], state[1], sstate, tokens)
+            return l
+
+        out["train"] = median_seconds(run, v.sstate, tokens, calls=calls, repeats=repeats)
+    for m in measures:
+        if not m.startswith("decode"):
+            continue
+        b = int(m[len("decode"):])
+        cache_len = 64 if smoke else 1024
+        cache = transformer.init_cache(cfg, b, cache_len, jnp.bfloat16 if not smoke else jnp.float32)
+        tok = jax.random.randint(jax.random.key(3), (b, 1), 0, cfg.vocab_size)
+        f = jax.jit(v.infer_fwd)
+        pos = jnp.int32(cache_len - 1)
+        out[m] = median_seconds(lambda p, c: f(p, v.sstate, tok, c, pos)[0], infer_params, cache,
+                                calls=calls * 3, repeats=repeats)
+    return out
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--recipes", default="dense," + ",".join(RECIPES))
+    parser.add_argument("--layouts", default="scan,unrolled")
+    parser.add_argument("--measure", default=",".join(MEASURES))
+    parser.add_argument("--layers", type=int, default=24)
+    parser.add_argument("--smoke", action="store_true")
+    args = parser.parse_args()
+    smoke = args.smoke
+    recipes = [r for r in args.recipes.split(",") if r]
+    if "dense" not in recipes:
+        recipes.insert(0, "dense")
+    measures = [m for m in args.measure.split(",") if m]
+    batch, seq = (2, 32) if smoke else (8, 1024)
+    results, lines_err = {}, []
+    t_start = time.time()
+    for layout in args.layouts.split(","):
+        cfg = model_config(smoke, args.layers, layout == "scan")
+        model = transformer.TransformerLM(cfg)
+        tokens = jax.random.randint(jax.random.key(0), (batch, seq), 0, cfg.vocab_size)
+        params = jax.jit(model.init)(jax.random.key(1), tokens)
+        for name in recipes:
+            t0 = time.time()
+            try:
+                v = Variant(name, model, cfg, params, tokens, smoke)
+                times = time_variant(v, measures, batch, seq, smoke)
+            except Exception as e:  # one failing variant must not lose the others' numbers
+                traceback.print_exc()
+                lines_err.append(f"- {layout}/{name}: {type(e).__name__}: {str(e).splitlines()[0][:300]}")
+                continue
+            results[(layout, name)] = (v, times)
+            print(f"{layout} {name}: " + ", ".join(f"{k} {1e3 * t:.3f} ms" for k, t in times.items())
+                  + f" (err vs masked {v.err:.1e}; {time.time() - t0:.0f}s)", flush=True)
+    device = f"{jax.devices()[0].device_kind}"
+    lines = [f"## {time.strftime('%Y-%m-%d')}: {device}, JAX {jax.__version__}", "",
+             f"Command: `python benchmarks/{pathlib.Path(__file__).name} {' '.join(sys.argv[1:])}`", "",
+             f"LM d_model {cfg.d_model}, {cfg.n_layers} layers, {cfg.n_heads} heads, d_ff {cfg.d_ff}, "
+             f"vocab {cfg.vocab_size}, {cfg.dtype}; prefill/train batch {batch}×{seq}; decode one "
+             f"token, KV cache {64 if smoke else 1024}. Ratios are dense time / sparse time in the "
+             "same run; ideal = FLOP-ideal (prefill, train) or bytes-ideal (decode).", "",
+             "| layout | recipe | measure | dense ms | sparse ms | vs dense | ideal | of ideal | paths |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    table = []
+    for (layout, name), (v, times) in results.items():
+        if name == "dense":
+            continue
+        dense = results.get((layout, "dense"))
+        for m, t in times.items():
+            if dense is None or m not in dense[1]:
+                continue
+            td = dense[1][m]
+            ideal = v.byte_ratio if m.startswith("decode") else v.flop_ratio
+            ratio = td / t
+            table.append({"layout": layout, "recipe": name, "measure": m, "dense_ms": 1e3 * td,
+                          "sparse_ms": 1e3 * t, "speedup": ratio, "ideal": ideal,
+                          "err_vs_masked": v.err, "paths": getattr(v, "paths", [])})
+            lines.append(f"| {layout} | {name} | {m} | {1e3 * td:.2f} | {1e3 * t:.2f} | {ratio:.2f}× | "
+                         f"{ideal:.2f}× | {ratio / ideal:.2f} | {'; '.join(getattr(v, 'paths', []))[:160]} |")
+    if lines_err:
+        lines += ["", "Failed variants:"] + lines_err
+    lines += ["", f"Total wall time {time.time() - t_start:.0f} s."]
+    text = "\n".join(lines) + "\n"
+    if os.environ.get("OUT"):
+        pathlib.Path(os.environ["OUT"], "e2e_speed.md").write_text(text)
+        pathlib.Path(os.environ["OUT"], "e2e_speed.json").write_text(json.dumps(
+            {"device": device, "jax": jax.__version__, "rows": table}, indent=1))
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
