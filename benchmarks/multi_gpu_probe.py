@@ -39,7 +39,7 @@ if os.environ.get("PROBE_SMOKE"):   # a CPU check of the script itself, tiny siz
     CONFIG.update(d_model=32, n_layers=1, n_heads=2, d_ff=64, seq_len=16, batch_size=4, dtype="float32")
 
 
-def _step_time(mesh_spec: str, steps: int = 12) -> dict:
+def _step_time(mesh_spec: str, steps: int = 12, **overrides) -> dict:
     import jax
     import optax
     from jax.sharding import NamedSharding, PartitionSpec as P
@@ -49,7 +49,7 @@ def _step_time(mesh_spec: str, steps: int = 12) -> dict:
 
     import tempfile
     with tempfile.TemporaryDirectory() as workdir:
-        run = train.prepare(train.Config(**CONFIG, mesh=mesh_spec, workdir=workdir))
+        run = train.prepare(train.Config(**{**CONFIG, **overrides}, mesh=mesh_spec, workdir=workdir))
         state, sfn, tx = train.create_state(run)
     mesh, preset = run.mesh, run.preset
     state_sharding = jax.tree.map(lambda x: train.fsdp_sharding(mesh, x), state)
@@ -95,7 +95,7 @@ def _step_time(mesh_spec: str, steps: int = 12) -> dict:
         jax.block_until_ready(loss)
         times.append((time.perf_counter() - t0) / steps)
     return {"step_ms": 1e3 * statistics.median(times), "collectives": collectives,
-            "tokens_per_s": CONFIG["batch_size"] * CONFIG["seq_len"] / statistics.median(times)}
+            "tokens_per_s": run.cfg.batch_size * CONFIG["seq_len"] / statistics.median(times)}
 
 
 def _allreduce_gbps() -> dict:
@@ -129,8 +129,11 @@ def main():
     args = parser.parse_args()
     if args.variant:
         mesh_spec, _, flagset = args.variant.partition("@")
-        result = _step_time(mesh_spec)
-        if mesh_spec != "data:1":
+        mesh_spec, _, extra = mesh_spec.partition("+")
+        overrides = {"half": {"batch_size": CONFIG["batch_size"] // 2},
+                     "scan": {"scan_layers": True}}.get(extra, {})
+        result = _step_time(mesh_spec, **overrides)
+        if not mesh_spec.startswith("data:1"):
             result["allreduce"] = _allreduce_gbps()
         print("RESULT " + json.dumps(result))
         return
@@ -142,7 +145,12 @@ def main():
     print(topo)
     rows = {}
     base_env = dict(os.environ)
-    variants = [("data:1", "default")] + [("data:2", f) for f in FLAG_SETS] + [("data:1,fsdp:2", "default")]
+    # data:1+half: one GPU with half the global batch, i.e. one data-parallel replica's own work;
+    # +scan: the layers as one nn.scan (one compiled block; collectives inside the loop).
+    variants = ([("data:1", "default"), ("data:1+half", "default")] + [("data:2", f) for f in FLAG_SETS]
+                + [("data:1,fsdp:2", "default"), ("data:1+scan", "default"), ("data:2+scan", "default")])
+    if os.environ.get("PROBE_VARIANTS"):
+        variants = [tuple(v.split("@")) for v in os.environ["PROBE_VARIANTS"].split(",")]
     for mesh_spec, flagset in variants:
         env = dict(base_env)
         env["XLA_FLAGS"] = (base_env.get("XLA_FLAGS", "") + " " + FLAG_SETS[flagset]).strip()
@@ -165,7 +173,7 @@ def main():
              "|---|---|---|---|---|---|"]
     for (mesh_spec, flagset), r in rows.items():
         coll = "; ".join(f"{k}: {v[0]}, {v[1] / 2**20:.0f}" for k, v in r["collectives"].items()) or "-"
-        speed = f"{one['step_ms'] / r['step_ms']:.2f}×" if one else "-"
+        speed = f"{r['tokens_per_s'] / one['tokens_per_s']:.2f}×" if one else "-"
         lines.append(f"| {mesh_spec} | {flagset} | {r['step_ms']:.1f} | {r['tokens_per_s']:.0f} | "
                      f"{speed} | {coll} |")
     ar = next((r["allreduce"] for r in rows.values() if "allreduce" in r), None)
