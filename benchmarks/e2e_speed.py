@@ -37,6 +37,7 @@ sys.path.append(str(pathlib.Path(__file__).resolve().parent))
 from timing import median_seconds, rel_err  # noqa: E402
 
 import sparsejax as sj  # noqa: E402
+from sparsejax.kernels import path_choice  # noqa: E402
 from sparsejax.models import transformer  # noqa: E402
 
 LINEAR = r"re:.*(attn/(q|k|v|o)|mlp/(gate|up|down))/kernel"
@@ -226,6 +227,8 @@ def main():
         pathlib.Path(os.environ["OUT"], "e2e_speed.md").write_text(text)
         pathlib.Path(os.environ["OUT"], "e2e_speed.json").write_text(json.dumps(
             {"device": device, "jax": jax.__version__, "rows": table}, indent=1))
+        # What the sites measured, in the form of a shipped table (sparsejax/kernels/path_tables/).
+        path_choice.write_table(pathlib.Path(os.environ["OUT"], f"path_table_{path_choice.device_key()}.json"))
     print(text)
 
 
