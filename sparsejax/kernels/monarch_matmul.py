@@ -1,36 +1,58 @@
-"""Fused Monarch multiply: both block-diagonal factors and the permutation in one kernel.
+"""Monarch multiply ``y = x @ W``: a fused Mosaic GPU kernel, a tuned einsum path, the reference.
 
-``y = x @ W`` for a Monarch ``W`` given as fly-layout factors (see
-:mod:`sparsejax.monarch`). One program handles a tile of tokens, one block ``j``
-of the second factor and a tile of that block's outputs; it loops over the
-``nblocks`` input blocks ``i``, computes the slice of the intermediate that
-block ``j`` reads from block ``i`` (``q / nblocks`` columns) and multiplies it
-into the accumulator straight away, so the intermediate never leaves registers.
+``W`` is given as fly-layout factors (see :mod:`sparsejax.monarch`):
+``y = P2 · blockdiag(w2) · P1 · blockdiag(w1) · x``. Three ways to compute it, one
+contract (``f(x, factors, out_features)``, differentiable in ``x`` and the factors):
 
-The permutation is folded into the operands once, outside the kernel (a gather
-on the small factors, not on activations): ``A[j, i, c, :] = w1[i, c * nblocks + j, :]``
-and ``B = w2``. The core ``out[:, j] = sum_i (u[:, i] @ A[j, i].T) @ B[j][:, i-th slice].T``
-has the same form for ``dx`` with the roles of the factors swapped, so the
-backward pass of the input reuses the kernel; the factor gradients are two
-batched matmuls in XLA.
+* :func:`monarch_matmul_reference` -- the plain-JAX twin (two einsums and a transpose;
+  autodiff for the backward).
+* :func:`monarch_matmul_einsum` -- the same two batched matmuls under a ``custom_vjp``
+  whose backward keeps every matmul operand in the compute dtype (bf16) with float32
+  accumulation. Autodiff of the reference does not: the transpose of its
+  ``astype(bf16)`` hands the backward matmuls a float32 cotangent, so they run as
+  float32 GEMMs.
+* :func:`monarch_matmul` -- the fused kernel (Mosaic GPU: ``plgpu.kernel``,
+  ``emit_pipeline``, ``wgmma``) where :func:`supported` says it runs, the einsum path
+  elsewhere on GPU, the reference off GPU.
 
-Applies when ``nblocks`` divides ``q`` (the fused layout needs equal slices);
-on GPU also when the tile sizes are powers of two (the Pallas GPU lowering needs
-them). Elsewhere :func:`monarch_matmul` falls back to
-:func:`monarch_matmul_reference`; :func:`kernel_applies` says which.
+The fused kernel. One program per (token tile, output block ``j``). Output block
+``j`` reads, from every input block ``i``, only the intermediate columns
+``c`` with ``(i * q + c) % nblocks == j`` (``q / nblocks`` of them when
+``nblocks | q``): its slice ``h_j`` is ``T x q`` and costs ``1 / nblocks`` of the
+first factor, so the programs of one token tile together compute the first factor
+exactly once. Stage one writes ``h_j`` (rounded to the compute dtype, as the
+reference rounds) into shared memory; stage two streams ``w2[j]`` over it, one
+output tile at a time. The intermediate permutation ``P1`` is folded into the
+operands (which rows of ``w1`` feed which ``h_j`` column: a reshape of the small
+factors, no activation moves); the output leaves the kernel block-major
+(``(T, nblocks, s)``) and the interleave ``P2`` (output index ``s * nblocks + j``)
+is one XLA transpose of the output, which XLA fuses into the consumer inside a model.
+What fits: ``h_j`` needs ``T * q * 2`` bytes of the 227 KB of shared memory (64 x
+1024 at 4096 <-> 16384, nblocks 4), plus the pipeline buffers; :func:`supported`
+names the reason when a shape does not fit (then the einsums are the answer).
+
+The core every kernel call computes is ``out[t, j, e] = sum_i sum_c (sum_d u[t, i, d]
+a[j, i, d, c]) b[j, i, c, e]``; the input gradient of the Monarch product is the
+same core on the transposed operands, so ``backward="fused"`` runs ``dx`` through
+the kernel too (the factor gradients are einsums in every mode). Which backward
+pays is measured (``benchmarks/monarch_speed.py``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.experimental import pallas as pl
 
 from sparsejax import monarch as monarch_math
 
-__all__ = ["monarch_matmul", "monarch_matmul_reference", "kernel_applies", "fused_operands"]
+__all__ = ["MonarchTiles", "monarch_matmul", "monarch_matmul_einsum", "monarch_matmul_reference",
+           "supported", "choose_tiles", "core_operands", "core_reference"]
 
 
 def monarch_matmul_reference(x: jax.Array, factors, out_features: int | None = None) -> jax.Array:
@@ -38,184 +60,494 @@ def monarch_matmul_reference(x: jax.Array, factors, out_features: int | None = N
     return monarch_math.matmul_reference(x, factors, out_features)
 
 
-# --------------------------------------------------------------------------- operands
+# --------------------------------------------------------------------------- shapes
 
 
-def fused_operands(w1: jax.Array, w2: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """fly factors -> ``(A, B)`` of the fused core; needs ``nblocks | q``."""
+def _dims(x_features: int, factors, out_features: int | None, where: str):
+    w1, w2 = monarch_math._check_factors(factors, where)
     nb, q, p = w1.shape
-    c = q // nb
-    a = w1.reshape(nb, c, nb, p).transpose(2, 0, 1, 3)          # (j, i, c, p)
-    return a, w2
+    s = w2.shape[1]
+    k_ext, n_ext = nb * p, nb * s
+    out_features = n_ext if out_features is None else int(out_features)
+    if x_features > k_ext:
+        raise ValueError(f"{where}: x has {x_features} features, the factors take at most {k_ext} "
+                         f"(nblocks={nb} x p={p})")
+    if not 1 <= out_features <= n_ext:
+        raise ValueError(f"{where}: out_features must be in [1, {n_ext}], got {out_features}")
+    return nb, q, p, s, out_features
 
 
-def _transpose_operands(a: jax.Array, b: jax.Array) -> tuple[jax.Array, jax.Array]:
+def _blocks_in(x: jax.Array, nb: int, p: int, dtype) -> jax.Array:
+    """``(..., K)`` -> ``(T, nb, p)`` in ``dtype``, zero-padded to ``nb * p`` features."""
+    u = x.reshape(-1, x.shape[-1]).astype(dtype)
+    if u.shape[1] != nb * p:
+        u = jnp.pad(u, ((0, 0), (0, nb * p - u.shape[1])))
+    return u.reshape(-1, nb, p)
+
+
+def _interleave_out(z: jax.Array, batch, out_features: int) -> jax.Array:
+    """Block-major ``(T, nb, s)`` -> ``(..., N)`` with output index ``s * nb + j`` (``P2``)."""
+    t, nb, s = z.shape
+    return z.transpose(0, 2, 1).reshape(*batch, nb * s)[..., :out_features]
+
+
+# --------------------------------------------------------------------------- einsum path
+
+
+def _mm(spec, a, b, dtype):
+    """Einsum with float32 accumulation, rounded to ``dtype``."""
+    if jax.default_backend() == "cpu" and a.dtype != jnp.float32:
+        # XLA:CPU has no bf16 x bf16 -> f32 dot for some batch layouts; the upcast is
+        # exact (every bf16 product is exact in f32), so the result is the same.
+        a, b = a.astype(jnp.float32), b.astype(jnp.float32)
+    return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32).astype(dtype)
+
+
+def _permute_h(h: jax.Array) -> jax.Array:
+    """``h[t, i, c]`` -> ``h2[t, j, r]``: flat ``i * q + c`` read as ``(r, j)`` (``P1``)."""
+    t, nb, q = h.shape
+    return h.reshape(t, q, nb).transpose(0, 2, 1)
+
+
+def _unpermute_h(h2: jax.Array) -> jax.Array:
+    """Inverse of :func:`_permute_h` (the transpose of ``P1``)."""
+    t, nb, q = h2.shape
+    return h2.transpose(0, 2, 1).reshape(t, nb, q)
+
+
+@jax.custom_vjp
+def _einsum_blocks(u, w1, w2):
+    """``(T, nb, p)`` -> block-major ``(T, nb, s)``; every matmul in ``u.dtype``, f32 accumulation."""
+    h2 = _permute_h(_mm("tip,iqp->tiq", u, w1, u.dtype))
+    return _mm("tjq,jsq->tjs", h2, w2, u.dtype)
+
+
+def _einsum_blocks_fwd(u, w1, w2):
+    h2 = _permute_h(_mm("tip,iqp->tiq", u, w1, u.dtype))
+    return _mm("tjq,jsq->tjs", h2, w2, u.dtype), (u, w1, w2, h2)
+
+
+def _einsum_factor_grads(g, u, w1, w2, h2):
+    """``(dh, dw1, dw2)`` of the block-major product; ``g`` and all operands in ``u.dtype``."""
+    dtype = u.dtype
+    dw2 = _mm("tjs,tjq->jsq", g, h2, w2.dtype)
+    dh = _unpermute_h(_mm("tjs,jsq->tjq", g, w2, dtype))
+    dw1 = _mm("tiq,tip->iqp", dh, u, w1.dtype)
+    return dh, dw1, dw2
+
+
+def _einsum_blocks_bwd(residuals, g):
+    u, w1, w2, h2 = residuals
+    g = g.astype(u.dtype)   # the cotangent stays in the compute dtype: bf16 GEMMs, not f32
+    dh, dw1, dw2 = _einsum_factor_grads(g, u, w1, w2, h2)
+    du = _mm("tiq,iqp->tip", dh, w1, u.dtype)
+    return du, dw1, dw2
+
+
+_einsum_blocks.defvjp(_einsum_blocks_fwd, _einsum_blocks_bwd)
+
+
+def monarch_matmul_einsum(x: jax.Array, factors, out_features: int | None = None) -> jax.Array:
+    """``x @ W`` through two batched matmuls with a compute-dtype backward (see the module doc).
+
+    Same function as :func:`monarch_matmul_reference` (f32 accumulation, the intermediate
+    rounded to the compute dtype); runs on any backend.
+    """
+    nb, q, p, s, n = _dims(x.shape[-1], factors, out_features, "monarch_matmul_einsum")
+    w1, w2 = factors["w1"], factors["w2"]
+    dtype = jnp.result_type(x.dtype, w1.dtype, w2.dtype)
+    u = _blocks_in(x, nb, p, dtype)
+    z = _einsum_blocks(u, w1.astype(dtype), w2.astype(dtype))
+    return _interleave_out(z, x.shape[:-1], n)
+
+
+# --------------------------------------------------------------------------- core operands
+
+
+@functools.lru_cache(maxsize=None)
+def _slot_plan(nb: int, q: int):
+    """Which intermediate entries each (output block ``j``, input block ``i``) pair carries.
+
+    Entry ``f`` of the flattened intermediate is row ``c = f % q`` of ``w1[i]``,
+    ``i = f // q``, and column ``r = f // nb`` of ``w2[j]``, ``j = f % nb``. Returns
+    ``(c_of, r_of, valid, width)``, each ``(nb_j, nb_i, width)``: slot ``k`` of pair
+    ``(j, i)`` is entry ``c_of`` / ``r_of``; ``width`` is the most entries any pair
+    has (``q / nb`` when ``nb | q``; unused slots are padding).
+    """
+    f = np.arange(nb * q)
+    i, c, j, r = f // q, f % q, f % nb, f // nb
+    counts = np.zeros((nb, nb), np.int64)
+    slot = np.zeros_like(f)
+    for idx in range(f.size):
+        slot[idx] = counts[j[idx], i[idx]]
+        counts[j[idx], i[idx]] += 1
+    width = int(counts.max())
+    c_of = np.zeros((nb, nb, width), np.int32)
+    r_of = np.zeros((nb, nb, width), np.int32)
+    valid = np.zeros((nb, nb, width), bool)
+    c_of[j, i, slot], r_of[j, i, slot], valid[j, i, slot] = c, r, True
+    return c_of, r_of, valid, width
+
+
+def core_operands(w1: jax.Array, w2: jax.Array, width: int | None = None
+                  ) -> tuple[jax.Array, jax.Array]:
+    """fly factors -> the core's ``a (nb_j, nb_i, p, c)`` and ``b (nb_j, nb_i, c, s)``.
+
+    ``c`` is the slot count of :func:`_slot_plan`, zero-padded to ``width``. When
+    ``nblocks | q`` this is a reshape and transpose of the factors; otherwise a gather
+    with zeros in the unused slots. Only the (small) factors move.
+    """
+    nb, q, p = w1.shape
+    c_of, r_of, valid, c = _slot_plan(nb, q)
+    width = c if width is None else width
+    if q % nb == 0:
+        a = w1.reshape(nb, c, nb, p).transpose(2, 0, 3, 1)       # a[j, i, d, c'] = w1[i, c'nb + j, d]
+        b = w2.reshape(nb, -1, nb, c).transpose(0, 2, 3, 1)      # b[j, i, c', e] = w2[j, e, i c + c']
+    else:
+        i_of = np.broadcast_to(np.arange(nb)[None, :, None], c_of.shape)
+        a = jnp.where(valid[..., None], w1[i_of, c_of], 0).transpose(0, 1, 3, 2)
+        j_of = np.broadcast_to(np.arange(nb)[:, None, None], r_of.shape)
+        b = jnp.where(valid[..., None], jnp.moveaxis(w2, 1, 2)[j_of, r_of], 0)
+    if width > c:
+        a = jnp.pad(a, ((0, 0), (0, 0), (0, 0), (0, width - c)))
+        b = jnp.pad(b, ((0, 0), (0, 0), (0, width - c), (0, 0)))
+    return a, b
+
+
+def core_reference(u: jax.Array, a: jax.Array, b: jax.Array) -> jax.Array:
+    """Plain-JAX twin of the kernel core: ``(T, n1, d1) -> (T, n2, d2)``, h rounded to u's dtype."""
+    h = _mm("tid,jidc->tjic", u, a, u.dtype)
+    return _mm("tjic,jice->tje", h, b, u.dtype)
+
+
+def _transposed_core_operands(a, b):
     """Operands of the core that computes the input gradient of ``core(., a, b)``."""
-    n2, n1, c, d1 = a.shape
-    d2 = b.shape[1]
-    a_t = b.reshape(n2, d2, n1, c).transpose(2, 0, 3, 1)        # (i, j, c, e)
-    b_t = a.transpose(1, 3, 0, 2).reshape(n1, d1, n2 * c)       # (i, d, (j, c))
-    return a_t, b_t
+    return b.transpose(1, 0, 3, 2), a.transpose(1, 0, 3, 2)
 
 
-# --------------------------------------------------------------------------- kernel
+# --------------------------------------------------------------------------- tiles
 
 
-def _core_kernel(u_ref, a_ref, b_ref, *rest, n1: int, c: int, bk: int):
-    o_ref = rest[-1]   # an aliased poison buffer, when present, sits before it
-    bt, d1 = u_ref.shape[0], u_ref.shape[2]
-    acc = jnp.zeros((bt, b_ref.shape[1]), jnp.float32)
-    for i in range(n1):   # n1 = nblocks, small and static: unrolled
-        # Stage one in chunks of bk inputs, so no tile grows with the block size.
-        def stage_one(kk, h, i=i):
-            d0 = pl.multiple_of(kk * bk, bk)
-            u_i = u_ref[:, i, pl.ds(d0, bk)]                     # (bt, bk)
-            a_i = a_ref[0, i, :, pl.ds(d0, bk)]                  # (c, bk)
-            return h + jax.lax.dot_general(u_i, a_i, (((1,), (1,)), ((), ())),
-                                           preferred_element_type=jnp.float32)
-        h = jax.lax.fori_loop(0, d1 // bk, stage_one, jnp.zeros((bt, c), jnp.float32))
-        # Round the intermediate to the compute dtype, as the reference does.
-        h = h.astype(u_ref.dtype)                                # (bt, c)
-        b_i = b_ref[0, :, i * c:(i + 1) * c]                     # (bd2, c)
-        acc += jax.lax.dot_general(h, b_i, (((1,), (1,)), ((), ())),
-                                   preferred_element_type=jnp.float32)
-    o_ref[:, 0, :] = acc.astype(o_ref.dtype)
+@dataclasses.dataclass(frozen=True)
+class MonarchTiles:
+    """Tiles of the fused kernel.
+
+    Attributes:
+      rows: tokens per program (the wgmma M; 64 per warpgroup instruction).
+      step_in: contraction step of stage one (columns of ``u`` per pipeline step).
+      chunk: intermediate columns per stage-one accumulator and per stage-two
+        contraction step (the width of one ``h_j`` chunk in shared memory).
+      out_cols: output columns per stage-two accumulator.
+      stages: pipeline depth (copies in flight).
+    """
+
+    rows: int = 64
+    step_in: int = 64
+    chunk: int = 64
+    out_cols: int = 128
+    stages: int = 2
+
+    def smem_bytes(self, width: int, itemsize: int = 2) -> int:
+        """Shared memory of one program: ``h_j``, the output tile, the larger pipeline."""
+        h = self.rows * width * itemsize
+        out = self.rows * self.out_cols * itemsize
+        stage_one = self.stages * (self.rows * self.step_in + self.step_in * self.chunk) * itemsize
+        stage_two = self.stages * self.chunk * self.out_cols * itemsize
+        return h + out + max(stage_one, stage_two)
 
 
-def _largest_pow2_divisor(n: int, cap: int) -> int:
-    b = 1
-    while b * 2 <= cap and n % (b * 2) == 0:
+SMEM_LIMIT = 227 * 1024          # Hopper: the most shared memory one block may opt into
+_MAX_ACC = 64 * 256              # f32 accumulator entries per warpgroup: 128 registers a thread
+
+
+def _round_up(v: int, m: int) -> int:
+    return -(-v // m) * m
+
+
+def _pow2_at_most(v: int, cap: int, floor: int = 16) -> int:
+    b = floor
+    while b * 2 <= min(v, cap):
         b *= 2
     return b
 
 
-def _core_call(u, a, b, *, block_tokens: int, block_out: int, block_in: int, interpret: bool,
-               poison: bool):
+def _core_shapes(nb: int, q: int, p: int, s: int, chunk: int, step_in: int, out_cols: int):
+    """Padded ``(d1, c, d2)`` of the forward core for given tile sizes."""
+    c = _slot_plan(nb, q)[3]
+    return _round_up(p, step_in), _round_up(c, chunk), _round_up(s, out_cols)
+
+
+def choose_tiles(nb: int, q: int, p: int, s: int, *, backward: bool = False,
+                 interpret: bool = False) -> MonarchTiles:
+    """Tiles for a core with ``n1 = n2 = nb`` and the forward's (or, ``backward``, dx's) sizes.
+
+    The intermediate chunk is the slot count rounded up to 16 (wgmma's bf16 K step),
+    capped at 128 (an accumulator of ``rows x chunk`` stays within the register
+    budget); rows are 128 when ``h_j`` still leaves room for the pipelines, else 64.
+    """
+    d_in, d_out = (s, p) if backward else (p, s)
+    c = _slot_plan(nb, q)[3]
+    chunk = min(_round_up(c, 16), 128) if c <= 128 else 128
+    step_in = _pow2_at_most(d_in, 64)
+    out_cols = _pow2_at_most(d_out, 128)
+    stages = 2 if interpret else 3
+    width = _round_up(c, chunk) * nb
+    for rows in ((64,) if interpret else (128, 64)):   # interpret: fewer padded rows to simulate
+        t = MonarchTiles(rows=rows, step_in=step_in, chunk=chunk, out_cols=out_cols, stages=stages)
+        if t.smem_bytes(width) <= SMEM_LIMIT:
+            return t
+    return MonarchTiles(rows=64, step_in=step_in, chunk=chunk, out_cols=out_cols, stages=2)
+
+
+# --------------------------------------------------------------------------- support
+
+
+_GPU_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+
+
+def supported(x_shape, factors, dtype=None, *, backend: str | None = None,
+              interpret: bool = False, tiles: MonarchTiles | None = None) -> str | None:
+    """Why the fused kernel cannot compute ``x @ W`` here, or ``None`` when it can.
+
+    ``factors`` may hold arrays or ``jax.ShapeDtypeStruct``s. ``interpret``: Mosaic GPU
+    interpret mode (CPU tests), which checks the same shapes as the GPU.
+    """
+    w1, w2 = factors["w1"], factors["w2"]
+    if len(w1.shape) != 3 or len(w2.shape) != 3:
+        return f"factors of shapes {w1.shape} / {w2.shape} are not 3-D (vmap stacked layers)"
+    backend = "gpu" if interpret else (backend or jax.default_backend())
+    if backend != "gpu":
+        return f"the fused Monarch kernel is Mosaic GPU only (backend {backend!r})"
+    dtype = jnp.dtype(dtype or jnp.result_type(w1.dtype, w2.dtype))
+    if dtype not in _GPU_DTYPES:
+        return f"the fused kernel takes bfloat16/float16, not {dtype} (wgmma operands)"
+    nb, q, p = w1.shape
+    s = w2.shape[1]
+    c = _slot_plan(nb, q)[3]
+    for bwd in (False, True):
+        t = tiles or choose_tiles(nb, q, p, s, backward=bwd, interpret=interpret)
+        width = _round_up(c, t.chunk) * nb
+        if t.smem_bytes(width) > SMEM_LIMIT:
+            return (f"{'dx' if bwd else 'forward'}: the intermediate slice ({t.rows} x {width}) "
+                    f"and pipelines need {t.smem_bytes(width) // 1024} KB of shared memory, "
+                    f"over {SMEM_LIMIT // 1024} KB")
+        if t.rows * max(t.chunk, t.out_cols) > 2 * _MAX_ACC:
+            return f"accumulators of {t.rows} x {max(t.chunk, t.out_cols)} exceed the register budget"
+        if t.rows % 64:
+            return f"rows={t.rows} is not a multiple of 64 (wgmma M)"
+    if _round_up(c, 16) > 4 * c:
+        return (f"q / nblocks = {c} intermediate columns per block pair would be padded to "
+                f"{_round_up(c, 16)} (wgmma K step 16): over 4x the work; the einsums win")
+    return None
+
+
+# --------------------------------------------------------------------------- Mosaic GPU kernel
+
+
+def _swizzled(cols: int, dtype) -> tuple:
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    itemsize = jnp.dtype(dtype).itemsize
+    swizzle = plgpu.find_swizzle(cols * itemsize * 8)
+    return (plgpu.TilingTransform((8, swizzle // itemsize)), plgpu.SwizzleTransform(swizzle))
+
+
+def _mgpu_core(u: jax.Array, a: jax.Array, b: jax.Array, tiles: MonarchTiles,
+               interpret: bool) -> jax.Array:
+    """Mosaic GPU core: ``u (T, n1, d1)``, ``a (n2, n1, d1, c)``, ``b (n2, n1, c, d2)``.
+
+    Every size must already be a multiple of its tile. Returns ``(T, n2, d2)``.
+    One program per (token tile, ``j``); ``j`` varies fastest, so the programs that
+    share a token tile run together and read ``u``'s tile from L2.
+    """
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+    from sparsejax.kernels.block_sparse import mosaic_gpu_interpret_params
+
+    t_total, n1, d1 = u.shape
+    n2, _, _, c = a.shape
+    d2 = b.shape[3]
+    rows, step_in, chunk, out_cols = tiles.rows, tiles.step_in, tiles.chunk, tiles.out_cols
+    dtype = u.dtype
+    k_steps = d1 // step_in            # stage-one steps per (j, i, chunk)
+    c_chunks = c // chunk              # stage-one accumulators per (j, i)
+    chunks = n1 * c_chunks             # h_j chunks; chunk g holds columns g * chunk ...
+    e_tiles = d2 // out_cols
+    t_tiles = t_total // rows
+    u2 = u.reshape(t_total, n1 * d1)
+    a2 = a.reshape(n2 * n1 * d1, c)
+    b2 = b.reshape(n2 * n1 * c, d2)
+    u_tf, a_tf = _swizzled(step_in, dtype), _swizzled(chunk, dtype)
+    h_tf, b_tf, o_tf = _swizzled(chunk, dtype), _swizzled(out_cols, dtype), _swizzled(out_cols, dtype)
+
+    def body(u_ref, a_ref, b_ref, o_ref):
+        prog = jax.lax.axis_index("prog")
+        ti = jax.lax.div(prog, jnp.int32(n2))
+        j = jax.lax.rem(prog, jnp.int32(n2))
+
+        @functools.partial(pl.run_scoped,
+                           h_smem=plgpu.SMEM((chunks, rows, chunk), dtype, transforms=h_tf),
+                           o_smem=plgpu.SMEM((rows, out_cols), dtype, transforms=o_tf))
+        def _scope(h_smem, o_smem):
+            # Stage one: h_j chunk g = u[tile, block i] @ a[j, i][:, chunk cc], i = g // c_chunks.
+            def stage_one(g, carry):
+                i = jax.lax.div(g, jnp.int32(c_chunks))
+                cc = jax.lax.rem(g, jnp.int32(c_chunks))
+                a_row0 = (j * n1 + i) * k_steps
+
+                def acc_scope(acc_ref):
+                    def step(_, u_smem, a_smem):
+                        plgpu.wgmma(acc_ref, u_smem, a_smem)
+                        plgpu.wgmma_wait(1)
+
+                    plgpu.emit_pipeline(
+                        step, grid=(k_steps,),
+                        in_specs=[
+                            plgpu.BlockSpec((rows, step_in), lambda k: (ti, i * k_steps + k),
+                                            transforms=u_tf, delay_release=1),
+                            plgpu.BlockSpec((step_in, chunk), lambda k: (a_row0 + k, cc),
+                                            transforms=a_tf, delay_release=1),
+                        ],
+                        max_concurrent_steps=tiles.stages,
+                    )(u_ref, a_ref)
+                    return acc_ref[...]
+
+                acc = pl.run_scoped(acc_scope, plgpu.ACC((rows, chunk), jnp.float32))
+                h_smem[g] = acc.astype(dtype)   # rounded as the reference rounds h
+                return carry
+
+            jax.lax.fori_loop(0, chunks, stage_one, 0)
+            plgpu.commit_smem()   # h_j was written by ordinary stores; wgmma reads it next
+
+            # Stage two: out[tile, j, e-tile] = sum_g h_j[g] @ b[j][g-th chunk rows, e-tile].
+            def stage_two(e, carry):
+                def acc_scope(acc_ref):
+                    def step(idx, b_smem):
+                        plgpu.wgmma(acc_ref, h_smem.at[idx[0]], b_smem)
+                        plgpu.wgmma_wait(1)
+
+                    plgpu.emit_pipeline(
+                        step, grid=(chunks,),
+                        in_specs=[plgpu.BlockSpec((chunk, out_cols), lambda g: (j * chunks + g, e),
+                                                  transforms=b_tf, delay_release=1)],
+                        max_concurrent_steps=tiles.stages,
+                    )(b_ref)
+                    return acc_ref[...]
+
+                acc = pl.run_scoped(acc_scope, plgpu.ACC((rows, out_cols), jnp.float32))
+                plgpu.wait_smem_to_gmem(0, wait_read_only=True)   # the last tile left o_smem
+                o_smem[...] = acc.astype(dtype)
+                plgpu.commit_smem()
+                plgpu.copy_smem_to_gmem(
+                    o_smem, o_ref.at[pl.ds(ti * rows, rows), pl.ds(j * d2 + e * out_cols, out_cols)])
+                return carry
+
+            jax.lax.fori_loop(0, e_tiles, stage_two, 0)
+            plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+
+    kwargs = {"interpret": mosaic_gpu_interpret_params()} if interpret else {}
+    kernel = plgpu.kernel(
+        body, out_type=jax.ShapeDtypeStruct((t_total, n2 * d2), dtype),
+        grid=(t_tiles * n2,), grid_names=("prog",),
+        compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
+        **kwargs)
+    return kernel(u2, a2, b2).reshape(t_total, n2, d2)
+
+
+def _core(u, a, b, tiles: MonarchTiles, interpret: bool) -> jax.Array:
+    """The core on the kernel's padded sizes: pads ``u``/``a``/``b`` to the tiles, slices back."""
     t, n1, d1 = u.shape
-    n2, _, c, _ = a.shape
-    d2 = b.shape[1]
-    bt, bd2 = block_tokens, block_out
-    grid = (t // bt, n2, d2 // bd2)
-    out_shape = jax.ShapeDtypeStruct((t, n2, d2), u.dtype)
-    in_specs = [
-        pl.BlockSpec((bt, n1, d1), lambda ti, j, e: (ti, 0, 0)),
-        pl.BlockSpec((1, n1, c, d1), lambda ti, j, e: (j, 0, 0, 0)),
-        pl.BlockSpec((1, bd2, n1 * c), lambda ti, j, e: (j, e, 0)),
-    ]
-    out_spec = pl.BlockSpec((bt, 1, bd2), lambda ti, j, e: (ti, j, e))
-    operands = [u, a, b]
-    aliases = {}
-    if poison:   # tests: every output element must be written over the NaNs
-        in_specs.append(out_spec)
-        operands.append(jnp.full(out_shape.shape, jnp.nan, out_shape.dtype))
-        aliases = {3: 0}
-    return pl.pallas_call(
-        functools.partial(_core_kernel, n1=n1, c=c, bk=_largest_pow2_divisor(d1, block_in)),
-        grid=grid, in_specs=in_specs, out_specs=out_spec, out_shape=out_shape,
-        input_output_aliases=aliases, interpret=interpret,
-    )(*operands)
+    n2, _, _, c = a.shape
+    d2 = b.shape[3]
+    tp = _round_up(t, tiles.rows)
+    d1p, cp, d2p = _round_up(d1, tiles.step_in), _round_up(c, tiles.chunk), _round_up(d2, tiles.out_cols)
+    if (tp, d1p) != (t, d1):
+        u = jnp.pad(u, ((0, tp - t), (0, 0), (0, d1p - d1)))
+    if (d1p, cp) != (d1, c):
+        a = jnp.pad(a, ((0, 0), (0, 0), (0, d1p - d1), (0, cp - c)))
+    if (cp, d2p) != (c, d2):
+        b = jnp.pad(b, ((0, 0), (0, 0), (0, cp - c), (0, d2p - d2)))
+    out = _mgpu_core(u, a, b, tiles, interpret)
+    return out[:t, :, :d2]
+
+
+@dataclasses.dataclass(frozen=True)
+class _Config:
+    tiles: MonarchTiles
+    tiles_dx: MonarchTiles
+    backward: str            # "einsum" | "fused"
+    interpret: bool
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _core(u, a, b, config):
-    return _core_call(u, a, b, **dict(config))
+def _fused_blocks(u, w1, w2, cfg: _Config):
+    """``(T, nb, p)`` -> block-major ``(T, nb, s)`` through the kernel."""
+    a, b = core_operands(w1, w2)
+    return _core(u, a, b, cfg.tiles, cfg.interpret)
 
 
-def _core_fwd(u, a, b, config):
-    return _core(u, a, b, config), (u, a, b)
+def _fused_blocks_fwd(u, w1, w2, cfg):
+    return _fused_blocks(u, w1, w2, cfg), (u, w1, w2)
 
 
-def _core_bwd(config, residuals, g):
-    u, a, b = residuals
-    n2, n1, c, _ = a.shape
-    a_t, b_t = _transpose_operands(a, b)
-    cfg = dict(config)
-    cfg["block_out"] = _largest_pow2_divisor(u.shape[2], cfg["block_out"])
-    du = _core_call(g, a_t, b_t, **cfg)
-    # Factor gradients: the intermediate is recomputed (cheaper than storing it).
-    h = jnp.einsum("tid,jicd->tjic", u, a, preferred_element_type=jnp.float32).astype(u.dtype)
-    h = h.reshape(u.shape[0], n2, n1 * c)
-    db = jnp.einsum("tje,tjr->jer", g, h, preferred_element_type=jnp.float32)
-    dh = jnp.einsum("tje,jer->tjr", g, b, preferred_element_type=jnp.float32).astype(u.dtype)
-    dh = dh.reshape(u.shape[0], n2, n1, c)
-    da = jnp.einsum("tjic,tid->jicd", dh, u, preferred_element_type=jnp.float32)
-    return du, da.astype(a.dtype), db.astype(b.dtype)
+def _fused_blocks_bwd(cfg, residuals, g):
+    u, w1, w2 = residuals
+    g = g.astype(u.dtype)
+    # The intermediate is recomputed (one einsum of the first factor's size) for dw2.
+    h2 = _permute_h(_mm("tip,iqp->tiq", u, w1, u.dtype))
+    dh, dw1, dw2 = _einsum_factor_grads(g, u, w1, w2, h2)
+    if cfg.backward == "fused":
+        a, b = core_operands(w1, w2)
+        at, bt = _transposed_core_operands(a, b)
+        du = _core(g, at, bt, cfg.tiles_dx, cfg.interpret)
+    else:
+        du = _mm("tiq,iqp->tip", dh, w1, u.dtype)
+    return du, dw1, dw2
 
 
-_core.defvjp(_core_fwd, _core_bwd)
+_fused_blocks.defvjp(_fused_blocks_fwd, _fused_blocks_bwd)
 
 
 # --------------------------------------------------------------------------- public
 
 
-def kernel_applies(x_shape, factors, *, block_tokens: int = 64, block_out: int = 128,
-                   platform: str | None = None) -> tuple[bool, str]:
-    """Whether the fused kernel handles these shapes on ``platform``, and why not if not."""
-    w1, w2 = factors["w1"], factors["w2"]
-    nb, q, p = w1.shape
-    s = w2.shape[1]
-    if q % nb:
-        return False, f"nblocks={nb} does not divide the intermediate block size q={q}"
-    platform = platform or jax.default_backend()
-    if platform == "gpu":
-        c = q // nb
-        bd2 = _largest_pow2_divisor(s, block_out)
-        for what, v in (("p", p), ("q / nblocks", c), ("q", q), ("nblocks", nb),
-                        ("output tile", bd2), ("token tile", block_tokens)):
-            if (v < 16 and what != "nblocks") or v & (v - 1):
-                return False, f"{what}={v} is not a power of two >= 16 (Pallas GPU tiles)"
-        return True, "fused kernel (Pallas, GPU)"
-    return True, "fused kernel (Pallas)"
-
-
 def monarch_matmul(x: jax.Array, factors, out_features: int | None = None, *,
-                   block_tokens: int = 64, block_out: int = 128, block_in: int = 64,
-                   interpret: bool | None = None, poison: bool = False) -> jax.Array:
-    """``x @ W`` for Monarch factors through the fused kernel, differentiable.
+                   interpret: bool = False, backward: str = "einsum",
+                   tiles: MonarchTiles | None = None, impl: str | None = None) -> jax.Array:
+    """``x @ W`` for Monarch factors, differentiable in ``x`` and the factors.
 
     Args:
       x: ``(..., K)``.
       factors: ``{"w1": (nblocks, q, p), "w2": (nblocks, s, q)}`` (fly layout).
       out_features: ``N`` (default ``nblocks * s``).
-      block_tokens: rows per program.
-      block_out: output columns per program (capped at the largest power of
-        two dividing ``s``).
-      block_in: inputs per step of the first factor's loop (likewise capped).
-      interpret: run the Pallas kernel in interpret mode (CPU tests). ``None``:
-        the kernel on GPU, the reference elsewhere.
-      poison: fill the output with NaN before the kernel writes it (tests).
-
-    Falls back to :func:`monarch_matmul_reference` where the kernel does not
-    apply (see :func:`kernel_applies`).
+      interpret: run the fused kernel in Mosaic GPU interpret mode (CPU tests; small
+        shapes only, it simulates every thread; uninitialised memory reads as NaN).
+      backward: ``"einsum"`` (dx, dw1, dw2 as bf16 einsums) or ``"fused"`` (dx through
+        the kernel on the transposed operands; the factor gradients stay einsums).
+      tiles: the forward's tiles (default :func:`choose_tiles`).
+      impl: ``"kernel"``, ``"einsum"`` or ``"reference"``; default: the kernel where
+        :func:`supported` allows it (GPU or ``interpret``), else the einsum path on
+        GPU and the reference elsewhere.
     """
-    w1, w2 = monarch_math._check_factors(factors, "monarch_matmul")
-    platform = jax.default_backend()
-    if interpret is None:
-        if platform != "gpu":
-            return monarch_matmul_reference(x, factors, out_features)
-        interpret = False
-    ok, _ = kernel_applies(x.shape, factors, block_tokens=block_tokens, block_out=block_out,
-                           platform="interpret" if interpret else platform)
-    if not ok:
-        return monarch_matmul_reference(x, factors, out_features)
-    nb, q, p = w1.shape
-    s = w2.shape[1]
-    k_ext, n_ext = nb * p, nb * s
-    out_features = n_ext if out_features is None else out_features
-    if x.shape[-1] > k_ext or not 1 <= out_features <= n_ext:
-        raise ValueError(f"monarch_matmul: input features {x.shape[-1]} (at most {k_ext}) or "
-                         f"out_features {out_features} (1..{n_ext}) out of range")
+    nb, q, p, s, n = _dims(x.shape[-1], factors, out_features, "monarch_matmul")
+    if backward not in ("einsum", "fused"):
+        raise ValueError(f"monarch_matmul: backward must be 'einsum' or 'fused', got {backward!r}")
+    if impl not in (None, "kernel", "einsum", "reference"):
+        raise ValueError(f"monarch_matmul: impl must be 'kernel', 'einsum' or 'reference', got {impl!r}")
+    w1, w2 = factors["w1"], factors["w2"]
     dtype = jnp.result_type(x.dtype, w1.dtype, w2.dtype)
-    batch = x.shape[:-1]
-    u = x.reshape(-1, x.shape[-1]).astype(dtype)
-    t = u.shape[0]
-    bt = block_tokens
-    t_pad = -(-t // bt) * bt
-    u = jnp.pad(u, ((0, t_pad - t), (0, k_ext - u.shape[1]))).reshape(t_pad, nb, p)
-    a, b = fused_operands(w1.astype(dtype), w2.astype(dtype))
-    config = (("block_tokens", bt), ("block_out", _largest_pow2_divisor(s, block_out)),
-              ("block_in", block_in),
-              ("interpret", bool(interpret)), ("poison", bool(poison)))
-    z = _core(u, a, b, config)                                   # (t_pad, nb, s)
-    y = z[:t].transpose(0, 2, 1).reshape(*batch, n_ext)          # output index s * nb + j
-    return y[..., :out_features]
+    on_gpu = interpret or jax.default_backend() == "gpu"
+    reason = supported(x.shape, factors, dtype, interpret=interpret, tiles=tiles)
+    if impl is None:
+        impl = "kernel" if reason is None else ("einsum" if on_gpu else "reference")
+    if impl == "kernel" and reason is not None:
+        raise ValueError(f"monarch_matmul: impl='kernel' cannot run: {reason}")
+    if impl == "reference":
+        return monarch_matmul_reference(x, factors, out_features)
+    if impl == "einsum":
+        return monarch_matmul_einsum(x, factors, out_features)
+    cfg = _Config(tiles=tiles or choose_tiles(nb, q, p, s, interpret=interpret),
+                  tiles_dx=choose_tiles(nb, q, p, s, backward=True, interpret=interpret),
+                  backward=backward, interpret=bool(interpret))
+    u = _blocks_in(x, nb, p, dtype)
+    z = _fused_blocks(u, w1.astype(dtype), w2.astype(dtype), cfg)
+    return _interleave_out(z, x.shape[:-1], n)
