@@ -19,8 +19,8 @@ measured in the same run. Paths:
 * ``einsum_ref``: ``monarch.matmul_reference`` with JAX autodiff (what the pass ran before);
 * ``einsum``: ``monarch_matmul_einsum`` (its backward keeps the matmuls in bf16);
 * ``kernel``: the fused kernel forward, einsum backward; ``kernel_fdx``: the same
-  with dx through the kernel; ``kernel_s2`` / ``kernel_c64``: forward tile variants
-  (2 pipeline stages; 64-column intermediate chunks).
+  with dx through the kernel; ``kernel_s2`` / ``kernel_c128`` / ``kernel_o256``: forward
+  tile variants (2 pipeline stages; 128-column intermediate chunks; 256-column output tiles).
 
 Prints the table last and writes it to ``$OUT/monarch_speed.md`` when ``$OUT`` is set.
 Paths past the time budget (``--budget_s``) are listed as skipped.
@@ -78,7 +78,11 @@ def paths(n, nb, q, p, s, interpret):
         "kernel": (base, "einsum", ("fwd", "fb")),
         "kernel_fdx": (base, "fused", ("fb",)),
         "kernel_s2": (dataclasses.replace(base, stages=2), "einsum", ("fwd",)),
-        "kernel_c64": (dataclasses.replace(base, chunk=min(base.chunk, 64)), "einsum", ("fwd",)),
+        "kernel_c128": (dataclasses.replace(base, chunk=min(mk._round_up(mk._slot_plan(nb, q)[3], 16),
+                                                            128), stages=2), "einsum", ("fwd",)),
+        # Half as many stage-two pipelines (each restarts its copies) per program.
+        "kernel_o256": (dataclasses.replace(base, rows=64, chunk=min(base.chunk, 64), stages=2,
+                                            out_cols=mk._pow2_at_most(s, 256)), "einsum", ("fwd",)),
     }
     shapes = {"w1": jax.ShapeDtypeStruct((nb, q, p), jnp.bfloat16),
               "w2": jax.ShapeDtypeStruct((nb, s, q), jnp.bfloat16)}

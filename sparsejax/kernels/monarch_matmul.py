@@ -11,9 +11,9 @@ contract (``f(x, factors, out_features)``, differentiable in ``x`` and the facto
   accumulation. Autodiff of the reference does not: the transpose of its
   ``astype(bf16)`` hands the backward matmuls a float32 cotangent, so they run as
   float32 GEMMs.
-* :func:`monarch_matmul` -- the fused kernel (Mosaic GPU: ``plgpu.kernel``,
-  ``emit_pipeline``, ``wgmma``) where :func:`supported` says it runs, the einsum path
-  elsewhere on GPU, the reference off GPU.
+* :func:`monarch_matmul` -- one entry for all three (``impl=``): the fused kernel
+  (Mosaic GPU: ``plgpu.kernel``, ``emit_pipeline``, ``wgmma``) where :func:`supported`
+  says it runs; by default the einsum path on GPU and the reference elsewhere.
 
 The fused kernel. One program per (token tile, output block ``j``). Output block
 ``j`` reads, from every input block ``i``, only the intermediate columns
@@ -281,22 +281,27 @@ def choose_tiles(nb: int, q: int, p: int, s: int, *, backward: bool = False,
                  interpret: bool = False) -> MonarchTiles:
     """Tiles for a core with ``n1 = n2 = nb`` and the forward's (or, ``backward``, dx's) sizes.
 
-    The intermediate chunk is the slot count rounded up to 16 (wgmma's bf16 K step),
-    capped at 128 (an accumulator of ``rows x chunk`` stays within the register
-    budget); rows are 128 when ``h_j`` still leaves room for the pipelines, else 64.
+    The first that fits in shared memory, in order of preference: 128 rows before 64
+    (each weight tile serves more tokens), 3 pipeline stages before 2, a wide
+    intermediate chunk before a 64-column one. The chunk is the slot count rounded up
+    to 16 (wgmma's bf16 K step), at most 128 (a ``rows x chunk`` f32 accumulator stays
+    within the register budget).
     """
     d_in, d_out = (s, p) if backward else (p, s)
     c = _slot_plan(nb, q)[3]
-    chunk = min(_round_up(c, 16), 128) if c <= 128 else 128
+    wide = min(_round_up(c, 16), 128)
     step_in = _pow2_at_most(d_in, 64)
     out_cols = _pow2_at_most(d_out, 128)
-    stages = 2 if interpret else 3
-    width = _round_up(c, chunk) * nb
-    for rows in ((64,) if interpret else (128, 64)):   # interpret: fewer padded rows to simulate
-        t = MonarchTiles(rows=rows, step_in=step_in, chunk=chunk, out_cols=out_cols, stages=stages)
-        if t.smem_bytes(width) <= SMEM_LIMIT:
-            return t
-    return MonarchTiles(rows=64, step_in=step_in, chunk=chunk, out_cols=out_cols, stages=2)
+    if interpret:   # fewer padded rows and stages to simulate
+        return MonarchTiles(rows=64, step_in=step_in, chunk=wide, out_cols=out_cols, stages=2)
+    for rows in (128, 64):
+        for stages in (3, 2):
+            for chunk in dict.fromkeys((wide, min(wide, 64))):
+                t = MonarchTiles(rows=rows, step_in=step_in, chunk=chunk, out_cols=out_cols,
+                                 stages=stages)
+                if t.smem_bytes(_round_up(c, chunk) * nb) <= SMEM_LIMIT:
+                    return t
+    return MonarchTiles(rows=64, step_in=step_in, chunk=min(wide, 64), out_cols=out_cols, stages=2)
 
 
 # --------------------------------------------------------------------------- support
@@ -331,7 +336,7 @@ def supported(x_shape, factors, dtype=None, *, backend: str | None = None,
             return (f"{'dx' if bwd else 'forward'}: the intermediate slice ({t.rows} x {width}) "
                     f"and pipelines need {t.smem_bytes(width) // 1024} KB of shared memory, "
                     f"over {SMEM_LIMIT // 1024} KB")
-        if t.rows * max(t.chunk, t.out_cols) > 2 * _MAX_ACC:
+        if t.rows * max(t.chunk, t.out_cols) > _MAX_ACC:
             return f"accumulators of {t.rows} x {max(t.chunk, t.out_cols)} exceed the register budget"
         if t.rows % 64:
             return f"rows={t.rows} is not a multiple of 64 (wgmma M)"
@@ -524,9 +529,10 @@ def monarch_matmul(x: jax.Array, factors, out_features: int | None = None, *,
       backward: ``"einsum"`` (dx, dw1, dw2 as bf16 einsums) or ``"fused"`` (dx through
         the kernel on the transposed operands; the factor gradients stay einsums).
       tiles: the forward's tiles (default :func:`choose_tiles`).
-      impl: ``"kernel"``, ``"einsum"`` or ``"reference"``; default: the kernel where
-        :func:`supported` allows it (GPU or ``interpret``), else the einsum path on
-        GPU and the reference elsewhere.
+      impl: ``"kernel"``, ``"einsum"`` or ``"reference"``. Default: the kernel with
+        ``interpret=True``; on GPU the einsum path (the kernel is a candidate that
+        :mod:`sparsejax.kernels.path_choice` measures per site, not a default: it
+        beats the einsums only at some shapes); the reference elsewhere.
     """
     nb, q, p, s, n = _dims(x.shape[-1], factors, out_features, "monarch_matmul")
     if backward not in ("einsum", "fused"):
@@ -538,7 +544,7 @@ def monarch_matmul(x: jax.Array, factors, out_features: int | None = None, *,
     on_gpu = interpret or jax.default_backend() == "gpu"
     reason = supported(x.shape, factors, dtype, interpret=interpret, tiles=tiles)
     if impl is None:
-        impl = "kernel" if reason is None else ("einsum" if on_gpu else "reference")
+        impl = "kernel" if interpret else ("einsum" if on_gpu else "reference")
     if impl == "kernel" and reason is not None:
         raise ValueError(f"monarch_matmul: impl='kernel' cannot run: {reason}")
     if impl == "reference":
