@@ -19,8 +19,9 @@ measured in the same run. Paths:
 * ``einsum_ref``: ``monarch.matmul_reference`` with JAX autodiff (what the pass ran before);
 * ``einsum``: ``monarch_matmul_einsum`` (its backward keeps the matmuls in bf16);
 * ``kernel``: the fused kernel forward, einsum backward; ``kernel_fdx``: the same
-  with dx through the kernel; ``kernel_s2`` / ``kernel_c128`` / ``kernel_o256``: forward
-  tile variants (2 pipeline stages; 128-column intermediate chunks; 256-column output tiles);
+  with dx through the kernel; ``kernel_s2`` / ``kernel_c128`` / ``kernel_grp`` / ``kernel_o256``:
+  forward tile variants (2 pipeline stages; 128-column intermediate chunks; the most output
+  blocks per program; 256-column output tiles);
   ``kernel_noP2``: the kernel's block-major output before XLA's output transpose (what
   the transpose costs; a consumer inside a model absorbs it).
 
@@ -82,6 +83,9 @@ def paths(n, nb, q, p, s, interpret):
         "kernel_s2": (dataclasses.replace(base, stages=2), "einsum", ("fwd",)),
         "kernel_c128": (dataclasses.replace(base, chunk=min(mk._round_up(mk._slot_plan(nb, q)[3], 16),
                                                             128), stages=2), "einsum", ("fwd",)),
+        # Several output blocks per program: u read nblocks / group times, not nblocks.
+        "kernel_grp": (mk.choose_tiles(nb, q, p, s, interpret=interpret, prefer_group=True),
+                       "einsum", ("fwd",)),
         # Half as many stage-two pipelines (each restarts its copies) per program.
         "kernel_o256": (dataclasses.replace(base, rows=64, chunk=min(base.chunk, 64), stages=2,
                                             out_cols=mk._pow2_at_most(s, 256)), "einsum", ("fwd",)),

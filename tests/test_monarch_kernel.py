@@ -34,11 +34,13 @@ def test_fused_kernel_in_interpret_mode_matches_reference():
     # K = 80, N = 70, nblocks = 2: p = 40, s = 35, q = 35 is odd, so the two output blocks
     # read 18 and 17 intermediate columns from each input block (a padded slot); 40 and 35
     # are no multiple of the tiles (zero padding), h_j spans two chunks, stage one takes
-    # three contraction steps and stage two three output tiles. Interpret mode reads
-    # uninitialised memory as NaN: an output the kernel misses fails the finiteness check.
+    # three contraction steps and stage two three output tiles; one program computes both
+    # output blocks (group 2: stage one's accumulator spans both blocks' slices). Interpret
+    # mode reads uninitialised memory as NaN: an output the kernel misses fails the
+    # finiteness check.
     x, f, ct = _problem(1, 21, 80, 70, 2, jnp.bfloat16)
     assert mk.supported(x.shape, f, interpret=True) is None
-    tiles = mk.MonarchTiles(rows=64, step_in=16, chunk=16, out_cols=16, stages=2)
+    tiles = mk.MonarchTiles(rows=64, step_in=16, chunk=16, out_cols=16, stages=2, group=2)
     kernel = lambda x, f: mk.monarch_matmul(x, f, 70, interpret=True, tiles=tiles, backward="fused")
     y, (gx, gf) = _value_and_grads(kernel, x, f, ct)
     ry, (rx, rf) = _value_and_grads(lambda x, f: mk.monarch_matmul_reference(x, f, 70), x, f, ct)
@@ -101,6 +103,10 @@ def test_supported_names_the_reason():
     thin = {"w1": jax.ShapeDtypeStruct((64, 64, 64), jnp.bfloat16),
             "w2": jax.ShapeDtypeStruct((64, 256, 64), jnp.bfloat16)}
     assert "einsums win" in mk.supported((8192, 4096), thin, backend="gpu")
+    tiles = mk.MonarchTiles(rows=64, chunk=64, group=3)
+    assert "does not divide" in mk.supported((8192, 4096), f, backend="gpu", tiles=tiles)
+    tiles = mk.MonarchTiles(rows=128, chunk=128, group=2)
+    assert "register budget" in mk.supported((8192, 4096), f, backend="gpu", tiles=tiles)
 
 
 def test_paths_off_gpu_and_bad_arguments():

@@ -239,6 +239,9 @@ class MonarchTiles:
         contraction step (the width of one ``h_j`` chunk in shared memory).
       out_cols: output columns per stage-two accumulator.
       stages: pipeline depth (copies in flight).
+      group: output blocks ``j`` per program. Stage one then computes the slices of
+        ``group`` blocks together (a ``group * chunk``-wide accumulator), so each token
+        tile of ``u`` is read ``nblocks / group`` times instead of ``nblocks`` times.
     """
 
     rows: int = 64
@@ -246,12 +249,17 @@ class MonarchTiles:
     chunk: int = 64
     out_cols: int = 128
     stages: int = 2
+    group: int = 1
 
     def smem_bytes(self, width: int, itemsize: int = 2) -> int:
-        """Shared memory of one program: ``h_j``, the output tile, the larger pipeline."""
-        h = self.rows * width * itemsize
+        """Shared memory of one program: ``h`` of its blocks, the output tile, the larger pipeline.
+
+        ``width``: padded intermediate columns of one output block (``nblocks * c``).
+        """
+        h = self.rows * width * self.group * itemsize
         out = self.rows * self.out_cols * itemsize
-        stage_one = self.stages * (self.rows * self.step_in + self.step_in * self.chunk) * itemsize
+        stage_one = self.stages * (self.rows * self.step_in
+                                   + self.step_in * self.chunk * self.group) * itemsize
         stage_two = self.stages * self.chunk * self.out_cols * itemsize
         return h + out + max(stage_one, stage_two)
 
@@ -271,21 +279,15 @@ def _pow2_at_most(v: int, cap: int, floor: int = 16) -> int:
     return b
 
 
-def _core_shapes(nb: int, q: int, p: int, s: int, chunk: int, step_in: int, out_cols: int):
-    """Padded ``(d1, c, d2)`` of the forward core for given tile sizes."""
-    c = _slot_plan(nb, q)[3]
-    return _round_up(p, step_in), _round_up(c, chunk), _round_up(s, out_cols)
-
-
 def choose_tiles(nb: int, q: int, p: int, s: int, *, backward: bool = False,
-                 interpret: bool = False) -> MonarchTiles:
+                 interpret: bool = False, prefer_group: bool = False) -> MonarchTiles:
     """Tiles for a core with ``n1 = n2 = nb`` and the forward's (or, ``backward``, dx's) sizes.
 
-    The first that fits in shared memory, in order of preference: 128 rows before 64
-    (each weight tile serves more tokens), 3 pipeline stages before 2, a wide
-    intermediate chunk before a 64-column one. The chunk is the slot count rounded up
-    to 16 (wgmma's bf16 K step), at most 128 (a ``rows x chunk`` f32 accumulator stays
-    within the register budget).
+    The first that fits in shared memory and the register budget, in order of
+    preference: 128 rows before 64 (each weight tile serves more tokens), 3 pipeline
+    stages before 2, a wide intermediate chunk before a 64-column one, then the largest
+    group of output blocks per program (``prefer_group``: the group first, then rows).
+    The chunk is the slot count rounded up to 16 (wgmma's bf16 K step), at most 128.
     """
     d_in, d_out = (s, p) if backward else (p, s)
     c = _slot_plan(nb, q)[3]
@@ -294,14 +296,36 @@ def choose_tiles(nb: int, q: int, p: int, s: int, *, backward: bool = False,
     out_cols = _pow2_at_most(d_out, 128)
     if interpret:   # fewer padded rows and stages to simulate
         return MonarchTiles(rows=64, step_in=step_in, chunk=wide, out_cols=out_cols, stages=2)
+    groups = [g for g in range(nb, 0, -1) if nb % g == 0]
+    candidates = []
     for rows in (128, 64):
         for stages in (3, 2):
             for chunk in dict.fromkeys((wide, min(wide, 64))):
-                t = MonarchTiles(rows=rows, step_in=step_in, chunk=chunk, out_cols=out_cols,
-                                 stages=stages)
-                if t.smem_bytes(_round_up(c, chunk) * nb) <= SMEM_LIMIT:
-                    return t
+                for group in groups:
+                    candidates.append(MonarchTiles(rows=rows, step_in=step_in, chunk=chunk,
+                                                   out_cols=out_cols, stages=stages, group=group))
+    if prefer_group:
+        candidates.sort(key=lambda t: -t.group)     # stable: the rest of the order stays
+    for t in candidates:
+        if tiles_problem(t, nb, c) is None:
+            return t
     return MonarchTiles(rows=64, step_in=step_in, chunk=min(wide, 64), out_cols=out_cols, stages=2)
+
+
+def tiles_problem(t: MonarchTiles, nb: int, c: int) -> str | None:
+    """Why tiles ``t`` cannot run a core with ``nb`` blocks and ``c`` slots, or ``None``."""
+    width = _round_up(c, t.chunk) * nb
+    if nb % t.group:
+        return f"group={t.group} does not divide nblocks={nb}"
+    if t.rows % 64:
+        return f"rows={t.rows} is not a multiple of 64 (wgmma M)"
+    if t.group * t.chunk > 256 or t.rows * max(t.group * t.chunk, t.out_cols) > _MAX_ACC:
+        return (f"accumulators of {t.rows} x {max(t.group * t.chunk, t.out_cols)} exceed the "
+                f"register budget or wgmma's N <= 256")
+    if t.smem_bytes(width) > SMEM_LIMIT:
+        return (f"the intermediate ({t.rows} x {width * t.group}) and pipelines need "
+                f"{t.smem_bytes(width) // 1024} KB of shared memory, over {SMEM_LIMIT // 1024} KB")
+    return None
 
 
 # --------------------------------------------------------------------------- support
@@ -331,15 +355,9 @@ def supported(x_shape, factors, dtype=None, *, backend: str | None = None,
     c = _slot_plan(nb, q)[3]
     for bwd in (False, True):
         t = tiles or choose_tiles(nb, q, p, s, backward=bwd, interpret=interpret)
-        width = _round_up(c, t.chunk) * nb
-        if t.smem_bytes(width) > SMEM_LIMIT:
-            return (f"{'dx' if bwd else 'forward'}: the intermediate slice ({t.rows} x {width}) "
-                    f"and pipelines need {t.smem_bytes(width) // 1024} KB of shared memory, "
-                    f"over {SMEM_LIMIT // 1024} KB")
-        if t.rows * max(t.chunk, t.out_cols) > _MAX_ACC:
-            return f"accumulators of {t.rows} x {max(t.chunk, t.out_cols)} exceed the register budget"
-        if t.rows % 64:
-            return f"rows={t.rows} is not a multiple of 64 (wgmma M)"
+        problem = tiles_problem(t, nb, c)
+        if problem is not None:
+            return f"{'dx' if bwd else 'forward'}: {problem}"
     if _round_up(c, 16) > 4 * c:
         return (f"q / nblocks = {c} intermediate columns per block pair would be padded to "
                 f"{_round_up(c, 16)} (wgmma K step 16): over 4x the work; the einsums win")
@@ -362,8 +380,11 @@ def _mgpu_core(u: jax.Array, a: jax.Array, b: jax.Array, tiles: MonarchTiles,
     """Mosaic GPU core: ``u (T, n1, d1)``, ``a (n2, n1, d1, c)``, ``b (n2, n1, c, d2)``.
 
     Every size must already be a multiple of its tile. Returns ``(T, n2, d2)``.
-    One program per (token tile, ``j``); ``j`` varies fastest, so the programs that
-    share a token tile run together and read ``u``'s tile from L2.
+    One program per (token tile, group of ``tiles.group`` output blocks); the group
+    varies fastest, so the programs that share a token tile run together and read
+    ``u``'s tile from L2. Shared memory holds ``h`` of the group's blocks in chunks:
+    chunk ``(jg * n1 + i) * c_chunks + cc`` is columns ``cc * chunk ...`` of the slice
+    block ``j0 + jg`` reads from input block ``i``.
     """
     from jax.experimental.pallas import mosaic_gpu as plgpu
     from sparsejax.kernels.block_sparse import mosaic_gpu_interpret_params
@@ -372,32 +393,37 @@ def _mgpu_core(u: jax.Array, a: jax.Array, b: jax.Array, tiles: MonarchTiles,
     n2, _, _, c = a.shape
     d2 = b.shape[3]
     rows, step_in, chunk, out_cols = tiles.rows, tiles.step_in, tiles.chunk, tiles.out_cols
+    group = tiles.group
     dtype = u.dtype
-    k_steps = d1 // step_in            # stage-one steps per (j, i, chunk)
-    c_chunks = c // chunk              # stage-one accumulators per (j, i)
-    chunks = n1 * c_chunks             # h_j chunks; chunk g holds columns g * chunk ...
+    k_steps = d1 // step_in            # stage-one steps per accumulator
+    c_chunks = c // chunk              # chunks per (j, i)
+    chunks = n1 * c_chunks             # chunks per output block
+    n_groups = n2 // group
     e_tiles = d2 // out_cols
     t_tiles = t_total // rows
     u2 = u.reshape(t_total, n1 * d1)
-    a2 = a.reshape(n2 * n1 * d1, c)
+    # Stage one's weight for (block group, i, column chunk cc) is one (d1, group * chunk) tile.
+    a2 = (a.reshape(n_groups, group, n1, d1, c_chunks, chunk).transpose(0, 2, 3, 4, 1, 5)
+          .reshape(n_groups * n1 * d1, c_chunks * group * chunk))
     b2 = b.reshape(n2 * n1 * c, d2)
-    u_tf, a_tf = _swizzled(step_in, dtype), _swizzled(chunk, dtype)
+    u_tf, a_tf = _swizzled(step_in, dtype), _swizzled(group * chunk, dtype)
     h_tf, b_tf, o_tf = _swizzled(chunk, dtype), _swizzled(out_cols, dtype), _swizzled(out_cols, dtype)
 
     def body(u_ref, a_ref, b_ref, o_ref):
         prog = jax.lax.axis_index("prog")
-        ti = jax.lax.div(prog, jnp.int32(n2))
-        j = jax.lax.rem(prog, jnp.int32(n2))
+        ti = jax.lax.div(prog, jnp.int32(n_groups))
+        jgrp = jax.lax.rem(prog, jnp.int32(n_groups))
 
         @functools.partial(pl.run_scoped,
-                           h_smem=plgpu.SMEM((chunks, rows, chunk), dtype, transforms=h_tf),
+                           h_smem=plgpu.SMEM((group * chunks, rows, chunk), dtype, transforms=h_tf),
                            o_smem=plgpu.SMEM((rows, out_cols), dtype, transforms=o_tf))
         def _scope(h_smem, o_smem):
-            # Stage one: h_j chunk g = u[tile, block i] @ a[j, i][:, chunk cc], i = g // c_chunks.
+            # Stage one: for input block i and column chunk cc, the slices of every block
+            # of the group at once: u[tile, block i] @ a2[(jgrp, i)-rows, cc-th column tile].
             def stage_one(g, carry):
                 i = jax.lax.div(g, jnp.int32(c_chunks))
                 cc = jax.lax.rem(g, jnp.int32(c_chunks))
-                a_row0 = (j * n1 + i) * k_steps
+                a_row0 = (jgrp * n1 + i) * k_steps
 
                 def acc_scope(acc_ref):
                     def step(_, u_smem, a_smem):
@@ -409,25 +435,33 @@ def _mgpu_core(u: jax.Array, a: jax.Array, b: jax.Array, tiles: MonarchTiles,
                         in_specs=[
                             plgpu.BlockSpec((rows, step_in), lambda k: (ti, i * k_steps + k),
                                             transforms=u_tf, delay_release=1),
-                            plgpu.BlockSpec((step_in, chunk), lambda k: (a_row0 + k, cc),
+                            plgpu.BlockSpec((step_in, group * chunk), lambda k: (a_row0 + k, cc),
                                             transforms=a_tf, delay_release=1),
                         ],
                         max_concurrent_steps=tiles.stages,
                     )(u_ref, a_ref)
                     return acc_ref[...]
 
-                acc = pl.run_scoped(acc_scope, plgpu.ACC((rows, chunk), jnp.float32))
-                h_smem[g] = acc.astype(dtype)   # rounded as the reference rounds h
+                acc = pl.run_scoped(acc_scope, plgpu.ACC((rows, group * chunk), jnp.float32))
+                h = acc.astype(dtype)   # rounded as the reference rounds h
+                for jg in range(group):
+                    part = h if group == 1 else h[:, jg * chunk:(jg + 1) * chunk]
+                    h_smem[jg * chunks + g] = part
                 return carry
 
             jax.lax.fori_loop(0, chunks, stage_one, 0)
-            plgpu.commit_smem()   # h_j was written by ordinary stores; wgmma reads it next
+            plgpu.commit_smem()   # h was written by ordinary stores; wgmma reads it next
 
-            # Stage two: out[tile, j, e-tile] = sum_g h_j[g] @ b[j][g-th chunk rows, e-tile].
-            def stage_two(e, carry):
+            # Stage two, per block j = jgrp * group + jg and output tile e:
+            # out[tile, j, e-tile] = sum over chunks of h_j chunk @ b[j][chunk rows, e-tile].
+            def stage_two(idx, carry):
+                jg = jax.lax.div(idx, jnp.int32(e_tiles))
+                e = jax.lax.rem(idx, jnp.int32(e_tiles))
+                j = jgrp * group + jg
+
                 def acc_scope(acc_ref):
-                    def step(idx, b_smem):
-                        plgpu.wgmma(acc_ref, h_smem.at[idx[0]], b_smem)
+                    def step(k, b_smem):
+                        plgpu.wgmma(acc_ref, h_smem.at[jg * chunks + k[0]], b_smem)
                         plgpu.wgmma_wait(1)
 
                     plgpu.emit_pipeline(
@@ -446,13 +480,13 @@ def _mgpu_core(u: jax.Array, a: jax.Array, b: jax.Array, tiles: MonarchTiles,
                     o_smem, o_ref.at[pl.ds(ti * rows, rows), pl.ds(j * d2 + e * out_cols, out_cols)])
                 return carry
 
-            jax.lax.fori_loop(0, e_tiles, stage_two, 0)
+            jax.lax.fori_loop(0, group * e_tiles, stage_two, 0)
             plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
     kwargs = {"interpret": mosaic_gpu_interpret_params()} if interpret else {}
     kernel = plgpu.kernel(
         body, out_type=jax.ShapeDtypeStruct((t_total, n2 * d2), dtype),
-        grid=(t_tiles * n2,), grid_names=("prog",),
+        grid=(t_tiles * n_groups,), grid_names=("prog",),
         compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
         **kwargs)
     return kernel(u2, a2, b2).reshape(t_total, n2, d2)
