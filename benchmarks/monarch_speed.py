@@ -17,7 +17,8 @@ with a random cotangent, all three gradients) as medians after warm-up, dense XL
 measured in the same run. Paths:
 
 * ``einsum_ref``: ``monarch.matmul_reference`` with JAX autodiff (what the pass ran before);
-* ``einsum``: ``monarch_matmul_einsum`` (its backward keeps the matmuls in bf16);
+* ``einsum``: ``monarch_matmul_einsum`` (its backward keeps the matmuls in bf16; the GEMMs
+  return bf16); ``einsum_f32out``: the same with float32 GEMM outputs rounded afterwards;
 * ``kernel``: the fused kernel forward, einsum backward; ``kernel_fdx``: the same
   with dx through the kernel; ``kernel_s2`` / ``kernel_c128`` / ``kernel_grp`` / ``kernel_o256``:
   forward tile variants (2 pipeline stages; 128-column intermediate chunks; the most output
@@ -75,6 +76,8 @@ def paths(n, nb, q, p, s, interpret):
     out = {
         "einsum_ref": (lambda x, f: monarch.matmul_reference(x, f, n), ("fwd", "fb"), None),
         "einsum": (lambda x, f: mk.monarch_matmul_einsum(x, f, n), ("fwd", "fb"), None),
+        "einsum_f32out": (lambda x, f: mk.monarch_matmul_einsum(x, f, n, native_rounding=False),
+                          ("fwd", "fb"), None),
     }
     base = mk.choose_tiles(nb, q, p, s, interpret=interpret)
     variants = {

@@ -94,12 +94,20 @@ def _interleave_out(z: jax.Array, batch, out_features: int) -> jax.Array:
 # --------------------------------------------------------------------------- einsum path
 
 
-def _mm(spec, a, b, dtype):
-    """Einsum with float32 accumulation, rounded to ``dtype``."""
+def _mm(spec, a, b, dtype, native: bool = False):
+    """Einsum with float32 accumulation, rounded to ``dtype``.
+
+    ``native``: when both operands are already ``dtype``, ask for a ``dtype`` result
+    directly, so the GEMM (cuBLAS accumulates bf16 products in float32) rounds in its
+    epilogue and no float32 product is written to memory; otherwise a float32 product
+    and a separate rounding (XLA may or may not fold it into the GEMM).
+    """
     if jax.default_backend() == "cpu" and a.dtype != jnp.float32:
         # XLA:CPU has no bf16 x bf16 -> f32 dot for some batch layouts; the upcast is
         # exact (every bf16 product is exact in f32), so the result is the same.
         a, b = a.astype(jnp.float32), b.astype(jnp.float32)
+    elif native and a.dtype == b.dtype == jnp.dtype(dtype):
+        return jnp.einsum(spec, a, b, preferred_element_type=dtype)
     return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32).astype(dtype)
 
 
@@ -115,49 +123,51 @@ def _unpermute_h(h2: jax.Array) -> jax.Array:
     return h2.transpose(0, 2, 1).reshape(t, nb, q)
 
 
-@jax.custom_vjp
-def _einsum_blocks(u, w1, w2):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _einsum_blocks(u, w1, w2, native):
     """``(T, nb, p)`` -> block-major ``(T, nb, s)``; every matmul in ``u.dtype``, f32 accumulation."""
-    h2 = _permute_h(_mm("tip,iqp->tiq", u, w1, u.dtype))
-    return _mm("tjq,jsq->tjs", h2, w2, u.dtype)
+    return _einsum_blocks_fwd(u, w1, w2, native)[0]
 
 
-def _einsum_blocks_fwd(u, w1, w2):
-    h2 = _permute_h(_mm("tip,iqp->tiq", u, w1, u.dtype))
-    return _mm("tjq,jsq->tjs", h2, w2, u.dtype), (u, w1, w2, h2)
+def _einsum_blocks_fwd(u, w1, w2, native):
+    h2 = _permute_h(_mm("tip,iqp->tiq", u, w1, u.dtype, native))
+    return _mm("tjq,jsq->tjs", h2, w2, u.dtype, native), (u, w1, w2, h2)
 
 
-def _einsum_factor_grads(g, u, w1, w2, h2):
+def _einsum_factor_grads(g, u, w1, w2, h2, native=True):
     """``(dh, dw1, dw2)`` of the block-major product; ``g`` and all operands in ``u.dtype``."""
     dtype = u.dtype
-    dw2 = _mm("tjs,tjq->jsq", g, h2, w2.dtype)
-    dh = _unpermute_h(_mm("tjs,jsq->tjq", g, w2, dtype))
-    dw1 = _mm("tiq,tip->iqp", dh, u, w1.dtype)
+    dw2 = _mm("tjs,tjq->jsq", g, h2, w2.dtype, native)
+    dh = _unpermute_h(_mm("tjs,jsq->tjq", g, w2, dtype, native))
+    dw1 = _mm("tiq,tip->iqp", dh, u, w1.dtype, native)
     return dh, dw1, dw2
 
 
-def _einsum_blocks_bwd(residuals, g):
+def _einsum_blocks_bwd(native, residuals, g):
     u, w1, w2, h2 = residuals
     g = g.astype(u.dtype)   # the cotangent stays in the compute dtype: bf16 GEMMs, not f32
-    dh, dw1, dw2 = _einsum_factor_grads(g, u, w1, w2, h2)
-    du = _mm("tiq,iqp->tip", dh, w1, u.dtype)
+    dh, dw1, dw2 = _einsum_factor_grads(g, u, w1, w2, h2, native)
+    du = _mm("tiq,iqp->tip", dh, w1, u.dtype, native)
     return du, dw1, dw2
 
 
 _einsum_blocks.defvjp(_einsum_blocks_fwd, _einsum_blocks_bwd)
 
 
-def monarch_matmul_einsum(x: jax.Array, factors, out_features: int | None = None) -> jax.Array:
+def monarch_matmul_einsum(x: jax.Array, factors, out_features: int | None = None, *,
+                          native_rounding: bool = True) -> jax.Array:
     """``x @ W`` through two batched matmuls with a compute-dtype backward (see the module doc).
 
     Same function as :func:`monarch_matmul_reference` (f32 accumulation, the intermediate
-    rounded to the compute dtype); runs on any backend.
+    rounded to the compute dtype); runs on any backend. ``native_rounding``: the GEMMs
+    return the compute dtype themselves (default) instead of a float32 product that is
+    rounded afterwards (the reference's spelling); which is faster is measured.
     """
     nb, q, p, s, n = _dims(x.shape[-1], factors, out_features, "monarch_matmul_einsum")
     w1, w2 = factors["w1"], factors["w2"]
     dtype = jnp.result_type(x.dtype, w1.dtype, w2.dtype)
     u = _blocks_in(x, nb, p, dtype)
-    z = _einsum_blocks(u, w1.astype(dtype), w2.astype(dtype))
+    z = _einsum_blocks(u, w1.astype(dtype), w2.astype(dtype), bool(native_rounding))
     return _interleave_out(z, x.shape[:-1], n)
 
 
@@ -532,14 +542,14 @@ def _fused_blocks_bwd(cfg, residuals, g):
     u, w1, w2 = residuals
     g = g.astype(u.dtype)
     # The intermediate is recomputed (one einsum of the first factor's size) for dw2.
-    h2 = _permute_h(_mm("tip,iqp->tiq", u, w1, u.dtype))
+    h2 = _permute_h(_mm("tip,iqp->tiq", u, w1, u.dtype, True))
     dh, dw1, dw2 = _einsum_factor_grads(g, u, w1, w2, h2)
     if cfg.backward == "fused":
         a, b = core_operands(w1, w2)
         at, bt = _transposed_core_operands(a, b)
         du = _core(g, at, bt, cfg.tiles_dx, cfg.interpret)
     else:
-        du = _mm("tiq,iqp->tip", dh, w1, u.dtype)
+        du = _mm("tiq,iqp->tip", dh, w1, u.dtype, True)
     return du, dw1, dw2
 
 
