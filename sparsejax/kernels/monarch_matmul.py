@@ -15,7 +15,8 @@ contract (``f(x, factors, out_features)``, differentiable in ``x`` and the facto
   (Mosaic GPU: ``plgpu.kernel``, ``emit_pipeline``, ``wgmma``) where :func:`supported`
   says it runs; by default the einsum path on GPU and the reference elsewhere.
 
-The fused kernel. One program per (token tile, output block ``j``). Output block
+The fused kernel. One program per (token tile, output block ``j``, or a group of
+blocks: ``MonarchTiles.group``; stage one then serves the whole group). Output block
 ``j`` reads, from every input block ``i``, only the intermediate columns
 ``c`` with ``(i * q + c) % nblocks == j`` (``q / nblocks`` of them when
 ``nblocks | q``): its slice ``h_j`` is ``T x q`` and costs ``1 / nblocks`` of the
@@ -26,7 +27,9 @@ output tile at a time. The intermediate permutation ``P1`` is folded into the
 operands (which rows of ``w1`` feed which ``h_j`` column: a reshape of the small
 factors, no activation moves); the output leaves the kernel block-major
 (``(T, nblocks, s)``) and the interleave ``P2`` (output index ``s * nblocks + j``)
-is one XLA transpose of the output, which XLA fuses into the consumer inside a model.
+is one XLA transpose of the output, which XLA fuses into the consumer inside a model
+(a program's outputs for one ``j`` are 2-byte elements ``nblocks`` apart, which the
+bulk copy engine cannot store: its inner box is at least 16 bytes).
 What fits: ``h_j`` needs ``T * q * 2`` bytes of the 227 KB of shared memory (64 x
 1024 at 4096 <-> 16384, nblocks 4), plus the pipeline buffers; :func:`supported`
 names the reason when a shape does not fit (then the einsums are the answer).
@@ -51,7 +54,7 @@ from jax.experimental import pallas as pl
 from sparsejax import monarch as monarch_math
 
 __all__ = ["MonarchTiles", "monarch_matmul", "monarch_matmul_einsum", "monarch_matmul_reference",
-           "supported", "choose_tiles", "core_operands", "core_reference"]
+           "supported", "choose_tiles", "tiles_problem", "core_operands", "core_reference"]
 
 
 def monarch_matmul_reference(x: jax.Array, factors, out_features: int | None = None) -> jax.Array:
