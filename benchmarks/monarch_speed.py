@@ -240,7 +240,7 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--smoke", action="store_true",
                         help="tiny shapes on the CPU, the kernel in Mosaic GPU interpret mode")
-    parser.add_argument("--budget_s", type=float, default=150.0,
+    parser.add_argument("--budget_s", type=float, default=130.0,
                         help="stop timing new paths after this many seconds")
     parser.add_argument("--calls", type=int, default=5)
     parser.add_argument("--repeats", type=int, default=10)
