@@ -31,20 +31,20 @@ def _value_and_grads(fn, x, f, ct):
 
 
 def test_fused_kernel_in_interpret_mode_matches_reference():
-    # K = 80, N = 70, nblocks = 2: p = 40, s = 35, q = 35 is odd, so the two output blocks
-    # read 18 and 17 intermediate columns from each input block (a padded slot); 40 and 35
-    # are no multiple of the tiles (zero padding), h_j spans two chunks, stage one takes
-    # three contraction steps and stage two three output tiles; one program computes both
-    # output blocks (group 2: stage one's accumulator spans both blocks' slices). Interpret
-    # mode reads uninitialised memory as NaN: an output the kernel misses fails the
-    # finiteness check.
-    x, f, ct = _problem(1, 21, 80, 70, 2, jnp.bfloat16)
+    # K = 76, N = 72, nblocks = 2: p = 38, s = 36, q = 36, so each output block reads 18
+    # intermediate columns from each input block, padded to 32 (two chunks of 16); 38 and 36
+    # are no multiple of the tiles (zero padding), stage one takes three contraction steps
+    # and stage two three output tiles; one program computes both output blocks (group 2:
+    # stage one's accumulator spans both blocks' slices). The forward under grad also writes
+    # h for the backward. Interpret mode reads uninitialised memory as NaN: an output (or a
+    # saved h) the kernel misses fails the finiteness checks.
+    x, f, ct = _problem(1, 21, 76, 72, 2, jnp.bfloat16)
     assert mk.supported(x.shape, f, interpret=True) is None
     tiles = mk.MonarchTiles(rows=64, step_in=16, chunk=16, out_cols=16, stages=2, group=2)
-    kernel = lambda x, f: mk.monarch_matmul(x, f, 70, interpret=True, tiles=tiles, backward="fused")
+    kernel = lambda x, f: mk.monarch_matmul(x, f, 72, interpret=True, tiles=tiles, backward="fused")
     y, (gx, gf) = _value_and_grads(kernel, x, f, ct)
-    ry, (rx, rf) = _value_and_grads(lambda x, f: mk.monarch_matmul_reference(x, f, 70), x, f, ct)
-    assert y.shape == (21, 70) and y.dtype == jnp.bfloat16
+    ry, (rx, rf) = _value_and_grads(lambda x, f: mk.monarch_matmul_reference(x, f, 72), x, f, ct)
+    assert y.shape == (21, 72) and y.dtype == jnp.bfloat16
     # Same products, f32 accumulation, h rounded to bf16 in both: only summation order differs.
     assert _rel(y, ry) < 1e-2
     assert _rel(gx, rx) < 1e-2          # dx through the kernel on the transposed operands

@@ -388,10 +388,12 @@ def _swizzled(cols: int, dtype) -> tuple:
 
 
 def _mgpu_core(u: jax.Array, a: jax.Array, b: jax.Array, tiles: MonarchTiles,
-               interpret: bool) -> jax.Array:
+               interpret: bool, save_h: bool = False):
     """Mosaic GPU core: ``u (T, n1, d1)``, ``a (n2, n1, d1, c)``, ``b (n2, n1, c, d2)``.
 
-    Every size must already be a multiple of its tile. Returns ``(T, n2, d2)``.
+    Every size must already be a multiple of its tile. Returns ``(T, n2, d2)``, and with
+    ``save_h`` also the intermediate ``(T, n2, n1 * c)`` (each block's slice, chunk after
+    chunk: the backward's residual, cheaper to write than to recompute).
     One program per (token tile, group of ``tiles.group`` output blocks); the group
     varies fastest, so the programs that share a token tile run together and read
     ``u``'s tile from L2. Shared memory holds ``h`` of the group's blocks in chunks:
@@ -421,7 +423,7 @@ def _mgpu_core(u: jax.Array, a: jax.Array, b: jax.Array, tiles: MonarchTiles,
     u_tf, a_tf = _swizzled(step_in, dtype), _swizzled(group * chunk, dtype)
     h_tf, b_tf, o_tf = _swizzled(chunk, dtype), _swizzled(out_cols, dtype), _swizzled(out_cols, dtype)
 
-    def body(u_ref, a_ref, b_ref, o_ref):
+    def body(u_ref, a_ref, b_ref, o_ref, *refs):
         prog = jax.lax.axis_index("prog")
         ti = jax.lax.div(prog, jnp.int32(n_groups))
         jgrp = jax.lax.rem(prog, jnp.int32(n_groups))
@@ -463,6 +465,14 @@ def _mgpu_core(u: jax.Array, a: jax.Array, b: jax.Array, tiles: MonarchTiles,
 
             jax.lax.fori_loop(0, chunks, stage_one, 0)
             plgpu.commit_smem()   # h was written by ordinary stores; wgmma reads it next
+            if save_h:
+                h_ref = refs[0]
+                for jg in range(group):
+                    @pl.loop(0, chunks)
+                    def _save(g, jg=jg):
+                        col = ((jgrp * group + jg) * chunks + g) * chunk
+                        plgpu.copy_smem_to_gmem(h_smem.at[jg * chunks + g],
+                                                h_ref.at[pl.ds(ti * rows, rows), pl.ds(col, chunk)])
 
             # Stage two, per block j = jgrp * group + jg and output tile e:
             # out[tile, j, e-tile] = sum over chunks of h_j chunk @ b[j][chunk rows, e-tile].
@@ -496,16 +506,23 @@ def _mgpu_core(u: jax.Array, a: jax.Array, b: jax.Array, tiles: MonarchTiles,
             plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
     kwargs = {"interpret": mosaic_gpu_interpret_params()} if interpret else {}
+    out_type = [jax.ShapeDtypeStruct((t_total, n2 * d2), dtype)]
+    if save_h:
+        out_type.append(jax.ShapeDtypeStruct((t_total, n2 * n1 * c), dtype))
     kernel = plgpu.kernel(
-        body, out_type=jax.ShapeDtypeStruct((t_total, n2 * d2), dtype),
+        body, out_type=tuple(out_type),
         grid=(t_tiles * n_groups,), grid_names=("prog",),
         compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
         **kwargs)
-    return kernel(u2, a2, b2).reshape(t_total, n2, d2)
+    outs = kernel(u2, a2, b2)
+    out = outs[0].reshape(t_total, n2, d2)
+    return (out, outs[1].reshape(t_total, n2, n1 * c)) if save_h else out
 
 
-def _core(u, a, b, tiles: MonarchTiles, interpret: bool) -> jax.Array:
-    """The core on the kernel's padded sizes: pads ``u``/``a``/``b`` to the tiles, slices back."""
+def _core(u, a, b, tiles: MonarchTiles, interpret: bool, save_h: bool = False):
+    """The core on the kernel's padded sizes: pads ``u``/``a``/``b`` to the tiles, slices back.
+
+    With ``save_h`` also returns the intermediate ``(T, n2, n1, c_padded)``."""
     t, n1, d1 = u.shape
     n2, _, _, c = a.shape
     d2 = b.shape[3]
@@ -517,8 +534,10 @@ def _core(u, a, b, tiles: MonarchTiles, interpret: bool) -> jax.Array:
         a = jnp.pad(a, ((0, 0), (0, 0), (0, d1p - d1), (0, cp - c)))
     if (cp, d2p) != (c, d2):
         b = jnp.pad(b, ((0, 0), (0, 0), (0, cp - c), (0, d2p - d2)))
-    out = _mgpu_core(u, a, b, tiles, interpret)
-    return out[:t, :, :d2]
+    if save_h:
+        out, h = _mgpu_core(u, a, b, tiles, interpret, save_h=True)
+        return out[:t, :, :d2], h[:t].reshape(t, n2, n1, cp)
+    return _mgpu_core(u, a, b, tiles, interpret)[:t, :, :d2]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -537,14 +556,22 @@ def _fused_blocks(u, w1, w2, cfg: _Config):
 
 
 def _fused_blocks_fwd(u, w1, w2, cfg):
-    return _fused_blocks(u, w1, w2, cfg), (u, w1, w2)
+    nb, q, _ = w1.shape
+    a, b = core_operands(w1, w2)
+    if q % nb:   # slots do not tile the intermediate: the backward recomputes it
+        return _core(u, a, b, cfg.tiles, cfg.interpret), (u, w1, w2, None)
+    # The kernel also writes h (block j's slice is h2[:, j], r = i * c + c'): a pass of
+    # T x nb*q bf16, where recomputing it would cost the first factor's FLOPs again.
+    z, h = _core(u, a, b, cfg.tiles, cfg.interpret, save_h=True)
+    h2 = h[..., :q // nb].reshape(u.shape[0], nb, q)
+    return z, (u, w1, w2, h2)
 
 
 def _fused_blocks_bwd(cfg, residuals, g):
-    u, w1, w2 = residuals
+    u, w1, w2, h2 = residuals
     g = g.astype(u.dtype)
-    # The intermediate is recomputed (one einsum of the first factor's size) for dw2.
-    h2 = _permute_h(_mm("tip,iqp->tiq", u, w1, u.dtype, True))
+    if h2 is None:
+        h2 = _permute_h(_mm("tip,iqp->tiq", u, w1, u.dtype, True))
     dh, dw1, dw2 = _einsum_factor_grads(g, u, w1, w2, h2)
     if cfg.backward == "fused":
         a, b = core_operands(w1, w2)
