@@ -54,7 +54,7 @@ SHAPES = [  # (tokens, K, N, nblocks)
     (16384, 768, 3072, 4),
     (16384, 3072, 768, 4),
 ]
-SMOKE_SHAPES = [(40, 80, 70, 2)]
+SMOKE_SHAPES = [(40, 76, 72, 2), (40, 80, 70, 2)]   # nblocks | q (h saved), and not
 
 
 def goals(k, n, nb):
