@@ -260,41 +260,48 @@ def main():
     start = time.perf_counter()
     budget = Budget(args.budget_s)
     contexts = []
+
+    def report(final=False):
+        """The table so far; rewritten to $OUT after every path, so a run cut short keeps it."""
+        order = ["dense XLA", *PRIMARY, *SECOND]
+        rows = [r for ctx in contexts
+                for r in sorted(ctx["rows"], key=lambda r: (order + [r["path"]]).index(r["path"]))]
+        lines = [
+            "# Monarch multiply vs dense (bf16)",
+            "",
+            f"Command: `python benchmarks/monarch_speed.py {' '.join(sys.argv[1:])}`",
+            f"Device: {jax.devices()[0].device_kind}; JAX {jax.__version__}; medians of "
+            f"{args.repeats} batches of {args.calls} calls after warm-up; × = dense time / this "
+            f"time, dense measured in the same run; total {time.perf_counter() - start:.0f} s"
+            + ("." if final else " (incomplete: the run was still going)."),
+            "fwd+bwd = forward and VJP (gradients for x, w1, w2) under one jit. rel err: against "
+            "the float32 reference, worst of two fresh draws over every timed part.",
+            "",
+            HEADER,
+            *[fmt(r) for r in rows],
+            "",
+        ]
+        text = "\n".join(lines)
+        if os.environ.get("OUT"):
+            with open(os.path.join(os.environ["OUT"], "monarch_speed.md"), "w") as fh:
+                fh.write(text)
+        return text
+
     for tokens, k, n, nb in shapes:     # pass one: dense and the primary paths, every shape
         ctx = prepare_shape(tokens, k, n, nb, args)
+        contexts.append(ctx)
         print(fmt(ctx["dense"]), flush=True)
         for name in PRIMARY:
             run_path(ctx, name, budget)
-        contexts.append(ctx)
+            report()
     # Pass two: the other paths and variants, each over every shape before the next.
     names = dict.fromkeys(n for ctx in contexts for n in ctx["paths"] if n not in PRIMARY)
     for name in sorted(names, key=lambda n: (SECOND + [n]).index(n)):
         for ctx in contexts:
             if name in ctx["paths"]:
                 run_path(ctx, name, budget)
-    order = ["dense XLA", *PRIMARY, *SECOND]
-    rows = [r for ctx in contexts
-            for r in sorted(ctx["rows"], key=lambda r: (order + [r["path"]]).index(r["path"]))]
-    device = jax.devices()[0].device_kind
-    lines = [
-        "# Monarch multiply vs dense (bf16)",
-        "",
-        f"Command: `python benchmarks/monarch_speed.py {' '.join(sys.argv[1:])}`",
-        f"Device: {device}; JAX {jax.__version__}; medians of {args.repeats} batches of "
-        f"{args.calls} calls after warm-up; × = dense time / this time, dense measured in the "
-        f"same run; total {time.perf_counter() - start:.0f} s.",
-        "fwd+bwd = forward and VJP (gradients for x, w1, w2) under one jit. rel err: against "
-        "the float32 reference, worst of two fresh draws over every timed part.",
-        "",
-        HEADER,
-        *[fmt(r) for r in rows],
-        "",
-    ]
-    text = "\n".join(lines)
-    if os.environ.get("OUT"):
-        with open(os.path.join(os.environ["OUT"], "monarch_speed.md"), "w") as fh:
-            fh.write(text)
-    print(text)
+                report()
+    print(report(final=True))
 
 
 if __name__ == "__main__":
