@@ -31,8 +31,8 @@ class MonarchDense(nn.Module):
       use_bias: add a bias.
       dtype: computation dtype (``None``: promote inputs and params).
       param_dtype: parameter dtype.
-      use_kernel: multiply with the fused Pallas kernel where it applies (GPU);
-        the plain-JAX reference elsewhere.
+      use_kernel: multiply through ``kernels.monarch_matmul.monarch_matmul`` (on GPU
+        the einsum path with a bf16 backward; the plain-JAX reference elsewhere).
     """
 
     features: int

@@ -1,4 +1,5 @@
-"""Fused Monarch kernel (interpret mode on CPU) against its plain-JAX reference."""
+"""Monarch multiply paths against the plain-JAX reference: the fused Mosaic GPU kernel (in
+interpret mode on CPU), the einsum path with its compute-dtype backward, and the core operands."""
 
 import jax
 import jax.numpy as jnp
@@ -8,54 +9,118 @@ import pytest
 from sparsejax import monarch
 from sparsejax.kernels import monarch_matmul as mk
 
-# (tokens, K, N, nblocks): token count not a multiple of the tile; K and N padded.
-CASES = [(13, 27, 43, 2), (20, 32, 16, 4)]
-CFG = dict(block_tokens=8, block_out=8, block_in=8, interpret=True)
+
+def _rel(a, b):
+    a = np.asarray(jnp.asarray(a, jnp.float32), np.float64)
+    b = np.asarray(jnp.asarray(b, jnp.float32), np.float64)
+    assert np.isfinite(a).all(), "non-finite entries (an output the kernel never wrote reads NaN)"
+    return np.linalg.norm(a - b) / np.linalg.norm(b)
 
 
-@pytest.mark.parametrize("t,k,n,nb", CASES)
-def test_kernel_forward_and_gradients_match_reference(t, k, n, nb):
-    kf, kx, kc = jax.random.split(jax.random.PRNGKey(t + k + n), 3)
-    f = monarch.init_factors(kf, k, n, nb)
-    x = jax.random.normal(kx, (t, k))
-    assert mk.kernel_applies(x.shape, f, platform="cpu")[0]
-    y = mk.monarch_matmul(x, f, n, poison=True, **CFG)   # output NaN-filled before the kernel
-    assert bool(jnp.all(jnp.isfinite(y)))
-    np.testing.assert_allclose(y, mk.monarch_matmul_reference(x, f, n), rtol=1e-5, atol=1e-5)
-    ct = jax.random.normal(kc, y.shape)
-    loss = lambda fn: (lambda x, f: jnp.sum(fn(x, f) * ct))
-    got = jax.grad(loss(lambda x, f: mk.monarch_matmul(x, f, n, **CFG)), argnums=(0, 1))(x, f)
-    want = jax.grad(loss(lambda x, f: monarch.matmul_reference(x, f, n)), argnums=(0, 1))(x, f)
-    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
-        np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5)
+def _problem(seed, t, k, n, nb, dtype):
+    kf, kx, kc = jax.random.split(jax.random.PRNGKey(seed), 3)
+    f = monarch.init_factors(kf, k, n, nb, dtype)
+    x = jax.random.normal(kx, (t, k), jnp.float32).astype(dtype)
+    ct = jax.random.normal(kc, (t, n), jnp.float32).astype(dtype)
+    return x, f, ct
 
 
-def test_reference_fallback_where_kernel_does_not_apply():
-    # nblocks = 3 does not divide q = 4: the fused layout needs equal slices.
-    kf, kx = jax.random.split(jax.random.PRNGKey(3))
-    f = monarch.init_factors(kf, 10, 13, 3)
-    x = jax.random.normal(kx, (5, 10))
-    ok, why = mk.kernel_applies(x.shape, f)
-    assert not ok and "does not divide" in why
-    np.testing.assert_allclose(mk.monarch_matmul(x, f, 13, interpret=True),
-                               monarch.matmul_reference(x, f, 13), rtol=1e-6)
-    # On GPU, tiles must be powers of two.
-    g = monarch.init_factors(kf, 24, 24, 2)
-    assert not mk.kernel_applies((4, 24), g, platform="gpu")[0]
-    # Off GPU, without interpret, the reference runs.
-    g = monarch.init_factors(kf, 16, 32, 2)
-    x = jax.random.normal(kx, (5, 16))
-    np.testing.assert_allclose(mk.monarch_matmul(x, g), monarch.matmul_reference(x, g), rtol=1e-6)
+def _value_and_grads(fn, x, f, ct):
+    y, vjp = jax.vjp(fn, x, f)
+    return y, vjp(ct)
 
 
-def test_fused_operands_fold_the_permutation():
-    # core(u, A, B) with u in block layout equals the reference with the output interleave undone.
-    kf, kx = jax.random.split(jax.random.PRNGKey(5))
-    f = monarch.init_factors(kf, 16, 32, 4)
-    x = jax.random.normal(kx, (3, 16))
-    a, b = mk.fused_operands(f["w1"], f["w2"])
-    u = x.reshape(3, 4, 4)
-    h = jnp.einsum("tid,jicd->tjic", u, a).reshape(3, 4, -1)
-    z = jnp.einsum("tjr,jer->tje", h, b)
-    np.testing.assert_allclose(z.transpose(0, 2, 1).reshape(3, -1), monarch.matmul_reference(x, f),
-                               rtol=1e-5, atol=1e-6)
+def test_fused_kernel_in_interpret_mode_matches_reference():
+    # K = 76, N = 72, nblocks = 2: p = 38, s = 36, q = 36, so each output block reads 18
+    # intermediate columns from each input block, padded to 32 (two chunks of 16); 38 and 36
+    # are no multiple of the tiles (zero padding), stage one takes three contraction steps
+    # and stage two three output tiles; one program computes both output blocks (group 2:
+    # stage one's accumulator spans both blocks' slices). The forward under grad also writes
+    # h for the backward. Interpret mode reads uninitialised memory as NaN: an output (or a
+    # saved h) the kernel misses fails the finiteness checks.
+    x, f, ct = _problem(1, 21, 76, 72, 2, jnp.bfloat16)
+    assert mk.supported(x.shape, f, interpret=True) is None
+    tiles = mk.MonarchTiles(rows=64, step_in=16, chunk=16, out_cols=16, stages=2, group=2)
+    kernel = lambda x, f: mk.monarch_matmul(x, f, 72, interpret=True, tiles=tiles, backward="fused")
+    y, (gx, gf) = _value_and_grads(kernel, x, f, ct)
+    ry, (rx, rf) = _value_and_grads(lambda x, f: mk.monarch_matmul_reference(x, f, 72), x, f, ct)
+    assert y.shape == (21, 72) and y.dtype == jnp.bfloat16
+    # Same products, f32 accumulation, h rounded to bf16 in both: only summation order differs.
+    assert _rel(y, ry) < 1e-2
+    assert _rel(gx, rx) < 1e-2          # dx through the kernel on the transposed operands
+    assert _rel(gf["w1"], rf["w1"]) < 1e-2 and _rel(gf["w2"], rf["w2"]) < 1e-2
+
+
+@pytest.mark.parametrize("t,k,n,nb", [(13, 27, 43, 2), (9, 47, 100, 3)])
+def test_einsum_path_matches_reference_forward_and_backward(t, k, n, nb):
+    # On CPU both roundings take the same (exact f32) branch, so one spelling per dtype.
+    for dtype, tol, native in ((jnp.float32, 1e-6, False), (jnp.bfloat16, 1e-2, True)):
+        x, f, ct = _problem(t + k + n, t, k, n, nb, dtype)
+        einsum = lambda x, f: mk.monarch_matmul_einsum(x, f, n, native_rounding=native)
+        y, (gx, gf) = _value_and_grads(einsum, x, f, ct)
+        ry, (rx, rf) = _value_and_grads(lambda x, f: monarch.matmul_reference(x, f, n), x, f, ct)
+        assert y.dtype == dtype and gx.dtype == dtype and gf["w1"].dtype == dtype
+        for got, want in ((y, ry), (gx, rx), (gf["w1"], rf["w1"]), (gf["w2"], rf["w2"])):
+            assert _rel(got, want) < tol
+
+
+def test_einsum_path_keeps_leading_axes_and_jits():
+    x, f, _ = _problem(4, 6, 24, 36, 3, jnp.float32)
+    x3 = x.reshape(2, 3, 24)
+    y = jax.jit(lambda x, f: mk.monarch_matmul_einsum(x, f, 30))(x3, f)
+    assert y.shape == (2, 3, 30)
+    assert _rel(y, monarch.matmul_reference(x3, f, 30)) < 1e-6
+
+
+@pytest.mark.parametrize("k,n,nb", [(16, 32, 4), (10, 13, 3)])
+def test_core_operands_fold_the_permutation(k, n, nb):
+    # core(u, a, b), read back through the output interleave, is the Monarch product, also
+    # when nblocks does not divide q (zero-padded slots), and after padding the slot width.
+    x, f, _ = _problem(k * n, 7, k, n, nb, jnp.float32)
+    (_, q, p), (_, s, _) = monarch.monarch_shapes(k, n, nb)
+    u = jnp.pad(x, ((0, 0), (0, nb * p - k))).reshape(7, nb, p)
+    want = monarch.matmul_reference(x, f, n, precision=jax.lax.Precision.HIGHEST)
+    for width in (None, mk._slot_plan(nb, q)[3] + 3):
+        a, b = mk.core_operands(f["w1"], f["w2"], width)
+        z = mk.core_reference(u, a, b)
+        assert _rel(z.transpose(0, 2, 1).reshape(7, nb * s)[:, :n], want) < 1e-5
+    # The input gradient's core runs on the transposed operands.
+    at, bt = mk._transposed_core_operands(a, b)
+    g = jax.random.normal(jax.random.PRNGKey(0), z.shape)
+    dx = jax.vjp(lambda u: mk.core_reference(u, a, b), u)[1](g)[0]
+    assert _rel(mk.core_reference(g, at, bt), dx) < 1e-5
+
+
+def test_supported_names_the_reason():
+    f = {"w1": jax.ShapeDtypeStruct((4, 1024, 1024), jnp.bfloat16),
+         "w2": jax.ShapeDtypeStruct((4, 4096, 1024), jnp.bfloat16)}
+    assert mk.supported((8192, 4096), f, backend="gpu") is None
+    assert "Mosaic GPU only" in mk.supported((8192, 4096), f, backend="cpu")
+    assert "float32" in mk.supported((8192, 4096), f, jnp.float32, backend="gpu")
+    # h_j of 64 x 4096 bf16 alone is 512 KB: over the shared memory a block may use.
+    big = {"w1": jax.ShapeDtypeStruct((2, 4096, 4096), jnp.bfloat16),
+           "w2": jax.ShapeDtypeStruct((2, 8192, 4096), jnp.bfloat16)}
+    assert "shared memory" in mk.supported((8192, 8192), big, backend="gpu")
+    # nblocks 64 at 4096 -> 16384: one intermediate column per block pair, padded to 16.
+    thin = {"w1": jax.ShapeDtypeStruct((64, 64, 64), jnp.bfloat16),
+            "w2": jax.ShapeDtypeStruct((64, 256, 64), jnp.bfloat16)}
+    assert "einsums win" in mk.supported((8192, 4096), thin, backend="gpu")
+    tiles = mk.MonarchTiles(rows=64, chunk=64, group=3)
+    assert "does not divide" in mk.supported((8192, 4096), f, backend="gpu", tiles=tiles)
+    tiles = mk.MonarchTiles(rows=128, chunk=128, group=2)
+    assert "register budget" in mk.supported((8192, 4096), f, backend="gpu", tiles=tiles)
+
+
+def test_paths_off_gpu_and_bad_arguments():
+    x, f, _ = _problem(3, 5, 16, 32, 2, jnp.float32)
+    # Off GPU without interpret: the reference, exactly.
+    np.testing.assert_array_equal(np.asarray(mk.monarch_matmul(x, f)),
+                                  np.asarray(mk.monarch_matmul_reference(x, f)))
+    with pytest.raises(ValueError, match="impl='kernel' cannot run: .*Mosaic GPU only"):
+        mk.monarch_matmul(x, f, impl="kernel")
+    with pytest.raises(ValueError, match="backward must be"):
+        mk.monarch_matmul(x, f, backward="xla")
+    with pytest.raises(ValueError, match="out_features must be in"):
+        mk.monarch_matmul(x, f, 33)
+    with pytest.raises(ValueError, match="at most 16"):
+        mk.monarch_matmul(jnp.ones((2, 33)), f)
