@@ -5,6 +5,12 @@ search costs compilations on every new shape, and the right answer depends on
 little more than the backend and the dtype. The numbers for ``gpu`` were chosen
 on an H100 (see ``benchmarks/results/block_sparse_speed.md``); the ``tpu`` and
 ``interpret`` rows are the smallest tiles the hardware layout accepts.
+
+The block-sparse GPU kernel's schedule can also depend on the shape: with
+``schedule="auto"``, :func:`select_block_sparse_tiles` looks the kernel call's
+``(K, N)`` and density up in ``_GPU_BY_SHAPE`` (filled from the JSON that
+``benchmarks/block_sparse_shapes.py`` writes) and otherwise decides by the mean
+block-column length.
 """
 
 from __future__ import annotations
