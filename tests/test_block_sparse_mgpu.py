@@ -65,12 +65,17 @@ def test_dw_kernel_split_over_m_matches_sampled_product():
     assert _rel(out[0], dense[bk:, 2 * bn:]) < 1e-2
 
 
-def test_dw_split_divides_the_steps_and_fills_the_device():
+def test_dw_split_divides_the_steps_and_balances_waves():
     base = tt.BlockSparseTiles(rows=128)
-    # 26 kept blocks (1024 x 4096 at density 0.1), M = 8192 in 128 steps of 64.
-    split = bs._dw_split(base, 26, 8192, 64, interpret=False)
-    assert 128 % split == 0 and split * 26 >= 132 and 128 // split >= 4
-    assert bs._dw_split(base, 5000, 8192, 64, interpret=False) == 1   # enough blocks already
+    for nnzb in (26, 41, 410, 1024, 5000):   # M = 8192 in 128 steps of 64, 132 SMs
+        split = bs._dw_split(base, nnzb, 8192, 64, interpret=False)
+        assert 128 % split == 0 and 128 // split >= 8
+    # Few blocks: split so that more SMs work; 410 blocks: 4 waves, the last a tenth
+    # full, unless split; thousands of blocks fill the device as they are.
+    assert bs._dw_split(base, 26, 8192, 64, interpret=False) * 26 > 2 * 26
+    assert bs._dw_split(base, 410, 8192, 64, interpret=False) > 1
+    assert bs._dw_split(base, 5000, 8192, 64, interpret=False) == 1
+    assert bs._dw_split(base, 5, 64, 64, interpret=False) == 1             # one step of M
     assert bs._dw_split(dataclasses.replace(base, dw_split=3), 26, 8192, 64, False) == 2
 
 
