@@ -607,6 +607,8 @@ def _mgpu_gather_matmul_ws(a, blocks, ptr, idx, out_dtype, tiles: tile_tables.Bl
         tiles, m=m, k=a.shape[1], n=ncols * bn, nnzb=nnzb, block=(bk, bn))
     if m % (2 * selected.rows):   # a measured M tile the padded M does not take
         selected = dataclasses.replace(selected, rows=tiles.rows)
+    if bk % selected.step_k:      # a K step longer than these blocks
+        selected = dataclasses.replace(selected, step_k=math.gcd(bk, selected.step_k))
     if selected.schedule == "persistent":
         return _mgpu_gather_matmul_persistent(a, blocks, ptr_a, idx, out_dtype, selected, interpret)
     return _mgpu_gather_matmul_per_tile(a, blocks, ptr_a, idx, out_dtype, selected, interpret)
