@@ -819,17 +819,23 @@ def _mgpu_gather_matmul_persistent(a, blocks, ptr_a, idx, out_dtype,
     return kernel(ptr_a, idx_a, order, a, b2d)
 
 
+# Leads for the dW split's cost model (H100/H200): wgmma rate of one SM, device bandwidth.
+_SM_FLOPS = 6e12
+_DEVICE_BYTES_PER_S = 3.5e12
+
+
 def _dw_split(tiles: tile_tables.BlockSparseTiles, nnzb: int, m: int, step_m: int,
-              interpret: bool) -> int:
+              interpret: bool, bk: int = 128, bn: int = 128) -> int:
     """Chunks of M per kept block in the dW kernel: ``tiles.dw_split``, else a small cost model.
 
     Always a divisor of ``m // step_m`` (each chunk a whole number of steps). The
-    automatic choice minimises ``waves * (steps per chunk + 4)``: one program per
-    SM at a time (the kernel's shared memory admits one), a wave's time its
-    chunk's steps plus about four steps of pipeline fill and epilogue. So 26 kept
-    blocks over 128 steps take 4 chunks (104 programs, one wave), and 410 blocks
-    take 4 (13 waves of 36 step-times against 4 waves of 132 unsplit, whose last
-    wave would run a tenth full).
+    automatic choice minimises ``waves * (steps per chunk + 4) * step time`` (one
+    program per SM at a time, as the kernel's shared memory admits; about four
+    steps of pipeline fill and epilogue) plus, when split, the float32 partial
+    sums written and read back. So 26 kept blocks over 128 steps of M take 4
+    chunks (one wave of 104 programs instead of 26 programs of 128 steps), while
+    410 blocks stay whole (the partial sums would cost more than the last
+    wave's idle SMs).
     """
     steps = m // step_m
     if tiles.dw_split:
@@ -838,8 +844,14 @@ def _dw_split(tiles: tile_tables.BlockSparseTiles, nnzb: int, m: int, step_m: in
             want -= 1
         return want
     sms = _num_programs(dataclasses.replace(tiles, num_programs=0), interpret)
+    step_s = 2 * bk * bn * step_m / _SM_FLOPS
+    partial_s = nnzb * bk * bn * 4 * 2 / _DEVICE_BYTES_PER_S   # one chunk's f32 sums, out and in
+
+    def cost(d):
+        waves = -(-nnzb * d // sms)
+        return waves * (steps // d + 4) * step_s + (d * partial_s if d > 1 else 0.0)
+
     candidates = [d for d in range(1, steps + 1) if steps % d == 0 and steps // d >= 8] or [1]
-    cost = lambda d: (-(-nnzb * d // sms)) * (steps // d + 4)
     return min(candidates, key=lambda d: (cost(d), d))
 
 
@@ -862,7 +874,7 @@ def _mgpu_sampled_matmul(a, g, rows_of, cols_of, bk: int, bn: int, out_dtype,
     c_a = jnp.asarray(cols_of, jnp.int32)
     nnzb = r_a.shape[0]
     step_m = tiles.step_k
-    split = _dw_split(tiles, nnzb, m, step_m, interpret)
+    split = _dw_split(tiles, nnzb, m, step_m, interpret, bk, bn)
     chunk_steps = m // step_m // split
     transposed = tiles.dw_transpose_in_kernel
     b_transforms = _swizzled(bn, a.dtype)
