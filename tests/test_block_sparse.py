@@ -203,7 +203,7 @@ def test_supported_names_the_reason():
 
 
 def test_warp_specialized_mosaic_gpu_kernel_in_interpret_mode():
-    # The shipped GPU path: two compute warpgroups, an empty block column zeroed afterwards.
+    # The shipped GPU path: two compute warpgroups, an empty block column zeroed by the kernel.
     rng = np.random.default_rng(51)
     w = jnp.asarray(rng.standard_normal((128, 128)), jnp.bfloat16)
     packed = bs.pack(w, np.array([[True, False]]), (128, 64))

@@ -532,6 +532,61 @@ def _mgpu_gather_matmul(a, blocks, ptr, idx, out_dtype, tiles: tile_tables.Block
     return kernel(ptr_a, idx_a, a, b2d)
 
 
+def _num_programs(tiles: tile_tables.BlockSparseTiles, interpret: bool) -> int:
+    """Programs of a persistent kernel: ``tiles.num_programs``, else one per SM."""
+    if tiles.num_programs:
+        return tiles.num_programs
+    if interpret:   # a few simulated programs, so that each walks several tiles
+        return 3
+    return int(getattr(jax.devices()[0], "core_count", 0) or 132)
+
+
+def _column_order(ptr_a):
+    """Block columns by decreasing kept-block count (stable); empty columns come last.
+
+    Computed on the device from the (possibly traced) column pointers, so the
+    persistent schedule needs no host-side table.
+    """
+    counts = ptr_a[1:] - ptr_a[:-1]
+    return jnp.argsort(-counts, stable=True).astype(jnp.int32)
+
+
+def _ws_store_tile(acc, o_smem, o_ref, wg, row0: jax.Array, col0: jax.Array, rows: int, bn: int,
+                   epi: int, out_dtype):
+    """Compute warpgroup ``wg`` stores its ``(rows, bn)`` tile in ``epi x epi`` TMA pieces.
+
+    ``acc=None`` stores zeros (a block column with no kept block): one staging
+    piece of zeros is copied to every piece of the tile. Nothing waits for the
+    copies to land; the next store (or the kernel's end) waits until the
+    staging buffer has been read.
+    """
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    # The previous tile's copies must have read the staging slots.
+    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+    pieces = [(pr, pc) for pr in range(rows // epi) for pc in range(bn // epi)]
+    if acc is None:
+        o_smem[wg, 0] = jnp.zeros((epi, epi), out_dtype)
+        plgpu.commit_smem()
+    for piece, (pr, pc) in enumerate(pieces):
+        slot = 0 if acc is None else piece % 2
+        if acc is not None:
+            plgpu.wait_smem_to_gmem(1, wait_read_only=True)
+            o_smem[wg, slot] = acc[pr * epi:(pr + 1) * epi, pc * epi:(pc + 1) * epi]
+            plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(
+            o_smem.at[wg, slot],
+            o_ref.at[pl.ds(row0 + pr * epi, epi), pl.ds(col0 + pc * epi, epi)])
+
+
+def _mgpu_ws_smem_bytes(tiles: tile_tables.BlockSparseTiles, bn: int, itemsize: int = 2) -> int:
+    """Shared memory of the warp-specialized kernel: pipeline stages plus output staging."""
+    cta_rows = 2 * tiles.rows
+    stage = (cta_rows * tiles.step_k + tiles.step_k * bn) * itemsize
+    epi = 64
+    return tiles.stages * stage + 2 * 2 * epi * epi * itemsize
+
+
 def _mgpu_gather_matmul_ws(a, blocks, ptr, idx, out_dtype, tiles: tile_tables.BlockSparseTiles,
                            interpret: bool = False):
     """Warp-specialized variant of :func:`_mgpu_gather_matmul` with a ``2 * rows`` M tile.
@@ -539,19 +594,65 @@ def _mgpu_gather_matmul_ws(a, blocks, ptr, idx, out_dtype, tiles: tile_tables.Bl
     Two compute warpgroups own ``rows`` rows each and share every weight tile; a
     third warpgroup only issues the copies. The weight is read half as often as
     with one warpgroup per tile, which is what bounds the single-warpgroup kernel.
-    Columns with no kept block are never visited by a pipeline: their output is
-    zeroed afterwards (the tables are static, so only those columns are touched).
+    ``tiles.schedule`` picks one program per output tile or the persistent work
+    list (:func:`_mgpu_gather_matmul_persistent`). Either way, output tiles of a
+    block column with no kept block are zeroed inside the kernel, and ``ptr`` and
+    ``idx`` are read only on the device (they may be traced).
     """
+    m = a.shape[0]
+    nnzb, bk, bn = blocks.shape
+    ptr_a = jnp.asarray(ptr, jnp.int32)
+    ncols = ptr_a.shape[0] - 1
+    selected = tile_tables.select_block_sparse_tiles(
+        tiles, m=m, k=a.shape[1], n=ncols * bn, nnzb=nnzb, block=(bk, bn))
+    if m % (2 * selected.rows):   # a measured M tile the padded M does not take
+        selected = dataclasses.replace(selected, rows=tiles.rows)
+    if bk % selected.step_k:      # a K step longer than these blocks
+        selected = dataclasses.replace(selected, step_k=math.gcd(bk, selected.step_k))
+    if selected.schedule == "persistent":
+        return _mgpu_gather_matmul_persistent(a, blocks, ptr_a, idx, out_dtype, selected, interpret)
+    return _mgpu_gather_matmul_per_tile(a, blocks, ptr_a, idx, out_dtype, selected, interpret)
+
+
+def _ws_pipeline(body, context, *, count, sub: int, cta_rows: int, bn: int, tiles, a_map, b_map,
+                 a_transforms, b_transforms, delay_release: int):
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    return plgpu.emit_pipeline_warp_specialized(
+        body, grid=(count * sub,), memory_registers=40,
+        in_specs=[
+            plgpu.BlockSpec((cta_rows, tiles.step_k), a_map, transforms=a_transforms,
+                            delay_release=delay_release),
+            plgpu.BlockSpec((tiles.step_k, bn), b_map, transforms=b_transforms,
+                            delay_release=delay_release),
+        ],
+        wg_axis="wg", num_compute_wgs=2, max_concurrent_steps=tiles.stages,
+        compute_context=context,
+    )
+
+
+def _mgpu_ws_kernel(body, out_type, grid, grid_names, interpret: bool):
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    kwargs = {"interpret": mosaic_gpu_interpret_params()} if interpret else {}
+    return plgpu.kernel(
+        body, out_type=out_type, grid=grid, grid_names=grid_names, num_threads=3, thread_name="wg",
+        compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
+        **kwargs)
+
+
+def _mgpu_gather_matmul_per_tile(a, blocks, ptr_a, idx, out_dtype,
+                                 tiles: tile_tables.BlockSparseTiles, interpret: bool = False):
+    """One program per ``(2 * rows, bn)`` output tile; see :func:`_mgpu_gather_matmul_ws`."""
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
     m, _ = a.shape
     nnzb, bk, bn = blocks.shape
-    ncols = len(ptr) - 1
+    ncols = ptr_a.shape[0] - 1
     rows, step_k = tiles.rows, tiles.step_k
     cta_rows = 2 * rows
     sub = bk // step_k
     b2d = blocks.reshape(nnzb * bk, bn)
-    ptr_a = jnp.asarray(ptr, jnp.int32)
     idx_a = jnp.asarray(idx, jnp.int32)
     m_tiles = m // cta_rows
     epi = 64
@@ -565,6 +666,7 @@ def _mgpu_gather_matmul_ws(a, blocks, ptr, idx, out_dtype, tiles: tile_tables.Bl
         start = ptr_ref[j]
         count = ptr_ref[j + 1] - start
         wg = jax.lax.axis_index("wg")
+        row0 = mi * cta_rows + wg * rows
 
         def a_map(s):
             return mi, idx_ref[start + s // sub] * sub + s % sub
@@ -577,19 +679,10 @@ def _mgpu_gather_matmul_ws(a, blocks, ptr, idx, out_dtype, tiles: tile_tables.Bl
             plgpu.wgmma_wait(1)
             return acc_ref
 
-        def pipeline(body, context):
-            return plgpu.emit_pipeline_warp_specialized(
-                body, grid=(count * sub,), memory_registers=40,
-                in_specs=[
-                    plgpu.BlockSpec((cta_rows, step_k), a_map, transforms=a_transforms,
-                                    delay_release=1),
-                    plgpu.BlockSpec((step_k, bn), b_map, transforms=b_transforms,
-                                    delay_release=1),
-                ],
-                wg_axis="wg", num_compute_wgs=2, max_concurrent_steps=tiles.stages,
-                compute_context=context,
-            )
-
+        pipeline = functools.partial(
+            _ws_pipeline, count=count, sub=sub, cta_rows=cta_rows, bn=bn, tiles=tiles,
+            a_map=a_map, b_map=b_map, a_transforms=a_transforms, b_transforms=b_transforms,
+            delay_release=1)
         ignore = lambda *_, **__: None   # the allocations do not depend on the bodies
 
         # Scoped allocations are collective over the warpgroups. The output leaves
@@ -605,93 +698,238 @@ def _mgpu_gather_matmul_ws(a, blocks, ptr, idx, out_dtype, tiles: tile_tables.Bl
                 def _acc_scope(acc_ref):
                     eval_pipeline(acc_ref)
                     acc = acc_ref[...].astype(out_dtype)
-                    row0 = mi * cta_rows + wg * rows
-                    piece = 0
-                    for pr in range(rows // epi):
-                        for pc in range(bn // epi):
-                            slot = piece % 2
-                            piece += 1
-                            plgpu.wait_smem_to_gmem(1, wait_read_only=True)
-                            o_smem[wg, slot] = acc[pr * epi:(pr + 1) * epi, pc * epi:(pc + 1) * epi]
-                            plgpu.commit_smem()
-                            plgpu.copy_smem_to_gmem(
-                                o_smem.at[wg, slot],
-                                o_ref.at[pl.ds(row0 + pr * epi, epi), pl.ds(j * bn + pc * epi, epi)])
-                    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+                    _ws_store_tile(acc, o_smem, o_ref, wg, row0, j * bn, rows, bn, epi, out_dtype)
 
             @pl.when(count > 0)
             def _():
                 pipeline(mma, compute_context)(a_ref, b_ref, allocations=allocs)
 
-    kwargs = {"interpret": mosaic_gpu_interpret_params()} if interpret else {}
-    kernel = plgpu.kernel(
-        body, out_type=jax.ShapeDtypeStruct((m, ncols * bn), out_dtype),
-        grid=(m_tiles * ncols,), grid_names=("tile",), num_threads=3, thread_name="wg",
-        compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
-        **kwargs)
-    out = kernel(ptr_a, idx_a, a, b2d)
-    empty = np.flatnonzero(np.diff(np.asarray(ptr)) == 0)
-    if empty.size:
-        cols = (empty[:, None] * bn + np.arange(bn)).reshape(-1)
-        out = out.at[:, cols].set(0)
-    return out
+            @pl.when(jnp.logical_and(count == 0, wg < 2))
+            def _():
+                _ws_store_tile(None, o_smem, o_ref, wg, row0, j * bn, rows, bn, epi, out_dtype)
+
+            @pl.when(wg < 2)
+            def _():
+                plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+
+    kernel = _mgpu_ws_kernel(body, jax.ShapeDtypeStruct((m, ncols * bn), out_dtype),
+                             (m_tiles * ncols,), ("tile",), interpret)
+    return kernel(ptr_a, idx_a, a, b2d)
+
+
+def _mgpu_gather_matmul_persistent(a, blocks, ptr_a, idx, out_dtype,
+                                   tiles: tile_tables.BlockSparseTiles, interpret: bool = False):
+    """Persistent warp-specialized kernel over a work list of output tiles.
+
+    ``num_programs`` programs take the output tiles in turn (``plgpu.nd_loop``).
+    The work list visits bands of ``grid_tile_width`` M tiles; within a band the
+    block columns come longest first and empty ones last, so the last programs
+    to finish hold short tiles and the zero tiles fill the tail. The copy
+    warpgroup runs ahead into the next tile's pipeline while the compute
+    warpgroups drain and store the current one, which hides the pipeline's fill
+    and the epilogue that dominate a tile of one or two kept blocks.
+
+    The pipeline releases each stage only after its wgmma completed
+    (``delay_release=0``): the next tile's first copies reuse those slots
+    without waiting for a release that a delayed scheme would leave pending.
+    """
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    m, _ = a.shape
+    nnzb, bk, bn = blocks.shape
+    ncols = ptr_a.shape[0] - 1
+    rows, step_k = tiles.rows, tiles.step_k
+    cta_rows = 2 * rows
+    sub = bk // step_k
+    b2d = blocks.reshape(nnzb * bk, bn)
+    idx_a = jnp.asarray(idx, jnp.int32)
+    order = _column_order(ptr_a)
+    m_tiles = m // cta_rows
+    num_tiles = m_tiles * ncols
+    programs = min(_num_programs(tiles, interpret), num_tiles)
+    epi = 64
+    a_transforms = _swizzled(step_k, a.dtype)
+    b_transforms = _swizzled(bn, a.dtype)
+    o_transforms = _swizzled(epi, out_dtype)
+
+    def body(ptr_ref, idx_ref, order_ref, a_ref, b_ref, o_ref):
+        wg = jax.lax.axis_index("wg")
+        ignore = lambda *_, **__: None
+
+        def pipeline_for(count, a_map, b_map, body, context):
+            return _ws_pipeline(body, context, count=count, sub=sub, cta_rows=cta_rows, bn=bn,
+                                tiles=tiles, a_map=a_map, b_map=b_map, a_transforms=a_transforms,
+                                b_transforms=b_transforms, delay_release=0)
+
+        # The allocations depend on neither the trip count nor the index maps, but
+        # the count must be dynamic, as in the real pipelines (a static one would
+        # shrink the stages to the step count).
+        any_count = ptr_ref[ncols] - ptr_ref[0]
+        allocs = pipeline_for(any_count, lambda s: (0, s), lambda s: (s, 0), ignore,
+                              ignore).get_allocations(
+            a_ref, b_ref)
+
+        @functools.partial(pl.run_scoped, allocs=allocs,
+                           o_smem=plgpu.SMEM((2, 2, epi, epi), out_dtype, transforms=o_transforms),
+                           collective_axes="wg")
+        def _scope(allocs, o_smem):
+            @plgpu.nd_loop((num_tiles,), collective_axes="sm")
+            def _tile(info):
+                (lin,) = info.index
+                mi, rank = _tile_order(lin, m_tiles, ncols, tiles.grid_tile_width, interpret)
+                j = order_ref[rank]
+                start = ptr_ref[j]
+                count = ptr_ref[j + 1] - start
+                row0 = mi * cta_rows + wg * rows
+
+                def a_map(s):
+                    return mi, idx_ref[start + s // sub] * sub + s % sub
+
+                def b_map(s):
+                    return start * sub + s, 0
+
+                def mma(_, a_smem, b_smem, acc_ref):
+                    plgpu.wgmma(acc_ref, a_smem.at[pl.ds(wg * rows, rows)], b_smem)
+                    plgpu.wgmma_wait(0)
+                    return acc_ref
+
+                def compute_context(eval_pipeline):
+                    @functools.partial(pl.run_scoped, acc_ref=plgpu.ACC((rows, bn), jnp.float32))
+                    def _acc_scope(acc_ref):
+                        eval_pipeline(acc_ref)
+                        acc = acc_ref[...].astype(out_dtype)
+                        _ws_store_tile(acc, o_smem, o_ref, wg, row0, j * bn, rows, bn, epi,
+                                       out_dtype)
+
+                @pl.when(count > 0)
+                def _():
+                    pipeline_for(count, a_map, b_map, mma, compute_context)(
+                        a_ref, b_ref, allocations=allocs)
+
+                @pl.when(jnp.logical_and(count == 0, wg < 2))
+                def _():
+                    _ws_store_tile(None, o_smem, o_ref, wg, row0, j * bn, rows, bn, epi, out_dtype)
+
+            @pl.when(wg < 2)
+            def _():
+                plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+
+    kernel = _mgpu_ws_kernel(body, jax.ShapeDtypeStruct((m, ncols * bn), out_dtype),
+                             (programs,), ("sm",), interpret)
+    return kernel(ptr_a, idx_a, order, a, b2d)
+
+
+# Leads for the dW split's cost model (H100/H200): wgmma rate of one SM, device bandwidth.
+_SM_FLOPS = 6e12
+_DEVICE_BYTES_PER_S = 3.5e12
+
+
+def _dw_split(tiles: tile_tables.BlockSparseTiles, nnzb: int, m: int, step_m: int,
+              interpret: bool, bk: int = 128, bn: int = 128) -> int:
+    """Chunks of M per kept block in the dW kernel: ``tiles.dw_split``, else a small cost model.
+
+    Always a divisor of ``m // step_m`` (each chunk a whole number of steps). The
+    automatic choice minimises ``waves * (steps per chunk + 4) * step time`` (one
+    program per SM at a time, as the kernel's shared memory admits; about four
+    steps of pipeline fill and epilogue) plus, when split, the float32 partial
+    sums written and read back. So 26 kept blocks over 128 steps of M take 4
+    chunks (one wave of 104 programs instead of 26 programs of 128 steps), while
+    410 blocks stay whole (the partial sums would cost more than the last
+    wave's idle SMs).
+    """
+    steps = m // step_m
+    if tiles.dw_split:
+        want = max(1, min(tiles.dw_split, steps))
+        while steps % want:
+            want -= 1
+        return want
+    sms = _num_programs(dataclasses.replace(tiles, num_programs=0), interpret)
+    step_s = 2 * bk * bn * step_m / _SM_FLOPS
+    partial_s = nnzb * bk * bn * 4 * 2 / _DEVICE_BYTES_PER_S   # one chunk's f32 sums, out and in
+
+    def cost(d):
+        waves = -(-nnzb * d // sms)
+        return waves * (steps // d + 4) * step_s + (d * partial_s if d > 1 else 0.0)
+
+    candidates = [d for d in range(1, steps + 1) if steps % d == 0 and steps // d >= 8] or [1]
+    return min(candidates, key=lambda d: (cost(d), d))
 
 
 def _mgpu_sampled_matmul(a, g, rows_of, cols_of, bk: int, bn: int, out_dtype,
                          tiles: tile_tables.BlockSparseTiles, interpret: bool = False):
     """Mosaic GPU: ``out[b] = a[:, rows_of[b]-tile]^T @ g[:, cols_of[b]-tile]`` per kept block.
 
-    ``a`` is transposed once in XLA (one pass over ``x``) so both wgmma
-    operands arrive in their natural layout; each program owns one kept block
-    and pipelines over all of M.
+    Each program owns one kept block and one of ``split`` chunks of M
+    (:func:`_dw_split`): with few kept blocks (a narrow layer at low density) one
+    program per block would leave most SMs idle. With ``split > 1`` the chunks'
+    float32 partial sums are added in XLA (``split * nnzb`` blocks, small next to
+    ``x``). ``x`` is transposed once in XLA, or, with
+    ``tiles.dw_transpose_in_kernel``, its tiles are fed to wgmma transposed in
+    shared memory. ``rows_of`` and ``cols_of`` are read only on the device.
     """
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
     m = a.shape[0]
-    nnzb = len(rows_of)
-    step_m = tiles.step_k
-    at = a.T                                           # (K, M)
     r_a = jnp.asarray(rows_of, jnp.int32)
     c_a = jnp.asarray(cols_of, jnp.int32)
-    a_transforms = _swizzled(step_m, a.dtype)
+    nnzb = r_a.shape[0]
+    step_m = tiles.step_k
+    split = _dw_split(tiles, nnzb, m, step_m, interpret, bk, bn)
+    chunk_steps = m // step_m // split
+    transposed = tiles.dw_transpose_in_kernel
     b_transforms = _swizzled(bn, a.dtype)
-    o_transforms = _swizzled(bn, out_dtype)
+    acc_dtype = out_dtype if split == 1 else jnp.float32
+    o_transforms = _swizzled(bn, acc_dtype)
+    if transposed:
+        x_op, a_block, a_transforms = a, (step_m, bk), _swizzled(bk, a.dtype)
+        a_index = lambda r, s: (s, r)
+    else:
+        x_op, a_block, a_transforms = a.T, (bk, step_m), _swizzled(step_m, a.dtype)   # (K, M)
+        a_index = lambda r, s: (r, s)
 
     def body(r_ref, c_ref, a_ref, g_ref, o_ref):
-        b = jax.lax.axis_index("block")
+        lin = jax.lax.axis_index("block")
+        # Chunk-major: programs that run together read the same rows of x and dy.
+        chunk = jax.lax.div(lin, jnp.int32(nnzb))
+        b = jax.lax.rem(lin, jnp.int32(nnzb))
         r = r_ref[b]
         c = c_ref[b]
+        s0 = chunk * chunk_steps
 
         def acc_scope(acc_ref):
             def step(_, a_smem, g_smem):
-                plgpu.wgmma(acc_ref, a_smem, g_smem)
+                lhs = plgpu.transpose_ref(a_smem, (1, 0)) if transposed else a_smem
+                plgpu.wgmma(acc_ref, lhs, g_smem)
                 plgpu.wgmma_wait(1)
 
             plgpu.emit_pipeline(
-                step, grid=(m // step_m,),
+                step, grid=(chunk_steps,),
                 in_specs=[
-                    plgpu.BlockSpec((bk, step_m), lambda s: (r, s), transforms=a_transforms,
+                    plgpu.BlockSpec(a_block, lambda s: a_index(r, s0 + s), transforms=a_transforms,
                                     delay_release=1),
-                    plgpu.BlockSpec((step_m, bn), lambda s: (s, c), transforms=b_transforms,
+                    plgpu.BlockSpec((step_m, bn), lambda s: (s0 + s, c), transforms=b_transforms,
                                     delay_release=1),
                 ],
-                max_concurrent_steps=tiles.stages,
+                max_concurrent_steps=max(2, min(tiles.stages, chunk_steps)),
             )(a_ref, g_ref)
             return acc_ref[...]
 
         acc = pl.run_scoped(acc_scope, plgpu.ACC((bk, bn), jnp.float32))
 
         @functools.partial(pl.run_scoped,
-                           o_smem=plgpu.SMEM((bk, bn), out_dtype, transforms=o_transforms))
+                           o_smem=plgpu.SMEM((bk, bn), acc_dtype, transforms=o_transforms))
         def _store(o_smem):
-            o_smem[...] = acc.astype(out_dtype)
+            o_smem[...] = acc.astype(acc_dtype)
             plgpu.commit_smem()
-            plgpu.copy_smem_to_gmem(o_smem, o_ref.at[pl.ds(b * bk, bk)])
+            plgpu.copy_smem_to_gmem(o_smem, o_ref.at[pl.ds(lin * bk, bk)])
             plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
-    kernel = _mgpu_kernel(body, jax.ShapeDtypeStruct((nnzb * bk, bn), out_dtype),
-                          (nnzb,), ("block",), interpret)
-    return kernel(r_a, c_a, at, g).reshape(nnzb, bk, bn)
+    kernel = _mgpu_kernel(body, jax.ShapeDtypeStruct((split * nnzb * bk, bn), acc_dtype),
+                          (split * nnzb,), ("block",), interpret)
+    out = kernel(r_a, c_a, x_op, g)
+    if split == 1:
+        return out.reshape(nnzb, bk, bn)
+    return out.reshape(split, nnzb, bk, bn).sum(0).astype(out_dtype)
 
 
 # --------------------------------------------------------------------------- dispatch

@@ -5,17 +5,24 @@ search costs compilations on every new shape, and the right answer depends on
 little more than the backend and the dtype. The numbers for ``gpu`` were chosen
 on an H100 (see ``benchmarks/results/block_sparse_speed.md``); the ``tpu`` and
 ``interpret`` rows are the smallest tiles the hardware layout accepts.
+
+The block-sparse GPU kernel's schedule can also depend on the shape: with
+``schedule="auto"``, :func:`select_block_sparse_tiles` looks the kernel call's
+``(K, N)`` and density up in ``_GPU_BY_SHAPE`` (filled from the JSON that
+``benchmarks/block_sparse_shapes.py`` writes) and otherwise decides by the mean
+block-column length.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 
 
 @dataclasses.dataclass(frozen=True)
 class BlockSparseTiles:
-    """Tiles of the block-sparse matmul.
+    """Tiles and schedule of the block-sparse matmul.
 
     Attributes:
       rows: rows of ``x`` per compute warpgroup (the M tile; twice that per
@@ -27,6 +34,21 @@ class BlockSparseTiles:
         (how many tiles along M share the same pass over the weight's columns).
       warp_specialized: on GPU, two compute warpgroups (an M tile of
         ``2 * rows``) fed by a copy warpgroup, when M divides.
+      schedule: how the warp-specialized GPU kernel maps output tiles to
+        programs. ``"tile"``: one program per output tile. ``"persistent"``:
+        ``num_programs`` programs walk a work list of output tiles ordered by
+        block-column length (longest first, empty columns last), so the copy
+        warpgroup fetches the next tile while the compute warpgroups store the
+        last one; short block columns (FFN shapes at low density) need that.
+        ``"auto"``: :func:`select_block_sparse_tiles` picks per shape.
+      num_programs: programs of the persistent schedule; 0: one per SM.
+      dw_split: the dW kernel splits M into this many chunks per kept block
+        (partial sums added in XLA), so a few kept blocks still fill the GPU
+        and the last wave of programs is not nearly empty; 0: chosen by a
+        cost model of waves (``block_sparse._dw_split``).
+      dw_transpose_in_kernel: the dW kernel reads ``x`` tiles as they are and
+        transposes them in shared memory (wgmma's transposed A) instead of
+        transposing ``x`` in XLA first.
     """
 
     rows: int
@@ -34,12 +56,25 @@ class BlockSparseTiles:
     stages: int = 4
     grid_tile_width: int = 8
     warp_specialized: bool = False
+    schedule: str = "tile"
+    num_programs: int = 0
+    dw_split: int = 0
+    dw_transpose_in_kernel: bool = False
+
+    def __post_init__(self):
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"BlockSparseTiles.schedule must be one of {SCHEDULES}, got "
+                             f"{self.schedule!r}")
+
+
+SCHEDULES = ("tile", "persistent", "auto")
 
 
 _BLOCK_SPARSE = {
     # Two compute warpgroups + a copy warpgroup, 4 stages, curve width 4: fastest of
     # the variants timed on an H100 (forward, 8192^3, density 0.25: 0.451 ms against
-    # 0.526 ms for the best single-warpgroup kernel).
+    # 0.526 ms for the best single-warpgroup kernel). schedule="auto" picks the
+    # schedule per shape (select_block_sparse_tiles) once a GPU sweep has confirmed it.
     "gpu": BlockSparseTiles(rows=128, step_k=64, stages=4, grid_tile_width=4, warp_specialized=True),
     "tpu": BlockSparseTiles(rows=128),
     "interpret": BlockSparseTiles(rows=8),
@@ -60,6 +95,59 @@ def block_sparse_tiles(backend: str, m: int) -> BlockSparseTiles:
             rows *= 2
         tiles = dataclasses.replace(tiles, rows=rows)
     return tiles
+
+
+@contextlib.contextmanager
+def using_block_sparse_tiles(backend: str, tiles: BlockSparseTiles):
+    """Within the block, ``block_sparse_tiles(backend, ...)`` starts from ``tiles`` (sweeps)."""
+    saved = _BLOCK_SPARSE.get(backend)
+    _BLOCK_SPARSE[backend] = tiles
+    block_sparse_tiles.cache_clear()
+    try:
+        yield
+    finally:
+        if saved is None:
+            del _BLOCK_SPARSE[backend]
+        else:
+            _BLOCK_SPARSE[backend] = saved
+        block_sparse_tiles.cache_clear()
+
+
+# Per-shape choices of the "auto" schedule on GPU, measured by
+# benchmarks/block_sparse_shapes.py (its JSON lists the best variant per shape and
+# density): {(K, N): {density: {field: value}}}, K and N of the kernel call (the
+# backward's dx call sees the transposed shape). Empty until a GPU sweep fills it.
+_GPU_BY_SHAPE: dict[tuple[int, int], dict[float, dict]] = {}
+
+# Without a measured entry: the persistent schedule when block columns are short
+# (mean kept blocks per column below this), where one program per output tile
+# spends most of its time filling its pipeline and storing its tile.
+PERSISTENT_BELOW_BLOCKS_PER_COLUMN = 8.0
+
+
+def select_block_sparse_tiles(tiles: BlockSparseTiles, *, m: int, k: int, n: int, nnzb: int,
+                              block: tuple[int, int]) -> BlockSparseTiles:
+    """Resolves ``schedule="auto"`` for one GPU kernel call (static shapes only).
+
+    Args:
+      tiles: the tiles the call was given (returned unchanged unless "auto").
+      m, k, n: padded rows of ``x``, contraction and output widths of the call.
+      nnzb: kept blocks; ``block``: ``(bk, bn)``.
+
+    A measured entry of ``_GPU_BY_SHAPE`` for ``(k, n)`` wins (nearest density);
+    otherwise the mean block-column length decides between "tile" and "persistent".
+    """
+    if tiles.schedule != "auto":
+        return tiles
+    kb, nb = max(1, k // block[0]), max(1, n // block[1])
+    density = nnzb / (kb * nb)
+    by_density = _GPU_BY_SHAPE.get((k, n))
+    if by_density:
+        nearest = min(by_density, key=lambda d: abs(d - density))
+        return dataclasses.replace(tiles, **{"schedule": "tile", **by_density[nearest]})
+    per_column = nnzb / nb
+    schedule = "persistent" if per_column < PERSISTENT_BELOW_BLOCKS_PER_COLUMN else "tile"
+    return dataclasses.replace(tiles, schedule=schedule)
 
 
 @dataclasses.dataclass(frozen=True)
