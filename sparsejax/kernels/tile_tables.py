@@ -74,8 +74,9 @@ _BLOCK_SPARSE = {
     # Two compute warpgroups + a copy warpgroup, 4 stages, curve width 4: fastest of
     # the variants timed on an H100 (forward, 8192^3, density 0.25: 0.451 ms against
     # 0.526 ms for the best single-warpgroup kernel). schedule="auto" picks the
-    # schedule per shape (select_block_sparse_tiles) once a GPU sweep has confirmed it.
-    "gpu": BlockSparseTiles(rows=128, step_k=64, stages=4, grid_tile_width=4, warp_specialized=True),
+    # schedule per shape (select_block_sparse_tiles): measured entries, else column length.
+    "gpu": BlockSparseTiles(rows=128, step_k=64, stages=4, grid_tile_width=4, warp_specialized=True,
+                            schedule="auto"),
     "tpu": BlockSparseTiles(rows=128),
     "interpret": BlockSparseTiles(rows=8),
     "cpu": BlockSparseTiles(rows=8),
@@ -116,8 +117,17 @@ def using_block_sparse_tiles(backend: str, tiles: BlockSparseTiles):
 # Per-shape choices of the "auto" schedule on GPU, measured by
 # benchmarks/block_sparse_shapes.py (its JSON lists the best variant per shape and
 # density): {(K, N): {density: {field: value}}}, K and N of the kernel call (the
-# backward's dx call sees the transposed shape). Empty until a GPU sweep fills it.
-_GPU_BY_SHAPE: dict[tuple[int, int], dict[float, dict]] = {}
+# backward's dx call sees the transposed shape).
+# Measured on an H200 (JAX 0.11.2, 8192 tokens; benchmarks/results/block_sparse_shapes.md):
+# the persistent schedule was fastest or within noise of the fastest forward at every
+# measured shape and density (e.g. 1024->4096 at density 0.1: 3.02x of dense against
+# 2.82x for one program per tile); the in-kernel transpose for dW won by no more than
+# the run's noise, so it stays off.
+_PERSISTENT = {"schedule": "persistent"}
+_GPU_BY_SHAPE: dict[tuple[int, int], dict[float, dict]] = {
+    shape: {0.5: _PERSISTENT, 0.25: _PERSISTENT, 0.1: _PERSISTENT}
+    for shape in ((1024, 4096), (4096, 1024), (4096, 11008), (11008, 4096))
+}
 
 # Without a measured entry: the persistent schedule when block columns are short
 # (mean kept blocks per column below this), where one program per output tile
