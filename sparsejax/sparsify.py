@@ -467,14 +467,19 @@ class SparseFunction:
           interpret: run the kernels in Pallas interpret mode (tests on CPU).
         """
         from sparsejax.compiler.passes.lowering import BlockSparseHandler
+        from sparsejax.compiler.passes.nm_lowering import NMCompressedHandler
+        from sparsejax.compiler.passes.sparse_input import activation_sparse_handlers
+        from sparsejax.rules import NM
 
         self._require_init()
         lowered = copy.copy(self)
         lowered._rewrites, lowered._handlers = {}, dict(self._handlers)
         for slot, mask in zip(self._slots, self._slot_masks(sstate)):
             if isinstance(slot.rule, MaskRule):
-                lowered._handlers[slot.path] = BlockSparseHandler(
+                handler_type = NMCompressedHandler if isinstance(slot.rule, NM) else BlockSparseHandler
+                lowered._handlers[slot.path] = handler_type(
                     self._handlers[slot.path], mask, backend, interpret)
+        lowered._handlers.update(activation_sparse_handlers(self, backend=backend, interpret=interpret))
         lowered._report = lowered._build_report(next(iter(self._traces.values())),
                                                 self._slot_masks(sstate))
         return lowered

@@ -156,7 +156,7 @@ def compress_nm(w: jax.Array, n: int, m: int, mask=None, *, group_tile: int = 64
         kept = mask.reshape(g, m, cols)
         try:
             too_many = int(np.max(np.asarray(kept.sum(axis=1)), initial=0)) > n
-        except jax.errors.ConcretizationTypeError:
+        except (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError):
             too_many = False          # traced mask: the caller vouches for its structure
         if too_many:
             raise ValueError(f"compress_nm: mask keeps more than n={n} of some group of m={m}")
