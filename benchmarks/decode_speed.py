@@ -298,14 +298,17 @@ def bench_nm(b: Bench):
             dense = _over_layers(lambda x, w: jnp.dot(x, w, preferred_element_type=jnp.float32).astype(x.dtype))
             _, _, t_dense = b.check_and_time("xla dense", dense, (xs, dense_ws), ref, 2e-2, b.s.layers)
             best = (None, float("nan"))
-            configs = [(nm.NUM_WARPS, nm.NUM_STAGES, nm.TARGET_PROGRAMS, None)]
-            if not b.interpret and pat == (2, 4) and batch == 1:
-                configs += [(4, 3, 512, 128), (8, 4, 512, 256), (4, 2, 1024, 64), (2, 3, 1024, 64),
-                            (8, 3, 256, 256), (4, 4, 512, 256)]
-            for warps, stages, programs, cols in configs:
-                name = f"kernel w{warps} s{stages} p{programs} cols{cols or 'table'}"
-                saved = nm.NUM_WARPS, nm.NUM_STAGES, nm.TARGET_PROGRAMS
-                nm.NUM_WARPS, nm.NUM_STAGES, nm.TARGET_PROGRAMS = warps, stages, programs
+            configs = [(nm.NUM_WARPS, nm.NUM_STAGES, nm.TARGET_PROGRAMS, None, False),
+                       (nm.NUM_WARPS, nm.NUM_STAGES, nm.TARGET_PROGRAMS, None, True)]
+            if not b.interpret and batch == 1:
+                configs += [(4, 3, 512, 128, True), (8, 4, 512, 256, True), (4, 2, 1024, 64, True)]
+                if pat == (2, 4):
+                    configs += [(4, 3, 512, 128, False), (8, 4, 512, 256, False), (4, 2, 1024, 64, False),
+                                (2, 3, 1024, 64, False), (8, 3, 256, 256, False)]
+            for warps, stages, programs, cols, gather in configs:
+                name = f"kernel{' gather-x' if gather else ''} w{warps} s{stages} p{programs} cols{cols or 'table'}"
+                saved = nm.NUM_WARPS, nm.NUM_STAGES, nm.TARGET_PROGRAMS, nm.GATHER_X
+                nm.NUM_WARPS, nm.NUM_STAGES, nm.TARGET_PROGRAMS, nm.GATHER_X = warps, stages, programs, gather
                 try:
                     if cols is None:
                         op = functools.partial(nm.nm_matmul, interpret=b.interpret)
@@ -315,7 +318,7 @@ def bench_nm(b: Bench):
                     fn = _over_layers(op)
                     _, ok, t = b.check_and_time(name, fn, (xs, packs), ref, 2e-2, b.s.layers)
                 finally:
-                    nm.NUM_WARPS, nm.NUM_STAGES, nm.TARGET_PROGRAMS = saved
+                    nm.NUM_WARPS, nm.NUM_STAGES, nm.TARGET_PROGRAMS, nm.GATHER_X = saved
                 if ok and not (t >= best[1]):
                     best = (name, t)
                 b.detail.append(f"| nm | {pat[0]}:{pat[1]} batch {batch} | {name} | {t_dense:.1f} | {t:.1f} | "

@@ -217,8 +217,12 @@ def supported(shape, dtype, backend: str | None = None, batch: int = 1) -> tuple
 
 
 def _nm_kernel(x_ref, v_ref, meta_ref, *rest, n: int, m: int, bits: int, group_tile: int,
-               tiles_per_split: int):
-    """One output tile of one K split: loop over group tiles, expand indices, multiply-add."""
+               tiles_per_split: int, gather_x: bool = False):
+    """One output tile of one K split: loop over group tiles, expand indices, multiply-add.
+
+    ``gather_x``: pick ``x`` at each kept position with one gathered load (``x`` is
+    a few KiB, cache-resident) instead of ``m`` selects per value and row.
+    """
     o_ref = rest[-1]
     per = 8 // bits
     q = group_tile // per
@@ -236,11 +240,16 @@ def _nm_kernel(x_ref, v_ref, meta_ref, *rest, n: int, m: int, bits: int, group_t
                 idx = (meta >> (e * bits)) & field                                  # (q, bn)
                 g0 = i * group_tile + e * q
                 vals = v_ref[t, pl.ds(g0, q), :].astype(jnp.float32)                 # (q, bn)
+                if gather_x:
+                    groups = jnp.broadcast_to((g0 + jnp.arange(q, dtype=jnp.int32))[:, None], (q, bn))
                 for b in range(batch):
-                    sel = jnp.zeros((q, bn), jnp.float32)
-                    for p in range(m):
-                        xp = x_ref[p, b, pl.ds(g0, q)].astype(jnp.float32)          # (q,)
-                        sel = jnp.where(idx == p, xp[:, None], sel)
+                    if gather_x:
+                        sel = x_ref[idx, b, groups].astype(jnp.float32)              # (q, bn)
+                    else:
+                        sel = jnp.zeros((q, bn), jnp.float32)
+                        for p in range(m):
+                            xp = x_ref[p, b, pl.ds(g0, q)].astype(jnp.float32)      # (q,)
+                            sel = jnp.where(idx == p, xp[:, None], sel)
                     acc[b] = acc[b] + sel * vals
         return tuple(acc)
 
@@ -269,7 +278,7 @@ def _nm_call(xg, values, meta, *, n, m, bits, group_tile, cols_tile, splits, int
         operands.append(jnp.full(out_shape.shape, jnp.nan, out_shape.dtype))
         aliases = {3: 0}
     kernel = functools.partial(_nm_kernel, n=n, m=m, bits=bits, group_tile=group_tile,
-                               tiles_per_split=g_split // group_tile)
+                               tiles_per_split=g_split // group_tile, gather_x=GATHER_X)
     params = {}
     if not interpret and jax.default_backend() == "gpu":
         params["compiler_params"] = compiler_params(NUM_WARPS, NUM_STAGES)
@@ -281,6 +290,7 @@ def _nm_call(xg, values, meta, *, n, m, bits, group_tile, cols_tile, splits, int
 TARGET_PROGRAMS = 512   # programs a GEMV launch should have to fill an H100 (132 SMs)
 NUM_WARPS = 8
 NUM_STAGES = 3
+GATHER_X = False        # a variant for sweeps: one gathered x load per value instead of m selects
 
 
 def _choose_splits(tiles: int, col_tiles: int, target_programs: int | None = None) -> int:
