@@ -50,6 +50,7 @@ from sparsejax.kernels import nm_compressed as nm
 from sparsejax.kernels import path_choice
 from sparsejax.kernels import spark_ffn as sf
 from sparsejax.kernels import sparse_input_gemv as sig
+from sparsejax.kernels import tile_tables
 from sparsejax.masks import nm_mask
 from sparsejax.rules import SparkTopK
 from timing import median_seconds, rel_err
@@ -310,11 +311,11 @@ def bench_nm(b: Bench):
                 saved = nm.NUM_WARPS, nm.NUM_STAGES, nm.TARGET_PROGRAMS, nm.GATHER_X
                 nm.NUM_WARPS, nm.NUM_STAGES, nm.TARGET_PROGRAMS, nm.GATHER_X = warps, stages, programs, gather
                 try:
-                    if cols is None:
-                        op = functools.partial(nm.nm_matmul, interpret=b.interpret)
-                    else:
-                        op = lambda x, p, cols=cols: nm._nm_apply(
-                            x, p.values, p.meta, (p.shape, p.n, p.m, p.group_tile, cols, False, False))
+                    # The kernel itself at every batch (nm_matmul sends batches above
+                    # MAX_KERNEL_BATCH to the reference).
+                    tile = cols or tile_tables.nm_tiles("interpret" if b.interpret else "gpu").cols
+                    op = lambda x, p, tile=tile: nm._nm_apply(
+                        x, p.values, p.meta, (p.shape, p.n, p.m, p.group_tile, tile, b.interpret, False))
                     fn = _over_layers(op)
                     _, ok, t = b.check_and_time(name, fn, (xs, packs), ref, 2e-2, b.s.layers)
                 finally:
