@@ -195,9 +195,11 @@ def ffn_variants(interpret, batch):
         return {"fused": dict(impl="fused", bj=16, bk=32, bn=32), "sparse": dict(impl="sparse", bj=16, bk=32,
                                                                                 bn=32)}
     v = {}
-    for bj, bk, bn, warps in ((32, 128, 128, 4), (16, 256, 256, 4), (64, 128, 256, 4), (32, 256, 256, 8),
-                              (16, 128, 128, 2)):
-        v[f"fused bj{bj} bk{bk} bn{bn} w{warps}"] = dict(impl="fused", bj=bj, bk=bk, bn=bn, num_warps=warps)
+    for bj, bk, bn, warps, partials in ((32, 256, 256, 4, True), (64, 256, 256, 4, True),
+                                        (32, 256, 256, 4, False), (16, 256, 256, 4, True),
+                                        (64, 128, 256, 8, True), (32, 128, 128, 4, False)):
+        name = f"fused bj{bj} bk{bk} bn{bn} w{warps} {'partials' if partials else 'atomics'}"
+        v[name] = dict(impl="fused", bj=bj, bk=bk, bn=bn, num_warps=warps, partials=partials)
     for bj in (16, 32):
         v[f"sparse bj{bj}"] = dict(impl="sparse", bj=bj, bk=256, down_tiles=dict(bk=32, bn=256))
     v["xla gather (capacity)"] = dict(impl="xla")

@@ -60,8 +60,9 @@ def test_bad_arguments_raise_one_line_errors():
         sg.sparse_input_gemv(x, w, impl="xla_compact", capacity=0)
 
 
-@pytest.mark.parametrize("impl,batch", [("fused", 1), ("sparse", 3)])
-def test_masked_spark_ffn_equals_reference(impl, batch):
+@pytest.mark.parametrize("impl,batch,extra", [("fused", 1, dict(unroll=False)), ("sparse", 3, {}),
+                                               ("fused", 2, dict(partials=True))])
+def test_masked_spark_ffn_equals_reference(impl, batch, extra):
     k1, k2 = jax.random.split(jax.random.key(batch))
     d, d_ff, r = 40, 99, 16
     wi = jax.random.normal(k1, (d, d_ff)) / d ** 0.5
@@ -69,7 +70,7 @@ def test_masked_spark_ffn_equals_reference(impl, batch):
     w = sf.decode_weights_from_spark(wi, wo, r)
     x = jax.random.normal(jax.random.key(100 + batch), (batch, d))
     ref = sf.topk_ffn_decode_reference(x, w, k_frac=0.08)
-    extra = dict(poison=True) if impl == "sparse" else {}
+    extra = dict(extra, poison=True)
     y = sf.topk_ffn_decode(x, w, k_frac=0.08, impl=impl, interpret=True, bj=16, bk=32, bn=32, **extra)
     assert y.shape == x.shape and bool(jnp.all(jnp.isfinite(y)))
     assert _rel(y, ref) < 1e-5

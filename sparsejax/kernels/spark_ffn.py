@@ -370,69 +370,89 @@ def _live_act(act_ref, rows, batch):
     return acts, live
 
 
-def _up_rows(x_ref, w_ref, rows, live, batch, bk, atomic):
-    """``x_up[b] . W_u^T[j]`` for the neurons ``j`` in ``rows``, loading live rows only."""
-    n_k = w_ref.shape[1] // bk
+def _loop(n, body, init, unroll):
+    """``fori_loop`` or, for short static loops, Python unrolling: unrolled, the
+    independent weight loads of all steps can be in flight at once."""
+    if not unroll:
+        return jax.lax.fori_loop(0, n, body, init)
+    carry = init
+    for c in range(n):
+        carry = body(c, carry)
+    return carry
 
+
+def _masked_rows(w_ref, rows, cols, live, atomic):
+    """``W[rows, cols]`` in float32 with dead rows never read (zeros)."""
+    if atomic:       # dead rows are masked out of the load: no memory traffic for them
+        w = pltriton.load(w_ref.at[rows, cols], mask=live[:, None], other=0.0,
+                          eviction_policy="evict_first")
+    else:            # interpret mode: the same values, read plainly
+        w = jnp.where(live[:, None], w_ref[rows, cols], 0)
+    return w.astype(jnp.float32)
+
+
+def _up_rows(x_ref, w_ref, rows, live, batch, bk, atomic, unroll):
+    """``x_up[b] . W_u^T[j]`` for the neurons ``j`` in ``rows``, loading live rows only."""
     def step(c, acc):
         cols = pl.ds(c * bk, bk)
-        if atomic:
-            w = pltriton.load(w_ref.at[rows, cols], mask=live[:, None], other=0.0,
-                              eviction_policy="evict_first")
-        else:
-            w = jnp.where(live[:, None], w_ref[rows, cols], 0)
-        w = w.astype(jnp.float32)
+        w = _masked_rows(w_ref, rows, cols, live, atomic)
         return tuple(a + jnp.sum(w * x_ref[b, cols].astype(jnp.float32)[None, :], axis=1)
                      for b, a in enumerate(acc))
 
     init = tuple(jnp.zeros((live.shape[0],), jnp.float32) for _ in range(batch))
-    return jax.lax.fori_loop(0, n_k, step, init)
+    return _loop(w_ref.shape[1] // bk, step, init, unroll)
 
 
-def _up_kernel_masked(x_ref, act_ref, w_ref, *rest, bj, bk, batch, atomic):
+def _up_kernel_masked(x_ref, act_ref, w_ref, *rest, bj, bk, batch, atomic, unroll):
     """``h[:, tile] = act * (x_up @ W_u)`` over one tile of neurons (dead ones: 0)."""
     h_ref = rest[-1]
     rows = pl.ds(pl.program_id(0) * bj, bj)
     acts, live = _live_act(act_ref, rows, batch)
-    up = _up_rows(x_ref, w_ref, rows, live, batch, bk, atomic)
+    up = _up_rows(x_ref, w_ref, rows, live, batch, bk, atomic, unroll)
     for b in range(batch):
         h_ref[pl.ds(b, 1), rows] = (acts[b] * up[b])[None, :].astype(h_ref.dtype)
 
 
-def _fused_kernel(x_ref, act_ref, wu_ref, wd_ref, _y_in, y_ref, *, bj, bk, bn, batch, atomic):
-    """One tile of neurons, end to end: live up rows -> ``h`` on chip -> ``y += h @ W_d[tile]``."""
-    rows = pl.ds(pl.program_id(0) * bj, bj)
+def _fused_kernel(x_ref, act_ref, wu_ref, wd_ref, *rest, bj, bk, bn, batch, atomic, unroll,
+                  partials):
+    """One tile of neurons, end to end: live up rows -> ``h`` on chip -> ``y += h @ W_d[tile]``.
+
+    ``partials``: write this tile's contribution to its own row of a partial-sum
+    buffer (summed in XLA after) instead of atomics. Triton's atomics are
+    acquire-release: each one waits for its round trip before the next load issues.
+    """
+    y_ref = rest[-1]
+    i = pl.program_id(0)
+    rows = pl.ds(i * bj, bj)
     acts, live = _live_act(act_ref, rows, batch)
-    up = _up_rows(x_ref, wu_ref, rows, live, batch, bk, atomic)
+    up = _up_rows(x_ref, wu_ref, rows, live, batch, bk, atomic, unroll)
     h = [acts[b] * up[b] for b in range(batch)]
-    n_n = wd_ref.shape[1] // bn
 
     def step(c, carry):
         cols = pl.ds(c * bn, bn)
-        if atomic:
-            w = pltriton.load(wd_ref.at[rows, cols], mask=live[:, None], other=0.0,
-                              eviction_policy="evict_first")
-        else:
-            w = jnp.where(live[:, None], wd_ref[rows, cols], 0)
-        w = w.astype(jnp.float32)
+        w = _masked_rows(wd_ref, rows, cols, live, atomic)
         for b in range(batch):
             part = jnp.sum(h[b][:, None] * w, axis=0)[None, :]
-            if atomic:
+            if partials:
+                y_ref[i, pl.ds(b, 1), cols] = part
+            elif atomic:
                 pltriton.atomic_add(y_ref, (pl.ds(b, 1), cols), part)
             else:
                 y_ref[pl.ds(b, 1), cols] = y_ref[pl.ds(b, 1), cols] + part
         return carry
 
-    jax.lax.fori_loop(0, n_n, step, 0)
+    _loop(wd_ref.shape[1] // bn, step, 0, unroll)
 
 
 def masked_ffn(x_up: jax.Array, act: jax.Array, w_up_t: jax.Array, w_down: jax.Array, *,
-               fused: bool = True, bj: int = 32, bk: int = 128, bn: int = 128, num_warps: int = 4,
-               num_stages: int = 2, down_tiles: dict | None = None, interpret: bool = False,
-               poison: bool = False) -> jax.Array:
+               fused: bool = True, bj: int = 32, bk: int = 256, bn: int = 256, num_warps: int = 4,
+               num_stages: int = 2, unroll: bool = True, partials: bool = False,
+               down_tiles: dict | None = None, interpret: bool = False, poison: bool = False) -> jax.Array:
     """``(act * (x_up @ W_u)) @ W_d`` reading only the rows of fired neurons (module doc:
     ``"fused"`` and ``"sparse"``). ``act`` is ``(B, d_ff)``, zero where a neuron did not
-    fire. Returns ``(B, d_model)`` float32."""
+    fire. ``bk``/``bn`` should divide ``d_up_in``/``d_model`` (else the weights are
+    zero-padded per call); ``unroll`` unrolls the loops over them; ``partials`` (fused)
+    sums per-tile partials in XLA instead of atomics. Returns ``(B, d_model)`` float32."""
     batch = x_up.shape[0]
     if batch > MAX_BATCH:
         raise ValueError(f"masked_ffn: batch {batch} > {MAX_BATCH}; use impl='xla'")
@@ -443,15 +463,25 @@ def masked_ffn(x_up: jax.Array, act: jax.Array, w_up_t: jax.Array, w_down: jax.A
     b_pad = next_pow2(batch)
     w_up_t = _pad_to(_pad_to(w_up_t, 1, bk), 0, bj)
     w_down = _pad_to(_pad_to(w_down, 1, bn), 0, bj)
-    x_up = _pad_to(jnp.pad(x_up, ((0, b_pad - batch), (0, w_up_t.shape[1] - x_up.shape[1]))), 0, 1)
+    x_up = jnp.pad(x_up, ((0, b_pad - batch), (0, w_up_t.shape[1] - x_up.shape[1])))
     act = jnp.pad(act.astype(jnp.float32), ((0, b_pad - batch), (0, w_up_t.shape[0] - d_ff)))
     atomic = not interpret
-    grid = (w_up_t.shape[0] // bj,)
+    programs = w_up_t.shape[0] // bj
     params = {} if interpret else dict(compiler_params=compiler_params(num_warps, num_stages))
     if fused:
+        kernel = functools.partial(_fused_kernel, bj=bj, bk=bk, bn=bn, batch=batch, atomic=atomic,
+                                   unroll=unroll, partials=partials)
+        if partials:     # every program writes its own row for every live token and column
+            out = jax.ShapeDtypeStruct((programs, b_pad, w_down.shape[1]), jnp.float32)
+            args, aliases = [x_up, act, w_up_t, w_down], {}
+            if poison:
+                args.append(jnp.full(out.shape, jnp.nan, out.dtype))
+                aliases = {4: 0}
+            y = pl.pallas_call(kernel, grid=(programs,), out_shape=out, input_output_aliases=aliases,
+                               interpret=interpret, **params)(*args)
+            return jnp.sum(y[:, :batch], axis=0)[:, :d_out]
         y0 = jnp.zeros((b_pad, w_down.shape[1]), jnp.float32)      # added into: starts at zero
-        kernel = functools.partial(_fused_kernel, bj=bj, bk=bk, bn=bn, batch=batch, atomic=atomic)
-        y = pl.pallas_call(kernel, grid=grid, out_shape=jax.ShapeDtypeStruct(y0.shape, y0.dtype),
+        y = pl.pallas_call(kernel, grid=(programs,), out_shape=jax.ShapeDtypeStruct(y0.shape, y0.dtype),
                            input_output_aliases={4: 0}, interpret=interpret, **params)(
                                x_up, act, w_up_t, w_down, y0)
         return y[:batch, :d_out]
@@ -460,8 +490,8 @@ def masked_ffn(x_up: jax.Array, act: jax.Array, w_up_t: jax.Array, w_down: jax.A
     if poison:   # tests: every entry of h must be written over the NaNs
         args.append(jnp.full(h_shape.shape, jnp.nan, h_shape.dtype))
         aliases = {3: 0}
-    kernel = functools.partial(_up_kernel_masked, bj=bj, bk=bk, batch=batch, atomic=atomic)
-    h = pl.pallas_call(kernel, grid=grid, out_shape=h_shape, input_output_aliases=aliases,
+    kernel = functools.partial(_up_kernel_masked, bj=bj, bk=bk, batch=batch, atomic=atomic, unroll=unroll)
+    h = pl.pallas_call(kernel, grid=(programs,), out_shape=h_shape, input_output_aliases=aliases,
                        interpret=interpret, **params)(*args)
     tiles = dict(down_tiles or {})
     y = sig.sparse_input_gemv(h[:batch], w_down, impl="masked", interpret=interpret,

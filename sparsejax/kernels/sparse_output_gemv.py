@@ -37,7 +37,7 @@ def sparse_output_gemv_reference(x: jax.Array, w_t: jax.Array, live: jax.Array, 
     return jnp.where(live, y, 0.0).astype(out_dtype)
 
 
-def _kernel(x_ref, live_ref, w_ref, *rest, bj, bk, batch, atomic):
+def _kernel(x_ref, live_ref, w_ref, *rest, bj, bk, batch, atomic, unroll):
     y_ref = rest[-1]                     # rest[0] is the poisoned output alias in tests
     rows = pl.ds(pl.program_id(0) * bj, bj)
     live = live_ref[rows] != 0
@@ -54,7 +54,12 @@ def _kernel(x_ref, live_ref, w_ref, *rest, bj, bk, batch, atomic):
         return tuple(a + jnp.sum(w * x_ref[b, cols].astype(jnp.float32)[None, :], axis=1)
                      for b, a in enumerate(acc))
 
-    acc = jax.lax.fori_loop(0, n_k, step, tuple(jnp.zeros((bj,), jnp.float32) for _ in range(batch)))
+    acc = tuple(jnp.zeros((bj,), jnp.float32) for _ in range(batch))
+    if unroll:           # the steps' loads are independent: let them all be in flight
+        for c in range(n_k):
+            acc = step(c, acc)
+    else:
+        acc = jax.lax.fori_loop(0, n_k, step, acc)
     for b in range(batch):
         y_ref[pl.ds(b, 1), rows] = jnp.where(live, acc[b], 0.0)[None, :].astype(y_ref.dtype)
 
@@ -70,7 +75,7 @@ def _pad_to(a, axis, multiple):
 
 def sparse_output_gemv(x: jax.Array, w_t: jax.Array, live: jax.Array, *, impl: str = "auto",
                        bj: int = 16, bk: int = 256, num_warps: int = 4, num_stages: int = 2,
-                       interpret: bool = False, poison: bool = False, out_dtype=None) -> jax.Array:
+                       unroll: bool | None = None, interpret: bool = False, poison: bool = False, out_dtype=None) -> jax.Array:
     """``where(live, x @ W_t^T, 0)``, reading only the rows of ``W_t`` whose output is live.
 
     Args:
@@ -79,7 +84,9 @@ def sparse_output_gemv(x: jax.Array, w_t: jax.Array, live: jax.Array, *, impl: s
       live: ``(N,)`` bool, the outputs to compute (the union over the batch).
       impl: ``"auto"`` (the kernel on GPU within the batch limit, else dense XLA),
         ``"masked"``, ``"xla_dense"`` or ``"reference"``.
-      bj, bk: outputs per program and the K step (powers of two).
+      bj, bk: outputs per program and the K step (powers of two; ``bk`` should divide K,
+        else ``W_t`` is zero-padded per call).
+      unroll: unroll the K loop (default: when it has at most 16 steps).
       interpret: interpret mode (CPU tests); poison: NaN-fill the output first (tests).
 
     Returns:
@@ -118,7 +125,9 @@ def sparse_output_gemv(x: jax.Array, w_t: jax.Array, live: jax.Array, *, impl: s
     if poison:
         args.append(jnp.full(out.shape, jnp.nan, out.dtype))
         aliases = {3: 0}
-    kernel = functools.partial(_kernel, bj=bj, bk=bk, batch=batch, atomic=not interpret)
+    n_k = wp.shape[1] // bk
+    unroll = n_k <= 16 if unroll is None else bool(unroll)
+    kernel = functools.partial(_kernel, bj=bj, bk=bk, batch=batch, atomic=not interpret, unroll=unroll)
     params = {} if interpret else dict(compiler_params=compiler_params(num_warps, num_stages))
     y = pl.pallas_call(kernel, grid=(wp.shape[0] // bj,), out_shape=out, input_output_aliases=aliases,
                        interpret=interpret, **params)(*args)
