@@ -356,9 +356,12 @@ def _rms(x):
 
 
 def decode_step(params, tokens, cache_k, cache_v, *, heads):
-    """One decode step at the last cache position: ``tokens`` ``(B,)``, caches ``(L, B, T, H, hd)``.
+    """One decode step: ``tokens`` ``(B,)``, caches ``(L, B, T, H, hd)`` full of past keys/values.
 
-    Returns the logits and each layer's new key and value (the cache write is the caller's).
+    Returns the logits and each layer's new key and value. Writing them into the
+    cache (an in-place ``dynamic_update_slice`` with donated buffers in a serving
+    loop) is the caller's; attention reads the ``T`` cached positions once, as a
+    decode step does, instead of copying the cache to append to it.
     """
     x = params["embed"][tokens]                                             # (B, d)
     b, d = x.shape
@@ -370,8 +373,7 @@ def decode_step(params, tokens, cache_k, cache_v, *, heads):
         q = (h @ p["attn"]["q"]).reshape(b, heads, hd)
         k_new = (h @ p["attn"]["k"]).reshape(b, heads, hd)
         v_new = (h @ p["attn"]["v"]).reshape(b, heads, hd)
-        keys = jnp.concatenate([cache_k[i][:, 1:], k_new[:, None]], axis=1)   # (B, T, H, hd)
-        values = jnp.concatenate([cache_v[i][:, 1:], v_new[:, None]], axis=1)
+        keys, values = cache_k[i], cache_v[i]                                   # (B, T, H, hd)
         scores = jnp.einsum("bhd,bthd->bht", q, keys).astype(jnp.float32) / jnp.sqrt(jnp.float32(hd))
         probs = jax.nn.softmax(scores, axis=-1).astype(x.dtype)
         att = jnp.einsum("bht,bthd->bhd", probs, values).reshape(b, d)

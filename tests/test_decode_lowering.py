@@ -97,3 +97,24 @@ def test_sparse_output_gemv_writes_live_outputs_and_zeros():
     assert bool(jnp.all(jnp.where(live, True, y == 0)))
     with pytest.raises(ValueError, match="live"):
         sog.sparse_output_gemv(x, w_t, live[:5])
+
+
+def test_streaming_choice_times_every_candidate_over_copies(monkeypatch):
+    from sparsejax.compiler.passes import decode_choice
+    from sparsejax.kernels import path_choice
+
+    monkeypatch.setattr(path_choice, "_measuring_pays", lambda: True)
+    path_choice.clear_cache()
+    seen = []
+
+    def slow(x, w):
+        seen.append(w.shape)
+        return jnp.tanh(x @ w) @ w.T @ w
+
+    cands = [path_choice.Candidate("slow", slow), path_choice.Candidate("fast", lambda x, w: x @ w)]
+    specs = [jax.ShapeDtypeStruct((2, 16), jnp.float32), jax.ShapeDtypeStruct((16, 16), jnp.float32)]
+    choice = decode_choice.choose_streaming("test_op", "sig", cands, specs, weight_args=(1,))
+    assert choice.source == "measured" and set(choice.times_us) == {"slow", "fast"}
+    assert seen and all(s == (16, 16) for s in seen)          # each call reads one copy
+    assert path_choice.cache_entries()["test_op|sig|streamed"]["path"] == choice.name
+    path_choice.clear_cache()

@@ -5,8 +5,9 @@ An ``NM(n, m)`` mask keeps ``n`` of every ``m`` weights along K; stored as
 its dense bytes, which a memory-bound decode GEMV can turn into speed
 (:func:`~sparsejax.kernels.nm_compressed.nm_matmul`). Each eligible site takes
 the compressed kernel or XLA's dense product on the masked weight, whichever is
-measured faster on the device for its signature
-(:func:`sparsejax.kernels.path_choice.choose`); the report says which.
+measured faster on the device for its signature, with the weights streamed from
+memory as at decode (:func:`~sparsejax.compiler.passes.decode_choice.choose_streaming`);
+the report says which.
 
 Where the compressed weight comes from:
 
@@ -30,6 +31,7 @@ import numpy as np
 from sparsejax.compiler.interpreter import bind_eqn
 from sparsejax.compiler.param_ref import ParamRef, materialize
 from sparsejax.compiler.passes.base import direct_site_reason, matmul_at_site
+from sparsejax.compiler.passes.decode_choice import choose_streaming
 from sparsejax.compiler.passes.masking import MaskHandler
 from sparsejax.kernels import nm_compressed, path_choice
 from sparsejax.rules import NM
@@ -128,6 +130,7 @@ class NMCompressedHandler(MaskHandler):
                  jax.ShapeDtypeStruct(packed.meta.shape, packed.meta.dtype)]
         signature = (f"M{rows}|K{packed.shape[0]}|N{packed.shape[1]}|{packed.n}:{packed.m}|"
                      f"{jnp.dtype(dtype).name}")
-        choice = path_choice.choose("nm_matmul", signature, cands, specs, baseline="xla_dense")
+        choice = choose_streaming("nm_matmul", signature, cands, specs, weight_args=(1, 2, 3),
+                                  baseline="xla_dense")
         self.choices[key] = choice
         return kernel, choice

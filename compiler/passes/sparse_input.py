@@ -21,8 +21,9 @@ output-major (PyTorch's ``(d_ff, d_model)``); the gate's top-k output must be
 the gate dot itself (no bias in between). Everything else stays on XLA with
 the reason in :meth:`ActivationSparseHandler.site_path`. Each eligible site
 then takes its fastest correct path by measurement on the device
-(:func:`sparsejax.kernels.path_choice.choose`, inputs drawn at the rule's
-density), never a kernel that loses to dense.
+(:func:`~sparsejax.compiler.passes.decode_choice.choose_streaming`: inputs drawn
+at the rule's density, weights streamed from memory), never a kernel that loses
+to dense.
 
 Entry point: :func:`activation_sparse_handlers` (for ``SparseFunction.lower``).
 Only leaves no weight rule claims are handled here (a masked leaf keeps its
@@ -41,6 +42,7 @@ from sparsejax import topk
 from sparsejax.compiler.interpreter import bind_eqn
 from sparsejax.compiler.param_ref import ParamRef, materialize
 from sparsejax.compiler.passes.base import WeightHandler, direct_site_reason, matmul_at_site
+from sparsejax.compiler.passes.decode_choice import choose_streaming
 from sparsejax.kernels import path_choice
 from sparsejax.kernels import sparse_input_gemv as sig
 from sparsejax.kernels import sparse_output_gemv as sog
@@ -150,9 +152,9 @@ class ActivationSparseHandler(WeightHandler):
         sample = _sparse_sample(x2.shape, x2.dtype, role.density)
         signature = (f"M{rows}|K{w2.shape[0]}|N{w2.shape[1]}|{jnp.dtype(w2.dtype).name}|"
                      f"density{role.density:.3f}")
-        choice = path_choice.choose("sparse_input_gemv", signature, cands,
-                                    [sample, jax.ShapeDtypeStruct(w2.shape, w2.dtype)],
-                                    baseline="xla_dense")
+        choice = choose_streaming("sparse_input_gemv", signature, cands,
+                                  [sample, jax.ShapeDtypeStruct(w2.shape, w2.dtype)], weight_args=(1,),
+                                  baseline="xla_dense")
         self.choices[key] = choice
         fn = kernel if choice.name == "sparse_input" else dense
         return fn(x2.reshape(rows, -1), w2).reshape(*x2.shape[:-1], w2.shape[1])
@@ -176,10 +178,10 @@ class ActivationSparseHandler(WeightHandler):
         live_sample = jnp.asarray(np.random.default_rng(0).random(w_t.shape[0]) < union)
         signature = (f"M{rows}|N{w_t.shape[0]}|K{w_t.shape[1]}|{jnp.dtype(w_t.dtype).name}|"
                      f"density{role.density:.3f}")
-        choice = path_choice.choose("sparse_output_gemv", signature, cands,
-                                    [jax.ShapeDtypeStruct((rows, w_t.shape[1]), x2.dtype),
-                                     jax.ShapeDtypeStruct(w_t.shape, w_t.dtype), live_sample],
-                                    baseline="xla_dense")
+        choice = choose_streaming("sparse_output_gemv", signature, cands,
+                                  [jax.ShapeDtypeStruct((rows, w_t.shape[1]), x2.dtype),
+                                   jax.ShapeDtypeStruct(w_t.shape, w_t.dtype), live_sample],
+                                  weight_args=(1,), baseline="xla_dense")
         self.choices[key] = choice
         fn = kernel if choice.name == "sparse_output" else dense
         return fn(x2.reshape(rows, -1), w_t, live).reshape(*x2.shape[:-1], w_t.shape[0])
