@@ -266,16 +266,26 @@ def bench_ffn(b: Bench):
         if not b.over_budget():
             t_pred = b.time_us(pred, xs, spark) / b.s.layers
             b.log(f"  predictor GEMV alone: {t_pred:.1f} us")
-        curve.append((batch, np.mean(unions) / d_ff, t_dense, best))
+        choice = "-"
+        if batch in (1, 8) and not b.over_budget():
+            try:      # what the library picks at this batch (path_choice, weights streamed)
+                picked = sf.choose_impl(batch, spark[0], k_frac=K_FRAC)
+                choice = f"{picked.name} ({picked.source}; " + ", ".join(
+                    f"{k} {v:.1f} us" for k, v in picked.times_us.items()) + ")"
+            except Exception as e:   # noqa: BLE001
+                choice = f"failed: {type(e).__name__}: {str(e)[:200]}"
+            b.log(f"  choose_impl at batch {batch}: {choice}")
+        curve.append((batch, np.mean(unions) / d_ff, t_dense, best, choice))
         b.summary.append(("Spark FFN layer", f"batch {batch}", best[0], t_dense, best[1], GOALS["ffn"].get(batch)))
     b.detail.append("")
     b.detail.append("Union growth and the per-batch choice (sparse path if it beats dense):")
     b.detail.append("")
-    b.detail.append("| batch | union of fired neurons | dense us | best sparse | us | choice |")
-    b.detail.append("|---|---|---|---|---|---|")
-    for batch, union, t_dense, (name, t) in curve:
-        choice = name if t < t_dense else "dense"
-        b.detail.append(f"| {batch} | {union:.1%} | {t_dense:.1f} | {name} | {t:.1f} | {choice} |")
+    b.detail.append("| batch | union of fired neurons | dense us | best sparse | us | faster here | "
+                    "choose_impl picks |")
+    b.detail.append("|---|---|---|---|---|---|---|")
+    for batch, union, t_dense, (name, t), choice in curve:
+        faster = name if t < t_dense else "dense"
+        b.detail.append(f"| {batch} | {union:.1%} | {t_dense:.1f} | {name} | {t:.1f} | {faster} | {choice} |")
 
 
 # --------------------------------------------------------------------------- N:M GEMV

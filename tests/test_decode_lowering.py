@@ -100,7 +100,7 @@ def test_sparse_output_gemv_writes_live_outputs_and_zeros():
 
 
 def test_streaming_choice_times_every_candidate_over_copies(monkeypatch):
-    from sparsejax.compiler.passes import decode_choice
+    from sparsejax.kernels import streaming_choice as decode_choice
     from sparsejax.kernels import path_choice
 
     monkeypatch.setattr(path_choice, "_measuring_pays", lambda: True)

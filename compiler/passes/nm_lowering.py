@@ -6,7 +6,7 @@ its dense bytes, which a memory-bound decode GEMV can turn into speed
 (:func:`~sparsejax.kernels.nm_compressed.nm_matmul`). Each eligible site takes
 the compressed kernel or XLA's dense product on the masked weight, whichever is
 measured faster on the device for its signature, with the weights streamed from
-memory as at decode (:func:`~sparsejax.compiler.passes.decode_choice.choose_streaming`);
+memory as at decode (:func:`~sparsejax.kernels.streaming_choice.choose_streaming`);
 the report says which.
 
 Where the compressed weight comes from:
@@ -31,7 +31,7 @@ import numpy as np
 from sparsejax.compiler.interpreter import bind_eqn
 from sparsejax.compiler.param_ref import ParamRef, materialize
 from sparsejax.compiler.passes.base import direct_site_reason, matmul_at_site
-from sparsejax.compiler.passes.decode_choice import choose_streaming
+from sparsejax.kernels.streaming_choice import choose_streaming
 from sparsejax.compiler.passes.masking import MaskHandler
 from sparsejax.kernels import nm_compressed, path_choice
 from sparsejax.rules import NM

@@ -21,7 +21,7 @@ output-major (PyTorch's ``(d_ff, d_model)``); the gate's top-k output must be
 the gate dot itself (no bias in between). Everything else stays on XLA with
 the reason in :meth:`ActivationSparseHandler.site_path`. Each eligible site
 then takes its fastest correct path by measurement on the device
-(:func:`~sparsejax.compiler.passes.decode_choice.choose_streaming`: inputs drawn
+(:func:`~sparsejax.kernels.streaming_choice.choose_streaming`: inputs drawn
 at the rule's density, weights streamed from memory), never a kernel that loses
 to dense.
 
@@ -42,7 +42,7 @@ from sparsejax import topk
 from sparsejax.compiler.interpreter import bind_eqn
 from sparsejax.compiler.param_ref import ParamRef, materialize
 from sparsejax.compiler.passes.base import WeightHandler, direct_site_reason, matmul_at_site
-from sparsejax.compiler.passes.decode_choice import choose_streaming
+from sparsejax.kernels.streaming_choice import choose_streaming
 from sparsejax.kernels import path_choice
 from sparsejax.kernels import sparse_input_gemv as sig
 from sparsejax.kernels import sparse_output_gemv as sog

@@ -55,7 +55,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import pallas as pl
 
-from sparsejax.kernels import path_choice
+from sparsejax.kernels import path_choice, streaming_choice
 from sparsejax.kernels import sparse_input_gemv as sig
 from sparsejax.kernels._triton import compiler_params, next_pow2
 from sparsejax.kernels.sparse_input_gemv import pltriton
@@ -561,8 +561,9 @@ def choose_impl(batch: int, weights: DecodeWeights, *, k: Any = None, k_frac: An
     The union of fired neurons grows with the batch (``1 - (1 - k/d_ff)^B`` of
     them for independent tokens), so a masked path that wins at batch 1 can lose
     to the dense product at batch 8. Candidates run the whole layer on random
-    inputs (random tokens fire random neurons, like real ones at the same ``k``);
-    on the CPU the choice is deterministic (the dense product: no kernel runs there).
+    inputs (random tokens fire random neurons, like real ones at the same ``k``),
+    with the weights streamed from memory as in a model (several copies, beyond the
+    L2); on the CPU the choice is deterministic (dense: no kernel runs there).
     """
     on_gpu = jax.default_backend() == "gpu"
     cands = []
@@ -584,7 +585,8 @@ def choose_impl(batch: int, weights: DecodeWeights, *, k: Any = None, k_frac: An
                                                              weights.w_down))]
     signature = (f"B{batch}|gate{tuple(weights.w_gate.shape)}|up{tuple(weights.w_up_t.shape)}|"
                  f"down{tuple(weights.w_down.shape)}|k{k}|kf{k_frac}|{jnp.dtype(dtype).name}")
-    return path_choice.choose("spark_ffn_decode", signature, cands, specs, baseline="dense")
+    return streaming_choice.choose_streaming("spark_ffn_decode", signature, cands, specs,
+                                             weight_args=(1, 2, 3), baseline="dense")
 
 
 def _layer_fn(x, w_gate, w_up_t, w_down, *, impl, k, k_frac, activation, split):
