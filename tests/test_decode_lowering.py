@@ -118,3 +118,16 @@ def test_streaming_choice_times_every_candidate_over_copies(monkeypatch):
     assert seen and all(s == (16, 16) for s in seen)          # each call reads one copy
     assert path_choice.cache_entries()["test_op|sig|streamed"]["path"] == choice.name
     path_choice.clear_cache()
+
+
+def test_frozen_packed_nm_weights_give_the_same_answer():
+    from sparsejax.compiler.passes import nm_lowering
+
+    params = {"w": jax.random.normal(jax.random.key(0), (32, 24))}
+    x = jax.random.normal(jax.random.key(1), (1, 32))
+    sfn = sparsify(lambda p, x: x @ p["w"], [NM("w", n=2, m=4)])
+    sp, ss = sfn.init(params, x)
+    low = sfn.lower(ss, interpret=True)
+    nm_lowering.freeze_packed(low, sp, ss)
+    assert low._handlers["w"].packed is not None
+    assert _rel(low(sp, ss, x), sfn(sp, ss, x)) < 1e-5

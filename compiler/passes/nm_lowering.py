@@ -11,12 +11,13 @@ the report says which.
 
 Where the compressed weight comes from:
 
-* ``packed`` given (an inference form, built once from concrete weights with
-  :func:`pack`): the program reads only the compressed bytes; call ``lower``
-  again after the weights change, as after masks change;
+* frozen (:func:`freeze_packed`, an inference form built once from concrete
+  weights): the program reads only the compressed bytes; call ``lower`` and
+  ``freeze_packed`` again after the weights change, as after masks change;
 * otherwise it is compressed from the dense leaf inside the program, so training
-  updates reach the kernel. That costs a full read of the dense weight per
-  call, more than the kernel saves: right, not fast; use it for tests and training.
+  updates reach the kernel. That costs a full read of the dense weight per call,
+  and the path choice times it so: on a GPU such a site stays dense unless
+  compressing and multiplying beat XLA.
 
 Entry point: :class:`NMCompressedHandler`, built by ``SparseFunction.lower`` for
 each ``NM``-ruled leaf in place of the block-sparse handler.
@@ -36,7 +37,7 @@ from sparsejax.compiler.passes.masking import MaskHandler
 from sparsejax.kernels import nm_compressed, path_choice
 from sparsejax.rules import NM
 
-__all__ = ["NMCompressedHandler", "pack"]
+__all__ = ["NMCompressedHandler", "pack", "freeze_packed"]
 
 
 def pack(rule: NM, layout, leaf, mask) -> nm_compressed.NMWeight:
@@ -117,11 +118,19 @@ class NMCompressedHandler(MaskHandler):
             return nm_compressed.nm_matmul(x, nm_compressed.NMWeight(values, meta, *static),
                                            backend=None if interpret else backend, interpret=interpret)
 
+        def compress_then_kernel(x, w, values, meta):
+            # Without a packed form the program compresses the dense weight every call:
+            # that is what the kernel path costs, so that is what is timed.
+            del values, meta
+            packed_now = nm_compressed.compress_nm(w, static[1], static[2], group_tile=static[3])
+            return kernel(x, None, packed_now.values, packed_now.meta)
+
         def dense(x, w, values, meta):
             del values, meta
             return jnp.dot(x, w, preferred_element_type=jnp.float32).astype(jnp.result_type(x, w))
 
-        cands = [path_choice.Candidate("nm_kernel", kernel, None if ok else why,
+        measured = kernel if self.packed is not None else compress_then_kernel
+        cands = [path_choice.Candidate("nm_kernel", measured, None if ok else why,
                                        f"compressed {packed.n}:{packed.m} GEMV (Pallas)"),
                  path_choice.Candidate("xla_dense", dense, None, "XLA dense (masked weight)")]
         specs = [jax.ShapeDtypeStruct((rows, packed.shape[0]), dtype),
@@ -129,8 +138,22 @@ class NMCompressedHandler(MaskHandler):
                  jax.ShapeDtypeStruct(packed.values.shape, packed.values.dtype),
                  jax.ShapeDtypeStruct(packed.meta.shape, packed.meta.dtype)]
         signature = (f"M{rows}|K{packed.shape[0]}|N{packed.shape[1]}|{packed.n}:{packed.m}|"
-                     f"{jnp.dtype(dtype).name}")
+                     f"{jnp.dtype(dtype).name}|{'packed' if self.packed is not None else 'compress per call'}")
         choice = choose_streaming("nm_matmul", signature, cands, specs, weight_args=(1, 2, 3),
                                   baseline="xla_dense")
         self.choices[key] = choice
         return kernel, choice
+
+
+def freeze_packed(lowered, sparams, sstate) -> None:
+    """Compresses every lowered N:M leaf once, from concrete ``sparams``: the inference form.
+
+    Afterwards ``lowered`` reads only the compressed bytes at its N:M sites (the
+    compressed arrays enter its programs as constants); it no longer follows
+    changes to those weights: call ``lower`` and this again after they change.
+    """
+    for slot, w, m in zip(lowered._slots, lowered._slot_items(sparams), lowered._slot_masks(sstate)):
+        handler = lowered._handlers.get(slot.path)
+        if isinstance(handler, NMCompressedHandler) and any(r is None for r in handler._reasons.values()):
+            handler.packed = jax.block_until_ready(pack(handler.rule, handler.layout, w, m))
+    lowered._rewrites = {}
