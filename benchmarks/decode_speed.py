@@ -468,7 +468,7 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, Pallas interpret mode (CPU)")
     parser.add_argument("--only", default="gemv,ffn,nm,e2e")
-    parser.add_argument("--budget", type=float, default=330.0, help="seconds before variants are skipped")
+    parser.add_argument("--budget", type=float, default=300.0, help="seconds before variants are skipped")
     args = parser.parse_args()
     interpret = args.smoke or jax.default_backend() != "gpu"
     b = Bench(SMOKE if args.smoke else FULL, interpret, args.budget)
