@@ -455,7 +455,8 @@ class SparseFunction:
 
     def lower(self, sstate: dict, *, backend: str | None = None,
               interpret: bool | str = False) -> "SparseFunction":
-        """A copy whose block-structured masked matmuls run the block-sparse kernel.
+        """A copy whose block-structured masked matmuls run the block-sparse kernel, N:M-masked
+        ones the compressed N:M GEMV, and Spark FFN sites the sparse-input/output GEMVs.
 
         Masks are read from ``sstate`` now (concretely) and fixed in the copy: call
         ``lower`` again after masks change. Sites that cannot take the kernel stay
