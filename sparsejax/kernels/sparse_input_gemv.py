@@ -225,11 +225,11 @@ def _prepare(x, w, bk, bn, mma):
 
 def _masked(x, w, *, threshold, bk, bn, mma, num_warps, num_stages, interpret, poison):
     batch, n = x.shape[0], w.shape[1]
-    xt, wp, b_pad = _prepare(x, w, bk, bn, mma)
+    xp, wp, b_pad = _prepare(x, w, bk, bn, mma)
     kernel = functools.partial(_masked_kernel, bk=bk, bn=bn, threshold=float(threshold), batch=batch,
                                mma=mma, atomic=not interpret)
     grid = (wp.shape[1] // bn, wp.shape[0] // bk)
-    y = _call(kernel, grid, [xt, wp], b_pad, wp.shape[1], interpret=interpret, poison=poison,
+    y = _call(kernel, grid, [xp, wp], b_pad, wp.shape[1], interpret=interpret, poison=poison,
               num_warps=num_warps, num_stages=num_stages)
     return y[:batch, :n]
 
@@ -237,15 +237,15 @@ def _masked(x, w, *, threshold, bk, bn, mma, num_warps, num_stages, interpret, p
 def _gather(x, w, *, threshold, bc, bn, splits, mma, num_warps, num_stages, interpret, poison):
     batch, k = x.shape
     n = w.shape[1]
-    xt, wp, b_pad = _prepare(x, w, 1, bn, mma)
-    xt = _zero_dead(xt, threshold)
+    xp, wp, b_pad = _prepare(x, w, 1, bn, mma)
+    xp = _zero_dead(xp, threshold)
     idx, count = live_row_list(live_rows(x, threshold), k)
     idx = _pad_to(idx, 0, bc)
     meta = jnp.reshape(count.astype(jnp.int32), (1,))
     kernel = functools.partial(_gather_kernel, bc=bc, bn=bn, splits=splits, batch=batch, mma=mma,
                                atomic=not interpret)
     grid = (wp.shape[1] // bn, splits)
-    y = _call(kernel, grid, [meta, idx, xt, wp], b_pad, wp.shape[1], interpret=interpret,
+    y = _call(kernel, grid, [meta, idx, xp, wp], b_pad, wp.shape[1], interpret=interpret,
               poison=poison, num_warps=num_warps, num_stages=num_stages)
     return y[:batch, :n]
 
