@@ -434,9 +434,11 @@ def bench_e2e(b: Bench):
         b.log(f"  activation sites found: {n_sites}; Pallas kernels in the lowered step: {kernels}")
         ref = spark_xla(params, *args)[0]
         dense_ref = dense(params, *args)[0]
-        _, _, t_dense = b.check_and_time("dense model", dense, (params, *args), dense_ref, 1e-6)
+        # The first two are the references themselves: their check only asks for finite,
+        # repeatable outputs (XLA may reorder a reduction between runs).
+        _, _, t_dense = b.check_and_time("dense model", dense, (params, *args), dense_ref, 1e-3)
         _, _, t_xla = b.check_and_time("Spark top-k, XLA (sparsify, not lowered)", spark_xla, (params, *args),
-                                       ref, 1e-6)
+                                       ref, 1e-3)
         _, ok, t_low = b.check_and_time("Spark top-k, lowered (sparse GEMVs)", spark_low, (params, *args), ref,
                                         3e-2)
         tok = lambda t: batch / (t * 1e-6)
