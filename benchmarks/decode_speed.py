@@ -193,14 +193,18 @@ def bench_gemv(b: Bench):
 
 def ffn_variants(interpret, batch):
     if interpret:
-        return {"fused": dict(impl="fused", bj=16, bk=32, bn=32), "sparse": dict(impl="sparse", bj=16, bk=32,
-                                                                                bn=32)}
+        return {"fused": dict(impl="fused", bj=16, bk=32, bn=32),
+                "fused, top-k in kernel": dict(impl="fused", bj=16, bk=32, bn=32, act_in_kernel=True),
+                "sparse": dict(impl="sparse", bj=16, bk=32, bn=32)}
     v = {}
     for bj, bk, bn, warps, partials in ((32, 256, 256, 4, True), (64, 256, 256, 4, True),
                                         (32, 256, 256, 4, False), (16, 256, 256, 4, True),
                                         (64, 128, 256, 8, True), (32, 128, 128, 4, False)):
         name = f"fused bj{bj} bk{bk} bn{bn} w{warps} {'partials' if partials else 'atomics'}"
         v[name] = dict(impl="fused", bj=bj, bk=bk, bn=bn, num_warps=warps, partials=partials)
+    for partials in (True, False):
+        v[f"fused bj32 bk256 bn256 w4 {'partials' if partials else 'atomics'}, top-k in kernel"] = dict(
+            impl="fused", bj=32, bk=256, bn=256, num_warps=4, partials=partials, act_in_kernel=True)
     for bj in (16, 32):
         v[f"sparse bj{bj}"] = dict(impl="sparse", bj=bj, bk=256, down_tiles=dict(bk=32, bn=256))
     v["xla gather (capacity)"] = dict(impl="xla")

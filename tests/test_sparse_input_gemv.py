@@ -61,7 +61,7 @@ def test_bad_arguments_raise_one_line_errors():
 
 
 @pytest.mark.parametrize("impl,batch,extra", [("fused", 1, dict(unroll=False)), ("sparse", 3, {}),
-                                               ("fused", 2, dict(partials=True))])
+                                               ("fused", 2, dict(partials=True, act_in_kernel=True))])
 def test_masked_spark_ffn_equals_reference(impl, batch, extra):
     k1, k2 = jax.random.split(jax.random.key(batch))
     d, d_ff, r = 40, 99, 16

@@ -360,13 +360,24 @@ def gathered_ffn(x_up: jax.Array, act: jax.Array, w_up_t: jax.Array, w_down: jax
 # --------------------------------------------------------------------------- masked paths
 
 
-def _live_act(act_ref, rows, batch):
-    """Each token's activations at ``rows`` and the union of fired neurons there."""
+def _live_act(act_ref, rows, batch, theta_ref=None, activation=None):
+    """Each token's activations at ``rows`` and the union of fired neurons there.
+
+    With ``activation``, ``act_ref`` holds the gate pre-activations and ``theta_ref``
+    each token's top-k threshold: the soft top-k and the activation are applied here
+    (one XLA launch fewer than forming ``act`` first).
+    """
     acts, live = [], None
     for b in range(batch):
-        a = act_ref[b, rows]
+        if activation is None:
+            a = act_ref[b, rows]
+            fired = a != 0
+        else:
+            pre, theta = act_ref[b, rows], theta_ref[b]
+            fired = pre > theta
+            a = jnp.where(fired, activation(pre - theta), 0.0)
         acts.append(a)
-        live = (a != 0) if live is None else live | (a != 0)
+        live = fired if live is None else live | fired
     return acts, live
 
 
@@ -414,7 +425,7 @@ def _up_kernel_masked(x_ref, act_ref, w_ref, *rest, bj, bk, batch, atomic, unrol
 
 
 def _fused_kernel(x_ref, act_ref, wu_ref, wd_ref, *rest, bj, bk, bn, batch, atomic, unroll,
-                  partials):
+                  partials, activation=None):
     """One tile of neurons, end to end: live up rows -> ``h`` on chip -> ``y += h @ W_d[tile]``.
 
     ``partials``: write this tile's contribution to its own row of a partial-sum
@@ -422,9 +433,10 @@ def _fused_kernel(x_ref, act_ref, wu_ref, wd_ref, *rest, bj, bk, bn, batch, atom
     acquire-release: each one waits for its round trip before the next load issues.
     """
     y_ref = rest[-1]
+    theta_ref = rest[0] if activation is not None else None
     i = pl.program_id(0)
     rows = pl.ds(i * bj, bj)
-    acts, live = _live_act(act_ref, rows, batch)
+    acts, live = _live_act(act_ref, rows, batch, theta_ref, activation)
     up = _up_rows(x_ref, wu_ref, rows, live, batch, bk, atomic, unroll)
     h = [acts[b] * up[b] for b in range(batch)]
 
@@ -447,12 +459,16 @@ def _fused_kernel(x_ref, act_ref, wu_ref, wd_ref, *rest, bj, bk, bn, batch, atom
 def masked_ffn(x_up: jax.Array, act: jax.Array, w_up_t: jax.Array, w_down: jax.Array, *,
                fused: bool = True, bj: int = 32, bk: int = 256, bn: int = 256, num_warps: int = 4,
                num_stages: int = 2, unroll: bool = True, partials: bool = False,
-               down_tiles: dict | None = None, interpret: bool = False, poison: bool = False) -> jax.Array:
+               down_tiles: dict | None = None, theta: jax.Array | None = None,
+               activation: Callable | None = None, interpret: bool = False,
+               poison: bool = False) -> jax.Array:
     """``(act * (x_up @ W_u)) @ W_d`` reading only the rows of fired neurons (module doc:
     ``"fused"`` and ``"sparse"``). ``act`` is ``(B, d_ff)``, zero where a neuron did not
     fire. ``bk``/``bn`` should divide ``d_up_in``/``d_model`` (else the weights are
     zero-padded per call); ``unroll`` unrolls the loops over them; ``partials`` (fused)
-    sums per-tile partials in XLA instead of atomics. Returns ``(B, d_model)`` float32."""
+    sums per-tile partials in XLA instead of atomics. With ``theta`` ``(B,)`` and
+    ``activation`` (fused only), ``act`` holds the gate pre-activations and the kernel
+    forms ``activation(pre - theta)`` where ``pre > theta`` itself. Returns ``(B, d_model)`` float32."""
     batch = x_up.shape[0]
     if batch > MAX_BATCH:
         raise ValueError(f"masked_ffn: batch {batch} > {MAX_BATCH}; use impl='xla'")
@@ -467,23 +483,26 @@ def masked_ffn(x_up: jax.Array, act: jax.Array, w_up_t: jax.Array, w_down: jax.A
     act = jnp.pad(act.astype(jnp.float32), ((0, b_pad - batch), (0, w_up_t.shape[0] - d_ff)))
     atomic = not interpret
     programs = w_up_t.shape[0] // bj
+    if (theta is None) != (activation is None) or (theta is not None and not fused):
+        raise ValueError("masked_ffn: theta and activation go together, and only with fused=True")
+    extra = [] if theta is None else [jnp.pad(theta.reshape(-1).astype(jnp.float32), (0, b_pad - batch))]
     params = {} if interpret else dict(compiler_params=compiler_params(num_warps, num_stages))
     if fused:
         kernel = functools.partial(_fused_kernel, bj=bj, bk=bk, bn=bn, batch=batch, atomic=atomic,
-                                   unroll=unroll, partials=partials)
+                                   unroll=unroll, partials=partials, activation=activation)
+        args = [x_up, act, w_up_t, w_down, *extra]
         if partials:     # every program writes its own row for every live token and column
             out = jax.ShapeDtypeStruct((programs, b_pad, w_down.shape[1]), jnp.float32)
-            args, aliases = [x_up, act, w_up_t, w_down], {}
+            aliases = {}
             if poison:
+                aliases = {len(args): 0}
                 args.append(jnp.full(out.shape, jnp.nan, out.dtype))
-                aliases = {4: 0}
             y = pl.pallas_call(kernel, grid=(programs,), out_shape=out, input_output_aliases=aliases,
                                interpret=interpret, **params)(*args)
             return jnp.sum(y[:, :batch], axis=0)[:, :d_out]
         y0 = jnp.zeros((b_pad, w_down.shape[1]), jnp.float32)      # added into: starts at zero
         y = pl.pallas_call(kernel, grid=(programs,), out_shape=jax.ShapeDtypeStruct(y0.shape, y0.dtype),
-                           input_output_aliases={4: 0}, interpret=interpret, **params)(
-                               x_up, act, w_up_t, w_down, y0)
+                           input_output_aliases={len(args): 0}, interpret=interpret, **params)(*args, y0)
         return y[:batch, :d_out]
     h_shape = jax.ShapeDtypeStruct((b_pad, w_up_t.shape[0]), w_down.dtype)
     args, aliases = [x_up, act, w_up_t], {}
@@ -528,7 +547,8 @@ def topk_ffn_decode(x: jax.Array, weights: DecodeWeights, *, k: Any = None, k_fr
       activation: Spark uses GELU on the soft top-k output.
       impl: ``"xla"``, ``"pallas"``, ``"sparse"``, ``"fused"``, ``"reference"`` (see the
         module doc), or ``"dense"`` (the selection, then every neuron in XLA).
-      interpret, tiling: see :func:`gathered_ffn` and :func:`masked_ffn`.
+      interpret, tiling: see :func:`gathered_ffn` and :func:`masked_ffn`; ``"fused"`` also
+        takes ``act_in_kernel=True`` (the soft top-k and activation inside the kernel).
 
     Returns:
       ``(B, d_model)`` in ``x``'s dtype.
@@ -536,6 +556,11 @@ def topk_ffn_decode(x: jax.Array, weights: DecodeWeights, *, k: Any = None, k_fr
     d_model = x.shape[-1]
     pre = jnp.dot(weights.gate_input(x), weights.w_gate, preferred_element_type=jnp.float32)
     x_up = weights.up_input(x)
+    if impl == "fused" and tiling.pop("act_in_kernel", False):
+        theta = statistical_threshold(pre, k=k, k_frac=k_frac, axis=-1)
+        y = masked_ffn(x_up, pre, weights.w_up_t, weights.w_down, fused=True, theta=theta,
+                       activation=activation, interpret=interpret, **tiling)
+        return y[:, :d_model].astype(x.dtype)
     if impl in _MASKED_IMPLS or impl == "dense":
         theta = statistical_threshold(pre, k=k, k_frac=k_frac, axis=-1)
         act = jnp.where(pre > theta, activation(pre - theta), 0.0)
