@@ -19,6 +19,10 @@ holds the indices of groups ``r + e * q`` (``e < 8 / bits``, ``q = group_tile *
 bits / 8``) in bit field ``e``. Unpacking field ``e`` of a tile's bytes gives
 the indices of a contiguous run of ``q`` groups.
 
+Kept positions are stored in increasing order, so slot ``t`` of a group holds
+a position in ``[t, m - n + t]``: the kernel needs ``m - n`` selects per value
+and row (2 for 2:4), not ``m``.
+
 The kernel is a ``pl.pallas_call`` (the Triton backend on GPU; interpret mode
 on CPU for tests). Elsewhere, and on GPU for batches above ``MAX_KERNEL_BATCH``,
 :func:`nm_matmul` uses :func:`nm_matmul_reference` (expand to dense, XLA dot).
@@ -246,8 +250,11 @@ def _nm_kernel(x_ref, v_ref, meta_ref, *rest, n: int, m: int, bits: int, group_t
                     if gather_x:
                         sel = x_ref[idx, b, groups].astype(jnp.float32)              # (q, bn)
                     else:
-                        sel = jnp.zeros((q, bn), jnp.float32)
-                        for p in range(m):
+                        # Kept positions are stored in increasing order, so slot t holds a
+                        # position in [t, m - n + t]: m - n selects, starting from the first.
+                        first = x_ref[t, b, pl.ds(g0, q)].astype(jnp.float32)
+                        sel = jnp.broadcast_to(first[:, None], (q, bn))
+                        for p in range(t + 1, m - n + t + 1):
                             xp = x_ref[p, b, pl.ds(g0, q)].astype(jnp.float32)      # (q,)
                             sel = jnp.where(idx == p, xp[:, None], sel)
                     acc[b] = acc[b] + sel * vals
