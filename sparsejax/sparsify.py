@@ -455,7 +455,8 @@ class SparseFunction:
 
     def lower(self, sstate: dict, *, backend: str | None = None,
               interpret: bool | str = False) -> "SparseFunction":
-        """A copy whose block-structured masked matmuls run the block-sparse kernel.
+        """A copy whose block-structured masked matmuls run the block-sparse kernel, N:M-masked
+        ones the compressed N:M GEMV, and Spark FFN sites the sparse-input/output GEMVs.
 
         Masks are read from ``sstate`` now (concretely) and fixed in the copy: call
         ``lower`` again after masks change. Sites that cannot take the kernel stay
@@ -467,14 +468,19 @@ class SparseFunction:
           interpret: run the kernels in Pallas interpret mode (tests on CPU).
         """
         from sparsejax.compiler.passes.lowering import BlockSparseHandler
+        from sparsejax.compiler.passes.nm_lowering import NMCompressedHandler
+        from sparsejax.compiler.passes.sparse_input import activation_sparse_handlers
+        from sparsejax.rules import NM
 
         self._require_init()
         lowered = copy.copy(self)
         lowered._rewrites, lowered._handlers = {}, dict(self._handlers)
         for slot, mask in zip(self._slots, self._slot_masks(sstate)):
             if isinstance(slot.rule, MaskRule):
-                lowered._handlers[slot.path] = BlockSparseHandler(
+                handler_type = NMCompressedHandler if isinstance(slot.rule, NM) else BlockSparseHandler
+                lowered._handlers[slot.path] = handler_type(
                     self._handlers[slot.path], mask, backend, interpret)
+        lowered._handlers.update(activation_sparse_handlers(self, backend=backend, interpret=interpret))
         lowered._report = lowered._build_report(next(iter(self._traces.values())),
                                                 self._slot_masks(sstate))
         return lowered

@@ -19,6 +19,10 @@ holds the indices of groups ``r + e * q`` (``e < 8 / bits``, ``q = group_tile *
 bits / 8``) in bit field ``e``. Unpacking field ``e`` of a tile's bytes gives
 the indices of a contiguous run of ``q`` groups.
 
+Kept positions are stored in increasing order, so slot ``t`` of a group holds
+a position in ``[t, m - n + t]``: the kernel needs ``m - n`` selects per value
+and row (2 for 2:4), not ``m``.
+
 The kernel is a ``pl.pallas_call`` (the Triton backend on GPU; interpret mode
 on CPU for tests). Elsewhere, and on GPU for batches above ``MAX_KERNEL_BATCH``,
 :func:`nm_matmul` uses :func:`nm_matmul_reference` (expand to dense, XLA dot).
@@ -156,7 +160,7 @@ def compress_nm(w: jax.Array, n: int, m: int, mask=None, *, group_tile: int = 64
         kept = mask.reshape(g, m, cols)
         try:
             too_many = int(np.max(np.asarray(kept.sum(axis=1)), initial=0)) > n
-        except jax.errors.ConcretizationTypeError:
+        except (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError):
             too_many = False          # traced mask: the caller vouches for its structure
         if too_many:
             raise ValueError(f"compress_nm: mask keeps more than n={n} of some group of m={m}")
@@ -217,8 +221,12 @@ def supported(shape, dtype, backend: str | None = None, batch: int = 1) -> tuple
 
 
 def _nm_kernel(x_ref, v_ref, meta_ref, *rest, n: int, m: int, bits: int, group_tile: int,
-               tiles_per_split: int):
-    """One output tile of one K split: loop over group tiles, expand indices, multiply-add."""
+               tiles_per_split: int, gather_x: bool = False):
+    """One output tile of one K split: loop over group tiles, expand indices, multiply-add.
+
+    ``gather_x``: pick ``x`` at each kept position with one gathered load (``x`` is
+    a few KiB, cache-resident) instead of ``m`` selects per value and row.
+    """
     o_ref = rest[-1]
     per = 8 // bits
     q = group_tile // per
@@ -236,11 +244,19 @@ def _nm_kernel(x_ref, v_ref, meta_ref, *rest, n: int, m: int, bits: int, group_t
                 idx = (meta >> (e * bits)) & field                                  # (q, bn)
                 g0 = i * group_tile + e * q
                 vals = v_ref[t, pl.ds(g0, q), :].astype(jnp.float32)                 # (q, bn)
+                if gather_x:
+                    groups = jnp.broadcast_to((g0 + jnp.arange(q, dtype=jnp.int32))[:, None], (q, bn))
                 for b in range(batch):
-                    sel = jnp.zeros((q, bn), jnp.float32)
-                    for p in range(m):
-                        xp = x_ref[p, b, pl.ds(g0, q)].astype(jnp.float32)          # (q,)
-                        sel = jnp.where(idx == p, xp[:, None], sel)
+                    if gather_x:
+                        sel = x_ref[idx, b, groups].astype(jnp.float32)              # (q, bn)
+                    else:
+                        # Kept positions are stored in increasing order, so slot t holds a
+                        # position in [t, m - n + t]: m - n selects, starting from the first.
+                        first = x_ref[t, b, pl.ds(g0, q)].astype(jnp.float32)
+                        sel = jnp.broadcast_to(first[:, None], (q, bn))
+                        for p in range(t + 1, m - n + t + 1):
+                            xp = x_ref[p, b, pl.ds(g0, q)].astype(jnp.float32)      # (q,)
+                            sel = jnp.where(idx == p, xp[:, None], sel)
                     acc[b] = acc[b] + sel * vals
         return tuple(acc)
 
@@ -269,7 +285,7 @@ def _nm_call(xg, values, meta, *, n, m, bits, group_tile, cols_tile, splits, int
         operands.append(jnp.full(out_shape.shape, jnp.nan, out_shape.dtype))
         aliases = {3: 0}
     kernel = functools.partial(_nm_kernel, n=n, m=m, bits=bits, group_tile=group_tile,
-                               tiles_per_split=g_split // group_tile)
+                               tiles_per_split=g_split // group_tile, gather_x=GATHER_X)
     params = {}
     if not interpret and jax.default_backend() == "gpu":
         params["compiler_params"] = compiler_params(NUM_WARPS, NUM_STAGES)
@@ -281,6 +297,7 @@ def _nm_call(xg, values, meta, *, n, m, bits, group_tile, cols_tile, splits, int
 TARGET_PROGRAMS = 512   # programs a GEMV launch should have to fill an H100 (132 SMs)
 NUM_WARPS = 8
 NUM_STAGES = 3
+GATHER_X = False        # a variant for sweeps: one gathered x load per value instead of m selects
 
 
 def _choose_splits(tiles: int, col_tiles: int, target_programs: int | None = None) -> int:

@@ -27,7 +27,20 @@ Paths for the gathered part (:func:`gathered_ffn`):
   neurons only, gathering weight rows by index inside the kernel; past
   ``capacity`` they walk all ``d_ff`` neurons instead (the dense fallback, in
   the same launch). Cost follows the actual count.
+* ``"sparse"``: two Pallas kernels with masked loads and no index list (TEAL's
+  design, see :mod:`sparsejax.kernels.sparse_input_gemv`): a sparse-*output*
+  GEMV computes ``h = act * (x_up . W_u^T[j])`` loading only the rows of
+  ``W_u^T`` whose neuron fired for some token, then the sparse-*input* GEMV
+  ``y = h @ W_d`` loads only the rows of ``W_d`` with a live ``h``.
+* ``"fused"``: both in one Pallas kernel: a program owns a tile of neurons, loads
+  their live up rows, forms ``h`` on chip and adds ``h @ W_d[tile]`` into ``y``
+  with atomics. One launch after the selection; cost follows the live rows.
 * ``"reference"``: :func:`gathered_ffn_reference`, dense, exact.
+
+The two masked paths need no ``capacity`` and never overflow. :func:`choose_impl`
+picks, per batch size, the fastest of them and the dense product by measurement
+(:mod:`sparsejax.kernels.path_choice`): the union of fired neurons grows with the
+batch, and past some batch the dense product wins.
 
 An overflow never gives a wrong answer: every path then computes all neurons.
 """
@@ -42,7 +55,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import pallas as pl
 
+from sparsejax.kernels import path_choice, streaming_choice
+from sparsejax.kernels import sparse_input_gemv as sig
 from sparsejax.kernels._triton import compiler_params, next_pow2
+from sparsejax.kernels.sparse_input_gemv import pltriton
 from sparsejax.topk import resolve_k_frac, statistical_threshold
 
 __all__ = [
@@ -55,10 +71,12 @@ __all__ = [
     "topk_ffn_decode",
     "topk_ffn_decode_reference",
     "MAX_BATCH",
+    "choose_impl",
 ]
 
 MAX_BATCH = 8
-_IMPLS = ("xla", "pallas", "reference")
+_IMPLS = ("xla", "pallas", "sparse", "fused", "reference")
+_MASKED_IMPLS = ("sparse", "fused")
 
 
 @jax.tree_util.register_pytree_node_class
@@ -339,6 +357,167 @@ def gathered_ffn(x_up: jax.Array, act: jax.Array, w_up_t: jax.Array, w_down: jax
                             interpret=interpret, poison=poison)
 
 
+# --------------------------------------------------------------------------- masked paths
+
+
+def _live_act(act_ref, rows, batch, theta_ref=None, activation=None):
+    """Each token's activations at ``rows`` and the union of fired neurons there.
+
+    With ``activation``, ``act_ref`` holds the gate pre-activations and ``theta_ref``
+    each token's top-k threshold: the soft top-k and the activation are applied here
+    (one XLA launch fewer than forming ``act`` first).
+    """
+    acts, live = [], None
+    for b in range(batch):
+        if activation is None:
+            a = act_ref[b, rows]
+            fired = a != 0
+        else:
+            pre, theta = act_ref[b, rows], theta_ref[b]
+            fired = pre > theta
+            a = jnp.where(fired, activation(pre - theta), 0.0)
+        acts.append(a)
+        live = fired if live is None else live | fired
+    return acts, live
+
+
+def _loop(n, body, init, unroll):
+    """``fori_loop`` or, for short static loops, Python unrolling: unrolled, the
+    independent weight loads of all steps can be in flight at once."""
+    if not unroll:
+        return jax.lax.fori_loop(0, n, body, init)
+    carry = init
+    for c in range(n):
+        carry = body(c, carry)
+    return carry
+
+
+def _masked_rows(w_ref, rows, cols, live, atomic):
+    """``W[rows, cols]`` in float32 with dead rows never read (zeros)."""
+    if atomic:       # dead rows are masked out of the load: no memory traffic for them
+        w = pltriton.load(w_ref.at[rows, cols], mask=live[:, None], other=0.0,
+                          eviction_policy="evict_first")
+    else:            # interpret mode: the same values, read plainly
+        w = jnp.where(live[:, None], w_ref[rows, cols], 0)
+    return w.astype(jnp.float32)
+
+
+def _up_rows(x_ref, w_ref, rows, live, batch, bk, atomic, unroll):
+    """``x_up[b] . W_u^T[j]`` for the neurons ``j`` in ``rows``, loading live rows only."""
+    def step(c, acc):
+        cols = pl.ds(c * bk, bk)
+        w = _masked_rows(w_ref, rows, cols, live, atomic)
+        return tuple(a + jnp.sum(w * x_ref[b, cols].astype(jnp.float32)[None, :], axis=1)
+                     for b, a in enumerate(acc))
+
+    init = tuple(jnp.zeros((live.shape[0],), jnp.float32) for _ in range(batch))
+    return _loop(w_ref.shape[1] // bk, step, init, unroll)
+
+
+def _up_kernel_masked(x_ref, act_ref, w_ref, *rest, bj, bk, batch, atomic, unroll):
+    """``h[:, tile] = act * (x_up @ W_u)`` over one tile of neurons (dead ones: 0)."""
+    h_ref = rest[-1]
+    rows = pl.ds(pl.program_id(0) * bj, bj)
+    acts, live = _live_act(act_ref, rows, batch)
+    up = _up_rows(x_ref, w_ref, rows, live, batch, bk, atomic, unroll)
+    for b in range(batch):
+        h_ref[pl.ds(b, 1), rows] = (acts[b] * up[b])[None, :].astype(h_ref.dtype)
+
+
+def _fused_kernel(x_ref, act_ref, wu_ref, wd_ref, *rest, bj, bk, bn, batch, atomic, unroll,
+                  partials, activation=None):
+    """One tile of neurons, end to end: live up rows -> ``h`` on chip -> ``y += h @ W_d[tile]``.
+
+    ``partials``: write this tile's contribution to its own row of a partial-sum
+    buffer (summed in XLA after) instead of atomics. Triton's atomics are
+    acquire-release: each one waits for its round trip before the next load issues.
+    """
+    y_ref = rest[-1]
+    theta_ref = rest[0] if activation is not None else None
+    i = pl.program_id(0)
+    rows = pl.ds(i * bj, bj)
+    acts, live = _live_act(act_ref, rows, batch, theta_ref, activation)
+    up = _up_rows(x_ref, wu_ref, rows, live, batch, bk, atomic, unroll)
+    h = [acts[b] * up[b] for b in range(batch)]
+
+    def step(c, carry):
+        cols = pl.ds(c * bn, bn)
+        w = _masked_rows(wd_ref, rows, cols, live, atomic)
+        for b in range(batch):
+            part = jnp.sum(h[b][:, None] * w, axis=0)[None, :]
+            if partials:
+                y_ref[i, pl.ds(b, 1), cols] = part
+            elif atomic:
+                pltriton.atomic_add(y_ref, (pl.ds(b, 1), cols), part)
+            else:
+                y_ref[pl.ds(b, 1), cols] = y_ref[pl.ds(b, 1), cols] + part
+        return carry
+
+    _loop(wd_ref.shape[1] // bn, step, 0, unroll)
+
+
+def masked_ffn(x_up: jax.Array, act: jax.Array, w_up_t: jax.Array, w_down: jax.Array, *,
+               fused: bool = True, bj: int = 32, bk: int = 256, bn: int = 256, num_warps: int = 4,
+               num_stages: int = 2, unroll: bool = True, partials: bool = False,
+               down_tiles: dict | None = None, theta: jax.Array | None = None,
+               activation: Callable | None = None, interpret: bool = False,
+               poison: bool = False) -> jax.Array:
+    """``(act * (x_up @ W_u)) @ W_d`` reading only the rows of fired neurons (module doc:
+    ``"fused"`` and ``"sparse"``). ``act`` is ``(B, d_ff)``, zero where a neuron did not
+    fire. ``bk``/``bn`` should divide ``d_up_in``/``d_model`` (else the weights are
+    zero-padded per call); ``unroll`` unrolls the loops over them; ``partials`` (fused)
+    sums per-tile partials in XLA instead of atomics. With ``theta`` ``(B,)`` and
+    ``activation`` (fused only), ``act`` holds the gate pre-activations and the kernel
+    forms ``activation(pre - theta)`` where ``pre > theta`` itself. Returns ``(B, d_model)`` float32."""
+    batch = x_up.shape[0]
+    if batch > MAX_BATCH:
+        raise ValueError(f"masked_ffn: batch {batch} > {MAX_BATCH}; use impl='xla'")
+    for name, v in dict(bj=bj, bk=bk, bn=bn).items():
+        if v <= 0 or v & (v - 1):
+            raise ValueError(f"masked_ffn: {name} must be a power of two, got {v}")
+    d_ff, d_out = w_down.shape
+    b_pad = next_pow2(batch)
+    w_up_t = _pad_to(_pad_to(w_up_t, 1, bk), 0, bj)
+    w_down = _pad_to(_pad_to(w_down, 1, bn), 0, bj)
+    x_up = jnp.pad(x_up, ((0, b_pad - batch), (0, w_up_t.shape[1] - x_up.shape[1])))
+    act = jnp.pad(act.astype(jnp.float32), ((0, b_pad - batch), (0, w_up_t.shape[0] - d_ff)))
+    atomic = not interpret
+    programs = w_up_t.shape[0] // bj
+    if (theta is None) != (activation is None) or (theta is not None and not fused):
+        raise ValueError("masked_ffn: theta and activation go together, and only with fused=True")
+    extra = [] if theta is None else [jnp.pad(theta.reshape(-1).astype(jnp.float32), (0, b_pad - batch))]
+    params = {} if interpret else dict(compiler_params=compiler_params(num_warps, num_stages))
+    if fused:
+        kernel = functools.partial(_fused_kernel, bj=bj, bk=bk, bn=bn, batch=batch, atomic=atomic,
+                                   unroll=unroll, partials=partials, activation=activation)
+        args = [x_up, act, w_up_t, w_down, *extra]
+        if partials:     # every program writes its own row for every live token and column
+            out = jax.ShapeDtypeStruct((programs, b_pad, w_down.shape[1]), jnp.float32)
+            aliases = {}
+            if poison:
+                aliases = {len(args): 0}
+                args.append(jnp.full(out.shape, jnp.nan, out.dtype))
+            y = pl.pallas_call(kernel, grid=(programs,), out_shape=out, input_output_aliases=aliases,
+                               interpret=interpret, **params)(*args)
+            return jnp.sum(y[:, :batch], axis=0)[:, :d_out]
+        y0 = jnp.zeros((b_pad, w_down.shape[1]), jnp.float32)      # added into: starts at zero
+        y = pl.pallas_call(kernel, grid=(programs,), out_shape=jax.ShapeDtypeStruct(y0.shape, y0.dtype),
+                           input_output_aliases={len(args): 0}, interpret=interpret, **params)(*args, y0)
+        return y[:batch, :d_out]
+    h_shape = jax.ShapeDtypeStruct((b_pad, w_up_t.shape[0]), w_down.dtype)
+    args, aliases = [x_up, act, w_up_t], {}
+    if poison:   # tests: every entry of h must be written over the NaNs
+        args.append(jnp.full(h_shape.shape, jnp.nan, h_shape.dtype))
+        aliases = {3: 0}
+    kernel = functools.partial(_up_kernel_masked, bj=bj, bk=bk, batch=batch, atomic=atomic, unroll=unroll)
+    h = pl.pallas_call(kernel, grid=(programs,), out_shape=h_shape, input_output_aliases=aliases,
+                       interpret=interpret, **params)(*args)
+    tiles = dict(down_tiles or {})
+    y = sig.sparse_input_gemv(h[:batch], w_down, impl="masked", interpret=interpret,
+                              out_dtype=jnp.float32, **tiles)
+    return y[:, :d_out]
+
+
 def pad_decode_weights(weights: DecodeWeights, *, bk: int = 128, bn: int = 128) -> DecodeWeights:
     """Zero-pads ``w_up_t``'s columns to ``bk`` and ``w_down``'s to ``bn`` once, so the
     Pallas path copies no weights per call. :func:`topk_ffn_decode` slices its
@@ -351,31 +530,93 @@ def pad_decode_weights(weights: DecodeWeights, *, bk: int = 128, bn: int = 128) 
 
 
 def topk_ffn_decode(x: jax.Array, weights: DecodeWeights, *, k: Any = None, k_frac: Any = None,
-                    capacity: int, activation: Callable = jax.nn.gelu, impl: str = "xla",
-                    interpret: bool = False, **tiling) -> jax.Array:
+                    capacity: int | None = None, activation: Callable = jax.nn.gelu,
+                    impl: str = "xla", interpret: bool = False, **tiling) -> jax.Array:
     """One decode step of a statistically top-k sparse gated FFN.
 
     ``y = (act(soft_topk(x_g @ W_g)) * (x_u @ W_u)) @ W_d`` computed for the
     union of the selected neurons only (see the module doc).
 
     Args:
-      x: ``(B, d_model)``, ``1 <= B <= MAX_BATCH`` for the Pallas path.
+      x: ``(B, d_model)``, ``1 <= B <= MAX_BATCH`` for the Pallas paths.
       weights: :class:`DecodeWeights` (possibly padded by :func:`pad_decode_weights`).
       k, k_frac: neurons kept per token.
-      capacity: length of the active-neuron list (union over the batch); beyond
-        it the layer computes every neuron (same answer, dense cost).
+      capacity: ``"xla"``/``"pallas"`` only: length of the active-neuron list
+        (union over the batch); beyond it the layer computes every neuron (same
+        answer, dense cost). The masked paths need none.
       activation: Spark uses GELU on the soft top-k output.
-      impl, interpret, tiling: see :func:`gathered_ffn`.
+      impl: ``"xla"``, ``"pallas"``, ``"sparse"``, ``"fused"``, ``"reference"`` (see the
+        module doc), or ``"dense"`` (the selection, then every neuron in XLA).
+      interpret, tiling: see :func:`gathered_ffn` and :func:`masked_ffn`; ``"fused"`` also
+        takes ``act_in_kernel=True`` (the soft top-k and activation inside the kernel).
 
     Returns:
       ``(B, d_model)`` in ``x``'s dtype.
     """
     d_model = x.shape[-1]
     pre = jnp.dot(weights.gate_input(x), weights.w_gate, preferred_element_type=jnp.float32)
+    x_up = weights.up_input(x)
+    if impl == "fused" and tiling.pop("act_in_kernel", False):
+        theta = statistical_threshold(pre, k=k, k_frac=k_frac, axis=-1)
+        y = masked_ffn(x_up, pre, weights.w_up_t, weights.w_down, fused=True, theta=theta,
+                       activation=activation, interpret=interpret, **tiling)
+        return y[:, :d_model].astype(x.dtype)
+    if impl in _MASKED_IMPLS or impl == "dense":
+        theta = statistical_threshold(pre, k=k, k_frac=k_frac, axis=-1)
+        act = jnp.where(pre > theta, activation(pre - theta), 0.0)
+        if impl == "dense":
+            y = gathered_ffn_reference(x_up, act, weights.w_up_t[:, :x_up.shape[-1]], weights.w_down)
+        else:
+            y = masked_ffn(x_up, act, weights.w_up_t, weights.w_down, fused=impl == "fused",
+                           interpret=interpret, **tiling)
+        return y[:, :d_model].astype(x.dtype)
+    if capacity is None:
+        raise ValueError(f"topk_ffn_decode: impl={impl!r} needs capacity (the index-list length)")
     act, idx, count = select_neurons(pre, k=k, k_frac=k_frac, capacity=capacity, activation=activation)
-    y = gathered_ffn(weights.up_input(x), act, weights.w_up_t, weights.w_down, idx, count, impl=impl,
+    y = gathered_ffn(x_up, act, weights.w_up_t, weights.w_down, idx, count, impl=impl,
                      interpret=interpret, **tiling)
     return y[:, :d_model].astype(x.dtype)
+
+
+def choose_impl(batch: int, weights: DecodeWeights, *, k: Any = None, k_frac: Any = None,
+                activation: Callable = jax.nn.gelu, dtype=jnp.bfloat16,
+                candidates: tuple[str, ...] = ("fused", "sparse", "dense")) -> path_choice.Choice:
+    """The fastest correct decode path at this batch size, by measurement on the device.
+
+    The union of fired neurons grows with the batch (``1 - (1 - k/d_ff)^B`` of
+    them for independent tokens), so a masked path that wins at batch 1 can lose
+    to the dense product at batch 8. Candidates run the whole layer on random
+    inputs (random tokens fire random neurons, like real ones at the same ``k``),
+    with the weights streamed from memory as in a model (several copies, beyond the
+    L2); on the CPU the choice is deterministic (dense: no kernel runs there).
+    """
+    on_gpu = jax.default_backend() == "gpu"
+    cands = []
+    for name in candidates:
+        if name == "dense":
+            why = None
+        elif batch > MAX_BATCH or not on_gpu:
+            why = f"batch {batch} > {MAX_BATCH}" if batch > MAX_BATCH else "no GPU"
+        else:
+            why = None
+        fn = functools.partial(_layer_fn, impl=name, k=k, k_frac=k_frac, activation=activation,
+                               split=weights.split)
+        cands.append(path_choice.Candidate(name, fn, why, describe=f"Spark FFN decode ({name})"))
+    cands.sort(key=lambda c: c.name == "dense")      # kernels first on a GPU, dense the fallback
+    if not on_gpu:
+        cands.sort(key=lambda c: c.name != "dense")
+    specs = [jax.ShapeDtypeStruct((batch, weights.d_model), dtype),
+             *(jax.ShapeDtypeStruct(w.shape, dtype) for w in (weights.w_gate, weights.w_up_t,
+                                                             weights.w_down))]
+    signature = (f"B{batch}|gate{tuple(weights.w_gate.shape)}|up{tuple(weights.w_up_t.shape)}|"
+                 f"down{tuple(weights.w_down.shape)}|k{k}|kf{k_frac}|{jnp.dtype(dtype).name}")
+    return streaming_choice.choose_streaming("spark_ffn_decode", signature, cands, specs,
+                                             weight_args=(1, 2, 3), baseline="dense")
+
+
+def _layer_fn(x, w_gate, w_up_t, w_down, *, impl, k, k_frac, activation, split):
+    w = DecodeWeights(w_gate, w_up_t, w_down, split)
+    return topk_ffn_decode(x, w, k=k, k_frac=k_frac, activation=activation, impl=impl)
 
 
 def topk_ffn_decode_reference(x: jax.Array, weights: DecodeWeights, *, k: Any = None,

@@ -1,0 +1,249 @@
+"""Activation-sparse lowering: FFN weights read only the rows their top-k activation needs.
+
+After the Spark pass, an FFN's hidden activation ``h = act(topk(gate)) * up`` is
+exactly zero outside each token's selected neurons. At decode that is bytes not
+read:
+
+* the **down** projection ``h @ W_d`` is a sparse-*input* GEMV: row ``j`` of
+  ``W_d`` (``(d_ff, d_model)``, contiguous) is needed only if some token fired
+  neuron ``j`` (:func:`sparsejax.kernels.sparse_input_gemv.sparse_input_gemv`,
+  threshold 0, so the product is exact);
+* the **up** projection is needed only at fired neurons: a sparse-*output*
+  GEMV (:func:`sparsejax.kernels.sparse_output_gemv.sparse_output_gemv`). Its
+  live mask is the top-k of the gate, computed at the gate site (the same
+  ``statistical_topk`` the Spark hook applies, which XLA merges with it). Dead
+  up outputs are written as zeros, which the model multiplies by
+  ``act(0) = 0`` (GELU, SiLU, ReLU): the same answer.
+
+A site takes a kernel only where the bytes are contiguous: ``W_d`` stored with
+its contracted axis first (Flax's ``(d_ff, d_model)``), ``W_u`` stored
+output-major (PyTorch's ``(d_ff, d_model)``); the gate's top-k output must be
+the gate dot itself (no bias in between). Everything else stays on XLA with
+the reason in :meth:`ActivationSparseHandler.site_path`. Each eligible site
+then takes its fastest correct path by measurement on the device
+(:func:`~sparsejax.kernels.streaming_choice.choose_streaming`: inputs drawn
+at the rule's density, weights streamed from memory), never a kernel that loses
+to dense.
+
+Entry point: :func:`activation_sparse_handlers` (for ``SparseFunction.lower``).
+Only leaves no weight rule claims are handled here (a masked leaf keeps its
+mask handler).
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from sparsejax import topk
+from sparsejax.compiler.interpreter import bind_eqn
+from sparsejax.compiler.param_ref import ParamRef, materialize
+from sparsejax.compiler.passes.base import WeightHandler, direct_site_reason, matmul_at_site
+from sparsejax.kernels.streaming_choice import choose_streaming
+from sparsejax.kernels import path_choice
+from sparsejax.kernels import sparse_input_gemv as sig
+from sparsejax.kernels import sparse_output_gemv as sog
+from sparsejax.rules import SparkTopK
+
+__all__ = ["ActivationSparseHandler", "activation_sparse_handlers"]
+
+
+class _Role:
+    """What one weight site is in its FFN: ``gate``, ``up`` or ``down``."""
+
+    def __init__(self, kind: str, ffn_key, rule, density: float, width: int):
+        self.kind, self.ffn_key, self.rule, self.density, self.width = kind, ffn_key, rule, density, width
+
+
+class ActivationSparseHandler(WeightHandler):
+    """An unruled FFN weight whose sites read or write a top-k sparse activation."""
+
+    def __init__(self, path, layout, sites, roles: dict, backend, interpret, context: dict):
+        super().__init__(None, path, layout, sites)
+        self.roles, self.backend, self.interpret = roles, backend, interpret
+        self.context = context           # gate site -> live mask, shared by one FFN's handlers
+        self.choices: dict = {}
+        self._reasons = {s.key: self._reason(s) for s in sites}
+
+    # -- eligibility -----------------------------------------------------------------
+
+    def _reason(self, site) -> str | None:
+        role = self.roles.get(site.key)
+        if role is None:
+            return "not an FFN site with a top-k rule"
+        if role.kind == "gate":
+            return None                   # computed dense; only records the live mask
+        reason = direct_site_reason(site, site.layout)
+        if reason is not None:
+            return reason
+        (lc, rc), _ = site.dimension_numbers
+        w_contract = tuple(rc if site.operand == 1 else lc)
+        nd = len(site.weight_shape)
+        if role.kind == "down" and w_contract != tuple(range(len(w_contract))):
+            return "W_down's rows are not contiguous (store it (d_ff, d_model))"
+        if role.kind == "up" and w_contract != tuple(range(nd - len(w_contract), nd)):
+            return "W_up's neuron rows are not contiguous (store it output-major, (d_ff, d_model))"
+        return None
+
+    def site_path(self, key) -> str:
+        reason = self._reasons.get(key, "not a site found at init")
+        if reason is not None:
+            return f"XLA ({reason})"
+        role = self.roles[key]
+        if role.kind == "gate":
+            return "XLA (gate: dense; its top-k selects the up rows)"
+        choice = self.choices.get(key)
+        what = "sparse-input GEMV" if role.kind == "down" else "sparse-output GEMV"
+        return choice.summary() if choice is not None else f"{what} where measured faster than XLA"
+
+    # -- computing -------------------------------------------------------------------
+
+    def init(self, leaf, key):
+        return leaf, None
+
+    def make_input(self, item, mask) -> ParamRef:
+        return ParamRef.for_leaf(self.path, item, jnp.ndim(item), handler=self)
+
+    def _kernel_backend(self):
+        return "interpret" if self.interpret else (self.backend or jax.default_backend())
+
+    def on_site(self, interp, eqn, key, invals, scope):
+        operand = 0 if isinstance(invals[0], ParamRef) else 1
+        ref, x = invals[operand], invals[1 - operand]
+        reason = self._reasons.get(key, "not a site found at init")
+        out = bind_eqn(eqn, [materialize(v) for v in invals]) if reason is not None or \
+            self.roles[key].kind == "gate" else None
+        if reason is not None:
+            return out
+        role = self.roles[key]
+        if role.kind == "gate":
+            # The Spark hook replaces this output by its top-k; the same top-k here
+            # (merged with the hook's by XLA) says which neurons the up site needs.
+            kept = topk.statistical_topk(out[0], **role.rule.k_args(role.width), mode="mask")
+            self.context[role.ffn_key] = jnp.any(kept.reshape(-1, kept.shape[-1]), axis=0)
+            return out
+        w = ref.value       # contracted dims lead (down) or trail (up): reshapes copy nothing
+        if role.kind == "down":
+            return matmul_at_site(eqn, operand, x, lambda x2: self._down(
+                key, role, x2, w.reshape(x2.shape[-1], -1)))
+        live = self.context.pop(role.ffn_key, None)
+        if live is None:                 # no gate mask in this trace: dense up
+            return bind_eqn(eqn, [materialize(v) for v in invals])
+        return matmul_at_site(eqn, operand, x, lambda x2: self._up(
+            key, role, x2, w.reshape(-1, x2.shape[-1]), live))
+
+    def _down(self, key, role, x2, w2):
+        rows = math.prod(x2.shape[:-1])
+        ok, why = sig.supported(w2.shape, w2.dtype, rows, self._kernel_backend())
+        interpret = self.interpret
+
+        def kernel(x, w):
+            return sig.sparse_input_gemv(x, w, impl="masked", interpret=interpret)
+
+        def dense(x, w):
+            return jnp.dot(x, w, preferred_element_type=jnp.float32).astype(jnp.result_type(x, w))
+
+        cands = [path_choice.Candidate("sparse_input", kernel, None if ok else why,
+                                       "sparse-input GEMV (Pallas)"),
+                 path_choice.Candidate("xla_dense", dense, None, "XLA dense")]
+        sample = _sparse_sample(x2.shape, x2.dtype, role.density)
+        signature = (f"M{rows}|K{w2.shape[0]}|N{w2.shape[1]}|{jnp.dtype(w2.dtype).name}|"
+                     f"density{role.density:.3f}")
+        choice = choose_streaming("sparse_input_gemv", signature, cands,
+                                  [sample, jax.ShapeDtypeStruct(w2.shape, w2.dtype)], weight_args=(1,),
+                                  baseline="xla_dense")
+        self.choices[key] = choice
+        fn = kernel if choice.name == "sparse_input" else dense
+        return fn(x2.reshape(rows, -1), w2).reshape(*x2.shape[:-1], w2.shape[1])
+
+    def _up(self, key, role, x2, w_t, live):
+        rows = math.prod(x2.shape[:-1])
+        ok, why = sig.supported(w_t.shape, w_t.dtype, rows, self._kernel_backend())
+        interpret = self.interpret
+
+        def kernel(x, w, lv):
+            return sog.sparse_output_gemv(x, w, lv, impl="masked", interpret=interpret)
+
+        def dense(x, w, lv):
+            del lv      # the dense product computes every output; dead ones are multiplied by 0
+            return jnp.dot(x, w.T, preferred_element_type=jnp.float32).astype(jnp.result_type(x, w))
+
+        cands = [path_choice.Candidate("sparse_output", kernel, None if ok else why,
+                                       "sparse-output GEMV (Pallas)"),
+                 path_choice.Candidate("xla_dense", dense, None, "XLA dense")]
+        union = 1.0 - (1.0 - role.density) ** rows
+        live_sample = jnp.asarray(np.random.default_rng(0).random(w_t.shape[0]) < union)
+        signature = (f"M{rows}|N{w_t.shape[0]}|K{w_t.shape[1]}|{jnp.dtype(w_t.dtype).name}|"
+                     f"density{role.density:.3f}")
+        choice = choose_streaming("sparse_output_gemv", signature, cands,
+                                  [jax.ShapeDtypeStruct((rows, w_t.shape[1]), x2.dtype),
+                                   jax.ShapeDtypeStruct(w_t.shape, w_t.dtype), live_sample],
+                                  weight_args=(1,), baseline="xla_dense")
+        self.choices[key] = choice
+        fn = kernel if choice.name == "sparse_output" else dense
+        return fn(x2.reshape(rows, -1), w_t, live).reshape(*x2.shape[:-1], w_t.shape[0])
+
+
+def _sparse_sample(shape, dtype, density: float):
+    """A concrete input shaped like a top-k activation: each token keeps ``density`` of its
+    entries, independently (so the union grows with the batch as real tokens' does)."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal(shape).astype(np.float32)
+    x[rng.random(shape) >= density] = 0.0
+    return jnp.asarray(x, dtype)
+
+
+def activation_sparse_handlers(sfn, *, backend: str | None = None, interpret: bool = False
+                               ) -> dict[str, WeightHandler]:
+    """Handlers for the unruled weights of every FFN site a :class:`SparkTopK` rule selects.
+
+    Args:
+      sfn: an initialized :class:`~sparsejax.sparsify.SparseFunction`.
+      backend: "gpu", "tpu" or "cpu" (default: JAX's default backend).
+      interpret: run the kernels in Pallas interpret mode (CPU tests).
+
+    Returns:
+      ``{path: handler}`` to merge into the lowered function's handlers.
+    """
+    traced = next(iter(sfn._traces.values()))
+    sites_by_path: dict[str, list] = {}
+    for s in traced.sites:
+        sites_by_path.setdefault(s.path, []).append(s)
+    ruled = {slot.path for slot in sfn._slots if slot.rule is not None}
+    roles: dict[str, dict] = {}
+    for act_site, rule in sfn._activation_plan(traced):
+        if act_site.kind != "ffn" or not isinstance(rule, SparkTopK):
+            continue
+        density = min(1.0, rule.kept_per_row(act_site.width) / act_site.width)
+        down_path = act_site.paths[-1]
+        gate_key = None
+        for path in act_site.paths[:-1]:
+            for s in sites_by_path.get(path, []):
+                if s.key == act_site.key:
+                    gate_key = s.key
+        for path in act_site.paths:
+            for s in sites_by_path.get(path, []):
+                if s.scope != act_site.scope or s.key[:-1] != act_site.key[:-1]:
+                    continue                 # another FFN's use of the same leaf
+                if s.key == gate_key:
+                    kind = "gate"
+                elif path == down_path and s.other_shape[-1:] == act_site.shape[-1:]:
+                    kind = "down"
+                elif gate_key is not None and path != down_path and s.key[-1] > gate_key[-1]:
+                    kind = "up"              # after the gate in program order: its mask is ready
+                else:
+                    continue
+                roles.setdefault(path, {})[s.key] = _Role(kind, act_site.key, rule, density,
+                                                          act_site.width)
+    context: dict = {}
+    handlers = {}
+    for path, site_roles in roles.items():
+        if path in ruled:
+            continue
+        sites = sites_by_path[path]
+        handlers[path] = ActivationSparseHandler(path, sites[0].layout, sites, site_roles, backend,
+                                                 interpret, context)
+    return handlers

@@ -1,0 +1,335 @@
+"""Sparse-input GEMV: ``y = x @ W`` reading only the rows of ``W`` whose input is live.
+
+At decode (1 to 8 tokens) a matmul is memory-bound: its cost is the bytes of
+``W`` it reads. When most entries of ``x`` are zero (a ReLU or top-k FFN's
+hidden activation, a TEAL/CATS-thresholded input), row ``k`` of ``W`` is needed
+only if some token's ``x[:, k]`` is live, i.e. ``|x[b, k]| > threshold``. ``W``
+is ``(K, N)`` row-major, so each needed row is contiguous and a skipped row is
+bytes never read. Entries at or below ``threshold`` count as zero (TEAL's
+semantics; ``threshold=0`` is the exact product).
+
+Paths (``impl``), each computing :func:`sparse_input_gemv_reference`:
+
+* ``"masked"`` (TEAL's design, Pallas on the Triton backend): a dense grid of
+  ``(N / bn, K / bk)`` programs; each reads its ``bk`` entries of ``x``, and
+  loads its ``(bk, bn)`` tile of ``W`` with a row mask, so dead rows issue no
+  memory traffic; partial sums are added into ``y`` with atomics (``y`` starts as
+  zeros). No index list, no extra launch; cost follows the live rows, at the
+  granularity of ``bn``-wide row segments. ``mma=True`` multiplies on the tensor
+  cores (the batch padded to 16 rows), else on the CUDA cores, row by row.
+* ``"gather"`` (Pallas, Triton backend): XLA first compacts the live rows into an
+  index list (:func:`live_row_list`); programs then loop over the listed rows
+  only, gathering them by index. Cost follows the live count, plus the
+  compaction.
+* ``"xla_compact"``: the same index list with a fixed ``capacity``, then
+  gather + dot in XLA (``lax.cond`` to the dense product when the list
+  overflows). Cost follows ``capacity``.
+* ``"xla_dense"``: the dense product (the baseline every sparse path must beat).
+* ``"reference"``: float32 dense, the twin of every path.
+
+On CPU the Pallas paths run in interpret mode (tests); :func:`sparse_input_gemv`
+with ``impl="auto"`` takes ``"masked"`` on GPU and the dense XLA product elsewhere.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+from sparsejax.kernels._triton import compiler_params, next_pow2
+
+try:   # the Triton backend's masked loads and atomics
+    from jax.experimental.pallas import triton as pltriton
+except ImportError:     # pragma: no cover - every supported JAX has it
+    pltriton = None
+
+__all__ = ["sparse_input_gemv", "sparse_input_gemv_reference", "live_rows", "live_row_list",
+           "supported", "MAX_BATCH", "IMPLS"]
+
+MAX_BATCH = 8
+IMPLS = ("auto", "masked", "gather", "xla_compact", "xla_dense", "reference")
+
+
+# --------------------------------------------------------------------------- reference
+
+
+def _zero_dead(x, threshold):
+    return jnp.where(jnp.abs(x) > threshold, x, jnp.zeros((), x.dtype))
+
+
+def sparse_input_gemv_reference(x: jax.Array, w: jax.Array, *, threshold: float = 0.0,
+                                out_dtype=None) -> jax.Array:
+    """``where(|x| > threshold, x, 0) @ W`` in float32, cast to ``out_dtype``
+    (default ``result_type(x, w)``)."""
+    out_dtype = out_dtype or jnp.result_type(x.dtype, w.dtype)
+    xz = _zero_dead(x, threshold).astype(jnp.float32)
+    return jnp.dot(xz, w.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST).astype(out_dtype)
+
+
+def live_rows(x: jax.Array, threshold: float = 0.0) -> jax.Array:
+    """``(K,)`` bool: the rows of ``W`` some token needs (the union over the batch)."""
+    return jnp.any(jnp.abs(x) > threshold, axis=0)
+
+
+def live_row_list(live: jax.Array, capacity: int):
+    """The live rows compacted: ``idx`` ``(capacity,)`` int32 ascending (0 past the
+    end) and ``count`` (the number of live rows; ``> capacity`` means overflow)."""
+    k = live.shape[0]
+    pos = jnp.cumsum(live.astype(jnp.int32)) - 1
+    count = pos[-1] + 1
+    slot = jnp.where(live & (pos < capacity), pos, capacity)            # capacity: dropped
+    idx = jnp.zeros((capacity,), jnp.int32).at[slot].set(jnp.arange(k, dtype=jnp.int32), mode="drop")
+    return idx, count
+
+
+# --------------------------------------------------------------------------- support
+
+
+def supported(shape, dtype, batch: int, backend: str | None = None) -> tuple[bool, str]:
+    """Whether the Pallas paths take a ``(K, N)`` weight at this batch: ``(ok, reason)``."""
+    backend = backend or jax.default_backend()
+    if len(tuple(shape)) != 2:
+        return False, f"weight shape {tuple(shape)} is not a (K, N) matrix"
+    if not 1 <= batch <= MAX_BATCH:
+        return False, f"batch {batch} outside 1..{MAX_BATCH} (decode): dense XLA"
+    if backend == "interpret":
+        return True, "sparse-input GEMV in interpret mode"
+    if backend != "gpu" or pltriton is None:
+        return False, f"no sparse-input GEMV kernel on backend {backend!r}: dense XLA"
+    if jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32)):
+        return False, f"no sparse-input GEMV kernel for dtype {jnp.dtype(dtype)}"
+    return True, "sparse-input GEMV (Pallas, Triton backend)"
+
+
+# --------------------------------------------------------------------------- kernels
+
+
+def _pad_to(a, axis, multiple):
+    extra = (-a.shape[axis]) % multiple
+    if not extra:
+        return a
+    pads = [(0, 0)] * a.ndim
+    pads[axis] = (0, extra)
+    return jnp.pad(a, pads)
+
+
+def _load_x(x_ref, rows, batch, mma, threshold):
+    """The live inputs at ``rows`` and the union of live rows.
+
+    Returns ``(xz, live)``: ``xz`` is ``(B_pad, rows)`` (``mma``) or a list of ``batch``
+    ``(rows,)`` vectors, zero where dead; ``live`` is ``(rows,)`` bool. Rows of ``x``
+    are read one by one (no slicing of values: the Triton backend lowers few
+    shape ops).
+    """
+    if mma:
+        x = x_ref[:, rows].astype(jnp.float32)                          # (B_pad, rows)
+        alive = jnp.abs(x) > threshold
+        return jnp.where(alive, x, 0.0), jnp.max(alive.astype(jnp.int32), axis=0) > 0
+    xs, live = [], None
+    for b in range(batch):
+        xb = x_ref[b, rows].astype(jnp.float32)
+        alive = jnp.abs(xb) > threshold
+        xs.append(jnp.where(alive, xb, 0.0))
+        live = alive if live is None else live | alive
+    return xs, live
+
+
+def _tile_product(xz, w, batch, mma):
+    """Live inputs times a ``(rows, bn)`` weight tile: ``(B_pad, bn)`` or ``batch`` ``(bn,)``."""
+    if mma:     # tensor cores: (B_pad >= 16, rows) @ (rows, bn)
+        return jnp.dot(xz.astype(w.dtype), w, preferred_element_type=jnp.float32)
+    wf = w.astype(jnp.float32)
+    return [jnp.sum(xz[b][:, None] * wf, axis=0) for b in range(batch)]
+
+
+def _add_out(y_ref, cols, acc, batch, mma, atomic):
+    if mma:
+        if atomic:
+            pltriton.atomic_add(y_ref, (slice(None), cols), acc)
+        else:
+            y_ref[:, cols] = y_ref[:, cols] + acc
+        return
+    for b in range(batch):
+        if atomic:
+            pltriton.atomic_add(y_ref, (pl.ds(b, 1), cols), acc[b][None, :])
+        else:
+            y_ref[b, cols] = y_ref[b, cols] + acc[b]
+
+
+def _masked_kernel(x_ref, w_ref, _y_in, y_ref, *, bk, bn, threshold, batch, mma, atomic):
+    """One ``(bk, bn)`` tile: load the live rows of ``W`` only, add ``x_tile @ W_tile`` into ``y``."""
+    j, i = pl.program_id(0), pl.program_id(1)
+    rows, cols = pl.ds(i * bk, bk), pl.ds(j * bn, bn)
+    xz, live = _load_x(x_ref, rows, batch, mma, threshold)
+    if atomic:
+        # Dead rows are masked out of the load: no memory transaction for them.
+        w = pltriton.load(w_ref.at[rows, cols], mask=live[:, None], other=0.0,
+                          eviction_policy="evict_first")
+    else:     # interpret mode: the same values, read plainly
+        w = jnp.where(live[:, None], w_ref[rows, cols], 0)
+    _add_out(y_ref, cols, _tile_product(xz, w, batch, mma), batch, mma, atomic)
+
+
+def _gather_kernel(meta_ref, idx_ref, x_ref, w_ref, _y_in, y_ref, *, bc, bn, splits, batch, mma,
+                   atomic):
+    """One column tile of one split: loop over its chunks of the live-row list."""
+    j, s = pl.program_id(0), pl.program_id(1)
+    cols = pl.ds(j * bn, bn)
+    count = meta_ref[0]
+    chunks = (count + bc - 1) // bc
+    trips = (jnp.maximum(chunks - s, 0) + splits - 1) // splits
+
+    def chunk(t, acc):
+        p0 = (s + t * splits) * bc
+        live = p0 + jnp.arange(bc, dtype=jnp.int32) < count
+        row = jnp.where(live, idx_ref[pl.ds(p0, bc)], 0)               # dead positions read row 0
+        if mma:
+            xz = jnp.where(live[None, :], x_ref[:, row].astype(jnp.float32), 0.0)   # (B_pad, bc)
+        else:
+            xz = [jnp.where(live, x_ref[b, row].astype(jnp.float32), 0.0) for b in range(batch)]
+        part = _tile_product(xz, w_ref[row, cols], batch, mma)           # gathered (bc, bn) rows
+        if mma:
+            return acc + part
+        return tuple(a + p for a, p in zip(acc, part))
+
+    if mma:
+        init = jnp.zeros((x_ref.shape[0], bn), jnp.float32)
+    else:
+        init = tuple(jnp.zeros((bn,), jnp.float32) for _ in range(batch))
+    acc = jax.lax.fori_loop(0, trips, chunk, init)
+    _add_out(y_ref, cols, acc, batch, mma, atomic)
+
+
+def _call(kernel, grid, args, y_rows, n_pad, *, interpret, poison, num_warps, num_stages):
+    """Runs ``kernel`` over ``grid`` adding into a zeroed ``(y_rows, n_pad)`` float32 output."""
+    del poison   # the output is accumulated into: it must start at zero, never at NaN
+    y0 = jnp.zeros((y_rows, n_pad), jnp.float32)
+    params = {} if interpret else dict(compiler_params=compiler_params(num_warps, num_stages))
+    return pl.pallas_call(kernel, grid=grid, out_shape=jax.ShapeDtypeStruct(y0.shape, y0.dtype),
+                          input_output_aliases={len(args): 0}, interpret=interpret,
+                          **params)(*args, y0)
+
+
+def _prepare(x, w, bk, bn, mma):
+    batch, k = x.shape
+    b_pad = max(16, next_pow2(batch)) if mma else next_pow2(batch)
+    # Zero padding never changes the answer. Decode shapes (multiples of 128) need none;
+    # odd shapes copy W once per call (pre-pad them to avoid it).
+    w = _pad_to(_pad_to(w, 0, bk), 1, bn)
+    xp = jnp.pad(x, ((0, b_pad - batch), (0, w.shape[0] - k)))                  # (B_pad, K_pad)
+    return xp, w, b_pad
+
+
+def _masked(x, w, *, threshold, bk, bn, mma, num_warps, num_stages, interpret, poison):
+    batch, n = x.shape[0], w.shape[1]
+    xp, wp, b_pad = _prepare(x, w, bk, bn, mma)
+    kernel = functools.partial(_masked_kernel, bk=bk, bn=bn, threshold=float(threshold), batch=batch,
+                               mma=mma, atomic=not interpret)
+    grid = (wp.shape[1] // bn, wp.shape[0] // bk)
+    y = _call(kernel, grid, [xp, wp], b_pad, wp.shape[1], interpret=interpret, poison=poison,
+              num_warps=num_warps, num_stages=num_stages)
+    return y[:batch, :n]
+
+
+def _gather(x, w, *, threshold, bc, bn, splits, mma, num_warps, num_stages, interpret, poison):
+    batch, k = x.shape
+    n = w.shape[1]
+    xp, wp, b_pad = _prepare(x, w, 1, bn, mma)
+    xp = _zero_dead(xp, threshold)
+    idx, count = live_row_list(live_rows(x, threshold), k)
+    idx = _pad_to(idx, 0, bc)
+    meta = jnp.reshape(count.astype(jnp.int32), (1,))
+    kernel = functools.partial(_gather_kernel, bc=bc, bn=bn, splits=splits, batch=batch, mma=mma,
+                               atomic=not interpret)
+    grid = (wp.shape[1] // bn, splits)
+    y = _call(kernel, grid, [meta, idx, xp, wp], b_pad, wp.shape[1], interpret=interpret,
+              poison=poison, num_warps=num_warps, num_stages=num_stages)
+    return y[:batch, :n]
+
+
+def _xla_compact(x, w, *, threshold, capacity):
+    xz = _zero_dead(x, threshold)
+    idx, count = live_row_list(live_rows(x, threshold), capacity)
+
+    def sparse(_):
+        valid = jnp.arange(capacity) < count              # entries past count point at row 0
+        xs = jnp.where(valid, jnp.take(xz, idx, axis=1), 0)
+        return jnp.dot(xs, jnp.take(w, idx, axis=0), preferred_element_type=jnp.float32)
+
+    def dense(_):
+        return jnp.dot(xz, w, preferred_element_type=jnp.float32)
+
+    return jax.lax.cond(count <= capacity, sparse, dense, None)
+
+
+# --------------------------------------------------------------------------- wrapper
+
+
+def sparse_input_gemv(x: jax.Array, w: jax.Array, *, threshold: float = 0.0, impl: str = "auto",
+                      capacity: int | None = None, mma: bool | None = None, bk: int = 32,
+                      bn: int = 256, bc: int = 32, splits: int = 32, num_warps: int = 4,
+                      num_stages: int = 2, interpret: bool = False, poison: bool = False,
+                      out_dtype=None) -> jax.Array:
+    """``where(|x| > threshold, x, 0) @ W``, reading only the rows of ``W`` some token needs.
+
+    Args:
+      x: ``(B, K)`` (leading dims are flattened); the Pallas paths take ``B <= MAX_BATCH``.
+      w: ``(K, N)`` row-major: row ``k`` (contiguous) is read only if ``x[:, k]`` is live.
+      threshold: inputs with ``|x| <= threshold`` count as zero (static float).
+      impl: one of ``IMPLS`` (see the module doc). ``"auto"``: ``"masked"`` on GPU
+        within the batch limit, the dense XLA product elsewhere.
+      capacity: ``"xla_compact"`` only: length of the live-row list (default ``K``).
+      mma: multiply on the tensor cores (batch padded to 16). Default: batch > 1.
+      bk, bn: ``"masked"`` tile (rows, columns); bc, splits: ``"gather"`` rows per
+        step and programs per column tile; num_warps, num_stages: Triton (powers of two).
+      interpret: run the Pallas paths in interpret mode (CPU tests).
+      poison: accepted for symmetry with the other kernels; these kernels add into
+        a zeroed output, so their tests poison nothing and instead compare every entry.
+      out_dtype: default ``result_type(x, w)``.
+
+    Returns:
+      ``(..., N)`` in ``out_dtype``.
+    """
+    if impl not in IMPLS:
+        raise ValueError(f"sparse_input_gemv: impl must be one of {IMPLS}, got {impl!r}")
+    if w.ndim != 2 or x.ndim < 1 or x.shape[-1] != w.shape[0]:
+        raise ValueError(f"sparse_input_gemv: need x (..., K) and w (K, N) with the same K; got x "
+                         f"{x.shape}, w {w.shape}")
+    out_dtype = out_dtype or jnp.result_type(x.dtype, w.dtype)
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1])
+    batch = x2.shape[0]
+    backend = "interpret" if interpret else jax.default_backend()
+    if impl == "auto":
+        impl = "masked" if supported(w.shape, w.dtype, batch, backend)[0] else "xla_dense"
+    if impl == "reference":
+        y = sparse_input_gemv_reference(x2, w, threshold=threshold, out_dtype=jnp.float32)
+    elif impl == "xla_dense":
+        y = jnp.dot(_zero_dead(x2, threshold), w, preferred_element_type=jnp.float32)
+    elif impl == "xla_compact":
+        cap = w.shape[0] if capacity is None else capacity
+        if not isinstance(cap, int) or not 0 < cap <= w.shape[0]:
+            raise ValueError(f"sparse_input_gemv: capacity must be an int in (0, K = {w.shape[0]}], "
+                             f"got {capacity!r}")
+        y = _xla_compact(x2, w, threshold=threshold, capacity=cap)
+    else:
+        ok, why = supported(w.shape, w.dtype, batch, backend)
+        if not ok:
+            raise ValueError(f"sparse_input_gemv: impl={impl!r} cannot run here ({why}); use "
+                             f"impl='auto' or 'xla_dense'")
+        for name, v in dict(bk=bk, bn=bn, bc=bc).items():
+            if v <= 0 or v & (v - 1):
+                raise ValueError(f"sparse_input_gemv: {name} must be a power of two, got {v}")
+        mma = batch > 1 if mma is None else bool(mma)
+        x2 = x2.astype(w.dtype)
+        if impl == "masked":
+            y = _masked(x2, w, threshold=threshold, bk=bk, bn=bn, mma=mma, num_warps=num_warps,
+                        num_stages=num_stages, interpret=interpret, poison=poison)
+        else:
+            y = _gather(x2, w, threshold=threshold, bc=bc, bn=bn, splits=splits, mma=mma,
+                        num_warps=num_warps, num_stages=num_stages, interpret=interpret,
+                        poison=poison)
+    return y.astype(out_dtype).reshape(*lead, w.shape[1])

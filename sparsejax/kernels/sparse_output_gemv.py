@@ -1,0 +1,134 @@
+"""Sparse-output GEMV: ``y[:, j] = x @ W[:, j]`` only for the outputs ``j`` that are live.
+
+The other half of a top-k FFN at decode: once the gate's top-k says which
+neurons fire, the up projection is needed at those neurons only. With the
+weight stored output-major, ``W_t`` of shape ``(N, K)`` (PyTorch's ``Linear``
+layout; :class:`~sparsejax.kernels.spark_ffn.DecodeWeights`' ``w_up_t``),
+output ``j`` reads row ``j``, contiguous, and a dead output is a row never read.
+Dead outputs are written as zeros.
+
+``"masked"`` (Pallas, Triton backend; interpret mode on CPU): one program per
+``bj`` outputs loops over ``K`` in ``bk`` steps, loading its rows of ``W_t``
+with the live mask (no traffic for dead rows). ``"xla_dense"``: the dense
+product, then zeros where dead. ``"reference"``: float32.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+from sparsejax.kernels._triton import compiler_params, next_pow2
+from sparsejax.kernels.sparse_input_gemv import MAX_BATCH, pltriton, supported
+
+__all__ = ["sparse_output_gemv", "sparse_output_gemv_reference", "IMPLS"]
+
+IMPLS = ("auto", "masked", "xla_dense", "reference")
+
+
+def sparse_output_gemv_reference(x: jax.Array, w_t: jax.Array, live: jax.Array, *,
+                                 out_dtype=None) -> jax.Array:
+    """``where(live, x @ W_t^T, 0)`` in float32, cast to ``out_dtype``."""
+    out_dtype = out_dtype or jnp.result_type(x.dtype, w_t.dtype)
+    y = jnp.dot(x.astype(jnp.float32), w_t.astype(jnp.float32).T, precision=jax.lax.Precision.HIGHEST)
+    return jnp.where(live, y, 0.0).astype(out_dtype)
+
+
+def _kernel(x_ref, live_ref, w_ref, *rest, bj, bk, batch, atomic, unroll):
+    y_ref = rest[-1]                     # rest[0] is the poisoned output alias in tests
+    rows = pl.ds(pl.program_id(0) * bj, bj)
+    live = live_ref[rows] != 0
+    n_k = w_ref.shape[1] // bk
+
+    def step(c, acc):
+        cols = pl.ds(c * bk, bk)
+        if atomic:       # dead rows are masked out of the load: no memory traffic for them
+            w = pltriton.load(w_ref.at[rows, cols], mask=live[:, None], other=0.0,
+                              eviction_policy="evict_first")
+        else:            # interpret mode: the same values, read plainly
+            w = jnp.where(live[:, None], w_ref[rows, cols], 0)
+        w = w.astype(jnp.float32)
+        return tuple(a + jnp.sum(w * x_ref[b, cols].astype(jnp.float32)[None, :], axis=1)
+                     for b, a in enumerate(acc))
+
+    acc = tuple(jnp.zeros((bj,), jnp.float32) for _ in range(batch))
+    if unroll:           # the steps' loads are independent: let them all be in flight
+        for c in range(n_k):
+            acc = step(c, acc)
+    else:
+        acc = jax.lax.fori_loop(0, n_k, step, acc)
+    for b in range(batch):
+        y_ref[pl.ds(b, 1), rows] = jnp.where(live, acc[b], 0.0)[None, :].astype(y_ref.dtype)
+
+
+def _pad_to(a, axis, multiple):
+    extra = (-a.shape[axis]) % multiple
+    if not extra:
+        return a
+    pads = [(0, 0)] * a.ndim
+    pads[axis] = (0, extra)
+    return jnp.pad(a, pads)
+
+
+def sparse_output_gemv(x: jax.Array, w_t: jax.Array, live: jax.Array, *, impl: str = "auto",
+                       bj: int = 16, bk: int = 256, num_warps: int = 4, num_stages: int = 2,
+                       unroll: bool | None = None, interpret: bool = False, poison: bool = False, out_dtype=None) -> jax.Array:
+    """``where(live, x @ W_t^T, 0)``, reading only the rows of ``W_t`` whose output is live.
+
+    Args:
+      x: ``(..., K)``; the kernel takes up to ``MAX_BATCH`` rows.
+      w_t: ``(N, K)``: output ``j``'s weights are row ``j``.
+      live: ``(N,)`` bool, the outputs to compute (the union over the batch).
+      impl: ``"auto"`` (the kernel on GPU within the batch limit, else dense XLA),
+        ``"masked"``, ``"xla_dense"`` or ``"reference"``.
+      bj, bk: outputs per program and the K step (powers of two; ``bk`` should divide K,
+        else ``W_t`` is zero-padded per call).
+      unroll: unroll the K loop (default: when it has at most 16 steps).
+      interpret: interpret mode (CPU tests); poison: NaN-fill the output first (tests).
+
+    Returns:
+      ``(..., N)`` in ``out_dtype`` (default ``result_type(x, w_t)``), zero where dead.
+    """
+    if impl not in IMPLS:
+        raise ValueError(f"sparse_output_gemv: impl must be one of {IMPLS}, got {impl!r}")
+    if w_t.ndim != 2 or x.shape[-1] != w_t.shape[1] or live.shape != (w_t.shape[0],):
+        raise ValueError(f"sparse_output_gemv: need x (..., K), w_t (N, K) and live (N,); got x "
+                         f"{x.shape}, w_t {w_t.shape}, live {live.shape}")
+    out_dtype = out_dtype or jnp.result_type(x.dtype, w_t.dtype)
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1])
+    batch = x2.shape[0]
+    n, k = w_t.shape
+    backend = "interpret" if interpret else jax.default_backend()
+    if impl == "auto":
+        impl = "masked" if supported(w_t.shape, w_t.dtype, batch, backend)[0] else "xla_dense"
+    if impl == "reference":
+        return sparse_output_gemv_reference(x2, w_t, live, out_dtype=out_dtype).reshape(*lead, n)
+    if impl == "xla_dense":
+        y = jnp.dot(x2, w_t.T, preferred_element_type=jnp.float32)
+        return jnp.where(live, y, 0.0).astype(out_dtype).reshape(*lead, n)
+    ok, why = supported(w_t.shape, w_t.dtype, batch, backend)
+    if not ok:
+        raise ValueError(f"sparse_output_gemv: impl='masked' cannot run here ({why}); use impl='auto'")
+    for name, v in dict(bj=bj, bk=bk).items():
+        if v <= 0 or v & (v - 1):
+            raise ValueError(f"sparse_output_gemv: {name} must be a power of two, got {v}")
+    b_pad = next_pow2(batch)
+    wp = _pad_to(_pad_to(w_t, 1, bk), 0, bj)        # decode shapes (multiples of 256) copy nothing
+    xp = jnp.pad(x2.astype(w_t.dtype), ((0, b_pad - batch), (0, wp.shape[1] - k)))
+    livep = _pad_to(live.astype(jnp.int32), 0, bj)
+    out = jax.ShapeDtypeStruct((b_pad, wp.shape[0]), jnp.float32)
+    args, aliases = [xp, livep, wp], {}
+    if poison:
+        args.append(jnp.full(out.shape, jnp.nan, out.dtype))
+        aliases = {3: 0}
+    n_k = wp.shape[1] // bk
+    unroll = n_k <= 16 if unroll is None else bool(unroll)
+    kernel = functools.partial(_kernel, bj=bj, bk=bk, batch=batch, atomic=not interpret, unroll=unroll)
+    params = {} if interpret else dict(compiler_params=compiler_params(num_warps, num_stages))
+    y = pl.pallas_call(kernel, grid=(wp.shape[0] // bj,), out_shape=out, input_output_aliases=aliases,
+                       interpret=interpret, **params)(*args)
+    return y[:batch, :n].astype(out_dtype).reshape(*lead, n)

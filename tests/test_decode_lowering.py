@@ -1,0 +1,133 @@
+"""Lowering to the decode kernels through sparsify (interpret mode): N:M sites to the
+compressed N:M GEMV, Spark FFN sites to the sparse-input / sparse-output GEMVs."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from sparsejax import sparsify
+from sparsejax.kernels import sparse_output_gemv as sog
+from sparsejax.rules import NM, SparkTopK
+
+
+def _rel(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return np.linalg.norm(a - b) / np.linalg.norm(b)
+
+
+def _paths(lowered):
+    return {p: [h.site_path(s.key) for s in h.sites] for p, h in lowered._handlers.items()}
+
+
+def test_nm_sites_take_the_compressed_kernel_and_match_the_masked_program():
+    params = {"w": jax.random.normal(jax.random.key(0), (32, 24)),
+              "v": jax.random.normal(jax.random.key(1), (24, 8))}
+    fn = lambda p, x: jnp.tanh(x @ p["w"]) @ p["v"]
+    x = jax.random.normal(jax.random.key(2), (1, 32))
+    sfn = sparsify(fn, [NM("w", n=2, m=4), NM("v", n=1, m=4, gradient="ste")])
+    sp, ss = sfn.init(params, x)
+    low = sfn.lower(ss, interpret=True)
+    assert _rel(low(sp, ss, x), sfn(sp, ss, x)) < 1e-5
+    paths = _paths(low)
+    assert paths["w"] == ["compressed 2:4 GEMV (Pallas)"]
+    assert "gradient='ste'" in paths["v"][0]          # STE needs gradients at pruned weights: XLA
+
+
+def _ffn_params(d=32, d_ff=64, up_major=True):
+    ks = jax.random.split(jax.random.key(0), 3)
+    up_shape = (d_ff, d) if up_major else (d, d_ff)
+    return {"ffn": {"gate": jax.random.normal(ks[0], up_shape) / d ** 0.5,
+                    "up": jax.random.normal(ks[1], up_shape) / d ** 0.5,
+                    "down": jax.random.normal(ks[2], (d_ff, d)) / d_ff ** 0.5}}
+
+
+def _ffn_output_major(p, x):
+    f = p["ffn"]
+    g = jnp.einsum("bd,fd->bf", x, f["gate"])
+    u = jnp.einsum("bd,fd->bf", x, f["up"])
+    return (jax.nn.silu(g) * u) @ f["down"]
+
+
+def _ffn_flax_layout(p, x):
+    f = p["ffn"]
+    return (jax.nn.gelu(x @ f["gate"]) * (x @ f["up"])) @ f["down"]
+
+
+def test_spark_ffn_sites_take_the_sparse_gemvs_and_match():
+    x = jax.random.normal(jax.random.key(3), (2, 32))
+    sfn = sparsify(_ffn_output_major, [SparkTopK("*", site="ffn", k_frac=0.25)])
+    sp, ss = sfn.init(_ffn_params(), x)
+    low = sfn.lower(ss, interpret=True)
+    assert _rel(low(sp, ss, x), sfn(sp, ss, x)) < 1e-5
+    paths = _paths(low)
+    assert paths["ffn/up"] == ["sparse-output GEMV (Pallas)"]
+    assert paths["ffn/down"] == ["sparse-input GEMV (Pallas)"]
+    prims = [e.primitive.name for e in low.rewritten_jaxpr(sp, ss, x).jaxpr.eqns]
+    assert prims.count("pallas_call") == 2
+
+
+def test_flax_layout_up_stays_dense_with_reason_down_is_sparse():
+    x = jax.random.normal(jax.random.key(4), (2, 32))
+    sfn = sparsify(_ffn_flax_layout, [SparkTopK("*", site="ffn", k_frac=0.25)])
+    sp, ss = sfn.init(_ffn_params(up_major=False), x)
+    low = sfn.lower(ss, interpret=True)
+    assert _rel(low(sp, ss, x), sfn(sp, ss, x)) < 1e-5
+    paths = _paths(low)
+    assert "not contiguous" in paths["ffn/up"][0]
+    assert paths["ffn/down"] == ["sparse-input GEMV (Pallas)"]
+
+
+def test_without_interpret_on_cpu_every_site_stays_dense():
+    x = jax.random.normal(jax.random.key(5), (2, 32))
+    sfn = sparsify(_ffn_output_major, [SparkTopK("*", site="ffn", k_frac=0.25)])
+    sp, ss = sfn.init(_ffn_params(), x)
+    low = sfn.lower(ss)
+    assert _rel(low(sp, ss, x), sfn(sp, ss, x)) < 1e-6
+    assert _paths(low)["ffn/down"] == ["XLA dense"]
+
+
+def test_sparse_output_gemv_writes_live_outputs_and_zeros():
+    x = jax.random.normal(jax.random.key(6), (3, 40))
+    w_t = jax.random.normal(jax.random.key(7), (37, 40))
+    live = jax.random.bernoulli(jax.random.key(8), 0.3, (37,))
+    ref = sog.sparse_output_gemv_reference(x, w_t, live)
+    y = sog.sparse_output_gemv(x, w_t, live, impl="masked", interpret=True, poison=True, bj=8, bk=16)
+    assert bool(jnp.all(jnp.isfinite(y))) and _rel(y, ref) < 1e-5
+    assert bool(jnp.all(jnp.where(live, True, y == 0)))
+    with pytest.raises(ValueError, match="live"):
+        sog.sparse_output_gemv(x, w_t, live[:5])
+
+
+def test_streaming_choice_times_every_candidate_over_copies(monkeypatch):
+    from sparsejax.kernels import streaming_choice as decode_choice
+    from sparsejax.kernels import path_choice
+
+    monkeypatch.setattr(path_choice, "_measuring_pays", lambda: True)
+    path_choice.clear_cache()
+    seen = []
+
+    def slow(x, w):
+        seen.append(w.shape)
+        return jnp.tanh(x @ w) @ w.T @ w
+
+    cands = [path_choice.Candidate("slow", slow), path_choice.Candidate("fast", lambda x, w: x @ w)]
+    specs = [jax.ShapeDtypeStruct((2, 16), jnp.float32), jax.ShapeDtypeStruct((16, 16), jnp.float32)]
+    choice = decode_choice.choose_streaming("test_op", "sig", cands, specs, weight_args=(1,))
+    assert choice.source == "measured" and set(choice.times_us) == {"slow", "fast"}
+    assert seen and all(s == (16, 16) for s in seen)          # each call reads one copy
+    assert path_choice.cache_entries()["test_op|sig|streamed"]["path"] == choice.name
+    path_choice.clear_cache()
+
+
+def test_frozen_packed_nm_weights_give_the_same_answer():
+    from sparsejax.compiler.passes import nm_lowering
+
+    params = {"w": jax.random.normal(jax.random.key(0), (32, 24))}
+    x = jax.random.normal(jax.random.key(1), (1, 32))
+    sfn = sparsify(lambda p, x: x @ p["w"], [NM("w", n=2, m=4)])
+    sp, ss = sfn.init(params, x)
+    low = sfn.lower(ss, interpret=True)
+    nm_lowering.freeze_packed(low, sp, ss)
+    assert low._handlers["w"].packed is not None
+    assert _rel(low(sp, ss, x), sfn(sp, ss, x)) < 1e-5

@@ -1,0 +1,82 @@
+"""Sparse-input GEMV (every path, Pallas in interpret mode) and the masked Spark FFN paths vs references."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from sparsejax.kernels import spark_ffn as sf
+from sparsejax.kernels import sparse_input_gemv as sg
+
+TILES = dict(bk=16, bn=32, bc=8, splits=2)
+
+
+def _rel(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return np.linalg.norm(a - b) / np.linalg.norm(b)
+
+
+def _sparse_x(seed, batch, k, zero_frac):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((batch, k)).astype(np.float32)
+    x[:, rng.random(k) < zero_frac] = 0.0            # whole rows dead for every token
+    return jnp.asarray(x)
+
+
+@pytest.mark.parametrize("impl,batch,k,n,mma", [
+    ("masked", 1, 100, 70, False), ("masked", 3, 48, 130, True), ("gather", 5, 40, 33, False),
+    ("gather", 2, 48, 33, True), ("xla_compact", 3, 96, 130, None), ("xla_dense", 1, 100, 70, None)])
+def test_every_path_equals_the_reference_with_threshold(impl, batch, k, n, mma):
+    x = _sparse_x(batch + k, batch, k, 0.6)
+    w = jax.random.normal(jax.random.key(n), (k, n))
+    ref = sg.sparse_input_gemv_reference(x, w, threshold=0.3)
+    y = sg.sparse_input_gemv(x, w, threshold=0.3, impl=impl, interpret=True, mma=mma, **TILES)
+    assert y.shape == (batch, n) and bool(jnp.all(jnp.isfinite(y)))
+    assert _rel(y, ref) < 1e-5
+    # the threshold really drops inputs: without it the answer differs
+    assert _rel(sg.sparse_input_gemv_reference(x, w), ref) > 1e-3
+
+
+def test_compact_list_overflow_falls_back_to_dense():
+    x = _sparse_x(0, 2, 64, 0.2)
+    w = jax.random.normal(jax.random.key(1), (64, 24))
+    live = sg.live_rows(x)
+    idx, count = sg.live_row_list(live, 8)
+    assert int(count) == int(live.sum()) > 8
+    np.testing.assert_array_equal(np.asarray(idx), np.nonzero(np.asarray(live))[0][:8])
+    y = sg.sparse_input_gemv(x, w, impl="xla_compact", capacity=8)
+    assert _rel(y, sg.sparse_input_gemv_reference(x, w)) < 1e-5
+
+
+def test_bad_arguments_raise_one_line_errors():
+    x, w = jnp.ones((2, 8)), jnp.ones((8, 4))
+    with pytest.raises(ValueError, match="impl must be one of"):
+        sg.sparse_input_gemv(x, w, impl="bogus")
+    with pytest.raises(ValueError, match="same K"):
+        sg.sparse_input_gemv(jnp.ones((2, 7)), w)
+    with pytest.raises(ValueError, match="cannot run here"):
+        sg.sparse_input_gemv(jnp.ones((9, 8)), w, impl="masked", interpret=True)
+    with pytest.raises(ValueError, match="capacity"):
+        sg.sparse_input_gemv(x, w, impl="xla_compact", capacity=0)
+
+
+@pytest.mark.parametrize("impl,batch,extra", [("fused", 1, dict(unroll=False)), ("sparse", 3, {}),
+                                               ("fused", 2, dict(partials=True, act_in_kernel=True))])
+def test_masked_spark_ffn_equals_reference(impl, batch, extra):
+    k1, k2 = jax.random.split(jax.random.key(batch))
+    d, d_ff, r = 40, 99, 16
+    wi = jax.random.normal(k1, (d, d_ff)) / d ** 0.5
+    wo = jax.random.normal(k2, (d_ff, d)) / d_ff ** 0.5
+    w = sf.decode_weights_from_spark(wi, wo, r)
+    x = jax.random.normal(jax.random.key(100 + batch), (batch, d))
+    ref = sf.topk_ffn_decode_reference(x, w, k_frac=0.08)
+    extra = dict(extra, poison=True)
+    y = sf.topk_ffn_decode(x, w, k_frac=0.08, impl=impl, interpret=True, bj=16, bk=32, bn=32, **extra)
+    assert y.shape == x.shape and bool(jnp.all(jnp.isfinite(y)))
+    assert _rel(y, ref) < 1e-5
+
+
+def test_choose_impl_is_deterministic_dense_on_cpu():
+    w = sf.decode_weights_from_gated(jnp.ones((8, 16)), jnp.ones((8, 16)), jnp.ones((16, 8)))
+    choice = sf.choose_impl(2, w, k_frac=0.25)
+    assert choice.name == "dense" and choice.source == "default"
