@@ -142,7 +142,8 @@ class SparseFunction:
         out_tree = jax.tree_util.tree_structure(out_shape)
         paths = [s.path for s in self._slots] if self._slots else self._init_paths
         sites, notes = find_weight_sites(closed, paths, n_params)
-        traced = _Traced(closed, out_tree, sites, notes, find_activation_sites(closed.jaxpr, sites))
+        traced = _Traced(closed, out_tree, sites, notes,
+                         find_activation_sites(closed.jaxpr, sites, n_params))
         self._traces[key] = traced
         return traced
 
@@ -174,7 +175,7 @@ class SparseFunction:
         arg_leaves, arg_treedef, dynamic, static = self._split_args(args, kwargs)
         traced = self._trace(leaves, arg_leaves, arg_treedef, dynamic, static)
         self._slots = self._assign_rules(leaves, traced.sites)
-        self._activation_plan(traced, check=True)
+        self._activation_plan(traced, check="init")
         rng = jax.random.key(0) if rng is None else rng
 
         items, masks = [], []
@@ -231,11 +232,16 @@ class SparseFunction:
                              f"({matched_any[r_index][:5]}) is claimed by an earlier rule")
         return slots
 
-    def _activation_plan(self, traced: _Traced, check: bool = False
+    def _activation_plan(self, traced: _Traced, check: str | None = None
                          ) -> list[tuple[ActivationSite, ActivationRule | None]]:
-        """Each activation site with the first activation rule that selects it (or None)."""
+        """Each activation site with the first activation rule that selects it (or None).
+
+        ``check="init"``: every activation rule must select a site; ``check="call"``:
+        a rule that selected sites at init must select some in this trace too (a
+        rule that silently selects nothing would leave the model dense).
+        """
         rules = [r for r in self.recipe if isinstance(r, ActivationRule)]
-        used = {id(r): False for r in rules}
+        used = {id(r): 0 for r in rules}
         plan = []
         for site in traced.activation_sites:
             chosen = None
@@ -243,15 +249,22 @@ class SparseFunction:
                 if r.site == site.kind and (any(r.matches(p) for p in site.paths) or
                                             r.pattern == "*"):
                     chosen = r
-                    used[id(r)] = True
+                    used[id(r)] += 1
                     break
             plan.append((site, chosen))
-        if check:
-            for r in rules:
-                if not used[id(r)]:
-                    found = [s.describe() + f" {list(s.paths)}" for s in traced.activation_sites]
-                    raise ValueError(f"{r.describe()}: selects no {r.site} site; sites found: "
-                                     f"{found if found else 'none'}")
+        if check == "init":
+            self._activation_counts = dict(used)
+        for r in rules if check else ():
+            if used[id(r)]:
+                continue
+            found = [s.describe() + f" {list(s.paths)}" for s in traced.activation_sites]
+            if check == "init":
+                raise ValueError(f"{r.describe()}: selects no {r.site} site; sites found: "
+                                 f"{found if found else 'none'}")
+            raise ValueError(f"{r.describe()}: selected {self._activation_counts[id(r)]} {r.site} "
+                             "site(s) at init, but none in the program traced for these "
+                             f"arguments (sites found: {found if found else 'none'}); the "
+                             "rewritten function would run dense there")
         return plan
 
     # --------------------------------------------------------------------- call
@@ -317,7 +330,7 @@ class SparseFunction:
     def _rewrite(self, param_leaves, mask_leaves, arg_leaves, arg_treedef, dynamic, static, flat):
         traced = self._trace_for(param_leaves, arg_leaves, arg_treedef, dynamic, static)
         hooks = {site.key: spark_pass.topk_hook(rule, site)
-                 for site, rule in self._activation_plan(traced) if rule is not None}
+                 for site, rule in self._activation_plan(traced, check="call") if rule is not None}
         program = self._program(traced, hooks, len(param_leaves), mask_leaves)
         self.rewrite_count += 1
         structs = [jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x)) for x in flat]
@@ -365,7 +378,7 @@ class SparseFunction:
         mask_leaves = self._mask_leaves(sstate)
         arg_leaves, arg_treedef, dynamic, static = self._split_args(args, kwargs)
         traced = self._trace_for(param_leaves, arg_leaves, arg_treedef, dynamic, static)
-        plan = self._activation_plan(traced)
+        plan = self._activation_plan(traced, check="call")
         records: dict[int, list[tuple[float, float]]] = {}
 
         def record(index, before, after):
