@@ -319,7 +319,7 @@ def _feeding_paths(scope: _Scope, i: int) -> tuple[str, ...]:
 
 
 def find_activation_sites(jaxpr, weight_sites: Sequence[WeightSite],
-                          n_params: int = 0) -> list[ActivationSite]:
+                          n_params: int) -> list[ActivationSite]:
     """Every FFN and attention site of ``jaxpr`` (an open Jaxpr), in program order.
 
     The first ``n_params`` inputs of ``jaxpr`` are parameters; the others carry the

@@ -114,7 +114,10 @@ def _index_state(eqn, ref: ParamRef, others: Sequence[Any]):
         take = lambda f: lax.slice_in_dim(f, start, start + 1, axis=0)
     elif name == "dynamic_slice" and one_layer:
         take = lambda f: lax.dynamic_slice_in_dim(f, others[d], 1, axis=0)
-    elif name == "squeeze" and d in {x % len(in_shape) for x in eqn.params["dimensions"]}:
+    elif ((name == "squeeze" and d in {x % len(in_shape) for x in eqn.params["dimensions"]})
+          or (name == "reshape" and in_shape[d] == 1
+              and tuple(out_shape) == tuple(in_shape[:d] + in_shape[d + 1:]))):
+        # dropping the layer axis a slice left at size 1 (jnp indexing emits either op)
         if any(f.shape[0] != 1 for f in jax.tree.leaves(ref.state)):
             return None
         take = lambda f: lax.squeeze(f, (0,))
