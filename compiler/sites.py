@@ -139,29 +139,45 @@ class SiteRecorder:
         self._derived: dict[int, frozenset] = {}   # id(value) -> {(path, first op)}
         self._alive: list = []                       # keeps those ids unique
 
-    def observe(self, eqn, key: Key, invals: list, outvals: list) -> None:
-        """Follows values computed from materialized leaves to the matmuls they reach."""
+    def _sources(self, eqn, invals: list) -> frozenset | None:
+        """The (path, first op) pairs a result computed from parameters alone comes from.
+
+        None when an operand depends on the activations (``x + bias`` is not a weight
+        any more); literals and constants are parameters' company, not activations.
+        """
         sources = set()
         for x in invals:
             if is_ref(x):
-                _add(self.uses.reads, x.path, eqn.primitive.name)
                 sources.add((x.path, eqn.primitive.name))
-            else:
-                sources |= self._derived.get(id(x), frozenset())
-        if not sources:
-            return
-        if eqn.primitive.name in SITE_PRIMITIVES and any(
-                id(x) in self._derived for x in invals[:2]):
-            for path, op in sorted(sources):
+            elif id(x) in self._derived:
+                sources |= self._derived[id(x)]
+            elif isinstance(x, jax.core.Tracer):
+                return None
+        return frozenset(sources)
+
+    def _derive(self, outvals: list, sources: frozenset | None) -> None:
+        if sources:
+            for y in outvals:
+                self._derived[id(y)] = sources
+                self._alive.append(y)
+
+    def _note_through(self, invals: list) -> None:
+        """A matmul operand computed from parameters alone: name the ops on the way."""
+        for x in invals[:2]:
+            for path, op in sorted(self._derived.get(id(x), ())):
                 _add(self.uses.through, path, op)
-            return
-        for y in outvals:
-            self._derived[id(y)] = frozenset(sources)
-            self._alive.append(y)
+
+    def observe(self, eqn, key: Key, invals: list, outvals: list) -> None:
+        """Follows values computed from materialized leaves to the matmuls they reach."""
+        for x in invals:
+            if is_ref(x):
+                _add(self.uses.reads, x.path, eqn.primitive.name)
+        if eqn.primitive.name in SITE_PRIMITIVES:
+            self._note_through(invals)
+        self._derive(outvals, self._sources(eqn, invals))
 
     def __call__(self, interp: Interpreter, eqn, key: Key, invals: list, scope: Scope) -> list:
-        for path, op in sorted(set().union(*(self._derived.get(id(x), ()) for x in invals[:2]))):
-            _add(self.uses.through, path, op)
+        self._note_through(invals)
         for operand, x in enumerate(invals[:2]):
             if not is_ref(x) or not contracts(eqn, operand):
                 continue
@@ -175,7 +191,9 @@ class SiteRecorder:
                 out_shape=tuple(eqn.outvars[0].aval.shape),
                 dimension_numbers=eqn.params["dimension_numbers"], view_ops=x.ops,
                 dtype=str(jax.numpy.result_type(*(v.aval.dtype for v in eqn.invars[:2])))))
-        return bind_eqn(eqn, [materialize(x) for x in invals])
+        outvals = bind_eqn(eqn, [materialize(x) for x in invals])
+        self._derive(outvals, self._sources(eqn, invals))    # a LoRA product ``a @ b``
+        return outvals
 
 
 def find_weight_sites(closed_jaxpr, leaf_paths: Sequence[str], n_params: int):
