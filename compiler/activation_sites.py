@@ -2,16 +2,22 @@
 
 * An **FFN site** is the elementwise region between up/gate projections and a
   down projection: a weight site D whose activation operand is computed only by
-  elementwise ops from outputs of other weight sites (the up/gate projections),
-  plus constants such as biases. The *pre-activation* is the value the
+  elementwise and layout ops (slices, reshapes) from outputs of other weight
+  sites (the up/gate projections, or one fused projection whose output is
+  sliced into gate and up), plus values that do not depend on the activations
+  at all (biases, scales, constants). The *pre-activation* is the value the
   nonlinearity reads on the gate branch (after the bias add): Spark and
   Gemma 3n sparsify it there.
 * An **attention site** is a dot_general between two activations whose output,
-  through elementwise ops (scaling, masking), reaches a ``reduce_max`` over its
-  last axis followed by ``exp``: the softmax over keys. The site is the softmax's
-  input, one row of scores per query.
+  through elementwise ops (scaling, tanh soft-caps, ``where`` masks) and layout
+  ops (the transpose an einsum such as ``'BTNH,BSNH->BTNS'`` adds), reaches a
+  ``reduce_max`` over its last axis followed by ``exp``: the softmax over keys.
+  The site is the softmax's input, one row of scores per query.
 
-Both are keyed like the interpreter keys eqns, so a pass can hook their outputs.
+What is a constant is decided by data flow (does the value depend on a
+non-parameter input of the function?), never by shapes, so sites are found the
+same way at every batch size and sequence length, one token included. Both
+kinds are keyed like the interpreter keys eqns, so a pass can hook their outputs.
 """
 
 from __future__ import annotations
@@ -38,6 +44,10 @@ _ELEMENTWISE = _LINEAR | _NONLINEAR | _COMPARE
 _CALLS = {"jit", "pjit", "custom_jvp_call", "closed_call"}
 _SHAPE_ONLY = {"reshape", "transpose", "broadcast_in_dim", "squeeze", "expand_dims",
                "convert_element_type", "copy"}
+# Ops that move activations around without computing: a fused projection's output is
+# sliced into gate and up, RoPE splits and concatenates, einsums transpose their results.
+_LAYOUT = _SHAPE_ONLY | {"slice", "dynamic_slice", "concatenate", "rev", "pad", "copy_p",
+                         "reduce_precision"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,11 +102,79 @@ def _is_nonlinear(eqn) -> bool:
     return False
 
 
-class _Scope:
-    """Def-use information for one jaxpr."""
+def _flags(invars, dependent: set) -> list[bool]:
+    return [isinstance(v, jex_core.Var) and v in dependent for v in invars]
 
-    def __init__(self, jaxpr, prefix: Key, weight_sites: dict[Key, list[WeightSite]]):
+
+def _dependence(jaxpr, inputs: Sequence[bool]) -> tuple[set, list[bool]]:
+    """The vars of ``jaxpr`` that depend on its flagged inputs, and its outputs' flags."""
+    dependent = {v for v, d in zip(jaxpr.invars, inputs) if d}
+    for eqn in jaxpr.eqns:
+        ins = _flags(eqn.invars, dependent)
+        if any(ins):
+            outs = _eqn_outputs(eqn, ins)
+            dependent.update(v for v, d in zip(eqn.outvars, outs) if d)
+    return dependent, _flags(jaxpr.outvars, dependent)
+
+
+def _sub_inputs(eqn, ins: list[bool]) -> dict[str, list[bool]]:
+    """Which inputs of each sub-jaxpr of ``eqn`` depend on the activations (loops: to a fixpoint)."""
+    p, name = eqn.params, eqn.primitive.name
+    subs = dict(sub_jaxprs(eqn))
+    if name == "scan":
+        nc, ncarry = p["num_consts"], p["num_carry"]
+        flags = list(ins)
+        while True:   # a carry depends on the activations if its init or its update does
+            _, outs = _dependence(subs["jaxpr"], flags)
+            carry = [a or b for a, b in zip(flags[nc:nc + ncarry], outs[:ncarry])]
+            if carry == flags[nc:nc + ncarry]:
+                return {"jaxpr": flags}
+            flags[nc:nc + ncarry] = carry
+    if name == "while":
+        nc, nb = p["cond_nconsts"], p["body_nconsts"]
+        carry = list(ins[nc + nb:])
+        while True:
+            _, outs = _dependence(subs["body_jaxpr"], [*ins[nc:nc + nb], *carry])
+            new = [a or b for a, b in zip(carry, outs)]
+            if new == carry:
+                return {"cond_jaxpr": [*ins[:nc], *carry], "body_jaxpr": [*ins[nc:nc + nb], *carry]}
+            carry = new
+    if name == "cond":
+        return {k: list(ins[1:]) for k in subs}
+    return {k: (list(ins) if len(j.invars) == len(ins) else [any(ins)] * len(j.invars))
+            for k, j in subs.items()}
+
+
+def _eqn_outputs(eqn, ins: list[bool]) -> list[bool]:
+    subs = dict(sub_jaxprs(eqn))
+    if not subs:
+        return [True] * len(eqn.outvars)
+    name, sub_ins = eqn.primitive.name, _sub_inputs(eqn, ins)
+    if name == "scan":
+        ncarry = eqn.params["num_carry"]
+        nc = eqn.params["num_consts"]
+        _, outs = _dependence(subs["jaxpr"], sub_ins["jaxpr"])
+        return [*sub_ins["jaxpr"][nc:nc + ncarry], *outs[ncarry:]]
+    if name == "while":
+        return sub_ins["body_jaxpr"][eqn.params["body_nconsts"]:]
+    outs = [ins[0] if name == "cond" else False] * len(eqn.outvars)
+    for k, j in subs.items():
+        if k == "cond_jaxpr":
+            continue
+        _, sub_outs = _dependence(j, sub_ins[k])
+        if len(sub_outs) != len(outs):
+            return [any(ins)] * len(eqn.outvars)
+        outs = [a or b for a, b in zip(outs, sub_outs)]
+    return outs
+
+
+class _Scope:
+    """Def-use information for one jaxpr, and which of its values depend on the activations."""
+
+    def __init__(self, jaxpr, prefix: Key, weight_sites: dict[Key, list[WeightSite]],
+                 inputs: Sequence[bool]):
         self.jaxpr, self.prefix = jaxpr, prefix
+        self.dependent, _ = _dependence(jaxpr, inputs)
         self.producer: dict[Any, tuple[int, int]] = {}
         self.consumers: dict[Any, list[int]] = {}
         for i, eqn in enumerate(jaxpr.eqns):
@@ -119,29 +197,27 @@ def _ffn_site(scope: _Scope, down: int, sc: Scope) -> ActivationSite | None:
     start = scope.activation_operand(down)
     if not isinstance(start, jex_core.Var):
         return None
-    out_size = math.prod(start.aval.shape)
     region: set[int] = set()
     inputs: list[int] = []                     # eqn indices of up/gate weight sites
     frontier, seen = deque([start]), {start}
     while frontier:
         v = frontier.popleft()
+        if v not in scope.dependent:
+            continue                           # a bias, a scale, a constant: not activations
         if v not in scope.producer:
-            return None                        # reaches a body input: not a closed FFN region
+            return None                        # activations from outside: not a closed region
         i, _ = scope.producer[v]
         eqn = scope.eqn(i)
         if i in scope.sites:
             inputs.append(i)
             continue
-        if _is_elementwise(eqn):
-            region.add(i)
-            for u in eqn.invars:
-                if isinstance(u, jex_core.Var) and u not in seen:
-                    seen.add(u)
-                    frontier.append(u)
-            continue
-        if math.prod(v.aval.shape) < out_size and eqn.primitive.name in _SHAPE_ONLY:
-            continue                           # a broadcast bias or scale: a constant here
-        return None
+        if not (_is_elementwise(eqn) or eqn.primitive.name in _LAYOUT):
+            return None
+        region.add(i)
+        for u in eqn.invars:
+            if isinstance(u, jex_core.Var) and u not in seen:
+                seen.add(u)
+                frontier.append(u)
     if not inputs:
         return None
     # The gate is the projection whose output reaches a nonlinearity through linear ops.
@@ -160,7 +236,11 @@ def _ffn_site(scope: _Scope, down: int, sc: Scope) -> ActivationSite | None:
 
 
 def _pre_activation(scope: _Scope, u, region: set[int]):
-    """The first value on ``u``'s linear path that a nonlinearity reads, or None."""
+    """The first value on ``u``'s linear path that a nonlinearity reads, or None.
+
+    The path runs through linear ops and layout ops (a fused gate/up projection is
+    sliced before its gate half meets the nonlinearity).
+    """
     frontier, seen = deque([u]), {u}
     while frontier:
         v = frontier.popleft()
@@ -170,9 +250,9 @@ def _pre_activation(scope: _Scope, u, region: set[int]):
             eqn = scope.eqn(i)
             if _is_nonlinear(eqn):
                 return v
-            if eqn.primitive.name in _LINEAR:
+            if eqn.primitive.name in _LINEAR or eqn.primitive.name in _LAYOUT:
                 for w in eqn.outvars:
-                    if w not in seen and w.aval.shape == u.aval.shape:
+                    if w not in seen:
                         seen.add(w)
                         frontier.append(w)
     return None
@@ -183,20 +263,22 @@ def _attention_site(scope: _Scope, i: int, sc: Scope) -> ActivationSite | None:
     out = eqn.outvars[0]
     if len(out.aval.shape) < 2:
         return None
-    last = len(out.aval.shape) - 1
+    size = math.prod(out.aval.shape)
     frontier, seen = deque([out]), {out}
     softmax_input = None
     while frontier and softmax_input is None:
         v = frontier.popleft()
+        last = len(v.aval.shape) - 1
         for j in sorted(scope.consumers.get(v, [])):
             e = scope.eqn(j)
             if e.primitive.name == "reduce_max" and tuple(e.params["axes"]) == (last,):
                 if _reaches_exp(scope, v):
                     softmax_input = v
                     break
-            elif _is_elementwise(e):
+            elif _is_elementwise(e) or e.primitive.name in _SHAPE_ONLY:
+                # scores keep their size through scaling, soft-caps, masks and transposes
                 for w in e.outvars:
-                    if w not in seen and w.aval.shape == out.aval.shape:
+                    if w not in seen and math.prod(w.aval.shape) == size:
                         seen.add(w)
                         frontier.append(w)
     if softmax_input is None or softmax_input not in scope.producer:
@@ -228,7 +310,7 @@ def _feeding_paths(scope: _Scope, i: int) -> tuple[str, ...]:
             paths.extend(s.path for s in scope.sites[j] if s.path not in paths)
             continue
         e = scope.eqn(j)
-        if e.primitive.name in _SHAPE_ONLY or _is_elementwise(e):
+        if e.primitive.name in _LAYOUT or _is_elementwise(e):
             for u in e.invars:
                 if isinstance(u, jex_core.Var) and u not in seen:
                     seen.add(u)
@@ -236,15 +318,20 @@ def _feeding_paths(scope: _Scope, i: int) -> tuple[str, ...]:
     return tuple(paths)
 
 
-def find_activation_sites(jaxpr, weight_sites: Sequence[WeightSite]) -> list[ActivationSite]:
-    """Every FFN and attention site of ``jaxpr`` (an open Jaxpr), in program order."""
+def find_activation_sites(jaxpr, weight_sites: Sequence[WeightSite],
+                          n_params: int) -> list[ActivationSite]:
+    """Every FFN and attention site of ``jaxpr`` (an open Jaxpr), in program order.
+
+    The first ``n_params`` inputs of ``jaxpr`` are parameters; the others carry the
+    activations (values computed from parameters alone count as constants).
+    """
     by_key: dict[Key, list[WeightSite]] = {}
     for s in weight_sites:
         by_key.setdefault(s.key, []).append(s)
     found: list[ActivationSite] = []
 
-    def walk(j, prefix: Key, sc: Scope):
-        scope = _Scope(j, prefix, by_key)
+    def walk(j, prefix: Key, sc: Scope, inputs: Sequence[bool]):
+        scope = _Scope(j, prefix, by_key, inputs)
         for i, eqn in enumerate(j.eqns):
             if i in scope.sites:
                 site = _ffn_site(scope, i, sc)
@@ -254,14 +341,16 @@ def find_activation_sites(jaxpr, weight_sites: Sequence[WeightSite]) -> list[Act
                 site = _attention_site(scope, i, sc)
                 if site is not None:
                     found.append(site)
-            for name, sub in sub_jaxprs(eqn):
+            subs = sub_jaxprs(eqn)
+            sub_inputs = _sub_inputs(eqn, _flags(eqn.invars, scope.dependent)) if subs else {}
+            for name, sub in subs:
                 inner = sc
                 if eqn.primitive.name == "scan":
                     inner = sc.enter("scan", eqn.params["length"])
                 elif name == "body_jaxpr":
                     inner = sc.enter("while", None)
-                walk(sub, prefix + (i, name), inner)
+                walk(sub, prefix + (i, name), inner, sub_inputs[name])
 
-    walk(jaxpr, (), Scope())
+    walk(jaxpr, (), Scope(), [i >= n_params for i in range(len(jaxpr.invars))])
     unique = {(s.kind, s.key, s.output): s for s in found}
     return list(unique.values())

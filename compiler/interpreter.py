@@ -79,10 +79,14 @@ class Interpreter:
       on_site: called for a dot_general / conv whose operand is a ParamRef;
         returns the eqn's output values.
       hooks: eqn key -> function(eqn, outvals) -> new outvals (activation passes).
+      observe: optional function(eqn, key, invals, outvals), called for every eqn bound
+        as it is (with refs materialized): what analyses use to see other uses of weights.
     """
 
-    def __init__(self, on_site: SiteFn, hooks: dict[Key, HookFn] | None = None):
+    def __init__(self, on_site: SiteFn, hooks: dict[Key, HookFn] | None = None,
+                 observe: Callable | None = None):
         self.on_site = on_site
+        self.observe = observe
         self.hooks = dict(hooks or {})
         self._hooked_prefixes = {k[:i] for k in self.hooks for i in range(1, len(k))}
         self.notes: dict[Key, str] = {}
@@ -114,15 +118,19 @@ class Interpreter:
     def _eval_eqn(self, eqn, key: Key, invals: list, scope: Scope) -> list:
         has_ref = any(is_ref(x) for x in invals)
         name = eqn.primitive.name
-        if has_ref and views.is_view(eqn, invals):
-            return [views.apply_view(eqn, invals[0], invals[1:])]
+        view_of = views.view_operand(eqn, invals) if has_ref else None
+        if view_of is not None:
+            return [views.apply_view(eqn, invals[view_of], invals[:view_of] + invals[view_of + 1:])]
         if has_ref and name in SITE_PRIMITIVES:
             return self.on_site(self, eqn, key, invals, scope)
         if has_ref or key in self._hooked_prefixes:
             handler = _HIGHER_ORDER.get(name)
             if handler is not None:
                 return handler(self, eqn, key, invals, scope)
-        return bind_eqn(eqn, [materialize(x) for x in invals])
+        outvals = bind_eqn(eqn, [materialize(x) for x in invals])
+        if self.observe is not None:
+            self.observe(eqn, key, invals, outvals)
+        return outvals
 
     # -- higher-order primitives ----------------------------------------------
 

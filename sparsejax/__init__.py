@@ -2,6 +2,7 @@
 
 from sparsejax import layout, masks, monarch, optim, paths, presets, rules, topk
 from sparsejax.layout import WeightLayout
+from sparsejax.paths import MatmulWeights
 from sparsejax.report import Report
 from sparsejax.rules import (Block, BlockDiagonal, Channels, Monarch, NM, Prune, Recipe,
                              SparkTopK)

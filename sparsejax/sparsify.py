@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import logging
 from typing import Any, Callable, Sequence
 
 import jax
@@ -38,12 +39,15 @@ from sparsejax.compiler.activation_sites import ActivationSite, find_activation_
 from sparsejax.compiler.interpreter import Interpreter, bind_eqn
 from sparsejax.compiler.passes import spark as spark_pass
 from sparsejax.compiler.param_ref import is_ref, materialize
-from sparsejax.compiler.sites import WeightSite, find_weight_sites
+from sparsejax.compiler.sites import WeightSite, WeightUses, find_weight_sites
+from sparsejax.compiler.weight_roles import weight_roles
 from sparsejax.layout import WeightLayout
 from sparsejax.report import ActivationRow, Report, ReportRow
 from sparsejax.rules import ActivationRule, MaskRule, Recipe, Rule, recipe_of
 
 __all__ = ["sparsify", "SparseFunction"]
+
+_log = logging.getLogger(__name__)
 
 
 def sparsify(fn: Callable, recipe: Recipe | Sequence[Rule] | Rule) -> "SparseFunction":
@@ -76,6 +80,8 @@ class _Traced:
     sites: list[WeightSite]
     notes: dict
     activation_sites: list[ActivationSite]
+    uses: WeightUses = dataclasses.field(default_factory=WeightUses)
+    roles: dict = dataclasses.field(default_factory=dict)   # path -> what the weight does
 
 
 def _aval_key(x) -> tuple:
@@ -141,8 +147,11 @@ class SparseFunction:
         closed, out_shape = jax.make_jaxpr(flat_fn, return_shape=True)(*structs)
         out_tree = jax.tree_util.tree_structure(out_shape)
         paths = [s.path for s in self._slots] if self._slots else self._init_paths
-        sites, notes = find_weight_sites(closed, paths, n_params)
-        traced = _Traced(closed, out_tree, sites, notes, find_activation_sites(closed.jaxpr, sites))
+        sites, notes, uses = find_weight_sites(closed, paths, n_params)
+        lookups = [p for p, ops in uses.reads.items() if "gather" in ops]
+        traced = _Traced(closed, out_tree, sites, notes,
+                         find_activation_sites(closed.jaxpr, sites, n_params), uses,
+                         weight_roles(closed.jaxpr, sites, lookups))
         self._traces[key] = traced
         return traced
 
@@ -173,8 +182,8 @@ class SparseFunction:
                 raise TypeError(f"{path}: parameters must be arrays, got {type(leaf).__name__}")
         arg_leaves, arg_treedef, dynamic, static = self._split_args(args, kwargs)
         traced = self._trace(leaves, arg_leaves, arg_treedef, dynamic, static)
-        self._slots = self._assign_rules(leaves, traced.sites)
-        self._activation_plan(traced, check=True)
+        self._slots = self._assign_rules(leaves, traced)
+        self._activation_plan(traced, check="init")
         rng = jax.random.key(0) if rng is None else rng
 
         items, masks = [], []
@@ -192,11 +201,22 @@ class SparseFunction:
                                for x in jax.tree_util.tree_leaves(sparams)]
         sstate = {"masks": jax.tree_util.tree_unflatten(self._dense_treedef, masks)}
         self._report = self._build_report(traced, self._slot_masks(sstate))
+        self._warn_untouched()
         return sparams, sstate
 
-    def _assign_rules(self, leaves, sites: list[WeightSite]) -> list[_Slot]:
+    def _warn_untouched(self) -> None:
+        """One line naming the matmul weights no weight rule touched (when some rule does)."""
+        if not any(s.rule is not None for s in self._slots):
+            return
+        dense = [s.path for s in self._slots if s.sites and s.rule is None]
+        if dense:
+            _log.warning("sparsify: %d matmul weight(s) no rule touched stay dense: %s%s; "
+                         "MatmulWeights() selects weights by what they do", len(dense),
+                         ", ".join(dense[:8]), ", ..." if len(dense) > 8 else "")
+
+    def _assign_rules(self, leaves, traced: _Traced) -> list[_Slot]:
         by_path: dict[str, list[WeightSite]] = {}
-        for site in sites:
+        for site in traced.sites:
             by_path.setdefault(site.path, []).append(site)
         claimed: dict[int, list[str]] = {i: [] for i in range(len(self.recipe))}
         matched_any: dict[int, list[str]] = {i: [] for i in range(len(self.recipe))}
@@ -206,6 +226,9 @@ class SparseFunction:
             rule = layout = None
             for r_index, r in enumerate(self.recipe):
                 if isinstance(r, ActivationRule) or not r.matches(path):
+                    continue
+                if (isinstance(r.pattern, path_lib.MatmulWeights)
+                        and not r.pattern.selects(path, traced.roles.get(path, frozenset()))):
                     continue
                 matched_any[r_index].append(path)
                 if leaf_sites and rule is None:
@@ -219,11 +242,23 @@ class SparseFunction:
         for r_index, r in enumerate(self.recipe):
             if claimed[r_index] or isinstance(r, ActivationRule):
                 continue
+            if not matched_any[r_index] and isinstance(r.pattern, path_lib.MatmulWeights):
+                raise ValueError(f"{r.describe()}: selects no weight; matmul weights and their "
+                                 f"roles: {[(p, sorted(traced.roles[p])) for p in site_paths[:8]]}")
             if not matched_any[r_index]:
                 near = path_lib.close_matches(r.pattern, site_paths or self._init_paths)
                 hint = f"; close matches: {near}" if near else f"; weight parameters: {site_paths[:8]}"
                 raise ValueError(f"{r.describe()}: the pattern matches no parameter{hint}")
             not_sites = [p for p in matched_any[r_index] if p not in by_path]
+            between = {p: traced.uses.through[p] for p in not_sites if p in traced.uses.through}
+            if between:
+                path, ops = next(iter(between.items()))
+                raise ValueError(
+                    f"{r.describe()}: {path} reaches a matmul only through "
+                    f"{', '.join(f'`{op}`' for op in ops)}, so no matmul multiplies by the "
+                    "weight itself; only views (casts, reshapes, transposes, slices) and "
+                    "scaling by a scalar may stand between a weight and its matmul: compute "
+                    "the product as a parameter of its own, or match the weights it is made of")
             if not_sites and len(not_sites) == len(matched_any[r_index]):
                 raise ValueError(f"{r.describe()}: matches {not_sites[:5]}, but no matmul or "
                                  "conv multiplies by them, so there is no weight site to rewrite")
@@ -231,11 +266,16 @@ class SparseFunction:
                              f"({matched_any[r_index][:5]}) is claimed by an earlier rule")
         return slots
 
-    def _activation_plan(self, traced: _Traced, check: bool = False
+    def _activation_plan(self, traced: _Traced, check: str | None = None
                          ) -> list[tuple[ActivationSite, ActivationRule | None]]:
-        """Each activation site with the first activation rule that selects it (or None)."""
+        """Each activation site with the first activation rule that selects it (or None).
+
+        ``check="init"``: every activation rule must select a site; ``check="call"``:
+        a rule that selected sites at init must select some in this trace too (a
+        rule that silently selects nothing would leave the model dense).
+        """
         rules = [r for r in self.recipe if isinstance(r, ActivationRule)]
-        used = {id(r): False for r in rules}
+        used = {id(r): 0 for r in rules}
         plan = []
         for site in traced.activation_sites:
             chosen = None
@@ -243,15 +283,22 @@ class SparseFunction:
                 if r.site == site.kind and (any(r.matches(p) for p in site.paths) or
                                             r.pattern == "*"):
                     chosen = r
-                    used[id(r)] = True
+                    used[id(r)] += 1
                     break
             plan.append((site, chosen))
-        if check:
-            for r in rules:
-                if not used[id(r)]:
-                    found = [s.describe() + f" {list(s.paths)}" for s in traced.activation_sites]
-                    raise ValueError(f"{r.describe()}: selects no {r.site} site; sites found: "
-                                     f"{found if found else 'none'}")
+        if check == "init":
+            self._activation_counts = dict(used)
+        for r in rules if check else ():
+            if used[id(r)]:
+                continue
+            found = [s.describe() + f" {list(s.paths)}" for s in traced.activation_sites]
+            if check == "init":
+                raise ValueError(f"{r.describe()}: selects no {r.site} site; sites found: "
+                                 f"{found if found else 'none'}")
+            raise ValueError(f"{r.describe()}: selected {self._activation_counts[id(r)]} {r.site} "
+                             "site(s) at init, but none in the program traced for these "
+                             f"arguments (sites found: {found if found else 'none'}); the "
+                             "rewritten function would run dense there")
         return plan
 
     # --------------------------------------------------------------------- call
@@ -317,7 +364,7 @@ class SparseFunction:
     def _rewrite(self, param_leaves, mask_leaves, arg_leaves, arg_treedef, dynamic, static, flat):
         traced = self._trace_for(param_leaves, arg_leaves, arg_treedef, dynamic, static)
         hooks = {site.key: spark_pass.topk_hook(rule, site)
-                 for site, rule in self._activation_plan(traced) if rule is not None}
+                 for site, rule in self._activation_plan(traced, check="call") if rule is not None}
         program = self._program(traced, hooks, len(param_leaves), mask_leaves)
         self.rewrite_count += 1
         structs = [jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x)) for x in flat]
@@ -365,7 +412,7 @@ class SparseFunction:
         mask_leaves = self._mask_leaves(sstate)
         arg_leaves, arg_treedef, dynamic, static = self._split_args(args, kwargs)
         traced = self._trace_for(param_leaves, arg_leaves, arg_treedef, dynamic, static)
-        plan = self._activation_plan(traced)
+        plan = self._activation_plan(traced, check="call")
         records: dict[int, list[tuple[float, float]]] = {}
 
         def record(index, before, after):

@@ -54,8 +54,11 @@ class WeightHandler:
 
 
 # View ops a direct site computation absorbs: Flax's dtype cast, DenseGeneral's reshape,
-# a scan's slice (the site's state is sliced alike).
-DIRECT_VIEWS = frozenset({"convert_element_type", "reshape", "copy", "copy_p", "scan_slice"})
+# a scan's slice and per-layer indexing (``w[i]``: slice or dynamic_slice, then squeeze),
+# which slice the site's state alike. (A slice that keeps more than one layer, or part of
+# a matrix, leaves the weight a size other than K·N and is refused below.)
+DIRECT_VIEWS = frozenset({"convert_element_type", "reshape", "copy", "copy_p", "scan_slice",
+                          "slice", "dynamic_slice", "squeeze"})
 
 
 def direct_site_reason(site: WeightSite, layout: WeightLayout | None) -> str | None:
@@ -66,7 +69,7 @@ def direct_site_reason(site: WeightSite, layout: WeightLayout | None) -> str | N
     if lb or rb:
         return "batched dot_general"
     if math.prod(site.weight_shape) != layout.k * layout.n:
-        return "stacked layers not sliced by a scan"
+        return "stacked layers not sliced by a scan or indexed per layer"
     if set(site.view_ops) - DIRECT_VIEWS:
         return f"weight passes through {sorted(set(site.view_ops) - DIRECT_VIEWS)}"
     return None
@@ -75,13 +78,16 @@ def direct_site_reason(site: WeightSite, layout: WeightLayout | None) -> str | N
 def matmul_at_site(eqn, operand: int, x, matmul):
     """Computes a dot_general site as ``matmul(x2) -> y2`` in the ``(K, N)`` matrix view.
 
-    ``x2`` is the activation with its contracted dims last, in dimension-number order,
+    ``x2`` is the activation with its contracted dims last, in the weight's storage order
+    (the order of the weight's dims at the site, which direct sites keep from the leaf),
     flattened to ``(..., K)``; ``matmul`` returns ``(..., N)``. The result is put back
     in dot_general's output layout (weight's free dims after the activation's when
     the weight is the right operand, before them when it is the left one).
     """
     (lc, rc), _ = eqn.params["dimension_numbers"]
     x_contract, w_contract = (lc, rc) if operand == 1 else (rc, lc)
+    pairs = sorted(zip(w_contract, x_contract))    # K in storage order, as the layout has it
+    w_contract, x_contract = [w for w, _ in pairs], [x_ for _, x_ in pairs]
     x_free = [d for d in range(x.ndim) if d not in x_contract]
     x2 = jnp.transpose(x, (*x_free, *x_contract))
     x2 = x2.reshape(*x2.shape[:len(x_free)], math.prod(x.shape[d] for d in x_contract))

@@ -3,10 +3,11 @@
 A factorized leaf exists in the sparse params only as factors; it enters the
 program as a ParamRef with no dense value. At a matmul whose layout matches the
 one the factors were built for, the site computes ``x @ W`` straight from the
-factors (the fused kernel on GPU, the plain-JAX reference elsewhere). Any other
-use (a tied weight read as an embedding, a site inside a fori_loop that indexes
-the stack) materializes the dense matrix: right, just not fast; the report's
-compute column says which sites took which path.
+factors (the fused kernel on GPU, the plain-JAX reference elsewhere); a stacked
+leaf sliced by a scan or indexed per layer (``w[i]`` in a fori_loop) multiplies
+by that layer's factors. Any other use (a tied weight read as an embedding, a
+weight scaled or transposed first) materializes the dense matrix: right, just
+not fast; the report's compute column says which sites took which path.
 """
 
 from __future__ import annotations
@@ -58,7 +59,14 @@ class FactorizedHandler(WeightHandler):
         else:
             factors = self.kind.init(key, layout.k, layout.n, self.rule.nblocks, jnp.float32,
                                      stack_shape=layout.stack_shape, name=name)
+        self._factor_ndim = jax.tree.leaves(factors)[0].ndim   # with every stack axis
         return jax.tree.map(lambda f: f.astype(leaf.dtype), factors), None
+
+    def _stack_axes_left(self, ref: ParamRef) -> int:
+        """How many of the leaf's stack axes the ref's factors still have (scans and
+        per-layer indexing take them off)."""
+        removed = self._factor_ndim - jax.tree.leaves(ref.state)[0].ndim
+        return len(self.layout.stack_axes) - removed
 
     def make_input(self, item, mask) -> ParamRef:
         return ParamRef.for_leaf(self.path, None, len(self.layout.shape), state=item, handler=self)
@@ -75,22 +83,30 @@ class FactorizedHandler(WeightHandler):
     def on_site(self, interp, eqn, key, invals, scope):
         operand = 0 if isinstance(invals[0], ParamRef) else 1
         ref = invals[operand]
-        if self._reasons.get(key, "not a site found at init") is not None:
+        if (self._reasons.get(key, "not a site found at init") is not None
+                or self._stack_axes_left(ref)):
             return bind_eqn(eqn, [materialize(x) for x in invals])
         return matmul_at_site(eqn, operand, invals[1 - operand],
                               lambda x2: self.kind.matmul(x2, ref.state, self.layout.n))
 
     def materialize(self, ref: ParamRef):
-        consumed = [a for a in self.layout.stack_axes if a in ref.consumed]
-        layout = self.layout
-        if consumed:  # a scan sliced the leading stack axes off state and value alike
-            c = len(consumed)
-            layout = WeightLayout(layout.shape[c:], tuple(a - c for a in layout.stack_axes[c:]),
-                                  tuple(a - c for a in layout.contract_axes),
-                                  tuple(a - c for a in layout.free_axes))
+        # The dense value in the view the factors are in now: stack axes a scan or an
+        # index took off are gone, one a slice took a layer of has that size; the
+        # pending view ops then apply as the program wrote them.
+        layout, first = self.layout, jax.tree.leaves(ref.state)[0]
+        left = self._stack_axes_left(ref)
+        gone = layout.stack_axes[:len(layout.stack_axes) - left]
+        shape = list(layout.shape)
+        for a, size in zip(layout.stack_axes[len(gone):], first.shape[:left]):
+            shape[a] = size
+        keep = [a for a in range(len(shape)) if a not in gone]
+        new = {a: i for i, a in enumerate(keep)}
+        layout = WeightLayout(tuple(shape[a] for a in keep),
+                              tuple(new[a] for a in self.layout.stack_axes[len(gone):]),
+                              tuple(new[a] for a in layout.contract_axes),
+                              tuple(new[a] for a in layout.free_axes))
         dense = self.kind.to_dense(ref.state, self.layout.k, self.layout.n)
-        return views.replay_pending(ref, layout.from_matrix(dense).astype(
-            jax.tree.leaves(ref.state)[0].dtype))
+        return views.replay_pending(ref, layout.from_matrix(dense).astype(first.dtype))
 
     # -- report ---------------------------------------------------------------------
 
