@@ -10,14 +10,10 @@ at 0 and all their moments in the inner optimizer (Adam's mu and nu, SGD's
 trace) restart at 0, as in the published algorithms (RigL's reference code and
 JaxPruner reset the optimizer state of regrown weights).
 
-``regrown_second_moment="layer_mean"`` is a variant: second moments (Adam's nu;
-the fields in ``_common.SECOND_MOMENT_FIELDS``) of grown weights start at the mean
-over the leaf's kept weights instead of 0. Adam's bias correction uses the global
-step count, so a nu restarted at 0 gives a grown weight steps of about
-``lr * (1 - b1^n) / sqrt((1 - b2^n) / (1 - b2^T))`` on its n-th step at global
-step T (2.5-5x the learning rate for its first ~150 steps when T >= 1000); the
-variant removes that boost. On the digits MLP it does not train better
-(benchmarks/results/sparse_training.md), so it is not the default.
+A variant that started grown weights' second moments (Adam's nu) at the mean over the
+layer's kept weights, to avoid the large first steps that Adam's global-step bias
+correction gives a nu restarted at 0, trained worse on held-out loss (digits MLP and
+the LM quality table; benchmarks/results/sparse_training.md) and was removed.
 
 Gradients: the transform wraps the optimizer and reads the raw gradients from
 its ``updates`` argument (or from an explicit ``dense_grads=`` extra argument,
@@ -94,7 +90,6 @@ def dynamic_sparse(inner: optax.GradientTransformation | None, sparsity: float, 
                    grow: str, end_step: int, update_every: int = 100, drop_fraction: float = 0.3,
                    distribution: str = "erk", layouts: Any = None, where: Callable | None = None,
                    initial_masks: Any = None, zero_pruned: bool = True,
-                   regrown_second_moment: str = "zero",
                    seed: int = 0) -> optax.GradientTransformationExtraArgs:
     """Dynamic sparse training around ``inner``; ``grow`` is ``"random"`` (SET) or ``"gradient"`` (RigL).
 
@@ -109,16 +104,11 @@ def dynamic_sparse(inner: optax.GradientTransformation | None, sparsity: float, 
       layouts, where: which leaves are masked (see :func:`sparsejax.optim.prune`).
       initial_masks: starting masks (their sparsity is kept); default random.
       zero_pruned: land inactive weights on 0 and zero their moments.
-      regrown_second_moment: ``"zero"`` (the published algorithms) or ``"layer_mean"``
-        (grown weights' second moments start at the mean over the leaf's kept weights).
       seed: PRNG seed for initial masks and random growth.
     """
     check_sparsity_arg(sparsity, "sparsity")
     if grow not in ("random", "gradient"):
         raise ValueError(f"grow must be 'random' or 'gradient', got {grow!r}")
-    if regrown_second_moment not in ("zero", "layer_mean"):
-        raise ValueError("regrown_second_moment must be 'zero' (the published SET/RigL) or "
-                         f"'layer_mean', got {regrown_second_moment!r}")
     if isinstance(update_every, bool) or not isinstance(update_every, int) or update_every < 1:
         raise ValueError(f"update_every must be a positive int, got {update_every!r}")
     drop_schedule = cosine_drop_fraction(drop_fraction, end_step)
@@ -181,9 +171,7 @@ def dynamic_sparse(inner: optax.GradientTransformation | None, sparsity: float, 
                                         [jnp.ones_like(m) for m in masks], zeroed=grown,
                                         as_steps=steps_are_updates)
             keep_moments = [~gr for gr in grown]
-        inner_state = _common.zero_moments(
-            targets, params, inner_state, keep_moments,
-            regrown=grown if regrown_second_moment == "layer_mean" else None)
+        inner_state = _common.zero_moments(targets, params, inner_state, keep_moments)
         return out, DynamicSparseState(step + 1, targets.tree(masks), inner_state, rng)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
