@@ -345,8 +345,8 @@ def load_final_params(workdir: str, template):
             saved = serialization.msgpack_restore(f.read())
     except Exception as e:   # noqa: BLE001 - any decoding failure means an unreadable file
         raise ValueError(f"--init_from {workdir}: cannot read {FINAL_PARAMS} ({type(e).__name__})") from None
-    want = {p: np.shape(x) for p, x in _flat_state(serialization.to_state_dict(template)).items()}
-    have = {p: np.shape(x) for p, x in _flat_state(saved).items()}
+    want = {p: tuple(x.shape) for p, x in _flat_state(serialization.to_state_dict(template)).items()}
+    have = {p: tuple(np.shape(x)) for p, x in _flat_state(saved).items()}
     if want != have:
         diffs = [f"{p}: {have.get(p, 'absent')} there, {want.get(p, 'absent')} here"
                  for p in sorted(set(want) | set(have)) if want.get(p) != have.get(p)]
