@@ -37,7 +37,6 @@ setup(
         "optax>=0.2.4",
         "chex>=0.1.88",
         "orbax-checkpoint>=0.11",
-        "einops>=0.8",
         "absl-py>=2.1",
         "numpy>=1.26",
         "matplotlib>=3.8",      # train.py's loss and sparsity plot
