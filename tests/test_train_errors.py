@@ -157,3 +157,6 @@ def test_progress_sparsity_is_never_negative_and_absent_without_masks():
     assert float(train._sparsity(soft)) == 0.0
     assert not np.signbit(float(train._sparsity(soft)))
     assert train._sparsity({"w": None}) is None
+    from sparsejax import logging_utils
+    per_layer = logging_utils.mask_sparsity({"w": np.full((4, 4), 1.0000001, np.float32)})
+    assert per_layer["w"] == 0.0 and not np.signbit(per_layer["w"])
