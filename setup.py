@@ -1,16 +1,26 @@
 """sparsejax: one transform for sparsity in JAX/Flax models."""
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 # compiler/ and models/ sit at the top of the repository but install under the
 # `sparsejax` namespace, so site-packages gains exactly one top-level package.
-PACKAGE_DIRS = {
-    "sparsejax": "sparsejax",
-    "sparsejax.optim": "sparsejax/optim",
-    "sparsejax.kernels": "sparsejax/kernels",
-    "sparsejax.compiler": "compiler",
-    "sparsejax.models": "models",
-}
+# Each root's subpackages are found, not listed, so none (compiler.passes, ...) can be missed.
+ROOTS = {"sparsejax": "sparsejax", "sparsejax.compiler": "compiler", "sparsejax.models": "models"}
+
+
+def package_dirs() -> dict[str, str]:
+    dirs = {}
+    for name, folder in ROOTS.items():
+        dirs[name] = folder
+        # sparsejax/compiler and sparsejax/models may be development symlinks to the roots
+        # above: they are packaged from their own folders, not twice.
+        exclude = ["compiler", "compiler.*", "models", "models.*"] if name == "sparsejax" else []
+        for sub in find_packages(folder, exclude=exclude):
+            dirs[f"{name}.{sub}"] = f"{folder}/{sub.replace('.', '/')}"
+    return dirs
+
+
+PACKAGE_DIRS = package_dirs()
 
 setup(
     name="sparsejax",
@@ -27,7 +37,6 @@ setup(
         "optax>=0.2.4",
         "chex>=0.1.88",
         "orbax-checkpoint>=0.11",
-        "einops>=0.8",
         "absl-py>=2.1",
         "numpy>=1.26",
         "matplotlib>=3.8",      # train.py's loss and sparsity plot

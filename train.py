@@ -1,14 +1,17 @@
 """Train a sparse model: model + data + recipe + optimizer + checkpoints + logs.
 
-    python train.py                                   # a 90%-sparse (GMP) LM on Python's own source
+    python train.py                                   # an LM pruned to 90 percent (GMP) on Python's source
     python train.py --recipe=rigl90 --steps=2000      # any preset: python train.py --help
     python train.py --model=mixer --recipe=nm24       # MLP-Mixer on scikit-learn's digits
     python train.py --data=my_corpus.txt              # a text file, a folder of them, or .npy/.bin ids
     python train.py --mesh=data:4,fsdp:2              # data parallel × parameter-sharded
 
-Rerunning with the same --workdir resumes from its newest checkpoint. Everything a
-run writes (metrics.jsonl, TensorBoard events, checkpoints, summary.txt,
-curves.png) goes to --workdir.
+Rerunning with the same --workdir resumes from its newest checkpoint (a finished
+run is evaluated again and its summary rewritten); settings that change the run
+(model, recipe, optimizer, schedule, steps, batch) must match. Everything a run
+writes (metrics.jsonl, TensorBoard events, checkpoints, summary.txt, curves.png,
+params.msgpack) goes to --workdir. More devices on one CPU: set
+XLA_FLAGS=--xla_force_host_platform_device_count=8 before the command.
 """
 
 from __future__ import annotations
@@ -69,19 +72,99 @@ class Config:
     sigkill_at_step: int = 0           # testing: kill the process (SIGKILL) after this step
 
 
+# Every flag's help, by group. absl's --help lists the main module's flags alphabetically, so
+# each help starts with its group's tag and the usage text lists the groups (flags_overview).
+_FLAG_GROUPS = {
+    "model and data": {
+        "model": "Which model: lm (a decoder-only Transformer LM), mixer (MLP-Mixer) or convnet; "
+                 "mixer and convnet train on scikit-learn's digits.",
+        "data": "Training text for --model=lm: stdlib (Python's own library source, no download), "
+                "a text file, a folder of text files, or token ids in a .npy/.bin file; the "
+                "vision models take digits.",
+        "d_model": "LM width (embedding and residual size).",
+        "n_layers": "Number of LM Transformer blocks.",
+        "n_heads": "Attention heads per LM block; must divide --d_model.",
+        "d_ff": "Hidden width of the LM's gated FFN.",
+        "seq_len": "LM context length in tokens (bytes for stdlib).",
+        "scan_layers": "Stack the LM blocks with nn.scan (one compiled block, stacked weights) "
+                       "instead of unrolling them.",
+        "dtype": "Computation dtype of the LM: float32 or bfloat16 (parameters stay float32).",
+    },
+    "sparsity and optimization": {
+        "recipe": None,   # filled from the presets below
+        "init_from": "The --workdir of a finished run whose final params.msgpack starts this "
+                     "run (same model settings); required by recipes that project given weights "
+                     "(monarch4_proj). Empty: random init.",
+        "optimizer": "Any optax optimizer that takes learning_rate (adamw, adam, sgd, lion, ...); "
+                     "always behind a global-norm gradient clip of 1.0.",
+        "learning_rate": "Peak learning rate, reached after --warmup_steps.",
+        "lr_schedule": "cosine (warm up, then cosine decay to 10% of the peak at --steps) or "
+                       "constant (warm up, then the peak).",
+        "warmup_steps": "Steps of linear warm-up from 0 to --learning_rate.",
+        "weight_decay": "Decoupled weight decay, for optimizers that take one (adamw, lion, ...).",
+        "steps": "Total training steps; the learning-rate and sparsity schedules are laid out "
+                 "over them, so a resumed run must keep the same value.",
+        "batch_size": "Global batch size (sequences or images per step, split over the devices "
+                      "of --mesh).",
+        "seed": "Seed of the init, the masks and the batch order.",
+    },
+    "run, logs and checkpoints": {
+        "workdir": "Folder for everything the run writes; rerunning with the same folder "
+                   "resumes from its newest checkpoint.",
+        "eval_every": "Evaluate on held-out data every this many steps (and at the last step).",
+        "eval_batches": "Held-out batches per evaluation (LM; the vision models use the whole "
+                        "held-out split).",
+        "checkpoint_every": "Save a checkpoint every this many steps (and at the last step).",
+        "keep_checkpoints": "How many of the newest checkpoints to keep.",
+        "log_every": "Print the progress line and log train metrics every this many steps.",
+    },
+    "devices and hosts": {
+        "mesh": "Device mesh as axis:size pairs over data and fsdp, e.g. data:-1 (all devices "
+                "data-parallel) or data:4,fsdp:2 (parameters and optimizer state sharded over "
+                "fsdp); -1 takes the devices the other axis leaves. For several devices on one "
+                "CPU set XLA_FLAGS=--xla_force_host_platform_device_count=N.",
+        "coordinator_address": "Multi-host runs: host:port of process 0 (empty: one host).",
+        "num_processes": "Multi-host runs: number of processes.",
+        "process_id": "Multi-host runs: this process's index, from 0.",
+    },
+}
+# Fields of Config that are not command-line flags (tests set them in-process, or via the
+# environment variable named here).
+_HIDDEN_FIELDS = {"sigkill_at_step": "SPARSEJAX_TEST_SIGKILL_AT_STEP"}
+
+
+def _recipe_help() -> str:
+    names = "; ".join(f"{n}: {p.description}" for n, p in presets.PRESETS.items())
+    return (f"Sparsity preset or a .json recipe file {{\"rules\": [...]}}. Presets: {names}.")
+
+
+def flag_help() -> dict[str, tuple[str, str]]:
+    """Each flag's (group, help sentence)."""
+    out = {}
+    for group, entries in _FLAG_GROUPS.items():
+        for name, text in entries.items():
+            out[name] = (group, _recipe_help() if name == "recipe" else text)
+    return out
+
+
+def flags_overview() -> str:
+    """The usage text's list of flags by group (no '%': absl formats the usage text with it)."""
+    lines = ["Flags by group (each flag's help below starts with its group):"]
+    for group, entries in _FLAG_GROUPS.items():
+        lines.append(f"  [{group}] " + " ".join(f"--{name}" for name in entries))
+    return "\n".join(lines) + "\n"
+
+
 def define_flags(config: Config) -> None:
+    helps = flag_help()
     for field in dataclasses.fields(config):
+        if field.name in _HIDDEN_FIELDS:
+            continue
         default = getattr(config, field.name)
         define = {bool: flags.DEFINE_boolean, int: flags.DEFINE_integer,
                   float: flags.DEFINE_float, str: flags.DEFINE_string}[type(default)]
-        define(field.name, default, _HELP.get(field.name, field.name.replace("_", " ")))
-
-
-_HELP = {
-    "recipe": "sparsity preset: " + "; ".join(f"{n} ({p.description})"
-                                              for n, p in presets.PRESETS.items()) + "; or a .json file",
-    "mesh": "device mesh, e.g. data:-1 or data:4,fsdp:2 (fsdp shards parameters)",
-}
+        group, text = helps[field.name]    # a new field without help fails here, by design
+        define(field.name, default, f"[{group}] {text}")
 
 
 # ----------------------------------------------------------------------------- checks
@@ -101,6 +184,28 @@ def check_config(cfg: Config) -> None:
             raise ValueError(f"--{name} must be positive, got {getattr(cfg, name)}")
     if cfg.init_from and not os.path.isdir(cfg.init_from):
         raise ValueError(f"--init_from {cfg.init_from} is not a directory: give the workdir of a finished run")
+    if cfg.init_from and not os.path.isfile(os.path.join(cfg.init_from, FINAL_PARAMS)):
+        raise ValueError(f"--init_from {cfg.init_from}: no {FINAL_PARAMS} there (a run writes it when "
+                         "it finishes): give the workdir of a finished run")
+    for rule in presets.get(cfg.recipe).recipe(cfg.model):
+        if isinstance(rule, sj.rules.Factorize) and rule.init == "project" and not cfg.init_from:
+            raise ValueError(f"--recipe {cfg.recipe}: {rule.describe()} projects the weights it is "
+                             "given onto its factors, so it needs --init_from=<workdir of a finished "
+                             "dense run>; without it, it would project random weights (to train "
+                             "factors from scratch use init='random', e.g. --recipe=monarch4)")
+
+
+def check_workdir(workdir: str) -> None:
+    """--workdir must be a folder this process can create and write in."""
+    try:
+        os.makedirs(workdir, exist_ok=True)
+        probe = os.path.join(workdir, f".write_test_{os.getpid()}")
+        with open(probe, "w"):
+            pass
+        os.remove(probe)
+    except OSError as e:
+        raise ValueError(f"--workdir {workdir}: cannot write there ({e.strerror or e}); give a "
+                         "folder you can write to") from None
 
 
 def make_mesh(spec: str, devices=None) -> Mesh:
@@ -118,7 +223,11 @@ def make_mesh(spec: str, devices=None) -> Mesh:
         sizes["fsdp"] = len(devices) // max(sizes["data"], 1)
     n = sizes["data"] * sizes["fsdp"]
     if n < 1 or n > len(devices):
-        raise ValueError(f"--mesh {spec!r} needs {n} devices; {len(devices)} are available")
+        hint = ""
+        if n > len(devices) and devices and devices[0].platform == "cpu":
+            hint = (f"; on CPU, set XLA_FLAGS=--xla_force_host_platform_device_count={n} before "
+                    "starting to get that many devices")
+        raise ValueError(f"--mesh {spec!r} needs {n} devices; {len(devices)} are available{hint}")
     return Mesh(np.array(devices[:n]).reshape(sizes["data"], sizes["fsdp"]), ("data", "fsdp"))
 
 
@@ -215,23 +324,52 @@ def make_optimizer(cfg: Config, preset, sfn, sparams, sstate) -> optax.GradientT
 
 def signature(cfg: Config, model_config: dict) -> dict:
     """What must match for a checkpoint to be resumed."""
+    # The schedule (steps, learning rate, warm-up, decay) is laid out over the whole run:
+    # resuming with other values would change it mid-run, so they must match too.
     return {"model": model_config, "recipe": cfg.recipe, "optimizer": cfg.optimizer,
-            "batch_size": cfg.batch_size, "seq_len": cfg.seq_len, "seed": cfg.seed, "data": cfg.data}
+            "batch_size": cfg.batch_size, "seq_len": cfg.seq_len, "seed": cfg.seed, "data": cfg.data,
+            "steps": cfg.steps, "learning_rate": cfg.learning_rate, "lr_schedule": cfg.lr_schedule,
+            "warmup_steps": cfg.warmup_steps, "weight_decay": cfg.weight_decay}
 
 
 FINAL_PARAMS = "params.msgpack"
 
 
 def load_final_params(workdir: str, template):
-    """The dense final params another run wrote (for --init_from)."""
+    """The dense final params another run wrote (for --init_from), checked against ``template``."""
     path = os.path.join(workdir, FINAL_PARAMS)
     if not os.path.exists(path):
         raise ValueError(f"--init_from {workdir}: no {FINAL_PARAMS} there (it is written when a run ends)")
-    with open(path, "rb") as f:
-        return serialization.from_bytes(template, f.read())
+    try:
+        with open(path, "rb") as f:
+            saved = serialization.msgpack_restore(f.read())
+    except Exception as e:   # noqa: BLE001 - any decoding failure means an unreadable file
+        raise ValueError(f"--init_from {workdir}: cannot read {FINAL_PARAMS} ({type(e).__name__})") from None
+    want = {p: tuple(x.shape) for p, x in _flat_state(serialization.to_state_dict(template)).items()}
+    have = {p: tuple(np.shape(x)) for p, x in _flat_state(saved).items()}
+    if want != have:
+        diffs = [f"{p}: {have.get(p, 'absent')} there, {want.get(p, 'absent')} here"
+                 for p in sorted(set(want) | set(have)) if want.get(p) != have.get(p)]
+        raise ValueError(f"--init_from {workdir}: its {FINAL_PARAMS} holds a different model "
+                         f"({'; '.join(diffs[:3])}{' ...' if len(diffs) > 3 else ''}); give the "
+                         "workdir of a run with the same --model and model-size flags")
+    return serialization.from_state_dict(template, saved)
+
+
+def _flat_state(tree, prefix: str = "") -> dict:
+    if isinstance(tree, dict):
+        out = {}
+        for k, v in tree.items():
+            out.update(_flat_state(v, f"{prefix}/{k}" if prefix else str(k)))
+        return out
+    return {prefix: tree}
 
 
 # ----------------------------------------------------------------------------- training
+
+
+class SetupError(ValueError):
+    """Bad settings found while building the run (after ``prepare``): one line, nothing trained."""
 
 
 @dataclasses.dataclass
@@ -252,6 +390,7 @@ class Prepared:
 def prepare(cfg: Config, *, devices=None) -> Prepared:
     """Every check on the settings and data; raises a one-line ValueError on bad input."""
     check_config(cfg)
+    check_workdir(cfg.workdir)
     mesh = make_mesh(cfg.mesh, devices)
     if cfg.batch_size % (mesh.devices.size * jax.process_count()) and mesh.devices.size > 1:
         raise ValueError(f"--batch_size {cfg.batch_size} must be divisible by the {mesh.devices.size} "
@@ -273,9 +412,15 @@ def create_state(run: Prepared):
     example_inputs = jnp.asarray(model_inputs(run.example))
     params = jax.jit(model.init)(key, example_inputs)
     if cfg.init_from:
-        params = load_final_params(cfg.init_from, params)
+        try:
+            params = load_final_params(cfg.init_from, params)
+        except ValueError as e:
+            raise SetupError(str(e)) from None
     sfn = sj.sparsify(model.apply, preset.recipe(cfg.model))
-    sparams, sstate = sfn.init(params, example_inputs, rng=jax.random.fold_in(key, 1))
+    try:
+        sparams, sstate = sfn.init(params, example_inputs, rng=jax.random.fold_in(key, 1))
+    except ValueError as e:
+        raise SetupError(f"--recipe {cfg.recipe}: {e}") from None
     tx = make_optimizer(cfg, preset, sfn, sparams, sstate)
     state = TrainState(step=jnp.zeros([], jnp.int32), params=sparams, opt_state=tx.init(sparams),
                        sstate=sstate)
@@ -298,7 +443,10 @@ def train_and_evaluate(cfg: Config | Prepared, *, devices=None) -> dict:
     state = jax.device_put(jax.tree.map(jnp.copy, state), state_sharding)
 
     position = 0
-    restored = ckpt.restore(state)
+    try:
+        restored = ckpt.restore(state)
+    except ValueError as e:
+        raise SetupError(f"{e}; move {ckpt.directory} aside to start afresh") from None
     if restored is not None:
         state, position = jax.device_put(restored.state, state_sharding), restored.data_position
     start = int(state.step)
@@ -312,7 +460,9 @@ def train_and_evaluate(cfg: Config | Prepared, *, devices=None) -> dict:
         (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, masks, batch)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        metrics["sparsity"] = _sparsity(presets.forward_masks(preset, state.sstate, opt_state))
+        sparsity = _sparsity(presets.forward_masks(preset, state.sstate, opt_state))
+        if sparsity is not None:
+            metrics["sparsity"] = sparsity
         return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
     def eval_step(state: TrainState, batch):
@@ -337,7 +487,9 @@ def train_and_evaluate(cfg: Config | Prepared, *, devices=None) -> dict:
     items_per_step = cfg.batch_size * items_per_example
     progress = logging_utils.ProgressLine(cfg.steps, items_per_step)
     history, last_eval, t_last, step_last = [], {}, time.perf_counter(), start
-    if restored is not None:
+    if restored is not None and start >= cfg.steps:
+        progress.print(f"the run in {cfg.workdir} finished at step {start}: evaluating it again")
+    elif restored is not None:
         progress.print(f"resumed from step {start} in {cfg.workdir}")
     for step in range(start + 1, cfg.steps + 1):
         batch = _global_batch(train_batches.batch(position), batch_sharding)
@@ -360,14 +512,20 @@ def train_and_evaluate(cfg: Config | Prepared, *, devices=None) -> dict:
         if cfg.sigkill_at_step and step == cfg.sigkill_at_step:
             ckpt.wait()
             os.kill(os.getpid(), signal.SIGKILL)
+    if not last_eval:
+        # A finished run rerun trains no step: its summary still gets every figure.
+        last_eval = evaluate(state)
+        progress.print(f"step {int(state.step)}: eval " +
+                       ", ".join(f"{k} {v:.4f}" for k, v in last_eval.items()))
     ckpt.close()
     progress.close()
     writer.close()
 
     masks = presets.forward_masks(preset, state.sstate, state.opt_state)
     summary = logging_utils.format_summary(
-        {"step": int(state.step), **{f"eval_{k}": v for k, v in last_eval.items()}},
-        logging_utils.mask_sparsity(jax.device_get(masks)), sfn.report({"masks": masks}))
+        {"step": int(state.step), "recipe": f"{cfg.recipe} ({preset.description})",
+         **{f"eval_{k}": v for k, v in last_eval.items()}},
+        logging_utils.mask_sparsity(jax.device_get(masks)), summary_report(preset, sfn, masks))
     if jax.process_index() == 0:
         with open(os.path.join(cfg.workdir, "summary.txt"), "w") as f:
             f.write(summary + "\n")
@@ -383,13 +541,26 @@ def train_and_evaluate(cfg: Config | Prepared, *, devices=None) -> dict:
             "report": sfn.report({"masks": masks})}
 
 
-def _sparsity(masks) -> jax.Array:
-    """Fraction of masked weights that are pruned (0 with no masks)."""
+def summary_report(preset, sfn, masks):
+    """The report as the run uses it: where the optimizer owns the masks (GMP, SET, RigL...),
+    the recipe's placeholder rule (e.g. ``Prune(..., sparsity=0.0)``) is replaced by the preset."""
+    report = sfn.report({"masks": masks})
+    if preset.masks_from == "recipe":
+        return report
+    owner = f"{preset.name}: {preset.description}"
+    masked = set(sfn.masked_paths)
+    return dataclasses.replace(report, rows=[
+        dataclasses.replace(r, rule=owner) if r.path in masked else r for r in report.rows])
+
+
+def _sparsity(masks) -> jax.Array | None:
+    """Fraction of masked weights that are pruned (None with no masks: nothing to show)."""
     leaves = [m for m in jax.tree.leaves(masks) if m is not None]
     if not leaves:
-        return jnp.zeros([])
+        return None
     total = sum(m.size for m in leaves)
-    return 1.0 - sum(jnp.sum(m.astype(jnp.float32)) for m in leaves) / total
+    kept = sum(jnp.sum(m.astype(jnp.float32)) for m in leaves) / total
+    return jnp.clip(1.0 - kept, 0.0, 1.0)   # rounding must not print -0.000
 
 
 def _global_batch(batch: dict, sharding: NamedSharding) -> dict:
@@ -405,16 +576,24 @@ def _global_batch(batch: dict, sharding: NamedSharding) -> dict:
 def main(argv):
     del argv
     logging.set_verbosity(logging.WARNING)   # orbax logs every save at INFO
-    cfg = Config(**{f.name: getattr(flags.FLAGS, f.name) for f in dataclasses.fields(Config)})
+    cfg = Config(**{f.name: getattr(flags.FLAGS, f.name) for f in dataclasses.fields(Config)
+                    if f.name not in _HIDDEN_FIELDS})
+    for name, variable in _HIDDEN_FIELDS.items():
+        if os.environ.get(variable):
+            setattr(cfg, name, int(os.environ[variable]))
     if cfg.coordinator_address:
         jax.distributed.initialize(cfg.coordinator_address, cfg.num_processes, cfg.process_id)
     try:
         run = prepare(cfg)
     except ValueError as e:
         sys.exit(f"train.py: {e}")
-    train_and_evaluate(run)
+    try:
+        train_and_evaluate(run)
+    except SetupError as e:
+        sys.exit(f"train.py: {e}")
 
 
 if __name__ == "__main__":
+    __doc__ = __doc__ + "\n" + flags_overview()
     define_flags(Config())
     app.run(main)

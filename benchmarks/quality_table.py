@@ -490,7 +490,26 @@ def plot(s: dict, path: str, title: str) -> None:
     plt.close(fig)
 
 
-def write_outputs(args, argv, results, env, total_wall, reruns=()) -> str:
+def variant_lines(variants, s: dict) -> list[str]:
+    """A table of variants measured once and not kept (each beside the row it varies)."""
+    if not variants:
+        return []
+    lines = ["## Variants measured and not kept", "",
+             "| variant | of row | seeds | eval loss (mean ± std) | the row now | measured with |",
+             "|---|---|---|---|---|---|"]
+    for v in variants:
+        losses = np.asarray([r["eval_loss"] for r in v["runs"]])
+        row = s.get(v["row"])
+        now = f"{row['mean']:.4f} ± {row['std']:.4f}" if row and row["std"] is not None else "—"
+        spread = f" ± {losses.std(ddof=1):.4f}" if len(losses) > 1 else ""   # as summarize()
+        lines.append(f"| {v['name']} | {v['row']} | {len(losses)} | {losses.mean():.4f}{spread} | "
+                     f"{now} | `{v['command']}` at commit {v['commit']} |")
+    lines.append("")
+    lines += [f"- {v['name']}: {v['why']}" for v in variants]
+    return lines + [""]
+
+
+def write_outputs(args, argv, results, env, total_wall, reruns=(), variants=()) -> str:
     s = summarize(results)
     checks = trend_checks(s)
     out = args.out
@@ -522,7 +541,7 @@ def write_outputs(args, argv, results, env, total_wall, reruns=()) -> str:
           "## Trends the papers report", ""]
     for claim, holds, evidence in checks:
         md.append(f"- {claim}: **{'holds' if holds else 'does not hold'}** ({evidence})")
-    md += ["", "![eval loss per row](quality_table.png)", "",
+    md += ["", *variant_lines(variants, s), "![eval loss per row](quality_table.png)", "",
            f"Wall time: {total_wall / 60:.1f} min.", ""]
     with open(out, "w") as f:
         f.write("\n".join(md))
@@ -532,7 +551,8 @@ def write_outputs(args, argv, results, env, total_wall, reruns=()) -> str:
     with open(base + ".json", "w") as f:
         json.dump({"environment": env, "setup": vars(args), "summary": s,
                    "trends": [{"claim": c, "holds": h, "evidence": e} for c, h, e in checks],
-                   "runs": results, "wall_s": total_wall, "reruns": list(reruns)}, f, indent=1)
+                   "runs": results, "wall_s": total_wall, "reruns": list(reruns),
+                   **({"variants": list(variants)} if variants else {})}, f, indent=1)
     return "\n".join(table_lines(s, results) + [""] +
                      [f"- {c}: {'holds' if h else 'does not hold'} ({e})" for c, h, e in checks])
 
@@ -571,14 +591,17 @@ def render(json_path: str, out: str) -> str:
     """Rewrites the Markdown, PNG and JSON from a recorded JSON (no training).
 
     A JSON may list ``reruns``: rows trained again later (command, commit, why,
-    which rows replaced the recorded ones); the Markdown says so above the table.
+    which rows replaced the recorded ones); the Markdown says so above the table. It may
+    list ``variants``: a row trained another way and not kept (name, row, runs, command,
+    commit, why), tabled beside the row.
     """
     with open(json_path) as f:
         saved = json.load(f)
     args = argparse.Namespace(**{**saved["setup"], "out": out})
     env = saved["environment"]
     argv = env["command"].split()[2:]
-    return write_outputs(args, argv, saved["runs"], env, saved["wall_s"], saved.get("reruns", ()))
+    return write_outputs(args, argv, saved["runs"], env, saved["wall_s"], saved.get("reruns", ()),
+                         saved.get("variants", ()))
 
 
 def main(argv=None):

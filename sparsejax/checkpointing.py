@@ -32,6 +32,7 @@ import logging
 import os
 import pathlib
 import shutil
+import sys
 import warnings
 from typing import Any
 
@@ -82,7 +83,7 @@ def check_signature(directory: str | os.PathLike, signature: dict) -> None:
     if saved != current:
         raise ValueError(f"the checkpoints in {directory} come from a different run "
                          f"({_difference(saved, current)}); use a new workdir, or the same "
-                         f"model settings to resume")
+                         f"settings to resume")
 
 
 @contextlib.contextmanager
@@ -95,6 +96,28 @@ def _quiet_asyncio():
         yield
     finally:
         logger.setLevel(level)
+
+
+def _is_closed_loop_error(unraisable) -> bool:
+    exc = unraisable.exc_value
+    return isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed"
+
+
+class _ClosedLoopFilter:
+    """A ``sys.unraisablehook`` that drops "Event loop is closed" and passes the rest on.
+
+    When one array of a checkpoint cannot be read, orbax abandons the restore's event
+    loop while tensorstore still completes the other reads; each completion then reports
+    "RuntimeError: Event loop is closed" as an unraisable exception, hundreds of
+    tracebacks for one bad chunk. The failure itself is reported once, by ``restore``.
+    """
+
+    def __init__(self, previous):
+        self.previous = previous
+
+    def __call__(self, unraisable):
+        if not _is_closed_loop_error(unraisable):
+            self.previous(unraisable)
 
 
 def _abstract(tree: Any) -> Any:
@@ -160,6 +183,7 @@ class Checkpointer:
         self.max_to_keep = max_to_keep
         self.async_save = async_save
         self._manager = self._new_manager()
+        self._loop_filter: _ClosedLoopFilter | None = None
         if self.signature is not None and jax.process_index() == 0:
             self._write_signature()
 
@@ -209,7 +233,7 @@ class Checkpointer:
         if self.signature is not None and meta.get("signature") not in (None, self.signature):
             raise ValueError(f"checkpoint step {step} in {self.directory} comes from a different "
                              f"run ({_difference(meta['signature'], self.signature)}); use a new "
-                             f"workdir, or the same model settings to resume")
+                             f"workdir, or the same settings to resume")
         if "fingerprint" in meta and state_fingerprint(out["state"]) != meta["fingerprint"]:
             raise IOError(f"checkpoint step {step}: the restored arrays differ from the saved ones "
                           f"(fingerprint mismatch)")
@@ -231,6 +255,27 @@ class Checkpointer:
             return self._restore_step(step, abstract)
         steps = sorted(self.all_steps(), reverse=True)
         unreadable, errors = [], []
+        # installed for the reads; kept until close() if one failed (late completions of the
+        # abandoned reads still arrive after restore returns)
+        self._quiet_closed_loops()
+        try:
+            return self._restore_newest(steps, abstract, unreadable, errors)
+        finally:
+            if not errors:
+                self._restore_unraisable_hook()
+
+    def _quiet_closed_loops(self) -> None:
+        if self._loop_filter is None:
+            self._loop_filter = _ClosedLoopFilter(sys.unraisablehook)
+            sys.unraisablehook = self._loop_filter
+
+    def _restore_unraisable_hook(self) -> None:
+        if self._loop_filter is not None:
+            if sys.unraisablehook is self._loop_filter:
+                sys.unraisablehook = self._loop_filter.previous
+            self._loop_filter = None
+
+    def _restore_newest(self, steps, abstract, unreadable, errors) -> Restored | None:
         for s in steps:
             try:
                 with _quiet_asyncio():
@@ -249,7 +294,7 @@ class Checkpointer:
             first_line = str(errors[-1]).strip().splitlines()[0][:200] if str(errors[-1]).strip() else ""
             warnings.warn(f"checkpoint step {s} in {self.directory} cannot be read "
                           f"({type(errors[-1]).__name__}: {first_line}); trying the previous one",
-                          RuntimeWarning, stacklevel=2)
+                          RuntimeWarning, stacklevel=3)
         if errors:
             raise ValueError(f"no checkpoint in {self.directory} can be read into this state "
                              f"(steps {steps}); last error: {type(errors[-1]).__name__}: "
@@ -279,6 +324,7 @@ class Checkpointer:
     def close(self) -> None:
         self._manager.wait_until_finished()
         self._manager.close()
+        self._restore_unraisable_hook()
 
     def __enter__(self) -> "Checkpointer":
         return self

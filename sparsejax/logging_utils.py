@@ -292,7 +292,9 @@ def mask_sparsity(masks: Any) -> dict[str, float]:
     out = {}
     for key_path, mask in with_path:
         mask = np.asarray(jax.device_get(mask))
-        out[path_lib.path_str(key_path)] = float(1.0 - mask.mean()) if mask.size else 0.0
+        # soft masks (values in [0, 1]) may round to a mean a hair above 1: no "-0.000"
+        out[path_lib.path_str(key_path)] = float(np.clip(1.0 - mask.mean(), 0.0, 1.0)) + 0.0 \
+            if mask.size else 0.0
     return out
 
 

@@ -14,6 +14,7 @@ Masks have one home per preset: ``"recipe"`` (fixed, in ``sstate``) or
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 from typing import Any, Callable
 
@@ -145,15 +146,44 @@ def recipe_from_json(path: str) -> Preset:
             spec = json.load(f)
     except (OSError, json.JSONDecodeError) as e:
         raise ValueError(f"recipe file {path}: cannot read it as JSON ({e})") from None
+    where = f"recipe file {path}"
+    if not isinstance(spec, dict):
+        raise ValueError(f"{where}: the top level must be an object "
+                         f"{{\"rules\": [...]}}, got a JSON {type(spec).__name__}")
+    unknown = sorted(set(spec) - {"rules"})
+    if unknown:
+        near = difflib.get_close_matches(unknown[0], ["rules"], n=1)
+        hint = f" (did you mean 'rules'?)" if near else ""
+        raise ValueError(f"{where}: unknown top-level key(s) {unknown}{hint}; the file holds "
+                         "{\"rules\": [...]}")
+    if "rules" not in spec:
+        raise ValueError(f"{where}: no \"rules\" list; write {{\"rules\": [{{\"rule\": \"Prune\", "
+                         "\"pattern\": \"*kernel\", \"sparsity\": 0.9}}]}} (use --recipe=dense "
+                         "for a dense run)")
+    if not isinstance(spec["rules"], list) or not spec["rules"]:
+        raise ValueError(f"{where}: \"rules\" must be a non-empty list of rule objects "
+                         "(use --recipe=dense for a dense run)")
     built = []
-    for i, entry in enumerate(spec.get("rules", [])):
+    for i, entry in enumerate(spec["rules"]):
+        if not isinstance(entry, dict):
+            raise ValueError(f"{where}: rules[{i}] must be an object such as "
+                             f"{{\"rule\": \"Prune\", \"pattern\": \"*kernel\"}}, got {entry!r}")
         entry = dict(entry)
         name = entry.pop("rule", None)
         if name not in _RULES:
-            raise ValueError(f"recipe file {path}: rules[{i}]: 'rule' must be one of {sorted(_RULES)}")
-        if "block" in entry:
+            raise ValueError(f"{where}: rules[{i}]: 'rule' must be one of {sorted(_RULES)}")
+        fields = {f.name for f in dataclasses.fields(_RULES[name])}
+        for key in sorted(set(entry) - fields):
+            near = difflib.get_close_matches(key, sorted(fields), n=1)
+            hint = f" (did you mean {near[0]!r}?)" if near else ""
+            raise ValueError(f"{where}: rules[{i}] ({name}): unknown field {key!r}{hint}; "
+                             f"{name} takes {sorted(fields)}")
+        if "block" in entry and isinstance(entry["block"], list):
             entry["block"] = tuple(entry["block"])
-        built.append(_RULES[name](**entry))
+        try:
+            built.append(_RULES[name](**entry))
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{where}: rules[{i}]: {e}") from None
     recipe = Recipe(built)
     return Preset(path, f"recipe file {path}", lambda model: recipe)
 

@@ -24,6 +24,7 @@ from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from sparsejax import masks as mask_math
 from sparsejax import paths
@@ -37,6 +38,19 @@ class Rule:
     """Base class: a pattern over parameter paths."""
 
     pattern: str | re.Pattern
+
+    def __post_init__(self):
+        # NumPy and JAX scalars (np.float32(0.5), jnp.float32(0.5), np.int64(2)) are the same
+        # numbers to a user: store them as Python numbers so every check and the report see one
+        # type.
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, tuple):
+                fixed = tuple(_python_scalar(v) for v in value)
+            else:
+                fixed = _python_scalar(value)
+            if fixed is not value:
+                object.__setattr__(self, f.name, fixed)
 
     def matches(self, path: str) -> bool:
         return paths.matches(self.pattern, path)
@@ -60,6 +74,15 @@ class Rule:
         return ValueError(f"{path}: {self.describe()}: {message}")
 
 
+def _python_scalar(value: Any) -> Any:
+    """A concrete NumPy / JAX scalar as the Python number it holds; anything else unchanged."""
+    if isinstance(value, np.generic) and value.ndim == 0:
+        return value.item()
+    if isinstance(value, jax.Array) and not isinstance(value, jax.core.Tracer) and value.ndim == 0:
+        return value.item()
+    return value
+
+
 # --------------------------------------------------------------------------- masks
 
 
@@ -71,6 +94,7 @@ class MaskRule(Rule):
     srste_decay: float = dataclasses.field(default=2e-4, kw_only=True)
 
     def __post_init__(self):
+        super().__post_init__()
         if self.gradient not in GRADIENT_MODES:
             raise ValueError(f"{self.describe()}: gradient must be one of {GRADIENT_MODES}")
         if self.srste_decay < 0:
@@ -102,6 +126,11 @@ class MaskRule(Rule):
     @property
     def target_sparsity(self) -> float:
         raise NotImplementedError
+
+    @property
+    def needs_rng(self) -> bool:
+        """Whether the masks are drawn at random (``init`` then requires an ``rng`` key)."""
+        return False
 
 
 def _require_layout(rule: Rule, path: str, layout: WeightLayout | None) -> WeightLayout:
@@ -135,6 +164,10 @@ class Prune(MaskRule):
     @property
     def target_sparsity(self) -> float:
         return self.sparsity
+
+    @property
+    def needs_rng(self) -> bool:
+        return self.method == "random"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -234,6 +267,7 @@ class Factorize(Rule):
     init: str = dataclasses.field(default="project", kw_only=True)
 
     def __post_init__(self):
+        super().__post_init__()
         if isinstance(self.nblocks, bool) or not isinstance(self.nblocks, int) or self.nblocks < 1:
             raise ValueError(f"{self.describe()}: nblocks must be an integer >= 1")
         if self.init not in ("project", "random"):
@@ -300,6 +334,7 @@ class SparkTopK(ActivationRule):
     impl: str = dataclasses.field(default="xla", kw_only=True)
 
     def __post_init__(self):
+        super().__post_init__()
         if self.site not in ("ffn", "attention"):
             raise ValueError(f"{self.describe()}: site must be 'ffn' or 'attention'")
         if self.k is not None and self.k_frac is not None:

@@ -110,6 +110,8 @@ class SparseFunction:
         self._handlers: dict[str, passes.WeightHandler] = {}
         self._report: Report | None = None
         self._measured: list[dict] = []
+        # set by lower(): per masked leaf, (path, the mask object, its fingerprint)
+        self._lowered_masks: list[tuple[str, Any, tuple[int, int]]] | None = None
 
     # ------------------------------------------------------------------ tracing
 
@@ -184,6 +186,7 @@ class SparseFunction:
         traced = self._trace(leaves, arg_leaves, arg_treedef, dynamic, static)
         self._slots = self._assign_rules(leaves, traced)
         self._activation_plan(traced, check="init")
+        _require_rng(rng, [s.rule for s in self._slots], "init")
         rng = jax.random.key(0) if rng is None else rng
 
         items, masks = [], []
@@ -306,6 +309,7 @@ class SparseFunction:
     def _check_params(self, sparams) -> list:
         if self._slots is None:
             raise RuntimeError("call .init(params, *args) before calling the sparsified function")
+        sparams = _conform(sparams, self._sparams_treedef)
         leaves, treedef = jax.tree_util.tree_flatten(sparams)
         if treedef != self._sparams_treedef:
             got = set(path_lib.leaf_paths(sparams))
@@ -325,18 +329,19 @@ class SparseFunction:
         if not isinstance(sstate, dict) or "masks" not in sstate:
             raise TypeError("sstate must be the dict returned by init: {'masks': ...}")
         try:
-            return self._sparams_treedef.flatten_up_to(sstate["masks"])
+            return self._sparams_treedef.flatten_up_to(_conform(sstate["masks"],
+                                                                self._sparams_treedef))
         except (ValueError, TypeError) as e:
             raise ValueError(f"sstate['masks'] does not match the params structure: {e}") from None
 
     def _slot_items(self, sparams) -> list:
         """The sparse params grouped per dense leaf: an array, or a subtree (factors)."""
-        return self._dense_treedef.flatten_up_to(sparams)
+        return self._dense_treedef.flatten_up_to(_conform(sparams, self._sparams_treedef))
 
     def _slot_masks(self, sstate) -> list:
         """One mask (or None) per dense leaf."""
         self._mask_leaves(sstate)
-        masks = self._dense_treedef.flatten_up_to(sstate["masks"])
+        masks = self._dense_treedef.flatten_up_to(_conform(sstate["masks"], self._sparams_treedef))
         return [m if _is_array(m) else None for m in masks]
 
     def __call__(self, sparams: Any, sstate: dict, *args: Any, **kwargs: Any) -> Any:
@@ -346,6 +351,8 @@ class SparseFunction:
             needs = isinstance(slot.rule, MaskRule)
             if needs and (m is None or tuple(jnp.shape(m)) != slot.shape):
                 raise ValueError(f"{slot.path}: sstate['masks'] needs a mask of shape {slot.shape}")
+        if self._lowered_masks is not None:
+            self._check_lowered_masks(self._slot_masks(sstate))
         present = [m for m in mask_leaves if m is not None]
         arg_leaves, arg_treedef, dynamic, static = self._split_args(args, kwargs)
         dyn = [arg_leaves[i] for i in dynamic]
@@ -475,6 +482,7 @@ class SparseFunction:
         self._check_params(sparams)
         items, old = self._slot_items(sparams), self._slot_masks(sstate)
         score_items = (self._slot_items(scores) if scores is not None else [None] * len(items))
+        _require_rng(rng, [s.rule for s in self._slots], "recompute_masks")
         rng = jax.random.key(0) if rng is None else rng
         new = []
         for slot, w, m, sc in zip(self._slots, items, old, score_items):
@@ -506,8 +514,12 @@ class SparseFunction:
         ones the compressed N:M GEMV, and Spark FFN sites the sparse-input/output GEMVs.
 
         Masks are read from ``sstate`` now (concretely) and fixed in the copy: call
-        ``lower`` again after masks change. Sites that cannot take the kernel stay
-        on XLA; ``report()`` of the copy says which path each site took and why.
+        ``lower`` again after masks change. The copy keeps a fingerprint of these
+        masks and, when called with concrete masks that differ, raises a ValueError
+        instead of computing with the old ones; under ``jax.jit`` the masks are
+        traced and cannot be checked, so there re-``lower`` whenever they change.
+        Sites that cannot take the kernel stay on XLA; ``report()`` of the copy says
+        which path each site took and why.
 
         Args:
           sstate: the state whose masks to lower.
@@ -530,7 +542,22 @@ class SparseFunction:
         lowered._handlers.update(activation_sparse_handlers(self, backend=backend, interpret=interpret))
         lowered._report = lowered._build_report(next(iter(self._traces.values())),
                                                 self._slot_masks(sstate))
+        lowered._lowered_masks = [(slot.path, mask, _mask_fingerprint(mask))
+                                  for slot, mask in zip(self._slots, self._slot_masks(sstate))
+                                  if isinstance(slot.rule, MaskRule)]
         return lowered
+
+    def _check_lowered_masks(self, slot_masks) -> None:
+        """Raises when concrete masks differ from those ``lower`` fixed in this copy."""
+        given = {s.path: m for s, m in zip(self._slots, slot_masks)}
+        for path, mask, fingerprint in self._lowered_masks:
+            m = given.get(path)
+            if m is mask or isinstance(m, jax.core.Tracer):
+                continue   # the same array, or traced (under jit: see lower's docstring)
+            if m is None or _mask_fingerprint(m) != fingerprint:
+                raise ValueError(f"{path}: sstate['masks'] differs from the masks this function "
+                                 "was lowered with (lower() fixes them); call "
+                                 "sfn.lower(sstate) again with the new masks")
 
     def rewritten_jaxpr(self, sparams: Any, sstate: dict, *args: Any, **kwargs: Any):
         """The rewritten program as a ClosedJaxpr, for inspection."""
@@ -587,6 +614,59 @@ class SparseFunction:
     def _require_init(self):
         if self._slots is None:
             raise RuntimeError("call .init(params, *args) first")
+
+
+@jax.jit
+def _fingerprint_device(mask):
+    bits = jnp.asarray(mask).astype(jnp.uint32).reshape(-1)
+    # a pseudo-random weight per position (murmur3's finalizer): a linear weight would give
+    # symmetric masks (one block pattern and its mirror) the same sum
+    h = jnp.arange(bits.size, dtype=jnp.uint32)
+    h = (h ^ (h >> 16)) * jnp.uint32(0x85EBCA6B)
+    h = (h ^ (h >> 13)) * jnp.uint32(0xC2B2AE35)
+    h = h ^ (h >> 16)
+    return jnp.sum(bits, dtype=jnp.uint32), jnp.sum(bits * h, dtype=jnp.uint32)
+
+
+def _mask_fingerprint(mask) -> tuple[int, int] | None:
+    """(kept count, position-weighted sum mod 2^32) of a concrete mask: two integers to compare
+    on the host instead of the whole mask."""
+    if mask is None:
+        return None
+    count, weighted = jax.device_get(_fingerprint_device(mask))
+    return int(count), int(weighted)
+
+
+def _require_rng(rng, rules, where: str) -> None:
+    """Random masks from a silent default key would repeat across runs: ask for a key."""
+    if rng is not None:
+        return
+    random = next((r for r in rules if getattr(r, "needs_rng", False)), None)
+    if random is not None:
+        raise ValueError(f"{random.describe()}: draws its masks at random; pass a PRNG key, "
+                         f"e.g. sfn.{where}(..., rng=jax.random.key(0))")
+
+
+def _conform(tree: Any, treedef: Any) -> Any:
+    """``tree`` rebuilt with ``treedef`` when the two differ only in container types.
+
+    A Flax ``FrozenDict`` and a plain dict with the same keys are the same parameters to a
+    user (``model.apply`` takes either), but different pytrees to JAX: params initialised
+    as one and passed as the other are accepted. Anything else is returned unchanged, for
+    the caller's own structure check to report.
+    """
+    if jax.tree_util.tree_structure(tree) == treedef:
+        return tree
+    is_none = lambda x: x is None   # masks hold None where a leaf is not masked
+    got = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_none)[0]
+    want = jax.tree_util.tree_flatten_with_path(
+        jax.tree_util.tree_unflatten(treedef, [0] * treedef.num_leaves), is_leaf=is_none)[0]
+    if [path_lib.path_str(p) for p, _ in got] != [path_lib.path_str(p) for p, _ in want]:
+        return tree
+    if any((x is None) != (w is None) and w is None for (_, x), (_, w) in zip(got, want)):
+        return tree
+    return jax.tree_util.tree_unflatten(treedef, [x for (_, x), (_, w) in zip(got, want)
+                                                  if w is not None])
 
 
 def _leaf_layout(sites: Sequence[WeightSite]) -> WeightLayout | None:

@@ -34,9 +34,16 @@ def falls(history) -> bool:
 def test_every_preset_trains(tmp_path, recipe):
     cfg = tiny(tmp_path, recipe=recipe, mesh="data:1")
     if recipe == "monarch4_proj":
-        cfg.steps = 20
+        # projects given weights: start from a short dense run's final params
+        train.train_and_evaluate(tiny(tmp_path / "dense", recipe="dense", steps=10, mesh="data:1"))
+        cfg.steps, cfg.init_from = 20, str(tmp_path / "dense" / "run")
     result = train.train_and_evaluate(cfg)
-    assert falls(result["history"]), [h["loss"] for h in result["history"]]
+    losses = [h["loss"] for h in result["history"]]
+    if recipe == "monarch4_proj":
+        # starts from trained weights: less to fall than from scratch, but it still learns
+        assert losses[-1] < losses[0], losses
+    else:
+        assert falls(result["history"]), losses
     assert np.isfinite(result["eval"]["loss"])
     if recipe in ("gmp90", "rigl90", "set90", "static90"):
         assert result["history"][-1]["sparsity"] == pytest.approx(0.9, abs=0.01)
@@ -75,7 +82,9 @@ def _cli_args(workdir, **overrides):
 def test_sigkill_and_resume_ends_bit_identical(tmp_path):
     straight = _run_cli(_cli_args(tmp_path / "straight"))
     assert straight.returncode == 0, straight.stderr[-2000:]
-    killed = _run_cli(_cli_args(tmp_path / "killed", sigkill_at_step=20))
+    # the test-only kill switch is an environment variable, not a flag --help would show
+    killed = _run_cli(_cli_args(tmp_path / "killed"),
+                      env_extra={"SPARSEJAX_TEST_SIGKILL_AT_STEP": "20"})
     assert killed.returncode == -9
     resumed = _run_cli(_cli_args(tmp_path / "killed"))
     assert resumed.returncode == 0, resumed.stderr[-2000:]
@@ -99,7 +108,6 @@ def test_corrupt_newest_checkpoint_falls_back(tmp_path):
     for f in ckpt_dir.rglob("*"):
         if f.is_file() and f.stat().st_size > 0 and "state" in str(f):
             f.write_bytes(b"\0" * f.stat().st_size)
-    cfg.steps = 25
     with pytest.warns(RuntimeWarning, match="cannot be read"):
         result = train.train_and_evaluate(cfg)
     assert result["history"][0]["step"] == 15    # resumed from step 10, logging every 5

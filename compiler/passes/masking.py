@@ -3,8 +3,9 @@
 The masked value is formed once where the leaf enters and flows, as a ParamRef,
 to every matmul, conv or other use, inside scans, conds and remat alike; so
 ``sparsify`` with mask rules computes exactly ``fn(params * mask)`` while the
-gradient follows the rule's mode. The kernel lowering pass reuses the ref's
-site-view mask to swap dots for block-sparse or N:M kernels.
+gradient follows the rule's mode. The lowering pass (``lowering.py``) reuses the
+ref's site-view mask to swap dots for the block-sparse kernel; no N:M lowering is
+built (N:M-masked sites stay on XLA; ``kernels.nm_compressed`` is called directly).
 """
 
 from __future__ import annotations

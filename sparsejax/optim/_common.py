@@ -97,24 +97,12 @@ def land_on_masks(targets: Targets, updates: Any, params: Any, masks: list,
     return jax.tree_util.tree_unflatten(targets.treedef, u)
 
 
-# Fields of optax states that hold a running mean of squared gradients (a per-entry
-# scale), unlike first moments (mu, trace) that hold a running mean of gradients.
-SECOND_MOMENT_FIELDS = frozenset({"nu", "nu_max", "sum_of_squares", "exp_avg_sq", "grad_sum_sq",
-                                  "e_g", "n"})
-
-
-def zero_moments(targets: Targets, params: Any, inner_state: Any, keep: list,
-                 regrown: list | None = None) -> Any:
+def zero_moments(targets: Targets, params: Any, inner_state: Any, keep: list) -> Any:
     """Zeroes entries where ``keep`` is False in every params-shaped tree of ``inner_state``.
 
     A params-shaped tree is any sub-tree with the params' structure and leaf
     shapes (Adam's mu and nu, SGD's trace, ...); scalars such as step counts are
-    left alone. With ``regrown``, second moments (fields named in
-    :data:`SECOND_MOMENT_FIELDS`) at regrown entries are set to the mean over the
-    leaf's kept entries instead of 0: Adam divides by sqrt(nu) with a bias
-    correction from the global step count, so a nu restarted at 0 would make
-    the regrown weight's steps several times the learning rate for hundreds of
-    steps.
+    left alone.
     """
     shapes = [tuple(getattr(x, "shape", ())) for x in targets.treedef.flatten_up_to(params)]
 
@@ -123,35 +111,23 @@ def zero_moments(targets: Targets, params: Any, inner_state: Any, keep: list,
         return treedef == targets.treedef and \
             [tuple(getattr(x, "shape", ())) for x in leaves] == shapes
 
-    def reset(node, second: bool):
-        flat = targets.treedef.flatten_up_to(node)
-        for j, i in enumerate(targets.index):
-            x = jnp.where(keep[j], flat[i], jnp.zeros_like(flat[i]))
-            if second and regrown is not None:
-                x = jnp.where(regrown[j], kept_mean(flat[i], keep[j]), x)
-            flat[i] = x
-        return jax.tree_util.tree_unflatten(targets.treedef, flat)
-
-    def visit(node, field=None):
+    def visit(node):
         if node is None:
             return node
         if params_shaped(node):
-            return reset(node, field in SECOND_MOMENT_FIELDS)
+            flat = targets.treedef.flatten_up_to(node)
+            for i, k in zip(targets.index, keep):
+                flat[i] = jnp.where(k, flat[i], jnp.zeros_like(flat[i]))
+            return jax.tree_util.tree_unflatten(targets.treedef, flat)
         if isinstance(node, tuple) and hasattr(node, "_fields"):
-            return type(node)(*[visit(c, f) for f, c in zip(node._fields, node)])
+            return type(node)(*[visit(c) for c in node])
         if isinstance(node, (tuple, list)):
             return type(node)(visit(c) for c in node)
         if isinstance(node, dict):
-            return {k: visit(v, k) for k, v in node.items()}
+            return {k: visit(v) for k, v in node.items()}
         return node
 
     return visit(inner_state)
-
-
-def kept_mean(x: jax.Array, keep: jax.Array) -> jax.Array:
-    """The mean of ``x`` over ``keep`` (0 when nothing is kept), in ``x``'s dtype."""
-    total = jnp.sum(jnp.where(keep, x, 0).astype(jnp.float32))
-    return (total / jnp.maximum(jnp.sum(keep), 1)).astype(x.dtype)
 
 
 def select_tree(pred, on_true: Any, on_false: Any) -> Any:

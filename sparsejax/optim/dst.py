@@ -6,15 +6,14 @@ active weights of smallest magnitude (after this step's update), then grow as
 many among the inactive ones, at random (SET, Mocanu et al., 2018) or where the
 gradient is largest (RigL, Evci et al., 2020). The fraction follows RigL's
 cosine annealing ``alpha/2 * (1 + cos(pi * t / end_step))``. Grown weights start
-at 0 and their first moments in the inner optimizer (Adam's mu, SGD's trace)
-restart at 0, as in RigL (which used momentum SGD). Their second moments (Adam's
-nu; the fields in ``_common.SECOND_MOMENT_FIELDS``) are *not* zeroed: they start
-at the mean over the leaf's weights whose moments are kept. Adam's bias
-correction uses the global step count, so a grown weight whose nu restarted at
-0 would take steps of about ``lr * (1 - b1^n) / sqrt((1 - b2^n) / (1 - b2^T))``
-on its n-th step at global step T: for T >= 1000, 2.5x the learning rate at
-once, up to 5x, and above 2x for its first ~150 steps, a boost no other weight
-gets.
+at 0 and all their moments in the inner optimizer (Adam's mu and nu, SGD's
+trace) restart at 0, as in the published algorithms (RigL's reference code and
+JaxPruner reset the optimizer state of regrown weights).
+
+A variant that started grown weights' second moments (Adam's nu) at the mean over the
+layer's kept weights, to avoid the large first steps that Adam's global-step bias
+correction gives a nu restarted at 0, trained worse on held-out loss (digits MLP and
+the LM quality table; benchmarks/results/sparse_training.md) and was removed.
 
 Gradients: the transform wraps the optimizer and reads the raw gradients from
 its ``updates`` argument (or from an explicit ``dense_grads=`` extra argument,
@@ -172,8 +171,7 @@ def dynamic_sparse(inner: optax.GradientTransformation | None, sparsity: float, 
                                         [jnp.ones_like(m) for m in masks], zeroed=grown,
                                         as_steps=steps_are_updates)
             keep_moments = [~gr for gr in grown]
-        inner_state = _common.zero_moments(targets, params, inner_state, keep_moments,
-                                           regrown=grown)
+        inner_state = _common.zero_moments(targets, params, inner_state, keep_moments)
         return out, DynamicSparseState(step + 1, targets.tree(masks), inner_state, rng)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
