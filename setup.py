@@ -31,6 +31,8 @@ setup(
     python_requires=">=3.10",
     packages=list(PACKAGE_DIRS),
     package_dir=PACKAGE_DIRS,
+    # Measured fastest paths per device kind (sparsejax.kernels.path_choice), shipped as tables.
+    package_data={"sparsejax.kernels": ["path_tables/*.json"]},
     install_requires=[
         "jax>=0.10",
         "flax>=0.10",
