@@ -134,7 +134,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                            logdir=args.logdir, timeout_s=args.timeout_s)
     except ValueError as e:
         sys.exit(f"launch: {e}")
-    return status
+    return status if status >= 0 else 128 - status   # killed by signal n: 128 + n, as shells report
 
 
 if __name__ == "__main__":
