@@ -42,13 +42,17 @@ class DistributedError(RuntimeError):
 
 
 def is_initialized() -> bool:
-    from jax._src import distributed as _distributed   # no public query in JAX 0.10
-    return _distributed.global_state.client is not None
+    if hasattr(jax.distributed, "is_initialized"):
+        return jax.distributed.is_initialized()
+    return _client() is not None
 
 
 def _settings(coordinator_address: str, num_processes: int, process_id: int):
     address = coordinator_address or os.environ.get(ENV_COORDINATOR, "")
     if not address:
+        if num_processes > 1:
+            raise ValueError(f"--num_processes {num_processes} needs --coordinator_address host:port "
+                             f"(the address of process 0), or {ENV_COORDINATOR} in the environment")
         return None
     n = num_processes if num_processes > 1 else int(os.environ.get(ENV_NUM_PROCESSES, num_processes))
     pid = process_id if process_id or ENV_PROCESS_ID not in os.environ else int(os.environ[ENV_PROCESS_ID])
@@ -127,6 +131,7 @@ def initialize(coordinator_address: str = "", num_processes: int = 1, process_id
 
 
 def _client():
+    # The coordinator's key-value store has no public handle in JAX 0.10-0.12.
     from jax._src import distributed as _distributed
     return _distributed.global_state.client
 
