@@ -423,6 +423,24 @@ def _global_batch(batch: dict, sharding: NamedSharding) -> dict:
 # ----------------------------------------------------------------------------- across processes
 
 
+_HELP.update({
+    "coordinator_address": "multi-process: host:port of process 0 (or JAX_COORDINATOR_ADDRESS); "
+                           "python -m sparsejax.distributed.launch starts N local processes",
+    "num_processes": "multi-process: how many processes (or JAX_NUM_PROCESSES)",
+    "process_id": "multi-process: this process's index, 0 on the coordinator (or JAX_PROCESS_ID)",
+    "distributed_timeout": "seconds to join a multi-process run before a one-line error",
+    "outer": "none (DDP: gradients all-reduced every step), diloco or sparseloco (every device of "
+             "the data axis is a replica that takes --inner_steps local steps between outer steps)",
+    "inner_steps": "diloco/sparseloco: H, local steps per replica between outer steps",
+    "outer_lr": "diloco/sparseloco: outer learning rate (0: 0.7 for diloco, 1.0 for sparseloco)",
+    "outer_momentum": "diloco: outer Nesterov momentum",
+    "outer_density": "sparseloco: fraction of each chunk sent (top-k), e.g. 0.01-0.03",
+    "outer_chunk": "sparseloco: entries per top-k chunk of a flattened leaf (the last is zero-padded)",
+    "outer_bits": "sparseloco: bits per sent value: 2 (sign + one of two levels) or 32 (float32)",
+    "outer_ef_beta": "sparseloco: error-feedback decay beta in e <- beta e + delta",
+})
+
+
 def outer_loop(cfg: Config, mesh: Mesh, preset, echo=print):
     """The DiLoCo / SparseLoCo outer loop the flags ask for (None for --outer=none)."""
     if cfg.outer not in local_sgd.METHODS:
