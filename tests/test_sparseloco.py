@@ -56,16 +56,16 @@ def test_chunked_topk_matches_the_numpy_reference(shape, chunk, k, bits):
 def test_message_layout_and_bytes():
     x = jax.random.normal(jax.random.key(1), (33, 100))       # 3300 entries: 4 chunks of 1024, padded
     compressor = sl.chunked_topk(1024, density=0.01)          # k = 10
-    message = compressor.encode(x)
+    message = jax.jit(compressor.encode)(x)
     assert message.indices.shape == (4, 10) and message.indices.dtype == jnp.uint16
     assert message.codes.shape == (4, 3) and message.codes.dtype == jnp.uint8   # ceil(10 / 4) bytes
     assert message.levels.shape == (4, 2) and message.levels.dtype == jnp.float32
     assert sl.message_nbytes(message) == 4 * (10 * 2 + 3 + 8)
-    assert sl.message_nbytes(sl.full_precision().encode(x)) == 3300 * 4
+    assert sl.message_nbytes(jax.eval_shape(sl.full_precision().encode, x)) == 3300 * 4
 
 
 def test_small_leaf_is_one_chunk_with_k_scaled_down():
-    message = sl.chunked_topk(4096, density=0.03).encode(jnp.arange(1.0, 257.0))   # k 123 -> 8
+    message = jax.jit(sl.chunked_topk(4096, density=0.03).encode)(jnp.arange(1.0, 257.0))   # k 123 -> 8
     assert message.indices.shape == (1, 8)
     assert sorted(np.asarray(message.indices[0]).tolist()) == list(range(248, 256))
 
@@ -90,11 +90,13 @@ def test_error_feedback_keeps_exactly_what_was_not_sent():
     state = tx.init(params)
     chex.assert_trees_all_equal(state.error, params)
     update = jax.jit(tx.update)
-    for seed in range(3):
-        delta = jax.tree.map(lambda p: jax.random.normal(jax.random.key(seed), p.shape), params)
-        accumulated = jax.tree.map(lambda e, d: 0.9 * e + d, state.error, delta)
+    decode = jax.jit(lambda m: sl.decode_tree(compressor, m, params))
+    rng = np.random.default_rng(0)
+    for _ in range(3):
+        delta = jax.tree.map(lambda p: jnp.asarray(rng.standard_normal(p.shape), jnp.float32), params)
+        accumulated = jax.tree.map(lambda e, d: 0.9 * np.asarray(e) + np.asarray(d), state.error, delta)
         messages, state = update(delta, state)
-        sent = sl.decode_tree(compressor, messages, params)
+        sent = decode(messages)
         chex.assert_trees_all_close(jax.tree.map(jnp.add, state.error, sent), accumulated, atol=1e-6)
         # The sent part is sparse: 8 per chunk of 256 (the bias is one chunk of 30 with k 1).
         assert int(jnp.sum(sent["w"] != 0)) == 8 * math.ceil(1200 / 256)
@@ -115,7 +117,8 @@ def test_average_messages_is_the_mean_of_the_decoded_messages():
     compressor = sl.chunked_topk(64, k=6)
     like = {"w": jnp.zeros((10, 13))}
     xs = [{"w": jax.random.normal(jax.random.key(i), (10, 13))} for i in range(3)]
-    messages = [sl.encode_tree(compressor, x) for x in xs]
+    encode = jax.jit(lambda x: sl.encode_tree(compressor, x))
+    messages = [encode(x) for x in xs]
     stacked = jax.tree.map(lambda *m: jnp.stack(m), *messages)
     average = jax.jit(lambda s: sl.average_messages(compressor, s, like))(stacked)
     expected = sum(topk_reference(np.asarray(x["w"]), 64, 6) for x in xs) / 3
@@ -178,9 +181,9 @@ def test_diloco_with_one_inner_sgd_step_is_data_parallel_sgd():
     loop = local_sgd.LocalSGD(mesh, compressor=sl.full_precision(), outer_optimizer=optax.sgd(1.0),
                               inner_steps=1, echo=None)
     out = _run(loop, mesh, state, train_step, batches)
-    params = state.params
+    params, grad = state.params, jax.jit(jax.grad(loss))
     for batch in batches:      # plain SGD on the whole batch (the mean of the replicas' gradients)
-        params = jax.tree.map(lambda p, g: p - 0.1 * g, params, jax.grad(loss)(params, batch))
+        params = jax.tree.map(lambda p, g: p - 0.1 * g, params, grad(params, batch))
     chex.assert_trees_all_close(jax.device_get(out.params), params, atol=1e-5)
     assert [r.sent_bytes for r in loop.records] == [(16 * 3 + 3) * 4] * 6
 
