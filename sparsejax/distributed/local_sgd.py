@@ -30,7 +30,6 @@ are averaged over replicas only at the steps ``log_at`` names.
 from __future__ import annotations
 
 import json
-import os
 from typing import Any, Callable, NamedTuple
 
 import jax
