@@ -32,7 +32,8 @@ from flax import serialization, struct
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 import sparsejax as sj
-from sparsejax import checkpointing, data, logging_utils, presets
+from sparsejax import checkpointing, data, distributed, logging_utils, presets
+from sparsejax.distributed import local_sgd
 from sparsejax.models import transformer, vision
 
 
@@ -69,6 +70,16 @@ class Config:
     coordinator_address: str = ""      # multi-host: host:port of process 0
     num_processes: int = 1
     process_id: int = 0
+    # --- across processes (sparsejax.distributed): joining, and the DiLoCo / SparseLoCo outer loop
+    distributed_timeout: float = 60.0  # seconds to reach the coordinator before a clear error
+    outer: str = "none"                # none (DDP: gradients every step) | diloco | sparseloco
+    inner_steps: int = 50              # H: local steps per replica between outer steps
+    outer_lr: float = 0.0              # 0: the method's default (0.7 diloco, 1.0 sparseloco)
+    outer_momentum: float = 0.9        # diloco's outer Nesterov momentum
+    outer_density: float = 0.01        # sparseloco: fraction of each chunk sent
+    outer_chunk: int = 4096            # sparseloco: entries per top-k chunk
+    outer_bits: int = 2                # sparseloco: bits per sent value (2, or 32 for float32)
+    outer_ef_beta: float = 0.95        # sparseloco: error-feedback decay
     sigkill_at_step: int = 0           # testing: kill the process (SIGKILL) after this step
 
 
@@ -329,7 +340,8 @@ def signature(cfg: Config, model_config: dict) -> dict:
     return {"model": model_config, "recipe": cfg.recipe, "optimizer": cfg.optimizer,
             "batch_size": cfg.batch_size, "seq_len": cfg.seq_len, "seed": cfg.seed, "data": cfg.data,
             "steps": cfg.steps, "learning_rate": cfg.learning_rate, "lr_schedule": cfg.lr_schedule,
-            "warmup_steps": cfg.warmup_steps, "weight_decay": cfg.weight_decay}
+            "warmup_steps": cfg.warmup_steps, "weight_decay": cfg.weight_decay,
+            **outer_signature(cfg)}
 
 
 FINAL_PARAMS = "params.msgpack"
@@ -396,6 +408,7 @@ def prepare(cfg: Config, *, devices=None) -> Prepared:
         raise ValueError(f"--batch_size {cfg.batch_size} must be divisible by the {mesh.devices.size} "
                          f"devices of --mesh {cfg.mesh}")
     preset = presets.get(cfg.recipe)
+    outer_loop(cfg, mesh, preset)   # checks the outer-loop flags before anything compiles
     train_batches, eval_batches, vocab, example, items_per_example = load_data(cfg)
     model, model_config = build_model(cfg, vocab)
     ckpt = checkpointing.Checkpointer(os.path.join(cfg.workdir, "checkpoints"),
@@ -435,8 +448,12 @@ def train_and_evaluate(cfg: Config | Prepared, *, devices=None) -> dict:
     items_per_example = run.items_per_example
 
     state, sfn, tx = create_state(run)
+    outer = outer_loop(cfg, mesh, preset, echo=lambda line: progress.print(line))
+    if outer is not None:                   # replicas keep their own params and inner state
+        state = outer.init(state)
 
-    state_sharding = jax.tree.map(lambda x: fsdp_sharding(mesh, x), state)
+    state_sharding = (outer.shardings(state) if outer is not None else
+                      jax.tree.map(lambda x: fsdp_sharding(mesh, x), state))
     batch_sharding = NamedSharding(mesh, P(("data", "fsdp")))
     # Optimizers may start from the recipe's masks: copy, so no buffer is in the state twice
     # (the train step donates the state).
@@ -469,8 +486,12 @@ def train_and_evaluate(cfg: Config | Prepared, *, devices=None) -> dict:
         masks = presets.forward_masks(preset, state.sstate, state.opt_state)
         return loss_fn(state.params, masks, batch)[1]
 
-    train_step = jax.jit(train_step, in_shardings=(state_sharding, batch_sharding),
-                         out_shardings=(state_sharding, None), donate_argnums=0)
+    if outer is not None:
+        train_step = outer.wrap(train_step, total_steps=cfg.steps,
+                                log_at=lambda s: s % cfg.log_every == 0 or s == cfg.steps)
+    else:
+        train_step = jax.jit(train_step, in_shardings=(state_sharding, batch_sharding),
+                             out_shardings=(state_sharding, None), donate_argnums=0)
     eval_step = jax.jit(eval_step, in_shardings=(state_sharding, batch_sharding))
 
     def evaluate(state):
@@ -570,7 +591,66 @@ def _global_batch(batch: dict, sharding: NamedSharding) -> dict:
     return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
 
 
+# ----------------------------------------------------------------------------- across processes
+
+
+_FLAG_GROUPS["devices and hosts"].update({
+    "coordinator_address": "Multi-process runs: host:port of process 0 (or JAX_COORDINATOR_ADDRESS); "
+                           "python -m sparsejax.distributed.launch starts N local processes.",
+    "num_processes": "Multi-process runs: how many processes (or JAX_NUM_PROCESSES).",
+    "process_id": "Multi-process runs: this process's index, 0 on the coordinator (or JAX_PROCESS_ID).",
+    "distributed_timeout": "Seconds to join a multi-process run before a one-line error.",
+    "outer": "none (DDP: gradients all-reduced every step), diloco or sparseloco (every device of "
+             "the data axis is a replica that takes --inner_steps local steps between outer steps).",
+    "inner_steps": "DiLoCo/SparseLoCo: H, local steps per replica between outer steps.",
+    "outer_lr": "DiLoCo/SparseLoCo: outer learning rate (0: 0.7 for diloco, 1.0 for sparseloco).",
+    "outer_momentum": "DiLoCo: outer Nesterov momentum.",
+    "outer_density": "SparseLoCo: fraction of each chunk sent (top-k), e.g. 0.01-0.03.",
+    "outer_chunk": "SparseLoCo: entries per top-k chunk of a flattened leaf (the last is zero-padded).",
+    "outer_bits": "SparseLoCo: bits per sent value: 2 (sign + one of two levels) or 32 (float32).",
+    "outer_ef_beta": "SparseLoCo: error-feedback decay beta in e <- beta e + delta.",
+})
+
+
+def outer_loop(cfg: Config, mesh: Mesh, preset, echo=print):
+    """The DiLoCo / SparseLoCo outer loop the flags ask for (None for --outer=none)."""
+    if cfg.outer not in local_sgd.METHODS:
+        raise ValueError(f"--outer {cfg.outer!r}: use none, diloco or sparseloco")
+    if cfg.outer == "none":
+        return None
+    if preset.masks_from != "recipe":
+        raise ValueError(f"--outer={cfg.outer} with --recipe={cfg.recipe}: its masks are updated by the "
+                         f"optimizer, which each replica would do on its own; use a recipe with "
+                         f"fixed masks (e.g. dense, nm24)")
+    if mesh.shape["fsdp"] != 1:
+        raise ValueError(f"--outer={cfg.outer} with --mesh {cfg.mesh}: every device of the data axis "
+                         f"is one replica; use --mesh=data:-1 (no fsdp)")
+    try:
+        return local_sgd.make_local_sgd(
+            cfg.outer, mesh, inner_steps=cfg.inner_steps, outer_lr=cfg.outer_lr,
+            outer_momentum=cfg.outer_momentum, density=cfg.outer_density, chunk_size=cfg.outer_chunk,
+            value_bits=cfg.outer_bits, error_decay=cfg.outer_ef_beta,
+            log_path=os.path.join(cfg.workdir, "outer_steps.jsonl"), echo=echo)
+    except ValueError as e:
+        raise ValueError(f"--outer={cfg.outer}: {e} (flags --inner_steps, --outer_density, "
+                         f"--outer_chunk, --outer_bits, --outer_ef_beta)") from None
+
+
+def outer_signature(cfg: Config) -> dict:
+    """The outer-loop settings a checkpoint depends on (none for plain data parallelism)."""
+    if cfg.outer == "none":
+        return {}
+    return {"outer": cfg.outer, "outer_density": cfg.outer_density,
+            "outer_chunk": cfg.outer_chunk, "outer_bits": cfg.outer_bits}
+
+
 # ----------------------------------------------------------------------------- entry point
+
+
+def distributed_settings(cfg: Config) -> dict:
+    """The flags every process of a multi-process run must share (all but its own id)."""
+    return {k: v for k, v in dataclasses.asdict(cfg).items()
+            if k not in ("process_id", "coordinator_address", "sigkill_at_step")}
 
 
 def main(argv):
@@ -581,11 +661,12 @@ def main(argv):
     for name, variable in _HIDDEN_FIELDS.items():
         if os.environ.get(variable):
             setattr(cfg, name, int(os.environ[variable]))
-    if cfg.coordinator_address:
-        jax.distributed.initialize(cfg.coordinator_address, cfg.num_processes, cfg.process_id)
     try:
+        distributed.initialize(cfg.coordinator_address, cfg.num_processes, cfg.process_id,
+                               timeout_s=cfg.distributed_timeout)
+        distributed.check_same_settings(distributed_settings(cfg), name="flags")
         run = prepare(cfg)
-    except ValueError as e:
+    except (ValueError, distributed.DistributedError) as e:
         sys.exit(f"train.py: {e}")
     try:
         train_and_evaluate(run)

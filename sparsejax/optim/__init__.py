@@ -9,6 +9,8 @@
   :func:`iterative` schedules, uniform / ERK / global allocation.
 * Dynamic sparse training: :func:`sparse_evolutionary_training` (SET), :func:`rigl`.
 * N:M training: :func:`srste`, :func:`progressive_nm`.
+* Outer optimizers for training across processes: :mod:`sparsejax.optim.sparseloco`
+  (SparseLoCo's compressor and error feedback, DiLoCo's and SparseLoCo's outer steps).
 
 Masks live where :func:`sparsejax.sparsify` reads them: ``{"masks": masks}``;
 :func:`current_masks` pulls them out of any optimizer state.
@@ -30,6 +32,7 @@ from sparsejax.optim.pruning import SCORES, PruneState, prune
 from sparsejax.optim.schedules import (SparsitySchedule, cosine_drop_fraction, exponential_decay,
                                        gradual, iterative, linear_decay, one_shot)
 from sparsejax.optim.structure import remove_zero_groups
+from sparsejax.optim import sparseloco
 
 __all__ = [
     "DISTRIBUTIONS", "DynamicSparseState", "GroupIndex", "GroupSpec", "HalfSpace", "NMState",
@@ -41,5 +44,5 @@ __all__ = [
     "masks_from_scores", "nm_groups", "one_shot", "output_channels", "progressive_nm",
     "prox_adamw", "prox_sgd", "prune", "random_masks", "regularizer_value", "remove_zero_groups",
     "resolve_groups", "rigl", "soft_mask_params", "soft_threshold", "sparse_evolutionary_training",
-    "sparse_group_lasso", "sparsity_of", "srste",
+    "sparse_group_lasso", "sparseloco", "sparsity_of", "srste",
 ]
