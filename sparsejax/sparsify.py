@@ -104,6 +104,8 @@ class SparseFunction:
         self._handlers: dict[str, passes.WeightHandler] = {}
         self._report: Report | None = None
         self._measured: list[dict] = []
+        self._lowered_masks = None   # lower(): the masks lowered (the report reads its paths)
+        self._packed_paths: frozenset = frozenset()   # lower(packed=True): leaves held as blocks
 
     # ------------------------------------------------------------------ tracing
 
@@ -296,19 +298,22 @@ class SparseFunction:
         param_leaves = self._check_params(sparams)
         mask_leaves = self._mask_leaves(sstate)
         for slot, m in zip(self._slots, self._slot_masks(sstate)):
-            needs = isinstance(slot.rule, MaskRule)
+            needs = isinstance(slot.rule, MaskRule) and slot.path not in self._packed_paths
             if needs and (m is None or tuple(jnp.shape(m)) != slot.shape):
                 raise ValueError(f"{slot.path}: sstate['masks'] needs a mask of shape {slot.shape}")
         present = [m for m in mask_leaves if m is not None]
         arg_leaves, arg_treedef, dynamic, static = self._split_args(args, kwargs)
         dyn = [arg_leaves[i] for i in dynamic]
         flat = [*param_leaves, *present, *dyn]
+        # Sites choose their path for a forward pass or a training step (see passes.base).
+        autodiff = passes.base.under_autodiff(flat)
         key = (arg_treedef, static, tuple(i for i, m in enumerate(mask_leaves) if m is not None),
-               tuple(_aval_key(x) for x in flat))
+               tuple(_aval_key(x) for x in flat), autodiff)
         entry = self._rewrites.get(key)
         if entry is None:
-            entry = self._rewrite(param_leaves, mask_leaves, arg_leaves, arg_treedef, dynamic,
-                                  static, flat)
+            with passes.base.rewriting_for_autodiff(autodiff):
+                entry = self._rewrite(param_leaves, mask_leaves, arg_leaves, arg_treedef, dynamic,
+                                      static, flat)
             self._rewrites[key] = entry
         closed, out_tree = entry
         out = jex_core.jaxpr_as_fun(closed)(*flat)
@@ -454,30 +459,67 @@ class SparseFunction:
         return jax.tree_util.tree_unflatten(self._dense_treedef, out)
 
     def lower(self, sstate: dict, *, backend: str | None = None,
-              interpret: bool | str = False) -> "SparseFunction":
-        """A copy whose block-structured masked matmuls run the block-sparse kernel.
+              interpret: bool | str = False, packed: bool = False) -> "SparseFunction":
+        """A copy whose block-structured masked matmuls take their fastest correct path.
 
         Masks are read from ``sstate`` now (concretely) and fixed in the copy: call
-        ``lower`` again after masks change. Sites that cannot take the kernel stay
-        on XLA; ``report()`` of the copy says which path each site took and why.
+        ``lower`` again after masks change. At each site whose mask keeps whole
+        blocks (unrolled or scanned layers), the block-sparse kernel and XLA's
+        masked dense product are candidates; the first trace of a signature picks
+        one (measured on an accelerator, see ``sparsejax.kernels.path_choice``).
+        Other sites stay on XLA; ``report()`` of the copy says which path each
+        site took, its measured time against dense, or why it stayed on XLA.
 
         Args:
           sstate: the state whose masks to lower.
           backend: "gpu", "tpu" or "cpu" (default: JAX's default backend).
           interpret: run the kernels in Pallas interpret mode (tests on CPU).
+          packed: the copy takes packed params (:meth:`pack`): each lowered leaf
+            held as its kept blocks only, memory ∝ density. Masks of those
+            leaves are then not needed in ``sstate``.
         """
         from sparsejax.compiler.passes.lowering import BlockSparseHandler
 
         self._require_init()
         lowered = copy.copy(self)
         lowered._rewrites, lowered._handlers = {}, dict(self._handlers)
-        for slot, mask in zip(self._slots, self._slot_masks(sstate)):
+        slot_masks = self._slot_masks(sstate)
+        for slot, mask in zip(self._slots, slot_masks):
             if isinstance(slot.rule, MaskRule):
                 lowered._handlers[slot.path] = BlockSparseHandler(
-                    self._handlers[slot.path], mask, backend, interpret)
-        lowered._report = lowered._build_report(next(iter(self._traces.values())),
-                                                self._slot_masks(sstate))
+                    self._handlers[slot.path], mask, backend, interpret, packed=packed)
+        if packed:
+            lowered._packed_paths = frozenset(p for p, h in lowered._handlers.items()
+                                              if getattr(h, "packed", False))
+            leaves = [(jnp.zeros(lowered._handlers[s.path].packed_shape(), dtype)
+                       if s.path in lowered._packed_paths else jnp.zeros(shape, dtype))
+                      for s, (shape, dtype) in zip(self._slots, self._sparams_avals)] \
+                if self._sparams_treedef.num_leaves == len(self._slots) else None
+            if leaves is None:
+                raise ValueError("lower(packed=True): factorized leaves cannot be packed with "
+                                 "masked ones yet; lower without packed=True")
+            lowered._sparams_avals = [(tuple(x.shape), x.dtype) for x in leaves]
+        lowered._lowered_masks = slot_masks
+        lowered._report = lowered._build_report(next(iter(self._traces.values())), slot_masks)
         return lowered
+
+    def pack(self, sparams: Any) -> Any:
+        """Params for a copy made by ``lower(..., packed=True)``: lowered leaves as kept blocks.
+
+        Each lowered leaf becomes its ``(*layers, capacity, bk, bn)`` kept blocks
+        (memory ∝ density); other leaves are unchanged. The result is a pytree of
+        arrays (orbax saves and restores it as it is); :meth:`dense_params`
+        turns it back into dense parameters.
+        """
+        if not self._packed_paths:
+            raise ValueError("pack: this function was not lowered with packed=True; call "
+                             "sfn.lower(sstate, packed=True) first")
+        leaves = jax.tree_util.tree_leaves(sparams)
+        if len(leaves) != len(self._slots):
+            raise ValueError("pack: params do not match the structure given to init")
+        out = [self._handlers[s.path].pack_leaf(x) if s.path in self._packed_paths else x
+               for s, x in zip(self._slots, leaves)]
+        return jax.tree_util.tree_unflatten(self._sparams_treedef, out)
 
     def rewritten_jaxpr(self, sparams: Any, sstate: dict, *args: Any, **kwargs: Any):
         """The rewritten program as a ClosedJaxpr, for inspection."""
@@ -490,6 +532,8 @@ class SparseFunction:
         """
         self._require_init()
         traced = next(iter(self._traces.values()))
+        if sstate is None and self._lowered_masks is not None:   # the paths chosen so far
+            return self._build_report(traced, self._lowered_masks)
         if sstate is None:
             return dataclasses.replace(self._report, activations=self._activation_rows(traced))
         return self._build_report(traced, self._slot_masks(sstate))
