@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 import sparsejax as sj
+from sparsejax.kernels import path_choice as pc
 
 
 class Net(nn.Module):
@@ -73,3 +74,87 @@ def test_unstructured_masks_stay_on_xla_and_say_why():
     assert kernels["params/a/kernel"].startswith("XLA (mask is not made of whole")
     assert "gradient='ste'" in kernels["params/b/kernel"]
     chex.assert_trees_all_close(fast(sparams, sstate, x), sfn(sparams, sstate, x), atol=1e-6)
+
+
+@pytest.fixture
+def fresh_paths(monkeypatch):
+    monkeypatch.delenv("SPARSEJAX_PATH_CACHE", raising=False)
+    pc.clear_cache()
+    yield
+    pc.clear_cache()
+
+
+def _kernels(fn):
+    return {r.path: r.kernel for r in fn.report().rows}
+
+
+def test_cpu_choice_is_deterministic(fresh_paths):
+    sfn, sparams, sstate, x = _setup(seed=7)
+    on_cpu = sfn.lower(sstate)          # no kernel on the CPU: XLA's masked dense product
+    jaxpr = str(on_cpu.rewritten_jaxpr(sparams, sstate, x))
+    assert "pallas_call" not in jaxpr
+    assert set(_kernels(on_cpu).values()) == {"XLA dense masked matmul"}
+    interpreted = sfn.lower(sstate, interpret=True)
+    assert "pallas_call" in str(interpreted.rewritten_jaxpr(sparams, sstate, x))
+    assert set(_kernels(interpreted).values()) == {
+        "block-sparse kernel (Pallas kernel in interpret mode)"}
+
+
+@pytest.mark.parametrize("path", ["kernel", "xla_dense", "reference"])
+def test_each_forced_path_computes_the_masked_answer(fresh_paths, path):
+    sfn, sparams, sstate, x = _setup(seed=8)
+    with pc.mode(f"force:{path}"):
+        fast = sfn.lower(sstate, interpret=True)
+        y = jax.jit(fast)(sparams, sstate, x)
+        jaxpr = str(fast.rewritten_jaxpr(sparams, sstate, x))
+    assert ("pallas_call" in jaxpr) == (path == "kernel")
+    label = {"kernel": "block-sparse kernel", "xla_dense": "XLA dense",
+             "reference": "block-sparse reference"}[path]
+    assert all(k.startswith(label) and k.endswith("(forced)") for k in _kernels(fast).values())
+    chex.assert_trees_all_close(y, sfn(sparams, sstate, x), rtol=1e-5, atol=1e-5)
+
+
+def test_measured_choice_of_xla_computes_via_xla_and_reports_times(fresh_paths, monkeypatch):
+    sfn, sparams, sstate, x = _setup(seed=9)
+    seen = []
+
+    def fake_measure(candidates, specs):
+        seen.append(([c.name for c in candidates], [s.shape for s in specs]))
+        return {"kernel": 40.0, "xla_dense": 10.0, "reference": 30.0}
+
+    monkeypatch.setattr(pc, "_measuring_pays", lambda: True)
+    monkeypatch.setattr(pc, "measure", fake_measure)
+    fast = sfn.lower(sstate, interpret=True)
+    assert "pallas_call" not in str(fast.rewritten_jaxpr(sparams, sstate, x))
+    assert seen[0] == (["kernel", "xla_dense", "reference"], [(5, 40), (40, 48)])
+    assert set(_kernels(fast).values()) == {"XLA dense masked matmul (10 µs, measured)"}
+    chex.assert_trees_all_close(fast(sparams, sstate, x), sfn(sparams, sstate, x), atol=1e-6)
+    # Under jax.grad the sites are chosen again, for forward + backward.
+    entries = len(pc.cache_entries())
+    g = jax.grad(lambda p: jnp.sum(fast(p, sstate, x)))(sparams)
+    keys = sorted(pc.cache_entries())
+    assert len(keys) == 2 * entries and sum(k.endswith(",fwd+bwd") for k in keys) == entries
+    chex.assert_trees_all_close(g, jax.grad(lambda p: jnp.sum(sfn(p, sstate, x)))(sparams),
+                                rtol=1e-5, atol=1e-6)
+
+
+def test_measured_kernel_choice_reports_its_time_against_dense(fresh_paths, monkeypatch):
+    sfn, sparams, sstate, x = _setup(seed=10)
+    monkeypatch.setattr(pc, "_measuring_pays", lambda: True)
+    monkeypatch.setattr(pc, "measure", lambda c, s: {"kernel": 5.0, "xla_dense": 10.0,
+                                                      "reference": 30.0})
+    fast = sfn.lower(sstate, interpret=True)
+    assert "pallas_call" in str(fast.rewritten_jaxpr(sparams, sstate, x))
+    assert set(_kernels(fast).values()) == {
+        "block-sparse kernel (Pallas kernel in interpret mode) (5 µs vs dense 10 µs, 2.00×, measured)"}
+
+
+def test_candidates_measure_for_real_forward_and_backward(fresh_paths):
+    """The functions a site would time compute the site's product (one layer, both passes)."""
+    sfn, sparams, sstate, x = _setup(seed=11)
+    fast = sfn.lower(sstate, interpret=True)
+    handler = fast._handlers["params/a/kernel"]
+    w = sparams["params"]["a"]["kernel"]
+    want = x @ (w * sstate["masks"]["params"]["a"]["kernel"])
+    for c in handler._candidates(jnp.float32):
+        chex.assert_trees_all_close(jax.jit(c.fn)(x, w), want, rtol=1e-5, atol=1e-5)
