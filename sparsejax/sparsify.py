@@ -532,10 +532,13 @@ class SparseFunction:
         """
         self._require_init()
         traced = next(iter(self._traces.values()))
-        if sstate is None and self._lowered_masks is not None:   # the paths chosen so far
+        if sstate is None and self._lowered_masks is not None:
             return self._build_report(traced, self._lowered_masks)
-        if sstate is None:
-            return dataclasses.replace(self._report, activations=self._activation_rows(traced))
+        if sstate is None:   # the paths sites have chosen since init
+            rows = [dataclasses.replace(r, kernel=self._compute_column(self._handlers[r.path]))
+                    for r in self._report.rows]
+            return dataclasses.replace(self._report, rows=rows,
+                                       activations=self._activation_rows(traced))
         return self._build_report(traced, self._slot_masks(sstate))
 
     def _activation_rows(self, traced: _Traced) -> list[ActivationRow]:
@@ -571,9 +574,13 @@ class SparseFunction:
                 params_before=size, params_after=params_after,
                 flops_before=sum(s.flops for s in slot.sites),
                 flops_after=sum(handler.flops_after(s, density) for s in slot.sites),
-                kernel=", ".join(sorted({handler.site_path(s.key) for s in slot.sites}))))
+                kernel=self._compute_column(handler)))
         notes = [f"{'/'.join(map(str, k))}: {v}" for k, v in traced.notes.items()]
         return Report(rows, untouched, notes, self._activation_rows(traced))
+
+    @staticmethod
+    def _compute_column(handler) -> str:
+        return ", ".join(sorted({handler.site_path(s.key) for s in handler.sites}))
 
     def _require_init(self):
         if self._slots is None:
