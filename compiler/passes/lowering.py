@@ -171,13 +171,17 @@ class BlockSparseHandler(PathChoosing, MaskHandler):
         return views.replay_pending(ref, layout.from_matrix(ref.state.to_dense()))
 
     def _signature(self, m: int, dtype) -> str:
+        """What decides the winner besides the device. The longest column is rounded up to a
+        power of two, so unrolled layers at one density share a measurement."""
         (k, n), (bk, bn) = self.tables.shape, self.tables.block
         counts = self._block_counts
         kb, nb = self.tables.grid
         density = counts.sum() / (counts.shape[0] * kb * nb)
+        longest = int(counts.max(initial=0))
+        longest = 1 << (longest - 1).bit_length() if longest else 0
         return (f"M={m},K={k},N={n},dtype={jnp.dtype(dtype).name},block={bk}x{bn},"
-                f"density={density:.3f},max_col={int(counts.max(initial=0))},"
-                f"mean_col={counts.mean():.2f},layers={counts.shape[0]}")
+                f"density={density:.3f},max_col<={longest},mean_col={counts.mean():.2f},"
+                f"tables={'device' if self.stacked else 'static'}")
 
     def _candidates(self, dtype):
         """The site's paths as functions of ``(x2, w)``, ``w`` the dense ``(K, N)`` weight.
@@ -211,9 +215,12 @@ class BlockSparseHandler(PathChoosing, MaskHandler):
                 None if ok else why, f"block-sparse kernel ({why})"),
             path_choice.Candidate("xla_dense", lambda x, w: jnp.matmul(x, w * mask),
                                   describe="XLA dense masked matmul"),
+            # The kernel's plain-JAX twin: a candidate only where no kernel runs (it never
+            # beats XLA's masked product, so measuring it beside a kernel costs for nothing).
             path_choice.Candidate(
                 "reference", lambda x, w: block_sparse.block_sparse_matmul_reference(x, gather(w)),
-                describe="block-sparse reference (scatter, XLA dot)"),
+                None if not ok else "the kernel runs here",
+                "block-sparse reference (scatter, XLA dot)"),
         ]
 
     def on_site(self, interp, eqn, key, invals, scope):
