@@ -93,7 +93,8 @@ def test_cpu_choice_is_deterministic(fresh_paths):
     on_cpu = sfn.lower(sstate)          # no kernel on the CPU: XLA's masked dense product
     jaxpr = str(on_cpu.rewritten_jaxpr(sparams, sstate, x))
     assert "pallas_call" not in jaxpr
-    assert set(_kernels(on_cpu).values()) == {"XLA dense masked matmul"}
+    assert set(_kernels(on_cpu).values()) == {
+        "XLA dense masked matmul (no block-sparse kernel on backend 'cpu')"}
     interpreted = sfn.lower(sstate, interpret=True)
     assert "pallas_call" in str(interpreted.rewritten_jaxpr(sparams, sstate, x))
     assert set(_kernels(interpreted).values()) == {
@@ -110,7 +111,7 @@ def test_each_forced_path_computes_the_masked_answer(fresh_paths, path):
     assert ("pallas_call" in jaxpr) == (path == "kernel")
     label = {"kernel": "block-sparse kernel", "xla_dense": "XLA dense",
              "reference": "block-sparse reference"}[path]
-    assert all(k.startswith(label) and k.endswith("(forced)") for k in _kernels(fast).values())
+    assert all(k.startswith(label) and "(forced)" in k for k in _kernels(fast).values())
     chex.assert_trees_all_close(y, sfn(sparams, sstate, x), rtol=1e-5, atol=1e-5)
 
 

@@ -129,12 +129,12 @@ class BlockSparseHandler(PathChoosing, MaskHandler):
         reason = self._reasons.get(key)
         if reason is not None:
             return f"XLA ({reason})"
+        ok, why = self._kernel_support(self._site_dtype(key))
+        no_kernel = "" if ok else f"; {why}"
         chosen = self.chosen_path(key)
         if chosen is not None:
-            return chosen
-        ok, why = self._kernel_support(self._site_dtype(key))
-        first = why if ok else "XLA dense"
-        return f"{first} (path chosen when traced)"
+            return chosen + (f" ({why})" if not ok else "")
+        return f"{why if ok else 'XLA dense masked matmul'} (path chosen when traced{no_kernel})"
 
     def _site_dtype(self, key):
         return next(s for s in self.sites if s.key == key).dtype
