@@ -232,7 +232,11 @@ class BlockSparseHandler(PathChoosing, MaskHandler):
         if state.blocks.ndim != 3:   # a stacked leaf used without a scan slicing it
             return bind_eqn(eqn, [materialize(x) for x in invals])
         x = invals[1 - operand]
-        (k, n), dtype = self.tables.shape, jnp.result_type(x.dtype, state.dtype)
+        # The dtype the original dot multiplies in (Flax casts float32 params to the compute
+        # dtype before the dot): the kept blocks are cast alike, so the kernel sees bf16.
+        dtype = jnp.result_type(*(v.aval.dtype for v in eqn.invars[:2]))
+        state = block_sparse.BlockSparseWeight(state.blocks.astype(dtype), state.tables, state.index)
+        k, n = self.tables.shape
         m = math.prod(x.shape) // k
         specs = [jax.ShapeDtypeStruct((m, k), dtype), jax.ShapeDtypeStruct((k, n), dtype)]
         choice = self._choose(key, OP, self._signature(m, dtype), self._candidates(dtype), specs)
