@@ -128,7 +128,7 @@ class FactorizedHandler(PathChoosing, WeightHandler):
         signature = (f"{self.kind.flops_kind},M={m},K={k},N={n},nblocks={self.rule.nblocks},"
                      f"dtype={jnp.dtype(dtype).name}")
         candidates = self._candidates((m, k), factors)
-        choice = self._choose(key, f"factorized_matmul", signature, candidates, specs)
+        choice = self._choose(key, "factorized_matmul", signature, candidates, specs)
         fn = next(c.fn for c in candidates if c.name == choice.name)
         return matmul_at_site(eqn, operand, x, lambda x2: fn(x2, *leaves))
 
