@@ -40,7 +40,7 @@ from sparsejax.kernels import path_choice
 from sparsejax.models import transformer
 from timing import median_seconds, rel_err
 
-GPU = transformer.TransformerConfig(vocab_size=8192, d_model=1024, n_layers=4, n_heads=8,
+GPU = transformer.TransformerConfig(vocab_size=8192, d_model=1024, n_layers=2, n_heads=8,
                                     d_ff=4096, dtype="bfloat16")
 SMOKE = transformer.TransformerConfig(vocab_size=64, d_model=64, n_layers=2, n_heads=2, d_ff=128,
                                       dtype="bfloat16")
