@@ -46,6 +46,10 @@ SMOKE = transformer.TransformerConfig(vocab_size=64, d_model=64, n_layers=2, n_h
                                       dtype="bfloat16")
 
 
+def _mib(nbytes: int) -> str:
+    return f"{nbytes / 2**20:.1f} MiB" if nbytes >= 2**20 else f"{nbytes / 2**10:.1f} KiB"
+
+
 def grads(f, sparams, sstate, tokens):
     loss = lambda p: transformer.lm_loss(f(p, sstate, tokens), tokens)
     return jax.jit(jax.grad(loss))(sparams)
@@ -108,7 +112,7 @@ def check_model(cfg, tokens, block, interpret, lines):
                            if "mlp" in p and p.endswith("kernel"))
     e_packed = rel_err(jax.jit(packed)(pparams, no_masks, tokens), jax.jit(auto)(sparams, sstate, tokens))
     rows.append((name, "packed FFN kernel bytes (packed / dense)",
-                 f"{ffn(pparams) / 2**20:.1f} MiB / {ffn(sparams) / 2**20:.1f} MiB "
+                 f"{_mib(ffn(pparams))} / {_mib(ffn(sparams))} "
                  f"({ffn(pparams) / ffn(sparams):.3f})",
                  "PASS" if e_packed < 1e-2 and ffn(pparams) < 0.15 * ffn(sparams) else "FAIL"))
     return rows
