@@ -472,7 +472,7 @@ def supported(shape, dtype, backend: str | None = None, block: tuple[int, int] =
         return True, "Pallas TPU block-sparse kernel (scalar prefetch)"
     if backend == "interpret":
         return True, "Pallas kernel in interpret mode"
-    return False, f"no block-sparse kernel on backend {backend!r}"
+    return False, f"no block-sparse kernel on backend {backend!r}: plain-JAX reference"
 
 
 # --------------------------------------------------------------------------- Pallas (TPU / interpret)
