@@ -179,3 +179,22 @@ def test_packed_unrolled_model_on_each_path(fresh_paths, path):
     handler = packed._handlers["params/b/kernel"]
     chex.assert_trees_all_close(g["params"]["b"]["kernel"],
                                 handler.pack_leaf(g_ref["params"]["b"]["kernel"]), rtol=1e-4, atol=1e-5)
+
+
+def test_differentiation_is_seen_through_vmap_and_not_in_a_plain_call():
+    from sparsejax.compiler.passes import base
+
+    seen = []
+
+    def f(x):
+        seen.append(base.under_autodiff([x]))
+        return jnp.sum(x ** 2)
+
+    ones = jnp.ones(2)
+    jax.grad(f)(ones)
+    jax.vmap(jax.grad(f))(jnp.ones((3, 2)))
+    jax.grad(lambda x: jnp.sum(jax.vmap(f)(x)))(jnp.ones((3, 2)))
+    f(ones)
+    jax.jit(f)(ones)
+    jax.vmap(f)(jnp.ones((3, 2)))
+    assert seen == [True, True, True, False, False, False]
