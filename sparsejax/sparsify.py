@@ -112,6 +112,8 @@ class SparseFunction:
         self._measured: list[dict] = []
         # set by lower(): per masked leaf, (path, the mask object, its fingerprint)
         self._lowered_masks: list[tuple[str, Any, tuple[int, int]]] | None = None
+        self._lowered_slot_masks = None   # lower(): the masks lowered (the report reads its paths)
+        self._packed_paths: frozenset = frozenset()   # lower(packed=True): leaves held as blocks
 
     # ------------------------------------------------------------------ tracing
 
@@ -348,7 +350,7 @@ class SparseFunction:
         param_leaves = self._check_params(sparams)
         mask_leaves = self._mask_leaves(sstate)
         for slot, m in zip(self._slots, self._slot_masks(sstate)):
-            needs = isinstance(slot.rule, MaskRule)
+            needs = isinstance(slot.rule, MaskRule) and slot.path not in self._packed_paths
             if needs and (m is None or tuple(jnp.shape(m)) != slot.shape):
                 raise ValueError(f"{slot.path}: sstate['masks'] needs a mask of shape {slot.shape}")
         if self._lowered_masks is not None:
@@ -357,12 +359,15 @@ class SparseFunction:
         arg_leaves, arg_treedef, dynamic, static = self._split_args(args, kwargs)
         dyn = [arg_leaves[i] for i in dynamic]
         flat = [*param_leaves, *present, *dyn]
+        # Sites choose their path for a forward pass or a training step (see passes.base).
+        autodiff = passes.base.under_autodiff(flat)
         key = (arg_treedef, static, tuple(i for i, m in enumerate(mask_leaves) if m is not None),
-               tuple(_aval_key(x) for x in flat))
+               tuple(_aval_key(x) for x in flat), autodiff)
         entry = self._rewrites.get(key)
         if entry is None:
-            entry = self._rewrite(param_leaves, mask_leaves, arg_leaves, arg_treedef, dynamic,
-                                  static, flat)
+            with passes.base.rewriting_for_autodiff(autodiff):
+                entry = self._rewrite(param_leaves, mask_leaves, arg_leaves, arg_treedef, dynamic,
+                                      static, flat)
             self._rewrites[key] = entry
         closed, out_tree = entry
         out = jex_core.jaxpr_as_fun(closed)(*flat)
@@ -509,22 +514,29 @@ class SparseFunction:
         return jax.tree_util.tree_unflatten(self._dense_treedef, out)
 
     def lower(self, sstate: dict, *, backend: str | None = None,
-              interpret: bool | str = False) -> "SparseFunction":
-        """A copy whose block-structured masked matmuls run the block-sparse kernel, N:M-masked
-        ones the compressed N:M GEMV, and Spark FFN sites the sparse-input/output GEMVs.
+              interpret: bool | str = False, packed: bool = False) -> "SparseFunction":
+        """A copy whose masked matmuls and Spark FFN sites take their fastest correct path.
 
         Masks are read from ``sstate`` now (concretely) and fixed in the copy: call
-        ``lower`` again after masks change. The copy keeps a fingerprint of these
-        masks and, when called with concrete masks that differ, raises a ValueError
-        instead of computing with the old ones; under ``jax.jit`` the masks are
-        traced and cannot be checked, so there re-``lower`` whenever they change.
-        Sites that cannot take the kernel stay on XLA; ``report()`` of the copy says
-        which path each site took and why.
+        ``lower`` again after masks change. At each site whose mask keeps whole
+        blocks (unrolled or scanned layers), the block-sparse kernel and XLA's
+        masked dense product are candidates; N:M-masked sites weigh the compressed
+        N:M GEMV against XLA, and Spark FFN sites the sparse-input/output GEMVs. The
+        first trace of a signature picks one (measured on an accelerator, see
+        ``sparsejax.kernels.path_choice``). Other sites stay on XLA; ``report()`` of
+        the copy says which path each site took, its measured time against dense, or
+        why it stayed on XLA. The copy keeps a fingerprint of the masks and, when
+        called with concrete masks that differ, raises a ValueError instead of
+        computing with the old ones; under ``jax.jit`` the masks are traced and
+        cannot be checked, so there re-``lower`` whenever they change.
 
         Args:
           sstate: the state whose masks to lower.
           backend: "gpu", "tpu" or "cpu" (default: JAX's default backend).
           interpret: run the kernels in Pallas interpret mode (tests on CPU).
+          packed: the copy takes packed params (:meth:`pack`): each lowered leaf
+            held as its kept blocks only, memory ∝ density. Masks of those
+            leaves are then not needed in ``sstate``.
         """
         from sparsejax.compiler.passes.lowering import BlockSparseHandler
         from sparsejax.compiler.passes.nm_lowering import NMCompressedHandler
@@ -534,17 +546,33 @@ class SparseFunction:
         self._require_init()
         lowered = copy.copy(self)
         lowered._rewrites, lowered._handlers = {}, dict(self._handlers)
-        for slot, mask in zip(self._slots, self._slot_masks(sstate)):
+        slot_masks = self._slot_masks(sstate)
+        for slot, mask in zip(self._slots, slot_masks):
             if isinstance(slot.rule, MaskRule):
-                handler_type = NMCompressedHandler if isinstance(slot.rule, NM) else BlockSparseHandler
-                lowered._handlers[slot.path] = handler_type(
-                    self._handlers[slot.path], mask, backend, interpret)
+                if isinstance(slot.rule, NM):
+                    lowered._handlers[slot.path] = NMCompressedHandler(
+                        self._handlers[slot.path], mask, backend, interpret)
+                else:
+                    lowered._handlers[slot.path] = BlockSparseHandler(
+                        self._handlers[slot.path], mask, backend, interpret, packed=packed)
         lowered._handlers.update(activation_sparse_handlers(self, backend=backend, interpret=interpret))
-        lowered._report = lowered._build_report(next(iter(self._traces.values())),
-                                                self._slot_masks(sstate))
+        if packed:
+            lowered._packed_paths = frozenset(p for p, h in lowered._handlers.items()
+                                              if getattr(h, "packed", False))
+            leaves = [(jnp.zeros(lowered._handlers[s.path].packed_shape(), dtype)
+                       if s.path in lowered._packed_paths else jnp.zeros(shape, dtype))
+                      for s, (shape, dtype) in zip(self._slots, self._sparams_avals)] \
+                if self._sparams_treedef.num_leaves == len(self._slots) else None
+            if leaves is None:
+                raise ValueError("lower(packed=True): factorized leaves cannot be packed with "
+                                 "masked ones yet; lower without packed=True")
+            lowered._sparams_avals = [(tuple(x.shape), x.dtype) for x in leaves]
+        lowered._lowered_slot_masks = slot_masks
         lowered._lowered_masks = [(slot.path, mask, _mask_fingerprint(mask))
-                                  for slot, mask in zip(self._slots, self._slot_masks(sstate))
-                                  if isinstance(slot.rule, MaskRule)]
+                                  for slot, mask in zip(self._slots, slot_masks)
+                                  if isinstance(slot.rule, MaskRule)
+                                  and slot.path not in lowered._packed_paths]
+        lowered._report = lowered._build_report(next(iter(self._traces.values())), slot_masks)
         return lowered
 
     def _check_lowered_masks(self, slot_masks) -> None:
@@ -559,6 +587,24 @@ class SparseFunction:
                                  "was lowered with (lower() fixes them); call "
                                  "sfn.lower(sstate) again with the new masks")
 
+    def pack(self, sparams: Any) -> Any:
+        """Params for a copy made by ``lower(..., packed=True)``: lowered leaves as kept blocks.
+
+        Each lowered leaf becomes its ``(*layers, capacity, bk, bn)`` kept blocks
+        (memory ∝ density); other leaves are unchanged. The result is a pytree of
+        arrays (orbax saves and restores it as it is); :meth:`dense_params`
+        turns it back into dense parameters.
+        """
+        if not self._packed_paths:
+            raise ValueError("pack: this function was not lowered with packed=True; call "
+                             "sfn.lower(sstate, packed=True) first")
+        leaves = jax.tree_util.tree_leaves(sparams)
+        if len(leaves) != len(self._slots):
+            raise ValueError("pack: params do not match the structure given to init")
+        out = [self._handlers[s.path].pack_leaf(x) if s.path in self._packed_paths else x
+               for s, x in zip(self._slots, leaves)]
+        return jax.tree_util.tree_unflatten(self._sparams_treedef, out)
+
     def rewritten_jaxpr(self, sparams: Any, sstate: dict, *args: Any, **kwargs: Any):
         """The rewritten program as a ClosedJaxpr, for inspection."""
         return jax.make_jaxpr(lambda p, s: self(p, s, *args, **kwargs))(sparams, sstate)
@@ -570,8 +616,13 @@ class SparseFunction:
         """
         self._require_init()
         traced = next(iter(self._traces.values()))
-        if sstate is None:
-            return dataclasses.replace(self._report, activations=self._activation_rows(traced))
+        if sstate is None and self._lowered_slot_masks is not None:
+            return self._build_report(traced, self._lowered_slot_masks)
+        if sstate is None:   # the paths sites have chosen since init
+            rows = [dataclasses.replace(r, kernel=self._compute_column(self._handlers[r.path]))
+                    for r in self._report.rows]
+            return dataclasses.replace(self._report, rows=rows,
+                                       activations=self._activation_rows(traced))
         return self._build_report(traced, self._slot_masks(sstate))
 
     def _activation_rows(self, traced: _Traced) -> list[ActivationRow]:
@@ -607,9 +658,13 @@ class SparseFunction:
                 params_before=size, params_after=params_after,
                 flops_before=sum(s.flops for s in slot.sites),
                 flops_after=sum(handler.flops_after(s, density) for s in slot.sites),
-                kernel=", ".join(sorted({handler.site_path(s.key) for s in slot.sites}))))
+                kernel=self._compute_column(handler)))
         notes = [f"{'/'.join(map(str, k))}: {v}" for k, v in traced.notes.items()]
         return Report(rows, untouched, notes, self._activation_rows(traced))
+
+    @staticmethod
+    def _compute_column(handler) -> str:
+        return ", ".join(sorted({handler.site_path(s.key) for s in handler.sites}))
 
     def _require_init(self):
         if self._slots is None:

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 import sparsejax as sj
+from sparsejax.kernels import path_choice as pc
 
 
 class Net(nn.Module):
@@ -73,3 +74,127 @@ def test_unstructured_masks_stay_on_xla_and_say_why():
     assert kernels["params/a/kernel"].startswith("XLA (mask is not made of whole")
     assert "gradient='ste'" in kernels["params/b/kernel"]
     chex.assert_trees_all_close(fast(sparams, sstate, x), sfn(sparams, sstate, x), atol=1e-6)
+
+
+@pytest.fixture
+def fresh_paths(monkeypatch):
+    monkeypatch.delenv("SPARSEJAX_PATH_CACHE", raising=False)
+    pc.clear_cache()
+    yield
+    pc.clear_cache()
+
+
+def _kernels(fn):
+    return {r.path: r.kernel for r in fn.report().rows}
+
+
+def test_cpu_choice_is_deterministic(fresh_paths):
+    sfn, sparams, sstate, x = _setup(seed=7)
+    on_cpu = sfn.lower(sstate)          # no kernel on the CPU: XLA's masked dense product
+    jaxpr = str(on_cpu.rewritten_jaxpr(sparams, sstate, x))
+    assert "pallas_call" not in jaxpr
+    assert set(_kernels(on_cpu).values()) == {
+        "XLA dense masked matmul (no block-sparse kernel on backend 'cpu')"}
+    interpreted = sfn.lower(sstate, interpret=True)
+    assert "pallas_call" in str(interpreted.rewritten_jaxpr(sparams, sstate, x))
+    assert set(_kernels(interpreted).values()) == {
+        "block-sparse kernel (Pallas kernel in interpret mode)"}
+
+
+@pytest.mark.parametrize("path", ["kernel", "xla_dense", "reference"])
+def test_each_forced_path_computes_the_masked_answer(fresh_paths, path):
+    sfn, sparams, sstate, x = _setup(seed=8)
+    with pc.mode(f"force:{path}"):   # the reference is a candidate where no kernel runs
+        fast = sfn.lower(sstate, interpret=path != "reference")
+        y = jax.jit(fast)(sparams, sstate, x)
+        jaxpr = str(fast.rewritten_jaxpr(sparams, sstate, x))
+    assert ("pallas_call" in jaxpr) == (path == "kernel")
+    label = {"kernel": "block-sparse kernel", "xla_dense": "XLA dense",
+             "reference": "block-sparse reference"}[path]
+    assert all(k.startswith(label) and "(forced)" in k for k in _kernels(fast).values())
+    chex.assert_trees_all_close(y, sfn(sparams, sstate, x), rtol=1e-5, atol=1e-5)
+
+
+def test_measured_choice_of_xla_computes_via_xla_and_reports_times(fresh_paths, monkeypatch):
+    sfn, sparams, sstate, x = _setup(seed=9)
+    seen = []
+
+    def fake_measure(candidates, specs):
+        seen.append(([c.name for c in candidates], [s.shape for s in specs]))
+        return {"kernel": 40.0, "xla_dense": 10.0}
+
+    monkeypatch.setattr(pc, "_measuring_pays", lambda: True)
+    monkeypatch.setattr(pc, "measure", fake_measure)
+    fast = sfn.lower(sstate, interpret=True)
+    assert "pallas_call" not in str(fast.rewritten_jaxpr(sparams, sstate, x))
+    assert seen[0] == (["kernel", "xla_dense"], [(5, 40), (40, 48)])
+    assert set(_kernels(fast).values()) == {"XLA dense masked matmul (10 µs, measured)"}
+    chex.assert_trees_all_close(fast(sparams, sstate, x), sfn(sparams, sstate, x), atol=1e-6)
+    # Under jax.grad the sites are chosen again, for forward + backward.
+    entries = len(pc.cache_entries())
+    g = jax.grad(lambda p: jnp.sum(fast(p, sstate, x)))(sparams)
+    keys = sorted(pc.cache_entries())
+    assert len(keys) == 2 * entries and sum(k.endswith(",fwd+bwd") for k in keys) == entries
+    chex.assert_trees_all_close(g, jax.grad(lambda p: jnp.sum(sfn(p, sstate, x)))(sparams),
+                                rtol=1e-5, atol=1e-6)
+
+
+def test_measured_kernel_choice_reports_its_time_against_dense(fresh_paths, monkeypatch):
+    sfn, sparams, sstate, x = _setup(seed=10)
+    monkeypatch.setattr(pc, "_measuring_pays", lambda: True)
+    monkeypatch.setattr(pc, "measure", lambda c, s: {"kernel": 5.0, "xla_dense": 10.0})
+    fast = sfn.lower(sstate, interpret=True)
+    assert "pallas_call" in str(fast.rewritten_jaxpr(sparams, sstate, x))
+    assert set(_kernels(fast).values()) == {
+        "block-sparse kernel (Pallas kernel in interpret mode) (5 µs vs dense 10 µs, 2.00×, measured)"}
+
+
+def test_candidates_measure_for_real_forward_and_backward(fresh_paths):
+    """The functions a site would time compute the site's product (one layer, both passes)."""
+    sfn, sparams, sstate, x = _setup(seed=11)
+    fast = sfn.lower(sstate, interpret=True)
+    handler = fast._handlers["params/a/kernel"]
+    w = sparams["params"]["a"]["kernel"]
+    want = x @ (w * sstate["masks"]["params"]["a"]["kernel"])
+    candidates = handler._candidates(jnp.float32)
+    assert [c.name for c in candidates if c.unsupported is None] == ["kernel", "xla_dense"]
+    for c in candidates:
+        chex.assert_trees_all_close(jax.jit(c.fn)(x, w), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("path", ["kernel", "xla_dense"])
+def test_packed_unrolled_model_on_each_path(fresh_paths, path):
+    """Packed leaves (a reshaped DenseGeneral kernel among them) compute the masked answer on the
+    kernel and, scattered back to dense, on XLA."""
+    sfn, sparams, sstate, x = _setup(seed=12)
+    with pc.mode(f"force:{path}"):
+        packed = sfn.lower(sstate, interpret=True, packed=True)
+        pparams = packed.pack(sparams)
+        y = jax.jit(packed)(pparams, sstate, x)
+        g = jax.jit(jax.grad(lambda p: jnp.sum(jnp.sin(packed(p, sstate, x)))))(pparams)
+    assert pparams["params"]["b"]["kernel"].shape == (6, 8, 8)     # 12 blocks of 8×8, half kept
+    chex.assert_trees_all_close(y, sfn(sparams, sstate, x), rtol=1e-5, atol=1e-5)
+    # The gradient of a kept block is the masked program's gradient there.
+    g_ref = jax.grad(lambda p: jnp.sum(jnp.sin(sfn(p, sstate, x))))(sparams)
+    handler = packed._handlers["params/b/kernel"]
+    chex.assert_trees_all_close(g["params"]["b"]["kernel"],
+                                handler.pack_leaf(g_ref["params"]["b"]["kernel"]), rtol=1e-4, atol=1e-5)
+
+
+def test_differentiation_is_seen_through_vmap_and_not_in_a_plain_call():
+    from sparsejax.compiler.passes import base
+
+    seen = []
+
+    def f(x):
+        seen.append(base.under_autodiff([x]))
+        return jnp.sum(x ** 2)
+
+    ones = jnp.ones(2)
+    jax.grad(f)(ones)
+    jax.vmap(jax.grad(f))(jnp.ones((3, 2)))
+    jax.grad(lambda x: jnp.sum(jax.vmap(f)(x)))(jnp.ones((3, 2)))
+    f(ones)
+    jax.jit(f)(ones)
+    jax.vmap(f)(jnp.ones((3, 2)))
+    assert seen == [True, True, True, False, False, False]

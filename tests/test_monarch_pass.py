@@ -142,3 +142,43 @@ def test_weight_mixing_axes_is_refused():
     fn = lambda p, x: x @ p["w"].reshape(8, 8)
     with pytest.raises(ValueError, match=r"w: Monarch.*mix the reduction and output"):
         sj.sparsify(fn, sj.Monarch("w", nblocks=2)).init(params, jnp.ones((2, 8)))
+
+
+@pytest.mark.parametrize("path", ["einsum", "xla_dense", "fused_kernel"])
+def test_each_path_of_a_monarch_site_computes_the_same(path, monkeypatch):
+    from sparsejax.kernels import path_choice as pc
+
+    monkeypatch.delenv("SPARSEJAX_PATH_CACHE", raising=False)
+    pc.clear_cache()
+    fn, params, x = _setup()
+    sfn = sj.sparsify(fn, sj.Monarch("*layers/*/kernel", nblocks=4, init="random"))
+    sparams, sstate = sfn.init(params, x)
+    want = fn(sfn.dense_params(sparams, sstate), x)
+    with pc.mode(f"force:{path}"):
+        y = sfn(sparams, sstate, x)
+        jaxpr = str(sfn.rewritten_jaxpr(sparams, sstate, x))
+    chex.assert_trees_all_close(y, want, rtol=2e-5, atol=2e-5)
+    kernels = {r.path: r.kernel for r in sfn.report().rows}
+    if path == "xla_dense":   # the dense matrix is rebuilt from the factors in the program
+        assert "f32[16,32]" in jaxpr and kernels["params/layers/up/kernel"] == (
+            "dense from factors, XLA dot (forced)")
+    else:   # no fused kernel on the CPU: forcing it gives the deterministic choice, the einsums
+        assert "f32[16,32]" not in jaxpr
+        assert kernels["params/layers/up/kernel"] == (
+            "Monarch einsums (forced)" if path == "einsum" else "Monarch einsums")
+
+
+def test_monarch_site_takes_the_measured_winner(monkeypatch):
+    from sparsejax.kernels import path_choice as pc
+
+    monkeypatch.delenv("SPARSEJAX_PATH_CACHE", raising=False)
+    pc.clear_cache()
+    monkeypatch.setattr(pc, "_measuring_pays", lambda: True)
+    monkeypatch.setattr(pc, "measure", lambda c, s: {"einsum": 30.0, "xla_dense": 10.0})
+    fn, params, x = _setup()
+    sfn = sj.sparsify(fn, sj.Monarch("*layers/*/kernel", nblocks=4, init="random"))
+    sparams, sstate = sfn.init(params, x)
+    assert "f32[16,32]" in str(sfn.rewritten_jaxpr(sparams, sstate, x))
+    assert {r.path: r.kernel for r in sfn.report().rows}["params/layers/up/kernel"] == (
+        "dense from factors, XLA dot (10 µs, measured)")
+    pc.clear_cache()

@@ -94,3 +94,13 @@ def test_measured_choice_is_the_fastest_and_is_remembered(monkeypatch, tmp_path)
     assert saved == {"path": "xla_dense", "times_us": {"einsum": 5.0, "xla_dense": 2.0}}
     with pc.mode("off"):
         assert pc.choose("op", "sig", _candidates(), SPECS).name == "einsum"
+
+
+def test_a_candidate_that_fails_when_measured_is_never_chosen():
+    def broken(x, w):
+        raise RuntimeError("kernel does not compile")
+
+    cands = [pc.Candidate("kernel", broken), pc.Candidate("xla_dense", lambda x, w: x @ w)]
+    with pytest.warns(UserWarning, match="'kernel' failed while measured"):
+        times = pc.measure(cands, SPECS, calls=1, repeats=1)
+    assert times["kernel"] == float("inf") and times["xla_dense"] > 0

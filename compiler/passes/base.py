@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
-from typing import Any, Sequence
+import threading
+from typing import Any, Callable, Sequence
 
+import jax
 import jax.numpy as jnp
 
 from sparsejax.compiler.interpreter import Interpreter, Key, Scope, bind_eqn
 from sparsejax.compiler.param_ref import ParamRef, materialize
 from sparsejax.compiler.sites import WeightSite
+from sparsejax.kernels import path_choice
 from sparsejax.layout import WeightLayout
 
 
@@ -99,3 +103,77 @@ def matmul_at_site(eqn, operand: int, x, matmul):
         nx = len(x_free)
         y = jnp.transpose(y, (*range(nx, y.ndim), *range(nx)))
     return [y.astype(eqn.outvars[0].aval.dtype)]
+
+
+# --------------------------------------------------------------------------- path choice
+
+_autodiff = threading.local()
+_AUTODIFF_TRACERS = ("JVPTracer", "LinearizeTracer")
+
+
+def under_autodiff(values) -> bool:
+    """Whether any of ``values`` is being differentiated (a JVP/linearize tracer, maybe under vmap).
+
+    The rewritten program is traced once per signature, with abstract inputs, and
+    then differentiated by JAX; so a site learns that its backward pass will run
+    from the caller, who sees the tracers: ``jax.grad(loss)`` around a sparsified
+    function. (A ``jax.jit`` between ``grad`` and the call hides them; the site
+    then measures its forward pass only.)
+    """
+    for x in values:
+        while isinstance(x, jax.core.Tracer):
+            name = type(x).__name__
+            if name in _AUTODIFF_TRACERS:
+                return True
+            x = getattr(x, "val", None) if name == "BatchTracer" else None
+    return False
+
+
+@contextlib.contextmanager
+def rewriting_for_autodiff(flag: bool):
+    """Within the block, sites being rewritten know whether their backward pass will run."""
+    previous = getattr(_autodiff, "flag", False)
+    _autodiff.flag = bool(flag)
+    try:
+        yield
+    finally:
+        _autodiff.flag = previous
+
+
+def differentiated() -> bool:
+    """Whether the program being rewritten now will be differentiated (see ``under_autodiff``)."""
+    return getattr(_autodiff, "flag", False)
+
+
+def with_backward(fn: Callable) -> Callable:
+    """``fn`` and its VJP in one call: what a site costs in a training step (value + dX + dW)."""
+    def forward_backward(*args):
+        y, vjp = jax.vjp(fn, *args)
+        return y, vjp(y)
+    return forward_backward
+
+
+class PathChoosing:
+    """Mixin for handlers whose sites pick a path with :func:`path_choice.choose`.
+
+    Each choice is remembered per site key (the latest trace's), so the report
+    shows the path each site took and its measured time against dense.
+    """
+
+    def _choose(self, key, op: str, signature: str, candidates, arg_specs,
+                baseline: str = "xla_dense") -> path_choice.Choice:
+        pass_kind = "fwd+bwd" if differentiated() else "fwd"
+        if pass_kind == "fwd+bwd":
+            candidates = [c if c.unsupported else
+                          path_choice.Candidate(c.name, with_backward(c.fn), None, c.describe)
+                          for c in candidates]
+        choice = path_choice.choose(op, f"{signature},{pass_kind}", candidates, arg_specs,
+                                    baseline=baseline)
+        if not hasattr(self, "choices"):
+            self.choices = {}
+        self.choices[key] = choice
+        return choice
+
+    def chosen_path(self, key) -> str | None:
+        choice = getattr(self, "choices", {}).get(key)
+        return None if choice is None else choice.summary()

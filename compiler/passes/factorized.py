@@ -2,12 +2,15 @@
 
 A factorized leaf exists in the sparse params only as factors; it enters the
 program as a ParamRef with no dense value. At a matmul whose layout matches the
-one the factors were built for, the site computes ``x @ W`` straight from the
-factors (the fused kernel on GPU, the plain-JAX reference elsewhere); a stacked
-leaf sliced by a scan or indexed per layer (``w[i]`` in a fori_loop) multiplies
-by that layer's factors. Any other use (a tied weight read as an embedding, a
-weight scaled or transposed first) materializes the dense matrix: right, just
-not fast; the report's compute column says which sites took which path.
+one the factors were built for, the site computes ``x @ W`` by its fastest
+correct path (:mod:`sparsejax.kernels.path_choice`, measured once per signature
+on an accelerator): the einsums of the reference (the default, and the only
+choice on CPU), the fused Monarch kernel, or the dense matrix rebuilt from the
+factors and one XLA dot. A stacked leaf sliced by a scan or indexed per layer
+(``w[i]`` in a fori_loop) multiplies by that layer's factors. Any other use (a
+tied weight read as an embedding, a weight scaled or transposed first)
+materializes the dense matrix: right, just not fast; the report's compute column
+says which sites took which path.
 """
 
 from __future__ import annotations
@@ -21,8 +24,9 @@ from sparsejax import monarch
 from sparsejax.compiler import views
 from sparsejax.compiler.interpreter import bind_eqn
 from sparsejax.compiler.param_ref import ParamRef, materialize
-from sparsejax.compiler.passes.base import WeightHandler, direct_site_reason, matmul_at_site
-from sparsejax.kernels import monarch_matmul
+from sparsejax.compiler.passes.base import (PathChoosing, WeightHandler, direct_site_reason,
+                                             matmul_at_site)
+from sparsejax.kernels import monarch_matmul, path_choice
 from sparsejax.layout import WeightLayout
 from sparsejax.rules import BlockDiagonal, Monarch
 
@@ -30,21 +34,36 @@ from sparsejax.rules import BlockDiagonal, Monarch
 class _Kind:
     """The factor math one rule uses."""
 
-    def __init__(self, project, init, to_dense, matmul, param_count, flops_kind):
+    def __init__(self, project, init, to_dense, einsum, param_count, flops_kind, kernel=None):
         self.project, self.init, self.to_dense = project, init, to_dense
-        self.matmul, self.param_count, self.flops_kind = matmul, param_count, flops_kind
+        self.einsum, self.param_count, self.flops_kind = einsum, param_count, flops_kind
+        self.kernel = kernel      # (matmul, why_not) of a fused kernel, if the kind has one
+
+
+def fused_monarch(x2, factors, out_features):
+    """The fused Monarch kernel: the one call site, so a new kernel drops in here."""
+    return monarch_matmul.monarch_matmul(x2, factors, out_features)
+
+
+def fused_monarch_unsupported(x_shape, factors) -> str | None:
+    """Why :func:`fused_monarch` cannot run these shapes here (None if it can)."""
+    if jax.default_backend() != "gpu":
+        return "the fused Monarch kernel runs on GPU (interpret mode in its own tests)"
+    ok, why = monarch_matmul.kernel_applies(x_shape, factors)
+    return None if ok else why
 
 
 _KINDS = {
     Monarch: _Kind(monarch.project, monarch.init_factors, monarch.to_dense,
-                   monarch_matmul.monarch_matmul, monarch.param_count, "monarch"),
+                   monarch_matmul.monarch_matmul_reference, monarch.param_count, "monarch",
+                   kernel=(fused_monarch, fused_monarch_unsupported)),
     BlockDiagonal: _Kind(monarch.blockdiag_project, monarch.blockdiag_init,
                          monarch.blockdiag_to_dense, monarch.blockdiag_matmul_reference,
                          monarch.blockdiag_param_count, "blockdiag"),
 }
 
 
-class FactorizedHandler(WeightHandler):
+class FactorizedHandler(PathChoosing, WeightHandler):
 
     def __init__(self, rule, path, layout, sites):
         super().__init__(rule, path, rule.check_layout(path, layout), sites)
@@ -77,8 +96,30 @@ class FactorizedHandler(WeightHandler):
         reason = self._reasons[key]
         if reason is not None:
             return f"dense fallback ({reason})"
-        return ("fused Monarch kernel on GPU, reference elsewhere"
-                if self.kind.flops_kind == "monarch" else "block-diagonal einsum")
+        chosen = self.chosen_path(key)
+        return chosen if chosen is not None else f"{self._einsum_label} (path chosen when traced)"
+
+    @property
+    def _einsum_label(self) -> str:
+        return "Monarch einsums" if self.kind.flops_kind == "monarch" else "block-diagonal einsum"
+
+    def _candidates(self, x_shape, factors):
+        """Paths as functions of ``(x2, *factor leaves)``, the einsums first (the default)."""
+        kind, k, n = self.kind, self.layout.k, self.layout.n
+        treedef = jax.tree.structure(factors)
+        unflat = lambda leaves: jax.tree.unflatten(treedef, leaves)
+        candidates = [
+            path_choice.Candidate("einsum", lambda x, *f: kind.einsum(x, unflat(f), n),
+                                  describe=self._einsum_label)]
+        if kind.kernel is not None:
+            fused, why_not = kind.kernel
+            candidates.append(path_choice.Candidate(
+                "fused_kernel", lambda x, *f: fused(x, unflat(f), n),
+                why_not(x_shape, factors), "fused Monarch kernel"))
+        candidates.append(path_choice.Candidate(
+            "xla_dense", lambda x, *f: jnp.matmul(x, kind.to_dense(unflat(f), k, n).astype(x.dtype)),
+            describe="dense from factors, XLA dot"))
+        return candidates
 
     def on_site(self, interp, eqn, key, invals, scope):
         operand = 0 if isinstance(invals[0], ParamRef) else 1
@@ -86,8 +127,19 @@ class FactorizedHandler(WeightHandler):
         if (self._reasons.get(key, "not a site found at init") is not None
                 or self._stack_axes_left(ref)):
             return bind_eqn(eqn, [materialize(x) for x in invals])
-        return matmul_at_site(eqn, operand, invals[1 - operand],
-                              lambda x2: self.kind.matmul(x2, ref.state, self.layout.n))
+        x, factors = invals[1 - operand], ref.state
+        k, n = self.layout.k, self.layout.n
+        leaves = jax.tree.leaves(factors)
+        dtype = jnp.result_type(x.dtype, *(f.dtype for f in leaves))
+        m = math.prod(x.shape) // k
+        specs = [jax.ShapeDtypeStruct((m, k), dtype),
+                 *(jax.ShapeDtypeStruct(f.shape, f.dtype) for f in leaves)]
+        signature = (f"{self.kind.flops_kind},M={m},K={k},N={n},nblocks={self.rule.nblocks},"
+                     f"dtype={jnp.dtype(dtype).name}")
+        candidates = self._candidates((m, k), factors)
+        choice = self._choose(key, "factorized_matmul", signature, candidates, specs)
+        fn = next(c.fn for c in candidates if c.name == choice.name)
+        return matmul_at_site(eqn, operand, x, lambda x2: fn(x2, *leaves))
 
     def materialize(self, ref: ParamRef):
         # The dense value in the view the factors are in now: stack axes a scan or an

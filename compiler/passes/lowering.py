@@ -9,68 +9,244 @@ the concrete mask; the kept blocks are gathered from the dense weight in the
 program, so training updates reach the kernel and gradients reach the kept
 blocks only (the "masked" gradient mode). Every site that cannot take the
 kernel stays on XLA, and the report says why.
+
+Never slower than dense: at each eligible site the kernel is one candidate
+among XLA's masked dense product (and the plain-JAX reference);
+:func:`sparsejax.kernels.path_choice.choose` measures them once per signature
+on the accelerator (forward, or forward + backward when the program is being
+differentiated) and the site takes the winner.
+
+Stacked layers (a leaf ``(layers, K, N)`` read inside ``nn.scan``): each layer
+has its own tables; they are padded to a common capacity and held as device
+arrays beside the ``(layers, capacity, bk, bn)`` gathered blocks, so the scan
+slices both and the kernel reads the layer's tables as operands.
+
+Packed (``lower(..., packed=True)``): the lowered leaves are held as their kept
+blocks only (memory ∝ density; :meth:`LoweringHandler.pack_leaf`), the program
+computes from them, and any other use of the weight scatters them back to dense.
 """
 
 from __future__ import annotations
 
+import math
+
+import jax
+import jax.numpy as jnp
 import numpy as np
 
+from sparsejax.compiler import views
 from sparsejax.compiler.interpreter import bind_eqn
 from sparsejax.compiler.param_ref import ParamRef, materialize
-from sparsejax.compiler.passes.base import direct_site_reason, matmul_at_site
+from sparsejax.compiler.passes.base import PathChoosing, direct_site_reason, matmul_at_site
 from sparsejax.compiler.passes.masking import MaskHandler
 from sparsejax.kernels import block_sparse
+from sparsejax.kernels import path_choice
+from sparsejax.layout import WeightLayout
 from sparsejax.rules import Block
 
+OP = "block_sparse_matmul"
 
-class BlockSparseHandler(MaskHandler):
-    """A mask handler whose eligible sites run the block-sparse kernel."""
 
-    def __init__(self, base: MaskHandler, mask, backend: str | None, interpret):
+class BlockSparseHandler(PathChoosing, MaskHandler):
+    """A mask handler whose eligible sites choose between the block-sparse kernel and XLA."""
+
+    def __init__(self, base: MaskHandler, mask, backend: str | None, interpret,
+                 packed: bool = False):
         super().__init__(base.rule, base.path, base.layout, base.sites)
         self.leaf_size = base.leaf_size
         self.backend, self.interpret = backend, interpret
-        self.tables = None
+        self.tables = None          # BlockTables (one matrix) or TableBounds (stacked layers)
+        self.index = None           # numpy BlockIndex (stacked layers)
+        self.choices = {}
         reason = self._eligibility(np.asarray(mask))
         self._reasons = {s.key: reason or direct_site_reason(s, self.layout) for s in self.sites}
+        self.packed = packed and reason is None
+
+    # -- setup ----------------------------------------------------------------------
 
     def _eligibility(self, mask: np.ndarray) -> str | None:
         rule, layout = self.rule, self.layout
         if rule.gradient != "masked":
             return f"gradient={rule.gradient!r} needs gradients at pruned weights"
-        if layout is None or layout.stack_axes:
-            return "stacked layers (per-layer block tables) stay on XLA"
+        if layout is None:
+            return "no single matrix layout"
+        nstack = len(layout.stack_axes)
+        if layout.stack_axes != tuple(range(nstack)):
+            return "stack axes are not the leading axes a scan slices"
         block = tuple(rule.block) if isinstance(rule, Block) else (128, 128)
+        shape = (layout.k, layout.n)
+        matrices = np.asarray(layout.to_matrix(mask)).reshape(-1, *shape)
         try:
-            block_mask = block_sparse.block_mask_of(layout.to_matrix(mask), (layout.k, layout.n), block)
+            block_masks = [block_sparse.block_mask_of(m, shape, block) for m in matrices]
         except ValueError:
             return f"mask is not made of whole {block} blocks"
-        self.tables = block_sparse.tables_of(block_mask, (layout.k, layout.n), block)
+        if nstack == 0:
+            self.tables = block_sparse.tables_of(block_masks[0], shape, block)
+        else:
+            bounds, index = block_sparse.stacked_tables(block_masks, shape, block)
+            stack = layout.stack_shape
+            self.tables = bounds
+            self.index = block_sparse.BlockIndex(*(a.reshape(*stack, *a.shape[1:]) for a in index))
+        self._block_counts = np.asarray([b.sum(axis=0) for b in block_masks])   # (layers, N_blocks)
+        self._first_block_mask = block_masks[0]
         return None
+
+    @property
+    def stacked(self) -> bool:
+        return self.index is not None
+
+    def _gather(self, matrix) -> block_sparse.BlockSparseWeight:
+        """Kept blocks of the ``(*stack, K, N)`` matrix view, with their tables."""
+        if not self.stacked:
+            return block_sparse.BlockSparseWeight(
+                block_sparse._gather_blocks(matrix, self.tables), self.tables)
+        stack = self.layout.stack_shape
+        flat = block_sparse.BlockIndex(*(jnp.asarray(a.reshape(-1, *a.shape[len(stack):]))
+                                         for a in self.index))
+        blocks = block_sparse.gather_indexed(matrix.reshape(-1, *matrix.shape[-2:]), self.tables, flat)
+        index = block_sparse.BlockIndex(*(jnp.asarray(a) for a in self.index))
+        return block_sparse.BlockSparseWeight(blocks.reshape(*stack, *blocks.shape[1:]), self.tables,
+                                              index)
+
+    # -- packed weights -------------------------------------------------------------
+
+    def pack_leaf(self, leaf) -> jax.Array:
+        """The kept blocks of a dense leaf: ``(*stack, capacity, bk, bn)``, what a packed model holds."""
+        return self._gather(self.layout.to_matrix(jnp.asarray(leaf))).blocks
+
+    def packed_shape(self) -> tuple[int, ...]:
+        bk, bn = self.tables.block
+        return (*self.layout.stack_shape, self.tables.num_blocks, bk, bn)
+
+    def params_after(self, density: float) -> int:
+        if self.packed:   # what memory really holds: kept blocks, padded to a common capacity
+            return math.prod(self.packed_shape())
+        return super().params_after(density)
+
+    # -- report ---------------------------------------------------------------------
 
     def site_path(self, key) -> str:
         reason = self._reasons.get(key)
         if reason is not None:
             return f"XLA ({reason})"
-        site = next(s for s in self.sites if s.key == key)
-        ok, why = block_sparse.supported((self.layout.k, self.layout.n), site.dtype,
-                                         "interpret" if self.interpret else self.backend,
+        ok, why = self._kernel_support(self._site_dtype(key))
+        no_kernel = "" if ok else f"; {why}"
+        chosen = self.chosen_path(key)
+        if chosen is not None:
+            return chosen + (f" ({why})" if not ok else "")
+        return f"{why if ok else 'XLA dense masked matmul'} (path chosen when traced{no_kernel})"
+
+    def _site_dtype(self, key):
+        return next(s for s in self.sites if s.key == key).dtype
+
+    def _kernel_support(self, dtype) -> tuple[bool, str]:
+        backend = "interpret" if self.interpret else self.backend
+        ok, why = block_sparse.supported((self.layout.k, self.layout.n), dtype, backend,
                                          self.tables.block)
-        return why if ok else f"reference ({why})"
+        # Here XLA's masked product, not the kernel's reference, replaces a missing kernel.
+        return ok, why.removesuffix(": plain-JAX reference")
+
+    # -- computing ------------------------------------------------------------------
 
     def make_input(self, item, mask) -> ParamRef:
+        if self.packed:
+            blocks = jnp.asarray(item)
+            state = block_sparse.BlockSparseWeight(blocks, self.tables, None if not self.stacked else
+                                                   block_sparse.BlockIndex(*(jnp.asarray(a) for a in
+                                                                             self.index)))
+            return ParamRef.for_leaf(self.path, None, len(self.layout.shape), state=state,
+                                     handler=self)
         ref = super().make_input(item, mask)
         if self.tables is None:
             return ref
-        packed = block_sparse.BlockSparseWeight(
-            block_sparse._gather_blocks(self.layout.to_matrix(item), self.tables), self.tables)
-        return ref.replace(state=packed)
+        return ref.replace(state=self._gather(self.layout.to_matrix(item)))
+
+    def materialize(self, ref: ParamRef):
+        """Dense value of a packed leaf for a use that is not a lowered site (scatter, then view)."""
+        consumed = [a for a in self.layout.stack_axes if a in ref.consumed]
+        layout = self.layout
+        if consumed:  # a scan sliced the leading stack axes off state and value alike
+            c = len(consumed)
+            layout = WeightLayout(layout.shape[c:], tuple(a - c for a in layout.stack_axes[c:]),
+                                  tuple(a - c for a in layout.contract_axes),
+                                  tuple(a - c for a in layout.free_axes))
+        return views.replay_pending(ref, layout.from_matrix(ref.state.to_dense()))
+
+    def _signature(self, m: int, dtype) -> str:
+        """What decides the winner besides the device. The longest column is rounded up to a
+        power of two, so unrolled layers at one density share a measurement."""
+        (k, n), (bk, bn) = self.tables.shape, self.tables.block
+        counts = self._block_counts
+        kb, nb = self.tables.grid
+        density = counts.sum() / (counts.shape[0] * kb * nb)
+        longest = int(counts.max(initial=0))
+        longest = 1 << (longest - 1).bit_length() if longest else 0
+        return (f"M={m},K={k},N={n},dtype={jnp.dtype(dtype).name},block={bk}x{bn},"
+                f"density={density:.3f},max_col<={longest},mean_col={counts.mean():.2f},"
+                f"tables={'device' if self.stacked else 'static'}")
+
+    def _candidates(self, dtype):
+        """The site's paths as functions of ``(x2, w)``, ``w`` the dense ``(K, N)`` weight.
+
+        Each includes what the program does around the product: the kernel and the
+        reference gather the kept blocks (and scatter ``dW`` back), XLA multiplies
+        by the mask. A stacked leaf is measured on its first layer's tables (the
+        signature carries the whole stack's column counts).
+        """
+        ok, why = self._kernel_support(dtype)
+        tables, index = self.tables, None
+        if self.stacked:
+            nstack = len(self.layout.stack_shape)
+            index = block_sparse.BlockIndex(*(np.asarray(a).reshape(-1, *a.shape[nstack:])[0]
+                                              for a in self.index))
+        (k, n), (bk, bn) = tables.shape, tables.block
+        mask = np.kron(self._first_block_mask, np.ones((bk, bn), bool))[:k, :n]
+        backend, interpret = self.backend, self.interpret
+
+        def gather(w):
+            if index is None:
+                return block_sparse.BlockSparseWeight(block_sparse._gather_blocks(w, tables), tables)
+            ix = block_sparse.BlockIndex(*(jnp.asarray(a) for a in index))
+            return block_sparse.BlockSparseWeight(block_sparse.gather_indexed(w, tables, ix),
+                                                  tables, ix)
+
+        return [
+            path_choice.Candidate(
+                "kernel", lambda x, w: block_sparse.block_sparse_matmul(
+                    x, gather(w), backend=backend, interpret=interpret),
+                None if ok else why, f"block-sparse kernel ({why})"),
+            path_choice.Candidate("xla_dense", lambda x, w: jnp.matmul(x, w * mask),
+                                  describe="XLA dense masked matmul"),
+            # The kernel's plain-JAX twin: a candidate only where no kernel runs (it never
+            # beats XLA's masked product, so measuring it beside a kernel costs for nothing).
+            path_choice.Candidate(
+                "reference", lambda x, w: block_sparse.block_sparse_matmul_reference(x, gather(w)),
+                None if not ok else "the kernel runs here",
+                "block-sparse reference (scatter, XLA dot)"),
+        ]
 
     def on_site(self, interp, eqn, key, invals, scope):
         operand = 0 if isinstance(invals[0], ParamRef) else 1
         ref = invals[operand]
         if self._reasons.get(key, "not a site found at init") is not None or ref.state is None:
             return bind_eqn(eqn, [materialize(x) for x in invals])
-        return matmul_at_site(eqn, operand, invals[1 - operand],
-                              lambda x2: block_sparse.block_sparse_matmul(
-                                  x2, ref.state, backend=self.backend, interpret=self.interpret))
+        state = ref.state
+        if state.blocks.ndim != 3:   # a stacked leaf used without a scan slicing it
+            return bind_eqn(eqn, [materialize(x) for x in invals])
+        x = invals[1 - operand]
+        # The dtype the original dot multiplies in (Flax casts float32 params to the compute
+        # dtype before the dot): the kept blocks are cast alike, so the kernel sees bf16.
+        dtype = jnp.result_type(*(v.aval.dtype for v in eqn.invars[:2]))
+        state = block_sparse.BlockSparseWeight(state.blocks.astype(dtype), state.tables, state.index)
+        k, n = self.tables.shape
+        m = math.prod(x.shape) // k
+        specs = [jax.ShapeDtypeStruct((m, k), dtype), jax.ShapeDtypeStruct((k, n), dtype)]
+        choice = self._choose(key, OP, self._signature(m, dtype), self._candidates(dtype), specs)
+        if choice.name == "xla_dense":
+            return bind_eqn(eqn, [materialize(x) for x in invals])
+        if choice.name == "reference":
+            fn = lambda x2: block_sparse.block_sparse_matmul_reference(x2, state)
+        else:
+            fn = lambda x2: block_sparse.block_sparse_matmul(
+                x2, state, backend=self.backend, interpret=self.interpret)
+        return matmul_at_site(eqn, operand, x, fn)

@@ -26,6 +26,15 @@ on the transposed block structure (row tables); ``dW`` is computed at the kept
 blocks only (a sampled dense-dense product, one output block per kept block).
 Shapes the blocks do not divide are zero-padded; padding never changes the
 answer.
+
+Stacked layers (``nn.scan``): the layer index is dynamic inside a scan, so the
+tables cannot be static there. :func:`pack_stacked` pads each layer's tables to
+a common static capacity and keeps them as device arrays (a :class:`BlockIndex`
+beside the ``(layers, capacity, bk, bn)`` blocks); a scan slices blocks and
+tables together, and the kernels read the sliced tables as operands. Only the
+bounds (grid, block, capacity, longest column and row over all layers) are
+static. Padded slots hold zero blocks that no column visits, and their
+gradient is zeroed.
 """
 
 from __future__ import annotations
@@ -33,7 +42,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -44,7 +53,10 @@ from sparsejax.kernels import tile_tables
 
 __all__ = [
     "BlockSparseWeight",
+    "BlockIndex",
+    "TableBounds",
     "pack",
+    "pack_stacked",
     "block_sparse_matmul",
     "block_sparse_matmul_reference",
     "supported",
@@ -86,6 +98,10 @@ class BlockTables:
         return len(self.row_of)
 
     @property
+    def capacity(self) -> int:
+        return self.num_blocks
+
+    @property
     def max_per_col(self) -> int:
         return int(max(np.diff(self.col_ptr), default=0))
 
@@ -106,26 +122,86 @@ class BlockTables:
         )
 
 
+@dataclasses.dataclass(frozen=True)
+class TableBounds:
+    """The static facts of index tables that travel as device arrays (:class:`BlockIndex`).
+
+    Attributes:
+      shape, block, grid: as :class:`BlockTables`.
+      capacity: packed slots per layer (the most kept blocks of any layer).
+      max_per_col, max_per_row: the longest block column / row of any layer
+        (the ``pallas_call`` kernels' static grid).
+    """
+
+    shape: tuple[int, int]
+    block: tuple[int, int]
+    grid: tuple[int, int]
+    capacity: int
+    max_per_col: int
+    max_per_row: int
+
+    @property
+    def num_blocks(self) -> int:
+        return self.capacity
+
+
+class BlockIndex(NamedTuple):
+    """Index tables as int32 arrays (the fields of :class:`BlockTables`), padded to a capacity.
+
+    ``col_ptr[-1]`` is the number of real blocks; slots past it are padding:
+    ``row_of = col_of = 0`` there, ``by_row`` lists them last, and no column's
+    range reaches them. Leading axes (layers) are allowed: a scan slices them.
+    """
+
+    col_ptr: Any
+    row_of: Any
+    col_of: Any
+    row_ptr: Any
+    by_row: Any
+
+
+def index_of(tables: BlockTables, capacity: int | None = None) -> BlockIndex:
+    """``tables`` as a numpy :class:`BlockIndex`, padded to ``capacity`` slots."""
+    n = tables.num_blocks
+    capacity = n if capacity is None else capacity
+    if capacity < n:
+        raise ValueError(f"index_of: capacity {capacity} is below the {n} kept blocks")
+    pad = lambda v: np.concatenate([np.asarray(v, np.int32), np.zeros(capacity - n, np.int32)])
+    by_row = np.concatenate([np.asarray(tables.by_row, np.int32),
+                             np.arange(n, capacity, dtype=np.int32)])
+    return BlockIndex(np.asarray(tables.col_ptr, np.int32), pad(tables.row_of), pad(tables.col_of),
+                      np.asarray(tables.row_ptr, np.int32), by_row)
+
+
 @jax.tree_util.register_pytree_node_class
 class BlockSparseWeight:
     """A ``(K, N)`` weight that keeps only some ``(bk, bn)`` blocks.
 
-    A pytree whose only leaf is ``blocks`` (``(num_blocks, bk, bn)``, packed by
-    block column); the index tables are static. Build it with :func:`pack`.
+    A pytree whose leaf is ``blocks`` (``(num_blocks, bk, bn)``, packed by
+    block column) and, for per-layer tables, ``index``. Two forms:
+
+    * static tables (:func:`pack`): ``tables`` is a :class:`BlockTables`,
+      ``index`` is None; jit specializes on the mask.
+    * device tables (:func:`pack_stacked`): ``tables`` is a :class:`TableBounds`,
+      ``index`` a :class:`BlockIndex` of int32 arrays; ``blocks`` is
+      ``(*layers, capacity, bk, bn)`` and a scan slices layers off blocks and
+      index together.
+
     Gradients with respect to it are again a ``BlockSparseWeight``, holding
     ``dW`` at the kept blocks.
     """
 
-    def __init__(self, blocks: jax.Array, tables: BlockTables):
+    def __init__(self, blocks: jax.Array, tables, index: BlockIndex | None = None):
         self.blocks = blocks
         self.tables = tables
+        self.index = index
 
     def tree_flatten(self):
-        return (self.blocks,), self.tables
+        return (self.blocks, self.index), self.tables
 
     @classmethod
     def tree_unflatten(cls, tables, children):
-        return cls(children[0], tables)
+        return cls(children[0], tables, children[1])
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -141,19 +217,41 @@ class BlockSparseWeight:
 
     @property
     def density(self) -> float:
-        """Kept blocks over all blocks of the padded grid."""
+        """Kept blocks over all blocks of the padded grid (mean over layers; concrete tables)."""
         kb, nb = self.tables.grid
-        return self.tables.num_blocks / (kb * nb)
+        if self.index is None:
+            return self.tables.num_blocks / (kb * nb)
+        return float(np.mean(np.asarray(self.index.col_ptr)[..., -1])) / (kb * nb)
 
     def block_mask(self) -> np.ndarray:
-        """``(K_blocks, N_blocks)`` boolean mask of kept blocks."""
+        """``(K_blocks, N_blocks)`` boolean mask of kept blocks (``(*layers, ...)`` for device tables)."""
+        if self.index is not None:
+            ptr, rows, cols = (np.asarray(a) for a in self.index[:3])
+            lead = ptr.shape[:-1]
+            out = np.zeros((*lead, *self.tables.grid), bool)
+            for layer in np.ndindex(*lead):
+                n = int(ptr[layer][-1])
+                out[layer][rows[layer][:n], cols[layer][:n]] = True
+            return out
         mask = np.zeros(self.tables.grid, bool)
         mask[np.asarray(self.tables.row_of, np.int64), np.asarray(self.tables.col_of, np.int64)] = True
         return mask
 
     def to_dense(self) -> jax.Array:
-        """The ``(K, N)`` matrix, zeros outside the kept blocks."""
+        """The ``(K, N)`` matrix (``(*layers, K, N)``), zeros outside the kept blocks."""
         (kb, nb), (bk, bn) = self.tables.grid, self.tables.block
+        if self.index is not None:
+            lead = self.blocks.shape[:-3]
+            one = lambda blocks, index: BlockSparseWeight(blocks, self.tables, index).to_dense()
+            for _ in lead:
+                one = jax.vmap(one)
+            if lead:
+                return one(self.blocks, self.index)
+            grid = jnp.zeros((kb, nb, bk, bn), self.blocks.dtype)
+            # Padded slots hold zero blocks at (0, 0): adding them changes nothing.
+            grid = grid.at[self.index.row_of, self.index.col_of].add(self.blocks)
+            k, n = self.tables.shape
+            return grid.transpose(0, 2, 1, 3).reshape(kb * bk, nb * bn)[:k, :n]
         grid = jnp.zeros((kb, nb, bk, bn), self.blocks.dtype)
         if self.tables.num_blocks:
             rows = np.asarray(self.tables.row_of, np.int32)
@@ -164,8 +262,10 @@ class BlockSparseWeight:
         return dense[:k, :n]
 
     def __repr__(self):
+        per = "per layer, device tables" if self.index is not None else ""
         return (f"BlockSparseWeight(shape={self.shape}, block={self.block}, "
-                f"blocks={self.tables.num_blocks}/{math.prod(self.tables.grid)}, dtype={self.dtype})")
+                f"blocks={self.tables.num_blocks}/{math.prod(self.tables.grid)}{per and ' ' + per}, "
+                f"dtype={self.dtype})")
 
 
 def _check_block(block, where: str) -> tuple[int, int]:
@@ -234,6 +334,72 @@ def _gather_blocks(w: jax.Array, tables: BlockTables) -> jax.Array:
     wp = jnp.pad(w, ((0, kb * bk - k), (0, nb * bn - n)))
     grid = wp.reshape(kb, bk, nb, bn).transpose(0, 2, 1, 3)
     return grid[np.asarray(tables.row_of, np.int32), np.asarray(tables.col_of, np.int32)]
+
+
+def gather_indexed(w: jax.Array, bounds: TableBounds, index: BlockIndex) -> jax.Array:
+    """Kept blocks of ``w`` (``(*layers, K, N)``) by device tables; padded slots are zero.
+
+    Differentiable in ``w``: the gradient of a padded slot is multiplied by zero,
+    so it never reaches block ``(0, 0)``.
+    """
+    (kb, nb), (bk, bn) = bounds.grid, bounds.block
+    k, n = bounds.shape
+    lead = w.shape[:-2]
+    wp = jnp.pad(w, ((0, 0),) * len(lead) + ((0, kb * bk - k), (0, nb * bn - n)))
+    grid = wp.reshape(*lead, kb, bk, nb, bn)
+    grid = jnp.moveaxis(grid, -3, -2)                        # (*lead, kb, nb, bk, bn)
+
+    def one(grid, index):
+        valid = jnp.arange(bounds.capacity) < index.col_ptr[-1]
+        blocks = grid[index.row_of, index.col_of]
+        return jnp.where(valid[:, None, None], blocks, jnp.zeros((), blocks.dtype))
+
+    for _ in lead:
+        one = jax.vmap(one)
+    return one(grid, index)
+
+
+def pack_stacked(w: jax.Array, mask, block: tuple[int, int], *, capacity: int | None = None
+                 ) -> BlockSparseWeight:
+    """Packs a stack of layers ``w`` (``(L, K, N)``) with per-layer tables held as device arrays.
+
+    Args:
+      w: ``(L, K, N)``; may be traced.
+      mask: concrete ``(L, K, N)`` element masks or ``(L, K_blocks, N_blocks)`` block masks.
+      block: ``(bk, bn)``.
+      capacity: packed slots per layer (default: the most kept blocks of any layer).
+
+    A scan over the result's leading axis gives each layer a ``BlockSparseWeight``
+    whose tables are sliced device arrays, which :func:`block_sparse_matmul` takes.
+    """
+    block = _check_block(block, "pack_stacked")
+    if getattr(w, "ndim", None) != 3:
+        raise ValueError(f"pack_stacked: w must be (layers, K, N), got shape {getattr(w, 'shape', None)}")
+    shape = tuple(int(s) for s in w.shape[1:])
+    mask = np.asarray(mask)
+    if mask.ndim != 3 or mask.shape[0] != w.shape[0]:
+        raise ValueError(f"pack_stacked: mask must be (layers, ...) with {w.shape[0]} layers, got "
+                         f"shape {mask.shape}")
+    bounds, index = stacked_tables([block_mask_of(m, shape, block) for m in mask], shape, block,
+                                   capacity)
+    return BlockSparseWeight(gather_indexed(jnp.asarray(w), bounds, index), bounds, index)
+
+
+def stacked_tables(block_masks, shape: tuple[int, int], block: tuple[int, int],
+                   capacity: int | None = None) -> tuple[TableBounds, BlockIndex]:
+    """Per-layer tables of concrete block masks, padded to a common capacity, stacked (numpy)."""
+    tables = [tables_of(np.asarray(b, bool), shape, block) for b in block_masks]
+    need = max((t.num_blocks for t in tables), default=0)
+    capacity = need if capacity is None else int(capacity)
+    if capacity < need:
+        raise ValueError(f"pack_stacked: capacity {capacity} is below the {need} kept blocks of "
+                         "the densest layer")
+    bounds = TableBounds(shape=tuple(shape), block=tuple(block), grid=tables[0].grid,
+                         capacity=capacity,
+                         max_per_col=max((t.max_per_col for t in tables), default=0),
+                         max_per_row=max((t.max_per_row for t in tables), default=0))
+    index = BlockIndex(*(np.stack(f) for f in zip(*(index_of(t, capacity) for t in tables))))
+    return bounds, index
 
 
 def pack(w: jax.Array, mask, block: tuple[int, int]) -> BlockSparseWeight:
@@ -312,7 +478,8 @@ def supported(shape, dtype, backend: str | None = None, block: tuple[int, int] =
 # --------------------------------------------------------------------------- Pallas (TPU / interpret)
 
 
-def _pallas_gather_matmul(a, blocks, ptr, idx, *, rows: int, interpret: bool, poison: bool):
+def _pallas_gather_matmul(a, blocks, ptr, idx, *, rows: int, steps: int, interpret: bool,
+                          poison: bool):
     """``out[:, j-tile] = sum_{t in col j} a[:, idx[t]-tile] @ blocks[t]``, f32 output.
 
     Tables travel as scalar-prefetch operands; the grid runs to the longest
@@ -323,7 +490,7 @@ def _pallas_gather_matmul(a, blocks, ptr, idx, *, rows: int, interpret: bool, po
     m, _ = a.shape
     nnzb, bk, bn = blocks.shape
     ncols = len(ptr) - 1
-    steps = max(1, int(np.max(np.diff(np.asarray(ptr)))) if ncols else 1)
+    steps = max(1, steps)      # the longest column (of any layer, for device tables)
     ptr_a = jnp.asarray(ptr, jnp.int32)
     idx_a = jnp.asarray(idx, jnp.int32)
 
@@ -937,14 +1104,14 @@ def _mgpu_sampled_matmul(a, g, rows_of, cols_of, bk: int, bn: int, out_dtype,
 
 @dataclasses.dataclass(frozen=True)
 class _Config:
-    tables: BlockTables
+    tables: Any                     # BlockTables (static tables) or TableBounds (device tables)
     impl: str                       # "mosaic_gpu" | "pallas" (TPU or interpret)
     tiles: tile_tables.BlockSparseTiles
     interpret: bool
     poison: bool
 
 
-def _gather_matmul(a, blocks, ptr, idx, out_dtype, cfg: _Config):
+def _gather_matmul(a, blocks, ptr, idx, out_dtype, cfg: _Config, steps: int):
     nb = len(ptr) - 1
     bn = blocks.shape[2]
     if blocks.shape[0] == 0:   # all-zero mask: nothing to multiply
@@ -953,45 +1120,68 @@ def _gather_matmul(a, blocks, ptr, idx, out_dtype, cfg: _Config):
         if cfg.tiles.warp_specialized and a.shape[0] % (2 * cfg.tiles.rows) == 0:
             return _mgpu_gather_matmul_ws(a, blocks, ptr, idx, out_dtype, cfg.tiles, cfg.interpret)
         return _mgpu_gather_matmul(a, blocks, ptr, idx, out_dtype, cfg.tiles, cfg.interpret)
-    out = _pallas_gather_matmul(a, blocks, ptr, idx, rows=cfg.tiles.rows,
+    out = _pallas_gather_matmul(a, blocks, ptr, idx, rows=cfg.tiles.rows, steps=steps,
                                 interpret=cfg.interpret, poison=cfg.poison)
     return out.astype(out_dtype)
 
 
-def _sampled_matmul(a, g, tables: BlockTables, out_dtype, cfg: _Config):
-    bk, bn = tables.block
-    if tables.num_blocks == 0:
+def _sampled_matmul(a, g, rows_of, cols_of, out_dtype, cfg: _Config):
+    bk, bn = cfg.tables.block
+    if cfg.tables.num_blocks == 0:
         return jnp.zeros((0, bk, bn), out_dtype)
     if cfg.impl == "mosaic_gpu":
-        return _mgpu_sampled_matmul(a, g, tables.row_of, tables.col_of, bk, bn, out_dtype, cfg.tiles,
+        return _mgpu_sampled_matmul(a, g, rows_of, cols_of, bk, bn, out_dtype, cfg.tiles,
                                     cfg.interpret)
-    out = _pallas_sampled_matmul(a, g, tables.row_of, tables.col_of, bk, bn, rows=cfg.tiles.rows,
+    out = _pallas_sampled_matmul(a, g, rows_of, cols_of, bk, bn, rows=cfg.tiles.rows,
                                  interpret=cfg.interpret, poison=cfg.poison)
     return out.astype(out_dtype)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _bsmm(a, blocks, cfg: _Config):
+def _index(cfg: _Config, index: BlockIndex | None) -> BlockIndex:
+    """The tables the kernels read: static tuples, or the device arrays a scan sliced."""
+    if index is not None:
+        return index
     t = cfg.tables
-    return _gather_matmul(a, blocks, t.col_ptr, t.row_of, a.dtype, cfg)
+    return BlockIndex(t.col_ptr, t.row_of, t.col_of, t.row_ptr, t.by_row)
 
 
-def _bsmm_fwd(a, blocks, cfg):
-    return _bsmm(a, blocks, cfg), (a, blocks)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _bsmm(a, blocks, index, cfg: _Config):
+    ix = _index(cfg, index)
+    return _gather_matmul(a, blocks, ix.col_ptr, ix.row_of, a.dtype, cfg, cfg.tables.max_per_col)
+
+
+def _bsmm_fwd(a, blocks, index, cfg):
+    return _bsmm(a, blocks, index, cfg), (a, blocks, index)
 
 
 def _bsmm_bwd(cfg, residuals, g):
-    a, blocks = residuals
+    a, blocks, index = residuals
     t = cfg.tables
-    tt = t.transposed()
+    ix = _index(cfg, index)
     g = g.astype(a.dtype)
-    # dx = dy @ W^T: the same kernel over the transposed block structure.
-    blocks_t = blocks[np.asarray(t.by_row, np.int32)].transpose(0, 2, 1) if t.num_blocks else (
-        jnp.zeros((0, t.block[1], t.block[0]), blocks.dtype))
-    da = _gather_matmul(g, blocks_t, tt.col_ptr, tt.row_of, a.dtype, cfg)
-    # dW only at the kept blocks.
-    dblocks = _sampled_matmul(a, g, t, blocks.dtype, cfg)
-    return da, dblocks
+    # dx = dy @ W^T: the same kernel over the transposed block structure (row tables).
+    if t.num_blocks == 0:
+        blocks_t = jnp.zeros((0, t.block[1], t.block[0]), blocks.dtype)
+    else:
+        by_row = jnp.asarray(ix.by_row, jnp.int32) if index is not None else np.asarray(ix.by_row, np.int32)
+        blocks_t = blocks[by_row].transpose(0, 2, 1)
+    if index is None:
+        tt = t.transposed()
+        t_ptr, t_idx = tt.col_ptr, tt.row_of
+    else:
+        t_ptr, t_idx = index.row_ptr, index.col_of[index.by_row]
+    da = _gather_matmul(g, blocks_t, t_ptr, t_idx, a.dtype, cfg, t.max_per_row)
+    # dW only at the kept blocks; a padded slot's product is not a gradient of anything.
+    dblocks = _sampled_matmul(a, g, ix.row_of, ix.col_of, blocks.dtype, cfg)
+    if index is not None and t.num_blocks:
+        valid = jnp.arange(t.capacity) < index.col_ptr[-1]
+        dblocks = jnp.where(valid[:, None, None], dblocks, jnp.zeros((), dblocks.dtype))
+    return da, dblocks, None if index is None else jax.tree.map(_zero_cotangent, index)
+
+
+def _zero_cotangent(x):
+    return np.zeros(jnp.shape(x), jax.dtypes.float0)
 
 
 _bsmm.defvjp(_bsmm_fwd, _bsmm_bwd)
@@ -1044,5 +1234,11 @@ def block_sparse_matmul(x: jax.Array, packed: BlockSparseWeight, *, backend: str
     a = jnp.pad(a, ((0, m_pad - m), (0, kb * bk - a.shape[1])))
     cfg = _Config(tables=t, impl="mosaic_gpu" if backend == "gpu" else "pallas",
                   tiles=tiles, interpret=bool(interpret), poison=bool(poison))
-    y = _bsmm(a, packed.blocks.astype(dtype), cfg)
+    index = None
+    if packed.index is not None:
+        if packed.blocks.ndim != 3:
+            raise ValueError(f"block_sparse_matmul: a stacked weight {packed.blocks.shape[:-3]} of "
+                             "layers multiplies one layer at a time: slice it (e.g. in a scan)")
+        index = BlockIndex(*(jnp.asarray(v, jnp.int32) for v in packed.index))
+    y = _bsmm(a, packed.blocks.astype(dtype), index, cfg)
     return y[:m, :t.shape[1]].reshape(*lead, t.shape[1])

@@ -38,6 +38,7 @@ import pathlib
 import statistics
 import threading
 import time
+import warnings
 from concurrent import futures
 from typing import Callable, Mapping, Sequence
 
@@ -257,7 +258,13 @@ def measure(candidates: Sequence[Candidate], arg_specs: Sequence, *, calls: int 
         out = {}
         for c in candidates:
             if c.unsupported is None:
-                out[c.name] = _median_us(jax.jit(c.fn), args, calls, repeats)
+                try:
+                    out[c.name] = _median_us(jax.jit(c.fn), args, calls, repeats)
+                except Exception as e:   # a path that fails to compile or run is never chosen
+                    warnings.warn(f"path choice: candidate {c.name!r} failed while measured "
+                                  f"({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+                                  "it is not chosen")
+                    out[c.name] = float("inf")
         return out
 
     with futures.ThreadPoolExecutor(max_workers=1) as pool:
