@@ -31,6 +31,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 import sparsejax as sj
 from sparsejax import checkpointing, data, logging_utils, presets
 from sparsejax.models import transformer, vision
+from sparsejax.oneshot import training as oneshot_training
 
 
 @dataclasses.dataclass
@@ -57,6 +58,8 @@ class Config:
     seed: int = 0
     workdir: str = "workdir"
     init_from: str = ""                # a workdir whose final params start this run (e.g. dense -> Monarch)
+    oneshot: str = ""                  # prune the --init_from params first: magnitude | wanda | sparsegpt | dsnot
+    oneshot_batches: int = 8           # calibration batches for --oneshot
     eval_every: int = 200
     eval_batches: int = 16
     checkpoint_every: int = 200
@@ -101,6 +104,7 @@ def check_config(cfg: Config) -> None:
             raise ValueError(f"--{name} must be positive, got {getattr(cfg, name)}")
     if cfg.init_from and not os.path.isdir(cfg.init_from):
         raise ValueError(f"--init_from {cfg.init_from} is not a directory: give the workdir of a finished run")
+    oneshot_training.check_flags(cfg)
 
 
 def make_mesh(spec: str, devices=None) -> Mesh:
@@ -276,6 +280,8 @@ def create_state(run: Prepared):
         params = load_final_params(cfg.init_from, params)
     sfn = sj.sparsify(model.apply, preset.recipe(cfg.model))
     sparams, sstate = sfn.init(params, example_inputs, rng=jax.random.fold_in(key, 1))
+    if cfg.oneshot:   # post-training pruning of the --init_from weights; training then fine-tunes
+        sparams, sstate = oneshot_training.prune_run(cfg, run, sfn, sparams, sstate, loss_and_metrics)
     tx = make_optimizer(cfg, preset, sfn, sparams, sstate)
     state = TrainState(step=jnp.zeros([], jnp.int32), params=sparams, opt_state=tx.init(sparams),
                        sstate=sstate)

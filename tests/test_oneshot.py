@@ -1,0 +1,238 @@
+"""Calibration (compiler) and one-shot pruning: magnitude, Wanda, SparseGPT, DSnoT."""
+
+import warnings
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+import sparsejax as sj
+from sparsejax.compiler import calibration
+from sparsejax.oneshot import (Structure, dsnot_refine, magnitude_prune, reconstruction_error,
+                               sparsegpt_prune, sparsegpt_reference, wanda_prune)
+
+STRUCTURES = [Structure("matrix", 0.5), Structure("per_output", 0.7), Structure.nm(2, 4),
+              Structure.nm(4, 8)]
+
+
+def mlp(params, x):
+    """A plain-function MLP whose channels have very different scales at every layer, as the
+    outlier features of LLMs do (inputs, and per-channel gains like a norm's learned scale)."""
+    h = jnp.tanh(x @ params["w1"]) * params["g1"]
+    h = jnp.tanh(h @ params["w2"]) * params["g2"]
+    return h @ params["w3"]
+
+
+def _mlp_setup(seed=0, k=32, hidden=48, out=16, batches=3, rows=40):
+    keys = jax.random.split(jax.random.key(seed), 6)
+    params = {"w1": jax.random.normal(keys[0], (k, hidden)) / np.sqrt(k),
+              "w2": jax.random.normal(keys[1], (hidden, hidden)) / np.sqrt(hidden),
+              "w3": jax.random.normal(keys[2], (hidden, out)) / np.sqrt(hidden)}
+    params["g1"], params["g2"] = jnp.exp(jax.random.normal(keys[3], (2, hidden)))
+    scales = jnp.exp(jax.random.normal(jax.random.fold_in(keys[3], 1), (k,)))
+    mix = jnp.eye(k) + 0.5 * jax.random.normal(keys[4], (k, k)) / np.sqrt(k)
+    xs = [(jax.random.normal(jax.random.fold_in(keys[5], i), (rows, k)) @ mix) * scales
+          for i in range(batches)]
+    return params, xs
+
+
+@pytest.fixture(scope="module")
+def mlp_setup():
+    return _mlp_setup()
+
+
+def _layer(seed, k=32, n=12, tokens=96):
+    rng = np.random.default_rng(seed)
+    mix = np.eye(k) + rng.normal(size=(k, k)) / np.sqrt(k)
+    x = rng.normal(size=(tokens, k)) @ mix * rng.uniform(0.2, 3.0, size=k)
+    w = rng.normal(size=(k, n)).astype(np.float32)
+    return w, (x.T @ x).astype(np.float32)
+
+
+# ----------------------------------------------------------------------------- calibration
+
+
+def test_calibration_gram_matches_activations(mlp_setup):
+    params, xs = mlp_setup
+    stats = calibration.calibrate(mlp, params, xs)
+    h1 = [jnp.tanh(x @ params["w1"]) * params["g1"] for x in xs]
+    want = {"w1": xs, "w2": h1,
+            "w3": [jnp.tanh(h @ params["w2"]) * params["g2"] for h in h1]}
+    for path, acts in want.items():
+        x = jnp.concatenate(acts).astype(jnp.float64 if jax.config.x64_enabled else jnp.float32)
+        s = stats[path]
+        chex.assert_trees_all_close(s.gram, x.T @ x, rtol=2e-5, atol=1e-3)
+        chex.assert_trees_all_close(s.sum, x.sum(0), rtol=1e-5, atol=1e-4)
+        chex.assert_trees_all_close(s.sqsum, (x * x).sum(0), rtol=1e-5, atol=1e-3)
+        assert float(s.count) == x.shape[0]
+
+
+def test_calibration_per_layer_in_scans_and_across_devices():
+    """A scanned stack gives one Gram per layer; a sharded batch or a psum gives the global sum."""
+    keys = jax.random.split(jax.random.key(1), 3)
+    stack = jax.random.normal(keys[0], (3, 8, 8)) / 3
+
+    def scanned(params, x):
+        def body(h, w):
+            return jnp.tanh(h @ w), None
+        return jax.lax.scan(body, x, params["w"])[0]
+
+    x = jax.random.normal(keys[1], (16, 8))
+    params = {"w": stack}
+    cal = calibration.trace(scanned, params, x)
+    (key,) = [s.key for s in cal.sites]
+    stats = cal.collect(params, [(x,)], [key])
+    h = x
+    for layer in range(3):
+        chex.assert_trees_all_close(stats[key].gram[layer], h.T @ h, rtol=1e-5, atol=1e-4)
+        h = jnp.tanh(h @ stack[layer])
+
+    mesh = Mesh(np.array(jax.devices()[:8]), ("data",))
+    sharded = jax.device_put(x, NamedSharding(mesh, P("data")))
+    chex.assert_trees_all_close(cal.collect(params, [(sharded,)], [key])[key].gram,
+                                stats[key].gram, rtol=1e-5, atol=1e-4)
+    program = cal.program([key], axis_name="data")
+    psummed = jax.jit(jax.shard_map(lambda p, a: program(p, a)[1], mesh=mesh,
+                                    in_specs=(P(), P("data")), out_specs=P(),
+                                    check_vma=False))(
+        jax.tree.leaves(params), [sharded])
+    chex.assert_trees_all_close(psummed[key].gram, stats[key].gram, rtol=1e-5, atol=1e-4)
+
+
+# ----------------------------------------------------------------------------- methods
+
+
+@pytest.mark.parametrize("structure", STRUCTURES, ids=lambda s: s.describe())
+def test_sparsegpt_matches_float64_reference(structure):
+    w, gram = _layer(3, k=48, n=10)
+    q, keep, damp = sparsegpt_prune(jnp.asarray(w), jnp.asarray(gram), structure, block=16)
+    q_ref, keep_ref = sparsegpt_reference(w, gram, structure, block=16)
+    assert damp == 0.01
+    np.testing.assert_array_equal(np.asarray(keep), keep_ref)
+    np.testing.assert_allclose(np.asarray(q), q_ref, rtol=1e-4, atol=1e-4 * np.abs(q_ref).max())
+
+
+def _check_exact(keep, structure):
+    keep = np.asarray(keep)
+    k, n = keep.shape
+    if structure.kind == "nm":
+        groups = keep.reshape(k // structure.m, structure.m, n).sum(1)
+        assert (groups == structure.n).all()
+    elif structure.kind == "per_output":
+        assert (keep.sum(0) == k - round(structure.sparsity * k)).all()
+    else:
+        assert keep.sum() == k * n - round(structure.sparsity * k * n)
+
+
+@pytest.mark.parametrize("structure", STRUCTURES, ids=lambda s: s.describe())
+def test_masks_hit_exact_sparsity_and_pattern(structure):
+    w, gram = _layer(4, k=64, n=20)
+    w, gram = jnp.asarray(w), jnp.asarray(gram)
+    norm = jnp.sqrt(jnp.diagonal(gram))
+    outs = {"magnitude": magnitude_prune(w, structure), "wanda": wanda_prune(w, norm, structure)}
+    q, keep, _ = sparsegpt_prune(w, gram, structure, block=16)
+    outs["sparsegpt"] = (q, keep)
+    mean = jnp.full((64,), 0.3)
+    outs["dsnot"] = dsnot_refine(w, *outs["wanda"], gram, mean, norm ** 2 / 96, structure)[:2]
+    for name, (w_hat, keep) in outs.items():
+        _check_exact(keep, structure)
+        assert not np.any(np.asarray(w_hat)[~np.asarray(keep)]), name
+
+
+def test_dsnot_never_worse_than_its_start_and_swaps():
+    w, gram = _layer(5, k=64, n=16)
+    w, gram = jnp.asarray(w), jnp.asarray(gram)
+    norm = jnp.sqrt(jnp.diagonal(gram))
+    mean = jnp.asarray(np.random.default_rng(0).normal(size=64), jnp.float32)
+    for structure in (Structure("per_output", 0.7), Structure.nm(2, 4)):
+        start, keep = wanda_prune(w, norm, structure)
+        w_hat, keep2, swaps = dsnot_refine(w, start, keep, gram, mean, norm ** 2 / 96, structure)
+        before = float(reconstruction_error(w, start, gram))
+        after = float(reconstruction_error(w, w_hat, gram))
+        assert after <= before and int(swaps.sum()) > 0
+        _check_exact(keep2, structure)
+
+
+@pytest.mark.parametrize("rule", [sj.Prune("re:w.", 0.5), sj.NM("re:w.", 2, 4)], ids=["50%", "2:4"])
+def test_error_order_sparsegpt_wanda_magnitude_every_layer(mlp_setup, rule):
+    params, xs = mlp_setup
+    errors = {}
+    for method in ("magnitude", "wanda", "sparsegpt"):
+        out = sj.oneshot(mlp, params, xs, [rule], method=method, sequential=False,
+                         observe="all", block_size=16)
+        errors[method] = out.report.errors()
+    for path in errors["magnitude"]:
+        assert errors["sparsegpt"][path] <= errors["wanda"][path] <= errors["magnitude"][path], (
+            path, {m: e[path] for m, e in errors.items()})
+
+
+def test_oneshot_sequential_state_and_report(mlp_setup):
+    params, xs = mlp_setup
+    rule = sj.Prune("re:w[12]", 0.5)
+    out = sj.oneshot(mlp, params, xs, [rule], method="wanda")
+    # Sequential: w2's mask is Wanda's on the activations of the *pruned* first layer.
+    h = jnp.concatenate([jnp.tanh(x @ out.params["w1"]) * params["g1"] for x in xs])
+    want = Structure("per_output", 0.5).keep(jnp.abs(params["w2"]) * jnp.linalg.norm(h, axis=0)[:, None])
+    np.testing.assert_array_equal(np.asarray(out.sstate["masks"]["w2"]), np.asarray(want))
+    assert out.sstate["masks"]["w3"] is None and out.report.passes == 2
+    chex.assert_trees_all_close(out.sfn(out.params, out.sstate, xs[0]), mlp(out.params, xs[0]))
+    np.testing.assert_array_equal(np.asarray(out.params["w3"]), np.asarray(params["w3"]))
+    text = str(out.report)
+    assert "w1" in text and "w2" in text and "err mask" in text
+
+
+def test_oneshot_linen_scan_sparsegpt_per_layer():
+    from sparsejax.models import transformer
+    cfg = transformer.TransformerConfig(vocab_size=32, d_model=16, n_layers=2, n_heads=2, d_ff=32,
+                                        scan_layers=True)
+    model = transformer.TransformerLM(cfg)
+    xs = [jax.random.randint(jax.random.key(i), (4, 16), 0, 32) for i in range(2)]
+    params = model.init(jax.random.key(1), xs[0])
+    stats = calibration.calibrate(model.apply, params, xs[:1])
+    assert stats["params/layers/mlp/down/kernel"].gram.shape == (2, 32, 32)   # one per layer
+    assert stats["params/lm_head/kernel"].gram.shape == (16, 16)
+    out = sj.oneshot(model.apply, params, xs, [sj.NM("*/mlp/*/kernel", 2, 4)], method="sparsegpt",
+                     observe="all")
+    names = [r.name for r in out.report.sites]
+    assert names[:3] == ["params/layers/mlp/gate/kernel[0]", "params/layers/mlp/up/kernel[0]",
+                         "params/layers/mlp/down/kernel[0]"] and len(names) == 6
+    for r in out.report.sites:
+        assert r.error_after <= r.error_before and r.sparsity == 0.5
+    _check_exact(out.sstate["masks"]["params"]["layers"]["mlp"]["down"]["kernel"][1],
+                 Structure.nm(2, 4))
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+def test_bad_inputs_name_site_and_method(mlp_setup):
+    params, xs = mlp_setup
+    with pytest.raises(ValueError, match=r"method='wanda'.*calibration batch 1.*same shapes"):
+        sj.oneshot(mlp, params, [xs[0], xs[1][:10]], [sj.Prune("*", 0.5)], method="wanda")
+    with pytest.raises(ValueError, match=r"fails on the example batch"):
+        sj.oneshot(mlp, params, [xs[0][:, :5]], [sj.Prune("*", 0.5)], method="wanda")
+    with pytest.raises(ValueError, match=r"w1: oneshot\(method='sparsegpt'\): Block"):
+        sj.oneshot(mlp, params, xs, [sj.Block("re:w1", 0.5, block=(8, 8))],
+                   method="sparsegpt")
+    with pytest.raises(ValueError, match="method must be one of"):
+        sj.oneshot(mlp, params, xs, [sj.Prune("*", 0.5)], method="obs")
+
+
+def test_too_few_tokens_and_singular_hessian_damp_more_never_nan(mlp_setup):
+    params, xs = mlp_setup
+    few = [x[:4].at[:, :8].set(0.0) for x in xs[:1]]     # 4 tokens < 32 inputs, 8 dead channels
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = sj.oneshot(mlp, params, few, [sj.Prune("re:w1", 0.5)], method="sparsegpt")
+    assert any("4 calibration tokens < 32 inputs" in str(w.message) for w in caught)
+    assert "dampening raised" in str(out.report) and out.report.sites[0].damp >= 0.1
+    assert np.isfinite(np.asarray(out.params["w1"])).all()
+    # The dead input channels carry no information: SparseGPT prunes their weights.
+    assert not np.asarray(out.params["w1"])[:8].any()
+    # An exactly singular Gram (rank 1) still factorizes after dampening.
+    q, keep, damp = sparsegpt_prune(jnp.ones((16, 4)), jnp.ones((16, 16)), Structure.nm(2, 4),
+                                    damp=0.0)
+    assert np.isfinite(np.asarray(q)).all() and damp > 0
