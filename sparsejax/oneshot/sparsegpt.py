@@ -67,7 +67,7 @@ def inverse_hessian_factor(gram: jax.Array, damp: float = 0.01, max_tries: int =
         upper, dead = _factor(gram, jnp.float32(damp))
         if bool(jnp.all(jnp.isfinite(upper))):
             return HessianFactor(upper, float(damp), dead)
-        damp *= 10.0
+        damp = damp * 10.0 if damp > 0 else 0.01
     raise ValueError(f"the Hessian cannot be factorized even with dampening {damp / 10:g}: "
                      "its entries are not finite (NaN or inf in the calibration activations?)")
 
