@@ -205,23 +205,37 @@ def test_oneshot_sequential_state_and_report(mlp_setup):
     assert "w1" in text and "w2" in text and "err mask" in text
 
 
-def test_oneshot_linen_scan_sequential_per_layer():
+def test_oneshot_scanned_stack_is_pruned_layer_by_layer():
+    """A scanned stack (as nn.scan lays it out) is pruned in layer order, each layer
+    calibrated on the outputs of the layers already pruned."""
+    stack = jax.random.normal(jax.random.key(3), (3, 8, 8)) / 3
+
+    def scanned(params, x):
+        return jax.lax.scan(lambda h, w: (jnp.tanh(h @ w), None), x, params["w"])[0]
+
+    xs = [jax.random.normal(jax.random.key(4 + i), (16, 8)) for i in range(2)]
+    out = sj.oneshot(scanned, {"w": stack}, xs, [sj.NM("w", 2, 4)], method="wanda")
+    assert [r.name for r in out.report.sites] == ["w[0]", "w[1]", "w[2]"]
+    assert out.report.passes == 3
+    h = jnp.concatenate(xs)
+    for layer in range(3):    # layer l's mask is Wanda's on the pruned layers' outputs
+        want = Structure.nm(2, 4).keep(jnp.abs(stack[layer]) * jnp.linalg.norm(h, axis=0)[:, None])
+        np.testing.assert_array_equal(np.asarray(out.sstate["masks"]["w"][layer]), np.asarray(want))
+        h = jnp.tanh(h @ out.params["w"][layer])
+
+
+def test_calibration_linen_scan_stack_is_per_layer():
     from sparsejax.models import transformer
     cfg = transformer.TransformerConfig(vocab_size=32, d_model=16, n_layers=2, n_heads=2, d_ff=32,
                                         scan_layers=True)
     model = transformer.TransformerLM(cfg)
-    xs = [jax.random.randint(jax.random.key(i), (4, 16), 0, 32) for i in range(2)]
-    params = model.init(jax.random.key(1), xs[0])
-    out = sj.oneshot(model.apply, params, xs, [sj.NM("*/mlp/[gd]*/kernel", 2, 4)],
-                     method="wanda", observe="all")
-    names = [r.name for r in out.report.sites]
-    assert names == ["params/layers/mlp/gate/kernel[0]", "params/layers/mlp/down/kernel[0]",
-                     "params/layers/mlp/gate/kernel[1]", "params/layers/mlp/down/kernel[1]"]
-    assert out.report.passes == 4
-    for r in out.report.sites:
-        assert r.error_after == r.error_before and r.sparsity == 0.5
-    _check_exact(out.sstate["masks"]["params"]["layers"]["mlp"]["down"]["kernel"][1],
-                 Structure.nm(2, 4))
+    x = jax.random.randint(jax.random.key(0), (2, 8), 0, 32)
+    params = model.init(jax.random.key(1), x)
+    stats = calibration.calibrate(model.apply, params, [x])
+    assert stats["params/layers/mlp/down/kernel"].gram.shape == (2, 32, 32)   # one per layer
+    assert stats["params/lm_head/kernel"].gram.shape == (16, 16)
+    gram = stats["params/layers/attn/q/kernel"].gram
+    assert not np.allclose(gram[0], gram[1]) and float(jnp.min(jnp.diagonal(gram[0]))) > 0
 
 
 # ----------------------------------------------------------------------------- bad input
@@ -255,3 +269,36 @@ def test_too_few_tokens_and_singular_hessian_damp_more_never_nan(mlp_setup):
     q, keep, damp = sparsegpt_prune(jnp.ones((16, 4)), jnp.ones((16, 16)), Structure.nm(2, 4),
                                     damp=0.0)
     assert np.isfinite(np.asarray(q)).all() and damp > 0
+
+
+# ----------------------------------------------------------------------------- train.py
+
+
+def test_train_py_oneshot_flag(tmp_path):
+    import json
+    import pathlib
+    import sys
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+    import train
+    from flax.serialization import to_bytes
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("".join(f"def f{i}(x):\n    return x * {i} + {i % 7}\n" for i in range(400)))
+    tiny = dict(d_model=32, n_layers=1, n_heads=2, d_ff=64, seq_len=32, batch_size=8, steps=1,
+                eval_batches=2, log_every=1, mesh="data:1", data=str(corpus))
+    with pytest.raises(ValueError, match="--oneshot='obs': use one of"):
+        train.prepare(train.Config(**tiny, oneshot="obs", init_from=str(tmp_path)))
+    with pytest.raises(ValueError, match="--oneshot prunes a trained model"):
+        train.prepare(train.Config(**tiny, oneshot="wanda"))
+    # A "finished dense run": its final params file is all --init_from reads.
+    dense = train.prepare(train.Config(**tiny, recipe="dense", workdir=str(tmp_path / "dense")))
+    state, _, _ = train.create_state(dense)
+    (tmp_path / "dense" / train.FINAL_PARAMS).write_bytes(to_bytes(state.params))
+    recipe = tmp_path / "r.json"
+    recipe.write_text(json.dumps({"rules": [{"rule": "Prune", "pattern": "re:.*mlp.*/kernel",
+                                             "sparsity": 0.5}]}))
+    result = train.train_and_evaluate(train.Config(
+        **tiny, recipe=str(recipe), init_from=str(tmp_path / "dense"), oneshot="sparsegpt",
+        oneshot_batches=2, workdir=str(tmp_path / "pruned")))
+    text = (tmp_path / "pruned" / "oneshot.txt").read_text()
+    assert "eval loss" in text and "params/layers_0/mlp/down/kernel" in text
+    assert {round(r.density, 3) for r in result["report"].rows} == {0.5}   # fine-tuned, masks fixed
