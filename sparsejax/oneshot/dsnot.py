@@ -48,7 +48,7 @@ def dsnot_refine(w: jax.Array, w_hat: jax.Array, keep: jax.Array, gram: jax.Arra
 
     def cycle(_, state):
         w_hat, keep, delta, g_delta, active, swaps = state
-        e = mean @ delta                                           # (N,) expected error
+        e = jnp.matmul(mean, delta, precision=lax.Precision.HIGHEST)   # (N,) expected error
         sign = jnp.sign(e)
         gain = sign[None, :] * w * mean[:, None]                   # growing j lowers |e| by this
         grow_score = jnp.where(~keep & (gain > 0), gain * inv_var[:, None], -jnp.inf)
@@ -75,6 +75,7 @@ def dsnot_refine(w: jax.Array, w_hat: jax.Array, keep: jax.Array, gram: jax.Arra
         return w_hat, keep, delta, g_delta + step, accept, swaps + accept.astype(jnp.int32)
 
     delta = w - w_hat
-    state = (w_hat, keep, delta, gram @ delta, jnp.ones((n,), bool), jnp.zeros((n,), jnp.int32))
+    g_delta = jnp.matmul(gram, delta, precision=lax.Precision.HIGHEST)
+    state = (w_hat, keep, delta, g_delta, jnp.ones((n,), bool), jnp.zeros((n,), jnp.int32))
     w_hat, keep, _, _, _, swaps = lax.fori_loop(0, cycles, cycle, state)
     return w_hat, keep, swaps

@@ -125,7 +125,7 @@ def _solve(w, upper, dead, block_prune, structure: Structure, block: int):
         # The lazy update: inputs after this block receive the block's errors at once.
         u_rows = lax.dynamic_slice(upper, (s, 0), (block, k))
         later = (rows >= s + block)[:, None]
-        w = w - jnp.where(later, u_rows.T @ err1, 0.0)
+        w = w - jnp.where(later, jnp.matmul(u_rows.T, err1, precision=lax.Precision.HIGHEST), 0.0)
         q = lax.dynamic_update_slice(q, q1, (s, 0))
         keep = lax.dynamic_update_slice(keep, keep1, (s, 0))
         return w, q, keep

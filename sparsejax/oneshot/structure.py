@@ -72,10 +72,10 @@ class Structure:
 def reconstruction_error(w: jax.Array, w_hat: jax.Array, gram: jax.Array) -> jax.Array:
     """``‖XW − XŴ‖²_F`` from the Gram ``XᵀX``: ``tr(ΔᵀGΔ)`` with ``Δ = W − Ŵ``."""
     delta = (w - w_hat).astype(jnp.float32)
-    return jnp.sum(delta * (gram @ delta))
+    return jnp.sum(delta * jnp.matmul(gram, delta, precision=jax.lax.Precision.HIGHEST))
 
 
 def output_energy(w: jax.Array, gram: jax.Array) -> jax.Array:
     """``‖XW‖²_F``: the scale reconstruction errors are reported relative to."""
     w = w.astype(jnp.float32)
-    return jnp.sum(w * (gram @ w))
+    return jnp.sum(w * jnp.matmul(gram, w, precision=jax.lax.Precision.HIGHEST))
