@@ -11,10 +11,10 @@ in float32 (SparseGPT's Hessian), the per-input-channel sums and squared sums
 in ``activations`` are observed on their output instead (activation-threshold
 rules calibrate through the same walk).
 
-Statistics are summed: over batches (one jitted program per signature,
-accumulated on the device), over the layers of nothing (a site inside a scan
-returns one entry per iteration, stacked along a leading axis: per layer for
-``nn.scan`` stacks), and over devices: under ``jax.jit`` with batches sharded
+Statistics are summed over batches (one jitted program per set of observed
+keys, accumulated on the device) but not over loop iterations: a site inside
+a scan returns one entry per iteration, stacked along a leading axis (per
+layer for ``nn.scan`` stacks). Across devices: under ``jax.jit`` with batches sharded
 on a mesh the sums are global (XLA reduces the partial sums); inside
 ``shard_map``/``pmap`` pass ``axis_name`` and they are ``psum``-ed.
 Only the sites asked for are observed, so memory stays one group of sites'
@@ -245,7 +245,7 @@ class Calibration:
         param_leaves = jax.tree_util.tree_leaves(params)
         acc = None
         for i, args in enumerate(batches):
-            arg_leaves = self.check_args(_as_args(args), f"calibration batch {i}")
+            arg_leaves = self.check_args(as_args(args), f"calibration batch {i}")
             acc = first(param_leaves, arg_leaves) if acc is None else accumulate(acc, param_leaves,
                                                                                  arg_leaves)
         if acc is None:
@@ -255,11 +255,12 @@ class Calibration:
     def outputs(self, params: Any, args: tuple) -> Any:
         """``fn(params, *args)`` through the traced program (no observers)."""
         outs, _ = self.program()(jax.tree_util.tree_leaves(params),
-                                 self.check_args(_as_args(args), "batch"))
+                                 self.check_args(as_args(args), "batch"))
         return outs
 
 
-def _as_args(batch) -> tuple:
+def as_args(batch) -> tuple:
+    """A calibration batch as the argument tuple after params (a lone array is ``(array,)``)."""
     return batch if isinstance(batch, tuple) else (batch,)
 
 
@@ -297,7 +298,7 @@ def calibrate(fn: Callable, params: Any, batches: Sequence[Any],
     batches = list(batches)
     if not batches:
         raise ValueError("calibrate: no batches were given")
-    cal = trace(fn, params, *_as_args(batches[0]))
+    cal = trace(fn, params, *as_args(batches[0]))
     sites = [s for s in cal.sites if s.primitive == "dot_general" and
              (paths is None or s.path in paths)]
     stats = cal.collect(params, batches, [s.key for s in sites])

@@ -302,3 +302,17 @@ def test_train_py_oneshot_flag(tmp_path):
     text = (tmp_path / "pruned" / "oneshot.txt").read_text()
     assert "eval loss" in text and "params/layers_0/mlp/down/kernel" in text
     assert {round(r.density, 3) for r in result["report"].rows} == {0.5}   # fine-tuned, masks fixed
+
+
+def test_calibration_observes_activation_eqns_with_any_observer(mlp_setup):
+    """The hook for activation rules: an eqn's output, with a custom additive observer."""
+    params, xs = mlp_setup
+    cal = calibration.trace(mlp, params, xs[0])
+    tanh_keys = [(i,) for i, e in enumerate(cal.closed.jaxpr.eqns) if e.primitive.name == "tanh"]
+    observer = lambda h: {"above": jnp.sum(jnp.abs(h) > 0.5, axis=tuple(range(h.ndim - 1))),
+                          "n": jnp.asarray(h.size // h.shape[-1], jnp.float32)}
+    stats = cal.collect(params, xs, activation_keys=tanh_keys[:1], observer=observer)
+    h = jnp.concatenate([jnp.tanh(x @ params["w1"]) for x in xs])
+    np.testing.assert_array_equal(np.asarray(stats[tanh_keys[0]]["above"]),
+                                  np.asarray(jnp.sum(jnp.abs(h) > 0.5, axis=0)))
+    assert float(stats[tanh_keys[0]]["n"]) == h.shape[0]

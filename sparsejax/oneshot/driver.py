@@ -205,7 +205,7 @@ def oneshot(fn: Callable, params: Any, calib_batches: Sequence[Any], recipe, *,
                          f"got {dsnot_base!r}")
     if not 0 <= damp < 1e3:
         raise ValueError(f"oneshot: damp must be >= 0 (a fraction of the mean diagonal), got {damp}")
-    batches = [calibration._as_args(b) for b in calib_batches]
+    batches = [calibration.as_args(b) for b in calib_batches]
     if not batches:
         raise ValueError(f"oneshot(method={method!r}): calib_batches is empty")
     say = progress if callable(progress) else (lambda s: print(s, file=sys.stderr)) if progress \
