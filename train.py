@@ -35,6 +35,7 @@ import sparsejax as sj
 from sparsejax import checkpointing, data, distributed, logging_utils, presets
 from sparsejax.distributed import local_sgd
 from sparsejax.models import transformer, vision
+from sparsejax.oneshot import training as oneshot_training
 
 
 @dataclasses.dataclass
@@ -61,6 +62,8 @@ class Config:
     seed: int = 0
     workdir: str = "workdir"
     init_from: str = ""                # a workdir whose final params start this run (e.g. dense -> Monarch)
+    oneshot: str = ""                  # prune the --init_from params first: magnitude | wanda | sparsegpt | dsnot
+    oneshot_batches: int = 8           # calibration batches for --oneshot
     eval_every: int = 200
     eval_batches: int = 16
     checkpoint_every: int = 200
@@ -204,6 +207,7 @@ def check_config(cfg: Config) -> None:
                              "given onto its factors, so it needs --init_from=<workdir of a finished "
                              "dense run>; without it, it would project random weights (to train "
                              "factors from scratch use init='random', e.g. --recipe=monarch4)")
+    oneshot_training.check_flags(cfg)
 
 
 def check_workdir(workdir: str) -> None:
@@ -434,6 +438,8 @@ def create_state(run: Prepared):
         sparams, sstate = sfn.init(params, example_inputs, rng=jax.random.fold_in(key, 1))
     except ValueError as e:
         raise SetupError(f"--recipe {cfg.recipe}: {e}") from None
+    if cfg.oneshot:   # post-training pruning of the --init_from weights; training then fine-tunes
+        sparams, sstate = oneshot_training.prune_run(cfg, run, sfn, sparams, sstate, loss_and_metrics)
     tx = make_optimizer(cfg, preset, sfn, sparams, sstate)
     state = TrainState(step=jnp.zeros([], jnp.int32), params=sparams, opt_state=tx.init(sparams),
                        sstate=sstate)

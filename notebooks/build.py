@@ -520,7 +520,8 @@ summary_path = None if root is None else root / "benchmarks" / "results" / "summ
 if summary_path is None or not summary_path.exists():
     print("benchmarks/results/summary.json not found: open this notebook from the repository")
 else:
-    entries = json.loads(summary_path.read_text())["entries"]
+    # Speed entries only (quality entries carry "metric"/"value" instead of "speedup").
+    entries = [e for e in json.loads(summary_path.read_text())["entries"] if "speedup" in e]
     labels = [f"{e['benchmark']}: {e['case']}" for e in entries]
     speed = np.array([e["speedup"] for e in entries])
     goals = [e["goal"] for e in entries]

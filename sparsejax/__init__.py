@@ -8,5 +8,8 @@ from sparsejax.rules import (Block, BlockDiagonal, Channels, Monarch, NM, Prune,
                              SparkTopK)
 from sparsejax.topk import exact_topk_reference, statistical_topk
 from sparsejax.sparsify import SparseFunction, sparsify
+# After sparsify: the one-shot driver builds on it. ``sj.oneshot`` is the function; the
+# methods stay importable as ``from sparsejax.oneshot import sparsegpt_prune, ...``.
+from sparsejax.oneshot import OneshotResult, oneshot
 
 __version__ = "0.1.0"

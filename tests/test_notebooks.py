@@ -87,15 +87,19 @@ def test_gpu_and_tpu_notebooks_are_the_tour_plus_backend_notes():
 def test_summary_entries_quote_their_sources():
     entries = json.loads(SUMMARY.read_text())["entries"]
     assert entries
-    required = {"benchmark", "case", "speedup", "goal", "baseline", "device", "jax", "source",
+    required = {"benchmark", "case", "goal", "baseline", "device", "jax", "source",
                 "command", "quote"}
     for e in entries:
-        assert required <= set(e), e
+        # A speed entry has "speedup"; a quality entry has "metric" and "value" instead.
+        assert required | ({"metric", "value"} if "value" in e else {"speedup"}) <= set(e), e
         source = ROOT / e["source"]
         assert source.is_file(), e["source"]
         text = source.read_text()
         assert e["quote"] in text, (e["source"], e["quote"])
         assert f"`{e['command']}" in text, (e["source"], e["command"])
+        if "value" in e:
+            assert f"{e['value']:g}" in e["quote"], e
+            continue
         assert e["speedup"] > 0 and (e["goal"] is None or e["goal"] > 0)
 
 
@@ -103,6 +107,8 @@ def test_summary_speedups_are_the_quoted_numbers():
     # Where the recorded number is a speed-up, it appears verbatim in the quote;
     # the one inverted ratio (a time ratio where lower is better) says so.
     for e in json.loads(SUMMARY.read_text())["entries"]:
+        if "speedup" not in e:
+            continue
         if "note" in e:
             assert "inverse" in e["note"]
             ratio = float(e["quote"].strip("| ").split("|")[-1])
