@@ -42,12 +42,12 @@ from sparsejax.models import transformer  # noqa: E402
 
 LINEAR = r"re:.*(attn/(q|k|v|o)|mlp/(gate|up|down))/kernel"
 FFN = r"re:.*mlp/(gate|up|down)/kernel"
-RECIPES = {
+RECIPES = {   # in the order a time budget keeps them
     "block90": lambda: sj.Block(LINEAR, sparsity=0.9, block=(128, 128)),
-    "block75": lambda: sj.Block(LINEAR, sparsity=0.75, block=(128, 128)),
-    "block50": lambda: sj.Block(LINEAR, sparsity=0.5, block=(128, 128)),
-    "block90_ffn": lambda: sj.Block(FFN, sparsity=0.9, block=(128, 128)),
     "monarch4": lambda: sj.Monarch(LINEAR, nblocks=4),
+    "block75": lambda: sj.Block(LINEAR, sparsity=0.75, block=(128, 128)),
+    "block90_ffn": lambda: sj.Block(FFN, sparsity=0.9, block=(128, 128)),
+    "block50": lambda: sj.Block(LINEAR, sparsity=0.5, block=(128, 128)),
 }
 MEASURES = ("prefill", "train", "decode1", "decode8")
 
@@ -168,6 +168,8 @@ def main():
     parser.add_argument("--measure", default=",".join(MEASURES))
     parser.add_argument("--layers", type=int, default=24)
     parser.add_argument("--smoke", action="store_true")
+    parser.add_argument("--budget_s", type=float, default=1e9,
+                        help="variants that would start after this many seconds are skipped (listed)")
     args = parser.parse_args()
     smoke = args.smoke
     recipes = [r for r in args.recipes.split(",") if r]
@@ -184,6 +186,9 @@ def main():
         params = jax.jit(model.init)(jax.random.key(1), tokens)
         for name in recipes:
             t0 = time.time()
+            if t0 - t_start > args.budget_s:
+                lines_err.append(f"- {layout}/{name}: skipped (past --budget_s {args.budget_s:.0f})")
+                continue
             try:
                 v = Variant(name, model, cfg, params, tokens, smoke)
                 times = time_variant(v, measures, batch, seq, smoke)
