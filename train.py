@@ -121,6 +121,11 @@ _FLAG_GROUPS = {
         "batch_size": "Global batch size (sequences or images per step, split over the devices "
                       "of --mesh).",
         "seed": "Seed of the init, the masks and the batch order.",
+        "oneshot": "Prune the --init_from weights once before training, without retraining: "
+                   "magnitude, wanda, sparsegpt or dsnot, on the masks of a fixed-mask --recipe "
+                   "(e.g. nm24 or a .json recipe); --steps then fine-tune with the masks fixed. "
+                   "Empty: no one-shot pruning.",
+        "oneshot_batches": "Calibration batches from the training data for --oneshot.",
     },
     "run, logs and checkpoints": {
         "workdir": "Folder for everything the run writes; rerunning with the same folder "
