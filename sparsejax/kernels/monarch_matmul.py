@@ -273,10 +273,11 @@ class MonarchTiles:
         stage_one = self.stages * (self.rows * self.step_in
                                    + self.step_in * self.chunk * self.group) * itemsize
         stage_two = self.stages * self.chunk * self.out_cols * itemsize
-        return h + out + max(stage_one, stage_two)
+        return h + out + max(stage_one, stage_two) + _SMEM_SLACK
 
 
 SMEM_LIMIT = 227 * 1024          # Hopper: the most shared memory one block may opt into
+_SMEM_SLACK = 1024              # the pipelines' barriers and alignment (Mosaic counts them too)
 _MAX_ACC = 64 * 256              # f32 accumulator entries per warpgroup: 128 registers a thread
 
 
@@ -420,8 +421,14 @@ def _mgpu_core(u: jax.Array, a: jax.Array, b: jax.Array, tiles: MonarchTiles,
     a2 = (a.reshape(n_groups, group, n1, d1, c_chunks, chunk).transpose(0, 2, 3, 4, 1, 5)
           .reshape(n_groups * n1 * d1, c_chunks * group * chunk))
     b2 = b.reshape(n2 * n1 * c, d2)
-    u_tf, a_tf = _swizzled(step_in, dtype), _swizzled(group * chunk, dtype)
-    h_tf, b_tf, o_tf = _swizzled(chunk, dtype), _swizzled(out_cols, dtype), _swizzled(out_cols, dtype)
+    # wgmma takes both shared-memory operands in one tiling (Mosaic GPU's layout inference
+    # equates them: (8, swizzle / itemsize) on each operand's minor dimension), so each
+    # product's swizzle must divide both A's K width and B's N width: stage one's
+    # (u, a2) and stage two's (h, b2). Chunks under 64 columns (nblocks 16 at 4096 <->
+    # 16384: 16 slots; 768 <-> 3072: 48) therefore take 32/64-byte swizzles on both sides.
+    u_tf = a_tf = _swizzled(np.gcd(step_in, group * chunk), dtype)
+    h_tf = b_tf = _swizzled(np.gcd(chunk, out_cols), dtype)
+    o_tf = _swizzled(out_cols, dtype)
 
     def body(u_ref, a_ref, b_ref, o_ref, *refs):
         prog = jax.lax.axis_index("prog")
