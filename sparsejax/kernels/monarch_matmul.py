@@ -292,6 +292,13 @@ def _pow2_at_most(v: int, cap: int, floor: int = 16) -> int:
     return b
 
 
+def _least_padding_tile(v: int, cap: int, floor: int = 16) -> int:
+    """The power of two in ``[floor, cap]`` that pads ``v`` least, the widest among equals
+    (``s = 192`` at 3072 -> 768 takes 64-column tiles: 128 would pad a third of wasted work)."""
+    tiles = [b for b in (2 ** e for e in range(4, 12)) if floor <= b <= _pow2_at_most(v, cap, floor)]
+    return min(tiles, key=lambda b: (_round_up(v, b), -b))
+
+
 def choose_tiles(nb: int, q: int, p: int, s: int, *, backward: bool = False,
                  interpret: bool = False, prefer_group: bool = False) -> MonarchTiles:
     """Tiles for a core with ``n1 = n2 = nb`` and the forward's (or, ``backward``, dx's) sizes.
@@ -305,8 +312,8 @@ def choose_tiles(nb: int, q: int, p: int, s: int, *, backward: bool = False,
     d_in, d_out = (s, p) if backward else (p, s)
     c = _slot_plan(nb, q)[3]
     wide = min(_round_up(c, 16), 128)
-    step_in = _pow2_at_most(d_in, 64)
-    out_cols = _pow2_at_most(d_out, 128)
+    step_in = _least_padding_tile(d_in, 64)
+    out_cols = _least_padding_tile(d_out, 128)
     if interpret:   # fewer padded rows and stages to simulate
         return MonarchTiles(rows=64, step_in=step_in, chunk=wide, out_cols=out_cols, stages=2)
     groups = [g for g in range(nb, 0, -1) if nb % g == 0]
