@@ -272,17 +272,25 @@ class MonarchTiles:
         out = self.rows * self.out_cols * itemsize
         stage_one = self.stages * (self.rows * self.step_in
                                    + self.step_in * self.chunk * self.group) * itemsize
-        stage_two = self.stages * self.chunk * self.out_cols * itemsize
+        stage_two = self.stages * max(self.chunk, _STEP_K) * self.out_cols * itemsize
         return h + out + max(stage_one, stage_two) + _SMEM_SLACK
 
 
 SMEM_LIMIT = 227 * 1024          # Hopper: the most shared memory one block may opt into
+_STEP_K = 64                   # stage two's contraction per pipeline step (whole chunks, see _fold)
 _SMEM_SLACK = 1024              # the pipelines' barriers and alignment (Mosaic counts them too)
 _MAX_ACC = 64 * 256              # f32 accumulator entries per warpgroup: 128 registers a thread
 
 
 def _round_up(v: int, m: int) -> int:
     return -(-v // m) * m
+
+
+def _fold(chunk: int, chunks: int) -> int:
+    """Chunks of ``h`` per stage-two pipeline step: the most that divide ``chunks`` and fit
+    in ``_STEP_K`` contraction columns. Narrow chunks (16 columns at nblocks 16) would
+    otherwise make every step one K=16 wgmma behind its own 4 KB copy and barrier wait."""
+    return max(f for f in range(1, chunks + 1) if chunks % f == 0 and f * chunk <= max(chunk, _STEP_K))
 
 
 def _pow2_at_most(v: int, cap: int, floor: int = 16) -> int:
@@ -490,6 +498,8 @@ def _mgpu_core(u: jax.Array, a: jax.Array, b: jax.Array, tiles: MonarchTiles,
 
             # Stage two, per block j = jgrp * group + jg and output tile e:
             # out[tile, j, e-tile] = sum over chunks of h_j chunk @ b[j][chunk rows, e-tile].
+            fold = _fold(chunk, chunks)
+
             def stage_two(idx, carry):
                 jg = jax.lax.div(idx, jnp.int32(e_tiles))
                 e = jax.lax.rem(idx, jnp.int32(e_tiles))
@@ -497,12 +507,17 @@ def _mgpu_core(u: jax.Array, a: jax.Array, b: jax.Array, tiles: MonarchTiles,
 
                 def acc_scope(acc_ref):
                     def step(k, b_smem):
-                        plgpu.wgmma(acc_ref, h_smem.at[jg * chunks + k[0]], b_smem)
+                        # fold chunks per step: their rows of b2 are one tile (row slices of
+                        # whole 8-row swizzle tiles), each chunk one wgmma.
+                        for kk in range(fold):
+                            b_part = b_smem if fold == 1 else b_smem.at[pl.ds(kk * chunk, chunk)]
+                            plgpu.wgmma(acc_ref, h_smem.at[jg * chunks + k[0] * fold + kk], b_part)
                         plgpu.wgmma_wait(1)
 
                     plgpu.emit_pipeline(
-                        step, grid=(chunks,),
-                        in_specs=[plgpu.BlockSpec((chunk, out_cols), lambda g: (j * chunks + g, e),
+                        step, grid=(chunks // fold,),
+                        in_specs=[plgpu.BlockSpec((fold * chunk, out_cols),
+                                                  lambda g: (j * (chunks // fold) + g, e),
                                                   transforms=b_tf, delay_release=1)],
                         max_concurrent_steps=tiles.stages,
                     )(b_ref)
