@@ -34,8 +34,9 @@ def test_fused_kernel_in_interpret_mode_matches_reference():
     # K = 76, N = 72, nblocks = 2: p = 38, s = 36, q = 36, so each output block reads 18
     # intermediate columns from each input block, padded to 32 (two chunks of 16); 38 and 36
     # are no multiple of the tiles (zero padding), stage one takes three contraction steps
-    # and stage two three output tiles of one 64-row step (four chunks folded); one program computes both output blocks (group 2:
-    # stage one's accumulator spans both blocks' slices). The forward under grad also writes
+    # and stage two three output tiles, each one pipeline step of 64 rows of w2 (the four
+    # chunks of a block folded, one wgmma each); one program computes both output blocks
+    # (group 2: stage one's accumulator spans both blocks' slices). The forward under grad also writes
     # h for the backward. Interpret mode reads uninitialised memory as NaN: an output (or a
     # saved h) the kernel misses fails the finiteness checks.
     x, f, ct = _problem(1, 21, 76, 72, 2, jnp.bfloat16)
