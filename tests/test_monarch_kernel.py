@@ -110,6 +110,9 @@ def test_supported_names_the_reason():
     assert "does not divide" in mk.supported((8192, 4096), f, backend="gpu", tiles=tiles)
     tiles = mk.MonarchTiles(rows=128, chunk=128, group=2)
     assert "register budget" in mk.supported((8192, 4096), f, backend="gpu", tiles=tiles)
+    # 3072 -> 768 at nblocks 4: s = 192 takes 64-column output tiles (128 would pad to 256).
+    assert mk.choose_tiles(4, 192, 768, 192).out_cols == 64
+    assert mk._fold(16, 16) == 4 and mk._fold(48, 4) == 1 and mk._fold(16, 6) == 3
 
 
 def test_paths_off_gpu_and_bad_arguments():
