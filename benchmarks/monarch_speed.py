@@ -18,7 +18,8 @@ measured in the same run. Paths:
 
 * ``einsum_ref``: ``monarch.matmul_reference`` with JAX autodiff (what the pass ran before);
 * ``einsum``: ``monarch_matmul_einsum`` (its backward keeps the matmuls in bf16; the GEMMs
-  return bf16); ``einsum_f32out``: the same with float32 GEMM outputs rounded afterwards;
+  return bf16; ``P1`` moves contiguous runs); ``einsum_f32out``: the same with float32 GEMM
+  outputs rounded afterwards; ``einsum_p1minor``: ``P1`` as a minor-axis transpose (fly's order);
 * ``kernel``: the fused kernel forward, einsum backward; ``kernel_fdx``: the same
   with dx through the kernel; ``kernel_s2`` / ``kernel_c128`` / ``kernel_grp`` / ``kernel_c256`` /
   ``kernel_o256``: tile variants (2 pipeline stages; 128-column intermediate chunks; the
@@ -79,6 +80,9 @@ def paths(n, nb, q, p, s, interpret):
         "einsum": (lambda x, f: mk.monarch_matmul_einsum(x, f, n), ("fwd", "fb"), None),
         "einsum_f32out": (lambda x, f: mk.monarch_matmul_einsum(x, f, n, native_rounding=False),
                           ("fwd", "fb"), None),
+        # P1 on fly's row order (a minor-axis transpose), as before block_runs.
+        "einsum_p1minor": (lambda x, f: mk.monarch_matmul_einsum(x, f, n, block_runs=False),
+                           ("fwd", "fb"), None),
     }
     base = mk.choose_tiles(nb, q, p, s, interpret=interpret)
     variants = {
@@ -155,7 +159,7 @@ class Budget:
 
 PRIMARY = ("einsum", "kernel")    # timed for every shape first; the rest while the budget lasts
 # Then these (dx through the kernel first: it lowers at every shape now), then the tiles.
-SECOND = ["kernel_fdx", "kernel_noP2", "kernel_grp", "einsum_ref", "einsum_f32out"]
+SECOND = ["kernel_fdx", "einsum_p1minor", "kernel_noP2", "kernel_grp", "einsum_ref", "einsum_f32out"]
 
 
 def prepare_shape(tokens, k, n, nb, args):

@@ -55,9 +55,13 @@ def test_fused_kernel_in_interpret_mode_matches_reference():
 @pytest.mark.parametrize("t,k,n,nb", [(13, 27, 43, 2), (9, 47, 100, 3)])
 def test_einsum_path_matches_reference_forward_and_backward(t, k, n, nb):
     # On CPU both roundings take the same (exact f32) branch, so one spelling per dtype.
-    for dtype, tol, native in ((jnp.float32, 1e-6, False), (jnp.bfloat16, 1e-2, True)):
+    # block_runs (w1's rows reordered so P1 moves contiguous runs) applies when nb | q
+    # (q = 14, nb = 2 here; q = 16, nb = 3 takes the fly order either way).
+    for dtype, tol, native, runs in ((jnp.float32, 1e-6, False, True), (jnp.float32, 1e-6, False, False),
+                                     (jnp.bfloat16, 1e-2, True, True)):
         x, f, ct = _problem(t + k + n, t, k, n, nb, dtype)
-        einsum = lambda x, f: mk.monarch_matmul_einsum(x, f, n, native_rounding=native)
+        einsum = lambda x, f: mk.monarch_matmul_einsum(x, f, n, native_rounding=native,
+                                                       block_runs=runs)
         y, (gx, gf) = _value_and_grads(einsum, x, f, ct)
         ry, (rx, rf) = _value_and_grads(lambda x, f: monarch.matmul_reference(x, f, n), x, f, ct)
         assert y.dtype == dtype and gx.dtype == dtype and gf["w1"].dtype == dtype

@@ -125,30 +125,54 @@ def _unpermute_h(h2: jax.Array) -> jax.Array:
     return h2.transpose(0, 2, 1).reshape(t, nb, q)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _einsum_blocks(u, w1, w2, native):
-    """``(T, nb, p)`` -> block-major ``(T, nb, s)``; every matmul in ``u.dtype``, f32 accumulation."""
-    return _einsum_blocks_fwd(u, w1, w2, native)[0]
+def _w1_rows_block_major(w1: jax.Array) -> jax.Array:
+    """Rows ``c = c1 * nb + j`` of each ``w1[i]`` reordered to ``j * (q / nb) + c1`` (``nb | q``).
+
+    Stage one then writes its intermediate as ``(t, i, j, c1)``, and ``P1`` (to
+    ``(t, j, i, c1)``) swaps two major axes and moves runs of ``q / nb`` contiguous
+    elements (96 bytes at 768 -> 3072, nblocks 4), where on the fly order it is a
+    minor-axis transpose of 2-byte elements ``nb`` apart. Only the small factor moves;
+    its gradient comes back through the same (differentiable) reshape.
+    """
+    nb, q, p = w1.shape
+    return w1.reshape(nb, q // nb, nb, p).transpose(0, 2, 1, 3).reshape(nb, q, p)
 
 
-def _einsum_blocks_fwd(u, w1, w2, native):
-    h2 = _permute_h(_mm("tip,iqp->tiq", u, w1, u.dtype, native))
+def _swap_blocks_h(h: jax.Array) -> jax.Array:
+    """``(t, a, b * c1)`` -> ``(t, b, a * c1)``: ``P1`` (and its inverse) after
+    :func:`_w1_rows_block_major`; the two block axes have ``nb`` entries each."""
+    t, nb, q = h.shape
+    return h.reshape(t, nb, nb, q // nb).transpose(0, 2, 1, 3).reshape(t, nb, q)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _einsum_blocks(u, w1, w2, native, runs=False):
+    """``(T, nb, p)`` -> block-major ``(T, nb, s)``; every matmul in ``u.dtype``, f32 accumulation.
+
+    ``runs``: ``w1`` has block-major rows (:func:`_w1_rows_block_major`)."""
+    return _einsum_blocks_fwd(u, w1, w2, native, runs)[0]
+
+
+def _einsum_blocks_fwd(u, w1, w2, native, runs=False):
+    permute = _swap_blocks_h if runs else _permute_h
+    h2 = permute(_mm("tip,iqp->tiq", u, w1, u.dtype, native))
     return _mm("tjq,jsq->tjs", h2, w2, u.dtype, native), (u, w1, w2, h2)
 
 
-def _einsum_factor_grads(g, u, w1, w2, h2, native=True):
+def _einsum_factor_grads(g, u, w1, w2, h2, native=True, runs=False):
     """``(dh, dw1, dw2)`` of the block-major product; ``g`` and all operands in ``u.dtype``."""
     dtype = u.dtype
+    unpermute = _swap_blocks_h if runs else _unpermute_h
     dw2 = _mm("tjs,tjq->jsq", g, h2, w2.dtype, native)
-    dh = _unpermute_h(_mm("tjs,jsq->tjq", g, w2, dtype, native))
+    dh = unpermute(_mm("tjs,jsq->tjq", g, w2, dtype, native))
     dw1 = _mm("tiq,tip->iqp", dh, u, w1.dtype, native)
     return dh, dw1, dw2
 
 
-def _einsum_blocks_bwd(native, residuals, g):
+def _einsum_blocks_bwd(native, runs, residuals, g):
     u, w1, w2, h2 = residuals
     g = g.astype(u.dtype)   # the cotangent stays in the compute dtype: bf16 GEMMs, not f32
-    dh, dw1, dw2 = _einsum_factor_grads(g, u, w1, w2, h2, native)
+    dh, dw1, dw2 = _einsum_factor_grads(g, u, w1, w2, h2, native, runs)
     du = _mm("tiq,iqp->tip", dh, w1, u.dtype, native)
     return du, dw1, dw2
 
@@ -157,19 +181,23 @@ _einsum_blocks.defvjp(_einsum_blocks_fwd, _einsum_blocks_bwd)
 
 
 def monarch_matmul_einsum(x: jax.Array, factors, out_features: int | None = None, *,
-                          native_rounding: bool = True) -> jax.Array:
+                          native_rounding: bool = True, block_runs: bool = True) -> jax.Array:
     """``x @ W`` through two batched matmuls with a compute-dtype backward (see the module doc).
 
     Same function as :func:`monarch_matmul_reference` (f32 accumulation, the intermediate
     rounded to the compute dtype); runs on any backend. ``native_rounding``: the GEMMs
     return the compute dtype themselves (default) instead of a float32 product that is
     rounded afterwards (the reference's spelling); which is faster is measured.
+    ``block_runs`` (when ``nblocks | q``): ``w1``'s rows reordered so that ``P1`` moves
+    contiguous runs instead of transposing the minor axis (:func:`_w1_rows_block_major`).
     """
     nb, q, p, s, n = _dims(x.shape[-1], factors, out_features, "monarch_matmul_einsum")
     w1, w2 = factors["w1"], factors["w2"]
     dtype = jnp.result_type(x.dtype, w1.dtype, w2.dtype)
     u = _blocks_in(x, nb, p, dtype)
-    z = _einsum_blocks(u, w1.astype(dtype), w2.astype(dtype), bool(native_rounding))
+    runs = bool(block_runs) and q % nb == 0
+    w1 = _w1_rows_block_major(w1) if runs else w1
+    z = _einsum_blocks(u, w1.astype(dtype), w2.astype(dtype), bool(native_rounding), runs)
     return _interleave_out(z, x.shape[:-1], n)
 
 
