@@ -18,8 +18,9 @@ measured in the same run. Paths:
 
 * ``einsum_ref``: ``monarch.matmul_reference`` with JAX autodiff (what the pass ran before);
 * ``einsum``: ``monarch_matmul_einsum`` (its backward keeps the matmuls in bf16; the GEMMs
-  return bf16; ``P1`` moves contiguous runs); ``einsum_f32out``: the same with float32 GEMM
-  outputs rounded afterwards; ``einsum_p1minor``: ``P1`` as a minor-axis transpose (fly's order);
+  return bf16; ``P1`` moves contiguous runs where 8 p <= tokens); ``einsum_f32out``: the same with float32 GEMM
+  outputs rounded afterwards; ``einsum_p1alt``: the other ``P1`` spelling
+  (contiguous runs vs a minor-axis transpose; the default picks by ``8 p <= tokens``);
 * ``kernel``: the fused kernel forward, einsum backward; ``kernel_fdx``: the same
   with dx through the kernel; ``kernel_s2`` / ``kernel_c128`` / ``kernel_grp`` / ``kernel_c256`` /
   ``kernel_o256``: tile variants (2 pipeline stages; 128-column intermediate chunks; the
@@ -73,16 +74,17 @@ def fwd_bwd(matmul):
     return jax.jit(run)
 
 
-def paths(n, nb, q, p, s, interpret):
+def paths(n, nb, q, p, s, interpret, tokens):
     """name -> (matmul(x, factors), timed parts, why not) for the Monarch paths."""
     out = {
         "einsum_ref": (lambda x, f: monarch.matmul_reference(x, f, n), ("fwd", "fb"), None),
         "einsum": (lambda x, f: mk.monarch_matmul_einsum(x, f, n), ("fwd", "fb"), None),
         "einsum_f32out": (lambda x, f: mk.monarch_matmul_einsum(x, f, n, native_rounding=False),
                           ("fwd", "fb"), None),
-        # P1 on fly's row order (a minor-axis transpose), as before block_runs.
-        "einsum_p1minor": (lambda x, f: mk.monarch_matmul_einsum(x, f, n, block_runs=False),
-                           ("fwd", "fb"), None),
+        # The other spelling of P1 than einsum's default at this shape (block_runs).
+        "einsum_p1alt": (lambda x, f: mk.monarch_matmul_einsum(
+            x, f, n, block_runs=not 8 * p <= tokens), ("fwd", "fb"),
+            None if q % nb == 0 else "nblocks does not divide q: one spelling"),
     }
     base = mk.choose_tiles(nb, q, p, s, interpret=interpret)
     variants = {
@@ -159,7 +161,7 @@ class Budget:
 
 PRIMARY = ("einsum", "kernel")    # timed for every shape first; the rest while the budget lasts
 # Then these (dx through the kernel first: it lowers at every shape now), then the tiles.
-SECOND = ["kernel_fdx", "einsum_p1minor", "kernel_noP2", "kernel_grp", "einsum_ref", "einsum_f32out"]
+SECOND = ["kernel_fdx", "einsum_p1alt", "kernel_noP2", "kernel_grp", "einsum_ref", "einsum_f32out"]
 
 
 def prepare_shape(tokens, k, n, nb, args):
@@ -180,7 +182,7 @@ def prepare_shape(tokens, k, n, nb, args):
              "fb": median_seconds(fwd_bwd(lambda x, w: x @ w), x, w, ct, **timing)}
     return dict(tokens=tokens, n=n, nb=nb, checks=checks, refs=refs, inputs=(x, f, ct),
                 timing=timing, dense=dense, rows=[dense],
-                paths=paths(n, nb, q, p, s, args.smoke))
+                paths=paths(n, nb, q, p, s, args.smoke, tokens))
 
 
 def run_path(ctx, name, budget):
