@@ -147,8 +147,8 @@ def _cuda_lowering(fn, *args):
 
 
 # benchmarks/monarch_speed.py's SHAPES (tokens, K, N, nblocks): every one must lower.
-_BENCHMARK_SHAPES = [(8192, 4096, 16384, 4), (8192, 16384, 4096, 4), (8192, 4096, 16384, 16),
-                     (8192, 16384, 4096, 16), (16384, 768, 3072, 4), (16384, 3072, 768, 4)]
+_BENCHMARK_SHAPES = [(8192, 4096, 16384, 16), (8192, 16384, 4096, 16), (16384, 768, 3072, 4),
+                     (16384, 3072, 768, 4), (8192, 4096, 16384, 4), (8192, 16384, 4096, 4)]
 
 
 @pytest.mark.parametrize("tokens,k,n,nb", _BENCHMARK_SHAPES)
@@ -169,3 +169,13 @@ def test_kernel_forward_and_fused_dx_lower_for_cuda(tokens, k, n, nb):
 
     module = _cuda_lowering(fwd_bwd, bf16(tokens, nb, p), f["w1"], f["w2"], bf16(tokens, nb, s))
     assert module.count("@mosaic_gpu") == 2
+
+
+def test_lowered_shapes_are_the_benchmark_shapes():
+    import importlib.util
+    import pathlib
+    path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "monarch_speed.py"
+    spec = importlib.util.spec_from_file_location("monarch_speed_shapes", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert list(bench.SHAPES) == _BENCHMARK_SHAPES
