@@ -34,8 +34,9 @@ def test_fused_kernel_in_interpret_mode_matches_reference():
     # K = 76, N = 72, nblocks = 2: p = 38, s = 36, q = 36, so each output block reads 18
     # intermediate columns from each input block, padded to 32 (two chunks of 16); 38 and 36
     # are no multiple of the tiles (zero padding), stage one takes three contraction steps
-    # and stage two three output tiles; one program computes both output blocks (group 2:
-    # stage one's accumulator spans both blocks' slices). The forward under grad also writes
+    # and stage two three output tiles, each one pipeline step of 64 rows of w2 (the four
+    # chunks of a block folded, one wgmma each); one program computes both output blocks
+    # (group 2: stage one's accumulator spans both blocks' slices). The forward under grad also writes
     # h for the backward. Interpret mode reads uninitialised memory as NaN: an output (or a
     # saved h) the kernel misses fails the finiteness checks.
     x, f, ct = _problem(1, 21, 76, 72, 2, jnp.bfloat16)
@@ -54,9 +55,13 @@ def test_fused_kernel_in_interpret_mode_matches_reference():
 @pytest.mark.parametrize("t,k,n,nb", [(13, 27, 43, 2), (9, 47, 100, 3)])
 def test_einsum_path_matches_reference_forward_and_backward(t, k, n, nb):
     # On CPU both roundings take the same (exact f32) branch, so one spelling per dtype.
-    for dtype, tol, native in ((jnp.float32, 1e-6, False), (jnp.bfloat16, 1e-2, True)):
+    # block_runs (w1's rows reordered so P1 moves contiguous runs) applies when nb | q
+    # (q = 14, nb = 2 here; q = 16, nb = 3 takes the fly order either way).
+    for dtype, tol, native, runs in ((jnp.float32, 1e-6, False, True), (jnp.float32, 1e-6, False, False),
+                                     (jnp.bfloat16, 1e-2, True, True)):
         x, f, ct = _problem(t + k + n, t, k, n, nb, dtype)
-        einsum = lambda x, f: mk.monarch_matmul_einsum(x, f, n, native_rounding=native)
+        einsum = lambda x, f: mk.monarch_matmul_einsum(x, f, n, native_rounding=native,
+                                                       block_runs=runs)
         y, (gx, gf) = _value_and_grads(einsum, x, f, ct)
         ry, (rx, rf) = _value_and_grads(lambda x, f: monarch.matmul_reference(x, f, n), x, f, ct)
         assert y.dtype == dtype and gx.dtype == dtype and gf["w1"].dtype == dtype
@@ -109,6 +114,9 @@ def test_supported_names_the_reason():
     assert "does not divide" in mk.supported((8192, 4096), f, backend="gpu", tiles=tiles)
     tiles = mk.MonarchTiles(rows=128, chunk=128, group=2)
     assert "register budget" in mk.supported((8192, 4096), f, backend="gpu", tiles=tiles)
+    # 3072 -> 768 at nblocks 4: s = 192 takes 64-column output tiles (128 would pad to 256).
+    assert mk.choose_tiles(4, 192, 768, 192).out_cols == 64
+    assert mk._fold(16, 16) == 4 and mk._fold(48, 4) == 1 and mk._fold(16, 6) == 3
 
 
 def test_paths_off_gpu_and_bad_arguments():
@@ -124,3 +132,50 @@ def test_paths_off_gpu_and_bad_arguments():
         mk.monarch_matmul(x, f, 33)
     with pytest.raises(ValueError, match="at most 16"):
         mk.monarch_matmul(jnp.ones((2, 33)), f)
+
+
+def _cuda_lowering(fn, *args):
+    """The StableHLO module of ``fn`` exported for CUDA: Pallas lowers the Mosaic GPU kernels
+    and runs Mosaic GPU's layout inference (what failed on the H200 for sub-64-column
+    chunks) without a GPU. Interpret mode checks none of the layout rules."""
+    try:
+        return jax.export.export(jax.jit(fn), platforms=["cuda"])(*args).mlir_module()
+    except Exception as e:  # noqa: BLE001 - only a missing CUDA lowering is a skip
+        if "cuda" in str(e).lower() and "platform" in str(e).lower():
+            pytest.skip(f"no CUDA lowering in this jaxlib: {e}")
+        raise
+
+
+# benchmarks/monarch_speed.py's SHAPES (tokens, K, N, nblocks): every one must lower.
+_BENCHMARK_SHAPES = [(8192, 4096, 16384, 16), (8192, 16384, 4096, 16), (16384, 768, 3072, 4),
+                     (16384, 3072, 768, 4), (8192, 4096, 16384, 4), (8192, 16384, 4096, 4)]
+
+
+@pytest.mark.parametrize("tokens,k,n,nb", _BENCHMARK_SHAPES)
+def test_kernel_forward_and_fused_dx_lower_for_cuda(tokens, k, n, nb):
+    # The default tiles of each benchmark shape: the forward (which also writes h for the
+    # backward) and dx through the kernel on the transposed operands; two Mosaic GPU kernels.
+    (_, q, p), (_, s, _) = monarch.monarch_shapes(k, n, nb)
+    bf16 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.bfloat16)
+    f = {"w1": bf16(nb, q, p), "w2": bf16(nb, s, q)}
+    assert mk.supported((tokens, k), f, backend="gpu") is None
+    cfg = mk._Config(tiles=mk.choose_tiles(nb, q, p, s),
+                     tiles_dx=mk.choose_tiles(nb, q, p, s, backward=True),
+                     backward="fused", interpret=False)
+
+    def fwd_bwd(u, w1, w2, g):
+        y, pull = jax.vjp(lambda u, w1, w2: mk._fused_blocks(u, w1, w2, cfg), u, w1, w2)
+        return y, pull(g)
+
+    module = _cuda_lowering(fwd_bwd, bf16(tokens, nb, p), f["w1"], f["w2"], bf16(tokens, nb, s))
+    assert module.count("@mosaic_gpu") == 2
+
+
+def test_lowered_shapes_are_the_benchmark_shapes():
+    import importlib.util
+    import pathlib
+    path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "monarch_speed.py"
+    spec = importlib.util.spec_from_file_location("monarch_speed_shapes", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert list(bench.SHAPES) == _BENCHMARK_SHAPES

@@ -125,30 +125,54 @@ def _unpermute_h(h2: jax.Array) -> jax.Array:
     return h2.transpose(0, 2, 1).reshape(t, nb, q)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _einsum_blocks(u, w1, w2, native):
-    """``(T, nb, p)`` -> block-major ``(T, nb, s)``; every matmul in ``u.dtype``, f32 accumulation."""
-    return _einsum_blocks_fwd(u, w1, w2, native)[0]
+def _w1_rows_block_major(w1: jax.Array) -> jax.Array:
+    """Rows ``c = c1 * nb + j`` of each ``w1[i]`` reordered to ``j * (q / nb) + c1`` (``nb | q``).
+
+    Stage one then writes its intermediate as ``(t, i, j, c1)``, and ``P1`` (to
+    ``(t, j, i, c1)``) swaps two major axes and moves runs of ``q / nb`` contiguous
+    elements (96 bytes at 768 -> 3072, nblocks 4), where on the fly order it is a
+    minor-axis transpose of 2-byte elements ``nb`` apart. Only the small factor moves;
+    its gradient comes back through the same (differentiable) reshape.
+    """
+    nb, q, p = w1.shape
+    return w1.reshape(nb, q // nb, nb, p).transpose(0, 2, 1, 3).reshape(nb, q, p)
 
 
-def _einsum_blocks_fwd(u, w1, w2, native):
-    h2 = _permute_h(_mm("tip,iqp->tiq", u, w1, u.dtype, native))
+def _swap_blocks_h(h: jax.Array) -> jax.Array:
+    """``(t, a, b * c1)`` -> ``(t, b, a * c1)``: ``P1`` (and its inverse) after
+    :func:`_w1_rows_block_major`; the two block axes have ``nb`` entries each."""
+    t, nb, q = h.shape
+    return h.reshape(t, nb, nb, q // nb).transpose(0, 2, 1, 3).reshape(t, nb, q)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _einsum_blocks(u, w1, w2, native, runs=False):
+    """``(T, nb, p)`` -> block-major ``(T, nb, s)``; every matmul in ``u.dtype``, f32 accumulation.
+
+    ``runs``: ``w1`` has block-major rows (:func:`_w1_rows_block_major`)."""
+    return _einsum_blocks_fwd(u, w1, w2, native, runs)[0]
+
+
+def _einsum_blocks_fwd(u, w1, w2, native, runs=False):
+    permute = _swap_blocks_h if runs else _permute_h
+    h2 = permute(_mm("tip,iqp->tiq", u, w1, u.dtype, native))
     return _mm("tjq,jsq->tjs", h2, w2, u.dtype, native), (u, w1, w2, h2)
 
 
-def _einsum_factor_grads(g, u, w1, w2, h2, native=True):
+def _einsum_factor_grads(g, u, w1, w2, h2, native=True, runs=False):
     """``(dh, dw1, dw2)`` of the block-major product; ``g`` and all operands in ``u.dtype``."""
     dtype = u.dtype
+    unpermute = _swap_blocks_h if runs else _unpermute_h
     dw2 = _mm("tjs,tjq->jsq", g, h2, w2.dtype, native)
-    dh = _unpermute_h(_mm("tjs,jsq->tjq", g, w2, dtype, native))
+    dh = unpermute(_mm("tjs,jsq->tjq", g, w2, dtype, native))
     dw1 = _mm("tiq,tip->iqp", dh, u, w1.dtype, native)
     return dh, dw1, dw2
 
 
-def _einsum_blocks_bwd(native, residuals, g):
+def _einsum_blocks_bwd(native, runs, residuals, g):
     u, w1, w2, h2 = residuals
     g = g.astype(u.dtype)   # the cotangent stays in the compute dtype: bf16 GEMMs, not f32
-    dh, dw1, dw2 = _einsum_factor_grads(g, u, w1, w2, h2, native)
+    dh, dw1, dw2 = _einsum_factor_grads(g, u, w1, w2, h2, native, runs)
     du = _mm("tiq,iqp->tip", dh, w1, u.dtype, native)
     return du, dw1, dw2
 
@@ -157,19 +181,28 @@ _einsum_blocks.defvjp(_einsum_blocks_fwd, _einsum_blocks_bwd)
 
 
 def monarch_matmul_einsum(x: jax.Array, factors, out_features: int | None = None, *,
-                          native_rounding: bool = True) -> jax.Array:
+                          native_rounding: bool = True, block_runs: bool | None = None) -> jax.Array:
     """``x @ W`` through two batched matmuls with a compute-dtype backward (see the module doc).
 
     Same function as :func:`monarch_matmul_reference` (f32 accumulation, the intermediate
     rounded to the compute dtype); runs on any backend. ``native_rounding``: the GEMMs
     return the compute dtype themselves (default) instead of a float32 product that is
     rounded afterwards (the reference's spelling); which is faster is measured.
+    ``block_runs`` (when ``nblocks | q``): ``w1``'s rows reordered so that ``P1`` moves
+    contiguous runs instead of transposing the minor axis (:func:`_w1_rows_block_major`).
+    Default: when reordering ``w1`` (``nb·q·p`` elements, once per call and again for its
+    gradient) moves at most an eighth of what ``P1`` moves (``T·nb·q``), i.e. ``8 p <= T``:
+    768 -> 3072 at 16384 tokens, not 16384 -> 4096 at nblocks 4 (``p = 4096``).
     """
     nb, q, p, s, n = _dims(x.shape[-1], factors, out_features, "monarch_matmul_einsum")
     w1, w2 = factors["w1"], factors["w2"]
     dtype = jnp.result_type(x.dtype, w1.dtype, w2.dtype)
     u = _blocks_in(x, nb, p, dtype)
-    z = _einsum_blocks(u, w1.astype(dtype), w2.astype(dtype), bool(native_rounding))
+    if block_runs is None:
+        block_runs = 8 * p <= u.shape[0]
+    runs = bool(block_runs) and q % nb == 0
+    w1 = _w1_rows_block_major(w1) if runs else w1
+    z = _einsum_blocks(u, w1.astype(dtype), w2.astype(dtype), bool(native_rounding), runs)
     return _interleave_out(z, x.shape[:-1], n)
 
 
@@ -272,11 +305,13 @@ class MonarchTiles:
         out = self.rows * self.out_cols * itemsize
         stage_one = self.stages * (self.rows * self.step_in
                                    + self.step_in * self.chunk * self.group) * itemsize
-        stage_two = self.stages * self.chunk * self.out_cols * itemsize
-        return h + out + max(stage_one, stage_two)
+        stage_two = self.stages * max(self.chunk, _STEP_K) * self.out_cols * itemsize
+        return h + out + max(stage_one, stage_two) + _SMEM_SLACK
 
 
 SMEM_LIMIT = 227 * 1024          # Hopper: the most shared memory one block may opt into
+_STEP_K = 64                   # stage two's contraction per pipeline step (whole chunks, see _fold)
+_SMEM_SLACK = 1024              # the pipelines' barriers and alignment (Mosaic counts them too)
 _MAX_ACC = 64 * 256              # f32 accumulator entries per warpgroup: 128 registers a thread
 
 
@@ -284,11 +319,25 @@ def _round_up(v: int, m: int) -> int:
     return -(-v // m) * m
 
 
+def _fold(chunk: int, chunks: int) -> int:
+    """Chunks of ``h`` per stage-two pipeline step: the most that divide ``chunks`` and fit
+    in ``_STEP_K`` contraction columns. Narrow chunks (16 columns at nblocks 16) would
+    otherwise make every step one K=16 wgmma behind its own 4 KB copy and barrier wait."""
+    return max(f for f in range(1, chunks + 1) if chunks % f == 0 and f * chunk <= max(chunk, _STEP_K))
+
+
 def _pow2_at_most(v: int, cap: int, floor: int = 16) -> int:
     b = floor
     while b * 2 <= min(v, cap):
         b *= 2
     return b
+
+
+def _least_padding_tile(v: int, cap: int, floor: int = 16) -> int:
+    """The power of two in ``[floor, cap]`` that pads ``v`` least, the widest among equals
+    (``s = 192`` at 3072 -> 768 takes 64-column tiles: 128 would pad a third of wasted work)."""
+    tiles = [b for b in (2 ** e for e in range(4, 12)) if floor <= b <= _pow2_at_most(v, cap, floor)]
+    return min(tiles, key=lambda b: (_round_up(v, b), -b))
 
 
 def choose_tiles(nb: int, q: int, p: int, s: int, *, backward: bool = False,
@@ -304,8 +353,8 @@ def choose_tiles(nb: int, q: int, p: int, s: int, *, backward: bool = False,
     d_in, d_out = (s, p) if backward else (p, s)
     c = _slot_plan(nb, q)[3]
     wide = min(_round_up(c, 16), 128)
-    step_in = _pow2_at_most(d_in, 64)
-    out_cols = _pow2_at_most(d_out, 128)
+    step_in = _least_padding_tile(d_in, 64)
+    out_cols = _least_padding_tile(d_out, 128)
     if interpret:   # fewer padded rows and stages to simulate
         return MonarchTiles(rows=64, step_in=step_in, chunk=wide, out_cols=out_cols, stages=2)
     groups = [g for g in range(nb, 0, -1) if nb % g == 0]
@@ -420,8 +469,14 @@ def _mgpu_core(u: jax.Array, a: jax.Array, b: jax.Array, tiles: MonarchTiles,
     a2 = (a.reshape(n_groups, group, n1, d1, c_chunks, chunk).transpose(0, 2, 3, 4, 1, 5)
           .reshape(n_groups * n1 * d1, c_chunks * group * chunk))
     b2 = b.reshape(n2 * n1 * c, d2)
-    u_tf, a_tf = _swizzled(step_in, dtype), _swizzled(group * chunk, dtype)
-    h_tf, b_tf, o_tf = _swizzled(chunk, dtype), _swizzled(out_cols, dtype), _swizzled(out_cols, dtype)
+    # wgmma takes both shared-memory operands in one tiling (Mosaic GPU's layout inference
+    # equates them: (8, swizzle / itemsize) on each operand's minor dimension), so each
+    # product's swizzle must divide both A's K width and B's N width: stage one's
+    # (u, a2) and stage two's (h, b2). Chunks under 64 columns (nblocks 16 at 4096 <->
+    # 16384: 16 slots; 768 <-> 3072: 48) therefore take 32/64-byte swizzles on both sides.
+    u_tf = a_tf = _swizzled(np.gcd(step_in, group * chunk), dtype)
+    h_tf = b_tf = _swizzled(np.gcd(chunk, out_cols), dtype)
+    o_tf = _swizzled(out_cols, dtype)
 
     def body(u_ref, a_ref, b_ref, o_ref, *refs):
         prog = jax.lax.axis_index("prog")
@@ -476,6 +531,8 @@ def _mgpu_core(u: jax.Array, a: jax.Array, b: jax.Array, tiles: MonarchTiles,
 
             # Stage two, per block j = jgrp * group + jg and output tile e:
             # out[tile, j, e-tile] = sum over chunks of h_j chunk @ b[j][chunk rows, e-tile].
+            fold = _fold(chunk, chunks)
+
             def stage_two(idx, carry):
                 jg = jax.lax.div(idx, jnp.int32(e_tiles))
                 e = jax.lax.rem(idx, jnp.int32(e_tiles))
@@ -483,12 +540,17 @@ def _mgpu_core(u: jax.Array, a: jax.Array, b: jax.Array, tiles: MonarchTiles,
 
                 def acc_scope(acc_ref):
                     def step(k, b_smem):
-                        plgpu.wgmma(acc_ref, h_smem.at[jg * chunks + k[0]], b_smem)
+                        # fold chunks per step: their rows of b2 are one tile (row slices of
+                        # whole 8-row swizzle tiles), each chunk one wgmma.
+                        for kk in range(fold):
+                            b_part = b_smem if fold == 1 else b_smem.at[pl.ds(kk * chunk, chunk)]
+                            plgpu.wgmma(acc_ref, h_smem.at[jg * chunks + k[0] * fold + kk], b_part)
                         plgpu.wgmma_wait(1)
 
                     plgpu.emit_pipeline(
-                        step, grid=(chunks,),
-                        in_specs=[plgpu.BlockSpec((chunk, out_cols), lambda g: (j * chunks + g, e),
+                        step, grid=(chunks // fold,),
+                        in_specs=[plgpu.BlockSpec((fold * chunk, out_cols),
+                                                  lambda g: (j * (chunks // fold) + g, e),
                                                   transforms=b_tf, delay_release=1)],
                         max_concurrent_steps=tiles.stages,
                     )(b_ref)
