@@ -37,6 +37,19 @@ def test_every_path_equals_the_reference_with_threshold(impl, batch, k, n, mma):
     assert _rel(sg.sparse_input_gemv_reference(x, w), ref) > 1e-3
 
 
+@pytest.mark.parametrize("batch,k,mma,steps,partials,unroll", [
+    (1, 128, False, 4, False, None), (3, 96, False, 2, True, False), (2, 64, True, 4, True, True),
+    (1, 48, False, 8, True, None)])
+def test_masked_split_steps_and_partials_equal_the_reference(batch, k, mma, steps, partials, unroll):
+    x = _sparse_x(7 * batch + k, batch, k, 0.7)
+    w = jax.random.normal(jax.random.key(k), (k, 70))
+    ref = sg.sparse_input_gemv_reference(x, w, threshold=0.2)
+    y = sg.sparse_input_gemv(x, w, threshold=0.2, impl="masked", interpret=True, poison=True, mma=mma,
+                             bk=16, bn=32, steps=steps, partials=partials, unroll=unroll)
+    assert y.shape == (batch, 70) and bool(jnp.all(jnp.isfinite(y)))
+    assert _rel(y, ref) < 1e-5
+
+
 def test_compact_list_overflow_falls_back_to_dense():
     x = _sparse_x(0, 2, 64, 0.2)
     w = jax.random.normal(jax.random.key(1), (64, 24))
