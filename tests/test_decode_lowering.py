@@ -62,9 +62,27 @@ def test_spark_ffn_sites_take_the_sparse_gemvs_and_match():
     assert _rel(low(sp, ss, x), sfn(sp, ss, x)) < 1e-5
     paths = _paths(low)
     assert paths["ffn/up"] == ["sparse-output GEMV (Pallas)"]
-    assert paths["ffn/down"] == ["sparse-input GEMV (Pallas)"]
+    assert paths["ffn/down"] == ["sparse-input GEMV (Pallas, masked bk64 bn256)"]
+    assert paths["ffn/gate"][0].startswith("row-streaming GEMV (Pallas, every output)")
     prims = [e.primitive.name for e in low.rewritten_jaxpr(sp, ss, x).jaxpr.eqns]
-    assert prims.count("pallas_call") == 2
+    assert prims.count("pallas_call") == 3
+
+
+@pytest.mark.parametrize("path", ["sparse_input_split", "xla_dense"])
+def test_every_down_candidate_matches_when_forced(path):
+    from sparsejax.kernels import path_choice
+
+    x = jax.random.normal(jax.random.key(9), (1, 32))
+    sfn = sparsify(_ffn_output_major, [SparkTopK("*", site="ffn", k_frac=0.25)])
+    sp, ss = sfn.init(_ffn_params(d_ff=512), x)
+    with path_choice.mode(f"force:{path}"):
+        low = sfn.lower(ss, interpret=True)
+        out = low(sp, ss, x)
+        paths = _paths(low)
+    assert _rel(out, sfn(sp, ss, x)) < 1e-5
+    assert paths["ffn/down"][0].startswith("XLA dense" if path == "xla_dense" else
+                                           "sparse-input GEMV (Pallas, masked bk64 bn256, 4 steps, "
+                                           "partial sums)")
 
 
 def test_flax_layout_up_stays_dense_with_reason_down_is_sparse():
@@ -75,7 +93,8 @@ def test_flax_layout_up_stays_dense_with_reason_down_is_sparse():
     assert _rel(low(sp, ss, x), sfn(sp, ss, x)) < 1e-5
     paths = _paths(low)
     assert "not contiguous" in paths["ffn/up"][0]
-    assert paths["ffn/down"] == ["sparse-input GEMV (Pallas)"]
+    assert paths["ffn/down"] == ["sparse-input GEMV (Pallas, masked bk64 bn256)"]
+    assert paths["ffn/gate"][0].startswith("XLA")      # (d, d_ff): rows are not outputs
 
 
 def test_without_interpret_on_cpu_every_site_stays_dense():

@@ -67,6 +67,7 @@ class ActivationSparseHandler(WeightHandler):
         self.context = context           # gate site -> live mask, shared by one FFN's handlers
         self.choices: dict = {}
         self._reasons = {s.key: self._reason(s) for s in sites}
+        self.sites_by_key = {s.key: s for s in sites}
 
     # -- eligibility -----------------------------------------------------------------
 
@@ -93,9 +94,10 @@ class ActivationSparseHandler(WeightHandler):
         if reason is not None:
             return f"XLA ({reason})"
         role = self.roles[key]
-        if role.kind == "gate":
-            return "XLA (gate: dense; its top-k selects the up rows)"
         choice = self.choices.get(key)
+        if role.kind == "gate":
+            dense = choice.summary() if choice is not None else "XLA"
+            return f"{dense} (gate: dense; its top-k selects the up rows)"
         what = "sparse-input GEMV" if role.kind == "down" else "sparse-output GEMV"
         return choice.summary() if choice is not None else f"{what} where measured faster than XLA"
 
@@ -114,12 +116,13 @@ class ActivationSparseHandler(WeightHandler):
         operand = 0 if isinstance(invals[0], ParamRef) else 1
         ref, x = invals[operand], invals[1 - operand]
         reason = self._reasons.get(key, "not a site found at init")
-        out = bind_eqn(eqn, [materialize(v) for v in invals]) if reason is not None or \
-            self.roles[key].kind == "gate" else None
         if reason is not None:
-            return out
+            return bind_eqn(eqn, [materialize(v) for v in invals])
         role = self.roles[key]
         if role.kind == "gate":
+            out = self._gate(key, eqn, operand, x, ref.value)
+            if out is None:
+                out = bind_eqn(eqn, [materialize(v) for v in invals])
             # The Spark hook replaces this output by its top-k; the same top-k here
             # (merged with the hook's by XLA) says which neurons the up site needs.
             kept = topk.statistical_topk(out[0], **role.rule.k_args(role.width), mode="mask")
@@ -140,15 +143,13 @@ class ActivationSparseHandler(WeightHandler):
         ok, why = sig.supported(w2.shape, w2.dtype, rows, self._kernel_backend())
         interpret = self.interpret
 
-        def kernel(x, w):
-            return sig.sparse_input_gemv(x, w, impl="masked", interpret=interpret)
-
         def dense(x, w):
             return jnp.dot(x, w, preferred_element_type=jnp.float32).astype(jnp.result_type(x, w))
 
-        cands = [path_choice.Candidate("sparse_input", kernel, None if ok else why,
-                                       "sparse-input GEMV (Pallas)"),
-                 path_choice.Candidate("xla_dense", dense, None, "XLA dense")]
+        cands = [path_choice.Candidate(name, _down_kernel(interpret, tiles), None if ok else why,
+                                       f"sparse-input GEMV (Pallas, {label})")
+                 for name, (label, tiles) in DOWN_VARIANTS.items()]
+        cands.append(path_choice.Candidate("xla_dense", dense, None, "XLA dense"))
         sample = _sparse_sample(x2.shape, x2.dtype, role.density)
         signature = (f"M{rows}|K{w2.shape[0]}|N{w2.shape[1]}|{jnp.dtype(w2.dtype).name}|"
                      f"density{role.density:.3f}")
@@ -156,7 +157,7 @@ class ActivationSparseHandler(WeightHandler):
                                   [sample, jax.ShapeDtypeStruct(w2.shape, w2.dtype)], weight_args=(1,),
                                   baseline="xla_dense")
         self.choices[key] = choice
-        fn = kernel if choice.name == "sparse_input" else dense
+        fn = next(c.fn for c in cands if c.name == choice.name)
         return fn(x2.reshape(rows, -1), w2).reshape(*x2.shape[:-1], w2.shape[1])
 
     def _up(self, key, role, x2, w_t, live):
@@ -185,6 +186,61 @@ class ActivationSparseHandler(WeightHandler):
         self.choices[key] = choice
         fn = kernel if choice.name == "sparse_output" else dense
         return fn(x2.reshape(rows, -1), w_t, live).reshape(*x2.shape[:-1], w_t.shape[0])
+
+    def _gate(self, key, eqn, operand, x, w):
+        """The gate's dense product: XLA's, or the row-streaming GEMV kernel with every
+        output live where the gate is stored output-major and that measures faster
+        (XLA's batch-1 GEMV for this layout is far from the memory roofline on an H200)."""
+        reason = direct_site_reason(self.sites_by_key[key], self.sites_by_key[key].layout)
+        (lc, rc), _ = eqn.params["dimension_numbers"]
+        w_contract = tuple(rc if operand == 1 else lc)
+        nd = w.ndim
+        if reason is not None or w_contract != tuple(range(nd - len(w_contract), nd)):
+            return None
+        interpret = self.interpret
+
+        def gemv(x2):
+            rows = math.prod(x2.shape[:-1])
+            w_t = w.reshape(-1, x2.shape[-1])
+            ok, why = sig.supported(w_t.shape, w_t.dtype, rows, self._kernel_backend())
+
+            def kernel(xx, ww):
+                every = jnp.ones((ww.shape[0],), bool)
+                return sog.sparse_output_gemv(xx, ww, every, impl="masked", interpret=interpret)
+
+            def dense(xx, ww):
+                return jnp.dot(xx, ww.T, preferred_element_type=jnp.float32).astype(
+                    jnp.result_type(xx, ww))
+
+            cands = [path_choice.Candidate("row_gemv", kernel, None if ok else why,
+                                           "row-streaming GEMV (Pallas, every output)"),
+                     path_choice.Candidate("xla_dense", dense, None, "XLA dense")]
+            signature = f"M{rows}|N{w_t.shape[0]}|K{w_t.shape[1]}|{jnp.dtype(w_t.dtype).name}|dense"
+            choice = choose_streaming("gate_gemv", signature, cands,
+                                      [jax.ShapeDtypeStruct((rows, w_t.shape[1]), x2.dtype),
+                                       jax.ShapeDtypeStruct(w_t.shape, w_t.dtype)],
+                                      weight_args=(1,), baseline="xla_dense")
+            self.choices[key] = choice
+            fn = kernel if choice.name == "row_gemv" else dense
+            return fn(x2.reshape(rows, -1), w_t).reshape(*x2.shape[:-1], w_t.shape[0])
+
+        return matmul_at_site(eqn, operand, x, gemv)
+
+
+# Down-projection kernels the site measures against XLA (name: (label, tiles)): the
+# one-tile grid the first H200 sweep found best at 90% zeros, and the split-K loop
+# with partial sums that removes its fixed cost (no zeroed output, no atomics).
+DOWN_VARIANTS = {
+    "sparse_input": ("masked bk64 bn256", dict(bk=64, bn=256)),
+    "sparse_input_split": ("masked bk64 bn256, 4 steps, partial sums",
+                           dict(bk=64, bn=256, steps=4, partials=True)),
+}
+
+
+def _down_kernel(interpret, tiles):
+    def kernel(x, w):
+        return sig.sparse_input_gemv(x, w, impl="masked", interpret=interpret, **tiles)
+    return kernel
 
 
 def _sparse_sample(shape, dtype, density: float):
