@@ -74,7 +74,10 @@ def test_bad_arguments_raise_one_line_errors():
 
 
 @pytest.mark.parametrize("impl,batch,extra", [("fused", 1, dict(unroll=False)), ("sparse", 3, {}),
-                                               ("fused", 2, dict(partials=True, act_in_kernel=True))])
+                                               ("fused", 2, dict(partials=True, act_in_kernel=True)),
+                                               ("sparse", 2, dict(
+                                                   gate_tiles=dict(bk=8, bn=32, steps=2, partials=True),
+                                                   down_tiles=dict(bk=16, bn=32, steps=4, partials=True)))])
 def test_masked_spark_ffn_equals_reference(impl, batch, extra):
     k1, k2 = jax.random.split(jax.random.key(batch))
     d, d_ff, r = 40, 99, 16
@@ -93,3 +96,13 @@ def test_choose_impl_is_deterministic_dense_on_cpu():
     w = sf.decode_weights_from_gated(jnp.ones((8, 16)), jnp.ones((8, 16)), jnp.ones((16, 8)))
     choice = sf.choose_impl(2, w, k_frac=0.25)
     assert choice.name == "dense" and choice.source == "default"
+
+
+def test_auto_layer_runs_the_chosen_path_and_matches_the_reference():
+    k1, k2, k3 = jax.random.split(jax.random.key(11), 3)
+    w = sf.decode_weights_from_gated(jax.random.normal(k1, (24, 64)) / 5, jax.random.normal(k2, (24, 64)) / 5,
+                                     jax.random.normal(k3, (64, 24)) / 8)
+    x = jax.random.normal(jax.random.key(12), (2, 24))
+    ref = sf.topk_ffn_decode_reference(x, w, k_frac=0.25)
+    y = jax.jit(lambda x, w: sf.topk_ffn_decode(x, w, k_frac=0.25, impl="auto"))(x, w)
+    assert _rel(y, ref) < 1e-5

@@ -546,15 +546,32 @@ def topk_ffn_decode(x: jax.Array, weights: DecodeWeights, *, k: Any = None, k_fr
         answer, dense cost). The masked paths need none.
       activation: Spark uses GELU on the soft top-k output.
       impl: ``"xla"``, ``"pallas"``, ``"sparse"``, ``"fused"``, ``"reference"`` (see the
-        module doc), or ``"dense"`` (the selection, then every neuron in XLA).
+        module doc), ``"dense"`` (the selection, then every neuron in XLA: the same
+        function at dense cost), or ``"auto"``: :func:`choose_impl` at this batch, so a
+        layer whose sparse paths lose runs ``"dense"`` (never slower than it).
       interpret, tiling: see :func:`gathered_ffn` and :func:`masked_ffn`; ``"fused"`` also
-        takes ``act_in_kernel=True`` (the soft top-k and activation inside the kernel).
+        takes ``act_in_kernel=True`` (the soft top-k and activation inside the kernel);
+        the masked paths take ``gate_tiles`` (a dict of
+        :func:`~sparsejax.kernels.sparse_input_gemv.sparse_input_gemv` tiles: the
+        predictor GEMV on that kernel instead of XLA).
 
     Returns:
       ``(B, d_model)`` in ``x``'s dtype.
     """
     d_model = x.shape[-1]
-    pre = jnp.dot(weights.gate_input(x), weights.w_gate, preferred_element_type=jnp.float32)
+    if impl == "auto":      # the whole layer's fastest path at this batch, dense included
+        batch = int(np.prod(x.shape[:-1]))
+        impl = choose_impl(batch, weights, k=k, k_frac=k_frac, activation=activation,
+                           dtype=x.dtype).name
+        tiling = {}
+    gate_tiles = tiling.pop("gate_tiles", None)
+    if gate_tiles is not None and impl in _MASKED_IMPLS:
+        # The predictor GEMV on the streaming kernel (every input live): XLA's batch-1
+        # GEMV for a short, wide (r, d_ff) gate ran at ~1.2 TB/s in the first H200 sweep.
+        pre = sig.sparse_input_gemv(weights.gate_input(x), weights.w_gate, impl="masked",
+                                    interpret=interpret, out_dtype=jnp.float32, **gate_tiles)
+    else:
+        pre = jnp.dot(weights.gate_input(x), weights.w_gate, preferred_element_type=jnp.float32)
     x_up = weights.up_input(x)
     if impl == "fused" and tiling.pop("act_in_kernel", False):
         theta = statistical_threshold(pre, k=k, k_frac=k_frac, axis=-1)
