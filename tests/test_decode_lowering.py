@@ -79,7 +79,10 @@ def test_every_down_candidate_matches_when_forced(path):
         low = sfn.lower(ss, interpret=True)
         out = low(sp, ss, x)
         paths = _paths(low)
+        prims = [e.primitive.name for e in low.rewritten_jaxpr(sp, ss, x).jaxpr.eqns]
     assert _rel(out, sfn(sp, ss, x)) < 1e-5
+    if path == "xla_dense":      # every site keeps the program's own dot: no kernel, no extra ops
+        assert "pallas_call" not in prims and prims.count("transpose") == 0
     assert paths["ffn/down"][0].startswith("XLA dense" if path == "xla_dense" else
                                            "sparse-input GEMV (Pallas, masked bk64 bn256, 4 steps, "
                                            "partial sums)")

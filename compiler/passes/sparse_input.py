@@ -51,6 +51,10 @@ from sparsejax.rules import SparkTopK
 __all__ = ["ActivationSparseHandler", "activation_sparse_handlers"]
 
 
+class _TakeOriginal(Exception):
+    """Raised inside a site's lowering when XLA's dense product was chosen."""
+
+
 class _Role:
     """What one weight site is in its FFN: ``gate``, ``up`` or ``down``."""
 
@@ -119,10 +123,9 @@ class ActivationSparseHandler(WeightHandler):
         if reason is not None:
             return bind_eqn(eqn, [materialize(v) for v in invals])
         role = self.roles[key]
+        original = lambda: bind_eqn(eqn, [materialize(v) for v in invals])
         if role.kind == "gate":
-            out = self._gate(key, eqn, operand, x, ref.value)
-            if out is None:
-                out = bind_eqn(eqn, [materialize(v) for v in invals])
+            out = self._site_or_original(original, lambda: self._gate(key, eqn, operand, x, ref.value))
             # The Spark hook replaces this output by its top-k; the same top-k here
             # (merged with the hook's by XLA) says which neurons the up site needs.
             kept = topk.statistical_topk(out[0], **role.rule.k_args(role.width), mode="mask")
@@ -130,13 +133,24 @@ class ActivationSparseHandler(WeightHandler):
             return out
         w = ref.value       # contracted dims lead (down) or trail (up): reshapes copy nothing
         if role.kind == "down":
-            return matmul_at_site(eqn, operand, x, lambda x2: self._down(
-                key, role, x2, w.reshape(x2.shape[-1], -1)))
+            return self._site_or_original(original, lambda: matmul_at_site(
+                eqn, operand, x, lambda x2: self._down(key, role, x2, w.reshape(x2.shape[-1], -1))))
         live = self.context.pop(role.ffn_key, None)
         if live is None:                 # no gate mask in this trace: dense up
-            return bind_eqn(eqn, [materialize(v) for v in invals])
-        return matmul_at_site(eqn, operand, x, lambda x2: self._up(
-            key, role, x2, w.reshape(-1, x2.shape[-1]), live))
+            return original()
+        return self._site_or_original(original, lambda: matmul_at_site(
+            eqn, operand, x, lambda x2: self._up(key, role, x2, w.reshape(-1, x2.shape[-1]), live)))
+
+    @staticmethod
+    def _site_or_original(original, lowered):
+        """The lowered site, or the program's own equation where XLA's dense product was
+        measured fastest: then the step is op for op the unlowered one (no transposes,
+        casts or reshapes of ours around XLA's dot), never slower than it."""
+        try:
+            out = lowered()
+        except _TakeOriginal:
+            return original()
+        return original() if out is None else out
 
     def _down(self, key, role, x2, w2):
         rows = math.prod(x2.shape[:-1])
@@ -157,6 +171,8 @@ class ActivationSparseHandler(WeightHandler):
                                   [sample, jax.ShapeDtypeStruct(w2.shape, w2.dtype)], weight_args=(1,),
                                   baseline="xla_dense")
         self.choices[key] = choice
+        if choice.name == "xla_dense":
+            raise _TakeOriginal
         fn = next(c.fn for c in cands if c.name == choice.name)
         return fn(x2.reshape(rows, -1), w2).reshape(*x2.shape[:-1], w2.shape[1])
 
@@ -184,8 +200,9 @@ class ActivationSparseHandler(WeightHandler):
                                    jax.ShapeDtypeStruct(w_t.shape, w_t.dtype), live_sample],
                                   weight_args=(1,), baseline="xla_dense")
         self.choices[key] = choice
-        fn = kernel if choice.name == "sparse_output" else dense
-        return fn(x2.reshape(rows, -1), w_t, live).reshape(*x2.shape[:-1], w_t.shape[0])
+        if choice.name == "xla_dense":
+            raise _TakeOriginal
+        return kernel(x2.reshape(rows, -1), w_t, live).reshape(*x2.shape[:-1], w_t.shape[0])
 
     def _gate(self, key, eqn, operand, x, w):
         """The gate's dense product: XLA's, or the row-streaming GEMV kernel with every
@@ -221,8 +238,9 @@ class ActivationSparseHandler(WeightHandler):
                                        jax.ShapeDtypeStruct(w_t.shape, w_t.dtype)],
                                       weight_args=(1,), baseline="xla_dense")
             self.choices[key] = choice
-            fn = kernel if choice.name == "row_gemv" else dense
-            return fn(x2.reshape(rows, -1), w_t).reshape(*x2.shape[:-1], w_t.shape[0])
+            if choice.name == "xla_dense":
+                raise _TakeOriginal
+            return kernel(x2.reshape(rows, -1), w_t).reshape(*x2.shape[:-1], w_t.shape[0])
 
         return matmul_at_site(eqn, operand, x, gemv)
 
