@@ -68,7 +68,7 @@ def test_spark_ffn_sites_take_the_sparse_gemvs_and_match():
     assert prims.count("pallas_call") == 3
 
 
-@pytest.mark.parametrize("path", ["sparse_input_split", "xla_dense"])
+@pytest.mark.parametrize("path", ["sparse_input_split", "xla_dense", "xla_pad2"])
 def test_every_down_candidate_matches_when_forced(path):
     from sparsejax.kernels import path_choice
 
@@ -83,9 +83,9 @@ def test_every_down_candidate_matches_when_forced(path):
     assert _rel(out, sfn(sp, ss, x)) < 1e-5
     if path == "xla_dense":      # every site keeps the program's own dot: no kernel, no extra ops
         assert "pallas_call" not in prims and prims.count("transpose") == 0
-    assert paths["ffn/down"][0].startswith("XLA dense" if path == "xla_dense" else
-                                           "sparse-input GEMV (Pallas, masked bk64 bn256, 4 steps, "
-                                           "partial sums)")
+    want = {"xla_dense": "XLA dense", "xla_pad2": "XLA dense, the row padded to two",
+            "sparse_input_split": "sparse-input GEMV (Pallas, masked bk64 bn256, 4 steps, partial sums)"}
+    assert paths["ffn/down"][0].startswith(want[path])
 
 
 def test_flax_layout_up_stays_dense_with_reason_down_is_sparse():
