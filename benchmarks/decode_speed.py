@@ -189,7 +189,7 @@ def bench_gemv(b: Bench):
         best = (None, float("nan"))
         for name, fn in {"xla dense, batch padded to 2 rows": pad2, **fns}.items():
             _, ok, t = b.check_and_time(name, fn, (xs, ws), ref, 2e-2, b.s.layers)
-            if ok and not (t >= best[1]):
+            if ok and not (t >= best[1]) and not name.startswith("xla dense"):
                 best = (name, t)
             b.detail.append(f"| gemv | {zero:.0%} zero | {name} | {t_dense:.1f} | {t:.1f} | {t_dense / t:.2f} |")
         b.summary.append(("sparse-input GEMV", f"{n}², {zero:.0%} zero, batch 1", best[0], t_dense, best[1],
@@ -299,7 +299,7 @@ def bench_ffn(b: Bench):
                                                 **extra, **kw))
             _, ok, t = b.check_and_time(name, fn, (xs, spark), ref, 3e-2, b.s.layers)
             times[name] = t
-            if ok and not (t >= best[1]) and kw["impl"] != "dense":
+            if ok and not (t >= best[1]) and kw["impl"] not in ("dense", "auto"):
                 best = (name, t)
             b.detail.append(f"| ffn | batch {batch} | {name} | {t_dense:.1f} | {t:.1f} | {t_dense / t:.2f} |")
         if t_pad == t_pad:
@@ -516,7 +516,7 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, Pallas interpret mode (CPU)")
     parser.add_argument("--only", default="gemv,ffn,nm,e2e")
-    parser.add_argument("--budget", type=float, default=200.0, help="seconds before variants are skipped")
+    parser.add_argument("--budget", type=float, default=190.0, help="seconds before variants are skipped")
     args = parser.parse_args()
     interpret = args.smoke or jax.default_backend() != "gpu"
     b = Bench(SMOKE if args.smoke else FULL, interpret, args.budget)
