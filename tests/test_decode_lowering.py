@@ -97,7 +97,29 @@ def test_flax_layout_up_stays_dense_with_reason_down_is_sparse():
     paths = _paths(low)
     assert "not contiguous" in paths["ffn/up"][0]
     assert paths["ffn/down"] == ["sparse-input GEMV (Pallas, masked bk64 bn256)"]
-    assert paths["ffn/gate"][0].startswith("XLA")      # (d, d_ff): rows are not outputs
+    # (d, d_ff): rows are inputs, so the gate's dense kernel is the sparse-input one, every row live
+    assert paths["ffn/gate"][0].startswith("streaming GEMV (Pallas sparse-input kernel, every row)")
+
+
+def _proj_then_ffn(p, x):
+    return _ffn_output_major(p, x) @ p["proj"]
+
+
+@pytest.mark.parametrize("path,label", [(None, "XLA dense"),
+                                        ("stream_gemv", "streaming GEMV"), ("xla_pad2", "XLA dense, the row")])
+def test_unruled_dense_weights_take_their_measured_path_and_match(path, label):
+    from sparsejax.kernels import path_choice
+
+    params = dict(_ffn_params(), proj=jax.random.normal(jax.random.key(13), (32, 32)) / 6)
+    x = jax.random.normal(jax.random.key(14), (1, 32))
+    sfn = sparsify(_proj_then_ffn, [SparkTopK("*", site="ffn", k_frac=0.25)])
+    sp, ss = sfn.init(params, x)
+    with path_choice.mode(f"force:{path}" if path else "off"):
+        low = sfn.lower(ss, interpret=True)
+        out = low(sp, ss, x)
+        paths = _paths(low)
+    assert _rel(out, sfn(sp, ss, x)) < 1e-5
+    assert paths["proj"][0].startswith(label) and (path or paths["proj"][0] == label)
 
 
 def test_without_interpret_on_cpu_every_site_stays_dense():

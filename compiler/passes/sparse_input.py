@@ -63,7 +63,8 @@ class _Role:
 
 
 class ActivationSparseHandler(WeightHandler):
-    """An unruled FFN weight whose sites read or write a top-k sparse activation."""
+    """An unruled FFN weight whose sites read or write a top-k sparse activation, or any
+    other unruled 2-D weight (a dense decode GEMV that takes its measured-fastest path)."""
 
     def __init__(self, path, layout, sites, roles: dict, backend, interpret, context: dict):
         super().__init__(None, path, layout, sites)
@@ -79,8 +80,8 @@ class ActivationSparseHandler(WeightHandler):
         role = self.roles.get(site.key)
         if role is None:
             return "not an FFN site with a top-k rule"
-        if role.kind == "gate":
-            return None                   # computed dense; only records the live mask
+        if role.kind in ("gate", "plain"):
+            return None                   # computed dense (a gate also records the live mask)
         reason = direct_site_reason(site, site.layout)
         if reason is not None:
             return reason
@@ -99,6 +100,8 @@ class ActivationSparseHandler(WeightHandler):
             return f"XLA ({reason})"
         role = self.roles[key]
         choice = self.choices.get(key)
+        if role.kind == "plain":
+            return choice.summary() if choice is not None else "XLA dense (not measured)"
         if role.kind == "gate":
             dense = choice.summary() if choice is not None else "XLA"
             return f"{dense} (gate: dense; its top-k selects the up rows)"
@@ -124,6 +127,8 @@ class ActivationSparseHandler(WeightHandler):
             return bind_eqn(eqn, [materialize(v) for v in invals])
         role = self.roles[key]
         original = lambda: bind_eqn(eqn, [materialize(v) for v in invals])
+        if role.kind == "plain":
+            return self._site_or_original(original, lambda: self._plain(key, eqn, operand, x, ref.value))
         if role.kind == "gate":
             out = self._site_or_original(original, lambda: self._gate(key, eqn, operand, x, ref.value))
             # The Spark hook replaces this output by its top-k; the same top-k here
@@ -208,44 +213,65 @@ class ActivationSparseHandler(WeightHandler):
         return fn(x2.reshape(rows, -1), w_t, live).reshape(*x2.shape[:-1], w_t.shape[0])
 
     def _gate(self, key, eqn, operand, x, w):
-        """The gate's dense product: XLA's, or the row-streaming GEMV kernel with every
-        output live where the gate is stored output-major and that measures faster
-        (XLA's batch-1 GEMV for this layout is far from the memory roofline on an H200)."""
-        reason = direct_site_reason(self.sites_by_key[key], self.sites_by_key[key].layout)
+        return self._plain(key, eqn, operand, x, w, kernel_first=True)
+
+    def _plain(self, key, eqn, operand, x, w, kernel_first=False):
+        """A dense product (a gate, or any unruled weight at decode): XLA's, XLA's with the
+        single row padded to two, or a streaming GEMV kernel with every row live (the
+        row-streaming one where the weight is stored output-major, the sparse-input one
+        where its contracted dims lead), whichever measures fastest. Unmeasured (CPU,
+        tables off), the FFN gate takes the kernel first (tests), other sites XLA."""
+        site = self.sites_by_key[key]
+        if direct_site_reason(site, site.layout) is not None:
+            return None
         (lc, rc), _ = eqn.params["dimension_numbers"]
         w_contract = tuple(rc if operand == 1 else lc)
         nd = w.ndim
-        if reason is not None or w_contract != tuple(range(nd - len(w_contract), nd)):
+        out_major = w_contract == tuple(range(nd - len(w_contract), nd))
+        in_major = w_contract == tuple(range(len(w_contract)))
+        if not (out_major or in_major):
             return None
         interpret = self.interpret
 
         def gemv(x2):
             rows = math.prod(x2.shape[:-1])
-            w_t = w.reshape(-1, x2.shape[-1])
-            ok, why = sig.supported(w_t.shape, w_t.dtype, rows, self._kernel_backend())
+            k = x2.shape[-1]
+            w2 = w.reshape(-1, k) if out_major else w.reshape(k, -1)
+            ok, why = sig.supported(w2.shape, w2.dtype, rows, self._kernel_backend())
+            if out_major:
+                def kernel(xx, ww):
+                    every = jnp.ones((ww.shape[0],), bool)
+                    return sog.sparse_output_gemv(xx, ww, every, impl="masked", interpret=interpret)
 
-            def kernel(xx, ww):
-                every = jnp.ones((ww.shape[0],), bool)
-                return sog.sparse_output_gemv(xx, ww, every, impl="masked", interpret=interpret)
+                def dense(xx, ww):
+                    return jnp.dot(xx, ww.T, preferred_element_type=jnp.float32).astype(
+                        jnp.result_type(xx, ww))
+                name, label = "row_gemv", "row-streaming GEMV (Pallas, every output)"
+            else:
+                def kernel(xx, ww):
+                    return sig.sparse_input_gemv(xx, ww, impl="masked", interpret=interpret,
+                                                 **DOWN_VARIANTS["sparse_input_split"][1])
 
-            def dense(xx, ww):
-                return jnp.dot(xx, ww.T, preferred_element_type=jnp.float32).astype(
-                    jnp.result_type(xx, ww))
-
-            cands = [path_choice.Candidate("row_gemv", kernel, None if ok else why,
-                                           "row-streaming GEMV (Pallas, every output)"),
+                def dense(xx, ww):
+                    return jnp.dot(xx, ww, preferred_element_type=jnp.float32).astype(
+                        jnp.result_type(xx, ww))
+                name, label = "stream_gemv", "streaming GEMV (Pallas sparse-input kernel, every row)"
+            cands = [path_choice.Candidate(name, kernel, None if ok else why, label),
                      path_choice.Candidate("xla_dense", dense, None, "XLA dense"),
                      _pad2_candidate(dense, rows)]
-            signature = f"M{rows}|N{w_t.shape[0]}|K{w_t.shape[1]}|{jnp.dtype(w_t.dtype).name}|dense"
-            choice = choose_streaming("gate_gemv", signature, cands,
-                                      [jax.ShapeDtypeStruct((rows, w_t.shape[1]), x2.dtype),
-                                       jax.ShapeDtypeStruct(w_t.shape, w_t.dtype)],
+            if not kernel_first:
+                cands = cands[1:] + cands[:1]
+            n_out = w2.shape[0] if out_major else w2.shape[1]
+            signature = f"M{rows}|N{n_out}|K{k}|{jnp.dtype(w2.dtype).name}|{name}"
+            choice = choose_streaming("dense_gemv", signature, cands,
+                                      [jax.ShapeDtypeStruct((rows, k), x2.dtype),
+                                       jax.ShapeDtypeStruct(w2.shape, w2.dtype)],
                                       weight_args=(1,), baseline="xla_dense")
             self.choices[key] = choice
             if choice.name == "xla_dense":
                 raise _TakeOriginal
             fn = next(c.fn for c in cands if c.name == choice.name)
-            return fn(x2.reshape(rows, -1), w_t).reshape(*x2.shape[:-1], w_t.shape[0])
+            return fn(x2.reshape(rows, -1), w2).reshape(*x2.shape[:-1], n_out)
 
         return matmul_at_site(eqn, operand, x, gemv)
 
@@ -327,6 +353,13 @@ def activation_sparse_handlers(sfn, *, backend: str | None = None, interpret: bo
                     continue
                 roles.setdefault(path, {})[s.key] = _Role(kind, act_site.key, rule, density,
                                                           act_site.width)
+    # Every other unruled weight whose sites are all direct 2-D products: a dense site that
+    # may still take XLA's padded-row product or a streaming kernel where measured faster.
+    for path, sites in sites_by_path.items():
+        if path in roles or path in ruled or any(len(s.weight_shape) != 2 for s in sites):
+            continue
+        if all(s.layout is not None and direct_site_reason(s, s.layout) is None for s in sites):
+            roles[path] = {s.key: _Role("plain", None, None, 1.0, 0) for s in sites}
     context: dict = {}
     handlers = {}
     for path, site_roles in roles.items():
