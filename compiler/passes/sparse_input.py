@@ -353,9 +353,10 @@ def activation_sparse_handlers(sfn, *, backend: str | None = None, interpret: bo
                     continue
                 roles.setdefault(path, {})[s.key] = _Role(kind, act_site.key, rule, density,
                                                           act_site.width)
-    # Every other unruled weight whose sites are all direct 2-D products: a dense site that
-    # may still take XLA's padded-row product or a streaming kernel where measured faster.
-    for path, sites in sites_by_path.items():
+    # In a function with a lowered Spark FFN (a decode step), every other unruled weight whose
+    # sites are all direct 2-D products: a dense site that may still take XLA's padded-row
+    # product or a streaming kernel where measured faster.
+    for path, sites in (sites_by_path.items() if roles else ()):
         if path in roles or path in ruled or any(len(s.weight_shape) != 2 for s in sites):
             continue
         if all(s.layout is not None and direct_site_reason(s, s.layout) is None for s in sites):
