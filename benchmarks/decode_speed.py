@@ -523,7 +523,7 @@ def main():
     dev = jax.devices()[0]
     b.log(f"device: {dev.device_kind} ({jax.default_backend()}), jax {jax.__version__}, interpret={interpret}")
     sections = {"gemv": bench_gemv, "ffn": bench_ffn, "nm": bench_nm, "e2e": bench_e2e}
-    shares = {"gemv": 0.17, "ffn": 0.33, "nm": 0.12, "e2e": 0.38}     # of the budget, each from its start
+    shares = {"gemv": 0.15, "ffn": 0.30, "nm": 0.10, "e2e": 0.45}     # of the budget, each from its start
     with path_choice.mode("auto"):
         for name in args.only.split(","):
             b.start_section(shares[name] if not args.smoke else 10.0)

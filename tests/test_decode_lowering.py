@@ -63,12 +63,12 @@ def test_spark_ffn_sites_take_the_sparse_gemvs_and_match():
     paths = _paths(low)
     assert paths["ffn/up"] == ["sparse-output GEMV (Pallas)"]
     assert paths["ffn/down"] == ["sparse-input GEMV (Pallas, masked bk64 bn256)"]
-    assert paths["ffn/gate"][0].startswith("row-streaming GEMV (Pallas, every output)")
+    assert paths["ffn/gate"][0].startswith("XLA dense")          # unmeasured: XLA's own product
     prims = [e.primitive.name for e in low.rewritten_jaxpr(sp, ss, x).jaxpr.eqns]
-    assert prims.count("pallas_call") == 3
+    assert prims.count("pallas_call") == 2
 
 
-@pytest.mark.parametrize("path", ["sparse_input_split", "xla_dense", "xla_pad2"])
+@pytest.mark.parametrize("path", ["sparse_input_split", "xla_dense", "xla_pad2", "row_gemv"])
 def test_every_down_candidate_matches_when_forced(path):
     from sparsejax.kernels import path_choice
 
@@ -85,7 +85,10 @@ def test_every_down_candidate_matches_when_forced(path):
         assert "pallas_call" not in prims and prims.count("transpose") == 0
     want = {"xla_dense": "XLA dense", "xla_pad2": "XLA dense, the row padded to two",
             "sparse_input_split": "sparse-input GEMV (Pallas, masked bk64 bn256, 4 steps, partial sums)"}
-    assert paths["ffn/down"][0].startswith(want[path])
+    if path == "row_gemv":       # the output-major gate on the row-streaming kernel, every output live
+        assert paths["ffn/gate"][0].startswith("row-streaming GEMV (Pallas, every output)")
+    else:
+        assert paths["ffn/down"][0].startswith(want[path])
 
 
 def test_flax_layout_up_stays_dense_with_reason_down_is_sparse():
@@ -97,8 +100,7 @@ def test_flax_layout_up_stays_dense_with_reason_down_is_sparse():
     paths = _paths(low)
     assert "not contiguous" in paths["ffn/up"][0]
     assert paths["ffn/down"] == ["sparse-input GEMV (Pallas, masked bk64 bn256)"]
-    # (d, d_ff): rows are inputs, so the gate's dense kernel is the sparse-input one, every row live
-    assert paths["ffn/gate"][0].startswith("streaming GEMV (Pallas sparse-input kernel, every row)")
+    assert paths["ffn/gate"][0].startswith("XLA dense")
 
 
 def _proj_then_ffn(p, x):

@@ -213,14 +213,14 @@ class ActivationSparseHandler(WeightHandler):
         return fn(x2.reshape(rows, -1), w_t, live).reshape(*x2.shape[:-1], w_t.shape[0])
 
     def _gate(self, key, eqn, operand, x, w):
-        return self._plain(key, eqn, operand, x, w, kernel_first=True)
+        return self._plain(key, eqn, operand, x, w)
 
-    def _plain(self, key, eqn, operand, x, w, kernel_first=False):
+    def _plain(self, key, eqn, operand, x, w):
         """A dense product (a gate, or any unruled weight at decode): XLA's, XLA's with the
         single row padded to two, or a streaming GEMV kernel with every row live (the
         row-streaming one where the weight is stored output-major, the sparse-input one
-        where its contracted dims lead), whichever measures fastest. Unmeasured (CPU,
-        tables off), the FFN gate takes the kernel first (tests), other sites XLA."""
+        where its contracted dims lead), whichever measures fastest; unmeasured (CPU, no
+        table entry), XLA's own equation."""
         site = self.sites_by_key[key]
         if direct_site_reason(site, site.layout) is not None:
             return None
@@ -256,11 +256,9 @@ class ActivationSparseHandler(WeightHandler):
                     return jnp.dot(xx, ww, preferred_element_type=jnp.float32).astype(
                         jnp.result_type(xx, ww))
                 name, label = "stream_gemv", "streaming GEMV (Pallas sparse-input kernel, every row)"
-            cands = [path_choice.Candidate(name, kernel, None if ok else why, label),
-                     path_choice.Candidate("xla_dense", dense, None, "XLA dense"),
-                     _pad2_candidate(dense, rows)]
-            if not kernel_first:
-                cands = cands[1:] + cands[:1]
+            cands = [path_choice.Candidate("xla_dense", dense, None, "XLA dense"),
+                     _pad2_candidate(dense, rows),
+                     path_choice.Candidate(name, kernel, None if ok else why, label)]
             n_out = w2.shape[0] if out_major else w2.shape[1]
             signature = f"M{rows}|N{n_out}|K{k}|{jnp.dtype(w2.dtype).name}|{name}"
             choice = choose_streaming("dense_gemv", signature, cands,
