@@ -1,6 +1,8 @@
 """Lowering to the decode kernels through sparsify (interpret mode): N:M sites to the
 compressed N:M GEMV, Spark FFN sites to the sparse-input / sparse-output GEMVs."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -177,3 +179,17 @@ def test_frozen_packed_nm_weights_give_the_same_answer():
     nm_lowering.freeze_packed(low, sp, ss)
     assert low._handlers["w"].packed is not None
     assert _rel(low(sp, ss, x), sfn(sp, ss, x)) < 1e-5
+
+
+def test_a_kernel_must_beat_xla_by_the_margin_to_be_taken():
+    from sparsejax.compiler.passes import sparse_input as si
+    from sparsejax.kernels import path_choice
+
+    cands = [path_choice.Candidate(n, None) for n in ("sparse_input", "xla_dense", "xla_pad2")]
+    close = path_choice.Choice("sparse_input", "k", "measured",
+                               {"sparse_input": 19.5, "xla_dense": 22.0, "xla_pad2": 20.0}, "xla_dense")
+    assert si._with_margin(close, cands).name == "xla_pad2"       # 19.5 > 0.95 * 20 - 1.5
+    clear = dataclasses.replace(close, times_us={"sparse_input": 10.0, "xla_dense": 22.0, "xla_pad2": 20.0})
+    assert si._with_margin(clear, cands).name == "sparse_input"
+    unmeasured = dataclasses.replace(close, times_us={})
+    assert si._with_margin(unmeasured, cands).name == "sparse_input"
