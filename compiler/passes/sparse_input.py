@@ -313,7 +313,9 @@ def _pad2_candidate(dense, rows):
     XLA's batch-1 GEMV slower than its batch-2 GEMM (8192x8192: 44.5 vs 36.5 us; a
     2304x13824 gated FFN: 87 vs 54 us). Only offered at one row."""
     def padded(x, w, *rest):
-        return dense(jnp.pad(x, ((0, 1), (0, 0))), w, *rest)[:1]
+        # The barrier keeps XLA's simplifier from sinking the [:1] slice back into the dot.
+        x_pad = jax.lax.optimization_barrier(jnp.pad(x, ((0, 1), (0, 0))))
+        return dense(x_pad, w, *rest)[:1]
     return path_choice.Candidate("xla_pad2", padded, None if rows == 1 else "not a single row",
                                  "XLA dense, the row padded to two")
 
