@@ -561,9 +561,10 @@ def topk_ffn_decode(x: jax.Array, weights: DecodeWeights, *, k: Any = None, k_fr
     d_model = x.shape[-1]
     if impl == "auto":      # the whole layer's fastest path at this batch, dense included
         batch = int(np.prod(x.shape[:-1]))
-        impl = choose_impl(batch, weights, k=k, k_frac=k_frac, activation=activation,
+        name = choose_impl(batch, weights, k=k, k_frac=k_frac, activation=activation,
                            dtype=x.dtype).name
-        tiling = {}
+        impl, tiling = CHOICE_PATHS.get(name, (name, {}))
+        tiling = dict(tiling)
     gate_tiles = tiling.pop("gate_tiles", None)
     if gate_tiles is not None and impl in _MASKED_IMPLS:
         # The predictor GEMV on the streaming kernel (every input live): XLA's batch-1
@@ -595,9 +596,16 @@ def topk_ffn_decode(x: jax.Array, weights: DecodeWeights, *, k: Any = None, k_fr
     return y[:, :d_model].astype(x.dtype)
 
 
+# choose_impl's candidates beyond the plain impl names: (impl, tiling). "sparse_split_gate":
+# the predictor GEMV and the down projection on the split-K streaming kernel (partial sums).
+_SPLIT = dict(bk=64, bn=256, steps=4, partials=True)
+CHOICE_PATHS = {"sparse_split_gate": ("sparse", dict(down_tiles=_SPLIT, gate_tiles=_SPLIT))}
+
+
 def choose_impl(batch: int, weights: DecodeWeights, *, k: Any = None, k_frac: Any = None,
                 activation: Callable = jax.nn.gelu, dtype=jnp.bfloat16,
-                candidates: tuple[str, ...] = ("fused", "sparse", "dense")) -> path_choice.Choice:
+                candidates: tuple[str, ...] = ("fused", "sparse", "sparse_split_gate", "dense")
+                ) -> path_choice.Choice:
     """The fastest correct decode path at this batch size, by measurement on the device.
 
     The union of fired neurons grows with the batch (``1 - (1 - k/d_ff)^B`` of
@@ -616,8 +624,9 @@ def choose_impl(batch: int, weights: DecodeWeights, *, k: Any = None, k_frac: An
             why = f"batch {batch} > {MAX_BATCH}" if batch > MAX_BATCH else "no GPU"
         else:
             why = None
-        fn = functools.partial(_layer_fn, impl=name, k=k, k_frac=k_frac, activation=activation,
-                               split=weights.split)
+        impl, tiling = CHOICE_PATHS.get(name, (name, {}))
+        fn = functools.partial(_layer_fn, impl=impl, k=k, k_frac=k_frac, activation=activation,
+                               split=weights.split, tiling=tiling)
         cands.append(path_choice.Candidate(name, fn, why, describe=f"Spark FFN decode ({name})"))
     cands.sort(key=lambda c: c.name == "dense")      # kernels first on a GPU, dense the fallback
     if not on_gpu:
@@ -631,9 +640,10 @@ def choose_impl(batch: int, weights: DecodeWeights, *, k: Any = None, k_frac: An
                                              weight_args=(1, 2, 3), baseline="dense")
 
 
-def _layer_fn(x, w_gate, w_up_t, w_down, *, impl, k, k_frac, activation, split):
+def _layer_fn(x, w_gate, w_up_t, w_down, *, impl, k, k_frac, activation, split, tiling=None):
     w = DecodeWeights(w_gate, w_up_t, w_down, split)
-    return topk_ffn_decode(x, w, k=k, k_frac=k_frac, activation=activation, impl=impl)
+    return topk_ffn_decode(x, w, k=k, k_frac=k_frac, activation=activation, impl=impl,
+                           **dict(tiling or {}))
 
 
 def topk_ffn_decode_reference(x: jax.Array, weights: DecodeWeights, *, k: Any = None,
