@@ -264,9 +264,11 @@ def bench_ffn(b: Bench):
     curve = []
     section_end = b.deadline
     batches = [bt for bt in BATCHES if not (b.interpret and bt > 2)]
+    weights = {1: 0.4, 2: 0.2, 4: 0.2, 8: 0.2}
     for n_done, batch in enumerate(batches):
         # each batch gets its share of what is left (the first sweep spent it all at batch 1)
-        b.deadline = min(section_end, time.time() + (section_end - time.time()) / (len(batches) - n_done))
+        share = weights[batch] / sum(weights[bt] for bt in batches[n_done:])
+        b.deadline = min(section_end, time.time() + (section_end - time.time()) * share)
         xs = [_normal(b.fresh(), (batch, d)) for _ in range(b.s.layers)]
         w32 = jax.tree.map(lambda a: a.astype(jnp.float32), spark[0])
         ref = sf.topk_ffn_decode_reference(xs[0].astype(jnp.float32), w32, k_frac=K_FRAC)
@@ -289,6 +291,9 @@ def bench_ffn(b: Bench):
             _, _, t_pad = b.check_and_time("dense gated FFN, batch padded to 2 rows", pad2, (xs, dense_w),
                                            ref_dense, 2e-2, b.s.layers)
         choice = "-"
+        if b.over_budget():
+            b.log("  choose_impl and every variant: skipped (time budget)")
+            continue
         try:      # what the library picks at this batch (path_choice, weights streamed); cached for "auto"
             picked = sf.choose_impl(batch, spark[0], k_frac=K_FRAC)
             choice = f"{picked.name} ({picked.source}; " + ", ".join(
@@ -474,6 +479,9 @@ def bench_e2e(b: Bench):
             continue
         args = inputs(batch)
         b.log(f"-- batch {batch}")
+        if b.over_budget():       # lowering measures every site's candidates: not past the budget
+            b.log("  skipped (time budget)")
+            continue
         try:
             n_sites = len(sfn._trace_for(jax.tree.leaves(sp), *_split(sfn, args)).activation_sites)
             kernels = sum(e.primitive.name == "pallas_call"
@@ -521,14 +529,14 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, Pallas interpret mode (CPU)")
     parser.add_argument("--only", default="gemv,ffn,nm,e2e")
-    parser.add_argument("--budget", type=float, default=190.0, help="seconds before variants are skipped")
+    parser.add_argument("--budget", type=float, default=195.0, help="seconds before variants are skipped")
     args = parser.parse_args()
     interpret = args.smoke or jax.default_backend() != "gpu"
     b = Bench(SMOKE if args.smoke else FULL, interpret, args.budget)
     dev = jax.devices()[0]
     b.log(f"device: {dev.device_kind} ({jax.default_backend()}), jax {jax.__version__}, interpret={interpret}")
     sections = {"gemv": bench_gemv, "ffn": bench_ffn, "nm": bench_nm, "e2e": bench_e2e}
-    shares = {"gemv": 0.15, "ffn": 0.30, "nm": 0.10, "e2e": 0.45}     # of the budget, each from its start
+    shares = {"gemv": 0.13, "ffn": 0.32, "nm": 0.10, "e2e": 0.45}     # of the budget, each from its start
     with path_choice.mode("auto"):
         for name in args.only.split(","):
             b.start_section(shares[name] if not args.smoke else 10.0)
