@@ -1,6 +1,8 @@
 """Lowering to the decode kernels through sparsify (interpret mode): N:M sites to the
 compressed N:M GEMV, Spark FFN sites to the sparse-input / sparse-output GEMVs."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -62,9 +64,33 @@ def test_spark_ffn_sites_take_the_sparse_gemvs_and_match():
     assert _rel(low(sp, ss, x), sfn(sp, ss, x)) < 1e-5
     paths = _paths(low)
     assert paths["ffn/up"] == ["sparse-output GEMV (Pallas)"]
-    assert paths["ffn/down"] == ["sparse-input GEMV (Pallas)"]
+    assert paths["ffn/down"] == ["sparse-input GEMV (Pallas, masked bk64 bn256)"]
+    assert paths["ffn/gate"][0].startswith("XLA dense")          # unmeasured: XLA's own product
     prims = [e.primitive.name for e in low.rewritten_jaxpr(sp, ss, x).jaxpr.eqns]
     assert prims.count("pallas_call") == 2
+
+
+@pytest.mark.parametrize("path", ["sparse_input_split", "xla_dense", "xla_pad2", "row_gemv"])
+def test_every_down_candidate_matches_when_forced(path):
+    from sparsejax.kernels import path_choice
+
+    x = jax.random.normal(jax.random.key(9), (1, 32))
+    sfn = sparsify(_ffn_output_major, [SparkTopK("*", site="ffn", k_frac=0.25)])
+    sp, ss = sfn.init(_ffn_params(d_ff=512), x)
+    with path_choice.mode(f"force:{path}"):
+        low = sfn.lower(ss, interpret=True)
+        out = low(sp, ss, x)
+        paths = _paths(low)
+        prims = [e.primitive.name for e in low.rewritten_jaxpr(sp, ss, x).jaxpr.eqns]
+    assert _rel(out, sfn(sp, ss, x)) < 1e-5
+    if path == "xla_dense":      # every site keeps the program's own dot: no kernel, no extra ops
+        assert "pallas_call" not in prims and prims.count("transpose") == 0
+    want = {"xla_dense": "XLA dense", "xla_pad2": "XLA dense, the row padded to two",
+            "sparse_input_split": "sparse-input GEMV (Pallas, masked bk64 bn256, 4 steps, partial sums)"}
+    if path == "row_gemv":       # the output-major gate on the row-streaming kernel, every output live
+        assert paths["ffn/gate"][0].startswith("row-streaming GEMV (Pallas, every output)")
+    else:
+        assert paths["ffn/down"][0].startswith(want[path])
 
 
 def test_flax_layout_up_stays_dense_with_reason_down_is_sparse():
@@ -75,7 +101,29 @@ def test_flax_layout_up_stays_dense_with_reason_down_is_sparse():
     assert _rel(low(sp, ss, x), sfn(sp, ss, x)) < 1e-5
     paths = _paths(low)
     assert "not contiguous" in paths["ffn/up"][0]
-    assert paths["ffn/down"] == ["sparse-input GEMV (Pallas)"]
+    assert paths["ffn/down"] == ["sparse-input GEMV (Pallas, masked bk64 bn256)"]
+    assert paths["ffn/gate"][0].startswith("XLA dense")
+
+
+def _proj_then_ffn(p, x):
+    return _ffn_output_major(p, x) @ p["proj"]
+
+
+@pytest.mark.parametrize("path,label", [(None, "XLA dense"),
+                                        ("stream_gemv", "streaming GEMV"), ("xla_pad2", "XLA dense, the row")])
+def test_unruled_dense_weights_take_their_measured_path_and_match(path, label):
+    from sparsejax.kernels import path_choice
+
+    params = dict(_ffn_params(), proj=jax.random.normal(jax.random.key(13), (32, 32)) / 6)
+    x = jax.random.normal(jax.random.key(14), (1, 32))
+    sfn = sparsify(_proj_then_ffn, [SparkTopK("*", site="ffn", k_frac=0.25)])
+    sp, ss = sfn.init(params, x)
+    with path_choice.mode(f"force:{path}" if path else "off"):
+        low = sfn.lower(ss, interpret=True)
+        out = low(sp, ss, x)
+        paths = _paths(low)
+    assert _rel(out, sfn(sp, ss, x)) < 1e-5
+    assert paths["proj"][0].startswith(label) and (path or paths["proj"][0] == label)
 
 
 def test_without_interpret_on_cpu_every_site_stays_dense():
@@ -131,3 +179,17 @@ def test_frozen_packed_nm_weights_give_the_same_answer():
     nm_lowering.freeze_packed(low, sp, ss)
     assert low._handlers["w"].packed is not None
     assert _rel(low(sp, ss, x), sfn(sp, ss, x)) < 1e-5
+
+
+def test_a_kernel_must_beat_xla_by_the_margin_to_be_taken():
+    from sparsejax.compiler.passes import sparse_input as si
+    from sparsejax.kernels import path_choice
+
+    cands = [path_choice.Candidate(n, None) for n in ("sparse_input", "xla_dense", "xla_pad2")]
+    close = path_choice.Choice("sparse_input", "k", "measured",
+                               {"sparse_input": 19.5, "xla_dense": 22.0, "xla_pad2": 20.0}, "xla_dense")
+    assert si._with_margin(close, cands).name == "xla_pad2"       # 19.5 > 0.95 * 20 - 1.5
+    clear = dataclasses.replace(close, times_us={"sparse_input": 10.0, "xla_dense": 22.0, "xla_pad2": 20.0})
+    assert si._with_margin(clear, cands).name == "sparse_input"
+    unmeasured = dataclasses.replace(close, times_us={})
+    assert si._with_margin(unmeasured, cands).name == "sparse_input"

@@ -37,6 +37,19 @@ def test_every_path_equals_the_reference_with_threshold(impl, batch, k, n, mma):
     assert _rel(sg.sparse_input_gemv_reference(x, w), ref) > 1e-3
 
 
+@pytest.mark.parametrize("batch,k,mma,steps,partials,unroll", [
+    (1, 128, False, 4, False, None), (3, 96, False, 2, True, False), (2, 64, True, 4, True, True),
+    (1, 48, False, 8, True, None)])
+def test_masked_split_steps_and_partials_equal_the_reference(batch, k, mma, steps, partials, unroll):
+    x = _sparse_x(7 * batch + k, batch, k, 0.7)
+    w = jax.random.normal(jax.random.key(k), (k, 70))
+    ref = sg.sparse_input_gemv_reference(x, w, threshold=0.2)
+    y = sg.sparse_input_gemv(x, w, threshold=0.2, impl="masked", interpret=True, poison=True, mma=mma,
+                             bk=16, bn=32, steps=steps, partials=partials, unroll=unroll)
+    assert y.shape == (batch, 70) and bool(jnp.all(jnp.isfinite(y)))
+    assert _rel(y, ref) < 1e-5
+
+
 def test_compact_list_overflow_falls_back_to_dense():
     x = _sparse_x(0, 2, 64, 0.2)
     w = jax.random.normal(jax.random.key(1), (64, 24))
@@ -61,7 +74,10 @@ def test_bad_arguments_raise_one_line_errors():
 
 
 @pytest.mark.parametrize("impl,batch,extra", [("fused", 1, dict(unroll=False)), ("sparse", 3, {}),
-                                               ("fused", 2, dict(partials=True, act_in_kernel=True))])
+                                               ("fused", 2, dict(partials=True, act_in_kernel=True)),
+                                               ("sparse", 2, dict(
+                                                   gate_tiles=dict(bk=8, bn=32, steps=2, partials=True),
+                                                   down_tiles=dict(bk=16, bn=32, steps=4, partials=True)))])
 def test_masked_spark_ffn_equals_reference(impl, batch, extra):
     k1, k2 = jax.random.split(jax.random.key(batch))
     d, d_ff, r = 40, 99, 16
@@ -80,3 +96,13 @@ def test_choose_impl_is_deterministic_dense_on_cpu():
     w = sf.decode_weights_from_gated(jnp.ones((8, 16)), jnp.ones((8, 16)), jnp.ones((16, 8)))
     choice = sf.choose_impl(2, w, k_frac=0.25)
     assert choice.name == "dense" and choice.source == "default"
+
+
+def test_auto_layer_runs_the_chosen_path_and_matches_the_reference():
+    k1, k2, k3 = jax.random.split(jax.random.key(11), 3)
+    w = sf.decode_weights_from_gated(jax.random.normal(k1, (24, 64)) / 5, jax.random.normal(k2, (24, 64)) / 5,
+                                     jax.random.normal(k3, (64, 24)) / 8)
+    x = jax.random.normal(jax.random.key(12), (2, 24))
+    ref = sf.topk_ffn_decode_reference(x, w, k_frac=0.25)
+    y = jax.jit(lambda x, w: sf.topk_ffn_decode(x, w, k_frac=0.25, impl="auto"))(x, w)
+    assert _rel(y, ref) < 1e-5

@@ -32,6 +32,7 @@ mask handler).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import jax
@@ -51,6 +52,10 @@ from sparsejax.rules import SparkTopK
 __all__ = ["ActivationSparseHandler", "activation_sparse_handlers"]
 
 
+class _TakeOriginal(Exception):
+    """Raised inside a site's lowering when XLA's dense product was chosen."""
+
+
 class _Role:
     """What one weight site is in its FFN: ``gate``, ``up`` or ``down``."""
 
@@ -59,7 +64,8 @@ class _Role:
 
 
 class ActivationSparseHandler(WeightHandler):
-    """An unruled FFN weight whose sites read or write a top-k sparse activation."""
+    """An unruled FFN weight whose sites read or write a top-k sparse activation, or any
+    other unruled 2-D weight (a dense decode GEMV that takes its measured-fastest path)."""
 
     def __init__(self, path, layout, sites, roles: dict, backend, interpret, context: dict):
         super().__init__(None, path, layout, sites)
@@ -67,6 +73,7 @@ class ActivationSparseHandler(WeightHandler):
         self.context = context           # gate site -> live mask, shared by one FFN's handlers
         self.choices: dict = {}
         self._reasons = {s.key: self._reason(s) for s in sites}
+        self.sites_by_key = {s.key: s for s in sites}
 
     # -- eligibility -----------------------------------------------------------------
 
@@ -74,8 +81,8 @@ class ActivationSparseHandler(WeightHandler):
         role = self.roles.get(site.key)
         if role is None:
             return "not an FFN site with a top-k rule"
-        if role.kind == "gate":
-            return None                   # computed dense; only records the live mask
+        if role.kind in ("gate", "plain"):
+            return None                   # computed dense (a gate also records the live mask)
         reason = direct_site_reason(site, site.layout)
         if reason is not None:
             return reason
@@ -93,9 +100,12 @@ class ActivationSparseHandler(WeightHandler):
         if reason is not None:
             return f"XLA ({reason})"
         role = self.roles[key]
-        if role.kind == "gate":
-            return "XLA (gate: dense; its top-k selects the up rows)"
         choice = self.choices.get(key)
+        if role.kind == "plain":
+            return choice.summary() if choice is not None else "XLA dense (not measured)"
+        if role.kind == "gate":
+            dense = choice.summary() if choice is not None else "XLA"
+            return f"{dense} (gate: dense; its top-k selects the up rows)"
         what = "sparse-input GEMV" if role.kind == "down" else "sparse-output GEMV"
         return choice.summary() if choice is not None else f"{what} where measured faster than XLA"
 
@@ -114,12 +124,14 @@ class ActivationSparseHandler(WeightHandler):
         operand = 0 if isinstance(invals[0], ParamRef) else 1
         ref, x = invals[operand], invals[1 - operand]
         reason = self._reasons.get(key, "not a site found at init")
-        out = bind_eqn(eqn, [materialize(v) for v in invals]) if reason is not None or \
-            self.roles[key].kind == "gate" else None
         if reason is not None:
-            return out
+            return bind_eqn(eqn, [materialize(v) for v in invals])
         role = self.roles[key]
+        original = lambda: bind_eqn(eqn, [materialize(v) for v in invals])
+        if role.kind == "plain":
+            return self._site_or_original(original, lambda: self._plain(key, eqn, operand, x, ref.value))
         if role.kind == "gate":
+            out = self._site_or_original(original, lambda: self._gate(key, eqn, operand, x, ref.value))
             # The Spark hook replaces this output by its top-k; the same top-k here
             # (merged with the hook's by XLA) says which neurons the up site needs.
             kept = topk.statistical_topk(out[0], **role.rule.k_args(role.width), mode="mask")
@@ -127,36 +139,49 @@ class ActivationSparseHandler(WeightHandler):
             return out
         w = ref.value       # contracted dims lead (down) or trail (up): reshapes copy nothing
         if role.kind == "down":
-            return matmul_at_site(eqn, operand, x, lambda x2: self._down(
-                key, role, x2, w.reshape(x2.shape[-1], -1)))
+            return self._site_or_original(original, lambda: matmul_at_site(
+                eqn, operand, x, lambda x2: self._down(key, role, x2, w.reshape(x2.shape[-1], -1))))
         live = self.context.pop(role.ffn_key, None)
         if live is None:                 # no gate mask in this trace: dense up
-            return bind_eqn(eqn, [materialize(v) for v in invals])
-        return matmul_at_site(eqn, operand, x, lambda x2: self._up(
-            key, role, x2, w.reshape(-1, x2.shape[-1]), live))
+            return original()
+        return self._site_or_original(original, lambda: matmul_at_site(
+            eqn, operand, x, lambda x2: self._up(key, role, x2, w.reshape(-1, x2.shape[-1]), live)))
+
+    @staticmethod
+    def _site_or_original(original, lowered):
+        """The lowered site, or the program's own equation where XLA's dense product was
+        measured fastest: then the step is op for op the unlowered one (no transposes,
+        casts or reshapes of ours around XLA's dot), never slower than it."""
+        try:
+            out = lowered()
+        except _TakeOriginal:
+            return original()
+        return original() if out is None else out
 
     def _down(self, key, role, x2, w2):
         rows = math.prod(x2.shape[:-1])
         ok, why = sig.supported(w2.shape, w2.dtype, rows, self._kernel_backend())
         interpret = self.interpret
 
-        def kernel(x, w):
-            return sig.sparse_input_gemv(x, w, impl="masked", interpret=interpret)
-
         def dense(x, w):
             return jnp.dot(x, w, preferred_element_type=jnp.float32).astype(jnp.result_type(x, w))
 
-        cands = [path_choice.Candidate("sparse_input", kernel, None if ok else why,
-                                       "sparse-input GEMV (Pallas)"),
-                 path_choice.Candidate("xla_dense", dense, None, "XLA dense")]
+        cands = [path_choice.Candidate(name, _down_kernel(interpret, tiles), None if ok else why,
+                                       f"sparse-input GEMV (Pallas, {label})")
+                 for name, (label, tiles) in DOWN_VARIANTS.items()]
+        cands.append(path_choice.Candidate("xla_dense", dense, None, "XLA dense"))
+        cands.append(_pad2_candidate(dense, rows))
         sample = _sparse_sample(x2.shape, x2.dtype, role.density)
         signature = (f"M{rows}|K{w2.shape[0]}|N{w2.shape[1]}|{jnp.dtype(w2.dtype).name}|"
                      f"density{role.density:.3f}")
         choice = choose_streaming("sparse_input_gemv", signature, cands,
                                   [sample, jax.ShapeDtypeStruct(w2.shape, w2.dtype)], weight_args=(1,),
                                   baseline="xla_dense")
+        choice = _with_margin(choice, cands)
         self.choices[key] = choice
-        fn = kernel if choice.name == "sparse_input" else dense
+        if choice.name == "xla_dense":
+            raise _TakeOriginal
+        fn = next(c.fn for c in cands if c.name == choice.name)
         return fn(x2.reshape(rows, -1), w2).reshape(*x2.shape[:-1], w2.shape[1])
 
     def _up(self, key, role, x2, w_t, live):
@@ -173,7 +198,8 @@ class ActivationSparseHandler(WeightHandler):
 
         cands = [path_choice.Candidate("sparse_output", kernel, None if ok else why,
                                        "sparse-output GEMV (Pallas)"),
-                 path_choice.Candidate("xla_dense", dense, None, "XLA dense")]
+                 path_choice.Candidate("xla_dense", dense, None, "XLA dense"),
+                 _pad2_candidate(dense, rows)]
         union = 1.0 - (1.0 - role.density) ** rows
         live_sample = jnp.asarray(np.random.default_rng(0).random(w_t.shape[0]) < union)
         signature = (f"M{rows}|N{w_t.shape[0]}|K{w_t.shape[1]}|{jnp.dtype(w_t.dtype).name}|"
@@ -182,9 +208,122 @@ class ActivationSparseHandler(WeightHandler):
                                   [jax.ShapeDtypeStruct((rows, w_t.shape[1]), x2.dtype),
                                    jax.ShapeDtypeStruct(w_t.shape, w_t.dtype), live_sample],
                                   weight_args=(1,), baseline="xla_dense")
+        choice = _with_margin(choice, cands)
         self.choices[key] = choice
-        fn = kernel if choice.name == "sparse_output" else dense
+        if choice.name == "xla_dense":
+            raise _TakeOriginal
+        fn = next(c.fn for c in cands if c.name == choice.name)
         return fn(x2.reshape(rows, -1), w_t, live).reshape(*x2.shape[:-1], w_t.shape[0])
+
+    def _gate(self, key, eqn, operand, x, w):
+        return self._plain(key, eqn, operand, x, w)
+
+    def _plain(self, key, eqn, operand, x, w):
+        """A dense product (a gate, or any unruled weight at decode): XLA's, XLA's with the
+        single row padded to two, or a streaming GEMV kernel with every row live (the
+        row-streaming one where the weight is stored output-major, the sparse-input one
+        where its contracted dims lead), whichever measures fastest; unmeasured (CPU, no
+        table entry), XLA's own equation."""
+        site = self.sites_by_key[key]
+        if direct_site_reason(site, site.layout) is not None:
+            return None
+        (lc, rc), _ = eqn.params["dimension_numbers"]
+        w_contract = tuple(rc if operand == 1 else lc)
+        nd = w.ndim
+        out_major = w_contract == tuple(range(nd - len(w_contract), nd))
+        in_major = w_contract == tuple(range(len(w_contract)))
+        if not (out_major or in_major):
+            return None
+        interpret = self.interpret
+
+        def gemv(x2):
+            rows = math.prod(x2.shape[:-1])
+            k = x2.shape[-1]
+            w2 = w.reshape(-1, k) if out_major else w.reshape(k, -1)
+            ok, why = sig.supported(w2.shape, w2.dtype, rows, self._kernel_backend())
+            if out_major:
+                def kernel(xx, ww):
+                    every = jnp.ones((ww.shape[0],), bool)
+                    return sog.sparse_output_gemv(xx, ww, every, impl="masked", interpret=interpret)
+
+                def dense(xx, ww):
+                    return jnp.dot(xx, ww.T, preferred_element_type=jnp.float32).astype(
+                        jnp.result_type(xx, ww))
+                name, label = "row_gemv", "row-streaming GEMV (Pallas, every output)"
+            else:
+                def kernel(xx, ww):
+                    return sig.sparse_input_gemv(xx, ww, impl="masked", interpret=interpret,
+                                                 **DOWN_VARIANTS["sparse_input_split"][1])
+
+                def dense(xx, ww):
+                    return jnp.dot(xx, ww, preferred_element_type=jnp.float32).astype(
+                        jnp.result_type(xx, ww))
+                name, label = "stream_gemv", "streaming GEMV (Pallas sparse-input kernel, every row)"
+            cands = [path_choice.Candidate("xla_dense", dense, None, "XLA dense"),
+                     _pad2_candidate(dense, rows),
+                     path_choice.Candidate(name, kernel, None if ok else why, label)]
+            n_out = w2.shape[0] if out_major else w2.shape[1]
+            signature = f"M{rows}|N{n_out}|K{k}|{jnp.dtype(w2.dtype).name}|{name}"
+            choice = choose_streaming("dense_gemv", signature, cands,
+                                      [jax.ShapeDtypeStruct((rows, k), x2.dtype),
+                                       jax.ShapeDtypeStruct(w2.shape, w2.dtype)],
+                                      weight_args=(1,), baseline="xla_dense")
+            choice = _with_margin(choice, cands)
+            self.choices[key] = choice
+            if choice.name == "xla_dense":
+                raise _TakeOriginal
+            fn = next(c.fn for c in cands if c.name == choice.name)
+            return fn(x2.reshape(rows, -1), w2).reshape(*x2.shape[:-1], n_out)
+
+        return matmul_at_site(eqn, operand, x, gemv)
+
+
+# Down-projection kernels the site measures against XLA (name: (label, tiles)): the
+# one-tile grid the first H200 sweep found best at 90% zeros, and the split-K loop
+# with partial sums that removes its fixed cost (no zeroed output, no atomics).
+DOWN_VARIANTS = {
+    "sparse_input": ("masked bk64 bn256", dict(bk=64, bn=256)),
+    "sparse_input_split": ("masked bk64 bn256, 4 steps, partial sums",
+                           dict(bk=64, bn=256, steps=4, partials=True)),
+}
+
+
+# A kernel must beat XLA by this much in isolation to be taken: in the step it also breaks
+# XLA's fusion of its producer and adds a launch, which the site measurement does not see
+# (the first H200 sweep: every site measured its kernel faster, the step ran 5% slower).
+KERNEL_MARGIN = (0.95, 1.5)        # (fraction of XLA's time, µs)
+_XLA_PATHS = ("xla_dense", "xla_pad2")
+
+
+def _with_margin(choice, cands):
+    """``choice``, or the fastest XLA path where a measured kernel wins by less than the margin."""
+    times = choice.times_us
+    xla = {n: times[n] for n in _XLA_PATHS if n in times}
+    if choice.name in _XLA_PATHS or choice.name not in times or not xla:
+        return choice
+    best = min(xla, key=xla.get)
+    if times[choice.name] <= KERNEL_MARGIN[0] * xla[best] - KERNEL_MARGIN[1]:
+        return choice
+    c = next(c for c in cands if c.name == best)
+    return dataclasses.replace(choice, name=c.name, label=c.label)
+
+
+def _pad2_candidate(dense, rows):
+    """XLA's dense product with one token padded to two rows: the first H200 sweep timed
+    XLA's batch-1 GEMV slower than its batch-2 GEMM (8192x8192: 44.5 vs 36.5 us; a
+    2304x13824 gated FFN: 87 vs 54 us). Only offered at one row."""
+    def padded(x, w, *rest):
+        # The barrier keeps XLA's simplifier from sinking the [:1] slice back into the dot.
+        x_pad = jax.lax.optimization_barrier(jnp.pad(x, ((0, 1), (0, 0))))
+        return dense(x_pad, w, *rest)[:1]
+    return path_choice.Candidate("xla_pad2", padded, None if rows == 1 else "not a single row",
+                                 "XLA dense, the row padded to two")
+
+
+def _down_kernel(interpret, tiles):
+    def kernel(x, w):
+        return sig.sparse_input_gemv(x, w, impl="masked", interpret=interpret, **tiles)
+    return kernel
 
 
 def _sparse_sample(shape, dtype, density: float):
@@ -238,6 +377,14 @@ def activation_sparse_handlers(sfn, *, backend: str | None = None, interpret: bo
                     continue
                 roles.setdefault(path, {})[s.key] = _Role(kind, act_site.key, rule, density,
                                                           act_site.width)
+    # In a function with a lowered Spark FFN (a decode step), every other unruled weight whose
+    # sites are all direct 2-D products: a dense site that may still take XLA's padded-row
+    # product or a streaming kernel where measured faster.
+    for path, sites in (sites_by_path.items() if roles else ()):
+        if path in roles or path in ruled or any(len(s.weight_shape) != 2 for s in sites):
+            continue
+        if all(s.layout is not None and direct_site_reason(s, s.layout) is None for s in sites):
+            roles[path] = {s.key: _Role("plain", None, None, 1.0, 0) for s in sites}
     context: dict = {}
     handlers = {}
     for path, site_roles in roles.items():

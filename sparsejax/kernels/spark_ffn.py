@@ -546,15 +546,33 @@ def topk_ffn_decode(x: jax.Array, weights: DecodeWeights, *, k: Any = None, k_fr
         answer, dense cost). The masked paths need none.
       activation: Spark uses GELU on the soft top-k output.
       impl: ``"xla"``, ``"pallas"``, ``"sparse"``, ``"fused"``, ``"reference"`` (see the
-        module doc), or ``"dense"`` (the selection, then every neuron in XLA).
+        module doc), ``"dense"`` (the selection, then every neuron in XLA: the same
+        function at dense cost), or ``"auto"``: :func:`choose_impl` at this batch, so a
+        layer whose sparse paths lose runs ``"dense"`` (never slower than it).
       interpret, tiling: see :func:`gathered_ffn` and :func:`masked_ffn`; ``"fused"`` also
-        takes ``act_in_kernel=True`` (the soft top-k and activation inside the kernel).
+        takes ``act_in_kernel=True`` (the soft top-k and activation inside the kernel);
+        the masked paths take ``gate_tiles`` (a dict of
+        :func:`~sparsejax.kernels.sparse_input_gemv.sparse_input_gemv` tiles: the
+        predictor GEMV on that kernel instead of XLA).
 
     Returns:
       ``(B, d_model)`` in ``x``'s dtype.
     """
     d_model = x.shape[-1]
-    pre = jnp.dot(weights.gate_input(x), weights.w_gate, preferred_element_type=jnp.float32)
+    if impl == "auto":      # the whole layer's fastest path at this batch, dense included
+        batch = int(np.prod(x.shape[:-1]))
+        name = choose_impl(batch, weights, k=k, k_frac=k_frac, activation=activation,
+                           dtype=x.dtype).name
+        impl, tiling = CHOICE_PATHS.get(name, (name, {}))
+        tiling = dict(tiling)
+    gate_tiles = tiling.pop("gate_tiles", None)
+    if gate_tiles is not None and impl in _MASKED_IMPLS:
+        # The predictor GEMV on the streaming kernel (every input live): XLA's batch-1
+        # GEMV for a short, wide (r, d_ff) gate ran at ~1.2 TB/s in the first H200 sweep.
+        pre = sig.sparse_input_gemv(weights.gate_input(x), weights.w_gate, impl="masked",
+                                    interpret=interpret, out_dtype=jnp.float32, **gate_tiles)
+    else:
+        pre = jnp.dot(weights.gate_input(x), weights.w_gate, preferred_element_type=jnp.float32)
     x_up = weights.up_input(x)
     if impl == "fused" and tiling.pop("act_in_kernel", False):
         theta = statistical_threshold(pre, k=k, k_frac=k_frac, axis=-1)
@@ -578,9 +596,16 @@ def topk_ffn_decode(x: jax.Array, weights: DecodeWeights, *, k: Any = None, k_fr
     return y[:, :d_model].astype(x.dtype)
 
 
+# choose_impl's candidates beyond the plain impl names: (impl, tiling). "sparse_split_gate":
+# the predictor GEMV and the down projection on the split-K streaming kernel (partial sums).
+_SPLIT = dict(bk=64, bn=256, steps=4, partials=True)
+CHOICE_PATHS = {"sparse_split_gate": ("sparse", dict(down_tiles=_SPLIT, gate_tiles=_SPLIT))}
+
+
 def choose_impl(batch: int, weights: DecodeWeights, *, k: Any = None, k_frac: Any = None,
                 activation: Callable = jax.nn.gelu, dtype=jnp.bfloat16,
-                candidates: tuple[str, ...] = ("fused", "sparse", "dense")) -> path_choice.Choice:
+                candidates: tuple[str, ...] = ("fused", "sparse", "sparse_split_gate", "dense")
+                ) -> path_choice.Choice:
     """The fastest correct decode path at this batch size, by measurement on the device.
 
     The union of fired neurons grows with the batch (``1 - (1 - k/d_ff)^B`` of
@@ -599,8 +624,9 @@ def choose_impl(batch: int, weights: DecodeWeights, *, k: Any = None, k_frac: An
             why = f"batch {batch} > {MAX_BATCH}" if batch > MAX_BATCH else "no GPU"
         else:
             why = None
-        fn = functools.partial(_layer_fn, impl=name, k=k, k_frac=k_frac, activation=activation,
-                               split=weights.split)
+        impl, tiling = CHOICE_PATHS.get(name, (name, {}))
+        fn = functools.partial(_layer_fn, impl=impl, k=k, k_frac=k_frac, activation=activation,
+                               split=weights.split, tiling=tiling)
         cands.append(path_choice.Candidate(name, fn, why, describe=f"Spark FFN decode ({name})"))
     cands.sort(key=lambda c: c.name == "dense")      # kernels first on a GPU, dense the fallback
     if not on_gpu:
@@ -614,9 +640,10 @@ def choose_impl(batch: int, weights: DecodeWeights, *, k: Any = None, k_frac: An
                                              weight_args=(1, 2, 3), baseline="dense")
 
 
-def _layer_fn(x, w_gate, w_up_t, w_down, *, impl, k, k_frac, activation, split):
+def _layer_fn(x, w_gate, w_up_t, w_down, *, impl, k, k_frac, activation, split, tiling=None):
     w = DecodeWeights(w_gate, w_up_t, w_down, split)
-    return topk_ffn_decode(x, w, k=k, k_frac=k_frac, activation=activation, impl=impl)
+    return topk_ffn_decode(x, w, k=k, k_frac=k_frac, activation=activation, impl=impl,
+                           **dict(tiling or {}))
 
 
 def topk_ffn_decode_reference(x: jax.Array, weights: DecodeWeights, *, k: Any = None,

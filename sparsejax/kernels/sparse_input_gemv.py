@@ -17,6 +17,11 @@ Paths (``impl``), each computing :func:`sparse_input_gemv_reference`:
   zeros). No index list, no extra launch; cost follows the live rows, at the
   granularity of ``bn``-wide row segments. ``mma=True`` multiplies on the tensor
   cores (the batch padded to 16 rows), else on the CUDA cores, row by row.
+  ``steps > 1``: each program loops over ``steps`` tiles down its column strip
+  before one add (fewer programs and atomics: the first H200 sweep found the
+  one-tile grid's cost nearly flat in sparsity, ~20 us of latency-bound waves);
+  ``partials=True``: each split writes its own partial-sum row, XLA sums them
+  (no zeroed output, no atomics).
 * ``"gather"`` (Pallas, Triton backend): XLA first compacts the live rows into an
   index list (:func:`live_row_list`); programs then loop over the listed rows
   only, gathering them by index. Cost follows the live count, plus the
@@ -159,18 +164,57 @@ def _add_out(y_ref, cols, acc, batch, mma, atomic):
             y_ref[b, cols] = y_ref[b, cols] + acc[b]
 
 
-def _masked_kernel(x_ref, w_ref, _y_in, y_ref, *, bk, bn, threshold, batch, mma, atomic):
-    """One ``(bk, bn)`` tile: load the live rows of ``W`` only, add ``x_tile @ W_tile`` into ``y``."""
+def _masked_kernel(x_ref, w_ref, *rest, bk, bn, steps, threshold, batch, mma, interpret,
+                   partials, unroll):
+    """``steps`` ``(bk, bn)`` tiles down one column strip: load the live rows of ``W`` only,
+    sum ``x_tile @ W_tile`` on chip, then add it into ``y`` once (or write it to this
+    split's row of the partial sums).
+
+    ``steps > 1`` is the fixed-cost cure: a one-tile program is a dependent chain (read
+    ``x``, then the live rows of ``W``, then an acquire-release atomic), so a grid of
+    thousands of them runs in latency-bound waves whatever the sparsity. Looping over
+    ``steps`` tiles keeps several row loads in flight per program (pipelined by
+    ``num_stages``, or all issued at once when unrolled) and divides the programs and
+    the atomics by ``steps``.
+    """
+    y_ref = rest[-1]
     j, i = pl.program_id(0), pl.program_id(1)
-    rows, cols = pl.ds(i * bk, bk), pl.ds(j * bn, bn)
-    xz, live = _load_x(x_ref, rows, batch, mma, threshold)
-    if atomic:
-        # Dead rows are masked out of the load: no memory transaction for them.
-        w = pltriton.load(w_ref.at[rows, cols], mask=live[:, None], other=0.0,
-                          eviction_policy="evict_first")
-    else:     # interpret mode: the same values, read plainly
-        w = jnp.where(live[:, None], w_ref[rows, cols], 0)
-    _add_out(y_ref, cols, _tile_product(xz, w, batch, mma), batch, mma, atomic)
+    cols = pl.ds(j * bn, bn)
+
+    def step(c, acc):
+        rows = pl.ds((i * steps + c) * bk, bk)
+        xz, live = _load_x(x_ref, rows, batch, mma, threshold)
+        if not interpret:
+            # Dead rows are masked out of the load: no memory transaction for them.
+            w = pltriton.load(w_ref.at[rows, cols], mask=live[:, None], other=0.0,
+                              eviction_policy="evict_first")
+        else:     # interpret mode: the same values, read plainly
+            w = jnp.where(live[:, None], w_ref[rows, cols], 0)
+        part = _tile_product(xz, w, batch, mma)
+        if mma:
+            return acc + part
+        return tuple(a + p for a, p in zip(acc, part))
+
+    if mma:
+        init = jnp.zeros((x_ref.shape[0], bn), jnp.float32)
+    else:
+        init = tuple(jnp.zeros((bn,), jnp.float32) for _ in range(batch))
+    if steps == 1:
+        acc = step(0, init)
+    elif unroll:          # independent steps: every row load can be in flight at once
+        acc = init
+        for c in range(steps):
+            acc = step(c, acc)
+    else:
+        acc = jax.lax.fori_loop(0, steps, step, init)
+    if partials:
+        if mma:
+            y_ref[i, :, cols] = acc
+        else:
+            for b in range(batch):
+                y_ref[i, pl.ds(b, 1), cols] = acc[b][None, :]
+        return
+    _add_out(y_ref, cols, acc, batch, mma, atomic=not interpret)
 
 
 def _gather_kernel(meta_ref, idx_ref, x_ref, w_ref, _y_in, y_ref, *, bc, bn, splits, batch, mma,
@@ -223,15 +267,40 @@ def _prepare(x, w, bk, bn, mma):
     return xp, w, b_pad
 
 
-def _masked(x, w, *, threshold, bk, bn, mma, num_warps, num_stages, interpret, poison):
+def _fit_steps(k_chunks: int, steps: int) -> int:
+    """The largest power of two ``<= steps`` dividing ``k_chunks`` (no padding of ``W``)."""
+    steps = max(1, min(int(steps), k_chunks))
+    while k_chunks % steps:
+        steps //= 2
+    return max(1, steps)
+
+
+def _masked(x, w, *, threshold, bk, bn, steps, partials, unroll, mma, num_warps, num_stages,
+            interpret, poison):
     batch, n = x.shape[0], w.shape[1]
     xp, wp, b_pad = _prepare(x, w, bk, bn, mma)
-    kernel = functools.partial(_masked_kernel, bk=bk, bn=bn, threshold=float(threshold), batch=batch,
-                               mma=mma, atomic=not interpret)
-    grid = (wp.shape[1] // bn, wp.shape[0] // bk)
-    y = _call(kernel, grid, [xp, wp], b_pad, wp.shape[1], interpret=interpret, poison=poison,
-              num_warps=num_warps, num_stages=num_stages)
-    return y[:batch, :n]
+    steps = _fit_steps(wp.shape[0] // bk, steps)
+    unroll = steps <= 4 if unroll is None else bool(unroll)
+    kernel = functools.partial(_masked_kernel, bk=bk, bn=bn, steps=steps, threshold=float(threshold),
+                               batch=batch, mma=mma, interpret=interpret, partials=partials,
+                               unroll=unroll)
+    splits = wp.shape[0] // (bk * steps)
+    grid = (wp.shape[1] // bn, splits)
+    if not partials:
+        y = _call(kernel, grid, [xp, wp], b_pad, wp.shape[1], interpret=interpret, poison=poison,
+                  num_warps=num_warps, num_stages=num_stages)
+        return y[:batch, :n]
+    # Partial sums: every program writes its own row (no zeroed output, no atomics);
+    # XLA sums the ``splits`` rows (and fuses the cast into that sum).
+    out = jax.ShapeDtypeStruct((splits, b_pad, wp.shape[1]), jnp.float32)
+    args, aliases = [xp, wp], {}
+    if poison:      # tests: every entry must be written over the NaNs
+        args.append(jnp.full(out.shape, jnp.nan, out.dtype))
+        aliases = {2: 0}
+    params = {} if interpret else dict(compiler_params=compiler_params(num_warps, num_stages))
+    y = pl.pallas_call(kernel, grid=grid, out_shape=out, input_output_aliases=aliases,
+                       interpret=interpret, **params)(*args)
+    return jnp.sum(y[:, :batch, :n], axis=0)
 
 
 def _gather(x, w, *, threshold, bc, bn, splits, mma, num_warps, num_stages, interpret, poison):
@@ -269,8 +338,9 @@ def _xla_compact(x, w, *, threshold, capacity):
 
 
 def sparse_input_gemv(x: jax.Array, w: jax.Array, *, threshold: float = 0.0, impl: str = "auto",
-                      capacity: int | None = None, mma: bool | None = None, bk: int = 32,
-                      bn: int = 256, bc: int = 32, splits: int = 32, num_warps: int = 4,
+                      capacity: int | None = None, mma: bool | None = None, bk: int = 64,
+                      bn: int = 256, steps: int = 1, partials: bool = False,
+                      unroll: bool | None = None, bc: int = 32, splits: int = 32, num_warps: int = 4,
                       num_stages: int = 2, interpret: bool = False, poison: bool = False,
                       out_dtype=None) -> jax.Array:
     """``where(|x| > threshold, x, 0) @ W``, reading only the rows of ``W`` some token needs.
@@ -282,8 +352,14 @@ def sparse_input_gemv(x: jax.Array, w: jax.Array, *, threshold: float = 0.0, imp
       impl: one of ``IMPLS`` (see the module doc). ``"auto"``: ``"masked"`` on GPU
         within the batch limit, the dense XLA product elsewhere.
       capacity: ``"xla_compact"`` only: length of the live-row list (default ``K``).
-      mma: multiply on the tensor cores (batch padded to 16). Default: batch > 1.
-      bk, bn: ``"masked"`` tile (rows, columns); bc, splits: ``"gather"`` rows per
+      mma: multiply on the tensor cores (batch padded to 16). Default ``False``: an H200
+        sweep measured the CUDA-core path faster at every decode batch (the MMA pads
+        the batch to 16 rows and waits on its operands).
+      bk, bn: ``"masked"`` tile (rows, columns); steps: ``"masked"`` tiles per program,
+        looped down the rows (fewer, longer programs; reduced to a power of two that
+        divides ``K / bk``); partials: ``"masked"`` writes one partial sum per split
+        (summed in XLA) instead of atomics into a zeroed output; unroll: unroll the
+        step loop (default: ``steps <= 4``); bc, splits: ``"gather"`` rows per
         step and programs per column tile; num_warps, num_stages: Triton (powers of two).
       interpret: run the Pallas paths in interpret mode (CPU tests).
       poison: accepted for symmetry with the other kernels; these kernels add into
@@ -320,14 +396,15 @@ def sparse_input_gemv(x: jax.Array, w: jax.Array, *, threshold: float = 0.0, imp
         if not ok:
             raise ValueError(f"sparse_input_gemv: impl={impl!r} cannot run here ({why}); use "
                              f"impl='auto' or 'xla_dense'")
-        for name, v in dict(bk=bk, bn=bn, bc=bc).items():
+        for name, v in dict(bk=bk, bn=bn, bc=bc, steps=steps).items():
             if v <= 0 or v & (v - 1):
                 raise ValueError(f"sparse_input_gemv: {name} must be a power of two, got {v}")
-        mma = batch > 1 if mma is None else bool(mma)
+        mma = False if mma is None else bool(mma)
         x2 = x2.astype(w.dtype)
         if impl == "masked":
-            y = _masked(x2, w, threshold=threshold, bk=bk, bn=bn, mma=mma, num_warps=num_warps,
-                        num_stages=num_stages, interpret=interpret, poison=poison)
+            y = _masked(x2, w, threshold=threshold, bk=bk, bn=bn, steps=steps, partials=bool(partials),
+                        unroll=unroll, mma=mma, num_warps=num_warps, num_stages=num_stages,
+                        interpret=interpret, poison=poison)
         else:
             y = _gather(x2, w, threshold=threshold, bc=bc, bn=bn, splits=splits, mma=mma,
                         num_warps=num_warps, num_stages=num_stages, interpret=interpret,
