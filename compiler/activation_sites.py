@@ -30,6 +30,7 @@ from typing import Any, Sequence
 from jax.extend import core as jex_core
 
 from sparsejax.compiler.interpreter import Key, Scope, sub_jaxprs
+from sparsejax.compiler.scan_params import scan_layout
 from sparsejax.compiler.sites import WeightSite
 
 # Elementwise ops that are linear in their activation input (given constant other operands).
@@ -122,7 +123,7 @@ def _sub_inputs(eqn, ins: list[bool]) -> dict[str, list[bool]]:
     p, name = eqn.params, eqn.primitive.name
     subs = dict(sub_jaxprs(eqn))
     if name == "scan":
-        nc, ncarry = p["num_consts"], p["num_carry"]
+        nc, ncarry = scan_layout(eqn)[:2]
         flags = list(ins)
         while True:   # a carry depends on the activations if its init or its update does
             _, outs = _dependence(subs["jaxpr"], flags)
@@ -151,8 +152,7 @@ def _eqn_outputs(eqn, ins: list[bool]) -> list[bool]:
         return [True] * len(eqn.outvars)
     name, sub_ins = eqn.primitive.name, _sub_inputs(eqn, ins)
     if name == "scan":
-        ncarry = eqn.params["num_carry"]
-        nc = eqn.params["num_consts"]
+        nc, ncarry = scan_layout(eqn)[:2]
         _, outs = _dependence(subs["jaxpr"], sub_ins["jaxpr"])
         return [*sub_ins["jaxpr"][nc:nc + ncarry], *outs[ncarry:]]
     if name == "while":
@@ -346,7 +346,7 @@ def find_activation_sites(jaxpr, weight_sites: Sequence[WeightSite],
             for name, sub in subs:
                 inner = sc
                 if eqn.primitive.name == "scan":
-                    inner = sc.enter("scan", eqn.params["length"])
+                    inner = sc.enter("scan", scan_layout(eqn).length)
                 elif name == "body_jaxpr":
                     inner = sc.enter("while", None)
                 walk(sub, prefix + (i, name), inner, sub_inputs[name])

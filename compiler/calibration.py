@@ -37,6 +37,7 @@ from jax import lax
 from sparsejax import paths as path_lib
 from sparsejax.compiler.interpreter import Interpreter, Key, Scope, bind_eqn, sub_jaxprs
 from sparsejax.compiler.param_ref import ParamRef, is_ref, materialize
+from sparsejax.compiler.scan_params import scan_layout
 from sparsejax.compiler.sites import WeightSite, find_weight_sites
 
 Observer = Callable[[jax.Array], Any]
@@ -135,11 +136,11 @@ class _ObservingInterpreter(Interpreter):
     def _observed_scan(self, eqn, key, invals, scope):
         p = eqn.params
         jaxpr, consts = _open(p["jaxpr"])
-        n_consts, n_carry = p["num_consts"], p["num_carry"]
+        n_consts, n_carry, length, reverse, unroll = scan_layout(eqn)
         scan_consts = invals[:n_consts]
         init = [materialize(x) for x in invals[n_consts:n_consts + n_carry]]
         xs = invals[n_consts + n_carry:]
-        body_scope = scope.enter("scan", p["length"])
+        body_scope = scope.enter("scan", length)
 
         def body(carry, x_slices):
             x_slices = [x.after_leading_slice() if is_ref(x) else x for x in x_slices]
@@ -149,9 +150,9 @@ class _ObservingInterpreter(Interpreter):
             inner, self.sink = self.sink, outer
             return outs[:n_carry], (outs[n_carry:], inner)
 
-        carry, (ys, stacked) = lax.scan(body, init, xs, length=p["length"],
-                                        reverse=p["reverse"], unroll=p["unroll"])
-        if p["reverse"]:   # statistics indexed by layer, not by visit order
+        carry, (ys, stacked) = lax.scan(body, init, xs, length=length,
+                                        reverse=reverse, unroll=unroll)
+        if reverse:   # statistics indexed by layer, not by visit order
             stacked = jax.tree.map(lambda s: jnp.flip(s, 0), stacked)
         self.sink.update(stacked)
         return [*carry, *ys]
@@ -284,7 +285,7 @@ def trace(fn: Callable, params: Any, *example_args: Any) -> Calibration:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ValueError(f"calibration: fn(params, *batch) fails on the example batch of shapes "
                          f"{[tuple(jnp.shape(x)) for x in arg_leaves]}: {first}") from None
-    sites, _ = find_weight_sites(closed, paths, n)
+    sites = find_weight_sites(closed, paths, n)[0]
     arg_avals = [(tuple(jnp.shape(x)), jnp.result_type(x)) for x in arg_leaves]
     return Calibration(fn, treedef, paths, arg_treedef, arg_avals, closed, sites)
 

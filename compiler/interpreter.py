@@ -25,6 +25,7 @@ from jax.extend import core as jex_core
 
 from sparsejax.compiler import views
 from sparsejax.compiler.param_ref import is_ref, materialize
+from sparsejax.compiler.scan_params import scan_layout
 
 Key = tuple
 SiteFn = Callable[["Interpreter", Any, Key, list, "Scope"], list]
@@ -150,11 +151,11 @@ class Interpreter:
     def _scan(self, eqn, key, invals, scope):
         p = eqn.params
         jaxpr, consts = _open(p["jaxpr"])
-        n_consts, n_carry = p["num_consts"], p["num_carry"]
+        n_consts, n_carry, length, reverse, unroll = scan_layout(eqn)
         scan_consts = invals[:n_consts]
         init = [materialize(x) for x in invals[n_consts:n_consts + n_carry]]
         xs = invals[n_consts + n_carry:]
-        body_scope = scope.enter("scan", p["length"])
+        body_scope = scope.enter("scan", length)
 
         def body(carry, x_slices):
             x_slices = [x.after_leading_slice() if is_ref(x) else x for x in x_slices]
@@ -162,8 +163,8 @@ class Interpreter:
                             key + ("jaxpr",), body_scope)
             return outs[:n_carry], outs[n_carry:]
 
-        carry, ys = lax.scan(body, init, xs, length=p["length"], reverse=p["reverse"],
-                             unroll=p["unroll"])
+        carry, ys = lax.scan(body, init, xs, length=length, reverse=reverse,
+                             unroll=unroll)
         return [*carry, *ys]
 
     def _while(self, eqn, key, invals, scope):

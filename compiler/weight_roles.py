@@ -19,6 +19,7 @@ from typing import Sequence
 from jax.extend import core as jex_core
 
 from sparsejax.compiler.interpreter import Key, sub_jaxprs
+from sparsejax.compiler.scan_params import scan_layout
 from sparsejax.compiler.sites import WeightSite
 
 
@@ -53,7 +54,7 @@ def _eqn_live_inputs(eqn, outs: list[bool], key: Key, sites, heads) -> list[bool
         return [True] * len(eqn.invars)
     name, p = eqn.primitive.name, eqn.params
     if name == "scan":
-        nc, ncarry = p["num_consts"], p["num_carry"]
+        nc, ncarry = scan_layout(eqn)[:2]
         carry = outs[:ncarry]
         while True:   # a carry is live after the loop, or because the next iteration reads it
             ins = _live_inputs(subs["jaxpr"], [*carry, *outs[ncarry:]], key + ("jaxpr",), sites,
