@@ -182,3 +182,16 @@ def test_monarch_site_takes_the_measured_winner(monkeypatch):
     assert {r.path: r.kernel for r in sfn.report().rows}["params/layers/up/kernel"] == (
         "dense from factors, XLA dot (10 µs, measured)")
     pc.clear_cache()
+
+
+def test_fused_kernel_support_is_asked_of_the_kernel_module(monkeypatch):
+    # On a GPU the pass asks the kernel module whether the fused kernel applies; on CPU it
+    # never reaches that call, so pretend to be on a GPU and check the answer is a reason or None.
+    from sparsejax.compiler.passes import factorized
+    monkeypatch.setattr(factorized.jax, "default_backend", lambda: "gpu")
+    factors = {"w1": jax.ShapeDtypeStruct((4, 32, 32), jnp.bfloat16),
+               "w2": jax.ShapeDtypeStruct((4, 32, 32), jnp.bfloat16)}
+    why = factorized.fused_monarch_unsupported((64, 128), factors)
+    assert why is None or isinstance(why, str)
+    f32 = {k: jax.ShapeDtypeStruct(v.shape, jnp.float32) for k, v in factors.items()}
+    assert "bfloat16" in factorized.fused_monarch_unsupported((64, 128), f32)

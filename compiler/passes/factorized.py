@@ -42,20 +42,24 @@ class _Kind:
 
 def fused_monarch(x2, factors, out_features):
     """The fused Monarch kernel: the one call site, so a new kernel drops in here."""
-    return monarch_matmul.monarch_matmul(x2, factors, out_features)
+    return monarch_matmul.monarch_matmul(x2, factors, out_features, impl="kernel")
 
 
 def fused_monarch_unsupported(x_shape, factors) -> str | None:
     """Why :func:`fused_monarch` cannot run these shapes here (None if it can)."""
     if jax.default_backend() != "gpu":
         return "the fused Monarch kernel runs on GPU (interpret mode in its own tests)"
-    ok, why = monarch_matmul.kernel_applies(x_shape, factors)
-    return None if ok else why
+    return monarch_matmul.supported(x_shape, factors)
+
+
+def monarch_einsums(x2, factors, out_features):
+    """The einsum path: bf16 backward einsums on GPU, the float32-exact reference elsewhere."""
+    return monarch_matmul.monarch_matmul(x2, factors, out_features, impl=None)
 
 
 _KINDS = {
     Monarch: _Kind(monarch.project, monarch.init_factors, monarch.to_dense,
-                   monarch_matmul.monarch_matmul_reference, monarch.param_count, "monarch",
+                   monarch_einsums, monarch.param_count, "monarch",
                    kernel=(fused_monarch, fused_monarch_unsupported)),
     BlockDiagonal: _Kind(monarch.blockdiag_project, monarch.blockdiag_init,
                          monarch.blockdiag_to_dense, monarch.blockdiag_matmul_reference,
