@@ -285,14 +285,14 @@ def test_train_py_oneshot_flag(tmp_path):
     corpus.write_text("".join(f"def f{i}(x):\n    return x * {i} + {i % 7}\n" for i in range(400)))
     tiny = dict(d_model=32, n_layers=1, n_heads=2, d_ff=64, seq_len=32, batch_size=8, steps=1,
                 eval_batches=2, log_every=1, mesh="data:1", data=str(corpus))
-    with pytest.raises(ValueError, match="--oneshot='obs': use one of"):
-        train.prepare(train.Config(**tiny, oneshot="obs", init_from=str(tmp_path)))
     with pytest.raises(ValueError, match="--oneshot prunes a trained model"):
         train.prepare(train.Config(**tiny, oneshot="wanda"))
     # A "finished dense run": its final params file is all --init_from reads.
     dense = train.prepare(train.Config(**tiny, recipe="dense", workdir=str(tmp_path / "dense")))
     state, _, _ = train.create_state(dense)
     (tmp_path / "dense" / train.FINAL_PARAMS).write_bytes(to_bytes(state.params))
+    with pytest.raises(ValueError, match="--oneshot='obs': use one of"):
+        train.prepare(train.Config(**tiny, oneshot="obs", init_from=str(tmp_path / "dense")))
     recipe = tmp_path / "r.json"
     recipe.write_text(json.dumps({"rules": [{"rule": "Prune", "pattern": "re:.*mlp.*/kernel",
                                              "sparsity": 0.5}]}))
