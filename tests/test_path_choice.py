@@ -104,3 +104,18 @@ def test_a_candidate_that_fails_when_measured_is_never_chosen():
     with pytest.warns(UserWarning, match="'kernel' failed while measured"):
         times = pc.measure(cands, SPECS, calls=1, repeats=1)
     assert times["kernel"] == float("inf") and times["xla_dense"] > 0
+
+
+def test_measure_runs_each_candidate_over_several_input_sets():
+    seen = []
+
+    def count(x, w):
+        seen.append(x.shape)        # traced once per copy inside the one timed jit
+        return x @ w
+
+    times = pc.measure([pc.Candidate("xla", count)], SPECS, calls=1, repeats=1, copies=3)
+    assert seen == [(8, 16)] * 3 and times["xla"] > 0
+    # Small inputs get many sets (dispatch and L2 would decide otherwise), large ones one.
+    assert pc.copies_for(SPECS) == 16
+    assert pc.copies_for([jax.ShapeDtypeStruct((8192, 8192), jnp.bfloat16)]) == 2
+    assert pc.copies_for([jax.ShapeDtypeStruct((16384, 16384), jnp.float32)]) == 1

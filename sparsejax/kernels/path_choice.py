@@ -33,6 +33,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import math
 import os
 import pathlib
 import statistics
@@ -245,21 +246,49 @@ def _median_us(fn, args, calls: int, repeats: int) -> float:
     return 1e6 * statistics.median(times)
 
 
+# Bytes an H200's L2 holds: inputs re-read from it would time the cache, not memory.
+L2_BYTES = 60e6
+
+
+def copies_for(arg_specs: Sequence) -> int:
+    """How many independent input sets one timed call runs over.
+
+    One small matmul per call times the host's dispatch (tens of µs), and one input set
+    re-read every call times the L2; so each timed call runs the candidate over enough
+    different input sets to stream 2.5× the L2 from memory (at most 16 sets).
+    """
+    nbytes = sum(math.prod(s.shape) * jnp.dtype(s.dtype).itemsize
+                 for s in arg_specs if isinstance(s, jax.ShapeDtypeStruct))
+    return max(1, min(16, math.ceil(2.5 * L2_BYTES / max(nbytes, 1))))
+
+
 def measure(candidates: Sequence[Candidate], arg_specs: Sequence, *, calls: int = 10,
-            repeats: int = 7) -> dict[str, float]:
-    """Median µs of each supported candidate on random inputs shaped like ``arg_specs``.
+            repeats: int = 7, copies: int | None = None) -> dict[str, float]:
+    """Median µs of one call of each supported candidate, on random inputs like ``arg_specs``.
 
     ``arg_specs`` are ShapeDtypeStructs (or concrete non-array values passed through).
-    Runs in a fresh thread, so it may be called while a program is being traced.
+    Each timed call runs the candidate over ``copies`` different input sets inside one
+    jit (default :func:`copies_for`) and the time is divided by it. Runs in a fresh
+    thread, so it may be called while a program is being traced.
     """
+    copies = copies_for(arg_specs) if copies is None else copies
+    is_array = [isinstance(s, jax.ShapeDtypeStruct) for s in arg_specs]
+
+    def over_copies(fn):
+        def run(*stacked):
+            return [fn(*[a[c] if arr else a for a, arr in zip(stacked, is_array)])
+                    for c in range(copies)]
+        return run
+
     def run():
         keys = jax.random.split(jax.random.key(0), max(len(arg_specs), 1))
-        args = [_random_like(s, k) for s, k in zip(arg_specs, keys)]
+        args = [_random_like(jax.ShapeDtypeStruct((copies, *s.shape), s.dtype), k) if arr else s
+                for s, k, arr in zip(arg_specs, keys, is_array)]
         out = {}
         for c in candidates:
             if c.unsupported is None:
                 try:
-                    out[c.name] = _median_us(jax.jit(c.fn), args, calls, repeats)
+                    out[c.name] = _median_us(jax.jit(over_copies(c.fn)), args, calls, repeats) / copies
                 except Exception as e:   # a path that fails to compile or run is never chosen
                     warnings.warn(f"path choice: candidate {c.name!r} failed while measured "
                                   f"({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
