@@ -50,6 +50,7 @@ RECIPES = {   # in the order a time budget keeps them
     "block50": lambda: sj.Block(LINEAR, sparsity=0.5, block=(128, 128)),
 }
 MEASURES = ("prefill", "train", "decode1", "decode8")
+INFER = "premasked"   # how prefill and decode hold lowered weights (--infer)
 
 
 def model_config(smoke: bool, layers: int, scan: bool) -> transformer.TransformerConfig:
@@ -91,13 +92,12 @@ class Variant:
         self.params, self.sstate = sparams, sstate
         self.fwd = sfn
         if name.startswith("block"):
-            try:
+            if INFER == "packed":     # memory ∝ density: only the kept blocks are held
                 lowered = sfn.lower(sstate, packed=True)
-                self.infer_params = lowered.pack(sparams) if hasattr(lowered, "pack") else sparams
-            except TypeError:      # no packed inference form: gathers kept blocks from the dense leaf
-                lowered = sfn.lower(sstate)
-                self.infer_params = sparams
-                self.notes.append("decode reads the dense leaf (no packed form)")
+                self.infer_params = lowered.pack(sparams)
+            else:                     # dense pre-masked leaves: XLA's candidate is dense's cost
+                lowered = sfn.lower(sstate, premasked=True)
+                self.infer_params = lowered.premask(sparams, sstate)
             self.fwd_lowered = lowered
             self.train_fwd = sfn.lower(sstate)
             self.infer_fwd = lowered
@@ -168,10 +168,14 @@ def main():
     parser.add_argument("--measure", default=",".join(MEASURES))
     parser.add_argument("--layers", type=int, default=24)
     parser.add_argument("--smoke", action="store_true")
+    parser.add_argument("--infer", choices=("premasked", "packed"), default="premasked",
+                        help="prefill/decode weights: dense pre-masked leaves, or packed kept blocks")
     parser.add_argument("--budget_s", type=float, default=1e9,
                         help="variants that would start after this many seconds are skipped (listed)")
     args = parser.parse_args()
     smoke = args.smoke
+    global INFER
+    INFER = args.infer
     recipes = [r for r in args.recipes.split(",") if r]
     if "dense" not in recipes:
         recipes.insert(0, "dense")

@@ -149,6 +149,27 @@ def apply_mask(w: jax.Array, mask: jax.Array, gradient: str = "masked",
 
 
 @jax.custom_vjp
+def masked_gradient(w: jax.Array, mask: jax.Array) -> jax.Array:
+    """``w`` itself, with the gradient of ``w * mask``: for weights already zero outside the mask.
+
+    Inference from pre-masked weights skips the multiply by the mask (a pass over every
+    weight per call), while a gradient taken through it still reaches kept weights only.
+    """
+    return w
+
+
+def _masked_gradient_fwd(w, mask):
+    return w, mask
+
+
+def _masked_gradient_bwd(mask, g):
+    return g * mask.astype(g.dtype), None
+
+
+masked_gradient.defvjp(_masked_gradient_fwd, _masked_gradient_bwd)
+
+
+@jax.custom_vjp
 def _straight_through_impl(w, m, decay):
     return w * m
 

@@ -114,6 +114,7 @@ class SparseFunction:
         self._lowered_masks: list[tuple[str, Any, tuple[int, int]]] | None = None
         self._lowered_slot_masks = None   # lower(): the masks lowered (the report reads its paths)
         self._packed_paths: frozenset = frozenset()   # lower(packed=True): leaves held as blocks
+        self._premasked_paths: frozenset = frozenset()   # lower(premasked=True): zero outside masks
 
     # ------------------------------------------------------------------ tracing
 
@@ -355,6 +356,8 @@ class SparseFunction:
                 raise ValueError(f"{slot.path}: sstate['masks'] needs a mask of shape {slot.shape}")
         if self._lowered_masks is not None:
             self._check_lowered_masks(self._slot_masks(sstate))
+        if self._premasked_paths:
+            self._check_premasked(self._slot_items(sparams), self._slot_masks(sstate))
         present = [m for m in mask_leaves if m is not None]
         arg_leaves, arg_treedef, dynamic, static = self._split_args(args, kwargs)
         dyn = [arg_leaves[i] for i in dynamic]
@@ -514,7 +517,8 @@ class SparseFunction:
         return jax.tree_util.tree_unflatten(self._dense_treedef, out)
 
     def lower(self, sstate: dict, *, backend: str | None = None,
-              interpret: bool | str = False, packed: bool = False) -> "SparseFunction":
+              interpret: bool | str = False, packed: bool = False,
+              premasked: bool = False) -> "SparseFunction":
         """A copy whose masked matmuls and Spark FFN sites take their fastest correct path.
 
         Masks are read from ``sstate`` now (concretely) and fixed in the copy: call
@@ -544,6 +548,9 @@ class SparseFunction:
         from sparsejax.rules import NM
 
         self._require_init()
+        if packed and premasked:
+            raise ValueError("lower: packed=True holds kept blocks only and premasked=True dense "
+                             "pre-masked leaves; choose one")
         lowered = copy.copy(self)
         lowered._rewrites, lowered._handlers = {}, dict(self._handlers)
         slot_masks = self._slot_masks(sstate)
@@ -554,7 +561,8 @@ class SparseFunction:
                         self._handlers[slot.path], mask, backend, interpret)
                 else:
                     lowered._handlers[slot.path] = BlockSparseHandler(
-                        self._handlers[slot.path], mask, backend, interpret, packed=packed)
+                        self._handlers[slot.path], mask, backend, interpret, packed=packed,
+                        premasked=premasked)
         lowered._handlers.update(activation_sparse_handlers(self, backend=backend, interpret=interpret))
         if packed:
             lowered._packed_paths = frozenset(p for p, h in lowered._handlers.items()
@@ -568,6 +576,8 @@ class SparseFunction:
                                  "masked ones yet; lower without packed=True")
             lowered._sparams_avals = [(tuple(x.shape), x.dtype) for x in leaves]
         lowered._lowered_slot_masks = slot_masks
+        lowered._premasked_paths = frozenset(
+            p for p, h in lowered._handlers.items() if getattr(h, "premasked", False))
         lowered._lowered_masks = [(slot.path, mask, _mask_fingerprint(mask))
                                   for slot, mask in zip(self._slots, slot_masks)
                                   if isinstance(slot.rule, MaskRule)
@@ -586,6 +596,24 @@ class SparseFunction:
                 raise ValueError(f"{path}: sstate['masks'] differs from the masks this function "
                                  "was lowered with (lower() fixes them); call "
                                  "sfn.lower(sstate) again with the new masks")
+
+    def _check_premasked(self, slot_items, slot_masks) -> None:
+        """Raises when concrete params of a ``premasked`` copy keep weights outside the masks."""
+        for slot, leaf, mask in zip(self._slots, slot_items, slot_masks):
+            if slot.path not in self._premasked_paths or mask is None:
+                continue
+            if isinstance(leaf, jax.core.Tracer) or isinstance(mask, jax.core.Tracer):
+                continue   # under jit: see lower's docstring
+            if bool(jnp.any((leaf != 0) & ~jnp.asarray(mask, bool))):
+                raise ValueError(f"{slot.path}: lower(premasked=True) needs weights that are zero "
+                                 "outside the mask; pass lowered.premask(sparams, sstate)")
+
+    def premask(self, sparams: Any, sstate: dict) -> Any:
+        """``sparams`` with every masked leaf multiplied by its mask (for ``lower(premasked=True)``)."""
+        self._check_params(sparams)
+        items = [x * m.astype(x.dtype) if isinstance(s.rule, MaskRule) and m is not None else x
+                 for s, x, m in zip(self._slots, self._slot_items(sparams), self._slot_masks(sstate))]
+        return self._dense_treedef.unflatten(items)
 
     def pack(self, sparams: Any) -> Any:
         """Params for a copy made by ``lower(..., packed=True)``: lowered leaves as kept blocks.

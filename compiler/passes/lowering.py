@@ -34,6 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sparsejax import masks as mask_math
 from sparsejax.compiler import views
 from sparsejax.compiler.interpreter import bind_eqn
 from sparsejax.compiler.param_ref import ParamRef, materialize
@@ -51,7 +52,7 @@ class BlockSparseHandler(PathChoosing, MaskHandler):
     """A mask handler whose eligible sites choose between the block-sparse kernel and XLA."""
 
     def __init__(self, base: MaskHandler, mask, backend: str | None, interpret,
-                 packed: bool = False):
+                 packed: bool = False, premasked: bool = False):
         super().__init__(base.rule, base.path, base.layout, base.sites)
         self.leaf_size = base.leaf_size
         self.backend, self.interpret = backend, interpret
@@ -61,6 +62,9 @@ class BlockSparseHandler(PathChoosing, MaskHandler):
         reason = self._eligibility(np.asarray(mask))
         self._reasons = {s.key: reason or direct_site_reason(s, self.layout) for s in self.sites}
         self.packed = packed and reason is None
+        # The caller promises (and SparseFunction checks on concrete params) that the dense
+        # leaf is zero outside the mask: XLA's candidate is then the plain dense product.
+        self.premasked = premasked
 
     # -- setup ----------------------------------------------------------------------
 
@@ -156,7 +160,11 @@ class BlockSparseHandler(PathChoosing, MaskHandler):
                                                                              self.index)))
             return ParamRef.for_leaf(self.path, None, len(self.layout.shape), state=state,
                                      handler=self)
-        ref = super().make_input(item, mask)
+        if self.premasked:
+            ref = ParamRef.for_leaf(self.path, mask_math.masked_gradient(item, mask), item.ndim,
+                                    mask=mask, handler=self)
+        else:
+            ref = super().make_input(item, mask)
         if self.tables is None:
             return ref
         return ref.replace(state=self._gather(self.layout.to_matrix(item)))
@@ -216,7 +224,10 @@ class BlockSparseHandler(PathChoosing, MaskHandler):
                     x, gather(w), backend=backend, interpret=interpret),
                 None if ok else why, f"block-sparse kernel ({why})"),
             path_choice.Candidate("xla_dense", lambda x, w: jnp.matmul(x, w * mask),
-                                  describe="XLA dense masked matmul"),
+                                  describe="XLA dense masked matmul")
+            if not self.premasked else
+            path_choice.Candidate("xla_dense", lambda x, w: jnp.matmul(x, w),
+                                  describe="XLA dense matmul (pre-masked weight)"),
             # The kernel's plain-JAX twin: a candidate only where no kernel runs (it never
             # beats XLA's masked product, so measuring it beside a kernel costs for nothing).
             path_choice.Candidate(
