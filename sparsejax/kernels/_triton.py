@@ -1,6 +1,9 @@
-"""What the kernels on Pallas's Triton backend share: power-of-two sizes and compiler params."""
+"""What the kernels on Pallas's Triton backend share: power-of-two sizes, padding to tiles and
+compiler params."""
 
 from __future__ import annotations
+
+import jax.numpy as jnp
 
 
 def next_pow2(n: int) -> int:
@@ -15,3 +18,13 @@ def compiler_params(num_warps: int, num_stages: int):
         return pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages)
     except (ImportError, AttributeError):      # older spellings
         return dict(triton=dict(num_warps=num_warps, num_stages=num_stages))
+
+
+def pad_to(a, axis: int, multiple: int):
+    """``a`` zero-padded along ``axis`` to a multiple of ``multiple`` (whole tiles)."""
+    extra = (-a.shape[axis]) % multiple
+    if not extra:
+        return a
+    pads = [(0, 0)] * a.ndim
+    pads[axis] = (0, extra)
+    return jnp.pad(a, pads)

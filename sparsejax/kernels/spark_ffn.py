@@ -57,7 +57,7 @@ from jax.experimental import pallas as pl
 
 from sparsejax.kernels import path_choice, streaming_choice
 from sparsejax.kernels import sparse_input_gemv as sig
-from sparsejax.kernels._triton import compiler_params, next_pow2
+from sparsejax.kernels._triton import compiler_params, next_pow2, pad_to
 from sparsejax.kernels.sparse_input_gemv import pltriton
 from sparsejax.topk import resolve_k_frac, statistical_threshold
 
@@ -261,15 +261,6 @@ def _down_kernel(meta_ref, idx_ref, h_ref, w_ref, *rest, bc, bn, splits, capacit
     o_ref[s, :, pl.ds(t * bn, bn)] = acc
 
 
-def _pad_to(a, axis, multiple):
-    extra = (-a.shape[axis]) % multiple
-    if not extra:
-        return a
-    pads = [(0, 0)] * a.ndim
-    pads[axis] = (0, extra)
-    return jnp.pad(a, pads)
-
-
 def _gathered_pallas(x_up, act, w_up_t, w_down, idx, count, *, bc, bk, bn, up_programs, splits,
                      num_warps, interpret, poison):
     batch = x_up.shape[0]
@@ -278,11 +269,11 @@ def _gathered_pallas(x_up, act, w_up_t, w_down, idx, count, *, bc, bk, bn, up_pr
     b_pad = next_pow2(batch)                 # Triton tensors have power-of-two shapes
     # Zero padding never changes the answer; real decode weights are prepared already
     # padded (see pad_decode_weights), so these are no-ops on the fast path.
-    w_up_t = _pad_to(w_up_t, 1, bk)
-    w_down = _pad_to(w_down, 1, bn)
-    x_up = _pad_to(jnp.pad(x_up, ((0, 0), (0, w_up_t.shape[1] - x_up.shape[1]))), 0, b_pad)
-    act_t = _pad_to(act.astype(jnp.float32), 0, b_pad).T                     # (d_ff, B)
-    idx = _pad_to(idx, 0, bc)
+    w_up_t = pad_to(w_up_t, 1, bk)
+    w_down = pad_to(w_down, 1, bn)
+    x_up = pad_to(jnp.pad(x_up, ((0, 0), (0, w_up_t.shape[1] - x_up.shape[1]))), 0, b_pad)
+    act_t = pad_to(act.astype(jnp.float32), 0, b_pad).T                     # (d_ff, B)
+    idx = pad_to(idx, 0, bc)
     meta = jnp.reshape(count.astype(jnp.int32), (1,))
     h_rows = _cdiv(d_ff, bc) * bc
     compiler = dict(compiler_params=compiler_params(num_warps, num_stages=2)) if not interpret else {}
@@ -477,8 +468,8 @@ def masked_ffn(x_up: jax.Array, act: jax.Array, w_up_t: jax.Array, w_down: jax.A
             raise ValueError(f"masked_ffn: {name} must be a power of two, got {v}")
     d_ff, d_out = w_down.shape
     b_pad = next_pow2(batch)
-    w_up_t = _pad_to(_pad_to(w_up_t, 1, bk), 0, bj)
-    w_down = _pad_to(_pad_to(w_down, 1, bn), 0, bj)
+    w_up_t = pad_to(pad_to(w_up_t, 1, bk), 0, bj)
+    w_down = pad_to(pad_to(w_down, 1, bn), 0, bj)
     x_up = jnp.pad(x_up, ((0, b_pad - batch), (0, w_up_t.shape[1] - x_up.shape[1])))
     act = jnp.pad(act.astype(jnp.float32), ((0, b_pad - batch), (0, w_up_t.shape[0] - d_ff)))
     atomic = not interpret
@@ -522,7 +513,7 @@ def pad_decode_weights(weights: DecodeWeights, *, bk: int = 128, bn: int = 128) 
     """Zero-pads ``w_up_t``'s columns to ``bk`` and ``w_down``'s to ``bn`` once, so the
     Pallas path copies no weights per call. :func:`topk_ffn_decode` slices its
     output back to ``x``'s width."""
-    return DecodeWeights(weights.w_gate, _pad_to(weights.w_up_t, 1, bk), _pad_to(weights.w_down, 1, bn),
+    return DecodeWeights(weights.w_gate, pad_to(weights.w_up_t, 1, bk), pad_to(weights.w_down, 1, bn),
                          weights.split)
 
 

@@ -44,7 +44,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from sparsejax.kernels._triton import compiler_params, next_pow2
+from sparsejax.kernels._triton import compiler_params, next_pow2, pad_to
 
 try:   # the Triton backend's masked loads and atomics
     from jax.experimental.pallas import triton as pltriton
@@ -110,15 +110,6 @@ def supported(shape, dtype, batch: int, backend: str | None = None) -> tuple[boo
 
 
 # --------------------------------------------------------------------------- kernels
-
-
-def _pad_to(a, axis, multiple):
-    extra = (-a.shape[axis]) % multiple
-    if not extra:
-        return a
-    pads = [(0, 0)] * a.ndim
-    pads[axis] = (0, extra)
-    return jnp.pad(a, pads)
 
 
 def _load_x(x_ref, rows, batch, mma, threshold):
@@ -262,7 +253,7 @@ def _prepare(x, w, bk, bn, mma):
     b_pad = max(16, next_pow2(batch)) if mma else next_pow2(batch)
     # Zero padding never changes the answer. Decode shapes (multiples of 128) need none;
     # odd shapes copy W once per call (pre-pad them to avoid it).
-    w = _pad_to(_pad_to(w, 0, bk), 1, bn)
+    w = pad_to(pad_to(w, 0, bk), 1, bn)
     xp = jnp.pad(x, ((0, b_pad - batch), (0, w.shape[0] - k)))                  # (B_pad, K_pad)
     return xp, w, b_pad
 
@@ -309,7 +300,7 @@ def _gather(x, w, *, threshold, bc, bn, splits, mma, num_warps, num_stages, inte
     xp, wp, b_pad = _prepare(x, w, 1, bn, mma)
     xp = _zero_dead(xp, threshold)
     idx, count = live_row_list(live_rows(x, threshold), k)
-    idx = _pad_to(idx, 0, bc)
+    idx = pad_to(idx, 0, bc)
     meta = jnp.reshape(count.astype(jnp.int32), (1,))
     kernel = functools.partial(_gather_kernel, bc=bc, bn=bn, splits=splits, batch=batch, mma=mma,
                                atomic=not interpret)

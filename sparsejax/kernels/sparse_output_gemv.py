@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from sparsejax.kernels._triton import compiler_params, next_pow2
+from sparsejax.kernels._triton import compiler_params, next_pow2, pad_to
 from sparsejax.kernels.sparse_input_gemv import MAX_BATCH, pltriton, supported
 
 __all__ = ["sparse_output_gemv", "sparse_output_gemv_reference", "IMPLS"]
@@ -62,15 +62,6 @@ def _kernel(x_ref, live_ref, w_ref, *rest, bj, bk, batch, atomic, unroll):
         acc = jax.lax.fori_loop(0, n_k, step, acc)
     for b in range(batch):
         y_ref[pl.ds(b, 1), rows] = jnp.where(live, acc[b], 0.0)[None, :].astype(y_ref.dtype)
-
-
-def _pad_to(a, axis, multiple):
-    extra = (-a.shape[axis]) % multiple
-    if not extra:
-        return a
-    pads = [(0, 0)] * a.ndim
-    pads[axis] = (0, extra)
-    return jnp.pad(a, pads)
 
 
 def sparse_output_gemv(x: jax.Array, w_t: jax.Array, live: jax.Array, *, impl: str = "auto",
@@ -117,9 +108,9 @@ def sparse_output_gemv(x: jax.Array, w_t: jax.Array, live: jax.Array, *, impl: s
         if v <= 0 or v & (v - 1):
             raise ValueError(f"sparse_output_gemv: {name} must be a power of two, got {v}")
     b_pad = next_pow2(batch)
-    wp = _pad_to(_pad_to(w_t, 1, bk), 0, bj)        # decode shapes (multiples of 256) copy nothing
+    wp = pad_to(pad_to(w_t, 1, bk), 0, bj)        # decode shapes (multiples of 256) copy nothing
     xp = jnp.pad(x2.astype(w_t.dtype), ((0, b_pad - batch), (0, wp.shape[1] - k)))
-    livep = _pad_to(live.astype(jnp.int32), 0, bj)
+    livep = pad_to(live.astype(jnp.int32), 0, bj)
     out = jax.ShapeDtypeStruct((b_pad, wp.shape[0]), jnp.float32)
     args, aliases = [xp, livep, wp], {}
     if poison:
