@@ -47,8 +47,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["Candidate", "Choice", "choose", "set_mode", "mode", "clear_cache", "cache_entries",
-           "device_key", "table_path"]
+__all__ = ["Candidate", "Choice", "choose", "median_seconds", "set_mode", "mode", "clear_cache",
+           "cache_entries", "device_key", "table_path"]
 
 _TABLE_DIR = pathlib.Path(__file__).with_name("path_tables")
 
@@ -233,9 +233,14 @@ def _random_like(spec, key):
     return spec
 
 
-def _median_us(fn, args, calls: int, repeats: int) -> float:
-    jax.block_until_ready(fn(*args))          # compile
-    jax.block_until_ready(fn(*args))          # warm
+def median_seconds(fn, *args, calls: int = 10, repeats: int = 15, warmup: int = 3) -> float:
+    """Median over ``repeats`` of the mean time of ``calls`` back-to-back calls, after warm-up.
+
+    Back-to-back calls keep the device queue full, so launch gaps of one call do not count.
+    The benchmarks time with this too (``benchmarks/timing.py``).
+    """
+    for _ in range(warmup):
+        jax.block_until_ready(fn(*args))
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
@@ -243,7 +248,7 @@ def _median_us(fn, args, calls: int, repeats: int) -> float:
             out = fn(*args)
         jax.block_until_ready(out)
         times.append((time.perf_counter() - t0) / calls)
-    return 1e6 * statistics.median(times)
+    return statistics.median(times)
 
 
 # Bytes an H200's L2 holds: inputs re-read from it would time the cache, not memory.
@@ -288,7 +293,9 @@ def measure(candidates: Sequence[Candidate], arg_specs: Sequence, *, calls: int 
         for c in candidates:
             if c.unsupported is None:
                 try:
-                    out[c.name] = _median_us(jax.jit(over_copies(c.fn)), args, calls, repeats) / copies
+                    seconds = median_seconds(jax.jit(over_copies(c.fn)), *args, calls=calls,
+                                             repeats=repeats, warmup=2)
+                    out[c.name] = 1e6 * seconds / copies
                 except Exception as e:   # a path that fails to compile or run is never chosen
                     warnings.warn(f"path choice: candidate {c.name!r} failed while measured "
                                   f"({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
