@@ -141,6 +141,17 @@ def _tile_product(xz, w, batch, mma):
     return [jnp.sum(xz[b][:, None] * wf, axis=0) for b in range(batch)]
 
 
+def _zero_acc(rows, bn, batch, mma):
+    """A float32 accumulator for :func:`_tile_product`'s partial sums."""
+    if mma:
+        return jnp.zeros((rows, bn), jnp.float32)
+    return tuple(jnp.zeros((bn,), jnp.float32) for _ in range(batch))
+
+
+def _accumulate(acc, part, mma):
+    return acc + part if mma else tuple(a + p for a, p in zip(acc, part))
+
+
 def _add_out(y_ref, cols, acc, batch, mma, atomic):
     if mma:
         if atomic:
@@ -181,15 +192,9 @@ def _masked_kernel(x_ref, w_ref, *rest, bk, bn, steps, threshold, batch, mma, in
                               eviction_policy="evict_first")
         else:     # interpret mode: the same values, read plainly
             w = jnp.where(live[:, None], w_ref[rows, cols], 0)
-        part = _tile_product(xz, w, batch, mma)
-        if mma:
-            return acc + part
-        return tuple(a + p for a, p in zip(acc, part))
+        return _accumulate(acc, _tile_product(xz, w, batch, mma), mma)
 
-    if mma:
-        init = jnp.zeros((x_ref.shape[0], bn), jnp.float32)
-    else:
-        init = tuple(jnp.zeros((bn,), jnp.float32) for _ in range(batch))
+    init = _zero_acc(x_ref.shape[0], bn, batch, mma)
     if steps == 1:
         acc = step(0, init)
     elif unroll:          # independent steps: every row load can be in flight at once
@@ -226,15 +231,9 @@ def _gather_kernel(meta_ref, idx_ref, x_ref, w_ref, _y_in, y_ref, *, bc, bn, spl
         else:
             xz = [jnp.where(live, x_ref[b, row].astype(jnp.float32), 0.0) for b in range(batch)]
         part = _tile_product(xz, w_ref[row, cols], batch, mma)           # gathered (bc, bn) rows
-        if mma:
-            return acc + part
-        return tuple(a + p for a, p in zip(acc, part))
+        return _accumulate(acc, part, mma)
 
-    if mma:
-        init = jnp.zeros((x_ref.shape[0], bn), jnp.float32)
-    else:
-        init = tuple(jnp.zeros((bn,), jnp.float32) for _ in range(batch))
-    acc = jax.lax.fori_loop(0, trips, chunk, init)
+    acc = jax.lax.fori_loop(0, trips, chunk, _zero_acc(x_ref.shape[0], bn, batch, mma))
     _add_out(y_ref, cols, acc, batch, mma, atomic)
 
 
