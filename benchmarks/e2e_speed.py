@@ -53,12 +53,21 @@ MEASURES = ("prefill", "train", "decode1", "decode8")
 INFER = "premasked"   # how prefill and decode hold lowered weights (--infer)
 
 
-def model_config(smoke: bool, layers: int, scan: bool) -> transformer.TransformerConfig:
+def model_config(smoke: bool, layers: int, scan: bool, attention: str) -> transformer.TransformerConfig:
     if smoke:
         return transformer.TransformerConfig(vocab_size=512, d_model=128, n_layers=2, n_heads=4,
-                                             d_ff=256, scan_layers=scan)
+                                             d_ff=256, scan_layers=scan, attention=attention)
     return transformer.TransformerConfig(vocab_size=50304, d_model=1024, n_layers=layers, n_heads=16,
-                                         d_ff=4096, scan_layers=scan, dtype="bfloat16")
+                                         d_ff=4096, scan_layers=scan, dtype="bfloat16",
+                                         attention=attention)
+
+
+def path_summary(report) -> str:
+    """How the sites compute, counted: one line however many layers are unrolled."""
+    counts = {}
+    for r in report.rows:
+        counts[r.kernel] = counts.get(r.kernel, 0) + 1
+    return "; ".join(f"{n}× {k}" for k, n in counts.items())
 
 
 def _cast(tree, dtype):
@@ -81,6 +90,7 @@ class Variant:
             self.flop_ratio = self.byte_ratio = 1.0
             self.infer_params = params
             self.err = 0.0
+            self.paths = {}
             return
         sfn = sj.sparsify(model.apply, RECIPES[name]())
         sparams, sstate = sfn.init(params, prefill_tokens)
@@ -88,6 +98,7 @@ class Variant:
         dense_flops = cfg.flops_per_token(prefill_tokens.shape[1]) * prefill_tokens.size
         self.flop_ratio = dense_flops / (dense_flops - (report.flops_before - report.flops_after))
         self.params, self.sstate = sparams, sstate
+        self.paths = {}   # measure -> how the sites computed it (paths are chosen when traced)
         if name.startswith("block"):
             if INFER == "packed":     # memory ∝ density: only the kept blocks are held
                 lowered = sfn.lower(sstate, packed=True)
@@ -115,7 +126,6 @@ class Variant:
             rel_err(jax.jit(self.train_fwd)(_cast(sparams, jnp.float32), sstate, small), masked),
             rel_err(jax.jit(self.infer_fwd)(_cast(self.infer_params, jnp.float32), sstate, small),
                     masked))
-        self.paths = sorted({r.kernel for r in self.report.rows})
 
 
 def time_variant(v: Variant, measures, batch, seq, smoke) -> dict:
@@ -126,6 +136,7 @@ def time_variant(v: Variant, measures, batch, seq, smoke) -> dict:
     if "prefill" in measures:
         f = jax.jit(v.infer_fwd)
         out["prefill"] = median_seconds(f, infer_params, v.sstate, tokens, calls=calls, repeats=repeats)
+        v.paths["prefill"] = path_summary(v.infer_fwd.report()) if v.name != "dense" else ""
     if "train" in measures:
         tx = optax.adamw(1e-4)
         fwd = v.train_fwd
@@ -148,6 +159,7 @@ def time_variant(v: Variant, measures, batch, seq, smoke) -> dict:
             return l
 
         out["train"] = median_seconds(run, v.sstate, tokens, calls=calls, repeats=repeats)
+        v.paths["train"] = path_summary(v.train_fwd.report()) if v.name != "dense" else ""
     for m in measures:
         if not m.startswith("decode"):
             continue
@@ -159,6 +171,7 @@ def time_variant(v: Variant, measures, batch, seq, smoke) -> dict:
         pos = jnp.int32(cache_len - 1)
         out[m] = median_seconds(lambda p, c: f(p, v.sstate, tok, c, pos)[0], infer_params, cache,
                                 calls=calls * 3, repeats=repeats)
+        v.paths[m] = path_summary(v.infer_fwd.report()) if v.name != "dense" else ""
     return out
 
 
@@ -169,6 +182,8 @@ def main():
     parser.add_argument("--measure", default=",".join(MEASURES))
     parser.add_argument("--layers", type=int, default=24)
     parser.add_argument("--smoke", action="store_true")
+    parser.add_argument("--attention", choices=transformer.ATTENTION, default="fused",
+                        help="the LM's attention: fused (flash attention on GPU) or explicit")
     parser.add_argument("--infer", choices=("premasked", "packed"), default="premasked",
                         help="prefill/decode weights: dense pre-masked leaves, or packed kept blocks")
     parser.add_argument("--budget_s", type=float, default=1e9,
@@ -185,7 +200,7 @@ def main():
     results, lines_err = {}, []
     t_start = time.time()
     for layout in args.layouts.split(","):
-        cfg = model_config(smoke, args.layers, layout == "scan")
+        cfg = model_config(smoke, args.layers, layout == "scan", args.attention)
         model = transformer.TransformerLM(cfg)
         tokens = jax.random.randint(jax.random.key(0), (batch, seq), 0, cfg.vocab_size)
         params = jax.jit(model.init)(jax.random.key(1), tokens)
@@ -204,11 +219,16 @@ def main():
             results[(layout, name)] = (v, times)
             print(f"{layout} {name}: " + ", ".join(f"{k} {1e3 * t:.3f} ms" for k, t in times.items())
                   + f" (err vs masked {v.err:.1e}; {time.time() - t0:.0f}s)", flush=True)
+            for m, paths in v.paths.items():
+                print(f"  {m} paths: {paths}", flush=True)
+            if os.environ.get("OUT"):   # what the sites measured so far survives a time limit
+                path_choice.write_table(pathlib.Path(
+                    os.environ["OUT"], f"path_table_{path_choice.device_key()}.json"))
     device = f"{jax.devices()[0].device_kind}"
     lines = [f"## {time.strftime('%Y-%m-%d')}: {device}, JAX {jax.__version__}", "",
              f"Command: `python benchmarks/{pathlib.Path(__file__).name} {' '.join(sys.argv[1:])}`", "",
              f"LM d_model {cfg.d_model}, {cfg.n_layers} layers, {cfg.n_heads} heads, d_ff {cfg.d_ff}, "
-             f"vocab {cfg.vocab_size}, {cfg.dtype}; prefill/train batch {batch}×{seq}; decode one "
+             f"vocab {cfg.vocab_size}, {cfg.dtype}, {cfg.attention} attention; prefill/train batch {batch}×{seq}; decode one "
              f"token, KV cache {64 if smoke else 1024}. Ratios are dense time / sparse time in the "
              "same run; ideal = FLOP-ideal (prefill, train) or bytes-ideal (decode).", "",
              "| layout | recipe | measure | dense ms | sparse ms | vs dense | ideal | of ideal | paths |",
@@ -226,9 +246,9 @@ def main():
             ratio = td / t
             table.append({"layout": layout, "recipe": name, "measure": m, "dense_ms": 1e3 * td,
                           "sparse_ms": 1e3 * t, "speedup": ratio, "ideal": ideal,
-                          "err_vs_masked": v.err, "paths": getattr(v, "paths", [])})
+                          "err_vs_masked": v.err, "paths": v.paths.get(m, "")})
             lines.append(f"| {layout} | {name} | {m} | {1e3 * td:.2f} | {1e3 * t:.2f} | {ratio:.2f}× | "
-                         f"{ideal:.2f}× | {ratio / ideal:.2f} | {'; '.join(getattr(v, 'paths', []))[:160]} |")
+                         f"{ideal:.2f}× | {ratio / ideal:.2f} | {v.paths.get(m, '')[:200]} |")
     if lines_err:
         lines += ["", "Failed variants:"] + lines_err
     lines += ["", f"Total wall time {time.time() - t_start:.0f} s."]

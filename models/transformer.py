@@ -29,6 +29,9 @@ import jax.numpy as jnp
 __all__ = ["TransformerConfig", "TransformerLM", "PRESETS", "rope", "lm_loss"]
 
 
+ATTENTION = ("explicit", "fused")
+
+
 @dataclasses.dataclass(frozen=True)
 class TransformerConfig:
     """Shape and numerics of :class:`TransformerLM`.
@@ -50,6 +53,10 @@ class TransformerConfig:
       tie_embeddings: compute logits with the transposed embedding instead of a
         separate ``lm_head``.
       norm_eps: RMSNorm epsilon.
+      attention: ``"explicit"`` (scores, mask and softmax written out: what Spark's
+        attention sites and calibration see) or ``"fused"`` (``jax.nn.dot_product_attention``:
+        cuDNN flash attention on GPU, its XLA form elsewhere; the scores are never held in
+        memory). Decoding with a KV cache always uses the explicit form.
     """
 
     vocab_size: int = 256
@@ -64,6 +71,7 @@ class TransformerConfig:
     param_dtype: str = "float32"
     tie_embeddings: bool = False
     norm_eps: float = 1e-6
+    attention: str = "explicit"
 
     def __post_init__(self):
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff"):
@@ -76,6 +84,9 @@ class TransformerConfig:
         if (self.d_model // self.n_heads) % 2:
             raise ValueError(f"TransformerConfig: head size d_model // n_heads = "
                              f"{self.d_model // self.n_heads} must be even for RoPE")
+        if self.attention not in ATTENTION:
+            raise ValueError(f"TransformerConfig.attention must be one of {ATTENTION}, got "
+                             f"{self.attention!r}")
         for name in ("dtype", "param_dtype"):
             try:
                 jnp.dtype(getattr(self, name))
@@ -162,6 +173,13 @@ class CausalSelfAttention(nn.Module):
         q = rope(heads(dense("q")(x)), positions, cfg.rope_base)
         k = rope(heads(dense("k")(x)), positions, cfg.rope_base)
         v = heads(dense("v")(x))
+        if cache is None and cfg.attention == "fused":
+            # Flash attention where the backend has it: the (B, heads, T, T) scores, which cost
+            # more memory traffic than every projection of a 1024-token layer, are never stored.
+            implementation = "cudnn" if jax.default_backend() == "gpu" else "xla"
+            out = jax.nn.dot_product_attention(q, k, v.astype(q.dtype), is_causal=True,
+                                               implementation=implementation)
+            return dense("o")(out.reshape(b, t, cfg.d_model))
         if cache is None:
             keys, values, key_positions = k, v, positions
         else:
