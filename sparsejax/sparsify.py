@@ -378,12 +378,29 @@ class SparseFunction:
 
     def _rewrite(self, param_leaves, mask_leaves, arg_leaves, arg_treedef, dynamic, static, flat):
         traced = self._trace_for(param_leaves, arg_leaves, arg_treedef, dynamic, static)
+        self._rebind_handlers(traced)
         hooks = {site.key: spark_pass.topk_hook(rule, site)
                  for site, rule in self._activation_plan(traced, check="call") if rule is not None}
         program = self._program(traced, hooks, len(param_leaves), mask_leaves)
         self.rewrite_count += 1
         structs = [jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x)) for x in flat]
         return jax.make_jaxpr(program)(*structs), traced.out_tree
+
+    def _rebind_handlers(self, traced: _Traced) -> None:
+        """Tells every handler where this call's sites sit (see ``WeightHandler.rebind``)."""
+        from sparsejax.compiler.passes.sparse_input import ActivationSparseHandler, ffn_roles
+
+        sites: dict[str, list] = {}
+        for s in traced.sites:
+            sites.setdefault(s.path, []).append(s)
+        roles = None
+        for path, handler in self._handlers.items():
+            if isinstance(handler, ActivationSparseHandler):
+                if roles is None:
+                    roles = ffn_roles(self, traced)[0]
+                handler.rebind(sites.get(path, ()), roles.get(path, {}))
+            else:
+                handler.rebind(sites.get(path, ()))
 
     def _trace_for(self, param_leaves, arg_leaves, arg_treedef, dynamic, static) -> _Traced:
         items = self._slot_items(jax.tree_util.tree_unflatten(self._sparams_treedef, param_leaves))

@@ -56,6 +56,25 @@ class WeightHandler:
         """How this handler computes the site at ``key``, for the report."""
         return "XLA"
 
+    def site_reason(self, site: WeightSite) -> str | None:
+        """Why this handler computes ``site`` as the original eqn (None: it rewrites it)."""
+        return None
+
+    def rebind(self, sites: Sequence[WeightSite]) -> None:
+        """Learns the sites of the program about to be rewritten.
+
+        Every call signature is traced anew, and its eqns (the site keys) need not sit
+        where init's trace had them: params of another dtype add or drop casts, and a
+        KV-cache call is another program. A handler that decides per site decides for
+        these too, so no site falls back to XLA for being "not found at init".
+        """
+        known = {s.key: s for s in self.sites}
+        known.update((s.key, s) for s in sites)
+        self.sites = tuple(known.values())
+        reasons = getattr(self, "_reasons", None)
+        if reasons is not None:
+            reasons.update((s.key, self.site_reason(s)) for s in sites)
+
 
 # View ops a direct site computation absorbs: Flax's dtype cast, DenseGeneral's reshape,
 # a scan's slice and per-layer indexing (``w[i]``: slice or dynamic_slice, then squeeze),

@@ -72,7 +72,10 @@ class FactorizedHandler(PathChoosing, WeightHandler):
     def __init__(self, rule, path, layout, sites):
         super().__init__(rule, path, rule.check_layout(path, layout), sites)
         self.kind = _KINDS[type(rule)]
-        self._reasons = {s.key: direct_site_reason(s, self.layout) for s in sites}
+        self._reasons = {s.key: self.site_reason(s) for s in sites}
+
+    def site_reason(self, site) -> str | None:
+        return direct_site_reason(site, self.layout)
 
     def init(self, leaf, key):
         layout = self.layout
@@ -97,7 +100,7 @@ class FactorizedHandler(PathChoosing, WeightHandler):
     # -- computing ------------------------------------------------------------------
 
     def site_path(self, key) -> str:
-        reason = self._reasons[key]
+        reason = self._reasons.get(key, "not a site found at init")
         if reason is not None:
             return f"dense fallback ({reason})"
         chosen = self.chosen_path(key)

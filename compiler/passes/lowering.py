@@ -59,9 +59,9 @@ class BlockSparseHandler(PathChoosing, MaskHandler):
         self.tables = None          # BlockTables (one matrix) or TableBounds (stacked layers)
         self.index = None           # numpy BlockIndex (stacked layers)
         self.choices = {}
-        reason = self._eligibility(np.asarray(mask))
-        self._reasons = {s.key: reason or direct_site_reason(s, self.layout) for s in self.sites}
-        self.packed = packed and reason is None
+        self._mask_reason = self._eligibility(np.asarray(mask))
+        self._reasons = {s.key: self.site_reason(s) for s in self.sites}
+        self.packed = packed and self._mask_reason is None
         # The caller promises (and SparseFunction checks on concrete params) that the dense
         # leaf is zero outside the mask: XLA's candidate is then the plain dense product.
         self.premasked = premasked
@@ -94,6 +94,9 @@ class BlockSparseHandler(PathChoosing, MaskHandler):
         self._block_counts = np.asarray([b.sum(axis=0) for b in block_masks])   # (layers, N_blocks)
         self._first_block_mask = block_masks[0]
         return None
+
+    def site_reason(self, site) -> str | None:
+        return self._mask_reason or direct_site_reason(site, self.layout)
 
     @property
     def stacked(self) -> bool:
@@ -191,7 +194,9 @@ class BlockSparseHandler(PathChoosing, MaskHandler):
         longest = 1 << (longest - 1).bit_length() if longest else 0
         return (f"M={m},K={k},N={n},dtype={jnp.dtype(dtype).name},block={bk}x{bn},"
                 f"density={density:.3f},max_col<={longest},mean_col={counts.mean():.2f},"
-                f"tables={'device' if self.stacked else 'static'}")
+                f"tables={'device' if self.stacked else 'static'}"
+                # XLA's candidate differs: a plain dense product when the leaf is pre-masked.
+                + (",premasked" if self.premasked else ""))
 
     def _candidates(self, dtype):
         """The site's paths as functions of ``(x2, w)``, ``w`` the dense ``(K, N)`` weight.

@@ -55,8 +55,11 @@ class NMCompressedHandler(MaskHandler):
         self.leaf_size = base.leaf_size
         self.backend, self.interpret, self.packed = backend, interpret, packed
         self.choices: dict = {}
-        reason = self._eligibility(np.asarray(mask))
-        self._reasons = {s.key: reason or direct_site_reason(s, self.layout) for s in self.sites}
+        self._mask_reason = self._eligibility(np.asarray(mask))
+        self._reasons = {s.key: self.site_reason(s) for s in self.sites}
+
+    def site_reason(self, site) -> str | None:
+        return self._mask_reason or direct_site_reason(site, self.layout)
 
     def _eligibility(self, mask: np.ndarray) -> str | None:
         rule, layout = self.rule, self.layout

@@ -49,7 +49,7 @@ from sparsejax.kernels import sparse_input_gemv as sig
 from sparsejax.kernels import sparse_output_gemv as sog
 from sparsejax.rules import SparkTopK
 
-__all__ = ["ActivationSparseHandler", "activation_sparse_handlers"]
+__all__ = ["ActivationSparseHandler", "activation_sparse_handlers", "ffn_roles"]
 
 
 class _TakeOriginal(Exception):
@@ -72,12 +72,18 @@ class ActivationSparseHandler(WeightHandler):
         self.roles, self.backend, self.interpret = roles, backend, interpret
         self.context = context           # gate site -> live mask, shared by one FFN's handlers
         self.choices: dict = {}
-        self._reasons = {s.key: self._reason(s) for s in sites}
+        self._reasons = {s.key: self.site_reason(s) for s in sites}
         self.sites_by_key = {s.key: s for s in sites}
 
     # -- eligibility -----------------------------------------------------------------
 
-    def _reason(self, site) -> str | None:
+    def rebind(self, sites, roles=None) -> None:
+        """:meth:`WeightHandler.rebind`, with this trace's FFN roles (see :func:`ffn_roles`)."""
+        self.roles.update(roles or {})
+        self.sites_by_key.update((s.key, s) for s in sites)
+        super().rebind(sites)
+
+    def site_reason(self, site) -> str | None:
         role = self.roles.get(site.key)
         if role is None:
             return "not an FFN site with a top-k rule"
@@ -335,19 +341,12 @@ def _sparse_sample(shape, dtype, density: float):
     return jnp.asarray(x, dtype)
 
 
-def activation_sparse_handlers(sfn, *, backend: str | None = None, interpret: bool = False
-                               ) -> dict[str, WeightHandler]:
-    """Handlers for the unruled weights of every FFN site a :class:`SparkTopK` rule selects.
+def ffn_roles(sfn, traced) -> tuple[dict[str, dict], dict[str, list]]:
+    """What each unruled weight site of ``traced`` is in a :class:`SparkTopK` FFN.
 
-    Args:
-      sfn: an initialized :class:`~sparsejax.sparsify.SparseFunction`.
-      backend: "gpu", "tpu" or "cpu" (default: JAX's default backend).
-      interpret: run the kernels in Pallas interpret mode (CPU tests).
-
-    Returns:
-      ``{path: handler}`` to merge into the lowered function's handlers.
+    Returns ``({path: {site key: _Role}}, {path: [sites]})`` for the program ``traced``
+    (a call's own trace: its keys are where its eqns sit).
     """
-    traced = next(iter(sfn._traces.values()))
     sites_by_path: dict[str, list] = {}
     for s in traced.sites:
         sites_by_path.setdefault(s.path, []).append(s)
@@ -385,12 +384,24 @@ def activation_sparse_handlers(sfn, *, backend: str | None = None, interpret: bo
             continue
         if all(s.layout is not None and direct_site_reason(s, s.layout) is None for s in sites):
             roles[path] = {s.key: _Role("plain", None, None, 1.0, 0) for s in sites}
+    return {p: r for p, r in roles.items() if p not in ruled}, sites_by_path
+
+
+def activation_sparse_handlers(sfn, *, backend: str | None = None, interpret: bool = False
+                               ) -> dict[str, WeightHandler]:
+    """Handlers for the unruled weights of every FFN site a :class:`SparkTopK` rule selects.
+
+    Args:
+      sfn: an initialized :class:`~sparsejax.sparsify.SparseFunction`.
+      backend: "gpu", "tpu" or "cpu" (default: JAX's default backend).
+      interpret: run the kernels in Pallas interpret mode (CPU tests).
+
+    Returns:
+      ``{path: handler}`` to merge into the lowered function's handlers. Each call's trace
+      updates their roles (:meth:`ActivationSparseHandler.rebind` with :func:`ffn_roles`).
+    """
+    roles, sites_by_path = ffn_roles(sfn, next(iter(sfn._traces.values())))
     context: dict = {}
-    handlers = {}
-    for path, site_roles in roles.items():
-        if path in ruled:
-            continue
-        sites = sites_by_path[path]
-        handlers[path] = ActivationSparseHandler(path, sites[0].layout, sites, site_roles, backend,
-                                                 interpret, context)
-    return handlers
+    return {path: ActivationSparseHandler(path, sites_by_path[path][0].layout, sites_by_path[path],
+                                          site_roles, backend, interpret, context)
+            for path, site_roles in roles.items()}
