@@ -107,7 +107,7 @@ def run(name, seed, data, steps, batch, lr):
     zeros = sparsity_of({k: {"kernel": v["kernel"]} for k, v in params.items()})
     reached = sum(z * params[p.split("/")[0]]["kernel"].size for p, z in zeros.items()) / \
         sum(params[p.split("/")[0]]["kernel"].size for p in zeros)
-    return loss, acc, reached, (masked_sparsity(masks) if sparse else 0.0)
+    return loss, acc, reached, (float(masked_sparsity(masks)) if sparse else 0.0)
 
 
 def main(argv=None):

@@ -159,7 +159,8 @@ import numpy as np
 import optax
 
 import sparsejax as sj
-from sparsejax import data, optim
+from sparsejax import optim
+from sparsejax.training import data
 from sparsejax.layout import WeightLayout
 from sparsejax.models.transformer import TransformerConfig, TransformerLM, lm_loss
 
@@ -343,9 +344,9 @@ def train(recipe, pruning=False):
         masks_of = lambda _: sstate["masks"]
     opt_state = tx.init(sparams)
 
-    def sparsity(masks):   # the fraction of masked-out weights, inside jit
-        leaves = [m for m in jax.tree.leaves(masks) if m is not None]
-        return 1.0 - sum(jnp.sum(m) for m in leaves) / max(sum(m.size for m in leaves), 1)
+    def sparsity(masks):   # the fraction of masked-out weights (works inside jit); dense: 0
+        value = optim.masked_sparsity(masks)
+        return jnp.zeros([]) if value is None else value
 
     @jax.jit
     def step(params, opt_state, batch):

@@ -83,10 +83,6 @@ def layout_leaves(params: Any, layouts_tree: Any) -> list:
     return _leaves_up_to(params, layouts_tree, "layouts")
 
 
-def leaf_path_strs(params: Any) -> list[str]:
-    return paths.leaf_paths(params)
-
-
 def apply_masks(params: Any, masks: Any) -> Any:
     """``params`` with masked entries set to zero (unmasked leaves unchanged)."""
     return jax.tree.map(lambda p, m: p if m is None else jnp.where(m, p, jnp.zeros_like(p)),
@@ -103,12 +99,28 @@ def sparsity_of(params: Any, masks: Any = None) -> dict[str, float]:
     return out
 
 
-def masked_sparsity(masks: Any) -> float:
-    """Fraction of ``False`` entries over all masked leaves."""
+def masked_sparsity(masks: Any, *, by_path: bool = False) -> Any:
+    """Fraction of masked-out weights: the one measure of a masks pytree's sparsity.
+
+    ``masks`` holds a boolean (or, for soft masks, a [0, 1] float) array where a leaf is
+    masked and ``None`` elsewhere. By default: the masked-out fraction over all masked
+    leaves, a float32 scalar that works under ``jit`` (train steps log it), or ``None`` when
+    no leaf is masked (nothing to show for a dense run). With ``by_path=True``: a dict of
+    host floats, one per masked leaf, keyed by parameter path (summaries). Soft masks count
+    ``1 - value``; results are clipped to [0, 1], so rounding never shows ``-0.000``.
+    """
+    if by_path:
+        with_path, _ = jax.tree_util.tree_flatten_with_path(masks)
+        return {paths.path_str(kp): float(masked_sparsity(np.asarray(jax.device_get(m)))) + 0.0
+                for kp, m in with_path}
     leaves = [m for m in jax.tree.leaves(masks) if m is not None]
-    total = sum(int(m.size) for m in leaves)
-    kept = sum(int(jnp.sum(m)) for m in leaves)
-    return 1.0 - kept / max(total, 1)
+    if not leaves:
+        return None
+    total = sum(int(np.size(m)) for m in leaves)
+    if not total:
+        return jnp.zeros([], jnp.float32)
+    kept = sum(jnp.sum(m, dtype=jnp.float32) for m in leaves)
+    return jnp.clip(1.0 - kept / total, 0.0, 1.0)
 
 
 def _children(state: Any) -> list:
