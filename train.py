@@ -335,22 +335,22 @@ def loss_fn(params, masks, batch, *, sfn):
     return loss_and_metrics(logits, batch)
 
 
-def train_step(state: TrainState, batch, *, sfn, tx: optax.GradientTransformation, preset):
-    """One optimizer step; the forward pass reads the masks the preset's owner holds now."""
-    masks = presets.forward_masks(preset, state.sstate, state.opt_state)
+def train_step(state: TrainState, batch, *, sfn, tx: optax.GradientTransformation):
+    """One optimizer step; the forward pass reads the masks from their owner (sstate or optimizer)."""
+    masks = sj.optim.forward_masks(state.sstate, state.opt_state)
     (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, masks, batch,
                                                                     sfn=sfn)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    new_masks = presets.forward_masks(preset, state.sstate, opt_state)
+    new_masks = sj.optim.forward_masks(state.sstate, opt_state)
     if jax.tree.leaves(new_masks):        # nothing to show for a dense run
         metrics["sparsity"] = sj.optim.masked_sparsity(new_masks)
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
 
-def eval_step(state: TrainState, batch, *, sfn, preset):
+def eval_step(state: TrainState, batch, *, sfn):
     """Loss and metrics on one held-out batch, with the masks of this step."""
-    masks = presets.forward_masks(preset, state.sstate, state.opt_state)
+    masks = sj.optim.forward_masks(state.sstate, state.opt_state)
     return loss_fn(state.params, masks, batch, sfn=sfn)[1]
 
 
@@ -473,7 +473,14 @@ def create_state(run: Prepared):
     if cfg.oneshot:   # post-training pruning of the --init_from weights; training then fine-tunes
         sparams, sstate = oneshot_training.prune_run(cfg, run, sfn, sparams, sstate, loss_and_metrics)
     tx = make_optimizer(cfg, preset, sfn, sparams, sstate)
-    state = TrainState(step=jnp.zeros([], jnp.int32), params=sparams, opt_state=tx.init(sparams),
+    opt_state = tx.init(sparams)
+    if sj.optim.owns_masks(opt_state) != (preset.masks_from != "recipe"):
+        # Masks have one owner: the forward pass would read the other one's (stale) copy.
+        raise SetupError(f"--recipe {cfg.recipe}: its masks_from={preset.masks_from!r} but the "
+                         f"optimizer {'owns' if sj.optim.owns_masks(opt_state) else 'holds no'} "
+                         "masks; set masks_from to 'optimizer' where its wrap adds a mask-moving "
+                         "transform (prune, rigl, ...), else 'recipe'")
+    state = TrainState(step=jnp.zeros([], jnp.int32), params=sparams, opt_state=opt_state,
                        sstate=sstate)
     return state, sfn, tx
 
@@ -506,9 +513,9 @@ def train_and_evaluate(cfg: Config | Prepared, *, devices=None) -> dict:
         state, position = jax.device_put(restored.state, state_sharding), restored.data_position
     start = int(state.step)
 
-    # The step functions are module-level; this run binds its model, optimizer and preset.
-    step_fn = functools.partial(train_step, sfn=sfn, tx=tx, preset=preset)
-    eval_fn = functools.partial(eval_step, sfn=sfn, preset=preset)
+    # The step functions are module-level; this run binds its model and optimizer.
+    step_fn = functools.partial(train_step, sfn=sfn, tx=tx)
+    eval_fn = functools.partial(eval_step, sfn=sfn)
 
     if outer is not None:
         step_fn = outer.wrap(step_fn, total_steps=cfg.steps,
@@ -566,7 +573,7 @@ def train_and_evaluate(cfg: Config | Prepared, *, devices=None) -> dict:
     progress.close()
     writer.close()
 
-    masks = presets.forward_masks(preset, state.sstate, state.opt_state)
+    masks = sj.optim.forward_masks(state.sstate, state.opt_state)
     summary = logging_utils.format_summary(
         {"step": int(state.step), "recipe": f"{cfg.recipe} ({preset.description})",
          **{f"eval_{k}": v for k, v in last_eval.items()}},

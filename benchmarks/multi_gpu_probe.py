@@ -51,13 +51,13 @@ def _step_time(mesh_spec: str, steps: int = 12, **overrides) -> dict:
     with tempfile.TemporaryDirectory() as workdir:
         run = train.prepare(train.Config(**{**CONFIG, **overrides}, mesh=mesh_spec, workdir=workdir))
         state, sfn, tx = train.create_state(run)
-    mesh, preset = run.mesh, run.preset
+    mesh = run.mesh
     state_sharding = jax.tree.map(lambda x: train.fsdp_sharding(mesh, x), state)
     batch_sharding = NamedSharding(mesh, P(("data", "fsdp")))
     state = jax.device_put(jax.tree.map(lambda x: x.copy(), state), state_sharding)
 
-    # train.py's own step, bound to this run's model, optimizer and preset.
-    step = functools.partial(train.train_step, sfn=sfn, tx=tx, preset=preset)
+    # train.py's own step, bound to this run's model and optimizer.
+    step = functools.partial(train.train_step, sfn=sfn, tx=tx)
     jstep = jax.jit(step, in_shardings=(state_sharding, batch_sharding),
                     out_shardings=(state_sharding, None), donate_argnums=0)
     batches = [jax.device_put(run.train_batches.batch(i), batch_sharding) for i in range(4)]

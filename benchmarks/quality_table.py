@@ -169,9 +169,8 @@ def spark_accounting(run: train.Prepared, result: dict, out: dict) -> dict:
     """Spark keeps every weight; per token, only the fired neurons' up columns and down rows
     are needed. Measures the kept fraction on an eval batch and counts those FLOPs."""
     _, sfn, _ = train.create_state(run)
-    preset = run.preset
     state = result["state"]
-    masks = presets.forward_masks(preset, state.sstate, state.opt_state)
+    masks = optim.forward_masks(state.sstate, state.opt_state)
     batch = next(iter(run.eval_batches()))
     measured = sfn.measure_activations(state.params, {"masks": masks},
                                        jnp.asarray(train.model_inputs(batch)))

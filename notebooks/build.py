@@ -298,7 +298,8 @@ argument, so the training step is written once:
 - **dense**: an empty recipe;
 - **GMP 80%**: `sj.optim.prune` with the cubic `gradual` schedule (Zhu & Gupta, 2017),
   $s_t = s_f + (s_i - s_f)(1 - (t - t_0)/(t_1 - t_0))^3$, recomputes magnitude masks every
-  10 steps; `optim.current_masks(opt_state)` hands them to the sparsified function;
+  10 steps; the optimizer owns these masks, and `optim.forward_masks(sstate, opt_state)`
+  hands the sparsified function the masks of whichever owner holds them;
 - **N:M 2:4**: masks fixed at init from the random weights;
 - **Monarch**: the hidden layer as Monarch factors with 4 blocks, drawn at random;
 - **Spark top-k**: the hidden activations keep their statistical top 25% per example.
@@ -338,10 +339,9 @@ def train(recipe, pruning=False):
         tx = optim.prune(schedule, optax.adam(1e-3), layouts=sfn.layouts,
                          initial_masks=sstate["masks"],
                          where=lambda path, _: sfn.rule_of(path) is not None)
-        masks_of = optim.current_masks
-    else:
+    else:         # sparsify owns the recipe's fixed masks
         tx = optax.adam(1e-3)
-        masks_of = lambda _: sstate["masks"]
+    masks_of = lambda opt_state: optim.forward_masks(sstate, opt_state)   # from their owner
     opt_state = tx.init(sparams)
 
     def sparsity(masks):   # the fraction of masked-out weights (works inside jit); dense: 0

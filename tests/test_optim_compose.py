@@ -133,3 +133,35 @@ def test_layouts_and_where_select_the_masked_leaves():
     assert lays["scan"].stack_axes == (0,) and lays["w"] is None and lays["b"] is None
     with pytest.raises(ValueError, match="layouts\\[w\\]: layout shape"):
         optim.mask_layouts(params, {"scan": None, "w": WeightLayout.default((4, 4)), "b": None})
+
+
+def test_forward_masks_hands_over_from_the_one_owner():
+    params = _params(6)
+    fixed = {"a": {"kernel": jnp.asarray(np.random.default_rng(0).random((8, 6)) < 0.5),
+                   "bias": None}, "b": {"kernel": None}}
+    sstate = {"masks": fixed}
+    # no transform owns masks: sparsify's fixed masks, the same arrays
+    plain = optax.adam(0.1).init(params)
+    assert not optim.owns_masks(plain)
+    assert optim.forward_masks(sstate, plain) is fixed
+    # a pruning transform owns them (inside a chain): its moving masks, not sstate's stale copy
+    tx = optax.chain(optax.clip_by_global_norm(1.0),
+                     optim.prune(optim.one_shot(0.75, step=0), optax.adam(0.05)))
+    state = tx.init(params)
+    _, state = tx.update(_grads(params, 0.0), state, params)
+    assert optim.owns_masks(state)
+    moved = jax.jit(optim.forward_masks)(sstate, state)
+    chex.assert_trees_all_equal(moved, optim.current_masks(state))
+    assert float(optim.masked_sparsity(moved)) == pytest.approx(0.75, abs=0.02)
+    # the N:M transform's soft masks at its current strength: 1 kept, strength where pruned
+    pgf = optim.progressive_nm(optax.adam(0.05), 2, 8, decay="linear", begin_step=0, end_step=4)
+    state = pgf.init(params)
+    _, state = pgf.update(_grads(params, 0.0), state, params)
+    strength = float(optim.current_mask_strength(state))
+    assert 0.0 < strength < 1.0
+    hard = optim.current_masks(state)["b"]["kernel"]
+    soft = optim.forward_masks(sstate, state)["b"]["kernel"]
+    np.testing.assert_allclose(soft, np.where(hard, 1.0, strength), rtol=1e-6)
+    # two owners would be ambiguous
+    with pytest.raises(ValueError, match="2 mask states"):
+        optim.forward_masks(sstate, (state, state))

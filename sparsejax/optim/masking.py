@@ -5,10 +5,15 @@ params' structure and holds a boolean array of the leaf's shape where the leaf i
 masked and ``None`` where it is not. ``jax.tree.map(f, params, masks)`` then hands
 ``f`` a ``None`` for unmasked leaves. ``sparsify``'s state is ``{"masks": masks}``.
 
-The pruning, dynamic-sparse and N:M transforms in :mod:`sparsejax.optim` keep the
-*current* masks in their own optax state (a NamedTuple with a ``masks`` field);
-:func:`current_masks` finds them anywhere inside a chained, ``inject_hyperparams``
-or ``MultiSteps`` state.
+Masks have one owner at a time. Fixed masks (a recipe's rules, computed by
+``sfn.init``) are owned by ``sparsify`` and live in ``sstate["masks"]``. Moving
+masks (GMP and other :func:`prune` schedules, SET, RigL, SR-STE, Progressive
+Gradient Flow) are owned by the optimizer transform that updates them, in its own
+optax state (a NamedTuple with a ``masks`` field, marked by :func:`mask_state`);
+such a transform takes ``sstate["masks"]`` once at init (``initial_masks=``) and
+from then on ``sstate``'s copy is stale. :func:`forward_masks` is the one hand-over:
+the masks the forward pass reads at this step, from whichever owner holds them.
+:func:`current_masks` inspects the optimizer's own masks.
 """
 
 from __future__ import annotations
@@ -26,6 +31,9 @@ __all__ = [
     "mask_layouts",
     "apply_masks",
     "current_masks",
+    "forward_masks",
+    "owns_masks",
+    "soft_masks",
     "sparsity_of",
     "masked_sparsity",
 ]
@@ -160,6 +168,44 @@ def current_masks(opt_state: Any) -> Any:
     if len(found) > 1:
         raise ValueError(f"opt_state holds {len(found)} mask states; masks would be ambiguous")
     return found[0].masks
+
+
+def owns_masks(opt_state: Any) -> bool:
+    """Whether a transform inside ``opt_state`` owns (updates) the masks."""
+    return bool(find_mask_states(opt_state))
+
+
+def soft_masks(masks: Any, strength) -> Any:
+    """``m + strength * (1 - m)`` at masked leaves: Progressive Gradient Flow's decaying mask.
+
+    Float masks in [0, 1]: 1 where kept, ``strength`` where pruned (the hard mask at 0).
+    """
+    def soft(m):
+        if m is None:
+            return None
+        mf = m.astype(jnp.float32)
+        return mf + jnp.asarray(strength, jnp.float32) * (1.0 - mf)
+    return jax.tree.map(soft, masks, is_leaf=lambda x: x is None)
+
+
+def forward_masks(sstate: Any, opt_state: Any) -> Any:
+    """The masks the forward pass reads at this step: the one hand-over between owners.
+
+    Where a transform inside ``opt_state`` owns the masks (:func:`prune`, SET, RigL, the
+    N:M transforms), its current masks; a state with a mask ``strength`` (the N:M
+    transforms) hands over :func:`soft_masks` at that strength (Progressive Gradient
+    Flow; hard 0/1 values at strength 0). Otherwise the fixed masks of
+    ``sstate["masks"]``. Use it as ``sfn(params, {"masks": forward_masks(sstate,
+    opt_state)}, x)``; it works under ``jit``.
+    """
+    found = find_mask_states(opt_state)
+    if not found:
+        return sstate["masks"]
+    if len(found) > 1:
+        raise ValueError(f"opt_state holds {len(found)} mask states; masks would be ambiguous")
+    state = found[0]
+    strength = getattr(state, "strength", None)
+    return state.masks if strength is None else soft_masks(state.masks, strength)
 
 
 def mask_state(cls):
