@@ -75,7 +75,7 @@ def make_optimizer(name, steps, lr):
         return rigl(adam, 0.9, end_step=end, update_every=update_every)
     if name.startswith("GMP"):
         s = 0.5 if "50" in name else 0.9
-        return prune(gradual(s, int(0.1 * steps), int(0.6 * steps), frequency=50), adam)
+        return prune(adam, gradual(s, int(0.1 * steps), int(0.6 * steps), frequency=50))
     raise ValueError(name)
 
 

@@ -29,7 +29,7 @@ from sparsejax.optim.nm_training import (NMState, current_mask_strength, progres
                                          soft_mask_params, srste)
 from sparsejax.optim.prox import (HalfSpace, ProxAdamWState, ProxSGDState, Regularizer,
                                   group_lasso, group_prox, l1, prox_adamw, prox_sgd,
-                                  regularizer_value, soft_threshold, sparse_group_lasso)
+                                  soft_threshold, sparse_group_lasso)
 from sparsejax.optim.pruning import SCORES, PruneState, prune
 from sparsejax.optim.schedules import (SparsitySchedule, cosine_drop_fraction, exponential_decay,
                                        gradual, iterative, linear_decay, one_shot)
@@ -41,10 +41,11 @@ __all__ = [
     "ProxAdamWState", "ProxSGDState", "PruneState", "Regularizer", "SCORES", "SparsitySchedule",
     "apply_masks", "attention_heads", "blocks", "channels", "cosine_drop_fraction",
     "current_mask_strength", "current_masks", "dynamic_sparse", "erk_ratios",
-    "exponential_decay", "forward_masks", "gradual", "group_lasso", "group_prox", "input_neurons", "iterative",
-    "l1", "layer_sparsities", "linear_decay", "mask_layouts", "masked_sparsity",
-    "masks_from_scores", "nm_groups", "one_shot", "output_channels", "owns_masks", "progressive_nm",
-    "prox_adamw", "prox_sgd", "prune", "random_masks", "regularizer_value", "remove_zero_groups",
-    "resolve_groups", "rigl", "soft_mask_params", "soft_masks", "soft_threshold", "sparse_evolutionary_training",
-    "sparse_group_lasso", "sparseloco", "sparsity_of", "srste",
+    "exponential_decay", "forward_masks", "gradual", "group_lasso", "group_prox",
+    "input_neurons", "iterative", "l1", "layer_sparsities", "linear_decay", "mask_layouts",
+    "masked_sparsity", "masks_from_scores", "nm_groups", "one_shot", "output_channels",
+    "owns_masks", "progressive_nm", "prox_adamw", "prox_sgd", "prune", "random_masks",
+    "remove_zero_groups", "resolve_groups", "rigl", "soft_mask_params", "soft_masks",
+    "soft_threshold", "sparse_evolutionary_training", "sparse_group_lasso", "sparseloco",
+    "sparsity_of", "srste",
 ]

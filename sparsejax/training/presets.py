@@ -71,7 +71,7 @@ def _gmp(sparsity: float) -> Preset:
     def wrap(inner, sfn, sparams, sstate, steps):
         schedule = optim.gradual(sparsity, begin_step=steps // 10, end_step=(3 * steps) // 4,
                                  frequency=max(steps // 40, 1))
-        return optim.prune(schedule, inner, layouts=sfn.layouts, where=masked_where(sfn),
+        return optim.prune(inner, schedule, layouts=sfn.layouts, where=masked_where(sfn),
                            initial_masks=sstate["masks"])
     return Preset(f"gmp{round(sparsity * 100)}",
                   f"gradual magnitude pruning to {sparsity:.0%} (cubic schedule, 10%-75% of steps)",
@@ -96,7 +96,7 @@ def _static(sparsity: float) -> Preset:
                                    where=masked_where(sfn))
         fixed = optim.SparsitySchedule(lambda t: jnp.asarray(sparsity), lambda t: t < 0, sparsity,
                                        0, f"fixed random masks at {sparsity}")
-        return optim.prune(fixed, inner, layouts=sfn.layouts, where=masked_where(sfn),
+        return optim.prune(inner, fixed, layouts=sfn.layouts, where=masked_where(sfn),
                            initial_masks=masks)
     return Preset(f"static{round(sparsity * 100)}", f"static random masks at {sparsity:.0%} (ERK)",
                   lambda model: Recipe([rules.Prune(SPARSE_WEIGHTS[model], 0.0)]), wrap, "optimizer")
