@@ -17,6 +17,7 @@ XLA_FLAGS=--xla_force_host_platform_device_count=8 before the command.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import signal
 import sys
@@ -32,7 +33,8 @@ from flax import serialization, struct
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 import sparsejax as sj
-from sparsejax import checkpointing, data, distributed, logging_utils, presets
+from sparsejax import distributed
+from sparsejax.training import checkpointing, data, logging_utils, presets
 from sparsejax.distributed import local_sgd
 from sparsejax.models import transformer, vision
 from sparsejax.oneshot import training as oneshot_training
@@ -327,6 +329,31 @@ class TrainState(struct.PyTreeNode):
     sstate: Any
 
 
+def loss_fn(params, masks, batch, *, sfn):
+    """The model's loss and metrics with ``masks`` in the forward pass."""
+    logits = sfn(params, {"masks": masks}, model_inputs(batch))
+    return loss_and_metrics(logits, batch)
+
+
+def train_step(state: TrainState, batch, *, sfn, tx: optax.GradientTransformation):
+    """One optimizer step; the forward pass reads the masks from their owner (sstate or optimizer)."""
+    masks = sj.optim.forward_masks(state.sstate, state.opt_state)
+    (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, masks, batch,
+                                                                    sfn=sfn)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    new_masks = sj.optim.forward_masks(state.sstate, opt_state)
+    if jax.tree.leaves(new_masks):        # nothing to show for a dense run
+        metrics["sparsity"] = sj.optim.masked_sparsity(new_masks)
+    return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+
+def eval_step(state: TrainState, batch, *, sfn):
+    """Loss and metrics on one held-out batch, with the masks of this step."""
+    masks = sj.optim.forward_masks(state.sstate, state.opt_state)
+    return loss_fn(state.params, masks, batch, sfn=sfn)[1]
+
+
 def make_optimizer(cfg: Config, preset, sfn, sparams, sstate) -> optax.GradientTransformation:
     warmup = min(cfg.warmup_steps, cfg.steps - 1)
     if cfg.lr_schedule == "cosine":
@@ -446,7 +473,14 @@ def create_state(run: Prepared):
     if cfg.oneshot:   # post-training pruning of the --init_from weights; training then fine-tunes
         sparams, sstate = oneshot_training.prune_run(cfg, run, sfn, sparams, sstate, loss_and_metrics)
     tx = make_optimizer(cfg, preset, sfn, sparams, sstate)
-    state = TrainState(step=jnp.zeros([], jnp.int32), params=sparams, opt_state=tx.init(sparams),
+    opt_state = tx.init(sparams)
+    if sj.optim.owns_masks(opt_state) != (preset.masks_from != "recipe"):
+        # Masks have one owner: the forward pass would read the other one's (stale) copy.
+        raise SetupError(f"--recipe {cfg.recipe}: its masks_from={preset.masks_from!r} but the "
+                         f"optimizer {'owns' if sj.optim.owns_masks(opt_state) else 'holds no'} "
+                         "masks; set masks_from to 'optimizer' where its wrap adds a mask-moving "
+                         "transform (prune, rigl, ...), else 'recipe'")
+    state = TrainState(step=jnp.zeros([], jnp.int32), params=sparams, opt_state=opt_state,
                        sstate=sstate)
     return state, sfn, tx
 
@@ -479,36 +513,22 @@ def train_and_evaluate(cfg: Config | Prepared, *, devices=None) -> dict:
         state, position = jax.device_put(restored.state, state_sharding), restored.data_position
     start = int(state.step)
 
-    def loss_fn(params, masks, batch):
-        logits = sfn(params, {"masks": masks}, model_inputs(batch))
-        return loss_and_metrics(logits, batch)
-
-    def train_step(state: TrainState, batch):
-        masks = presets.forward_masks(preset, state.sstate, state.opt_state)
-        (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, masks, batch)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        sparsity = _sparsity(presets.forward_masks(preset, state.sstate, opt_state))
-        if sparsity is not None:
-            metrics["sparsity"] = sparsity
-        return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
-
-    def eval_step(state: TrainState, batch):
-        masks = presets.forward_masks(preset, state.sstate, state.opt_state)
-        return loss_fn(state.params, masks, batch)[1]
+    # The step functions are module-level; this run binds its model and optimizer.
+    step_fn = functools.partial(train_step, sfn=sfn, tx=tx)
+    eval_fn = functools.partial(eval_step, sfn=sfn)
 
     if outer is not None:
-        train_step = outer.wrap(train_step, total_steps=cfg.steps,
-                                log_at=lambda s: s % cfg.log_every == 0 or s == cfg.steps)
+        step_fn = outer.wrap(step_fn, total_steps=cfg.steps,
+                             log_at=lambda s: s % cfg.log_every == 0 or s == cfg.steps)
     else:
-        train_step = jax.jit(train_step, in_shardings=(state_sharding, batch_sharding),
-                             out_shardings=(state_sharding, None), donate_argnums=0)
-    eval_step = jax.jit(eval_step, in_shardings=(state_sharding, batch_sharding))
+        step_fn = jax.jit(step_fn, in_shardings=(state_sharding, batch_sharding),
+                          out_shardings=(state_sharding, None), donate_argnums=0)
+    eval_fn = jax.jit(eval_fn, in_shardings=(state_sharding, batch_sharding))
 
     def evaluate(state):
         totals, weight = {}, 0.0
         for batch in eval_batches():
-            m = jax.device_get(eval_step(state, _global_batch(batch, batch_sharding)))
+            m = jax.device_get(eval_fn(state, _global_batch(batch, batch_sharding)))
             weight += float(m["weight"])
             for k, v in m.items():
                 if k != "weight":
@@ -525,7 +545,7 @@ def train_and_evaluate(cfg: Config | Prepared, *, devices=None) -> dict:
         progress.print(f"resumed from step {start} in {cfg.workdir}")
     for step in range(start + 1, cfg.steps + 1):
         batch = _global_batch(train_batches.batch(position), batch_sharding)
-        state, metrics = train_step(state, batch)
+        state, metrics = step_fn(state, batch)
         position += 1
         if step % cfg.log_every == 0 or step == cfg.steps:
             metrics = {k: float(v) for k, v in jax.device_get(metrics).items() if k != "weight"}
@@ -553,11 +573,12 @@ def train_and_evaluate(cfg: Config | Prepared, *, devices=None) -> dict:
     progress.close()
     writer.close()
 
-    masks = presets.forward_masks(preset, state.sstate, state.opt_state)
+    masks = sj.optim.forward_masks(state.sstate, state.opt_state)
     summary = logging_utils.format_summary(
         {"step": int(state.step), "recipe": f"{cfg.recipe} ({preset.description})",
          **{f"eval_{k}": v for k, v in last_eval.items()}},
-        logging_utils.mask_sparsity(jax.device_get(masks)), summary_report(preset, sfn, masks))
+        sj.optim.masked_sparsity(jax.device_get(masks), by_path=True),
+        summary_report(preset, sfn, masks))
     if jax.process_index() == 0:
         with open(os.path.join(cfg.workdir, "summary.txt"), "w") as f:
             f.write(summary + "\n")
@@ -583,16 +604,6 @@ def summary_report(preset, sfn, masks):
     masked = set(sfn.masked_paths)
     return dataclasses.replace(report, rows=[
         dataclasses.replace(r, rule=owner) if r.path in masked else r for r in report.rows])
-
-
-def _sparsity(masks) -> jax.Array | None:
-    """Fraction of masked weights that are pruned (None with no masks: nothing to show)."""
-    leaves = [m for m in jax.tree.leaves(masks) if m is not None]
-    if not leaves:
-        return None
-    total = sum(m.size for m in leaves)
-    kept = sum(jnp.sum(m.astype(jnp.float32)) for m in leaves) / total
-    return jnp.clip(1.0 - kept, 0.0, 1.0)   # rounding must not print -0.000
 
 
 def _global_batch(batch: dict, sharding: NamedSharding) -> dict:

@@ -16,6 +16,7 @@ what else costs. Prints the table last and writes it to $OUT/multi_gpu_probe.md.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import pathlib
@@ -41,7 +42,6 @@ if os.environ.get("PROBE_SMOKE"):   # a CPU check of the script itself, tiny siz
 
 def _step_time(mesh_spec: str, steps: int = 12, **overrides) -> dict:
     import jax
-    import optax
     from jax.sharding import NamedSharding, PartitionSpec as P
 
     sys.path.append(str(pathlib.Path(__file__).resolve().parents[1]))
@@ -51,22 +51,13 @@ def _step_time(mesh_spec: str, steps: int = 12, **overrides) -> dict:
     with tempfile.TemporaryDirectory() as workdir:
         run = train.prepare(train.Config(**{**CONFIG, **overrides}, mesh=mesh_spec, workdir=workdir))
         state, sfn, tx = train.create_state(run)
-    mesh, preset = run.mesh, run.preset
+    mesh = run.mesh
     state_sharding = jax.tree.map(lambda x: train.fsdp_sharding(mesh, x), state)
     batch_sharding = NamedSharding(mesh, P(("data", "fsdp")))
     state = jax.device_put(jax.tree.map(lambda x: x.copy(), state), state_sharding)
 
-    def loss_fn(params, masks, batch):
-        logits = sfn(params, {"masks": masks}, train.model_inputs(batch))
-        return train.loss_and_metrics(logits, batch)
-
-    def step(state, batch):
-        masks = train.presets.forward_masks(preset, state.sstate, state.opt_state)
-        (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, masks, batch)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        return state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
-                             opt_state=opt_state), metrics["loss"]
-
+    # train.py's own step, bound to this run's model and optimizer.
+    step = functools.partial(train.train_step, sfn=sfn, tx=tx)
     jstep = jax.jit(step, in_shardings=(state_sharding, batch_sharding),
                     out_shardings=(state_sharding, None), donate_argnums=0)
     batches = [jax.device_put(run.train_batches.batch(i), batch_sharding) for i in range(4)]
@@ -85,14 +76,14 @@ def _step_time(mesh_spec: str, steps: int = 12, **overrides) -> dict:
             c[0] += 1
             c[1] += size * {"f32": 4, "bf16": 2, "f16": 2, "s32": 4}.get(dtype, 4)
     for _ in range(3):
-        state, loss = jstep(state, batches[0])
-    jax.block_until_ready(loss)
+        state, metrics = jstep(state, batches[0])
+    jax.block_until_ready(metrics)
     times = []
     for r in range(5):
         t0 = time.perf_counter()
         for i in range(steps):
-            state, loss = jstep(state, batches[i % len(batches)])
-        jax.block_until_ready(loss)
+            state, metrics = jstep(state, batches[i % len(batches)])
+        jax.block_until_ready(metrics)
         times.append((time.perf_counter() - t0) / steps)
     return {"step_ms": 1e3 * statistics.median(times), "collectives": collectives,
             "tokens_per_s": run.cfg.batch_size * CONFIG["seq_len"] / statistics.median(times)}

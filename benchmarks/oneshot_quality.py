@@ -40,7 +40,7 @@ if ROOT not in sys.path:
 
 import train  # noqa: E402
 import sparsejax as sj  # noqa: E402
-from sparsejax import data, presets  # noqa: E402
+from sparsejax.training import data, presets  # noqa: E402
 from sparsejax.compiler import calibration  # noqa: E402
 from sparsejax.models import transformer  # noqa: E402
 

@@ -6,7 +6,7 @@
 Every row trains train.py's LM (``train.train_and_evaluate``) on the default
 offline corpus (Python's own source, byte level) with the same model, steps,
 batches and learning-rate schedule, so every row sees the same tokens; rows
-differ only in the sparsity preset (``sparsejax.presets``). Two rows are built
+differ only in the sparsity preset (``sparsejax.training.presets``). Two rows are built
 here because no preset expresses them:
 
 * ``monarch4_proj``: a dense run for the first half of the steps, then its final
@@ -53,7 +53,8 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 import train  # noqa: E402
-from sparsejax import optim, presets  # noqa: E402
+from sparsejax import optim  # noqa: E402
+from sparsejax.training import presets  # noqa: E402
 
 # (row name, how it is trained, one-line description); presets by name, two built here.
 ROWS = [
@@ -168,9 +169,8 @@ def spark_accounting(run: train.Prepared, result: dict, out: dict) -> dict:
     """Spark keeps every weight; per token, only the fired neurons' up columns and down rows
     are needed. Measures the kept fraction on an eval batch and counts those FLOPs."""
     _, sfn, _ = train.create_state(run)
-    preset = run.preset
     state = result["state"]
-    masks = presets.forward_masks(preset, state.sstate, state.opt_state)
+    masks = optim.forward_masks(state.sstate, state.opt_state)
     batch = next(iter(run.eval_batches()))
     measured = sfn.measure_activations(state.params, {"masks": masks},
                                        jnp.asarray(train.model_inputs(batch)))

@@ -75,7 +75,7 @@ def make_optimizer(name, steps, lr):
         return rigl(adam, 0.9, end_step=end, update_every=update_every)
     if name.startswith("GMP"):
         s = 0.5 if "50" in name else 0.9
-        return prune(gradual(s, int(0.1 * steps), int(0.6 * steps), frequency=50), adam)
+        return prune(adam, gradual(s, int(0.1 * steps), int(0.6 * steps), frequency=50))
     raise ValueError(name)
 
 
@@ -107,7 +107,7 @@ def run(name, seed, data, steps, batch, lr):
     zeros = sparsity_of({k: {"kernel": v["kernel"]} for k, v in params.items()})
     reached = sum(z * params[p.split("/")[0]]["kernel"].size for p, z in zeros.items()) / \
         sum(params[p.split("/")[0]]["kernel"].size for p in zeros)
-    return loss, acc, reached, (masked_sparsity(masks) if sparse else 0.0)
+    return loss, acc, reached, (float(masked_sparsity(masks)) if sparse else 0.0)
 
 
 def main(argv=None):

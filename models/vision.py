@@ -1,6 +1,6 @@
 """Small image classifiers in Flax Linen: an MLP-Mixer and a conv net.
 
-Sized for scikit-learn's 8×8 digits (``sparsejax.data.load_digits``) but shape
+Sized for scikit-learn's 8×8 digits (``sparsejax.training.data.load_digits``) but shape
 agnostic. Every weight is a plain ``nn.Dense`` or ``nn.Conv`` kernel, so
 ``sparsify`` finds each one as a weight site:
 

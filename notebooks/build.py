@@ -1,26 +1,37 @@
-"""Builds the notebooks in this folder from the cells written below.
+"""Builds the notebooks in this folder from their plain-Python sources in src/.
 
     python notebooks/build.py            # writes tour.ipynb, gpu.ipynb, tpu.ipynb
-    python notebooks/build.py --check    # exits 1 if a stored notebook differs from its cells
+    python notebooks/build.py --check    # exits 1 if a stored notebook differs from its sources
 
-The notebooks are stored without outputs; edit the cells here, never the .ipynb
-files, so that a change to a notebook is a reviewable change to Python text.
-All three share the tour; gpu.ipynb and tpu.ipynb add their backend's notes
-(which kernels apply, how to check the device, what to expect on Colab or a
-Cloud TPU VM) and time the lowered kernels at sizes picked for that device.
+The sources are jupytext "percent" scripts (``# %%`` starts a code cell, ``# %% [markdown]``
+a Markdown cell whose lines are comments), so a change to a notebook is a reviewable change
+to Python text, and an editor or ``jupytext`` can open them. The notebooks are stored
+without outputs; edit src/, never the .ipynb files.
+
+src/tour.py is the tour. gpu.ipynb and tpu.ipynb are the tour with their backend's notes
+(which kernels apply, how to check the device, what to expect on Colab or a Cloud TPU VM)
+and a timing of the lowered kernels at sizes picked for that device: src/gpu.py and
+src/tpu.py hold only those cells, each naming a tour cell by its ``slot`` metadata. A cell
+with ``slot="name"`` replaces the tour's cell of that slot (for ``slot="title"``: only its
+heading line); a cell with ``after="name"`` is added after it.
 """
 
 from __future__ import annotations
 
 import argparse
 import pathlib
+import re
 import sys
 
 import nbformat
 from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
 
 HERE = pathlib.Path(__file__).resolve().parent
+SOURCES = HERE / "src"
 NOTEBOOKS = ("tour", "gpu", "tpu")
+
+_CELL_MARK = re.compile(r"^# %%(?: \[(markdown)\])?((?: \w+=\"[^\"]*\")*)\s*$")
+_META = re.compile(r'(\w+)="([^"]*)"')
 
 
 def md(text: str):
@@ -31,540 +42,55 @@ def code(text: str):
     return new_code_cell(text.strip("\n"))
 
 
-# ----------------------------------------------------------------------------- intros
-
-TITLES = {
-    "tour": "# A tour of sparsejax",
-    "gpu": "# sparsejax on a GPU",
-    "tpu": "# sparsejax on a TPU",
-}
-
-INTRO = """
-One transform, `sparsejax.sparsify(fn, recipe)`, rewrites any JAX function's program:
-weight masks (unstructured, N:M, blocks, channels), Monarch factorizations and Spark's
-statistical top-k on activations, without touching the model's code. This notebook takes
-small Flax models through it:
-
-1. sparsify a Transformer LM with masks, N:M, Monarch and Spark top-k, and read `report()`;
-2. look at the mask patterns each rule makes;
-3. train a few hundred steps with a sparsity schedule and compare recipes;
-4. lower block masks to the block-sparse kernel;
-5. read the recorded benchmark results.
-
-It runs top to bottom on a CPU in a minute or two (small sizes, the kernels fall back to
-their plain-JAX twins) and picks bigger sizes on a GPU or TPU. Set the environment variable
-`SPARSEJAX_NOTEBOOK_SIZE=small` or `large` to choose yourself.
-"""
-
-BACKEND_NOTES = {
-    "tour": """
-**Set-up.** From a clone of the repository: `pip install -e ".[dev]"` (CPU), or
-`pip install -e ".[gpu]"` on a CUDA machine, then open this notebook from `notebooks/`.
-`gpu.ipynb` and `tpu.ipynb` are this tour with each backend's notes.
-""",
-    "gpu": """
-## GPU notes
-
-**Set-up on Colab** (Runtime → Change runtime type → a GPU): clone the repository, then
-`pip install -e ".[gpu]"` in it (JAX's CUDA 12 build) and restart the runtime. On your own
-machine the same command works in a fresh virtual environment.
-
-**Which kernels apply on a GPU** (every one sits beside a plain-JAX reference, and
-`sfn.report()` says per site which one ran and why):
-
-| sparsity | path on GPU | needs |
-|---|---|---|
-| `Block` masks after `sfn.lower(sstate)` | Mosaic GPU block-sparse kernel (`plgpu.emit_pipeline` + `wgmma`) | a Hopper GPU (H100/H200), bf16/f16 weights, blocks of 64 or 128 |
-| `Prune`, `NM`, `Channels` masks | XLA: the masked weight is multiplied densely (masks alone make nothing faster) | |
-| `NM` weights in decode (`sparsejax.kernels.nm_compressed`) | compressed N:M GEMV (Pallas, Triton backend), batch ≤ 2 | 0.80× of dense for 2:4 on H100: compact memory, not speed yet |
-| `Monarch` | two XLA einsums (the fused Pallas kernel is slower than them; see the results) | |
-| `SparkTopK` | statistical top-k in XLA (three passes, no sort) | |
-
-Hopper's 2:4 sparse tensor cores are not reachable from Pallas, so N:M does not turn into
-matmul speed here. On an A100/T4 (Colab's free tier) the Mosaic GPU kernel does not apply:
-`lower` keeps every site on the reference and the report says so.
-
-**What to expect.** Measured on an H100 (bf16, 8192³, 128×128 blocks): 1.93× / 3.57× / 7.18×
-faster than XLA's dense matmul at density 0.5 / 0.25 / 0.1 (forward). At this notebook's
-sizes the numbers are smaller: kernel launches and the pipeline fill weigh more.
-The Pallas Triton backend warns that it is deprecated on JAX ≥ 0.11; that warning is harmless.
-""",
-    "tpu": """
-## TPU notes
-
-**Set-up on a Cloud TPU VM** (or Colab's TPU runtime): clone the repository, then
-`pip install -e ".[dev]"` and `pip install "jax[tpu]"` (JAX's TPU build), and open this
-notebook from `notebooks/`.
-
-**Which kernels apply on a TPU** (every one sits beside a plain-JAX reference, and
-`sfn.report()` says per site which one ran and why):
-
-| sparsity | path on TPU | needs |
-|---|---|---|
-| `Block` masks after `sfn.lower(sstate)` | Pallas TPU block-sparse kernel (`PrefetchScalarGridSpec`: the block tables are scalar-prefetched) | blocks that are multiples of 128 (the MXU tile) |
-| `Prune`, `NM`, `Channels` masks | XLA: the masked weight is multiplied densely | |
-| `Monarch` | two XLA einsums (the fused Monarch kernel is GPU-only) | |
-| `SparkTopK` | statistical top-k in XLA (no sort: the TPU's `lax.top_k` is slow) | |
-
-**What to expect.** The TPU kernel is tested in interpret mode on CPU but has **not been
-measured on a TPU** (none was available when the results were recorded), so the timing cell
-below is the first measurement: read it as such. TPUs have no N:M hardware path.
-""",
-}
-
-DEVICE_CELL = {
-    "tour": """
-import jax
-print("JAX", jax.__version__, "| backend:", jax.default_backend())
-for d in jax.devices():
-    print(" ", d.platform, d.device_kind)
-""",
-    "gpu": """
-import subprocess
-import jax
-print("JAX", jax.__version__, "| backend:", jax.default_backend())
-for d in jax.devices():
-    print(" ", d.platform, d.device_kind)
-if jax.default_backend() == "gpu":
-    print(subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total,driver_version",
-                          "--format=csv"], capture_output=True, text=True).stdout)
-    HOPPER = any("H100" in d.device_kind or "H200" in d.device_kind for d in jax.devices())
-    print("Hopper (Mosaic GPU block-sparse kernel applies):", HOPPER)
-else:
-    print("No GPU: this notebook runs at small sizes and every kernel falls back to its reference.")
-""",
-    "tpu": """
-import jax
-print("JAX", jax.__version__, "| backend:", jax.default_backend())
-for d in jax.devices():
-    print(" ", d.platform, d.device_kind)
-if jax.default_backend() != "tpu":
-    print("No TPU: this notebook runs at small sizes and every kernel falls back to its reference.")
-""",
-}
-
-# ----------------------------------------------------------------------------- shared tour
-
-SETUP = """
-import json
-import os
-import pathlib
-import time
-
-import flax.linen as nn
-import jax
-import jax.numpy as jnp
-import matplotlib.pyplot as plt
-import numpy as np
-import optax
-
-import sparsejax as sj
-from sparsejax import data, optim
-from sparsejax.layout import WeightLayout
-from sparsejax.models.transformer import TransformerConfig, TransformerLM, lm_loss
-
-BACKEND = jax.default_backend()
-SIZE = os.environ.get("SPARSEJAX_NOTEBOOK_SIZE") or ("small" if BACKEND == "cpu" else "large")
-assert SIZE in ("small", "large"), SIZE
-if SIZE == "small":      # a minute or two on two CPU cores
-    LM = TransformerConfig(d_model=64, n_layers=2, n_heads=4, d_ff=192)
-    LM_BATCH, LM_SEQ = 8, 64
-    MLP_WIDTH, STEPS, BATCH = 256, 300, 64
-    KERNEL_WIDTH, KERNEL_TOKENS, KERNEL_BLOCK = 256, 64, (64, 64)
-else:                    # an accelerator
-    LM = TransformerConfig(d_model=256, n_layers=4, n_heads=4, d_ff=768)
-    LM_BATCH, LM_SEQ = 16, 256
-    MLP_WIDTH, STEPS, BATCH = 1024, 1500, 128
-    KERNEL_WIDTH, KERNEL_TOKENS, KERNEL_BLOCK = 8192, 8192, (128, 128)
-print(f"sizes: {SIZE} (backend {BACKEND})")
-
-
-def find_repo_root(start=pathlib.Path.cwd()):
-    for folder in (start, *start.parents):
-        if (folder / "benchmarks" / "results").is_dir():
-            return folder
-    return None
-"""
-
-LM_MD = """
-## 1. Sparsify a Transformer LM
-
-`TransformerLM` (from `sparsejax.models`) is an ordinary Linen model: a decoder with
-RMSNorm, RoPE, causal attention and a gated (SwiGLU) FFN. Its weights are named by path,
-`params/layers_0/attn/q/kernel`, `params/layers_0/mlp/up/kernel`, ... A recipe is an
-ordered list of rules; for each weight the first rule whose glob matches wins:
-
-- `Monarch`: the FFN's `up` projection becomes two block-diagonal factors (projected from
-  the dense weight: the Frobenius-closest Monarch matrix);
-- `NM`: every attention projection keeps 2 of each 4 consecutive weights along the input axis;
-- `Prune`: every other matmul weight keeps its 20% largest-magnitude entries;
-- `SparkTopK`: activation rules select sites by program structure instead of weights:
-  here the FFN's gate pre-activation keeps its statistical top 25% per token.
-"""
-
-LM_CELL = """
-corpus = data.load_stdlib_corpus(max_bytes=100_000)     # Python's own source, byte-level
-lm_batches = data.LMBatches(corpus.train, batch_size=LM_BATCH, seq_len=LM_SEQ, seed=0)
-tokens = jnp.asarray(lm_batches.batch(0)["inputs"])
-
-lm = TransformerLM(LM)
-lm_params = lm.init(jax.random.key(0), tokens)
-
-recipe = sj.Recipe([
-    sj.Monarch("*/mlp/up/kernel", nblocks=4),
-    sj.NM("*/attn/*/kernel", n=2, m=4),
-    sj.Prune("*kernel", sparsity=0.8),
-    sj.SparkTopK(site="ffn", k_frac=0.25),
-])
-sparse_lm = sj.sparsify(lm.apply, recipe)
-lm_sparams, lm_sstate = sparse_lm.init(lm_params, tokens)   # trace once, find sites, build state
-logits = jax.jit(sparse_lm)(lm_sparams, lm_sstate, tokens)
-print("logits", logits.shape, "| loss of the untrained model:",
-      float(lm_loss(logits, jnp.asarray(lm_batches.batch(0)["targets"]))))
-"""
-
-REPORT_MD = """
-`report()` lists every rewritten weight (rule, layout, density, parameters and FLOPs
-before → after, and how the site is computed), the parameters no rule touched, and the
-activation sites. `measure_activations` runs one batch and records, per site and layer,
-how many activations fire without the rule (`before`: pre-activations above zero) and
-with it (`after`); the report then shows them too.
-"""
-
-REPORT_CELL = """
-measured = sparse_lm.measure_activations(lm_sparams, lm_sstate, tokens)
-print(sparse_lm.report())
-"""
-
-ACT_PLOT_CELL = """
-ffn = [m for m in measured if m["kind"] == "ffn"]
-layers = np.arange(len(ffn))
-fig, ax = plt.subplots(figsize=(6, 3))
-ax.bar(layers - 0.2, [m["before"] for m in ffn], 0.4, label="before (> 0)")
-ax.bar(layers + 0.2, [m["after"] for m in ffn], 0.4, label="after SparkTopK")
-ax.axhline(0.25, color="k", ls="--", lw=1, label="target k_frac")
-ax.set_xticks(layers, [f"layer {i}" for i in layers])
-ax.set_ylabel("FFN activation density")
-ax.set_title("Spark statistical top-k on the gate pre-activation")
-ax.legend(fontsize=8)
-fig.tight_layout()
-"""
-
-MASKS_MD = """
-## 2. Mask patterns
-
-Every mask rule computes its mask on the weight's matrix view `(K, N)` (inputs × outputs,
-`y = x @ W`). Here the four mask rules and a Monarch projection act on the same weight, the
-first layer's FFN `gate` kernel. Black is kept. `NM(2, 4)` keeps 2 of every 4 consecutive
-entries down each column; `Block` keeps whole tiles (what the block-sparse kernel needs);
-`Channels` keeps whole output columns. `Monarch` replaces the weight by two block-diagonal
-factors with a permutation between them (their product is dense; its parameters and FLOPs are
-about 2/nblocks of the dense weight's): the last two panels show the factors' blocks.
-"""
-
-MASKS_CELL = """
-path = "params/layers_0/mlp/gate/kernel"
-w = lm_params["params"]["layers_0"]["mlp"]["gate"]["kernel"]
-layout = WeightLayout.default(w.shape)       # Flax: the last axis is the output
-rules = [sj.Prune("*", sparsity=0.75), sj.NM("*", n=2, m=4),
-         sj.Block("*", sparsity=0.75, block=(16, 16)), sj.Channels("*", sparsity=0.75, axis="out")]
-panels = {r.describe(): np.asarray(r.mask_for(path, w, layout)) for r in rules}
-
-# Monarch: W ≈ P2ᵀ · blockdiag(w2) · P · blockdiag(w1); show the two block-diagonal factors.
-factors = sj.monarch.project(w, 4)
-w1, w2 = np.asarray(factors["w1"]), np.asarray(factors["w2"])
-block_diag = lambda blocks: jax.scipy.linalg.block_diag(*[b.T for b in blocks])
-panels[f"Monarch factor 1, w1 {w1.shape}"] = np.asarray(block_diag(w1)) != 0
-panels[f"Monarch factor 2, w2 {w2.shape}"] = np.asarray(block_diag(w2)) != 0
-
-fig, axes = plt.subplots(3, 2, figsize=(11, 7))
-for ax, (name, m) in zip(axes.flat, panels.items()):
-    ax.imshow(~m, cmap="gray", aspect="auto", interpolation="nearest")
-    ax.set_title(f"{name}: kept {m.mean():.2f}", fontsize=8)
-    ax.set_xticks([]); ax.set_yticks([])
-fig.suptitle(f"{path} {tuple(w.shape)}: rows = inputs (K), columns = outputs (N); black = kept",
-             fontsize=9)
-fig.tight_layout()
-"""
-
-TRAIN_MD = """
-## 3. Training with a sparsity schedule
-
-An MLP on scikit-learn's 8×8 digits trains in seconds, so we can compare recipes. Each run
-uses the same data, steps and Adam; the sparsified function takes masks from its state
-argument, so the training step is written once:
-
-- **dense**: an empty recipe;
-- **GMP 80%**: `sj.optim.prune` with the cubic `gradual` schedule (Zhu & Gupta, 2017),
-  $s_t = s_f + (s_i - s_f)(1 - (t - t_0)/(t_1 - t_0))^3$, recomputes magnitude masks every
-  10 steps; `optim.current_masks(opt_state)` hands them to the sparsified function;
-- **N:M 2:4**: masks fixed at init from the random weights;
-- **Monarch**: the hidden layer as Monarch factors with 4 blocks, drawn at random;
-- **Spark top-k**: the hidden activations keep their statistical top 25% per example.
-"""
-
-TRAIN_CELL = """
-digits = data.load_digits()
-batches = data.ImageBatches(digits.train_images, digits.train_labels, batch_size=BATCH, seed=0)
-valid_x, valid_y = jnp.asarray(digits.valid_images), jnp.asarray(digits.valid_labels)
-
-
-class MLP(nn.Module):
-    width: int
-
-    @nn.compact
-    def __call__(self, images):
-        x = images.reshape(images.shape[0], -1)
-        x = nn.relu(nn.Dense(self.width, name="fc1")(x))
-        x = nn.relu(nn.Dense(self.width, name="fc2")(x))
-        return nn.Dense(10, name="head")(x)
-
-
-mlp = MLP(MLP_WIDTH)
-example = jnp.asarray(batches.batch(0)["images"])
-mlp_params = mlp.init(jax.random.key(1), example)
-schedule = optim.gradual(0.8, begin_step=STEPS // 10, end_step=STEPS * 2 // 3, frequency=10)
-
-
-def xent(logits, labels):
-    return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
-
-
-def train(recipe, pruning=False):
-    sfn = sj.sparsify(mlp.apply, recipe)
-    sparams, sstate = sfn.init(mlp_params, example)
-    if pruning:   # the optimizer owns the masks and grows their sparsity on the schedule
-        tx = optim.prune(schedule, optax.adam(1e-3), layouts=sfn.layouts,
-                         initial_masks=sstate["masks"],
-                         where=lambda path, _: sfn.rule_of(path) is not None)
-        masks_of = optim.current_masks
-    else:
-        tx = optax.adam(1e-3)
-        masks_of = lambda _: sstate["masks"]
-    opt_state = tx.init(sparams)
-
-    def sparsity(masks):   # the fraction of masked-out weights, inside jit
-        leaves = [m for m in jax.tree.leaves(masks) if m is not None]
-        return 1.0 - sum(jnp.sum(m) for m in leaves) / max(sum(m.size for m in leaves), 1)
-
-    @jax.jit
-    def step(params, opt_state, batch):
-        loss_fn = lambda p: xent(sfn(p, {"masks": masks_of(opt_state)}, batch["images"]),
-                                 batch["labels"])
-        loss, grads = jax.value_and_grad(loss_fn)(params)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, (loss, sparsity(masks_of(opt_state)))
-
-    history = []
-    for t in range(STEPS):
-        sparams, opt_state, metrics = step(sparams, opt_state, batches.batch(t))
-        history.append(metrics)       # device arrays: no wait for the step to finish
-    losses, sparsities = np.asarray(jax.device_get(history)).T
-    logits = jax.jit(sfn)(sparams, {"masks": masks_of(opt_state)}, valid_x)
-    return {"sfn": sfn, "params": sparams, "masks": masks_of(opt_state),
-            "loss": losses, "sparsity": sparsities,
-            "eval_loss": float(xent(logits, valid_y)),
-            "eval_acc": float(jnp.mean(jnp.argmax(logits, -1) == valid_y))}
-
-
-start = time.perf_counter()
-runs = {
-    "dense": train(sj.Recipe([])),
-    # sparsity=0.0: every weight is kept at init; the optimizer raises the sparsity
-    "GMP 80%": train(sj.Prune("*fc*/kernel", sparsity=0.0), pruning=True),
-    "N:M 2:4": train(sj.NM("*fc*/kernel", n=2, m=4)),
-    "Monarch": train(sj.Monarch("*fc2/kernel", nblocks=4, init="random")),
-    "Spark top-k": train(sj.SparkTopK(site="ffn", k_frac=0.25)),
-}
-print(f"{len(runs)} runs of {STEPS} steps in {time.perf_counter() - start:.0f} s")
-for name, r in runs.items():
-    print(f"{name:12s} held-out loss {r['eval_loss']:.3f}  accuracy {r['eval_acc']:.3f}")
-"""
-
-SCHEDULE_CELL = """
-steps = np.arange(STEPS)
-fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 3.5))
-ax1.plot(steps, np.asarray(schedule.sparsity(steps)), label="schedule target $s_t$")
-ax1.plot(steps, runs["GMP 80%"]["sparsity"], "--", label="masks reached")
-updates = steps[np.asarray(schedule.is_update(steps))]
-ax1.plot(updates, np.asarray(schedule.sparsity(updates)), ".", ms=4, label="mask updates")
-ax1.set(xlabel="step", ylabel="sparsity", title="gradual magnitude pruning to 80%")
-ax1.legend(fontsize=8)
-
-smooth = lambda y, n=20: np.convolve(y, np.ones(n) / n, mode="valid")
-for name, r in runs.items():
-    ax2.plot(smooth(r["loss"]), label=f"{name} (eval {r['eval_loss']:.2f})")
-ax2.set(xlabel="step", ylabel="training loss (moving mean)", yscale="log", title="loss curves")
-ax2.legend(fontsize=8)
-fig.tight_layout()
-"""
-
-DENSITY_MD = """
-Per-layer density at the end of training, read from each run's report (for Monarch,
-the factors' size relative to the dense weight), and the masks GMP grew:
-"""
-
-DENSITY_CELL = """
-fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 3.5), gridspec_kw={"width_ratios": [3, 2]})
-names = [n for n in runs if n != "dense" and runs[n]["sfn"].report().rows]
-layer_names = ["params/fc1/kernel", "params/fc2/kernel", "params/head/kernel"]
-for i, name in enumerate(names):
-    r = runs[name]
-    rows = {row.path: row.density for row in r["sfn"].report({"masks": r["masks"]}).rows}
-    density = [rows.get(p, 1.0) for p in layer_names]
-    ax1.bar(np.arange(3) + (i - 1) * 0.27, density, 0.27, label=name)
-ax1.set_xticks(np.arange(3), [p.split("/")[1] for p in layer_names])
-ax1.set(ylabel="kept fraction of the weight", title="per-layer density after training")
-ax1.legend(fontsize=8)
-
-gmp_mask = np.asarray(runs["GMP 80%"]["masks"]["params"]["fc1"]["kernel"])
-ax2.imshow(~gmp_mask, cmap="gray", aspect="auto", interpolation="nearest")
-ax2.set(title=f"GMP mask of fc1 (kept {gmp_mask.mean():.2f})", xlabel="output unit",
-        ylabel="input pixel")
-fig.tight_layout()
-print(runs["GMP 80%"]["sfn"].report({"masks": runs["GMP 80%"]["masks"]}))
-"""
-
-LOWER_MD = {
-    "tour": """
-## 4. From masks to speed: lowering
-
-Masks alone make nothing faster: XLA still multiplies the zeros. Once masks are fixed,
-`sfn.lower(sstate)` returns a copy whose `Block`-masked matmuls call the block-sparse kernel
-(Mosaic GPU on Hopper, Pallas TPU on a TPU) and whose report says, per site, which path ran
-and why. Elsewhere (here on a CPU) every site keeps the plain-JAX reference, which computes
-the same values; `interpret=True` runs the Pallas kernel in interpret mode, which is how
-the tests check it on a CPU.
-""",
-    "gpu": """
-## 4. From masks to speed: the block-sparse kernel on the GPU
-
-Masks alone make nothing faster. `sfn.lower(sstate)` returns a copy whose `Block`-masked
-matmuls call the Mosaic GPU block-sparse kernel (Hopper, bf16, 64- or 128-blocks), whose
-work is proportional to the kept blocks. Its report says, per site, which path ran and why.
-The timing below is a median after warm-up, with XLA's dense matmul measured in the same
-process; on a CPU it only shows the fallback.
-""",
-    "tpu": """
-## 4. From masks to speed: the block-sparse kernel on the TPU
-
-Masks alone make nothing faster. `sfn.lower(sstate)` returns a copy whose `Block`-masked
-matmuls call the Pallas TPU block-sparse kernel (128-multiples blocks, tables in scalar
-prefetch). Its report says, per site, which path ran and why. The timing below is a median
-after warm-up, with XLA's dense matmul measured in the same process; on a CPU it only shows
-the fallback.
-""",
-}
-
-LOWER_CELL = """
-class Wide(nn.Module):
-    width: int
-    dtype: str
-
-    @nn.compact
-    def __call__(self, x):
-        dense = lambda name: nn.Dense(self.width, use_bias=False, dtype=self.dtype,
-                                      param_dtype=self.dtype, name=name)
-        return dense("out")(nn.relu(dense("hidden")(x)))
-
-
-dtype = "float32" if BACKEND == "cpu" else "bfloat16"
-wide = Wide(KERNEL_WIDTH, dtype)
-x = jax.random.normal(jax.random.key(2), (KERNEL_TOKENS, KERNEL_WIDTH), dtype)
-wide_params = wide.init(jax.random.key(3), x)
-blocky = sj.sparsify(wide.apply, sj.Block("*kernel", sparsity=0.75, block=KERNEL_BLOCK))
-b_params, b_state = blocky.init(wide_params, x)
-fast = blocky.lower(b_state)
-print(fast.report())
-
-y_masked = jax.jit(blocky)(b_params, b_state, x)
-y_lowered = jax.jit(fast)(b_params, b_state, x)
-err = float(jnp.linalg.norm((y_lowered - y_masked).astype(jnp.float32))
-            / jnp.linalg.norm(y_masked.astype(jnp.float32)))
-print(f"lowered vs masked: relative error {err:.1e}")
-assert err < (1e-5 if dtype == "float32" else 2e-2)
-"""
-
-TIMING_CELL = """
-def median_ms(fn, *args, repeats=20):
-    jax.block_until_ready(fn(*args))                 # compile and warm up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
-    return 1e3 * float(np.median(times))
-
-
-dense_ms = median_ms(jax.jit(wide.apply), wide_params, x)
-lowered_ms = median_ms(jax.jit(fast), b_params, b_state, x)
-print(f"{KERNEL_TOKENS}×{KERNEL_WIDTH}→{KERNEL_WIDTH}, two layers, density 0.25, {dtype}:")
-print(f"  XLA dense {dense_ms:.3f} ms | lowered {lowered_ms:.3f} ms | {dense_ms / lowered_ms:.2f}× dense")
-if BACKEND == "cpu":
-    print("  (CPU: the lowered program is the reference; no speed-up is expected)")
-"""
-
-SPEED_MD = """
-## 5. Recorded speed
-
-Every benchmark in `benchmarks/` writes a Markdown result with its command, device and JAX
-version; `benchmarks/results/summary.json` gathers their numbers (each with the file and the
-line it was read from). Bars are speed-ups over the baseline measured in the same run; the
-tick marks the goal the benchmark set out to reach. `docs/benchmarks.md` has the commands
-and the reading of each.
-"""
-
-SPEED_CELL = """
-root = find_repo_root()
-summary_path = None if root is None else root / "benchmarks" / "results" / "summary.json"
-if summary_path is None or not summary_path.exists():
-    print("benchmarks/results/summary.json not found: open this notebook from the repository")
-else:
-    # Speed entries only (quality entries carry "metric"/"value" instead of "speedup").
-    entries = [e for e in json.loads(summary_path.read_text())["entries"] if "speedup" in e]
-    labels = [f"{e['benchmark']}: {e['case']}" for e in entries]
-    speed = np.array([e["speedup"] for e in entries])
-    goals = [e["goal"] for e in entries]
-    colors = ["tab:gray" if g is None else ("tab:green" if s >= g else "tab:red")
-              for s, g in zip(speed, goals)]
-    fig, ax = plt.subplots(figsize=(9, 0.28 * len(entries) + 1.2))
-    rows = np.arange(len(entries))[::-1]
-    ax.barh(rows, speed, color=colors)
-    for row, g in zip(rows, goals):
-        if g is not None:
-            ax.plot([g, g], [row - 0.4, row + 0.4], "k-", lw=1.5)
-    ax.axvline(1.0, color="k", lw=0.8, ls=":")
-    ax.set_yticks(rows, labels, fontsize=7)
-    ax.set_xscale("log")
-    ax.set_xlabel("speed-up over the baseline (log; green: goal met, red: missed, tick: goal)")
-    devices = sorted({e["device"] for e in entries})
-    ax.set_title("recorded results on " + ", ".join(devices), fontsize=9)
-    fig.tight_layout()
-    met = sum(1 for s, g in zip(speed, goals) if g is not None and s >= g)
-    print(f"{met} of {sum(g is not None for g in goals)} goals met")
-"""
-
-WHERE_NEXT = """
-## Where next
-
-- `docs/index.md`: every page of the documentation.
-- `docs/compiler.md`: rules, paths, sites, gradient modes, the report, lowering.
-- `docs/architecture.md`: where a new rule, pass, kernel or optimizer goes.
-- `docs/benchmarks.md`: every recorded result and the command that reproduces it.
-"""
+def read_cells(path: pathlib.Path) -> list[tuple[object, dict]]:
+    """The cells of a percent-format script, each with its metadata (``slot``, ``after``)."""
+    cells, kind, meta, lines = [], None, {}, None
+
+    def flush():
+        if lines is None:
+            return
+        if kind == "markdown":   # "# text" -> "text", "#" -> ""
+            text = "\n".join(line[2:] if line.startswith("# ") else line.lstrip("#")
+                             for line in lines)
+            cells.append((md(text), meta))
+        else:
+            cells.append((code("\n".join(lines)), meta))
+
+    for line in path.read_text().split("\n"):
+        mark = _CELL_MARK.match(line)
+        if mark:
+            flush()
+            kind, meta, lines = mark.group(1), dict(_META.findall(mark.group(2))), []
+        elif lines is not None:   # the jupytext header before the first cell is not a cell
+            lines.append(line)
+    flush()
+    return cells
 
 
 def notebook(kind: str):
-    cells = [md(TITLES[kind] + "\n" + INTRO), md(BACKEND_NOTES[kind]), code(DEVICE_CELL[kind]),
-             code(SETUP),
-             md(LM_MD), code(LM_CELL), md(REPORT_MD), code(REPORT_CELL), code(ACT_PLOT_CELL),
-             md(MASKS_MD), code(MASKS_CELL),
-             md(TRAIN_MD), code(TRAIN_CELL), code(SCHEDULE_CELL), md(DENSITY_MD),
-             code(DENSITY_CELL),
-             md(LOWER_MD[kind]), code(LOWER_CELL)]
-    if kind != "tour":
-        cells.append(code(TIMING_CELL))
-    cells += [md(SPEED_MD), code(SPEED_CELL), md(WHERE_NEXT)]
+    tour = read_cells(SOURCES / "tour.py")
+    if kind == "tour":
+        cells = [cell for cell, _ in tour]
+    else:
+        extra = read_cells(SOURCES / f"{kind}.py")
+        replace = {meta["slot"]: cell for cell, meta in extra if "slot" in meta}
+        after = {meta["after"]: cell for cell, meta in extra if "after" in meta}
+        slots = {meta["slot"] for _, meta in tour if "slot" in meta}
+        unknown = sorted((set(replace) | set(after)) - slots)
+        if unknown:
+            raise ValueError(f"src/{kind}.py names slot(s) {unknown} that src/tour.py does not "
+                             f"have; use one of {sorted(slots)}")
+        cells = []
+        for cell, meta in tour:
+            slot = meta.get("slot")
+            if slot == "title" and slot in replace:   # the backend's heading, the tour's intro
+                heading, _, rest = cell.source.partition("\n")
+                cell = md(replace[slot].source + "\n" + rest)
+            elif slot in replace:
+                cell = replace[slot]
+            cells.append(cell)
+            if slot in after:
+                cells.append(after[slot])
     nb = new_notebook(cells=cells, metadata={
         "kernelspec": {"display_name": "Python 3", "language": "python", "name": "python3"},
         "language_info": {"name": "python"},
@@ -583,7 +109,7 @@ def render(kind: str) -> str:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--check", action="store_true",
-                        help="compare the stored notebooks with the cells instead of writing them")
+                        help="compare the stored notebooks with their sources instead of writing them")
     args = parser.parse_args(argv)
     stale = []
     for kind in NOTEBOOKS:

@@ -17,8 +17,12 @@ arrays (Python bools, strings, numbers) are treated as static.
 
 State: ``sstate = {"masks": masks}``, where ``masks`` has the structure of
 ``sparams`` with a boolean array for every masked leaf and ``None`` elsewhere.
-It is the one home of masks: the optimizers in ``sparsejax.optim`` keep and
-update the same pytree.
+Masks have one owner at a time: ``sstate`` owns the fixed masks a recipe's rules
+compute at init; an optimizer transform in ``sparsejax.optim`` that moves masks
+(``prune``, SET, RigL, the N:M transforms) takes them at init and owns them from
+then on. ``sparsejax.optim.forward_masks(sstate, opt_state)`` is the one hand-over:
+``sfn(params, {"masks": optim.forward_masks(sstate, opt_state)}, x)``
+(docs/architecture.md, "Who owns the masks").
 """
 
 from __future__ import annotations

@@ -7,14 +7,14 @@ import textwrap
 
 import jax.numpy as jnp
 
-from sparsejax import checkpointing
+from sparsejax.training import checkpointing
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 SCRIPT = textwrap.dedent("""
     import sys
     import jax.numpy as jnp
-    from sparsejax import checkpointing
+    from sparsejax.training import checkpointing
     directory = sys.argv[1]
     # many leaves: each pending read of the abandoned restore used to print a traceback
     state = {f"w{i}": jnp.full((4, 4), float(i)) for i in range(100)}

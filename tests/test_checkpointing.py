@@ -12,7 +12,8 @@ import optax
 import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from sparsejax import checkpointing, logging_utils
+from sparsejax import optim
+from sparsejax.training import checkpointing, logging_utils
 
 
 def _state(seed):
@@ -160,7 +161,7 @@ def test_plot_progress_and_summary(tmp_path):
     assert "tok/s" in text and "eta" in text and stream.getvalue().count("\n") == 2
 
     masks = {"a": {"kernel": jnp.asarray(rng.random((6, 4)) < 0.25)}, "b": None}
-    per_layer = logging_utils.mask_sparsity(masks)
+    per_layer = optim.masked_sparsity(masks, by_path=True)
     assert list(per_layer) == ["a/kernel"]
     np.testing.assert_allclose(per_layer["a/kernel"], 1 - np.asarray(masks["a"]["kernel"]).mean())
     summary = logging_utils.format_summary({"eval_loss": 1.5}, per_layer)

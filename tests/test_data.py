@@ -5,7 +5,7 @@ import pathlib
 import numpy as np
 import pytest
 
-from sparsejax import data
+from sparsejax.training import data
 
 
 @pytest.fixture(scope="module")

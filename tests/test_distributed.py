@@ -12,12 +12,11 @@ import jax
 import numpy as np
 import pytest
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+import train
+from sparsejax.training import checkpointing
+from sparsejax.distributed import launch
 
-import train  # noqa: E402
-from sparsejax import checkpointing  # noqa: E402
-from sparsejax.distributed import launch  # noqa: E402
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 TINY = dict(d_model=32, n_layers=1, n_heads=2, d_ff=64, seq_len=32, batch_size=8, steps=8,
             learning_rate=1e-2, warmup_steps=2, log_every=1, eval_every=8, eval_batches=2,

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import sparsejax as sj
-from sparsejax import checkpointing
+from sparsejax.training import checkpointing
 from sparsejax.kernels import block_sparse
 
 LAYERS = 3

@@ -7,7 +7,7 @@ import optax
 import pytest
 
 import sparsejax as sj
-from sparsejax import data
+from sparsejax.training import data
 from sparsejax import paths as path_lib
 from sparsejax.models import transformer as tr
 from sparsejax.models import vision

@@ -5,7 +5,6 @@ notebooks plot quotes its sources exactly."""
 import json
 import os
 import pathlib
-import sys
 
 import pytest
 
@@ -20,11 +19,7 @@ CELL_TIMEOUT_S = 300
 
 
 def _build_module():
-    sys.path.insert(0, str(NOTEBOOKS))
-    try:
-        import build
-    finally:
-        sys.path.remove(str(NOTEBOOKS))
+    from notebooks import build    # the repository root is on the path (pytest.ini)
     return build
 
 

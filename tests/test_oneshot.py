@@ -277,8 +277,6 @@ def test_too_few_tokens_and_singular_hessian_damp_more_never_nan(mlp_setup):
 def test_train_py_oneshot_flag(tmp_path):
     import json
     import pathlib
-    import sys
-    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
     import train
     from flax.serialization import to_bytes
     corpus = tmp_path / "corpus.txt"

@@ -26,7 +26,7 @@ TRANSFORMS = {
     "prox_sgd": lambda: optim.prox_sgd(0.05, optim.sparse_group_lasso(0.1, 0.2, optim.output_channels())),
     "prox_adamw": lambda: optim.prox_adamw(0.05, optim.group_lasso(0.2, optim.input_neurons()),
                                            half_space=optim.HalfSpace(1)),
-    "prune": lambda: optim.prune(optim.gradual(0.6, 0, 1, frequency=1), optax.adam(0.05)),
+    "prune": lambda: optim.prune(optax.adam(0.05), optim.gradual(0.6, 0, 1, frequency=1)),
     "set": lambda: optim.sparse_evolutionary_training(optax.adam(0.05), 0.6, end_step=4, update_every=1),
     "rigl": lambda: optim.rigl(optax.adam(0.05), 0.6, end_step=4, update_every=1),
     "srste": lambda: optim.srste(optax.adam(0.05), 2, 4),
@@ -58,9 +58,9 @@ def test_composes_with_chain_inject_hyperparams_and_multisteps():
                           optim.rigl(optax.adam(0.05), 0.75, end_step=6, update_every=2,
                                      distribution="uniform"))
     injected = optax.inject_hyperparams(
-        lambda learning_rate: optim.prune(optim.one_shot(0.75), optax.adam(learning_rate)))(
+        lambda learning_rate: optim.prune(optax.adam(learning_rate), optim.one_shot(0.75)))(
             learning_rate=0.05)
-    multi = optax.MultiSteps(optim.prune(optim.one_shot(0.75), optax.adam(0.05)),
+    multi = optax.MultiSteps(optim.prune(optax.adam(0.05), optim.one_shot(0.75)),
                              every_k_schedule=2)
     for tx in (chained, injected, multi):
         p, state = _run(tx, params, 6, jit=True)
@@ -110,7 +110,7 @@ def test_masks_feed_a_sparsified_function():
     x = jax.random.normal(jax.random.PRNGKey(5), (3, 8))
     sfn = sparsify(fn, Prune("a/kernel", sparsity=0.5))
     sparams, sstate = sfn.init(params, x)
-    tx = optim.prune(optim.one_shot(0.75, step=1), optax.adam(0.01), layouts=sfn.layouts,
+    tx = optim.prune(optax.adam(0.01), optim.one_shot(0.75, step=1), layouts=sfn.layouts,
                      initial_masks=sstate["masks"], where=lambda path, _: path == "a/kernel")
     state = tx.init(sparams)
     np.testing.assert_array_equal(optim.current_masks(state)["a"]["kernel"], sstate["masks"]["a"]["kernel"])
@@ -133,3 +133,35 @@ def test_layouts_and_where_select_the_masked_leaves():
     assert lays["scan"].stack_axes == (0,) and lays["w"] is None and lays["b"] is None
     with pytest.raises(ValueError, match="layouts\\[w\\]: layout shape"):
         optim.mask_layouts(params, {"scan": None, "w": WeightLayout.default((4, 4)), "b": None})
+
+
+def test_forward_masks_hands_over_from_the_one_owner():
+    params = _params(6)
+    fixed = {"a": {"kernel": jnp.asarray(np.random.default_rng(0).random((8, 6)) < 0.5),
+                   "bias": None}, "b": {"kernel": None}}
+    sstate = {"masks": fixed}
+    # no transform owns masks: sparsify's fixed masks, the same arrays
+    plain = optax.adam(0.1).init(params)
+    assert not optim.owns_masks(plain)
+    assert optim.forward_masks(sstate, plain) is fixed
+    # a pruning transform owns them (inside a chain): its moving masks, not sstate's stale copy
+    tx = optax.chain(optax.clip_by_global_norm(1.0),
+                     optim.prune(optax.adam(0.05), optim.one_shot(0.75, step=0)))
+    state = tx.init(params)
+    _, state = tx.update(_grads(params, 0.0), state, params)
+    assert optim.owns_masks(state)
+    moved = jax.jit(optim.forward_masks)(sstate, state)
+    chex.assert_trees_all_equal(moved, optim.current_masks(state))
+    assert float(optim.masked_sparsity(moved)) == pytest.approx(0.75, abs=0.02)
+    # the N:M transform's soft masks at its current strength: 1 kept, strength where pruned
+    pgf = optim.progressive_nm(optax.adam(0.05), 2, 8, decay="linear", begin_step=0, end_step=4)
+    state = pgf.init(params)
+    _, state = pgf.update(_grads(params, 0.0), state, params)
+    strength = float(optim.current_mask_strength(state))
+    assert 0.0 < strength < 1.0
+    hard = optim.current_masks(state)["b"]["kernel"]
+    soft = optim.forward_masks(sstate, state)["b"]["kernel"]
+    np.testing.assert_allclose(soft, np.where(hard, 1.0, strength), rtol=1e-6)
+    # two owners would be ambiguous
+    with pytest.raises(ValueError, match="2 mask states"):
+        optim.forward_masks(sstate, (state, state))

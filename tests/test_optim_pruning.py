@@ -64,7 +64,7 @@ def test_iterative_schedule_prunes_a_constant_fraction_per_round():
 @pytest.mark.parametrize("distribution", ["uniform", "global"])
 def test_gmp_reaches_the_target_exactly_and_pruned_weights_stay_zero(distribution):
     params = _params(1)
-    tx = optim.prune(optim.gradual(0.8, 0, 30, frequency=10), optax.adam(0.05),
+    tx = optim.prune(optax.adam(0.05), optim.gradual(0.8, 0, 30, frequency=10),
                      distribution=distribution, min_kept=3, layouts=_layouts(params))
     params, state = _train(tx, params, 31)
     masks = optim.current_masks(state)
@@ -92,7 +92,7 @@ def test_gmp_reaches_the_target_exactly_and_pruned_weights_stay_zero(distributio
 def test_global_keeps_a_minimum_per_layer():
     params = _params(2)
     params["Dense_1"]["kernel"] = params["Dense_1"]["kernel"] * 1e-4  # would collapse under global
-    tx = optim.prune(optim.one_shot(0.7), distribution="global", min_kept=5)
+    tx = optim.prune(None, optim.one_shot(0.7), distribution="global", min_kept=5)
     _, state = _train(tx, params, 1)
     masks = optim.current_masks(state)
     assert int(masks["Dense_1"]["kernel"].sum()) == 5
@@ -116,12 +116,12 @@ def test_erk_densities_scale_with_the_erk_ratio_and_meet_the_target():
 def test_saliency_and_movement_scores():
     params = _params(3)
     g = _grad_fn(params, 0.0)
-    tx = optim.prune(optim.one_shot(0.6), optax.sgd(0.0), score="saliency")
+    tx = optim.prune(optax.sgd(0.0), optim.one_shot(0.6), score="saliency")
     _, state = tx.update(g, tx.init(params), params)
     expected = mask_math.unstructured_mask(jnp.abs(params["Dense_1"]["kernel"] * g["Dense_1"]["kernel"]), 0.6)
     np.testing.assert_array_equal(optim.current_masks(state)["Dense_1"]["kernel"], expected)
 
-    tx = optim.prune(optim.one_shot(0.6, step=2), optax.sgd(0.0), score="movement")
+    tx = optim.prune(optax.sgd(0.0), optim.one_shot(0.6, step=2), score="movement")
     state = tx.init(params)
     acc = 0.0
     for t in range(3):
@@ -134,7 +134,7 @@ def test_saliency_and_movement_scores():
 
 def test_random_score_and_straight_through_training():
     params = _params(4)
-    tx = optim.prune(optim.one_shot(0.75), optax.sgd(0.1), score="random", zero_pruned=False)
+    tx = optim.prune(optax.sgd(0.1), optim.one_shot(0.75), score="random", zero_pruned=False)
     params, state = _train(tx, params, 20)
     masks = optim.current_masks(state)
     assert int((~masks["Dense_1"]["kernel"]).sum()) == 91 - round(0.25 * 91)
@@ -144,7 +144,7 @@ def test_random_score_and_straight_through_training():
 
 def test_iterative_pruning_rewinds_survivors_to_the_saved_weights():
     params = _params(5)
-    tx = optim.prune(optim.iterative(0.75, rounds=2, round_length=4), optax.adam(0.05),
+    tx = optim.prune(optax.adam(0.05), optim.iterative(0.75, rounds=2, round_length=4),
                      rewind_step=1)
     state = tx.init(params)
     step = jax.jit(lambda p, s, t: tx.update(_grad_fn(p, t), s, p))
@@ -172,11 +172,28 @@ def test_bad_schedules_and_arguments_name_the_parameter():
     with pytest.raises(ValueError, match="sparsity"):
         optim.one_shot(1.5)
     with pytest.raises(ValueError, match="score must be one of"):
-        optim.prune(optim.one_shot(0.5), score="fisher")
+        optim.prune(None, optim.one_shot(0.5), score="fisher")
     with pytest.raises(ValueError, match="distribution must be one of"):
-        optim.prune(optim.one_shot(0.5), distribution="random")
+        optim.prune(None, optim.one_shot(0.5), distribution="random")
     with pytest.raises(ValueError, match="initial_masks\\[Dense_1/kernel\\]: shape"):
         params = _params()
         bad = jax.tree.map(lambda p: None, params)
         bad["Dense_1"]["kernel"] = jnp.ones((2, 2), bool)
-        optim.prune(optim.one_shot(0.5), initial_masks=bad).init(params)
+        optim.prune(None, optim.one_shot(0.5), initial_masks=bad).init(params)
+
+
+def test_inner_comes_first_and_the_old_order_still_prunes_the_same():
+    params = _params(3)
+    grads = _grad_fn(params, 0.5)
+    new = optim.prune(optax.sgd(0.1), optim.one_shot(0.6), score="saliency")
+    with pytest.warns(DeprecationWarning, match=r"prune\(inner, schedule\)"):
+        old = optim.prune(optim.one_shot(0.6), optax.sgd(0.1), score="saliency")
+    runs = []
+    for tx in (new, old):
+        u, state = tx.update(grads, tx.init(params), params)
+        runs.append((u, optim.current_masks(state)))
+    chex.assert_trees_all_equal(runs[0], runs[1])
+    assert float(optim.masked_sparsity(runs[0][1])) == pytest.approx(0.6, abs=0.02)
+    with pytest.raises(TypeError, match=r"call prune\(inner, schedule\)"):
+        optim.prune(optax.sgd(0.1))          # no schedule
+    assert set(optim.SCORES) == {"magnitude", "random", "saliency", "movement"}

@@ -1,8 +1,12 @@
-"""setup.py ships every subpackage of the three roots (sparsejax/, compiler/, models/)."""
+"""setup.py ships every subpackage of the three roots (sparsejax/, compiler/, models/), and
+``import sparsejax`` loads the library apart from the training run."""
 
+import json
 import os
 import pathlib
 import runpy
+import subprocess
+import sys
 
 import setuptools
 
@@ -31,3 +35,18 @@ def test_every_folder_with_an_init_is_a_package(monkeypatch):
                 expected[dotted] = str(pathlib.PurePosixPath(folder, *rel.parts))
     assert "sparsejax.compiler.passes" in expected
     assert dirs == expected
+
+
+def test_import_sparsejax_loads_no_training_code():
+    # A fresh interpreter: this process has long imported sparsejax.training for other tests.
+    probe = ("import json, sys, sparsejax; "
+             "print(json.dumps({'loaded': sorted(m for m in sys.modules if m.split('.')[0] in "
+             "('orbax', 'matplotlib', 'tensorboardX') or m.startswith('sparsejax.training')), "
+             "'missing': [n for n in sparsejax.__all__ if not hasattr(sparsejax, n)]}))")
+    env = {**os.environ, "JAX_PLATFORMS": "cpu",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True,
+                         check=True, cwd=ROOT).stdout
+    result = json.loads(out.strip().splitlines()[-1])
+    assert result["loaded"] == []     # no presets, data, checkpoints or logs (nor orbax, matplotlib)
+    assert result["missing"] == []    # every name in __all__ exists

@@ -10,11 +10,10 @@ import jax
 import numpy as np
 import pytest
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+import train
+from sparsejax.training import presets
 
-import train  # noqa: E402
-from sparsejax import presets  # noqa: E402
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 TINY = dict(d_model=32, n_layers=1, n_heads=2, d_ff=64, seq_len=32, batch_size=8, steps=40,
             learning_rate=1e-2, warmup_steps=5, log_every=5, eval_every=40, eval_batches=2,

@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 from flax import serialization
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+import sparsejax as sj
+import train
 
-import train  # noqa: E402
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 TINY = dict(d_model=32, n_layers=1, n_heads=2, d_ff=64, seq_len=32, batch_size=8, steps=10,
             learning_rate=1e-2, warmup_steps=2, log_every=5, eval_every=10, eval_batches=2,
@@ -154,9 +154,10 @@ def test_rerun_keeps_the_summary_and_refuses_a_new_schedule(tmp_path):
 
 def test_progress_sparsity_is_never_negative_and_absent_without_masks():
     soft = {"w": jnp.full((4, 4), 1.0000001, jnp.float32), "b": None}
-    assert float(train._sparsity(soft)) == 0.0
-    assert not np.signbit(float(train._sparsity(soft)))
-    assert train._sparsity({"w": None}) is None
-    from sparsejax import logging_utils
-    per_layer = logging_utils.mask_sparsity({"w": np.full((4, 4), 1.0000001, np.float32)})
+    assert float(sj.optim.masked_sparsity(soft)) == 0.0
+    assert not np.signbit(float(sj.optim.masked_sparsity(soft)))
+    assert sj.optim.masked_sparsity({"w": None}) is None
+    from sparsejax.training import logging_utils
+    per_layer = sj.optim.masked_sparsity({"w": np.full((4, 4), 1.0000001, np.float32)},
+                                         by_path=True)
     assert per_layer["w"] == 0.0 and not np.signbit(per_layer["w"])

@@ -9,7 +9,7 @@ import pytest
 from flax.core import FrozenDict
 
 import sparsejax as sj
-from sparsejax import presets
+from sparsejax.training import presets
 
 
 # ----------------------------------------------------------------------------- JSON recipes

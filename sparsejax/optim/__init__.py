@@ -12,8 +12,10 @@
 * Outer optimizers for training across processes: :mod:`sparsejax.optim.sparseloco`
   (SparseLoCo's compressor and error feedback, DiLoCo's and SparseLoCo's outer steps).
 
-Masks live where :func:`sparsejax.sparsify` reads them: ``{"masks": masks}``;
-:func:`current_masks` pulls them out of any optimizer state.
+Masks have one owner at a time: ``sparsify``'s ``sstate`` holds fixed masks, the transform
+that updates them holds moving ones; :func:`forward_masks` hands the forward pass the masks
+of whichever owner holds them (see :mod:`sparsejax.optim.masking`). :func:`current_masks`
+reads the optimizer's own masks.
 """
 
 from sparsejax.optim.allocation import DISTRIBUTIONS, erk_ratios, layer_sparsities, masks_from_scores
@@ -21,13 +23,13 @@ from sparsejax.optim.dst import (DynamicSparseState, dynamic_sparse, random_mask
                                  sparse_evolutionary_training)
 from sparsejax.optim.groups import (GroupIndex, GroupSpec, attention_heads, blocks, channels,
                                     input_neurons, nm_groups, output_channels, resolve_groups)
-from sparsejax.optim.masking import (apply_masks, current_masks, mask_layouts, masked_sparsity,
-                                     sparsity_of)
+from sparsejax.optim.masking import (apply_masks, current_masks, forward_masks, mask_layouts,
+                                     masked_sparsity, owns_masks, soft_masks, sparsity_of)
 from sparsejax.optim.nm_training import (NMState, current_mask_strength, progressive_nm,
                                          soft_mask_params, srste)
 from sparsejax.optim.prox import (HalfSpace, ProxAdamWState, ProxSGDState, Regularizer,
                                   group_lasso, group_prox, l1, prox_adamw, prox_sgd,
-                                  regularizer_value, soft_threshold, sparse_group_lasso)
+                                  soft_threshold, sparse_group_lasso)
 from sparsejax.optim.pruning import SCORES, PruneState, prune
 from sparsejax.optim.schedules import (SparsitySchedule, cosine_drop_fraction, exponential_decay,
                                        gradual, iterative, linear_decay, one_shot)
@@ -39,10 +41,11 @@ __all__ = [
     "ProxAdamWState", "ProxSGDState", "PruneState", "Regularizer", "SCORES", "SparsitySchedule",
     "apply_masks", "attention_heads", "blocks", "channels", "cosine_drop_fraction",
     "current_mask_strength", "current_masks", "dynamic_sparse", "erk_ratios",
-    "exponential_decay", "gradual", "group_lasso", "group_prox", "input_neurons", "iterative",
-    "l1", "layer_sparsities", "linear_decay", "mask_layouts", "masked_sparsity",
-    "masks_from_scores", "nm_groups", "one_shot", "output_channels", "progressive_nm",
-    "prox_adamw", "prox_sgd", "prune", "random_masks", "regularizer_value", "remove_zero_groups",
-    "resolve_groups", "rigl", "soft_mask_params", "soft_threshold", "sparse_evolutionary_training",
-    "sparse_group_lasso", "sparseloco", "sparsity_of", "srste",
+    "exponential_decay", "forward_masks", "gradual", "group_lasso", "group_prox",
+    "input_neurons", "iterative", "l1", "layer_sparsities", "linear_decay", "mask_layouts",
+    "masked_sparsity", "masks_from_scores", "nm_groups", "one_shot", "output_channels",
+    "owns_masks", "progressive_nm", "prox_adamw", "prox_sgd", "prune", "random_masks",
+    "remove_zero_groups", "resolve_groups", "rigl", "soft_mask_params", "soft_masks",
+    "soft_threshold", "sparse_evolutionary_training", "sparse_group_lasso", "sparseloco",
+    "sparsity_of", "srste",
 ]

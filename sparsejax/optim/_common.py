@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -72,6 +72,43 @@ def check_initial_masks(targets: Targets, params: Any, initial_masks: Any) -> li
 
 def with_extra_args(inner: optax.GradientTransformation | None):
     return optax.with_extra_args_support(inner if inner is not None else optax.identity())
+
+
+class InnerStep(NamedTuple):
+    """What a mask-owning transform's update starts from (see :func:`inner_step`)."""
+
+    targets: Targets
+    old_masks: list        # the current masks of the masked leaves
+    inner_updates: Any     # the inner optimizer's updates (of the masked gradients)
+    inner_state: Any
+    weights: list          # the masked leaves' weights before this step
+    candidate: list        # the masked leaves' weights after this step (pruned ones at 0)
+
+
+def inner_step(name: str, inner, updates: Any, state: Any, params: Any, extra_args: dict, *,
+               layouts: Any, where: Callable | None, zero_pruned: bool,
+               steps_are_updates: bool) -> InnerStep:
+    """The update prelude shared by :func:`~sparsejax.optim.prune` and SET/RigL.
+
+    Finds the masked leaves, hands ``inner`` the gradients masked by the current masks
+    (the raw ones with ``zero_pruned=False``) and computes the weights this step would
+    give, the candidates that new masks are scored on. ``steps_are_updates`` is False
+    when there is no inner optimizer: the updates are then gradients, not steps, and
+    the candidates are the weights as they are.
+    """
+    if params is None:
+        raise ValueError(f"{name} needs params: call update(grads, state, params)")
+    targets = resolve_targets(params, layouts, where)
+    old = targets.masks_of(state.masks)
+    inner_grads = masked_grads(targets, updates, old) if zero_pruned else updates
+    inner_updates, inner_state = inner.update(inner_grads, state.inner_state, params, **extra_args)
+    p = targets.treedef.flatten_up_to(params)
+    u = targets.treedef.flatten_up_to(inner_updates)
+    weights = [p[i] for i in targets.index]
+    candidate = [p[i] + u[i] if steps_are_updates else p[i] for i in targets.index]
+    if zero_pruned:
+        candidate = [jnp.where(m, c, jnp.zeros_like(c)) for m, c in zip(old, candidate)]
+    return InnerStep(targets, old, inner_updates, inner_state, weights, candidate)
 
 
 def masked_grads(targets: Targets, grads: Any, masks: list) -> Any:

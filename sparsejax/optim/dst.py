@@ -127,22 +127,15 @@ def dynamic_sparse(inner: optax.GradientTransformation | None, sparsity: float, 
                                   jax.random.PRNGKey(seed + 1))
 
     def update_fn(updates, state, params=None, **extra_args):
-        if params is None:
-            raise ValueError(f"{'rigl' if grow == 'gradient' else 'SET'} needs params: "
-                             "call update(grads, state, params)")
         dense_grads = extra_args.pop("dense_grads", None)
         grads_for_growth = updates if dense_grads is None else dense_grads
-        targets = _common.resolve_targets(params, layouts, where)
-        old = targets.masks_of(state.masks)
-        inner_grads = _common.masked_grads(targets, updates, old) if zero_pruned else updates
-        inner_updates, inner_state = inner.update(inner_grads, state.inner_state, params,
-                                                  **extra_args)
-        p = targets.treedef.flatten_up_to(params)
-        u = targets.treedef.flatten_up_to(inner_updates)
+        prelude = _common.inner_step("rigl" if grow == "gradient" else "SET", inner, updates,
+                                     state, params, extra_args, layouts=layouts, where=where,
+                                     zero_pruned=zero_pruned, steps_are_updates=steps_are_updates)
+        targets, old, inner_updates, inner_state, candidate = (
+            prelude.targets, prelude.old_masks, prelude.inner_updates, prelude.inner_state,
+            prelude.candidate)
         g = targets.take(targets.treedef.flatten_up_to(grads_for_growth))
-        candidate = [p[i] + u[i] if steps_are_updates else p[i] for i in targets.index]
-        if zero_pruned:
-            candidate = [jnp.where(m, c, 0) for m, c in zip(old, candidate)]
         rng, key = jax.random.split(state.rng)
         step = state.step
         do_update = (step > 0) & (step % update_every == 0) & (step < end_step)

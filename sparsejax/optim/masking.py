@@ -5,10 +5,15 @@ params' structure and holds a boolean array of the leaf's shape where the leaf i
 masked and ``None`` where it is not. ``jax.tree.map(f, params, masks)`` then hands
 ``f`` a ``None`` for unmasked leaves. ``sparsify``'s state is ``{"masks": masks}``.
 
-The pruning, dynamic-sparse and N:M transforms in :mod:`sparsejax.optim` keep the
-*current* masks in their own optax state (a NamedTuple with a ``masks`` field);
-:func:`current_masks` finds them anywhere inside a chained, ``inject_hyperparams``
-or ``MultiSteps`` state.
+Masks have one owner at a time. Fixed masks (a recipe's rules, computed by
+``sfn.init``) are owned by ``sparsify`` and live in ``sstate["masks"]``. Moving
+masks (GMP and other :func:`prune` schedules, SET, RigL, SR-STE, Progressive
+Gradient Flow) are owned by the optimizer transform that updates them, in its own
+optax state (a NamedTuple with a ``masks`` field, marked by :func:`mask_state`);
+such a transform takes ``sstate["masks"]`` once at init (``initial_masks=``) and
+from then on ``sstate``'s copy is stale. :func:`forward_masks` is the one hand-over:
+the masks the forward pass reads at this step, from whichever owner holds them.
+:func:`current_masks` inspects the optimizer's own masks.
 """
 
 from __future__ import annotations
@@ -26,6 +31,9 @@ __all__ = [
     "mask_layouts",
     "apply_masks",
     "current_masks",
+    "forward_masks",
+    "owns_masks",
+    "soft_masks",
     "sparsity_of",
     "masked_sparsity",
 ]
@@ -83,10 +91,6 @@ def layout_leaves(params: Any, layouts_tree: Any) -> list:
     return _leaves_up_to(params, layouts_tree, "layouts")
 
 
-def leaf_path_strs(params: Any) -> list[str]:
-    return paths.leaf_paths(params)
-
-
 def apply_masks(params: Any, masks: Any) -> Any:
     """``params`` with masked entries set to zero (unmasked leaves unchanged)."""
     return jax.tree.map(lambda p, m: p if m is None else jnp.where(m, p, jnp.zeros_like(p)),
@@ -103,12 +107,28 @@ def sparsity_of(params: Any, masks: Any = None) -> dict[str, float]:
     return out
 
 
-def masked_sparsity(masks: Any) -> float:
-    """Fraction of ``False`` entries over all masked leaves."""
+def masked_sparsity(masks: Any, *, by_path: bool = False) -> Any:
+    """Fraction of masked-out weights: the one measure of a masks pytree's sparsity.
+
+    ``masks`` holds a boolean (or, for soft masks, a [0, 1] float) array where a leaf is
+    masked and ``None`` elsewhere. By default: the masked-out fraction over all masked
+    leaves, a float32 scalar that works under ``jit`` (train steps log it), or ``None`` when
+    no leaf is masked (nothing to show for a dense run). With ``by_path=True``: a dict of
+    host floats, one per masked leaf, keyed by parameter path (summaries). Soft masks count
+    ``1 - value``; results are clipped to [0, 1], so rounding never shows ``-0.000``.
+    """
+    if by_path:
+        with_path, _ = jax.tree_util.tree_flatten_with_path(masks)
+        return {paths.path_str(kp): float(masked_sparsity(np.asarray(jax.device_get(m)))) + 0.0
+                for kp, m in with_path}
     leaves = [m for m in jax.tree.leaves(masks) if m is not None]
-    total = sum(int(m.size) for m in leaves)
-    kept = sum(int(jnp.sum(m)) for m in leaves)
-    return 1.0 - kept / max(total, 1)
+    if not leaves:
+        return None
+    total = sum(int(np.size(m)) for m in leaves)
+    if not total:
+        return jnp.zeros([], jnp.float32)
+    kept = sum(jnp.sum(m, dtype=jnp.float32) for m in leaves)
+    return jnp.clip(1.0 - kept / total, 0.0, 1.0)
 
 
 def _children(state: Any) -> list:
@@ -148,6 +168,44 @@ def current_masks(opt_state: Any) -> Any:
     if len(found) > 1:
         raise ValueError(f"opt_state holds {len(found)} mask states; masks would be ambiguous")
     return found[0].masks
+
+
+def owns_masks(opt_state: Any) -> bool:
+    """Whether a transform inside ``opt_state`` owns (updates) the masks."""
+    return bool(find_mask_states(opt_state))
+
+
+def soft_masks(masks: Any, strength) -> Any:
+    """``m + strength * (1 - m)`` at masked leaves: Progressive Gradient Flow's decaying mask.
+
+    Float masks in [0, 1]: 1 where kept, ``strength`` where pruned (the hard mask at 0).
+    """
+    def soft(m):
+        if m is None:
+            return None
+        mf = m.astype(jnp.float32)
+        return mf + jnp.asarray(strength, jnp.float32) * (1.0 - mf)
+    return jax.tree.map(soft, masks, is_leaf=lambda x: x is None)
+
+
+def forward_masks(sstate: Any, opt_state: Any) -> Any:
+    """The masks the forward pass reads at this step: the one hand-over between owners.
+
+    Where a transform inside ``opt_state`` owns the masks (:func:`prune`, SET, RigL, the
+    N:M transforms), its current masks; a state with a mask ``strength`` (the N:M
+    transforms) hands over :func:`soft_masks` at that strength (Progressive Gradient
+    Flow; hard 0/1 values at strength 0). Otherwise the fixed masks of
+    ``sstate["masks"]``. Use it as ``sfn(params, {"masks": forward_masks(sstate,
+    opt_state)}, x)``; it works under ``jit``.
+    """
+    found = find_mask_states(opt_state)
+    if not found:
+        return sstate["masks"]
+    if len(found) > 1:
+        raise ValueError(f"opt_state holds {len(found)} mask states; masks would be ambiguous")
+    state = found[0]
+    strength = getattr(state, "strength", None)
+    return state.masks if strength is None else soft_masks(state.masks, strength)
 
 
 def mask_state(cls):

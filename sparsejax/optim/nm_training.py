@@ -13,8 +13,9 @@ read) recomputed from ``|w|`` after every update and held in the state.
   to pruned weights progressively. ``decay="linear"`` or ``"exponential"``:
   the forward uses a soft mask ``w * (m + beta * (1 - m))`` whose strength
   ``beta`` falls from 1 at ``begin_step`` to 0 at ``end_step`` (read it with
-  :func:`current_mask_strength`, apply it with :func:`soft_mask_params`; at 0
-  it is the hard mask). ``decay="stepwise"``: a sequence of N:M patterns, e.g.
+  :func:`current_mask_strength`; :func:`sparsejax.optim.forward_masks` hands the
+  soft masks to the forward pass, :func:`soft_mask_params` applies them to weights;
+  at 0 it is the hard mask). ``decay="stepwise"``: a sequence of N:M patterns, e.g.
   dense -> 7:8 -> 4:8 -> 2:8, switching at ``boundaries``.
 """
 
@@ -46,12 +47,9 @@ class NMState(NamedTuple):
 
 def soft_mask_params(params: Any, masks: Any, strength) -> Any:
     """``w * (m + strength * (1 - m))`` at masked leaves: the forward weights under PGF's decaying mask."""
-    def soft(p, m):
-        if m is None:
-            return p
-        mf = m.astype(p.dtype)
-        return p * (mf + jnp.asarray(strength, p.dtype) * (1 - mf))
-    return jax.tree.map(soft, params, masks)
+    soft = masking.soft_masks(masks, strength)
+    return jax.tree.map(lambda p, m: p if m is None else p * m.astype(p.dtype), params, soft,
+                        is_leaf=lambda x: x is None)
 
 
 def current_mask_strength(opt_state: Any) -> jax.Array:

@@ -39,7 +39,7 @@ from sparsejax.optim.groups import GroupIndex, GroupSpec, resolve_groups
 
 __all__ = ["Regularizer", "l1", "group_lasso", "sparse_group_lasso", "HalfSpace",
            "soft_threshold", "group_prox", "prox_sgd", "prox_adamw", "ProxSGDState",
-           "ProxAdamWState", "regularizer_value"]
+           "ProxAdamWState"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -179,20 +179,6 @@ def _plan(reg: Regularizer, params: Any) -> _Plan:
         return _Plan(treedef, l1_index, group_index, flat_ids, index.num_groups + 1, coeff)
     targets = _common.resolve_targets(params, None, reg.where)
     return _Plan(treedef, targets.index, (), np.zeros(0, np.int32), 0, np.zeros(0, np.float32))
-
-
-def regularizer_value(reg: Regularizer, params: Any) -> jax.Array:
-    """The penalty ``R(params)`` (for logging and tests)."""
-    plan = _plan(reg, params)
-    leaves = plan.treedef.flatten_up_to(params)
-    total = jnp.zeros([], jnp.float32)
-    if reg.l1:
-        total += reg.l1 * sum(jnp.sum(jnp.abs(leaves[i])) for i in plan.l1_index)
-    if reg.group and plan.group_index:
-        flat = jnp.concatenate([leaves[i].ravel() for i in plan.group_index]).astype(jnp.float32)
-        norms = jnp.sqrt(jax.ops.segment_sum(flat * flat, plan.group_ids, plan.num_groups))
-        total += reg.group * jnp.sum(jnp.asarray(plan.coeff) * norms)
-    return total
 
 
 def _apply_prox(reg: Regularizer, plan: _Plan, z: Any, w: Any, lr, d: Any | None,

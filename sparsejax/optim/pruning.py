@@ -19,6 +19,7 @@ Scores:
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -31,7 +32,38 @@ from sparsejax.optim.schedules import SparsitySchedule
 
 __all__ = ["PruneState", "prune", "SCORES"]
 
-SCORES = ("magnitude", "random", "saliency", "movement")
+
+class ScoreInputs(NamedTuple):
+    """What a score function sees at a mask update, one entry per masked leaf (float32)."""
+
+    candidate: list   # the weights after this step's update (pruned ones at 0)
+    weights: list     # the weights before it
+    grads: list       # the raw gradients
+    movement: list    # accumulated movement scores (score="movement" only)
+    key: jax.Array    # a fresh PRNG key
+
+
+def _magnitude(x: ScoreInputs) -> list:
+    return [jnp.abs(c) for c in x.candidate]
+
+
+def _random(x: ScoreInputs) -> list:
+    keys = jax.random.split(x.key, len(x.candidate))
+    return [jax.random.uniform(k, c.shape) for k, c in zip(keys, x.candidate)]
+
+
+def _saliency(x: ScoreInputs) -> list:
+    return [jnp.abs(w * g) for w, g in zip(x.weights, x.grads)]
+
+
+def _movement(x: ScoreInputs) -> list:
+    return list(x.movement)
+
+
+# score name -> scores of the masked leaves (higher is kept).
+SCORES: dict[str, Callable[[ScoreInputs], list]] = {
+    "magnitude": _magnitude, "random": _random, "saliency": _saliency, "movement": _movement,
+}
 
 
 @mask_state
@@ -56,7 +88,8 @@ class PruneState(NamedTuple):
     rewind_params: Any
 
 
-def prune(schedule: SparsitySchedule, inner: optax.GradientTransformation | None = None, *,
+def prune(inner: optax.GradientTransformation | None,
+          schedule: SparsitySchedule | None = None, *,
           score: str = "magnitude", distribution: str = "uniform", min_kept: int = 1,
           layouts: Any = None, where: Callable | None = None, initial_masks: Any = None,
           zero_pruned: bool = True, rewind_step: int | None = None,
@@ -64,10 +97,12 @@ def prune(schedule: SparsitySchedule, inner: optax.GradientTransformation | None
     """Prunes masked leaves to ``schedule``'s sparsity while ``inner`` trains them.
 
     Args:
+      inner: the optimizer that turns (masked) gradients into updates; ``None`` is the
+        identity (then this transform sees and returns gradients). First, as in optax's
+        wrappers; the older order ``prune(schedule, inner)`` still works, with a
+        DeprecationWarning.
       schedule: :func:`~sparsejax.optim.one_shot`, :func:`~sparsejax.optim.gradual`
         or :func:`~sparsejax.optim.iterative`.
-      inner: the optimizer that turns (masked) gradients into updates; default
-        identity (then this transform sees and returns gradients).
       score: one of ``SCORES``.
       distribution: ``"uniform"``, ``"erk"`` or ``"global"`` (see
         :mod:`sparsejax.optim.allocation`).
@@ -84,17 +119,22 @@ def prune(schedule: SparsitySchedule, inner: optax.GradientTransformation | None
         the inner optimizer's state restarts from ``inner.init``.
       seed: PRNG seed for random scores.
     """
+    if isinstance(inner, SparsitySchedule) and not isinstance(schedule, SparsitySchedule):
+        warnings.warn("prune(schedule, inner) is deprecated: the optimizer comes first, as in "
+                      "optax's wrappers: prune(inner, schedule)", DeprecationWarning, stacklevel=2)
+        inner, schedule = schedule, inner
     if not isinstance(schedule, SparsitySchedule):
         raise TypeError(f"schedule must be a SparsitySchedule (one_shot, gradual, iterative), "
-                        f"got {type(schedule).__name__}")
+                        f"got {type(schedule).__name__}: call prune(inner, schedule)")
     if score not in SCORES:
-        raise ValueError(f"score must be one of {SCORES}, got {score!r}")
+        raise ValueError(f"score must be one of {tuple(SCORES)}, got {score!r}")
     allocation.check_distribution(distribution)
     if rewind_step is not None and (isinstance(rewind_step, bool) or not isinstance(rewind_step, int)
                                     or rewind_step < 0):
         raise ValueError(f"rewind_step must be a non-negative int or None, got {rewind_step!r}")
     if isinstance(min_kept, bool) or not isinstance(min_kept, int) or min_kept < 1:
         raise ValueError(f"min_kept must be a positive int, got {min_kept!r}")
+    score_fn = SCORES[score]
     # with no inner optimizer the updates are gradients, not steps: score the weights as they are
     steps_are_updates = inner is not None
     inner = _common.with_extra_args(inner)
@@ -115,41 +155,24 @@ def prune(schedule: SparsitySchedule, inner: optax.GradientTransformation | None
                           movement=movement, rewind_params=rewind)
 
     def update_fn(updates, state, params=None, **extra_args):
-        if params is None:
-            raise ValueError("prune needs params: call update(grads, state, params)")
-        targets = _common.resolve_targets(params, layouts, where)
-        old = targets.masks_of(state.masks)
-        inner_grads = _common.masked_grads(targets, updates, old) if zero_pruned else updates
-        inner_updates, inner_state = inner.update(inner_grads, state.inner_state, params,
-                                                  **extra_args)
-        p_flat = targets.treedef.flatten_up_to(params)
-        g_flat = targets.treedef.flatten_up_to(updates)
-        u_flat = targets.treedef.flatten_up_to(inner_updates)
-        weights = [p_flat[i] for i in targets.index]
-        grads = [g_flat[i].astype(jnp.float32) for i in targets.index]
-        candidate = [(p_flat[i] + u_flat[i] if steps_are_updates else p_flat[i]).astype(jnp.float32)
-                     for i in targets.index]
-        if zero_pruned:
-            candidate = [jnp.where(m, c, 0.0) for m, c in zip(old, candidate)]
-
+        step = _common.inner_step("prune", inner, updates, state, params, extra_args,
+                                  layouts=layouts, where=where, zero_pruned=zero_pruned,
+                                  steps_are_updates=steps_are_updates)
+        targets, old, inner_updates, inner_state = (step.targets, step.old_masks,
+                                                    step.inner_updates, step.inner_state)
+        weights = [w.astype(jnp.float32) for w in step.weights]
+        grads = [g.astype(jnp.float32) for g in targets.take(targets.treedef.flatten_up_to(updates))]
         movement = state.movement
-        if score == "movement":
-            acc = [a - w.astype(jnp.float32) * g
-                   for a, w, g in zip(targets.masks_of(movement), weights, grads)]
-            movement = targets.tree(acc)
+        if score == "movement":   # -sum_t w_t * g_t, accumulated every step
+            movement = targets.tree([a - w * g for a, w, g in
+                                     zip(targets.masks_of(movement), weights, grads)])
         rng, key = jax.random.split(state.rng)
         do_update = schedule.is_update(state.step)
 
         def new_masks():
-            if score == "magnitude":
-                scores = [jnp.abs(c) for c in candidate]
-            elif score == "random":
-                keys = jax.random.split(key, len(candidate))
-                scores = [jax.random.uniform(k, c.shape) for k, c in zip(keys, candidate)]
-            elif score == "saliency":
-                scores = [jnp.abs(w.astype(jnp.float32) * g) for w, g in zip(weights, grads)]
-            else:
-                scores = list(targets.masks_of(movement))
+            scores = score_fn(ScoreInputs(
+                [c.astype(jnp.float32) for c in step.candidate], weights, grads,
+                targets.masks_of(movement) if score == "movement" else [], key))
             if zero_pruned:  # nested masks: what is pruned stays pruned
                 scores = [jnp.where(m, s, -jnp.inf) for m, s in zip(old, scores)]
             return allocation.masks_from_scores(scores, targets.layouts,

@@ -7,8 +7,8 @@
   On resume it drops what a killed run logged after the checkpoint it resumes.
 * :func:`plot_curves`: a PNG of loss and sparsity against step (matplotlib's
   Agg canvas, no display needed).
-* :func:`mask_sparsity`, :func:`format_summary`: per-layer sparsity and the
-  end-of-run summary text.
+* :func:`format_summary`: the end-of-run summary text (per-layer sparsity from
+  :func:`sparsejax.optim.masked_sparsity` with ``by_path=True``).
 """
 
 from __future__ import annotations
@@ -25,10 +25,8 @@ from typing import Any, Iterable, Mapping, TextIO
 import jax
 import numpy as np
 
-from sparsejax import paths as path_lib
-
-__all__ = ["ProgressLine", "MetricsWriter", "read_metrics", "plot_curves", "mask_sparsity",
-           "overall_sparsity", "format_summary", "METRICS_FILE"]
+__all__ = ["ProgressLine", "MetricsWriter", "read_metrics", "plot_curves", "format_summary",
+           "METRICS_FILE"]
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -281,30 +279,6 @@ def plot_curves(records: Iterable[dict] | str | os.PathLike, png_path: str | os.
     png_path = str(png_path)
     fig.savefig(png_path, format="png")
     return png_path
-
-
-def mask_sparsity(masks: Any) -> dict[str, float]:
-    """Fraction of masked-out (False) entries of every mask leaf, by parameter path.
-
-    ``masks`` is the ``sstate["masks"]`` pytree (``None`` where a leaf is unmasked).
-    """
-    with_path, _ = jax.tree_util.tree_flatten_with_path(masks)
-    out = {}
-    for key_path, mask in with_path:
-        mask = np.asarray(jax.device_get(mask))
-        # soft masks (values in [0, 1]) may round to a mean a hair above 1: no "-0.000"
-        out[path_lib.path_str(key_path)] = float(np.clip(1.0 - mask.mean(), 0.0, 1.0)) + 0.0 \
-            if mask.size else 0.0
-    return out
-
-
-def overall_sparsity(masks: Any, params: Any | None = None) -> float:
-    """Masked-out fraction over all mask leaves (or, with ``params``, over all parameters)."""
-    leaves = [np.asarray(jax.device_get(m)) for m in jax.tree.leaves(masks)]
-    masked_out = sum(int(m.size - np.count_nonzero(m)) for m in leaves)
-    total = sum(m.size for m in leaves) if params is None else \
-        sum(int(np.prod(np.shape(p))) for p in jax.tree.leaves(params))
-    return masked_out / total if total else 0.0
 
 
 def format_summary(metrics: Mapping[str, Any], layer_sparsity: Mapping[str, float] | None = None,

@@ -6,9 +6,9 @@ model with, and a function wrapping any optax optimizer in the sparsity
 transform that updates the masks (``sparsejax.optim``). train.py, the
 notebooks and the results tables all use these.
 
-Masks have one home per preset: ``"recipe"`` (fixed, in ``sstate``) or
-``"optimizer"`` (updated during training, read with
-:func:`sparsejax.optim.current_masks`).
+Masks have one owner per preset (:attr:`Preset.masks_from`): ``"recipe"`` (fixed by
+``sparsify``, in ``sstate``) or ``"optimizer"`` (moved by the wrapper's transform). The
+forward pass reads them through :func:`sparsejax.optim.forward_masks`, whichever the owner.
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ import difflib
 import json
 from typing import Any, Callable
 
-import jax
 import jax.numpy as jnp
 import optax
 
@@ -50,8 +49,9 @@ class Preset:
       recipe: model family -> Recipe.
       wrap: (inner optimizer, sfn, sparams, sstate, total steps) -> optimizer; None keeps
         the inner one.
-      masks_from: "recipe" (masks fixed in sstate), "optimizer" (updated by it), or
-        "soft" (Progressive Gradient Flow's decaying masks, read from the optimizer).
+      masks_from: who owns the masks: "recipe" (fixed by sparsify, in sstate) or "optimizer"
+        (moved by the transform ``wrap`` adds: GMP, SET, RigL, Progressive Gradient Flow's
+        decaying masks). train.py checks the optimizer agrees.
     """
 
     name: str
@@ -71,7 +71,7 @@ def _gmp(sparsity: float) -> Preset:
     def wrap(inner, sfn, sparams, sstate, steps):
         schedule = optim.gradual(sparsity, begin_step=steps // 10, end_step=(3 * steps) // 4,
                                  frequency=max(steps // 40, 1))
-        return optim.prune(schedule, inner, layouts=sfn.layouts, where=masked_where(sfn),
+        return optim.prune(inner, schedule, layouts=sfn.layouts, where=masked_where(sfn),
                            initial_masks=sstate["masks"])
     return Preset(f"gmp{round(sparsity * 100)}",
                   f"gradual magnitude pruning to {sparsity:.0%} (cubic schedule, 10%-75% of steps)",
@@ -96,7 +96,7 @@ def _static(sparsity: float) -> Preset:
                                    where=masked_where(sfn))
         fixed = optim.SparsitySchedule(lambda t: jnp.asarray(sparsity), lambda t: t < 0, sparsity,
                                        0, f"fixed random masks at {sparsity}")
-        return optim.prune(fixed, inner, layouts=sfn.layouts, where=masked_where(sfn),
+        return optim.prune(inner, fixed, layouts=sfn.layouts, where=masked_where(sfn),
                            initial_masks=masks)
     return Preset(f"static{round(sparsity * 100)}", f"static random masks at {sparsity:.0%} (ERK)",
                   lambda model: Recipe([rules.Prune(SPARSE_WEIGHTS[model], 0.0)]), wrap, "optimizer")
@@ -109,7 +109,7 @@ def _pgf(n: int, m: int) -> Preset:
                                     where=masked_where(sfn))
     return Preset(f"nm{n}{m}_pgf", f"{n}:{m} with Progressive Gradient Flow (decaying mask strength)",
                   lambda model: Recipe([rules.NM(SPARSE_WEIGHTS[model], n, m, gradient="ste")]),
-                  wrap, "soft")
+                  wrap, "optimizer")
 
 
 PRESETS: dict[str, Preset] = {p.name: p for p in [
@@ -195,16 +195,3 @@ def get(name: str) -> Preset:
     if name not in PRESETS:
         raise ValueError(f"unknown recipe {name!r}: use one of {sorted(PRESETS)} or a .json file")
     return PRESETS[name]
-
-
-def forward_masks(preset: Preset, sstate: dict, opt_state: Any) -> Any:
-    """The masks the forward pass uses at this step (see :attr:`Preset.masks_from`)."""
-    if preset.masks_from == "recipe":
-        return sstate["masks"]
-    masks = optim.current_masks(opt_state)
-    if preset.masks_from == "optimizer":
-        return masks
-    strength = optim.current_mask_strength(opt_state)
-    return jax.tree.map(lambda m: None if m is None else
-                        m.astype(jnp.float32) + strength * (1.0 - m.astype(jnp.float32)),
-                        masks, is_leaf=lambda x: x is None)

@@ -3,7 +3,7 @@
 A checkpoint holds one pytree ``state`` (params, sparsity state such as masks
 and factors, optimizer state: whatever the training loop keeps; leaves are
 arrays or ``None``) and a small JSON record: the step, the data position (an
-int, see :mod:`sparsejax.data`), the run's *signature* and any extra JSON.
+int, see :mod:`sparsejax.training.data`), the run's *signature* and any extra JSON.
 
     ckpt = Checkpointer(workdir / "checkpoints", signature=config.to_dict(), max_to_keep=3)
     restored = ckpt.restore(state)          # None on a fresh directory
