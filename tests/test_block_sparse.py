@@ -9,6 +9,8 @@ import pytest
 
 from sparsejax import masks
 from sparsejax.kernels import block_sparse as bs
+from sparsejax.kernels import tile_tables
+from sparsejax.kernels.block_sparse import mosaic_gpu, mosaic_gpu_ws
 
 
 def _rel(a, b):
@@ -208,10 +210,10 @@ def test_warp_specialized_mosaic_gpu_kernel_in_interpret_mode():
     w = jnp.asarray(rng.standard_normal((128, 128)), jnp.bfloat16)
     packed = bs.pack(w, np.array([[True, False]]), (128, 64))
     x = jnp.asarray(rng.standard_normal((128, 128)), jnp.bfloat16)
-    tiles = bs.tile_tables.BlockSparseTiles(rows=64, step_k=64, stages=2, grid_tile_width=1,
+    tiles = tile_tables.BlockSparseTiles(rows=64, step_k=64, stages=2, grid_tile_width=1,
                                             warp_specialized=True)
     t = packed.tables
-    out = bs._mgpu_gather_matmul_ws(x, packed.blocks, t.col_ptr, t.row_of, jnp.bfloat16, tiles,
+    out = mosaic_gpu_ws.gather_matmul_ws(x, packed.blocks, t.col_ptr, t.row_of, jnp.bfloat16, tiles,
                                     interpret=True)
     ref = bs.block_sparse_matmul_reference(x, packed)
     assert np.isfinite(np.asarray(out, np.float32)).all()
@@ -221,6 +223,6 @@ def test_warp_specialized_mosaic_gpu_kernel_in_interpret_mode():
 
 @pytest.mark.parametrize("m_tiles,ncols,width", [(1, 1, 4), (5, 3, 4), (7, 2, 8), (8, 5, 4)])
 def test_tile_order_visits_every_output_tile_once(m_tiles, ncols, width):
-    mi, j = bs._tile_order(jnp.arange(m_tiles * ncols), m_tiles, ncols, width, interpret=True)
+    mi, j = mosaic_gpu.tile_order(jnp.arange(m_tiles * ncols), m_tiles, ncols, width, interpret=True)
     pairs = sorted(zip(np.asarray(mi).tolist(), np.asarray(j).tolist()))
     assert pairs == [(a, b) for a in range(m_tiles) for b in range(ncols)]

@@ -103,7 +103,7 @@ class BlockSparseHandler(PathChoosing, MaskHandler):
         """Kept blocks of the ``(*stack, K, N)`` matrix view, with their tables."""
         if not self.stacked:
             return block_sparse.BlockSparseWeight(
-                block_sparse._gather_blocks(matrix, self.tables), self.tables)
+                block_sparse.gather_blocks(matrix, self.tables), self.tables)
         stack = self.layout.stack_shape
         flat = block_sparse.BlockIndex(*(jnp.asarray(a.reshape(-1, *a.shape[len(stack):]))
                                          for a in self.index))
@@ -213,7 +213,7 @@ class BlockSparseHandler(PathChoosing, MaskHandler):
 
         def gather(w):
             if index is None:
-                return block_sparse.BlockSparseWeight(block_sparse._gather_blocks(w, tables), tables)
+                return block_sparse.BlockSparseWeight(block_sparse.gather_blocks(w, tables), tables)
             ix = block_sparse.BlockIndex(*(jnp.asarray(a) for a in index))
             return block_sparse.BlockSparseWeight(block_sparse.gather_indexed(w, tables, ix),
                                                   tables, ix)

@@ -52,6 +52,7 @@ import numpy as np
 from jax.experimental import pallas as pl
 
 from sparsejax import monarch as monarch_math
+from sparsejax.kernels._mosaic_gpu import interpret_params, swizzled as _swizzled
 
 __all__ = ["MonarchTiles", "monarch_matmul", "monarch_matmul_einsum", "monarch_matmul_reference",
            "supported", "choose_tiles", "tiles_problem", "core_operands", "core_reference"]
@@ -428,14 +429,6 @@ def supported(x_shape, factors, dtype=None, *, backend: str | None = None,
 # --------------------------------------------------------------------------- Mosaic GPU kernel
 
 
-def _swizzled(cols: int, dtype) -> tuple:
-    from jax.experimental.pallas import mosaic_gpu as plgpu
-
-    itemsize = jnp.dtype(dtype).itemsize
-    swizzle = plgpu.find_swizzle(cols * itemsize * 8)
-    return (plgpu.TilingTransform((8, swizzle // itemsize)), plgpu.SwizzleTransform(swizzle))
-
-
 def _mgpu_core(u: jax.Array, a: jax.Array, b: jax.Array, tiles: MonarchTiles,
                interpret: bool, save_h: bool = False):
     """Mosaic GPU core: ``u (T, n1, d1)``, ``a (n2, n1, d1, c)``, ``b (n2, n1, c, d2)``.
@@ -450,7 +443,6 @@ def _mgpu_core(u: jax.Array, a: jax.Array, b: jax.Array, tiles: MonarchTiles,
     block ``j0 + jg`` reads from input block ``i``.
     """
     from jax.experimental.pallas import mosaic_gpu as plgpu
-    from sparsejax.kernels.block_sparse import mosaic_gpu_interpret_params
 
     t_total, n1, d1 = u.shape
     n2, _, _, c = a.shape
@@ -567,7 +559,7 @@ def _mgpu_core(u: jax.Array, a: jax.Array, b: jax.Array, tiles: MonarchTiles,
             jax.lax.fori_loop(0, group * e_tiles, stage_two, 0)
             plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
-    kwargs = {"interpret": mosaic_gpu_interpret_params()} if interpret else {}
+    kwargs = {"interpret": interpret_params()} if interpret else {}
     out_type = [jax.ShapeDtypeStruct((t_total, n2 * d2), dtype)]
     if save_h:
         out_type.append(jax.ShapeDtypeStruct((t_total, n2 * n1 * c), dtype))
