@@ -18,14 +18,9 @@ from sparsejax.kernels import block_sparse as bs
 from sparsejax.kernels.block_sparse import mosaic_gpu, mosaic_gpu_ws
 from sparsejax.kernels import tile_tables as tt
 
+from kernel_testing import assert_matches_reference
+
 SMEM_LIMIT = 227 * 1024   # bytes of shared memory one block may use on sm_90
-
-
-def _rel(a, b):
-    a = np.asarray(jnp.asarray(a, jnp.float32), np.float64)
-    b = np.asarray(jnp.asarray(b, jnp.float32), np.float64)
-    assert np.isfinite(a).all(), "kernel left unwritten (NaN) or non-finite outputs"
-    return np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30)
 
 
 def test_persistent_kernel_matches_reference_with_traced_tables():
@@ -46,7 +41,7 @@ def test_persistent_kernel_matches_reference_with_traced_tables():
 
     out = run(x, packed.blocks, jnp.asarray(t.col_ptr, jnp.int32), jnp.asarray(t.row_of, jnp.int32))
     ref = bs.block_sparse_matmul_reference(x, packed)
-    assert _rel(out, ref) < 1e-2
+    assert_matches_reference(out, ref, 1e-2)
     # The empty column is zeroed by the kernel itself (interpret mode starts from NaN).
     assert np.abs(np.asarray(out[:, :64], np.float32)).max() == 0
 
@@ -63,7 +58,7 @@ def test_dw_kernel_split_over_m_matches_sampled_product():
                                   interpret=True)
     dense = np.asarray(x, np.float32).T @ np.asarray(g, np.float32)
     assert out.shape == (1, bk, bn)
-    assert _rel(out[0], dense[bk:, 2 * bn:]) < 1e-2
+    assert_matches_reference(out[0], dense[bk:, 2 * bn:], 1e-2)
 
 
 def test_dw_split_divides_the_steps_and_balances_waves():

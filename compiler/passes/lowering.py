@@ -144,11 +144,12 @@ class BlockSparseHandler(PathChoosing, MaskHandler):
         return next(s for s in self.sites if s.key == key).dtype
 
     def _kernel_support(self, dtype) -> tuple[bool, str]:
-        backend = "interpret" if self.interpret else self.backend
-        ok, why = block_sparse.supported((self.layout.k, self.layout.n), dtype, backend,
-                                         self.tables.block)
+        why = block_sparse.supported((self.layout.k, self.layout.n), dtype, self.tables.block,
+                                     backend=self.backend, interpret=self.interpret)
+        if why is None:
+            return True, block_sparse.describe(self.backend, self.interpret)
         # Here XLA's masked product, not the kernel's reference, replaces a missing kernel.
-        return ok, why.removesuffix(": plain-JAX reference")
+        return False, why.removesuffix(": plain-JAX reference")
 
     # -- computing ------------------------------------------------------------------
 

@@ -29,6 +29,7 @@ Paths, chosen by :func:`supported` and :func:`block_sparse_matmul`:
 from sparsejax.kernels.block_sparse.ops import (
     block_sparse_matmul,
     block_sparse_matmul_reference,
+    describe,
     supported,
 )
 from sparsejax.kernels.block_sparse.tables import (
@@ -62,4 +63,5 @@ __all__ = [
     "block_sparse_matmul",
     "block_sparse_matmul_reference",
     "supported",
+    "describe",
 ]

@@ -19,11 +19,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sparsejax.kernels import tile_tables
+from sparsejax.kernels import backends, tile_tables
 from sparsejax.kernels.block_sparse import mosaic_gpu, mosaic_gpu_ws, tpu
 from sparsejax.kernels.block_sparse.tables import BlockIndex, BlockSparseWeight, check_block
 
-__all__ = ["block_sparse_matmul", "block_sparse_matmul_reference", "supported"]
+__all__ = ["block_sparse_matmul", "block_sparse_matmul_reference", "supported", "describe"]
 
 
 def block_sparse_matmul_reference(x: jax.Array, packed: BlockSparseWeight) -> jax.Array:
@@ -49,41 +49,64 @@ def _check_operands(x, packed, where: str):
 _GPU_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 
 
-def supported(shape, dtype, backend: str | None = None, block: tuple[int, int] = (128, 128)
-              ) -> tuple[bool, str]:
-    """Whether a kernel handles a ``(K, N)`` weight of ``dtype`` with ``block`` on ``backend``.
+_KERNELS = {"gpu": backends.MOSAIC_GPU, "tpu": backends.TPU}
 
-    Returns ``(ok, reason)``; when ``ok`` is False, :func:`block_sparse_matmul`
-    uses the plain-JAX reference, and ``reason`` says why (for the lowering
-    pass's report). Any ``(K, N)`` is fine: the blocks are zero-padded.
+
+def _resolve(backend, interpret, where: str) -> str:
+    # interpret=True alone runs the pallas_call kernel (cheap to simulate); the
+    # Mosaic GPU kernels' simulation is asked for with backend="mosaic_gpu".
+    return backends.resolve(backend, interpret, kernels=_KERNELS, interpreted=backends.TPU,
+                            where=where)
+
+
+def supported(shape, dtype, block: tuple[int, int] = (128, 128), *, backend: str | None = None,
+              interpret: bool = False) -> str | None:
+    """Why no kernel handles a ``(K, N)`` weight of ``dtype`` with ``block`` here (``None``: one does).
+
+    ``backend``, ``interpret``: see :mod:`sparsejax.kernels.backends` (kernels:
+    ``"mosaic_gpu"``, ``"tpu"``). Where this returns a reason,
+    :func:`block_sparse_matmul` uses the plain-JAX reference (and the lowering
+    pass reports why). Any ``(K, N)`` is fine: the blocks are zero-padded.
     """
-    backend = backend or jax.default_backend()
+    kernel = _resolve(backend, interpret, "supported")
     bk, bn = check_block(block, "supported")
     if len(tuple(shape)) != 2:
-        return False, f"weight shape {tuple(shape)} is not a (K, N) matrix"
+        return f"weight shape {tuple(shape)} is not a (K, N) matrix"
     dtype = jnp.dtype(dtype)
-    if backend == "gpu":
+    if kernel == backends.MOSAIC_GPU:
         if dtype not in _GPU_DTYPES:
-            return False, f"Mosaic GPU kernel takes bfloat16/float16 operands, not {dtype}"
+            return f"Mosaic GPU kernel takes bfloat16/float16 operands, not {dtype}"
         # One warpgroup holds a (rows, bn) and, for dW, a (bk, bn) f32 accumulator:
         # 128 x 128 is 128 registers a thread; larger tiles would spill.
         if bk not in (64, 128) or bn not in (64, 128):
-            return False, f"block {block}: the Mosaic GPU kernel takes bk, bn in (64, 128)"
-        return True, "Mosaic GPU block-sparse kernel"
-    if backend == "tpu":
-        if bk % 128 or bn % 128:
-            return False, f"block {block}: the TPU kernel needs bk, bn multiples of 128"
-        return True, "Pallas TPU block-sparse kernel (scalar prefetch)"
-    if backend == "interpret":
-        return True, "Pallas kernel in interpret mode"
-    return False, f"no block-sparse kernel on backend {backend!r}: plain-JAX reference"
+            return f"block {block}: the Mosaic GPU kernel takes bk, bn in (64, 128)"
+        return None
+    if kernel == backends.TPU:
+        # Interpret mode takes any block (CPU tests use small ones).
+        if not interpret and (bk % 128 or bn % 128):
+            return f"block {block}: the TPU kernel needs bk, bn multiples of 128"
+        return None
+    return backends.reference_reason("block-sparse", backend)
 
+
+def describe(backend: str | None = None, interpret: bool = False) -> str:
+    """The kernel :func:`block_sparse_matmul` runs with these arguments, in words (reports)."""
+    kernel = _resolve(backend, interpret, "describe")
+    if kernel == backends.MOSAIC_GPU:
+        return "Mosaic GPU block-sparse kernel"
+    if kernel == backends.TPU:
+        return ("Pallas kernel in interpret mode" if interpret else
+                "Pallas TPU block-sparse kernel (scalar prefetch)")
+    return "plain-JAX reference"
+
+
+# --------------------------------------------------------------------------- dispatch
 
 
 @dataclasses.dataclass(frozen=True)
 class _Config:
     tables: Any                     # BlockTables (static tables) or TableBounds (device tables)
-    impl: str                       # "mosaic_gpu" | "pallas" (TPU or interpret)
+    backend: str                    # "mosaic_gpu" | "tpu" (the pallas_call kernels)
     tiles: tile_tables.BlockSparseTiles
     interpret: bool
     poison: bool
@@ -94,7 +117,7 @@ def _gather_matmul(a, blocks, ptr, idx, out_dtype, cfg: _Config, steps: int):
     bn = blocks.shape[2]
     if blocks.shape[0] == 0:   # all-zero mask: nothing to multiply
         return jnp.zeros((a.shape[0], nb * bn), out_dtype)
-    if cfg.impl == "mosaic_gpu":
+    if cfg.backend == backends.MOSAIC_GPU:
         if cfg.tiles.warp_specialized and a.shape[0] % (2 * cfg.tiles.rows) == 0:
             return mosaic_gpu_ws.gather_matmul_ws(a, blocks, ptr, idx, out_dtype, cfg.tiles, cfg.interpret)
         return mosaic_gpu.gather_matmul(a, blocks, ptr, idx, out_dtype, cfg.tiles, cfg.interpret)
@@ -107,7 +130,7 @@ def _sampled_matmul(a, g, rows_of, cols_of, out_dtype, cfg: _Config):
     bk, bn = cfg.tables.block
     if cfg.tables.num_blocks == 0:
         return jnp.zeros((0, bk, bn), out_dtype)
-    if cfg.impl == "mosaic_gpu":
+    if cfg.backend == backends.MOSAIC_GPU:
         return mosaic_gpu.sampled_matmul(a, g, rows_of, cols_of, bk, bn, out_dtype, cfg.tiles,
                                     cfg.interpret)
     out = tpu.sampled_matmul(a, g, rows_of, cols_of, bk, bn, rows=cfg.tiles.rows,
@@ -166,16 +189,18 @@ _bsmm.defvjp(_bsmm_fwd, _bsmm_bwd)
 
 
 def block_sparse_matmul(x: jax.Array, packed: BlockSparseWeight, *, backend: str | None = None,
-                        interpret: bool | str = False, poison: bool = False) -> jax.Array:
+                        interpret: bool = False, poison: bool = False) -> jax.Array:
     """``x @ W`` for a packed block-sparse ``W``, differentiable in ``x`` and ``packed``.
 
     Args:
       x: ``(..., K)``.
       packed: from :func:`pack`.
-      backend: ``"gpu"``, ``"tpu"``, ``"cpu"``; default: JAX's default backend.
-      interpret: run a kernel in interpret mode on CPU (tests): ``True`` or
-        ``"pallas"`` for the ``pallas_call`` (TPU-style) kernel, ``"mosaic_gpu"``
-        for the Mosaic GPU kernel (small shapes only: it simulates every thread).
+      backend: ``"mosaic_gpu"``, ``"tpu"`` (the ``pallas_call`` kernels),
+        ``"reference"``, or a platform; default: JAX's default platform's kernel
+        (see :mod:`sparsejax.kernels.backends`).
+      interpret: run the kernel in interpret mode on CPU (tests): alone, the
+        ``pallas_call`` kernel; with ``backend="mosaic_gpu"`` the Mosaic GPU
+        kernels (small shapes only: the simulation runs every thread).
       poison: fill the ``pallas_call`` kernel's outputs with NaN before it
         writes them (tests); Mosaic GPU interpret mode always does.
 
@@ -183,35 +208,27 @@ def block_sparse_matmul(x: jax.Array, packed: BlockSparseWeight, *, backend: str
     :func:`block_sparse_matmul_reference`.
     """
     _check_operands(x, packed, "block_sparse_matmul")
-    if interpret not in (False, True, "pallas", "mosaic_gpu"):
-        raise ValueError(f"block_sparse_matmul: interpret must be a bool, 'pallas' or 'mosaic_gpu', "
-                         f"got {interpret!r}")
-    if interpret == "mosaic_gpu":
-        backend = "gpu"
-    elif interpret:
-        backend = "interpret"
-    else:
-        backend = backend or jax.default_backend()
+    kernel = _resolve(backend, interpret, "block_sparse_matmul")
     dtype = jnp.result_type(x.dtype, packed.dtype)
-    ok, _ = supported(packed.shape, dtype, backend, packed.block)
-    if not ok:
+    if supported(packed.shape, dtype, packed.block, backend=kernel, interpret=interpret) is not None:
         return block_sparse_matmul_reference(x, packed)
     t = packed.tables
     (kb, nb), (bk, bn) = t.grid, t.block
     lead = x.shape[:-1]
     a = x.reshape(-1, x.shape[-1]).astype(dtype)
     m = a.shape[0]
-    tiles = tile_tables.block_sparse_tiles(backend, m)
-    if interpret == "mosaic_gpu":   # the simulation runs every thread: keep the pipeline short
+    on_gpu = kernel == backends.MOSAIC_GPU
+    tiles = tile_tables.block_sparse_tiles(
+        "gpu" if on_gpu else ("interpret" if interpret else "tpu"), m)
+    if on_gpu and interpret:   # the simulation runs every thread: keep the pipeline short
         tiles = dataclasses.replace(tiles, stages=2)
     rows = tiles.rows
-    if backend == "gpu":
+    if on_gpu:
         # The dW kernel pipelines over M in steps of step_k: pad M to both.
         rows = math.lcm(rows, tiles.step_k)
     m_pad = -(-max(m, 1) // rows) * rows
     a = jnp.pad(a, ((0, m_pad - m), (0, kb * bk - a.shape[1])))
-    cfg = _Config(tables=t, impl="mosaic_gpu" if backend == "gpu" else "pallas",
-                  tiles=tiles, interpret=bool(interpret), poison=bool(poison))
+    cfg = _Config(tables=t, backend=kernel, tiles=tiles, interpret=interpret, poison=bool(poison))
     index = None
     if packed.index is not None:
         if packed.blocks.ndim != 3:

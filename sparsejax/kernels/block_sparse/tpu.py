@@ -10,6 +10,8 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
+from sparsejax.kernels import backends
+
 __all__ = ["gather_matmul", "sampled_matmul"]
 
 
@@ -60,8 +62,7 @@ def gather_matmul(a, blocks, ptr, idx, *, rows: int, steps: int, interpret: bool
     aliases = {}
     if poison:   # tests: every output element must be written over the NaNs
         in_specs.append(out_spec)
-        operands.append(jnp.full(out_shape.shape, jnp.nan, out_shape.dtype))
-        aliases = {4: 0}
+        aliases = backends.poison_output(operands, out_shape, scalar_prefetch=2)
     grid_spec = pltpu.PrefetchScalarGridSpec(
         num_scalar_prefetch=2, grid=(m // rows, ncols, steps),
         in_specs=in_specs, out_specs=out_spec)
@@ -97,8 +98,7 @@ def sampled_matmul(a, g, rows_of, cols_of, bk: int, bn: int, *, rows: int, inter
     aliases = {}
     if poison:
         in_specs.append(out_spec)
-        operands.append(jnp.full(out_shape.shape, jnp.nan, out_shape.dtype))
-        aliases = {4: 0}
+        aliases = backends.poison_output(operands, out_shape, scalar_prefetch=2)
     grid_spec = pltpu.PrefetchScalarGridSpec(
         num_scalar_prefetch=2, grid=(nnzb, m // rows), in_specs=in_specs, out_specs=out_spec)
     return pl.pallas_call(kernel, grid_spec=grid_spec, out_shape=out_shape,
