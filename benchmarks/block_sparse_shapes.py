@@ -104,7 +104,7 @@ class Setup:
     def __init__(self, smoke: bool):
         self.smoke = smoke
         self.block = (64, 64) if smoke else (128, 128)
-        self.interpret = "mosaic_gpu" if smoke else False
+        self.interpret = smoke   # Mosaic GPU interpret mode
         self.timing = dict(calls=1, repeats=1, warmup=0) if smoke else dict(calls=10, repeats=9,
                                                                             warmup=3)
 
@@ -116,7 +116,7 @@ class Setup:
 
     def matmul(self, x, p):
         if self.smoke:
-            return bs.block_sparse_matmul(x, p, interpret="mosaic_gpu")
+            return bs.block_sparse_matmul(x, p, backend="mosaic_gpu", interpret=True)
         return bs.block_sparse_matmul(x, p, backend="gpu")
 
     def ms(self, fn, *args) -> float:

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sparsejax.kernels import block_sparse as bs
+from sparsejax.kernels.block_sparse import mosaic_gpu, mosaic_gpu_ws
 from sparsejax.kernels import tile_tables
 from timing import median_seconds, rel_err
 
@@ -130,7 +131,7 @@ def time_variants(rng, size, density, log):
     rows = []
     step_k = 64
     for ws in (False, True):
-        kernel = bs._mgpu_gather_matmul_ws if ws else bs._mgpu_gather_matmul
+        kernel = mosaic_gpu_ws.gather_matmul_ws if ws else mosaic_gpu.gather_matmul
         # stages=2 without warp specialization leaves room for two programs per SM.
         for stages in ((2, 4) if not ws else (3, 4)):
             for width in (4, 8, 16):

@@ -41,7 +41,6 @@ __all__ = [
 ]
 
 _MODES = ("soft", "hard", "mask")
-_IMPLS = ("xla", "pallas", "auto")
 # The largest keep fraction below 1 in float32: Phi^-1 stays finite (about -5.3).
 _MAX_FRAC = 1.0 - 2.0**-24
 _MIN_FRAC = 2.0**-126
@@ -160,8 +159,11 @@ def statistical_threshold(x: jax.Array, *, k: Any = None, k_frac: Any = None, ax
 
 def statistical_topk(x: jax.Array, *, k: Any = None, k_frac: Any = None, axis: int = -1,
                      mode: str = "soft", fill: float = 0.0, where: jax.Array | None = None,
-                     stop_gradient_threshold: bool = False, impl: str = "xla") -> jax.Array:
+                     stop_gradient_threshold: bool = False) -> jax.Array:
     """Spark's statistical top-k of ``x`` along ``axis`` (linear time, no sort).
+
+    Plain JAX (XLA); :func:`sparsejax.kernels.statistical_topk.statistical_topk`
+    takes the same arguments and an ``impl`` that picks its one-pass kernel.
 
     Args:
       x: float array (any float dtype; the output keeps it, except ``mode="mask"``).
@@ -178,24 +180,13 @@ def statistical_topk(x: jax.Array, *, k: Any = None, k_frac: Any = None, axis: i
         entries are never kept (``0`` in soft mode, ``fill`` in hard mode).
       stop_gradient_threshold: no gradient through ``theta`` (its mean and std).
         Default ``False``, as in the paper and Gemma 3n.
-      impl: ``"xla"`` (this function's plain-JAX code, the reference);
-        ``"pallas"``: the one-pass kernel of :mod:`sparsejax.kernels.statistical_topk`
-        (interpret mode off GPU; an error where it does not apply); ``"auto"``: the
-        kernel on GPU where it applies, XLA elsewhere.
 
     Returns:
       An array of ``x``'s shape: ``x``'s dtype, or bool for ``mode="mask"``.
     """
     if mode not in _MODES:
         raise ValueError(f"statistical_topk: mode must be one of {_MODES}, got {mode!r}")
-    if impl not in _IMPLS:
-        raise ValueError(f"statistical_topk: impl must be one of {_IMPLS}, got {impl!r}")
     x = jnp.asarray(x)
-    if impl != "xla":
-        out = _kernel_topk(x, k=k, k_frac=k_frac, axis=axis, mode=mode, fill=fill, where=where,
-                           stop_gradient_threshold=stop_gradient_threshold, required=impl == "pallas")
-        if out is not None:
-            return out
     theta = statistical_threshold(x, k=k, k_frac=k_frac, axis=axis, where=where,
                                   stop_gradient=stop_gradient_threshold)
     xf = x.astype(jnp.float32)
@@ -208,24 +199,6 @@ def statistical_topk(x: jax.Array, *, k: Any = None, k_frac: Any = None, axis: i
         return jnp.where(keep, x, jnp.asarray(fill, x.dtype))
     out = jnp.where(keep, xf - theta, 0.0)   # = max(x - theta, 0) on valid entries
     return out.astype(x.dtype)
-
-
-def _kernel_topk(x, *, axis, required, **kwargs):
-    """The Pallas kernel's answer, or None where ``impl="auto"`` should use XLA."""
-    # The kernel module imports this one for its reference: import it here, on use.
-    from sparsejax.kernels import statistical_topk as kernel
-    axis = _check_axis(x, axis, "statistical_topk")
-    where = kwargs.pop("where")
-    reason = kernel.kernel_applies(x, k=kwargs["k"], k_frac=kwargs["k_frac"], mode=kwargs["mode"],
-                                   where=where)
-    on_gpu = jax.default_backend() == "gpu"
-    if required and reason is not None:
-        raise ValueError(f"statistical_topk: impl='pallas' does not take {reason}; use impl='xla'")
-    if not required and (reason is not None or not on_gpu or axis != x.ndim - 1):
-        return None
-    rows = jnp.moveaxis(x, axis, -1)
-    out = kernel.statistical_topk_pallas(rows, interpret=not on_gpu, **kwargs)
-    return jnp.moveaxis(out, -1, axis)
 
 
 def exact_topk_reference(x: jax.Array, *, k: Any = None, k_frac: Any = None, axis: int = -1,

@@ -9,12 +9,10 @@ import pytest
 
 from sparsejax import masks
 from sparsejax.kernels import block_sparse as bs
+from sparsejax.kernels import tile_tables
+from sparsejax.kernels.block_sparse import mosaic_gpu, mosaic_gpu_ws
 
-
-def _rel(a, b):
-    a = np.asarray(a, np.float64)
-    b = np.asarray(b, np.float64)
-    return np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30)
+from kernel_testing import assert_written, rel_error
 
 
 def _block_mask(kind, grid, rng):
@@ -91,8 +89,10 @@ def test_pack_rejects_bad_input():
         bs.block_sparse_matmul(jnp.ones((3, 15)), packed)
     with pytest.raises(TypeError, match="BlockSparseWeight"):
         bs.block_sparse_matmul(jnp.ones((3, 16)), w)
-    with pytest.raises(ValueError, match="interpret must be"):
-        bs.block_sparse_matmul(jnp.ones((3, 16)), packed, interpret="triton")
+    with pytest.raises(ValueError, match="interpret must be a bool"):
+        bs.block_sparse_matmul(jnp.ones((3, 16)), packed, interpret="mosaic_gpu")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        bs.block_sparse_matmul(jnp.ones((3, 16)), packed, backend="triton")
 
 
 def test_pack_works_under_jit_with_traced_weights():
@@ -116,11 +116,11 @@ def test_pallas_kernel_forward_matches_reference(kind, m, k, n, block):
     ref = bs.block_sparse_matmul_reference(x, packed)
     out = bs.block_sparse_matmul(x, packed, interpret=True, poison=True)
     assert out.shape == (2, m, n)
-    assert np.isfinite(np.asarray(out)).all()
+    assert_written(out)
     if kind == "zero":
         assert np.abs(np.asarray(out)).max() == 0
     else:
-        assert _rel(out, ref) < 1e-5
+        assert rel_error(out, ref) < 1e-5
     # The reference itself is the masked dense product.
     np.testing.assert_allclose(np.asarray(ref), np.asarray(x @ packed.to_dense()), rtol=1e-5, atol=1e-4)
 
@@ -138,12 +138,12 @@ def test_pallas_kernel_gradients_match_reference(kind):
     gx_r, gp_r = jax.grad(functools.partial(loss, bs.block_sparse_matmul_reference), (0, 1))(x, packed)
     gx_k, gp_k = jax.grad(functools.partial(loss, kern), (0, 1))(x, packed)
     assert isinstance(gp_k, bs.BlockSparseWeight) and gp_k.tables == packed.tables
-    assert np.isfinite(np.asarray(gx_k)).all() and np.isfinite(np.asarray(gp_k.blocks)).all()
+    assert_written(gx_k, gp_k.blocks)
     if kind == "zero":
         assert np.abs(np.asarray(gx_k)).max() == 0 and gp_k.blocks.shape[0] == 0
         return
-    assert _rel(gx_k, gx_r) < 1e-5
-    assert _rel(gp_k.blocks, gp_r.blocks) < 1e-5
+    assert rel_error(gx_k, gx_r) < 1e-5
+    assert rel_error(gp_k.blocks, gp_r.blocks) < 1e-5
     # dW is exactly x^T @ dy at the kept blocks.
     dense_dw = np.asarray(x).T @ np.asarray(cot)
     np.testing.assert_allclose(np.asarray(gp_k.to_dense()),
@@ -162,44 +162,45 @@ def test_mosaic_gpu_kernel_in_interpret_mode_forward_and_backward():
     def loss(fn, x, p):
         return jnp.sum(fn(x, p).astype(jnp.float32) * cot)
 
-    kern = lambda x, p: bs.block_sparse_matmul(x, p, interpret="mosaic_gpu")
+    kern = lambda x, p: bs.block_sparse_matmul(x, p, backend="mosaic_gpu", interpret=True)
     y_k = kern(x, packed)
     y_r = bs.block_sparse_matmul_reference(x, packed)
-    assert np.isfinite(np.asarray(y_k, np.float32)).all()
-    assert _rel(y_k, y_r) < 1e-2
+    assert_written(y_k)
+    assert rel_error(y_k, y_r) < 1e-2
     gx_r, gp_r = jax.grad(functools.partial(loss, bs.block_sparse_matmul_reference), (0, 1))(x, packed)
     gx_k, gp_k = jax.grad(functools.partial(loss, kern), (0, 1))(x, packed)
-    assert np.isfinite(np.asarray(gx_k, np.float32)).all()
-    assert _rel(gx_k, gx_r) < 1e-2
-    assert _rel(gp_k.blocks, gp_r.blocks) < 1e-2
+    assert_written(gx_k)
+    assert rel_error(gx_k, gx_r) < 1e-2
+    assert rel_error(gp_k.blocks, gp_r.blocks) < 1e-2
 
 
 def test_kernel_composes_with_jit_and_packed_weights_as_arguments():
     rng = np.random.default_rng(31)
     x, packed = _operands(rng, 9, 24, 40, (8, 8), "random")
     f = jax.jit(lambda x, p: bs.block_sparse_matmul(x, p, interpret=True))
-    assert _rel(f(x, packed), bs.block_sparse_matmul_reference(x, packed)) < 1e-5
+    assert rel_error(f(x, packed), bs.block_sparse_matmul_reference(x, packed)) < 1e-5
 
 
 def test_cpu_without_interpret_uses_the_reference():
     rng = np.random.default_rng(41)
     x, packed = _operands(rng, 7, 24, 16, (8, 8), "random")
-    ok, reason = bs.supported(packed.shape, x.dtype, "cpu", packed.block)
-    assert not ok and "reference" in reason
+    reason = bs.supported(packed.shape, x.dtype, packed.block, backend="cpu")
+    assert "reference" in reason
+    assert "reference" in bs.supported(packed.shape, x.dtype, packed.block, backend="reference")
     np.testing.assert_array_equal(np.asarray(bs.block_sparse_matmul(x, packed, backend="cpu")),
                                   np.asarray(bs.block_sparse_matmul_reference(x, packed)))
 
 
 def test_supported_names_the_reason():
-    assert bs.supported((8192, 8192), jnp.bfloat16, "gpu", (128, 128)) == (
-        True, "Mosaic GPU block-sparse kernel")
-    ok, reason = bs.supported((8192, 8192), jnp.float32, "gpu", (128, 128))
-    assert not ok and "float32" in reason
-    ok, reason = bs.supported((8192, 8192), jnp.bfloat16, "gpu", (32, 128))
-    assert not ok and "(64, 128)" in reason
-    ok, reason = bs.supported((512, 512), jnp.bfloat16, "tpu", (64, 128))
-    assert not ok and "multiples of 128" in reason
-    assert bs.supported((512, 512), jnp.float32, "tpu", (128, 128))[0]
+    assert bs.supported((8192, 8192), jnp.bfloat16, (128, 128), backend="gpu") is None
+    assert bs.supported((8192, 8192), jnp.bfloat16, (128, 128), backend="mosaic_gpu") is None
+    assert bs.describe("gpu") == "Mosaic GPU block-sparse kernel"
+    assert "float32" in bs.supported((8192, 8192), jnp.float32, (128, 128), backend="gpu")
+    assert "(64, 128)" in bs.supported((8192, 8192), jnp.bfloat16, (32, 128), backend="gpu")
+    assert "multiples of 128" in bs.supported((512, 512), jnp.bfloat16, (64, 128), backend="tpu")
+    assert bs.supported((512, 512), jnp.float32, (128, 128), backend="tpu") is None
+    # Interpret mode runs the pallas_call kernel at any block.
+    assert bs.supported((512, 512), jnp.float32, (8, 16), interpret=True) is None
 
 
 def test_warp_specialized_mosaic_gpu_kernel_in_interpret_mode():
@@ -208,19 +209,19 @@ def test_warp_specialized_mosaic_gpu_kernel_in_interpret_mode():
     w = jnp.asarray(rng.standard_normal((128, 128)), jnp.bfloat16)
     packed = bs.pack(w, np.array([[True, False]]), (128, 64))
     x = jnp.asarray(rng.standard_normal((128, 128)), jnp.bfloat16)
-    tiles = bs.tile_tables.BlockSparseTiles(rows=64, step_k=64, stages=2, grid_tile_width=1,
+    tiles = tile_tables.BlockSparseTiles(rows=64, step_k=64, stages=2, grid_tile_width=1,
                                             warp_specialized=True)
     t = packed.tables
-    out = bs._mgpu_gather_matmul_ws(x, packed.blocks, t.col_ptr, t.row_of, jnp.bfloat16, tiles,
+    out = mosaic_gpu_ws.gather_matmul_ws(x, packed.blocks, t.col_ptr, t.row_of, jnp.bfloat16, tiles,
                                     interpret=True)
     ref = bs.block_sparse_matmul_reference(x, packed)
-    assert np.isfinite(np.asarray(out, np.float32)).all()
+    assert_written(out)
     assert np.abs(np.asarray(out[:, 64:], np.float32)).max() == 0
-    assert _rel(out, ref) < 1e-2
+    assert rel_error(out, ref) < 1e-2
 
 
 @pytest.mark.parametrize("m_tiles,ncols,width", [(1, 1, 4), (5, 3, 4), (7, 2, 8), (8, 5, 4)])
 def test_tile_order_visits_every_output_tile_once(m_tiles, ncols, width):
-    mi, j = bs._tile_order(jnp.arange(m_tiles * ncols), m_tiles, ncols, width, interpret=True)
+    mi, j = mosaic_gpu.tile_order(jnp.arange(m_tiles * ncols), m_tiles, ncols, width, interpret=True)
     pairs = sorted(zip(np.asarray(mi).tolist(), np.asarray(j).tolist()))
     assert pairs == [(a, b) for a in range(m_tiles) for b in range(ncols)]

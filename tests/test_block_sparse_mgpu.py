@@ -15,16 +15,12 @@ import numpy as np
 import pytest
 
 from sparsejax.kernels import block_sparse as bs
+from sparsejax.kernels.block_sparse import mosaic_gpu, mosaic_gpu_ws
 from sparsejax.kernels import tile_tables as tt
 
+from kernel_testing import assert_matches_reference
+
 SMEM_LIMIT = 227 * 1024   # bytes of shared memory one block may use on sm_90
-
-
-def _rel(a, b):
-    a = np.asarray(jnp.asarray(a, jnp.float32), np.float64)
-    b = np.asarray(jnp.asarray(b, jnp.float32), np.float64)
-    assert np.isfinite(a).all(), "kernel left unwritten (NaN) or non-finite outputs"
-    return np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30)
 
 
 def test_persistent_kernel_matches_reference_with_traced_tables():
@@ -41,11 +37,11 @@ def test_persistent_kernel_matches_reference_with_traced_tables():
 
     @jax.jit
     def run(x, blocks, ptr, idx):   # the tables arrive traced, as per-layer device arrays would
-        return bs._mgpu_gather_matmul_ws(x, blocks, ptr, idx, jnp.bfloat16, tiles, interpret=True)
+        return mosaic_gpu_ws.gather_matmul_ws(x, blocks, ptr, idx, jnp.bfloat16, tiles, interpret=True)
 
     out = run(x, packed.blocks, jnp.asarray(t.col_ptr, jnp.int32), jnp.asarray(t.row_of, jnp.int32))
     ref = bs.block_sparse_matmul_reference(x, packed)
-    assert _rel(out, ref) < 1e-2
+    assert_matches_reference(out, ref, 1e-2)
     # The empty column is zeroed by the kernel itself (interpret mode starts from NaN).
     assert np.abs(np.asarray(out[:, :64], np.float32)).max() == 0
 
@@ -57,26 +53,26 @@ def test_dw_kernel_split_over_m_matches_sampled_product():
     g = jnp.asarray(rng.standard_normal((m, 3 * bn)), jnp.bfloat16)
     rows_of, cols_of = jnp.asarray([1], jnp.int32), jnp.asarray([2], jnp.int32)
     tiles = tt.BlockSparseTiles(rows=64, step_k=64, stages=2, dw_split=2)
-    assert bs._dw_split(tiles, 1, m, 64, interpret=True) == 2
-    out = bs._mgpu_sampled_matmul(x, g, rows_of, cols_of, bk, bn, jnp.bfloat16, tiles,
+    assert mosaic_gpu.dw_split(tiles, 1, m, 64, interpret=True) == 2
+    out = mosaic_gpu.sampled_matmul(x, g, rows_of, cols_of, bk, bn, jnp.bfloat16, tiles,
                                   interpret=True)
     dense = np.asarray(x, np.float32).T @ np.asarray(g, np.float32)
     assert out.shape == (1, bk, bn)
-    assert _rel(out[0], dense[bk:, 2 * bn:]) < 1e-2
+    assert_matches_reference(out[0], dense[bk:, 2 * bn:], 1e-2)
 
 
 def test_dw_split_divides_the_steps_and_balances_waves():
     base = tt.BlockSparseTiles(rows=128)
     for nnzb in (26, 41, 410, 1024, 5000):   # M = 8192 in 128 steps of 64, 132 SMs
-        split = bs._dw_split(base, nnzb, 8192, 64, interpret=False)
+        split = mosaic_gpu.dw_split(base, nnzb, 8192, 64, interpret=False)
         assert 128 % split == 0 and 128 // split >= 8
     # 26 blocks would keep 26 of 132 SMs busy: split. From a few hundred blocks on,
     # the float32 partial sums cost more than the last wave's idle SMs.
-    assert bs._dw_split(base, 26, 8192, 64, interpret=False) > 1
-    assert bs._dw_split(base, 410, 8192, 64, interpret=False) == 1
-    assert bs._dw_split(base, 5000, 8192, 64, interpret=False) == 1
-    assert bs._dw_split(base, 5, 64, 64, interpret=False) == 1             # one step of M
-    assert bs._dw_split(dataclasses.replace(base, dw_split=3), 26, 8192, 64, False) == 2
+    assert mosaic_gpu.dw_split(base, 26, 8192, 64, interpret=False) > 1
+    assert mosaic_gpu.dw_split(base, 410, 8192, 64, interpret=False) == 1
+    assert mosaic_gpu.dw_split(base, 5000, 8192, 64, interpret=False) == 1
+    assert mosaic_gpu.dw_split(base, 5, 64, 64, interpret=False) == 1             # one step of M
+    assert mosaic_gpu.dw_split(dataclasses.replace(base, dw_split=3), 26, 8192, 64, False) == 2
 
 
 def _cuda_lowering(fn, *args):
@@ -106,7 +102,7 @@ def test_forward_and_backward_lower_for_cuda(name, fields):
     x = jnp.zeros((m, k), jnp.bfloat16)
     g = jnp.zeros((m, n), jnp.bfloat16)
     tiles = dataclasses.replace(tt._BLOCK_SPARSE["gpu"], **fields)
-    assert bs._mgpu_ws_smem_bytes(tiles, 128) <= SMEM_LIMIT
+    assert mosaic_gpu_ws.ws_smem_bytes(tiles, 128) <= SMEM_LIMIT
 
     def fwd_bwd(x, p, g):
         y, pull = jax.vjp(lambda x, p: bs.block_sparse_matmul(x, p, backend="gpu"), x, p)

@@ -5,17 +5,13 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
 
 from sparsejax import sparsify
 from sparsejax.kernels import sparse_output_gemv as sog
 from sparsejax.rules import NM, SparkTopK
 
-
-def _rel(a, b):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return np.linalg.norm(a - b) / np.linalg.norm(b)
+from kernel_testing import assert_matches_reference, rel_error
 
 
 def _paths(lowered):
@@ -30,7 +26,7 @@ def test_nm_sites_take_the_compressed_kernel_and_match_the_masked_program():
     sfn = sparsify(fn, [NM("w", n=2, m=4), NM("v", n=1, m=4, gradient="ste")])
     sp, ss = sfn.init(params, x)
     low = sfn.lower(ss, interpret=True)
-    assert _rel(low(sp, ss, x), sfn(sp, ss, x)) < 1e-5
+    assert rel_error(low(sp, ss, x), sfn(sp, ss, x)) < 1e-5
     paths = _paths(low)
     assert paths["w"] == ["compressed 2:4 GEMV (Pallas)"]
     assert "gradient='ste'" in paths["v"][0]          # STE needs gradients at pruned weights: XLA
@@ -61,7 +57,7 @@ def test_spark_ffn_sites_take_the_sparse_gemvs_and_match():
     sfn = sparsify(_ffn_output_major, [SparkTopK("*", site="ffn", k_frac=0.25)])
     sp, ss = sfn.init(_ffn_params(), x)
     low = sfn.lower(ss, interpret=True)
-    assert _rel(low(sp, ss, x), sfn(sp, ss, x)) < 1e-5
+    assert rel_error(low(sp, ss, x), sfn(sp, ss, x)) < 1e-5
     paths = _paths(low)
     assert paths["ffn/up"] == ["sparse-output GEMV (Pallas)"]
     assert paths["ffn/down"] == ["sparse-input GEMV (Pallas, masked bk64 bn256)"]
@@ -82,7 +78,7 @@ def test_every_down_candidate_matches_when_forced(path):
         out = low(sp, ss, x)
         paths = _paths(low)
         prims = [e.primitive.name for e in low.rewritten_jaxpr(sp, ss, x).jaxpr.eqns]
-    assert _rel(out, sfn(sp, ss, x)) < 1e-5
+    assert rel_error(out, sfn(sp, ss, x)) < 1e-5
     if path == "xla_dense":      # every site keeps the program's own dot: no kernel, no extra ops
         assert "pallas_call" not in prims and prims.count("transpose") == 0
     want = {"xla_dense": "XLA dense", "xla_pad2": "XLA dense, the row padded to two",
@@ -98,7 +94,7 @@ def test_flax_layout_up_stays_dense_with_reason_down_is_sparse():
     sfn = sparsify(_ffn_flax_layout, [SparkTopK("*", site="ffn", k_frac=0.25)])
     sp, ss = sfn.init(_ffn_params(up_major=False), x)
     low = sfn.lower(ss, interpret=True)
-    assert _rel(low(sp, ss, x), sfn(sp, ss, x)) < 1e-5
+    assert rel_error(low(sp, ss, x), sfn(sp, ss, x)) < 1e-5
     paths = _paths(low)
     assert "not contiguous" in paths["ffn/up"][0]
     assert paths["ffn/down"] == ["sparse-input GEMV (Pallas, masked bk64 bn256)"]
@@ -122,7 +118,7 @@ def test_unruled_dense_weights_take_their_measured_path_and_match(path, label):
         low = sfn.lower(ss, interpret=True)
         out = low(sp, ss, x)
         paths = _paths(low)
-    assert _rel(out, sfn(sp, ss, x)) < 1e-5
+    assert rel_error(out, sfn(sp, ss, x)) < 1e-5
     assert paths["proj"][0].startswith(label) and (path or paths["proj"][0] == label)
 
 
@@ -131,7 +127,7 @@ def test_without_interpret_on_cpu_every_site_stays_dense():
     sfn = sparsify(_ffn_output_major, [SparkTopK("*", site="ffn", k_frac=0.25)])
     sp, ss = sfn.init(_ffn_params(), x)
     low = sfn.lower(ss)
-    assert _rel(low(sp, ss, x), sfn(sp, ss, x)) < 1e-6
+    assert rel_error(low(sp, ss, x), sfn(sp, ss, x)) < 1e-6
     assert _paths(low)["ffn/down"] == ["XLA dense"]
 
 
@@ -141,7 +137,7 @@ def test_sparse_output_gemv_writes_live_outputs_and_zeros():
     live = jax.random.bernoulli(jax.random.key(8), 0.3, (37,))
     ref = sog.sparse_output_gemv_reference(x, w_t, live)
     y = sog.sparse_output_gemv(x, w_t, live, impl="masked", interpret=True, poison=True, bj=8, bk=16)
-    assert bool(jnp.all(jnp.isfinite(y))) and _rel(y, ref) < 1e-5
+    assert_matches_reference(y, ref, 1e-5)
     assert bool(jnp.all(jnp.where(live, True, y == 0)))
     with pytest.raises(ValueError, match="live"):
         sog.sparse_output_gemv(x, w_t, live[:5])
@@ -178,7 +174,7 @@ def test_frozen_packed_nm_weights_give_the_same_answer():
     low = sfn.lower(ss, interpret=True)
     nm_lowering.freeze_packed(low, sp, ss)
     assert low._handlers["w"].packed is not None
-    assert _rel(low(sp, ss, x), sfn(sp, ss, x)) < 1e-5
+    assert rel_error(low(sp, ss, x), sfn(sp, ss, x)) < 1e-5
 
 
 def test_a_kernel_must_beat_xla_by_the_margin_to_be_taken():

@@ -12,6 +12,8 @@ import sparsejax as sj
 from sparsejax.training import checkpointing
 from sparsejax.kernels import block_sparse
 
+from kernel_testing import rel_error
+
 LAYERS = 3
 
 
@@ -127,11 +129,6 @@ def test_packed_model_holds_kept_blocks_computes_and_round_trips_through_orbax(s
         sfn.lower(sstate, interpret=True).pack(sparams)
 
 
-def _rel(a, b):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return np.linalg.norm(a - b) / np.linalg.norm(b)
-
-
 def test_lowered_bf16_gradients_are_as_close_to_float32_as_xla_bf16(stack):
     """The gap between the lowered and the masked bf16 LM's gradients (1.2e-2 measured on a
     GPU) is rounding, not a defect: per leaf, the lowered bf16 gradient is within bf16
@@ -146,6 +143,6 @@ def test_lowered_bf16_gradients_are_as_close_to_float32_as_xla_bf16(stack):
     ref, xla, low = grad(sfn), grad(bf16), grad(bf16.lower(sstate, interpret=True))
     for path, g_low, g_xla, r in zip(sj.paths.leaf_paths(ref), jax.tree.leaves(low),
                                      jax.tree.leaves(xla), jax.tree.leaves(ref)):
-        e_low, e_xla = _rel(g_low, r), _rel(g_xla, r)
+        e_low, e_xla = rel_error(g_low, r), rel_error(g_xla, r)
         assert e_low < 2e-2, (path, e_low)
         assert e_low < 1.5 * e_xla + 1e-3, (path, e_low, e_xla)

@@ -9,12 +9,7 @@ import pytest
 from sparsejax import monarch
 from sparsejax.kernels import monarch_matmul as mk
 
-
-def _rel(a, b):
-    a = np.asarray(jnp.asarray(a, jnp.float32), np.float64)
-    b = np.asarray(jnp.asarray(b, jnp.float32), np.float64)
-    assert np.isfinite(a).all(), "non-finite entries (an output the kernel never wrote reads NaN)"
-    return np.linalg.norm(a - b) / np.linalg.norm(b)
+from kernel_testing import assert_matches_reference
 
 
 def _problem(seed, t, k, n, nb, dtype):
@@ -42,14 +37,16 @@ def test_fused_kernel_in_interpret_mode_matches_reference():
     x, f, ct = _problem(1, 21, 76, 72, 2, jnp.bfloat16)
     assert mk.supported(x.shape, f, interpret=True) is None
     tiles = mk.MonarchTiles(rows=64, step_in=16, chunk=16, out_cols=16, stages=2, group=2)
-    kernel = lambda x, f: mk.monarch_matmul(x, f, 72, interpret=True, tiles=tiles, backward="fused")
+    kernel = lambda x, f: mk.monarch_matmul(x, f, 72, impl="kernel", interpret=True, tiles=tiles,
+                                             backward="fused")
     y, (gx, gf) = _value_and_grads(kernel, x, f, ct)
     ry, (rx, rf) = _value_and_grads(lambda x, f: mk.monarch_matmul_reference(x, f, 72), x, f, ct)
     assert y.shape == (21, 72) and y.dtype == jnp.bfloat16
     # Same products, f32 accumulation, h rounded to bf16 in both: only summation order differs.
-    assert _rel(y, ry) < 1e-2
-    assert _rel(gx, rx) < 1e-2          # dx through the kernel on the transposed operands
-    assert _rel(gf["w1"], rf["w1"]) < 1e-2 and _rel(gf["w2"], rf["w2"]) < 1e-2
+    assert_matches_reference(y, ry, 1e-2)
+    assert_matches_reference(gx, rx, 1e-2)          # dx through the kernel on the transposed operands
+    assert_matches_reference(gf["w1"], rf["w1"], 1e-2)
+    assert_matches_reference(gf["w2"], rf["w2"], 1e-2)
 
 
 @pytest.mark.parametrize("t,k,n,nb", [(13, 27, 43, 2), (9, 47, 100, 3)])
@@ -66,7 +63,7 @@ def test_einsum_path_matches_reference_forward_and_backward(t, k, n, nb):
         ry, (rx, rf) = _value_and_grads(lambda x, f: monarch.matmul_reference(x, f, n), x, f, ct)
         assert y.dtype == dtype and gx.dtype == dtype and gf["w1"].dtype == dtype
         for got, want in ((y, ry), (gx, rx), (gf["w1"], rf["w1"]), (gf["w2"], rf["w2"])):
-            assert _rel(got, want) < tol
+            assert_matches_reference(got, want, tol)
 
 
 def test_einsum_path_keeps_leading_axes_and_jits():
@@ -74,7 +71,7 @@ def test_einsum_path_keeps_leading_axes_and_jits():
     x3 = x.reshape(2, 3, 24)
     y = jax.jit(lambda x, f: mk.monarch_matmul_einsum(x, f, 30))(x3, f)
     assert y.shape == (2, 3, 30)
-    assert _rel(y, monarch.matmul_reference(x3, f, 30)) < 1e-6
+    assert_matches_reference(y, monarch.matmul_reference(x3, f, 30), 1e-6)
 
 
 @pytest.mark.parametrize("k,n,nb", [(16, 32, 4), (10, 13, 3)])
@@ -88,12 +85,12 @@ def test_core_operands_fold_the_permutation(k, n, nb):
     for width in (None, mk._slot_plan(nb, q)[3] + 3):
         a, b = mk.core_operands(f["w1"], f["w2"], width)
         z = mk.core_reference(u, a, b)
-        assert _rel(z.transpose(0, 2, 1).reshape(7, nb * s)[:, :n], want) < 1e-5
+        assert_matches_reference(z.transpose(0, 2, 1).reshape(7, nb * s)[:, :n], want, 1e-5)
     # The input gradient's core runs on the transposed operands.
     at, bt = mk._transposed_core_operands(a, b)
     g = jax.random.normal(jax.random.PRNGKey(0), z.shape)
     dx = jax.vjp(lambda u: mk.core_reference(u, a, b), u)[1](g)[0]
-    assert _rel(mk.core_reference(g, at, bt), dx) < 1e-5
+    assert_matches_reference(mk.core_reference(g, at, bt), dx, 1e-5)
 
 
 def test_supported_names_the_reason():

@@ -81,11 +81,11 @@ def test_jit_and_vmap():
 def test_statistical_topk_impl_pallas_on_any_axis():
     x = _rows(13, (3, 100, 5))
     ref = topk.statistical_topk(x, k=10, axis=1)
-    out = topk.statistical_topk(x, k=10, axis=1, impl="pallas")
+    out = st.statistical_topk(x, k=10, axis=1, impl="pallas")
     _assert_close(out, ref, jnp.float32)
     # "auto" takes the kernel on GPU only; on CPU it is XLA's answer exactly
     if jax.default_backend() != "gpu":
-        np.testing.assert_array_equal(np.asarray(topk.statistical_topk(x, k=10, axis=1, impl="auto")),
+        np.testing.assert_array_equal(np.asarray(st.statistical_topk(x, k=10, axis=1, impl="auto")),
                                       np.asarray(ref))
 
 
@@ -97,10 +97,10 @@ def test_statistical_topk_impl_pallas_on_any_axis():
 def test_what_the_kernel_does_not_take_is_named(kwargs, rule):
     x = _rows(1, (2, 16))
     with pytest.raises(ValueError, match=rule):
-        topk.statistical_topk(x, impl="pallas", **kwargs)
-    topk.statistical_topk(x, impl="auto", **kwargs)          # falls back to XLA instead
+        st.statistical_topk(x, impl="pallas", **kwargs)
+    st.statistical_topk(x, impl="auto", **kwargs)          # falls back to XLA instead
     with pytest.raises(ValueError, match="impl must be one of"):
-        topk.statistical_topk(x, k=3, impl="triton")
+        st.statistical_topk(x, k=3, impl="triton")
 
 
 def test_rows_longer_than_a_program_holds_are_refused():

@@ -106,7 +106,7 @@ class BlockSparseHandler(PathChoosing, MaskHandler):
         """Kept blocks of the ``(*stack, K, N)`` matrix view, with their tables."""
         if not self.stacked:
             return block_sparse.BlockSparseWeight(
-                block_sparse._gather_blocks(matrix, self.tables), self.tables)
+                block_sparse.gather_blocks(matrix, self.tables), self.tables)
         stack = self.layout.stack_shape
         flat = block_sparse.BlockIndex(*(jnp.asarray(a.reshape(-1, *a.shape[len(stack):]))
                                          for a in self.index))
@@ -147,11 +147,12 @@ class BlockSparseHandler(PathChoosing, MaskHandler):
         return next(s for s in self.sites if s.key == key).dtype
 
     def _kernel_support(self, dtype) -> tuple[bool, str]:
-        backend = "interpret" if self.interpret else self.backend
-        ok, why = block_sparse.supported((self.layout.k, self.layout.n), dtype, backend,
-                                         self.tables.block)
+        why = block_sparse.supported((self.layout.k, self.layout.n), dtype, self.tables.block,
+                                     backend=self.backend, interpret=self.interpret)
+        if why is None:
+            return True, block_sparse.describe(self.backend, self.interpret)
         # Here XLA's masked product, not the kernel's reference, replaces a missing kernel.
-        return ok, why.removesuffix(": plain-JAX reference")
+        return False, why.removesuffix(": plain-JAX reference")
 
     # -- computing ------------------------------------------------------------------
 
@@ -218,7 +219,7 @@ class BlockSparseHandler(PathChoosing, MaskHandler):
 
         def gather(w):
             if index is None:
-                return block_sparse.BlockSparseWeight(block_sparse._gather_blocks(w, tables), tables)
+                return block_sparse.BlockSparseWeight(block_sparse.gather_blocks(w, tables), tables)
             ix = block_sparse.BlockIndex(*(jnp.asarray(a) for a in index))
             return block_sparse.BlockSparseWeight(block_sparse.gather_indexed(w, tables, ix),
                                                   tables, ix)

@@ -76,9 +76,6 @@ class NMCompressedHandler(MaskHandler):
             return f"the mask keeps more than {rule.n} of some group of {rule.m}"
         return None
 
-    def _kernel_backend(self):
-        return "interpret" if self.interpret else (self.backend or jax.default_backend())
-
     def site_path(self, key) -> str:
         reason = self._reasons.get(key, "not a site found at init")
         if reason is not None:
@@ -110,16 +107,16 @@ class NMCompressedHandler(MaskHandler):
             x2, None, packed.values, packed.meta))
 
     def _choose(self, key, rows, x_dtype, packed):
-        backend = self._kernel_backend()
+        backend, interpret = self.backend, self.interpret
         dtype = jnp.result_type(x_dtype, packed.dtype)
-        ok, why = nm_compressed.supported(packed.shape, dtype, backend, rows)
-        interpret = self.interpret
+        why = nm_compressed.supported(packed.shape, dtype, rows, backend=backend,
+                                      interpret=interpret)
         static = (packed.shape, packed.n, packed.m, packed.group_tile)
 
         def kernel(x, w, values, meta):
             del w
             return nm_compressed.nm_matmul(x, nm_compressed.NMWeight(values, meta, *static),
-                                           backend=None if interpret else backend, interpret=interpret)
+                                           backend=backend, interpret=interpret)
 
         def compress_then_kernel(x, w, values, meta):
             # Without a packed form the program compresses the dense weight every call:
@@ -133,7 +130,7 @@ class NMCompressedHandler(MaskHandler):
             return jnp.dot(x, w, preferred_element_type=jnp.float32).astype(jnp.result_type(x, w))
 
         measured = kernel if self.packed is not None else compress_then_kernel
-        cands = [path_choice.Candidate("nm_kernel", measured, None if ok else why,
+        cands = [path_choice.Candidate("nm_kernel", measured, why,
                                        f"compressed {packed.n}:{packed.m} GEMV (Pallas)"),
                  path_choice.Candidate("xla_dense", dense, None, "XLA dense (masked weight)")]
         specs = [jax.ShapeDtypeStruct((rows, packed.shape[0]), dtype),

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from sparsejax import topk
+from sparsejax.kernels import statistical_topk as statistical_topk_kernel
 from sparsejax.compiler.activation_sites import ActivationSite
 
 
@@ -29,9 +30,9 @@ def apply_topk(rule, site: ActivationSite, x):
         return topk.statistical_topk(x, **args, mode="hard", fill=jnp.finfo(x.dtype).min,
                                      where=_valid_scores(x),
                                      stop_gradient_threshold=rule.stop_gradient_threshold)
-    return topk.statistical_topk(x, **args, mode=rule.effective_mode,
-                                 stop_gradient_threshold=rule.stop_gradient_threshold,
-                                 impl=rule.impl)
+    return statistical_topk_kernel.statistical_topk(
+        x, **args, mode=rule.effective_mode, stop_gradient_threshold=rule.stop_gradient_threshold,
+        impl=rule.impl)
 
 
 def topk_hook(rule, site: ActivationSite) -> Callable:

@@ -123,8 +123,8 @@ class ActivationSparseHandler(WeightHandler):
     def make_input(self, item, mask) -> ParamRef:
         return ParamRef.for_leaf(self.path, item, jnp.ndim(item), handler=self)
 
-    def _kernel_backend(self):
-        return "interpret" if self.interpret else (self.backend or jax.default_backend())
+    def _kernel_unsupported(self, shape, dtype, rows) -> str | None:
+        return sig.supported(shape, dtype, rows, backend=self.backend, interpret=self.interpret)
 
     def on_site(self, interp, eqn, key, invals, scope):
         operand = 0 if isinstance(invals[0], ParamRef) else 1
@@ -166,13 +166,13 @@ class ActivationSparseHandler(WeightHandler):
 
     def _down(self, key, role, x2, w2):
         rows = math.prod(x2.shape[:-1])
-        ok, why = sig.supported(w2.shape, w2.dtype, rows, self._kernel_backend())
+        why = self._kernel_unsupported(w2.shape, w2.dtype, rows)
         interpret = self.interpret
 
         def dense(x, w):
             return jnp.dot(x, w, preferred_element_type=jnp.float32).astype(jnp.result_type(x, w))
 
-        cands = [path_choice.Candidate(name, _down_kernel(interpret, tiles), None if ok else why,
+        cands = [path_choice.Candidate(name, _down_kernel(interpret, tiles), why,
                                        f"sparse-input GEMV (Pallas, {label})")
                  for name, (label, tiles) in DOWN_VARIANTS.items()]
         cands.append(path_choice.Candidate("xla_dense", dense, None, "XLA dense"))
@@ -192,7 +192,7 @@ class ActivationSparseHandler(WeightHandler):
 
     def _up(self, key, role, x2, w_t, live):
         rows = math.prod(x2.shape[:-1])
-        ok, why = sig.supported(w_t.shape, w_t.dtype, rows, self._kernel_backend())
+        why = self._kernel_unsupported(w_t.shape, w_t.dtype, rows)
         interpret = self.interpret
 
         def kernel(x, w, lv):
@@ -202,7 +202,7 @@ class ActivationSparseHandler(WeightHandler):
             del lv      # the dense product computes every output; dead ones are multiplied by 0
             return jnp.dot(x, w.T, preferred_element_type=jnp.float32).astype(jnp.result_type(x, w))
 
-        cands = [path_choice.Candidate("sparse_output", kernel, None if ok else why,
+        cands = [path_choice.Candidate("sparse_output", kernel, why,
                                        "sparse-output GEMV (Pallas)"),
                  path_choice.Candidate("xla_dense", dense, None, "XLA dense"),
                  _pad2_candidate(dense, rows)]
@@ -246,7 +246,7 @@ class ActivationSparseHandler(WeightHandler):
             rows = math.prod(x2.shape[:-1])
             k = x2.shape[-1]
             w2 = w.reshape(-1, k) if out_major else w.reshape(k, -1)
-            ok, why = sig.supported(w2.shape, w2.dtype, rows, self._kernel_backend())
+            why = self._kernel_unsupported(w2.shape, w2.dtype, rows)
             if out_major:
                 def kernel(xx, ww):
                     every = jnp.ones((ww.shape[0],), bool)
@@ -267,7 +267,7 @@ class ActivationSparseHandler(WeightHandler):
                 name, label = "stream_gemv", "streaming GEMV (Pallas sparse-input kernel, every row)"
             cands = [path_choice.Candidate("xla_dense", dense, None, "XLA dense"),
                      _pad2_candidate(dense, rows),
-                     path_choice.Candidate(name, kernel, None if ok else why, label)]
+                     path_choice.Candidate(name, kernel, why, label)]
             n_out = w2.shape[0] if out_major else w2.shape[1]
             signature = f"M{rows}|N{n_out}|K{k}|{jnp.dtype(w2.dtype).name}|{name}"
             choice = choose_streaming("dense_gemv", signature, cands,

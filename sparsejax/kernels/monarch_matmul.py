@@ -52,6 +52,8 @@ import numpy as np
 from jax.experimental import pallas as pl
 
 from sparsejax import monarch as monarch_math
+from sparsejax.kernels import backends
+from sparsejax.kernels._mosaic_gpu import interpret_params, swizzled as _swizzled
 
 __all__ = ["MonarchTiles", "monarch_matmul", "monarch_matmul_einsum", "monarch_matmul_reference",
            "supported", "choose_tiles", "tiles_problem", "core_operands", "core_reference"]
@@ -395,19 +397,25 @@ def tiles_problem(t: MonarchTiles, nb: int, c: int) -> str | None:
 _GPU_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 
 
+def _resolve(backend, interpret, where: str) -> str:
+    return backends.resolve(backend, interpret, kernels={"gpu": backends.MOSAIC_GPU},
+                            interpreted=backends.MOSAIC_GPU, where=where)
+
+
 def supported(x_shape, factors, dtype=None, *, backend: str | None = None,
               interpret: bool = False, tiles: MonarchTiles | None = None) -> str | None:
     """Why the fused kernel cannot compute ``x @ W`` here, or ``None`` when it can.
 
-    ``factors`` may hold arrays or ``jax.ShapeDtypeStruct``s. ``interpret``: Mosaic GPU
-    interpret mode (CPU tests), which checks the same shapes as the GPU.
+    ``factors`` may hold arrays or ``jax.ShapeDtypeStruct``s. ``backend`` (kernel:
+    ``"mosaic_gpu"``), ``interpret``: see :mod:`sparsejax.kernels.backends`; interpret
+    mode (CPU tests) checks the same shapes as the GPU.
     """
     w1, w2 = factors["w1"], factors["w2"]
     if len(w1.shape) != 3 or len(w2.shape) != 3:
         return f"factors of shapes {w1.shape} / {w2.shape} are not 3-D (vmap stacked layers)"
-    backend = "gpu" if interpret else (backend or jax.default_backend())
-    if backend != "gpu":
-        return f"the fused Monarch kernel is Mosaic GPU only (backend {backend!r})"
+    if _resolve(backend, interpret, "supported") != backends.MOSAIC_GPU:
+        return (f"the fused Monarch kernel is Mosaic GPU only "
+                f"(backend {backend or jax.default_backend()!r})")
     dtype = jnp.dtype(dtype or jnp.result_type(w1.dtype, w2.dtype))
     if dtype not in _GPU_DTYPES:
         return f"the fused kernel takes bfloat16/float16, not {dtype} (wgmma operands)"
@@ -428,14 +436,6 @@ def supported(x_shape, factors, dtype=None, *, backend: str | None = None,
 # --------------------------------------------------------------------------- Mosaic GPU kernel
 
 
-def _swizzled(cols: int, dtype) -> tuple:
-    from jax.experimental.pallas import mosaic_gpu as plgpu
-
-    itemsize = jnp.dtype(dtype).itemsize
-    swizzle = plgpu.find_swizzle(cols * itemsize * 8)
-    return (plgpu.TilingTransform((8, swizzle // itemsize)), plgpu.SwizzleTransform(swizzle))
-
-
 def _mgpu_core(u: jax.Array, a: jax.Array, b: jax.Array, tiles: MonarchTiles,
                interpret: bool, save_h: bool = False):
     """Mosaic GPU core: ``u (T, n1, d1)``, ``a (n2, n1, d1, c)``, ``b (n2, n1, c, d2)``.
@@ -450,7 +450,6 @@ def _mgpu_core(u: jax.Array, a: jax.Array, b: jax.Array, tiles: MonarchTiles,
     block ``j0 + jg`` reads from input block ``i``.
     """
     from jax.experimental.pallas import mosaic_gpu as plgpu
-    from sparsejax.kernels.block_sparse import mosaic_gpu_interpret_params
 
     t_total, n1, d1 = u.shape
     n2, _, _, c = a.shape
@@ -567,7 +566,7 @@ def _mgpu_core(u: jax.Array, a: jax.Array, b: jax.Array, tiles: MonarchTiles,
             jax.lax.fori_loop(0, group * e_tiles, stage_two, 0)
             plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
-    kwargs = {"interpret": mosaic_gpu_interpret_params()} if interpret else {}
+    kwargs = {"interpret": interpret_params()} if interpret else {}
     out_type = [jax.ShapeDtypeStruct((t_total, n2 * d2), dtype)]
     if save_h:
         out_type.append(jax.ShapeDtypeStruct((t_total, n2 * n1 * c), dtype))
@@ -651,7 +650,7 @@ _fused_blocks.defvjp(_fused_blocks_fwd, _fused_blocks_bwd)
 
 
 def monarch_matmul(x: jax.Array, factors, out_features: int | None = None, *,
-                   interpret: bool = False, backward: str = "einsum",
+                   backend: str | None = None, interpret: bool = False, backward: str = "einsum",
                    tiles: MonarchTiles | None = None, impl: str | None = None) -> jax.Array:
     """``x @ W`` for Monarch factors, differentiable in ``x`` and the factors.
 
@@ -659,13 +658,15 @@ def monarch_matmul(x: jax.Array, factors, out_features: int | None = None, *,
       x: ``(..., K)``.
       factors: ``{"w1": (nblocks, q, p), "w2": (nblocks, s, q)}`` (fly layout).
       out_features: ``N`` (default ``nblocks * s``).
+      backend: ``"mosaic_gpu"``, ``"reference"`` or a platform (see
+        :mod:`sparsejax.kernels.backends`); default: JAX's default platform.
       interpret: run the fused kernel in Mosaic GPU interpret mode (CPU tests; small
         shapes only, it simulates every thread; uninitialised memory reads as NaN).
       backward: ``"einsum"`` (dx, dw1, dw2 as bf16 einsums) or ``"fused"`` (dx through
         the kernel on the transposed operands; the factor gradients stay einsums).
       tiles: the forward's tiles (default :func:`choose_tiles`).
-      impl: ``"kernel"``, ``"einsum"`` or ``"reference"``. Default: the kernel with
-        ``interpret=True``; on GPU the einsum path (the kernel is a candidate that
+      impl: ``"kernel"``, ``"einsum"`` or ``"reference"``. Default: where ``backend``
+        has the kernel (GPU), the einsum path (the kernel is a candidate that
         :mod:`sparsejax.kernels.path_choice` measures per site, not a default: it
         beats the einsums only at some shapes); the reference elsewhere.
     """
@@ -676,10 +677,10 @@ def monarch_matmul(x: jax.Array, factors, out_features: int | None = None, *,
         raise ValueError(f"monarch_matmul: impl must be 'kernel', 'einsum' or 'reference', got {impl!r}")
     w1, w2 = factors["w1"], factors["w2"]
     dtype = jnp.result_type(x.dtype, w1.dtype, w2.dtype)
-    on_gpu = interpret or jax.default_backend() == "gpu"
-    reason = supported(x.shape, factors, dtype, interpret=interpret, tiles=tiles)
+    on_gpu = _resolve(backend, interpret, "monarch_matmul") == backends.MOSAIC_GPU
+    reason = supported(x.shape, factors, dtype, backend=backend, interpret=interpret, tiles=tiles)
     if impl is None:
-        impl = "kernel" if interpret else ("einsum" if on_gpu else "reference")
+        impl = "einsum" if on_gpu else "reference"
     if impl == "kernel" and reason is not None:
         raise ValueError(f"monarch_matmul: impl='kernel' cannot run: {reason}")
     if impl == "reference":

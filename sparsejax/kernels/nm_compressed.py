@@ -38,10 +38,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import pallas as pl
 
-from sparsejax.kernels import tile_tables
+from sparsejax.kernels import backends, tile_tables
 from sparsejax.kernels._triton import compiler_params, next_pow2
 
-__all__ = ["NMWeight", "compress_nm", "nm_matmul", "nm_matmul_reference", "supported"]
+__all__ = ["NMWeight", "compress_nm", "nm_matmul", "nm_matmul_reference", "supported", "describe"]
 
 MAX_KERNEL_BATCH = 2   # measured on an H100: the kernel loses to dense XLA from batch 4
 
@@ -195,26 +195,44 @@ def _check_operands(x, packed, where: str):
                          f"{packed.shape[0]} (y = x @ W, W of shape {packed.shape})")
 
 
-def supported(shape, dtype, backend: str | None = None, batch: int = 1) -> tuple[bool, str]:
-    """Whether the compressed N:M kernel handles a ``(K, N)`` weight for ``batch`` rows of ``x``.
+_KERNELS = {"gpu": backends.TRITON}
 
-    Returns ``(ok, reason)``; otherwise :func:`nm_matmul` uses the reference.
+
+def _resolve(backend, interpret, where: str) -> str:
+    return backends.resolve(backend, interpret, kernels=_KERNELS, interpreted=backends.TRITON,
+                            where=where)
+
+
+def supported(shape, dtype, batch: int = 1, *, backend: str | None = None,
+              interpret: bool = False) -> str | None:
+    """Why the compressed N:M kernel cannot take a ``(K, N)`` weight for ``batch`` rows (``None``: it can).
+
+    ``backend`` (kernel: ``"triton"``), ``interpret``: see :mod:`sparsejax.kernels.backends`.
+    Where this returns a reason, :func:`nm_matmul` uses the reference.
     """
-    backend = backend or jax.default_backend()
+    kernel = _resolve(backend, interpret, "supported")
     if len(tuple(shape)) != 2:
-        return False, f"weight shape {tuple(shape)} is not a (K, N) matrix"
-    if backend == "gpu":
-        if batch > MAX_KERNEL_BATCH:
-            return False, (f"batch {batch} > {MAX_KERNEL_BATCH}: the GEMV kernel pays only while "
-                           f"memory-bound; keep the dense (masked) weight on XLA")
-        if jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32)):
-            return False, f"no compressed N:M GPU kernel for dtype {jnp.dtype(dtype)}"
-        return True, "compressed N:M GEMV kernel (Pallas, Triton backend)"
-    if backend == "interpret":
+        return f"weight shape {tuple(shape)} is not a (K, N) matrix"
+    if kernel != backends.TRITON:
+        return backends.reference_reason("compressed N:M", backend)
+    if interpret:
         if batch > 8:
-            return False, f"batch {batch} > 8: interpret mode unrolls every row; reference"
-        return True, "compressed N:M kernel in interpret mode"
-    return False, f"no compressed N:M kernel on backend {backend!r}: plain-JAX reference"
+            return f"batch {batch} > 8: interpret mode unrolls every row; reference"
+        return None
+    if batch > MAX_KERNEL_BATCH:
+        return (f"batch {batch} > {MAX_KERNEL_BATCH}: the GEMV kernel pays only while "
+                f"memory-bound; keep the dense (masked) weight on XLA")
+    if jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32)):
+        return f"no compressed N:M GPU kernel for dtype {jnp.dtype(dtype)}"
+    return None
+
+
+def describe(backend: str | None = None, interpret: bool = False) -> str:
+    """The kernel :func:`nm_matmul` runs with these arguments, in words (reports)."""
+    if _resolve(backend, interpret, "describe") != backends.TRITON:
+        return "plain-JAX reference"
+    return ("compressed N:M kernel in interpret mode" if interpret else
+            "compressed N:M GEMV kernel (Pallas, Triton backend)")
 
 
 # --------------------------------------------------------------------------- kernel
@@ -282,8 +300,7 @@ def _nm_call(xg, values, meta, *, n, m, bits, group_tile, cols_tile, splits, int
     aliases = {}
     if poison:   # tests: every output element must be written over the NaNs
         in_specs.append(out_spec)
-        operands.append(jnp.full(out_shape.shape, jnp.nan, out_shape.dtype))
-        aliases = {3: 0}
+        aliases = backends.poison_output(operands, out_shape)
     kernel = functools.partial(_nm_kernel, n=n, m=m, bits=bits, group_tile=group_tile,
                                tiles_per_split=g_split // group_tile, gather_x=GATHER_X)
     params = {}
@@ -317,7 +334,8 @@ def nm_matmul(x: jax.Array, packed: NMWeight, *, backend: str | None = None,
       x: ``(..., K)``; on GPU the kernel runs when the flattened batch is at
         most ``MAX_KERNEL_BATCH`` (decode); larger batches use the reference.
       packed: from :func:`compress_nm`.
-      backend: default JAX's default backend.
+      backend: ``"triton"``, ``"reference"`` or a platform (default: JAX's default
+        platform's kernel; see :mod:`sparsejax.kernels.backends`).
       interpret: run the kernel in interpret mode (CPU tests).
       poison: fill the kernel's output with NaN before it writes it (tests).
 
@@ -325,14 +343,14 @@ def nm_matmul(x: jax.Array, packed: NMWeight, *, backend: str | None = None,
     gathers ``dW`` at the kept positions.
     """
     _check_operands(x, packed, "nm_matmul")
-    backend = "interpret" if interpret else (backend or jax.default_backend())
+    kernel = _resolve(backend, interpret, "nm_matmul")
     dtype = jnp.result_type(x.dtype, packed.dtype)
     lead = x.shape[:-1]
     batch = math.prod(lead)
-    ok, _ = supported(packed.shape, dtype, backend, batch)
-    if not ok or batch == 0:
+    if supported(packed.shape, dtype, batch, backend=kernel, interpret=interpret) is not None \
+            or batch == 0:
         return nm_matmul_reference(x, packed)
-    tiles = tile_tables.nm_tiles(backend)
+    tiles = tile_tables.nm_tiles("interpret" if interpret else "gpu")
     y = _nm_apply(x.reshape(batch, -1).astype(dtype), packed.values.astype(dtype), packed.meta,
                   (packed.shape, packed.n, packed.m, packed.group_tile, tiles.cols,
                    bool(interpret), bool(poison)))

@@ -55,7 +55,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import pallas as pl
 
-from sparsejax.kernels import path_choice, streaming_choice
+from sparsejax.kernels import backends, path_choice, streaming_choice
 from sparsejax.kernels import sparse_input_gemv as sig
 from sparsejax.kernels._triton import compiler_params, next_pow2, pad_to
 from sparsejax.kernels.sparse_input_gemv import pltriton
@@ -72,11 +72,29 @@ __all__ = [
     "topk_ffn_decode_reference",
     "MAX_BATCH",
     "choose_impl",
+    "supported",
 ]
 
 MAX_BATCH = 8
 _IMPLS = ("xla", "pallas", "sparse", "fused", "reference")
 _MASKED_IMPLS = ("sparse", "fused")
+_KERNEL_IMPLS = ("pallas",) + _MASKED_IMPLS
+_KERNELS = {"gpu": backends.TRITON}
+
+
+def supported(batch: int, *, backend: str | None = None, interpret: bool = False) -> str | None:
+    """Why the Pallas paths (``"pallas"``, ``"sparse"``, ``"fused"``) cannot run ``batch`` rows here.
+
+    ``None`` when they can. ``backend`` (kernel: ``"triton"``), ``interpret``: see
+    :mod:`sparsejax.kernels.backends`.
+    """
+    kernel = backends.resolve(backend, interpret, kernels=_KERNELS, interpreted=backends.TRITON,
+                              where="supported")
+    if batch > MAX_BATCH:
+        return f"batch {batch} > {MAX_BATCH}"
+    if kernel != backends.TRITON:
+        return backends.reference_reason("Spark FFN decode", backend)
+    return None
 
 
 @jax.tree_util.register_pytree_node_class
@@ -282,8 +300,7 @@ def _gathered_pallas(x_up, act, w_up_t, w_down, idx, count, *, bc, bk, bn, up_pr
     up_args = [meta, idx, x_up, act_t, w_up_t]
     aliases = {}
     if poison:    # tests: live rows must be written over the NaNs (dead rows are never read)
-        up_args.append(jnp.full(h_shape.shape, jnp.nan, jnp.float32))
-        aliases = {5: 0}
+        aliases = backends.poison_output(up_args, h_shape)
     up = functools.partial(_up_kernel, bc=bc, bk=bk, programs=up_programs, capacity=capacity, d_ff=d_ff)
     h = pl.pallas_call(up, grid=(up_programs,), out_shape=h_shape, input_output_aliases=aliases,
                        interpret=interpret, **compiler)(*up_args)
@@ -292,8 +309,7 @@ def _gathered_pallas(x_up, act, w_up_t, w_down, idx, count, *, bc, bk, bn, up_pr
     down_args = [meta, idx, h, w_down]
     aliases = {}
     if poison:
-        down_args.append(jnp.full(o_shape.shape, jnp.nan, jnp.float32))
-        aliases = {4: 0}
+        aliases = backends.poison_output(down_args, o_shape)
     down = functools.partial(_down_kernel, bc=bc, bn=bn, splits=splits, capacity=capacity, d_ff=d_ff)
     partial = pl.pallas_call(down, grid=(w_down.shape[1] // bn, splits), out_shape=o_shape,
                              input_output_aliases=aliases, interpret=interpret, **compiler)(*down_args)
@@ -486,8 +502,7 @@ def masked_ffn(x_up: jax.Array, act: jax.Array, w_up_t: jax.Array, w_down: jax.A
             out = jax.ShapeDtypeStruct((programs, b_pad, w_down.shape[1]), jnp.float32)
             aliases = {}
             if poison:
-                aliases = {len(args): 0}
-                args.append(jnp.full(out.shape, jnp.nan, out.dtype))
+                aliases = backends.poison_output(args, out)
             y = pl.pallas_call(kernel, grid=(programs,), out_shape=out, input_output_aliases=aliases,
                                interpret=interpret, **params)(*args)
             return jnp.sum(y[:, :batch], axis=0)[:, :d_out]
@@ -498,8 +513,7 @@ def masked_ffn(x_up: jax.Array, act: jax.Array, w_up_t: jax.Array, w_down: jax.A
     h_shape = jax.ShapeDtypeStruct((b_pad, w_up_t.shape[0]), w_down.dtype)
     args, aliases = [x_up, act, w_up_t], {}
     if poison:   # tests: every entry of h must be written over the NaNs
-        args.append(jnp.full(h_shape.shape, jnp.nan, h_shape.dtype))
-        aliases = {3: 0}
+        aliases = backends.poison_output(args, h_shape)
     kernel = functools.partial(_up_kernel_masked, bj=bj, bk=bk, batch=batch, atomic=atomic, unroll=unroll)
     h = pl.pallas_call(kernel, grid=(programs,), out_shape=h_shape, input_output_aliases=aliases,
                        interpret=interpret, **params)(*args)
@@ -522,7 +536,8 @@ def pad_decode_weights(weights: DecodeWeights, *, bk: int = 128, bn: int = 128) 
 
 def topk_ffn_decode(x: jax.Array, weights: DecodeWeights, *, k: Any = None, k_frac: Any = None,
                     capacity: int | None = None, activation: Callable = jax.nn.gelu,
-                    impl: str = "xla", interpret: bool = False, **tiling) -> jax.Array:
+                    impl: str = "xla", backend: str | None = None, interpret: bool = False,
+                    **tiling) -> jax.Array:
     """One decode step of a statistically top-k sparse gated FFN.
 
     ``y = (act(soft_topk(x_g @ W_g)) * (x_u @ W_u)) @ W_d`` computed for the
@@ -540,6 +555,9 @@ def topk_ffn_decode(x: jax.Array, weights: DecodeWeights, *, k: Any = None, k_fr
         module doc), ``"dense"`` (the selection, then every neuron in XLA: the same
         function at dense cost), or ``"auto"``: :func:`choose_impl` at this batch, so a
         layer whose sparse paths lose runs ``"dense"`` (never slower than it).
+      backend: where the Pallas paths run (:func:`supported`; see
+        :mod:`sparsejax.kernels.backends`): a Pallas ``impl`` that cannot run there is a
+        ValueError naming why.
       interpret, tiling: see :func:`gathered_ffn` and :func:`masked_ffn`; ``"fused"`` also
         takes ``act_in_kernel=True`` (the soft top-k and activation inside the kernel);
         the masked paths take ``gate_tiles`` (a dict of
@@ -556,6 +574,12 @@ def topk_ffn_decode(x: jax.Array, weights: DecodeWeights, *, k: Any = None, k_fr
                            dtype=x.dtype).name
         impl, tiling = CHOICE_PATHS.get(name, (name, {}))
         tiling = dict(tiling)
+    if impl in _KERNEL_IMPLS and backends.resolve(
+            backend, interpret, kernels=_KERNELS, interpreted=backends.TRITON,
+            where="topk_ffn_decode") != backends.TRITON:
+        raise ValueError(f"topk_ffn_decode: impl={impl!r} cannot run here "
+                         f"({supported(1, backend=backend, interpret=interpret)}); use impl='xla', "
+                         "'dense' or 'auto', or interpret=True on CPU")
     gate_tiles = tiling.pop("gate_tiles", None)
     if gate_tiles is not None and impl in _MASKED_IMPLS:
         # The predictor GEMV on the streaming kernel (every input live): XLA's batch-1
@@ -606,15 +630,10 @@ def choose_impl(batch: int, weights: DecodeWeights, *, k: Any = None, k_frac: An
     with the weights streamed from memory as in a model (several copies, beyond the
     L2); on the CPU the choice is deterministic (dense: no kernel runs there).
     """
-    on_gpu = jax.default_backend() == "gpu"
+    on_gpu = supported(1) is None
     cands = []
     for name in candidates:
-        if name == "dense":
-            why = None
-        elif batch > MAX_BATCH or not on_gpu:
-            why = f"batch {batch} > {MAX_BATCH}" if batch > MAX_BATCH else "no GPU"
-        else:
-            why = None
+        why = None if name == "dense" else supported(batch)
         impl, tiling = CHOICE_PATHS.get(name, (name, {}))
         fn = functools.partial(_layer_fn, impl=impl, k=k, k_frac=k_frac, activation=activation,
                                split=weights.split, tiling=tiling)

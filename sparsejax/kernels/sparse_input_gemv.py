@@ -44,6 +44,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
+from sparsejax.kernels import backends
 from sparsejax.kernels._triton import compiler_params, next_pow2, pad_to
 
 try:   # the Triton backend's masked loads and atomics
@@ -93,20 +94,29 @@ def live_row_list(live: jax.Array, capacity: int):
 # --------------------------------------------------------------------------- support
 
 
-def supported(shape, dtype, batch: int, backend: str | None = None) -> tuple[bool, str]:
-    """Whether the Pallas paths take a ``(K, N)`` weight at this batch: ``(ok, reason)``."""
-    backend = backend or jax.default_backend()
+_KERNELS = {"gpu": backends.TRITON}
+
+
+def supported(shape, dtype, batch: int, *, backend: str | None = None,
+              interpret: bool = False) -> str | None:
+    """Why the Pallas paths cannot take a ``(K, N)`` weight at this batch (``None``: they can).
+
+    ``backend`` (kernel: ``"triton"``), ``interpret``: see :mod:`sparsejax.kernels.backends`.
+    """
+    kernel = backends.resolve(backend, interpret, kernels=_KERNELS, interpreted=backends.TRITON,
+                              where="supported")
     if len(tuple(shape)) != 2:
-        return False, f"weight shape {tuple(shape)} is not a (K, N) matrix"
+        return f"weight shape {tuple(shape)} is not a (K, N) matrix"
     if not 1 <= batch <= MAX_BATCH:
-        return False, f"batch {batch} outside 1..{MAX_BATCH} (decode): dense XLA"
-    if backend == "interpret":
-        return True, "sparse-input GEMV in interpret mode"
-    if backend != "gpu" or pltriton is None:
-        return False, f"no sparse-input GEMV kernel on backend {backend!r}: dense XLA"
+        return f"batch {batch} outside 1..{MAX_BATCH} (decode): dense XLA"
+    if kernel != backends.TRITON or (pltriton is None and not interpret):
+        platform = backend if backend in backends.PLATFORMS else jax.default_backend()
+        return f"no sparse-input GEMV kernel on backend {backend or platform!r}: dense XLA"
+    if interpret:
+        return None
     if jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32)):
-        return False, f"no sparse-input GEMV kernel for dtype {jnp.dtype(dtype)}"
-    return True, "sparse-input GEMV (Pallas, Triton backend)"
+        return f"no sparse-input GEMV kernel for dtype {jnp.dtype(dtype)}"
+    return None
 
 
 # --------------------------------------------------------------------------- kernels
@@ -285,8 +295,7 @@ def _masked(x, w, *, threshold, bk, bn, steps, partials, unroll, mma, num_warps,
     out = jax.ShapeDtypeStruct((splits, b_pad, wp.shape[1]), jnp.float32)
     args, aliases = [xp, wp], {}
     if poison:      # tests: every entry must be written over the NaNs
-        args.append(jnp.full(out.shape, jnp.nan, out.dtype))
-        aliases = {2: 0}
+        aliases = backends.poison_output(args, out)
     params = {} if interpret else dict(compiler_params=compiler_params(num_warps, num_stages))
     y = pl.pallas_call(kernel, grid=grid, out_shape=out, input_output_aliases=aliases,
                        interpret=interpret, **params)(*args)
@@ -331,8 +340,8 @@ def sparse_input_gemv(x: jax.Array, w: jax.Array, *, threshold: float = 0.0, imp
                       capacity: int | None = None, mma: bool | None = None, bk: int = 64,
                       bn: int = 256, steps: int = 1, partials: bool = False,
                       unroll: bool | None = None, bc: int = 32, splits: int = 32, num_warps: int = 4,
-                      num_stages: int = 2, interpret: bool = False, poison: bool = False,
-                      out_dtype=None) -> jax.Array:
+                      num_stages: int = 2, backend: str | None = None, interpret: bool = False,
+                      poison: bool = False, out_dtype=None) -> jax.Array:
     """``where(|x| > threshold, x, 0) @ W``, reading only the rows of ``W`` some token needs.
 
     Args:
@@ -351,7 +360,8 @@ def sparse_input_gemv(x: jax.Array, w: jax.Array, *, threshold: float = 0.0, imp
         (summed in XLA) instead of atomics into a zeroed output; unroll: unroll the
         step loop (default: ``steps <= 4``); bc, splits: ``"gather"`` rows per
         step and programs per column tile; num_warps, num_stages: Triton (powers of two).
-      interpret: run the Pallas paths in interpret mode (CPU tests).
+      backend, interpret: where the Pallas paths may run (:func:`supported`; see
+        :mod:`sparsejax.kernels.backends`); interpret: interpret mode (CPU tests).
       poison: accepted for symmetry with the other kernels; these kernels add into
         a zeroed output, so their tests poison nothing and instead compare every entry.
       out_dtype: default ``result_type(x, w)``.
@@ -368,9 +378,9 @@ def sparse_input_gemv(x: jax.Array, w: jax.Array, *, threshold: float = 0.0, imp
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
     batch = x2.shape[0]
-    backend = "interpret" if interpret else jax.default_backend()
+    why = supported(w.shape, w.dtype, batch, backend=backend, interpret=interpret)
     if impl == "auto":
-        impl = "masked" if supported(w.shape, w.dtype, batch, backend)[0] else "xla_dense"
+        impl = "masked" if why is None else "xla_dense"
     if impl == "reference":
         y = sparse_input_gemv_reference(x2, w, threshold=threshold, out_dtype=jnp.float32)
     elif impl == "xla_dense":
@@ -382,8 +392,7 @@ def sparse_input_gemv(x: jax.Array, w: jax.Array, *, threshold: float = 0.0, imp
                              f"got {capacity!r}")
         y = _xla_compact(x2, w, threshold=threshold, capacity=cap)
     else:
-        ok, why = supported(w.shape, w.dtype, batch, backend)
-        if not ok:
+        if why is not None:
             raise ValueError(f"sparse_input_gemv: impl={impl!r} cannot run here ({why}); use "
                              f"impl='auto' or 'xla_dense'")
         for name, v in dict(bk=bk, bn=bn, bc=bc, steps=steps).items():

@@ -21,10 +21,11 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
+from sparsejax.kernels import backends
 from sparsejax.kernels._triton import compiler_params, next_pow2, pad_to
 from sparsejax.kernels.sparse_input_gemv import MAX_BATCH, pltriton, supported
 
-__all__ = ["sparse_output_gemv", "sparse_output_gemv_reference", "IMPLS"]
+__all__ = ["sparse_output_gemv", "sparse_output_gemv_reference", "supported", "IMPLS"]
 
 IMPLS = ("auto", "masked", "xla_dense", "reference")
 
@@ -66,7 +67,8 @@ def _kernel(x_ref, live_ref, w_ref, *rest, bj, bk, batch, atomic, unroll):
 
 def sparse_output_gemv(x: jax.Array, w_t: jax.Array, live: jax.Array, *, impl: str = "auto",
                        bj: int = 16, bk: int = 256, num_warps: int = 4, num_stages: int = 2,
-                       unroll: bool | None = None, interpret: bool = False, poison: bool = False, out_dtype=None) -> jax.Array:
+                       unroll: bool | None = None, backend: str | None = None, interpret: bool = False,
+                       poison: bool = False, out_dtype=None) -> jax.Array:
     """``where(live, x @ W_t^T, 0)``, reading only the rows of ``W_t`` whose output is live.
 
     Args:
@@ -78,7 +80,9 @@ def sparse_output_gemv(x: jax.Array, w_t: jax.Array, live: jax.Array, *, impl: s
       bj, bk: outputs per program and the K step (powers of two; ``bk`` should divide K,
         else ``W_t`` is zero-padded per call).
       unroll: unroll the K loop (default: when it has at most 16 steps).
-      interpret: interpret mode (CPU tests); poison: NaN-fill the output first (tests).
+      backend, interpret: where the kernel may run (:func:`supported`; see
+        :mod:`sparsejax.kernels.backends`); interpret: interpret mode (CPU tests).
+      poison: NaN-fill the output first (tests).
 
     Returns:
       ``(..., N)`` in ``out_dtype`` (default ``result_type(x, w_t)``), zero where dead.
@@ -93,16 +97,15 @@ def sparse_output_gemv(x: jax.Array, w_t: jax.Array, live: jax.Array, *, impl: s
     x2 = x.reshape(-1, x.shape[-1])
     batch = x2.shape[0]
     n, k = w_t.shape
-    backend = "interpret" if interpret else jax.default_backend()
+    why = supported(w_t.shape, w_t.dtype, batch, backend=backend, interpret=interpret)
     if impl == "auto":
-        impl = "masked" if supported(w_t.shape, w_t.dtype, batch, backend)[0] else "xla_dense"
+        impl = "masked" if why is None else "xla_dense"
     if impl == "reference":
         return sparse_output_gemv_reference(x2, w_t, live, out_dtype=out_dtype).reshape(*lead, n)
     if impl == "xla_dense":
         y = jnp.dot(x2, w_t.T, preferred_element_type=jnp.float32)
         return jnp.where(live, y, 0.0).astype(out_dtype).reshape(*lead, n)
-    ok, why = supported(w_t.shape, w_t.dtype, batch, backend)
-    if not ok:
+    if why is not None:
         raise ValueError(f"sparse_output_gemv: impl='masked' cannot run here ({why}); use impl='auto'")
     for name, v in dict(bj=bj, bk=bk).items():
         if v <= 0 or v & (v - 1):
@@ -114,8 +117,7 @@ def sparse_output_gemv(x: jax.Array, w_t: jax.Array, live: jax.Array, *, impl: s
     out = jax.ShapeDtypeStruct((b_pad, wp.shape[0]), jnp.float32)
     args, aliases = [xp, livep, wp], {}
     if poison:
-        args.append(jnp.full(out.shape, jnp.nan, out.dtype))
-        aliases = {3: 0}
+        aliases = backends.poison_output(args, out)
     n_k = wp.shape[1] // bk
     unroll = n_k <= 16 if unroll is None else bool(unroll)
     kernel = functools.partial(_kernel, bj=bj, bk=bk, batch=batch, atomic=not interpret, unroll=unroll)

@@ -28,9 +28,13 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from sparsejax import topk
+from sparsejax.kernels import backends
 from sparsejax.kernels._triton import compiler_params, next_pow2
 
-__all__ = ["MAX_ROW", "kernel_applies", "statistical_topk_pallas", "statistical_topk_reference"]
+__all__ = ["MAX_ROW", "IMPLS", "supported", "statistical_topk", "statistical_topk_pallas",
+           "statistical_topk_reference"]
+
+IMPLS = ("xla", "pallas", "auto")
 
 # f32 entries one program holds: 32768 is 32 registers per thread at 32 warps, 128 KiB.
 MAX_ROW = 32768
@@ -41,8 +45,17 @@ def statistical_topk_reference(x, *, k=None, k_frac=None, mode="soft", fill=0.0)
     return topk.statistical_topk(x, k=k, k_frac=k_frac, axis=-1, mode=mode, fill=fill)
 
 
-def kernel_applies(x, *, k=None, k_frac=None, mode="soft", where=None) -> str | None:
-    """Why the kernel cannot compute this call (``None`` when it can)."""
+_KERNELS = {"gpu": backends.TRITON}
+
+
+def supported(x, *, k=None, k_frac=None, mode="soft", where=None, backend: str | None = None,
+              interpret: bool = False) -> str | None:
+    """Why the kernel cannot compute this call along ``x``'s last axis (``None`` when it can).
+
+    ``backend`` (kernel: ``"triton"``), ``interpret``: see :mod:`sparsejax.kernels.backends`.
+    """
+    kernel = backends.resolve(backend, interpret, kernels=_KERNELS, interpreted=backends.TRITON,
+                              where="supported")
     if mode not in ("soft", "hard"):
         return f"mode {mode!r} (the kernel writes the soft and hard forms)"
     if where is not None:
@@ -53,6 +66,8 @@ def kernel_applies(x, *, k=None, k_frac=None, mode="soft", where=None) -> str | 
         return f"rows of {x.shape[-1] if x.ndim else 0} entries (the kernel holds up to {MAX_ROW})"
     if x.dtype not in (jnp.float32, jnp.bfloat16, jnp.float16):
         return f"dtype {x.dtype}"
+    if kernel != backends.TRITON:
+        return backends.reference_reason("statistical top-k", backend)
     return None
 
 
@@ -96,9 +111,8 @@ def _forward(x, *, frac, mode, fill, stop_gradient, rows_per_block, num_warps, i
     out_shape = jax.ShapeDtypeStruct((n_pad, d_pad), x.dtype)
     args, in_specs, aliases = [rows], [spec], {}
     if poison:      # tests: every output entry must be written over the NaNs
-        args.append(jnp.full(out_shape.shape, jnp.nan, x.dtype))
+        aliases = backends.poison_output(args, out_shape)
         in_specs.append(spec)
-        aliases = {1: 0}
     compiler = {} if interpret else dict(compiler_params=compiler_params(num_warps, num_stages=1))
     out = pl.pallas_call(kernel, grid=(n_pad // rows_per_block,), in_specs=in_specs, out_specs=spec,
                          out_shape=out_shape, input_output_aliases=aliases, interpret=interpret,
@@ -143,7 +157,7 @@ def statistical_topk_pallas(x: jax.Array, *, k: Any = None, k_frac: Any = None, 
     Differentiable: the backward pass is the reference's.
     """
     x = jnp.asarray(x)
-    reason = kernel_applies(x, k=k, k_frac=k_frac, mode=mode)
+    reason = supported(x, k=k, k_frac=k_frac, mode=mode, backend=backends.TRITON, interpret=interpret)
     if reason is not None:
         raise ValueError(f"statistical_topk_pallas: the kernel does not take {reason}; "
                          f"use sparsejax.topk.statistical_topk")
@@ -156,3 +170,46 @@ def statistical_topk_pallas(x: jax.Array, *, k: Any = None, k_frac: Any = None, 
               ("rows_per_block", rows_per_block), ("num_warps", num_warps),
               ("interpret", interpret), ("poison", poison))
     return _topk(x, static)
+
+
+def statistical_topk(x: jax.Array, *, k: Any = None, k_frac: Any = None, axis: int = -1,
+                     mode: str = "soft", fill: float = 0.0, where: jax.Array | None = None,
+                     stop_gradient_threshold: bool = False, impl: str = "auto",
+                     backend: str | None = None, interpret: bool = False) -> jax.Array:
+    """:func:`sparsejax.topk.statistical_topk` by the kernel or by XLA, as ``impl`` says.
+
+    Args:
+      x, k, k_frac, axis, mode, fill, where, stop_gradient_threshold: as
+        :func:`sparsejax.topk.statistical_topk`.
+      impl: ``"xla"`` (the plain-JAX function, the reference); ``"pallas"``: the
+        kernel, in interpret mode where ``backend`` has no kernel (a Spark rule's
+        ``impl="pallas"`` runs on CPU too), an error where it does not apply
+        (:func:`supported` says why); ``"auto"``: the kernel where ``backend`` has
+        it and it applies along the last axis, XLA elsewhere.
+      backend, interpret: see :mod:`sparsejax.kernels.backends`.
+    """
+    if impl not in IMPLS:
+        raise ValueError(f"statistical_topk: impl must be one of {IMPLS}, got {impl!r}")
+    x = jnp.asarray(x)
+    reference = functools.partial(topk.statistical_topk, x, k=k, k_frac=k_frac, axis=axis, mode=mode,
+                                  fill=fill, where=where,
+                                  stop_gradient_threshold=stop_gradient_threshold)
+    if impl == "xla":
+        return reference()
+    axis = topk._check_axis(x, axis, "statistical_topk")
+    rows = jnp.moveaxis(x, axis, -1)
+    if impl == "pallas":
+        no_kernel = backends.resolve(backend, False, kernels=_KERNELS, interpreted=backends.TRITON,
+                                     where="statistical_topk") != backends.TRITON
+        interpret = interpret or no_kernel
+        reason = supported(rows, k=k, k_frac=k_frac, mode=mode, where=where, backend=backend,
+                           interpret=interpret)
+        if reason is not None:
+            raise ValueError(f"statistical_topk: impl='pallas' does not take {reason}; use impl='xla'")
+    elif (axis != x.ndim - 1 or supported(rows, k=k, k_frac=k_frac, mode=mode, where=where,
+                                          backend=backend, interpret=interpret) is not None):
+        return reference()
+    out = statistical_topk_pallas(rows, k=k, k_frac=k_frac, mode=mode, fill=fill,
+                                  stop_gradient_threshold=stop_gradient_threshold,
+                                  interpret=interpret)
+    return jnp.moveaxis(out, -1, axis)

@@ -45,7 +45,7 @@ class BlockSparseTiles:
       dw_split: the dW kernel splits M into this many chunks per kept block
         (partial sums added in XLA), so a few kept blocks still fill the GPU
         and the last wave of programs is not nearly empty; 0: chosen by a
-        cost model of waves (``block_sparse._dw_split``).
+        cost model of waves (``block_sparse.mosaic_gpu.dw_split``).
       dw_transpose_in_kernel: the dW kernel reads ``x`` tiles as they are and
         transposes them in shared memory (wgmma's transposed A) instead of
         transposing ``x`` in XLA first.
