@@ -22,6 +22,7 @@ and ``benchmarks/sparse_soups.py`` build them from train.py's pieces).
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable, Sequence
 
 import jax
@@ -168,6 +169,16 @@ def _train_step(loss_fn: LossFn, make_optimizer: OptimizerFn):
     return step
 
 
+@functools.lru_cache(maxsize=32)
+def _compiled(loss_fn: LossFn, make_optimizer: OptimizerFn):
+    """The jitted init and steps for one (loss, optimizer) pair, kept across cycles and runs:
+    masks are arguments, so a new cycle's masks reuse the compiled step."""
+    step = _train_step(loss_fn, make_optimizer)
+    init = jax.jit(lambda p, h: make_optimizer(h).init(p))
+    step_all = jax.jit(jax.vmap(step, in_axes=(0, 0, 0, None, 0)), donate_argnums=(0, 1))
+    return init, jax.jit(step), step_all
+
+
 def retrain_copies(params: Any, masks: Any, *, loss_fn: LossFn, make_optimizer: OptimizerFn,
                    batches: BatchFn, steps: int, copies: int, cycle: int = 1,
                    hyperparams: dict | None = None, parallel: str = "vmap",
@@ -189,18 +200,16 @@ def retrain_copies(params: Any, masks: Any, *, loss_fn: LossFn, make_optimizer: 
     masks = jax.tree.map(lambda m: None if m is None else jnp.asarray(m, bool), masks,
                          is_leaf=lambda x: x is None)
     params = masking.apply_masks(params, masks)
-    step = _train_step(loss_fn, make_optimizer)
-    init = lambda p, h: make_optimizer(h).init(p)
+    init, step_one, step_all = _compiled(loss_fn, make_optimizer)
 
     def copy_batches(t):
         return [batches(c, cycle, t) for c in range(copies)]
 
     if parallel == "sequential":
-        step_one = jax.jit(step)
         trained, losses = [], np.zeros((steps, copies), np.float32)
         for c in range(copies):
             h = {k: v[c] for k, v in hyperparams.items()}
-            p, s = params, jax.jit(init)(params, h)
+            p, s = params, init(params, h)
             for t in range(steps):
                 p, s, loss = step_one(p, s, h, masks, batches(c, cycle, t))
                 losses[t, c] = float(loss)
@@ -208,8 +217,7 @@ def retrain_copies(params: Any, masks: Any, *, loss_fn: LossFn, make_optimizer: 
         return stack(trained), losses
 
     stacked = stack([params] * copies)
-    opt_state = jax.jit(jax.vmap(init))(stacked, hyperparams)
-    step_all = jax.vmap(step, in_axes=(0, 0, 0, None, 0))
+    opt_state = jax.vmap(init)(stacked, hyperparams)
     if devices is not None and len(devices) > 1:
         if copies % len(devices):
             raise ValueError(f"copies ({copies}) must be a multiple of the {len(devices)} devices "
@@ -221,10 +229,8 @@ def retrain_copies(params: Any, masks: Any, *, loss_fn: LossFn, make_optimizer: 
         stacked, opt_state, hyperparams = jax.device_put(
             (stacked, opt_state, hyperparams),
             jax.tree.map(lambda x: along if np.ndim(x) else replicated, (stacked, opt_state, hyperparams)))
-        step_all = jax.jit(step_all, donate_argnums=(0, 1))
         put_batch = lambda b: jax.device_put(b, along)
     else:
-        step_all = jax.jit(step_all, donate_argnums=(0, 1))
         put_batch = lambda b: b
     losses = []
     for t in range(steps):

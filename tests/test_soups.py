@@ -225,3 +225,49 @@ def test_one_copy_is_plain_imp():
 def test_bad_settings_are_refused_in_one_line(kwargs, message):
     with pytest.raises(ValueError, match=message):
         imp_soups.SoupConfig(**kwargs)
+
+
+# --------------------------------------------------------------------------- train.py
+
+
+def _train_module():
+    import pathlib
+    import sys
+    root = str(pathlib.Path(__file__).resolve().parents[1])
+    if root not in sys.path:
+        sys.path.insert(0, root)
+    import train
+    return train
+
+
+def test_train_py_runs_imp_with_soups(tmp_path):
+    train = _train_module()
+    cfg = train.Config(model="mixer", data="digits", recipe="dense", soup_copies=2,
+                       soup_sparsities="0.5,0.8", soup_merge="greedy", steps=8, batch_size=16,
+                       warmup_steps=2, mesh="data:1", workdir=str(tmp_path / "run"))
+    result = train.train_and_evaluate(cfg)
+    assert [c.sparsity for c in result["cycles"]] == pytest.approx([0.5, 0.8], abs=0.01)
+    assert np.isfinite(result["eval"]["loss"]) and "accuracy" in result["eval"]
+    assert "merge: greedy" in (tmp_path / "run" / "summary.txt").read_text()
+    from flax import serialization
+    saved = serialization.msgpack_restore((tmp_path / "run" / train.FINAL_PARAMS).read_bytes())
+    kernel = np.asarray(saved["params"]["mixer_0"]["channel_mixing"]["up"]["kernel"])
+    mask = np.asarray(result["masks"]["params"]["mixer_0"]["channel_mixing"]["up"]["kernel"])
+    assert np.all(kernel[~mask] == 0) and np.all(kernel[mask] != 0)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (dict(recipe="gmp90"), "use --recipe=dense, not --recipe=gmp90"),
+    (dict(soup_sparsities="0.5,x"), r"--soup_sparsities='0.5,x': write comma-separated numbers"),
+    (dict(soup_sparsities="0.9,0.5"), "--soup_\\* flags: sparsities must not fall"),
+    (dict(soup_weight_decays="0.1"), "one value per copy"),
+    (dict(soup_merge="mean"), "merge must be one of"),
+    (dict(soup_copies=-1), "--soup_copies must be >= 0"),
+])
+def test_train_py_soup_flags_are_checked_in_one_line(tmp_path, overrides, message):
+    train = _train_module()
+    cfg = train.Config(**{"recipe": "dense", "soup_copies": 2, "workdir": str(tmp_path),
+                          **overrides})
+    with pytest.raises(ValueError, match=message) as e:
+        train.check_config(cfg)
+    assert "\n" not in str(e.value)
