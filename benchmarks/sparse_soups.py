@@ -194,14 +194,18 @@ def main():
         table.append(f"| {s:.0%} | " + " | ".join(cells) + " |")
     chosen = [[list(r["SMS (greedy)"][c].greedy_chosen) for r in per_seed] for c in range(len(SPARSITIES))]
 
-    goals = []
+    goals, paired = [], []
     for c, s in enumerate(SPARSITIES):
         soup = float(np.mean([test(m) for m in uniform[c]]))
         single = float(np.mean([test(m) for m in best[c]]))
-        wins = sum(test(a) < test(b) for a, b in zip(uniform[c], best[c]))
+        diff = np.asarray([test(a) - test(b) for a, b in zip(uniform[c], best[c])])
+        sem = float(diff.std(ddof=1) / np.sqrt(n)) if n > 1 else float("nan")
+        wins = int(np.sum(diff < 0))
         met = "met" if soup < single else "not met"
         goals.append(f"- {s:.0%}: uniform soup {soup:.4f} vs best single {single:.4f} "
-                     f"(test loss, mean of {n} seeds; soup lower in {wins}/{n}): {met}")
+                     f"(test loss, mean of {n} seeds; soup lower in {wins}/{n}; paired difference "
+                     f"{diff.mean():+.4f} ± {sem:.4f} s.e.): {met}")
+        paired.append(f"| {s:.0%} | " + " | ".join(f"{d:+.4f}" for d in diff) + " |")
     extra = []
     for c, s in enumerate(SPARSITIES):
         g = float(np.mean([test(m) for m in greedy[c]]))
@@ -246,6 +250,12 @@ def main():
         "at every sparsity:",
         "",
         *goals,
+        "",
+        "Per seed, uniform soup minus best single (test loss; negative: the soup is better):",
+        "",
+        "| sparsity | " + " | ".join(f"seed {x}" for x in args.seeds) + " |",
+        "|---|" + "---|" * n,
+        *paired,
         "",
         "Every method, test loss at the end of each cycle (each SMS run continues from its own soup):",
         "",
