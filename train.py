@@ -650,9 +650,9 @@ def soup_config(cfg: Config) -> imp_soups.SoupConfig | None:
     if cfg.recipe != "dense":
         raise ValueError(f"--soup_copies={cfg.soup_copies} prunes a dense model by magnitude "
                          f"itself (IMP); use --recipe=dense, not --recipe={cfg.recipe}")
-    if cfg.outer != "none" or cfg.oneshot:
-        raise ValueError(f"--soup_copies={cfg.soup_copies} runs its own cycles: leave --outer "
-                         "and --oneshot unset")
+    if cfg.outer != "none" or cfg.oneshot or cfg.num_processes > 1:
+        raise ValueError(f"--soup_copies={cfg.soup_copies} runs its own cycles in one process: "
+                         "leave --outer, --oneshot and --num_processes unset")
     decays = _floats(cfg, "soup_weight_decays") or None
     sparsities = _floats(cfg, "soup_sparsities")
     try:

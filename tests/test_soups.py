@@ -263,6 +263,7 @@ def test_train_py_runs_imp_with_soups(tmp_path):
     (dict(soup_weight_decays="0.1"), "one value per copy"),
     (dict(soup_merge="mean"), "merge must be one of"),
     (dict(soup_copies=-1), "--soup_copies must be >= 0"),
+    (dict(outer="diloco"), "runs its own cycles in one process"),
 ])
 def test_train_py_soup_flags_are_checked_in_one_line(tmp_path, overrides, message):
     train = _train_module()
