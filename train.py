@@ -5,6 +5,7 @@
     python train.py --model=mixer --recipe=nm24       # MLP-Mixer on scikit-learn's digits
     python train.py --data=my_corpus.txt              # a text file, a folder of them, or .npy/.bin ids
     python train.py --mesh=data:4,fsdp:2              # data parallel × parameter-sharded
+    python train.py --model=mixer --recipe=dense --soup_copies=4   # IMP with sparse model soups
 
 Rerunning with the same --workdir resumes from its newest checkpoint (a finished
 run is evaluated again and its summary rewritten); settings that change the run
@@ -34,7 +35,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 import sparsejax as sj
 from sparsejax import distributed
-from sparsejax.training import checkpointing, data, logging_utils, presets
+from sparsejax.training import checkpointing, data, imp_soups, logging_utils, presets
 from sparsejax.distributed import local_sgd
 from sparsejax.models import transformer, vision
 from sparsejax.oneshot import training as oneshot_training
@@ -66,6 +67,12 @@ class Config:
     init_from: str = ""                # a workdir whose final params start this run (e.g. dense -> Monarch)
     oneshot: str = ""                  # prune the --init_from params first: magnitude | wanda | sparsegpt | dsnot
     oneshot_batches: int = 8           # calibration batches for --oneshot
+    # --- IMP with Sparse Model Soups (sparsejax.imp_soups)
+    soup_copies: int = 0               # > 0: prune-retrain cycles, this many copies averaged per cycle
+    soup_sparsities: str = "0.5,0.75,0.9"
+    soup_merge: str = "uniform"        # uniform | greedy
+    soup_distribution: str = "global"  # global | uniform | erk
+    soup_weight_decays: str = ""       # one per copy; empty: --weight_decay for all
     eval_every: int = 200
     eval_batches: int = 16
     checkpoint_every: int = 200
@@ -215,6 +222,7 @@ def check_config(cfg: Config) -> None:
                              "dense run>; without it, it would project random weights (to train "
                              "factors from scratch use init='random', e.g. --recipe=monarch4)")
     oneshot_training.check_flags(cfg)
+    soup_config(cfg)
 
 
 def check_workdir(workdir: str) -> None:
@@ -488,6 +496,8 @@ def create_state(run: Prepared):
 def train_and_evaluate(cfg: Config | Prepared, *, devices=None) -> dict:
     """Runs (or resumes) training; returns the final metrics and per-step history."""
     run = cfg if isinstance(cfg, Prepared) else prepare(cfg, devices=devices)
+    if run.cfg.soup_copies:
+        return train_soups(run, soup_config(run.cfg))
     cfg, mesh, preset, ckpt = run.cfg, run.mesh, run.preset, run.ckpt
     train_batches, eval_batches = run.train_batches, run.eval_batches
     items_per_example = run.items_per_example
@@ -611,6 +621,128 @@ def _global_batch(batch: dict, sharding: NamedSharding) -> dict:
     if jax.process_count() == 1:
         return jax.device_put(batch, sharding)
     return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
+
+
+# ----------------------------------------------------------------------------- sparse model soups
+
+
+_FLAG_GROUPS["sparse model soups"] = {
+    "soup_copies": "IMP with Sparse Model Soups when > 0: dense training for --steps (or the "
+                   "--init_from weights), then one cycle per --soup_sparsities entry: prune by "
+                   "magnitude, retrain this many copies for --steps steps each (each its own "
+                   "batch order, trained together under vmap), average them into the next "
+                   "cycle's start; needs --recipe=dense. 1 is plain IMP; 0: off.",
+    "soup_sparsities": "Sparsity after each prune-retrain cycle, comma-separated and rising "
+                       "(e.g. 0.5,0.75,0.9: three cycles).",
+    "soup_merge": "uniform (the mean of the copies) or greedy (copies added in order of "
+                  "held-out loss while it does not rise): the soup the next cycle starts from.",
+    "soup_distribution": "How a cycle's sparsity is spread: global (one magnitude ranking over "
+                         "every pruned weight), uniform (the same per layer) or erk.",
+    "soup_weight_decays": "One weight decay per copy, comma-separated (copies that differ in "
+                          "more than batch order); empty: every copy uses --weight_decay.",
+}
+
+
+def _floats(cfg: Config, name: str) -> tuple[float, ...]:
+    text = getattr(cfg, name)
+    try:
+        return tuple(float(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise ValueError(f"--{name}={text!r}: write comma-separated numbers, e.g. "
+                         f"{Config.soup_sparsities}") from None
+
+
+def soup_config(cfg: Config) -> imp_soups.SoupConfig | None:
+    """The --soup_* flags as the driver's settings (None when --soup_copies=0)."""
+    if cfg.soup_copies == 0:
+        return None
+    if cfg.soup_copies < 0:
+        raise ValueError(f"--soup_copies must be >= 0 (0: off), got {cfg.soup_copies}")
+    if cfg.recipe != "dense":
+        raise ValueError(f"--soup_copies={cfg.soup_copies} prunes a dense model by magnitude "
+                         f"itself (IMP); use --recipe=dense, not --recipe={cfg.recipe}")
+    if cfg.outer != "none" or cfg.oneshot or cfg.num_processes > 1:
+        raise ValueError(f"--soup_copies={cfg.soup_copies} runs its own cycles in one process: "
+                         "leave --outer, --oneshot and --num_processes unset")
+    decays = _floats(cfg, "soup_weight_decays") or None
+    sparsities = _floats(cfg, "soup_sparsities")
+    try:
+        return imp_soups.SoupConfig(
+            sparsities=sparsities, steps=cfg.steps, copies=cfg.soup_copies,
+            merge=cfg.soup_merge, distribution=cfg.soup_distribution, weight_decays=decays,
+            pretrain_steps=0 if cfg.init_from else cfg.steps)
+    except ValueError as e:
+        raise ValueError(f"--soup_* flags: {e}") from None
+
+
+def train_soups(run: Prepared, config: imp_soups.SoupConfig) -> dict:
+    """IMP with Sparse Model Soups on train.py's model, data, loss and optimizer.
+
+    Every cycle restarts the optimizer and its learning-rate schedule over --steps; each
+    copy of each cycle reads its own stretch of the seeded training stream. Writes
+    summary.txt, metrics.jsonl (split "soups", one record per cycle) and the final soup's
+    params.msgpack; no checkpoints (a run is cycles of short retrains).
+    """
+    cfg = run.cfg
+    inputs = jnp.asarray(model_inputs(run.example))
+    params = jax.jit(run.model.init)(jax.random.key(cfg.seed), inputs)
+    if cfg.init_from:
+        try:
+            params = load_final_params(cfg.init_from, params)
+        except ValueError as e:
+            raise SetupError(str(e)) from None
+    sfn = sj.sparsify(run.model.apply, sj.Recipe([sj.Prune(presets.SPARSE_WEIGHTS[cfg.model], 0.0)]))
+    sparams, sstate = sfn.init(params, inputs)
+
+    def loss_fn(p, masks, batch):
+        return loss_and_metrics(sfn(p, {"masks": masks}, model_inputs(batch)), batch)
+
+    def make_tx(hparams):   # this copy's hyperparameters ({"weight_decay": ...}), traced
+        return make_optimizer(dataclasses.replace(cfg, **hparams), run.preset, sfn, sparams, sstate)
+
+    def batches(copy, cycle, position):
+        return run.train_batches.batch((cycle * config.copies + copy) * cfg.steps + position)
+
+    eval_step = jax.jit(lambda p, m, b: loss_fn(p, m, b)[1])
+
+    def evaluate(p, masks):
+        totals, weight = {}, 0.0
+        for batch in run.eval_batches():
+            m = jax.device_get(eval_step(p, masks, batch))
+            weight += float(m["weight"])
+            for k, v in m.items():
+                if k != "weight":
+                    totals[k] = totals.get(k, 0.0) + float(v) * float(m["weight"])
+        return {k: v / max(weight, 1.0) for k, v in totals.items()}
+
+    devices = list(run.mesh.devices.flat)
+    spread = devices if len(devices) > 1 and config.copies % len(devices) == 0 else None
+    result = imp_soups.run_imp_soups(sparams, config, loss_fn=loss_fn, make_optimizer=make_tx,
+                                     batches=batches, evaluate=evaluate, layouts=sfn.layouts,
+                                     where=presets.masked_where(sfn), devices=spread)
+    with logging_utils.MetricsWriter(cfg.workdir) as writer:
+        for c in result.cycles:
+            writer.write(c.index * cfg.steps, {
+                "sparsity": c.sparsity, "best_single_loss": c.ingredients[c.best_single]["loss"],
+                "uniform_soup_loss": c.uniform["loss"], "greedy_soup_loss": c.greedy["loss"]},
+                split="soups")
+    final = result.cycles[-1].merged
+    report, masked = sfn.report({"masks": result.masks}), set(sfn.masked_paths)
+    summary = logging_utils.format_summary(
+        {"cycles": len(result.cycles), "copies": config.copies, "merge": config.merge,
+         **{f"eval_{k}": v for k, v in final.items()}},
+        sj.optim.masked_sparsity(jax.device_get(result.masks), by_path=True),
+        dataclasses.replace(report, rows=[
+            dataclasses.replace(r, rule=f"IMP with {config.merge} soups of {config.copies}")
+            if r.path in masked else r for r in report.rows]))
+    if jax.process_index() == 0:
+        with open(os.path.join(cfg.workdir, "summary.txt"), "w") as f:
+            f.write(summary + "\n")
+        with open(os.path.join(cfg.workdir, FINAL_PARAMS), "wb") as f:
+            f.write(serialization.to_bytes(jax.device_get(result.params)))
+    print(summary)
+    return {"eval": final, "cycles": result.cycles, "params": result.params,
+            "masks": result.masks, "sfn": sfn, "history": []}
 
 
 # ----------------------------------------------------------------------------- across processes

@@ -6,7 +6,8 @@
   :func:`attention_heads`, :func:`blocks`, :func:`nm_groups`), optional
   :class:`HalfSpace` steps, and :func:`remove_zero_groups` to shrink shapes.
 * Pruning: :func:`prune` with :func:`one_shot`, :func:`gradual`,
-  :func:`iterative` schedules, uniform / ERK / global allocation.
+  :func:`iterative` schedules, uniform / ERK / global allocation; :func:`magnitude_masks`
+  (one nested magnitude prune step, as iterative magnitude pruning's cycles take).
 * Dynamic sparse training: :func:`sparse_evolutionary_training` (SET), :func:`rigl`.
 * N:M training: :func:`srste`, :func:`progressive_nm`.
 * Outer optimizers for training across processes: :mod:`sparsejax.optim.sparseloco`
@@ -30,7 +31,7 @@ from sparsejax.optim.nm_training import (NMState, current_mask_strength, progres
 from sparsejax.optim.prox import (HalfSpace, ProxAdamWState, ProxSGDState, Regularizer,
                                   group_lasso, group_prox, l1, prox_adamw, prox_sgd,
                                   soft_threshold, sparse_group_lasso)
-from sparsejax.optim.pruning import SCORES, PruneState, prune
+from sparsejax.optim.pruning import SCORES, PruneState, magnitude_masks, prune
 from sparsejax.optim.schedules import (SparsitySchedule, cosine_drop_fraction, exponential_decay,
                                        gradual, iterative, linear_decay, one_shot)
 from sparsejax.optim.structure import remove_zero_groups
@@ -42,7 +43,8 @@ __all__ = [
     "apply_masks", "attention_heads", "blocks", "channels", "cosine_drop_fraction",
     "current_mask_strength", "current_masks", "dynamic_sparse", "erk_ratios",
     "exponential_decay", "forward_masks", "gradual", "group_lasso", "group_prox",
-    "input_neurons", "iterative", "l1", "layer_sparsities", "linear_decay", "mask_layouts",
+    "input_neurons", "iterative", "l1", "layer_sparsities", "linear_decay", "magnitude_masks",
+    "mask_layouts",
     "masked_sparsity", "masks_from_scores", "nm_groups", "one_shot", "output_channels",
     "owns_masks", "progressive_nm", "prox_adamw", "prox_sgd", "prune", "random_masks",
     "remove_zero_groups", "resolve_groups", "rigl", "soft_mask_params", "soft_masks",

@@ -26,11 +26,11 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from sparsejax.optim import _common, allocation
+from sparsejax.optim import _common, allocation, schedules
 from sparsejax.optim.masking import mask_state
 from sparsejax.optim.schedules import SparsitySchedule
 
-__all__ = ["PruneState", "prune", "SCORES"]
+__all__ = ["PruneState", "magnitude_masks", "prune", "SCORES"]
 
 
 class ScoreInputs(NamedTuple):
@@ -86,6 +86,29 @@ class PruneState(NamedTuple):
     rng: jax.Array
     movement: Any
     rewind_params: Any
+
+
+def magnitude_masks(params: Any, sparsity: float, *, masks: Any = None,
+                    distribution: str = "global", min_kept: int = 1, layouts: Any = None,
+                    where: Callable | None = None) -> Any:
+    """Masks keeping the largest ``|w|`` of the masked leaves: one prune step of IMP.
+
+    Nested within ``masks`` (what is pruned there stays pruned), so a sequence of
+    calls at rising sparsity is iterative magnitude pruning's masks. ``layouts``,
+    ``where``, ``distribution`` and ``min_kept`` mean what they mean in :func:`prune`.
+    """
+    schedules.check_sparsity_arg(sparsity, "sparsity")
+    allocation.check_distribution(distribution)
+    targets = _common.resolve_targets(params, layouts, where)
+    leaves = targets.treedef.flatten_up_to(params)
+    if masks is not None:
+        old = _common.check_initial_masks(targets, params, masks)
+    else:
+        old = [jnp.ones(leaves[i].shape, bool) for i in targets.index]
+    scores = [jnp.where(m, jnp.abs(leaves[i].astype(jnp.float32)), -jnp.inf)
+              for i, m in zip(targets.index, old)]
+    new = allocation.masks_from_scores(scores, targets.layouts, sparsity, distribution, min_kept)
+    return targets.tree([n & m for n, m in zip(new, old)])
 
 
 def prune(inner: optax.GradientTransformation | None,
