@@ -168,11 +168,6 @@ def train_dense(model, size: Size, corpus, eval_batches) -> tuple[dict, dict]:
         if len(pending) > 4:       # bound how far the host runs ahead of the device
             pending.pop(0).block_until_ready()
         step += 1
-        if not size.steps and step == 1:
-            loss.block_until_ready()
-            compile_s = time.time() - t0
-            probe_start = time.time()
-            say(f"train step compiled and run once: {compile_s:.1f} s")
         if not size.steps and step == 1 + probe:
             loss.block_until_ready()
             per_step = (time.time() - probe_start) / probe
@@ -180,12 +175,21 @@ def train_dense(model, size: Size, corpus, eval_batches) -> tuple[dict, dict]:
             total = max(step + int(left / per_step), step + 1)
             say(f"{per_step * 1e3:.1f} ms a step ({size.batch_size * size.seq_len / per_step:,.0f} "
                 f"tokens/s): training for {total} steps")
-        if time.time() - last_log > log_every or step == total:
+        if not size.steps and time.time() - t0 > 1.2 * size.train_s + 10:
+            say(f"step {step}: training stopped at {time.time() - t0:.0f} s, past --train_s "
+                f"{size.train_s:.0f} s (the steps slowed down after the timing)")
+            total = step
+        if (step > 1 and time.time() - last_log > log_every) or step == total:
             last_log = time.time()
             val = held_out_loss(model, params, monitor)
             history.append((step, float(loss), val))
             say(f"step {step}/{total if total < 10 ** 9 else '?'}: train loss {float(loss):.4f}, "
                 f"held-out loss (2 batches) {val:.4f}, lr {lr_at(step, size, total):.2e}")
+        if not size.steps and step == 1:
+            loss.block_until_ready()
+            say(f"train step compiled and run once: {time.time() - t0:.1f} s")
+            held_out_loss(model, params, monitor)        # compile the monitor outside the timing
+            probe_start = time.time()
     jax.block_until_ready(params)
     seconds = time.time() - t0
     info = {"steps": step, "seconds": seconds,
