@@ -66,6 +66,7 @@ CONFIGS = {"50%": ("prune", 0.5), "60%": ("prune", 0.6), "70%": ("prune", 0.7),
 TABLE_ORDER = ("50%", "60%", "70%", "2:4", "4:8")
 RUN_ORDER = ("50%", "4:8", "70%", "2:4", "60%")     # the goals first, in case the budget runs out
 GOAL_GAP = 0.70
+ABLATIONS = ("wanda per matrix", "magnitude per output")
 WHOLE_STDLIB = 1 << 30
 
 
@@ -327,7 +328,7 @@ def main():
                 continue
             t0 = time.time()
             out = sj.oneshot(model.apply, params, calib, recipe_for(CONFIGS[label]), method=method,
-                             calibration_program=program)
+                             sequential="layer", observe="all", calibration_program=program)
             jax.block_until_ready(out.params)
             prune_s = time.time() - t0
             ppl = math.exp(held_out_loss(model, out.params, evals))
@@ -339,6 +340,26 @@ def main():
                                         "notes": out.report.notes}
             say(f"{label:>4} {method:<10} ppl {ppl:8.3f}  mean rel. error {np.mean(errs):.4f}  "
                 f"prune {prune_s:.1f} s ({out.report.passes} calibration passes)")
+            write()
+    # Ablation, budget permitting: the comparison group (Wanda per matrix, magnitude per output).
+    for label in ("50%", "70%", "60%"):
+        if label not in run_order:
+            continue
+        for method, per_output, key in (("wanda", False, "wanda per matrix"),
+                                        ("magnitude", True, "magnitude per output")):
+            guess = times.get(method, 0.0)
+            if elapsed() + guess + 5 > budget:
+                say(f"{label} {key}: skipped (budget)")
+                continue
+            t0 = time.time()
+            out = sj.oneshot(model.apply, params, calib, recipe_for(CONFIGS[label]), method=method,
+                             per_output=per_output, sequential="layer", observe="all",
+                             calibration_program=program)
+            ppl = math.exp(held_out_loss(model, out.params, evals))
+            errs = [r.error_after for r in out.report.sites]
+            results[(label, key)] = {"ppl": ppl, "seconds": time.time() - t0,
+                                     "mean_rel_error": float(np.mean(errs)), "notes": []}
+            say(f"{label:>4} {key:<20} ppl {ppl:8.3f}  mean rel. error {np.mean(errs):.4f}")
             write()
     print(write())
 
@@ -362,7 +383,8 @@ def render(meta, results, skipped) -> str:
              f"fingerprint {corpus['fingerprint']}.", "",
              "Pruned: every q/k/v/o/gate/up/down kernel (embedding and head stay dense). "
              f"Calibration: {meta['calib_tokens']:,} training-split tokens "
-             f"({size.calib_seqs}×{size.seq_len}), sequential. Held-out perplexity on "
+             f"({size.calib_seqs}×{size.seq_len}), sequential (each layer on the outputs of "
+             "the pruned layers before it). Held-out perplexity on "
              f"{meta['eval_tokens']:,} tokens. Unstructured: magnitude and SparseGPT per matrix, "
              "Wanda and DSnoT per output (as published).", "",
              f"Dense perplexity: {dense_ppl:.3f}", "",
@@ -393,6 +415,17 @@ def render(meta, results, skipped) -> str:
             continue
         lines.append(f"| {label} | " + " | ".join(f"{r['mean_rel_error']:.4f}" if r else "–" for r in rs)
                      + " | " + " | ".join(f"{r['seconds']:.1f}" if r else "–" for r in rs) + " |")
+    ablation = [(label, [results.get((label, k)) for k in ABLATIONS]) for label in TABLE_ORDER]
+    ablation = [(label, rs) for label, rs in ablation if any(rs)]
+    if ablation:
+        lines += ["", "Comparison group (ablation): held-out perplexity with the other choice of "
+                  "where the unstructured sparsity is met:", "",
+                  "| sparsity | magnitude per matrix | magnitude per output | Wanda per output | "
+                  "Wanda per matrix |", "|---|---|---|---|---|"]
+        for label, (w_matrix, m_output) in ablation:
+            m, w = (results.get((label, k), {}).get("ppl") for k in ("magnitude", "wanda"))
+            lines.append(f"| {label} | {fmt(m)} | {fmt(m_output and m_output['ppl'])} | {fmt(w)} | "
+                         f"{fmt(w_matrix and w_matrix['ppl'])} |")
     lines += ["", "Calibration inputs' channel norms ‖X_j‖₂ on the dense model (mean over layers): "
               "max / median and 99th percentile / median:", "",
               "| weights | max / median | p99 / median |", "|---|---|---|"]
@@ -415,7 +448,7 @@ def render(meta, results, skipped) -> str:
         lines.append("- 70%, DSnoT vs Wanda: not measured")
     if skipped:
         lines += ["", f"Skipped (time budget {size.budget_s:.0f} s): " + ", ".join(skipped)]
-    notes = sorted({n for r in results.values() for n in r["notes"]})
+    notes = sorted({n for r in results.values() for n in r.get("notes", [])})
     if notes:
         lines += ["", "Notes from oneshot: " + "; ".join(notes[:5]) + (" ..." if len(notes) > 5 else "")]
     history = train.get("history") or []
