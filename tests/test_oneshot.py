@@ -215,6 +215,25 @@ def test_wanda_matches_the_papers_code_through_a_linen_dense(rule, kwargs):
     assert (magnitude != keep).mean() > 0.05
 
 
+def test_unstructured_sparsities_share_one_compiled_solver():
+    # 50 / 60 / 70% reach SparseGPT's and DSnoT's solvers as counts: one program per kind
+    # and shape (a sweep over sparsities compiles once), each result still exact.
+    from sparsejax.oneshot import dsnot, sparsegpt
+    w, gram = _layer(8, k=16, n=24)
+    w, gram = jnp.asarray(w), jnp.asarray(gram)
+    norm = jnp.sqrt(jnp.diagonal(gram))
+    sizes = []
+    for sparsity in (0.45, 0.55, 0.65):
+        structure = Structure("per_output", sparsity)
+        q, keep, _ = sparsegpt_prune(w, gram, structure, block=8)
+        _check_exact(keep, structure)
+        start, keep = wanda_prune(w, norm, structure)
+        keep = dsnot_refine(w, start, keep, gram, jnp.zeros(16), norm ** 2 / 96, structure)[1]
+        _check_exact(keep, structure)
+        sizes.append((sparsegpt._solve._cache_size(), dsnot._refine._cache_size()))
+    assert sizes[0] == sizes[1] == sizes[2], sizes
+
+
 def test_dsnot_never_worse_than_its_start_and_swaps():
     w, gram = _layer(5)
     w, gram = jnp.asarray(w), jnp.asarray(gram)

@@ -147,7 +147,7 @@ def sparsegpt_prune(w: jax.Array, gram: jax.Array, structure: Structure, *, damp
     b = block_size_for(k, structure, block)
     counts = jnp.asarray(structure.block_counts(k, n, b)) if structure.kind != "nm" else \
         jnp.zeros((k // b,), jnp.int32)
-    q, keep = _solve(w, factor.upper, factor.dead, counts, structure, b)
+    q, keep = _solve(w, factor.upper, factor.dead, counts, structure.static_key(), b)
     return q.astype(w.dtype), keep, factor.damp
 
 
