@@ -403,7 +403,7 @@ def render(meta, results, skipped) -> str:
         if all(v is None for v in r.values()):
             continue
         span = None if r["magnitude"] is None else r["magnitude"] - dense_ppl
-        gap = {m: (r["magnitude"] - r[m]) / span if span and r[m] is not None else None
+        gap = {m: (r["magnitude"] - r[m]) / span if span and span > 0 and r[m] is not None else None
                for m in ("wanda", "sparsegpt", "dsnot")}
         gaps[label] = gap
         lines.append(f"| {label} | {fmt(r['magnitude'])} | {fmt(r['wanda'])} | {fmt(r['sparsegpt'])} | "
