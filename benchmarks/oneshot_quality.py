@@ -441,7 +441,8 @@ def render(meta, results, skipped) -> str:
         for m, mname in (("wanda", "Wanda"), ("sparsegpt", "SparseGPT")):
             g = gaps.get(label, {}).get(m)
             if g is None:
-                lines.append(f"- {label}, {mname}: not measured")
+                lines.append(f"- {label}, {mname}: " + ("gap undefined (magnitude not worse than "
+                             "dense)" if results.get((label, m)) else "not measured"))
                 continue
             lines.append(f"- {label}, {mname}: gap closed {g:.0%} (goal >= 70%): "
                          f"{'met' if g >= GOAL_GAP else 'not met'}")
