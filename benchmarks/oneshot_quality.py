@@ -457,6 +457,8 @@ def render(meta, results, skipped) -> str:
     if notes:
         lines += ["", "Notes from oneshot: " + "; ".join(notes[:5]) + (" ..." if len(notes) > 5 else "")]
     history = train.get("history") or []
+    if len(history) > 12:      # a dozen points, the last included
+        history = [history[i * (len(history) - 1) // 11] for i in range(12)]
     if history:
         lines += ["", "Training (step: train loss / held-out loss on 2 batches): " +
                   ", ".join(f"{s}: {a:.3f}/{b:.3f}" for s, a, b in history)]
