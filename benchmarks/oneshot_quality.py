@@ -67,6 +67,7 @@ TABLE_ORDER = ("50%", "60%", "70%", "2:4", "4:8")
 RUN_ORDER = ("50%", "4:8", "70%", "2:4", "60%")     # the goals first, in case the budget runs out
 GOAL_GAP = 0.70
 ABLATIONS = ("wanda per matrix", "magnitude per output")
+COMMIT = "unknown"       # the code's commit, read when the run starts
 WHOLE_STDLIB = 1 << 30
 
 
@@ -263,6 +264,8 @@ def main():
         if c not in CONFIGS:
             raise SystemExit(f"--configs: unknown configuration {c!r}; use some of {list(CONFIGS)}")
     budget = size.budget_s or float("inf")
+    global COMMIT
+    COMMIT = _commit()
     out_dir = os.environ.get("OUT") or os.path.join(ROOT, "benchmarks", "results")
     name = "oneshot_quality" if preset in ("cpu", "large") else f"oneshot_quality_{preset}"
     os.makedirs(out_dir, exist_ok=True)
@@ -303,7 +306,7 @@ def main():
         ", ".join(f"{k} {a:.1f}/{b:.1f}" for k, (a, b) in norm_spread.items()))
 
     results, skipped, times = {}, [], {}
-    meta = dict(preset=preset, command=command, size=dataclasses.asdict(size), n_params=n_params,
+    meta = dict(preset=preset, command=command, commit=COMMIT, size=dataclasses.asdict(size), n_params=n_params,
                 corpus=corpus.describe(), train=train_info, dense_ppl=dense_ppl,
                 eval_tokens=eval_tokens, norm_spread=norm_spread, python=platform.python_version(),
                 calib_tokens=len(calib) * size.calib_batch * size.seq_len)
@@ -375,7 +378,7 @@ def render(meta, results, skipped) -> str:
     lines = ["# One-shot pruning quality (no fine-tuning)", "",
              f"Command: `{meta['command']}` · device: {jax.devices()[0].device_kind} "
              f"({platform.processor() or platform.machine()}) · JAX {jax.__version__} · Python "
-             f"{meta['python']} · commit {_commit()} · wall time {elapsed():.0f} s so far.", "",
+             f"{meta['python']} · commit {meta['commit']} · wall time {elapsed():.0f} s so far.", "",
              f"Model: train.py's LM (RMSNorm, RoPE, SwiGLU, byte vocab), d_model {size.d_model}, "
              f"{size.n_layers} layers, {size.n_heads} heads, d_ff {size.d_ff}, "
              f"{meta['n_params'] / 1e6:.2f}M parameters, {size.dtype} compute. Trained dense for "

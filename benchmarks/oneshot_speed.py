@@ -153,6 +153,7 @@ def main():
 
     def write(table: str) -> None:
         if os.environ.get("OUT"):
+            os.makedirs(os.environ["OUT"], exist_ok=True)
             with open(os.path.join(os.environ["OUT"], "oneshot_speed.md"), "w") as f:
                 f.write(table)
 
