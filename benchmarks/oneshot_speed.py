@@ -13,8 +13,10 @@ Measured, each after a warm-up run (compilation excluded), medians of the timed 
 * ``solve``: the pruning math alone for the layer's seven matrices from their
   Grams (SparseGPT: dampening, Cholesky of the inverse Hessian, 128-input lazy
   blocks; Wanda: ``|W|·‖X_j‖`` and the per-output selection);
-* ``end to end``: ``sj.oneshot`` on the one-layer model: sequential calibration
-  (four passes over the 262,144 tokens: q/k/v, o, gate/up, down) plus the solves;
+* ``end to end``: ``sj.oneshot`` on the one-layer model (``nn.scan`` of one block,
+  ``sequential="layer"``: one calibration pass over the 262,144 tokens collecting
+  all seven Grams, as the SparseGPT and Wanda code do) plus the solves and the
+  report (after a warm-up run);
 * peak device memory (``memory_stats``), after each part.
 
 Correctness: SparseGPT's weights and mask match the float64 NumPy reference on a
@@ -30,6 +32,8 @@ import os
 import statistics
 import sys
 import time
+
+T_PROCESS = time.time()
 
 import jax
 import jax.numpy as jnp
@@ -54,8 +58,17 @@ def peak_gib() -> float | None:
     return peak / 2 ** 30 if peak is not None else None
 
 
-def timed(fn, repeats: int) -> float:
-    fn()                                    # warm-up: compiles
+def say(line: str) -> None:
+    print(f"[{time.time() - T_PROCESS:6.1f} s] {line}", flush=True)
+
+
+def fmt(x) -> str:
+    return f"{x:.1f}" if x is not None else "n/a"
+
+
+def timed(fn, repeats: int, warm_up: bool = True) -> float:
+    if warm_up:
+        jax.block_until_ready(fn())         # compiles
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
@@ -73,9 +86,8 @@ def main():
         d, heads, ff, seqs, seq_len, per_batch = 64, 2, 176, 4, 64, 2
     else:
         d, heads, ff, seqs, seq_len, per_batch = 4096, 32, 11008, 128, 2048, 8
-    t_start = time.time()
     cfg = transformer.TransformerConfig(vocab_size=256, d_model=d, n_layers=1, n_heads=heads, d_ff=ff,
-                                        dtype="bfloat16")
+                                        dtype="bfloat16", scan_layers=True)
     model = transformer.TransformerLM(cfg)
     batches = [(jax.random.randint(jax.random.key(i), (per_batch, seq_len), 0, 256),)
                for i in range(seqs // per_batch)]
@@ -86,11 +98,14 @@ def main():
 
     # Grams of all seven sites on the dense layer (the solves' inputs).
     t0 = time.perf_counter()
-    stats = program.collect(params, batches, [s.key for s in targets])
+    # Sorted keys: the same compiled program oneshot(observe="all") runs later.
+    stats = program.collect(params, batches, sorted(s.key for s in targets))
     jax.block_until_ready(stats)
     gram_seconds = time.perf_counter() - t0
+    stats = {k: v.layer((0,)) for k, v in stats.items()}          # the one scanned layer
     flat = dict(zip(program.paths, jax.tree.leaves(params)))
-    weights = {s.path: flat[s.path] for s in targets}
+    weights = {s.path: flat[s.path][0] for s in targets}
+    say(f"Grams of the 7 sites: {gram_seconds:.1f} s (compile included); peak {fmt(peak_gib())} GiB")
 
     # Correctness on a corner of q (float64 NumPy reference).
     q_path = next(s.path for s in targets if "attn/q" in s.path)
@@ -116,6 +131,32 @@ def main():
             return outs
         return run
 
+    device = jax.devices()[0].device_kind
+
+    def render(rows) -> str:
+        lines = ["# One-shot pruning speed: one LLaMA-7B-shaped decoder layer", "",
+                 f"Command: `python benchmarks/oneshot_speed.py{' --smoke' if args.smoke else ''}` · "
+                 f"device: {device} · JAX {jax.__version__} · wall time {time.time() - T_PROCESS:.0f} s "
+                 "(process start to this table).", "",
+                 f"Layer: d_model {d}, {heads} heads, d_ff {ff}, 7 linear weights, random; calibration "
+                 f"{seqs}×{seq_len} tokens ({len(batches)} batches of {per_batch}). Grams of all 7 sites "
+                 f"in one pass over the tokens: {gram_seconds:.2f} s (first call, compile included).", "",
+                 "| method | structure | solve, 7 matrices (s) | end to end: calibration + solves (s) | "
+                 "peak so far, after the solves (GiB) | peak so far, after end to end (GiB) |",
+                 "|---|---|---|---|---|---|"]
+        for method, st, solve_s, e2e_s, p1, p2 in rows:
+            lines.append(f"| {method} | {st} | {solve_s:.2f} | {e2e_s:.2f} | {fmt(p1)} | {fmt(p2)} |")
+        lines += ["", "Goals (issue 17): SparseGPT <= 10 s per layer, Wanda <= 1 s per layer.", "",
+                  "SparseGPT vs the float64 reference on a corner of q (max rel. weight error, mask "
+                  "mismatches): " + "; ".join(f"{s}: {e:.1e}, {m}" for s, e, m in checks)]
+        return "\n".join(lines) + "\n"
+
+    def write(table: str) -> None:
+        if os.environ.get("OUT"):
+            os.makedirs(os.environ["OUT"], exist_ok=True)
+            with open(os.path.join(os.environ["OUT"], "oneshot_speed.md"), "w") as f:
+                f.write(table)
+
     rows = []
     for method, structure, rule in [
             ("wanda", Structure("per_output", 0.5), sj.Prune(PATTERN, 0.5)),
@@ -130,31 +171,16 @@ def main():
             assert ok, (method, structure)
         solve_peak = peak_gib()
         e2e = lambda: sj.oneshot(model.apply, params, batches, [rule], method=method,
+                                 sequential="layer", observe="all",
                                  calibration_program=program).params
         e2e_s = timed(e2e, 1)
         rows.append((method, structure.describe(), solve_s, e2e_s, solve_peak, peak_gib()))
-        print(f"{method} {structure.describe()}: solve {solve_s:.2f} s, end to end {e2e_s:.2f} s",
-              flush=True)
+        say(f"{method} {structure.describe()}: solve {solve_s:.2f} s, end to end {e2e_s:.2f} s, "
+            f"peak {fmt(peak_gib())} GiB")
+        write(render(rows))
 
-    device = jax.devices()[0].device_kind
-    lines = ["# One-shot pruning speed: one LLaMA-7B-shaped decoder layer", "",
-             f"Command: `python benchmarks/oneshot_speed.py{' --smoke' if args.smoke else ''}` · "
-             f"device: {device} · JAX {jax.__version__} · wall time {time.time() - t_start:.0f} s.", "",
-             f"Layer: d_model {d}, {heads} heads, d_ff {ff}, 7 linear weights, random; calibration "
-             f"{seqs}×{seq_len} tokens ({len(batches)} batches of {per_batch}). Grams of all 7 sites "
-             f"in one pass over the tokens: {gram_seconds:.2f} s (first call, compile included).", "",
-             "| method | structure | solve, 7 matrices (s) | end to end, sequential (s) | peak so far, after the solves (GiB) | peak so far, after end to end (GiB) |",
-             "|---|---|---|---|---|---|"]
-    fmt = lambda x: f"{x:.1f}" if x is not None else "n/a"
-    for method, st, solve_s, e2e_s, p1, p2 in rows:
-        lines.append(f"| {method} | {st} | {solve_s:.2f} | {e2e_s:.2f} | {fmt(p1)} | {fmt(p2)} |")
-    lines += ["", "Goals (issue 17): SparseGPT <= 10 s per layer, Wanda <= 1 s per layer.", "",
-              "SparseGPT vs the float64 reference on a corner of q (max rel. weight error, mask mismatches): " +
-              "; ".join(f"{s}: {e:.1e}, {m}" for s, e, m in checks)]
-    table = "\n".join(lines) + "\n"
-    if os.environ.get("OUT"):
-        with open(os.path.join(os.environ["OUT"], "oneshot_speed.md"), "w") as f:
-            f.write(table)
+    table = render(rows)
+    write(table)
     # float32 vs float64: a near-tie may flip a mask entry (then that weight differs); more is a bug.
     bad = [c for c in checks if c[2] > 1e-3 * kc * nc or (c[2] == 0 and c[1] > 1e-3)]
     print(table)

@@ -70,6 +70,19 @@ def test_calibration_gram_matches_activations(mlp_setup):
         assert float(s.count) == x.shape[0]
 
 
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_gram_of_16_bit_activations_is_their_float32_gram(dtype):
+    # 16-bit activations (bf16 models) take the 16-bit matmul with float32 accumulation:
+    # it must equal the float64 Gram of the same values up to float32 accumulation.
+    rng = np.random.default_rng(3)
+    x = jnp.asarray(rng.normal(size=(300, 24)) * rng.uniform(0.1, 8.0, size=24), dtype)
+    want = np.asarray(x, np.float64).T @ np.asarray(x, np.float64)
+    stats = jax.jit(calibration.gram_stats)(x)
+    assert stats.gram.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(stats.gram), want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+    np.testing.assert_allclose(np.asarray(stats.sqsum), np.diag(want), rtol=1e-5)
+
+
 def test_calibration_per_layer_in_scans_and_across_devices():
     """A scanned stack gives one Gram per layer; a sharded batch or a psum gives the global sum."""
     keys = jax.random.split(jax.random.key(1), 3)
@@ -162,6 +175,65 @@ def test_masks_hit_exact_sparsity_and_pattern(structure):
         assert not np.any(np.asarray(w_hat)[~np.asarray(keep)]), name
 
 
+def _wanda_repository_mask(w_out_in, x, sparsity=None, prune_n=0, prune_m=0):
+    """The Wanda repository's prune_wanda (lib/prune.py) in NumPy: W is (out, in) as
+    torch.nn.Linear stores it; True = pruned. prune_n is the count *pruned* per prune_m."""
+    metric = np.abs(w_out_in) * np.sqrt((x.astype(np.float64) ** 2).sum(0))[None, :]
+    pruned = np.zeros(metric.shape, bool)
+    if prune_n:
+        for ii in range(0, metric.shape[1], prune_m):
+            lowest = np.argsort(metric[:, ii:ii + prune_m], axis=1, kind="stable")[:, :prune_n]
+            np.put_along_axis(pruned, ii + lowest, True, axis=1)
+    else:
+        lowest = np.argsort(metric, axis=-1, kind="stable")[:, :int(metric.shape[1] * sparsity)]
+        np.put_along_axis(pruned, lowest, True, axis=1)
+    return pruned
+
+
+@pytest.mark.parametrize("rule,kwargs", [(sj.Prune("*", 0.5), {"sparsity": 0.5}),
+                                         (sj.NM("*", 4, 8), {"prune_n": 4, "prune_m": 8})],
+                         ids=["50%", "4:8"])
+def test_wanda_matches_the_papers_code_through_a_linen_dense(rule, kwargs):
+    # Score |W_ij|·‖X_j‖₂ compared within each output (row of torch's (out, in) weight), N:M
+    # groups along the inputs. In (24 inputs) != out (16): a transposed score, norm or group
+    # direction would not even have the right shape; loud input channels make Wanda's mask
+    # differ from magnitude's, so the comparison means something.
+    import flax.linen as nn
+    layer = nn.Dense(16, use_bias=False)
+    rng = np.random.default_rng(7)
+    xs = [jnp.asarray(rng.normal(size=(2, 20, 24)) * np.exp(2 * rng.normal(size=24)), jnp.float32)
+          for _ in range(2)]
+    params = layer.init(jax.random.key(0), xs[0])
+    out = sj.oneshot(layer.apply, params, xs, [rule], method="wanda")
+    keep = np.asarray(out.sstate["masks"]["params"]["kernel"])            # (in, out)
+    x = np.concatenate([np.asarray(b).reshape(-1, 24) for b in xs])
+    w = np.asarray(params["params"]["kernel"])
+    want_pruned = _wanda_repository_mask(w.T, x, **kwargs)                # (out, in)
+    np.testing.assert_array_equal(~keep.T, want_pruned)
+    magnitude = np.asarray(sj.oneshot(layer.apply, params, xs, [rule], method="magnitude")
+                           .sstate["masks"]["params"]["kernel"])
+    assert (magnitude != keep).mean() > 0.05
+
+
+def test_unstructured_sparsities_share_one_compiled_solver():
+    # 50 / 60 / 70% reach SparseGPT's and DSnoT's solvers as counts: one program per kind
+    # and shape (a sweep over sparsities compiles once), each result still exact.
+    from sparsejax.oneshot import dsnot, sparsegpt
+    w, gram = _layer(8, k=16, n=24)
+    w, gram = jnp.asarray(w), jnp.asarray(gram)
+    norm = jnp.sqrt(jnp.diagonal(gram))
+    sizes = []
+    for sparsity in (0.45, 0.55, 0.65):
+        structure = Structure("per_output", sparsity)
+        q, keep, _ = sparsegpt_prune(w, gram, structure, block=8)
+        _check_exact(keep, structure)
+        start, keep = wanda_prune(w, norm, structure)
+        keep = dsnot_refine(w, start, keep, gram, jnp.zeros(16), norm ** 2 / 96, structure)[1]
+        _check_exact(keep, structure)
+        sizes.append((sparsegpt._solve._cache_size(), dsnot._refine._cache_size()))
+    assert sizes[0] == sizes[1] == sizes[2], sizes
+
+
 def test_dsnot_never_worse_than_its_start_and_swaps():
     w, gram = _layer(5)
     w, gram = jnp.asarray(w), jnp.asarray(gram)
@@ -222,6 +294,37 @@ def test_oneshot_scanned_stack_is_pruned_layer_by_layer():
         want = Structure.nm(2, 4).keep(jnp.abs(stack[layer]) * jnp.linalg.norm(h, axis=0)[:, None])
         np.testing.assert_array_equal(np.asarray(out.sstate["masks"]["w"][layer]), np.asarray(want))
         h = jnp.tanh(h @ out.params["w"][layer])
+
+
+def test_oneshot_sequential_per_layer_calibrates_a_layer_at_once():
+    """sequential="layer": one pass per scanned layer; every site of layer l sees the outputs
+    of pruned layers < l, and within the layer the dense activations (b's input comes from
+    the dense a), as the SparseGPT and Wanda code do."""
+    keys = jax.random.split(jax.random.key(5), 2)
+    params = {"a": jax.random.normal(keys[0], (3, 8, 8)) / 3,
+              "b": jax.random.normal(keys[1], (3, 8, 8)) / 3}
+
+    def scanned(params, x):
+        def layer(h, w):
+            return jnp.tanh(jnp.tanh(h @ w[0]) @ w[1]), None
+        return jax.lax.scan(layer, x, (params["a"], params["b"]))[0]
+
+    xs = [jax.random.normal(jax.random.key(6 + i), (16, 8)) for i in range(2)]
+    rule = [sj.Prune("*", 0.5)]
+    out = sj.oneshot(scanned, params, xs, rule, method="wanda", sequential="layer")
+    assert out.report.passes == 3 and len(out.report.sites) == 6
+    assert sj.oneshot(scanned, params, xs, rule, method="wanda").report.passes == 6
+    wanda = lambda w, x: Structure("per_output", 0.5).keep(jnp.abs(w) * jnp.linalg.norm(x, axis=0)[:, None])
+    masks, pruned = out.sstate["masks"], out.params
+    h = jnp.concatenate(xs)
+    for layer in range(3):
+        inner_dense = jnp.tanh(h @ params["a"][layer])
+        np.testing.assert_array_equal(np.asarray(masks["a"][layer]), np.asarray(wanda(params["a"][layer], h)))
+        np.testing.assert_array_equal(np.asarray(masks["b"][layer]),
+                                      np.asarray(wanda(params["b"][layer], inner_dense)))
+        h = jnp.tanh(jnp.tanh(h @ pruned["a"][layer]) @ pruned["b"][layer])
+    with pytest.raises(ValueError, match="sequential must be True, False or 'layer'"):
+        sj.oneshot(scanned, params, xs, rule, method="wanda", sequential="group")
 
 
 def test_calibration_linen_scan_stack_is_per_layer():

@@ -126,8 +126,12 @@ def _first_scan_prefix(cal: calibration.Calibration, key: Key) -> Key | None:
     return None
 
 
-def _schedule(cal, targets: list[_Target]) -> list[tuple[list[_Target], tuple[int, ...]]]:
-    """(group of targets, layer) in program order; a scan's groups run layer by layer."""
+def _schedule(cal, targets: list[_Target], per_layer: bool = False,
+              ) -> list[tuple[list[_Target], tuple[int, ...]]]:
+    """(group of targets, layer) in program order; a scan's groups run layer by layer.
+
+    ``per_layer``: the groups of one scanned layer form one step (one calibration pass).
+    """
     groups: dict[Any, list[_Target]] = {}
     for t in sorted(targets, key=lambda t: cal.sites.index(t.site)):
         groups.setdefault(id(cal.site_input(t.site)), []).append(t)
@@ -145,7 +149,11 @@ def _schedule(cal, targets: list[_Target]) -> list[tuple[list[_Target], tuple[in
             schedule += [(g, ()) for g in gs]
             continue
         for layer in np.ndindex(*stack):   # layer-major: layer l sees pruned layers < l
-            schedule += [(g, tuple(int(i) for i in layer)) for g in gs]
+            layer = tuple(int(i) for i in layer)
+            if per_layer:
+                schedule.append(([t for g in gs for t in g], layer))
+            else:
+                schedule += [(g, layer) for g in gs]
     return schedule
 
 
@@ -166,7 +174,8 @@ def _check_target(t: _Target, method: str, n_sites: int) -> None:
 
 
 def oneshot(fn: Callable, params: Any, calib_batches: Sequence[Any], recipe, *,
-            method: str = "sparsegpt", per_output: bool | None = None, sequential: bool = True,
+            method: str = "sparsegpt", per_output: bool | None = None,
+            sequential: bool | str = True,
             damp: float = 0.01, block_size: int = 128, dsnot_base: str = "wanda",
             dsnot_cycles: int = 50, observe: str = "group",
             calibration_program: calibration.Calibration | None = None,
@@ -183,7 +192,11 @@ def oneshot(fn: Callable, params: Any, calib_batches: Sequence[Any], recipe, *,
       per_output: unstructured sparsity met per output (True) or per matrix (False);
         None: per output for Wanda and DSnoT (Wanda's published choice), per matrix
         (SparseGPT's block-wise selection, magnitude) otherwise.
-      sequential: calibrate each group of sites on the already-pruned model's activations.
+      sequential: True: calibrate each group of sites on the already-pruned model's
+        activations (one pass per group, per layer of a scanned stack); "layer": the
+        sites of one scanned layer are calibrated together, on the outputs of the pruned
+        layers before it (one pass per layer, as the SparseGPT and Wanda code do; sites
+        outside scans go group by group); False: one pass on the dense model.
       damp: SparseGPT's dampening, a fraction of the Hessian's mean diagonal.
       block_size: SparseGPT's lazy-update block (inputs per block).
       dsnot_base: the mask DSnoT starts from: "wanda" or "sparsegpt".
@@ -211,6 +224,8 @@ def oneshot(fn: Callable, params: Any, calib_batches: Sequence[Any], recipe, *,
     say = progress if callable(progress) else (lambda s: print(s, file=sys.stderr)) if progress \
         else (lambda s: None)
 
+    if sequential not in (True, False, "layer"):
+        raise ValueError(f"oneshot: sequential must be True, False or 'layer', got {sequential!r}")
     if observe not in ("group", "all"):
         raise ValueError(f"oneshot: observe must be 'group' or 'all', got {observe!r}")
     cal = calibration_program or calibration.trace(fn, params, *batches[0])
@@ -232,7 +247,7 @@ def oneshot(fn: Callable, params: Any, calib_batches: Sequence[Any], recipe, *,
         _check_target(t, method, len(sites))
         targets.append(t)
 
-    schedule = _schedule(cal, targets)
+    schedule = _schedule(cal, targets, per_layer=sequential == "layer")
     results, notes, passes, stats_cache = [], [], 0, None
     all_keys = sorted(t.site.key for t in targets)
     if not sequential:

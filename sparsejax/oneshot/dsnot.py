@@ -25,7 +25,6 @@ from jax import lax
 from sparsejax.oneshot.structure import Structure
 
 
-@functools.partial(jax.jit, static_argnames=("structure", "cycles"))
 def dsnot_refine(w: jax.Array, w_hat: jax.Array, keep: jax.Array, gram: jax.Array,
                  mean: jax.Array, var: jax.Array, structure: Structure,
                  cycles: int = 50) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -37,6 +36,13 @@ def dsnot_refine(w: jax.Array, w_hat: jax.Array, keep: jax.Array, gram: jax.Arra
         updated weights); grown weights take their dense value.
       gram, mean, var: the layer input's ``XᵀX``, per-channel mean and variance.
     """
+    # Swaps keep every count, so the sparsity itself is not needed: one program per kind.
+    return _refine(w, w_hat, keep, gram, mean, var, structure.static_key(), cycles)
+
+
+@functools.partial(jax.jit, static_argnames=("structure", "cycles"))
+def _refine(w: jax.Array, w_hat: jax.Array, keep: jax.Array, gram: jax.Array, mean: jax.Array,
+            var: jax.Array, structure: Structure, cycles: int) -> tuple[jax.Array, jax.Array, jax.Array]:
     k, n = w.shape
     w = w.astype(jnp.float32)
     w_hat = jnp.where(keep, w_hat.astype(jnp.float32), 0.0)

@@ -107,12 +107,6 @@ def _solve(w, upper, dead, block_prune, structure: Structure, block: int):
 
         def column_step(i, c):
             w1, q1, err1, keep1 = c
-            if structure.kind == "nm":
-                group = lax.dynamic_slice(w1, (i, 0), (structure.m, n))
-                dg = lax.dynamic_slice(d1, (i,), (structure.m,))
-                chosen = mask_math.topk_mask(((group / dg[:, None]) ** 2).T, structure.n).T
-                keep1 = jnp.where(i % structure.m == 0,
-                                  lax.dynamic_update_slice(keep1, chosen, (i, 0)), keep1)
             wi = w1[i]
             qi = jnp.where(keep1[i], wi, 0.0)
             erri = (wi - qi) / d1[i]
@@ -120,8 +114,24 @@ def _solve(w, upper, dead, block_prune, structure: Structure, block: int):
             w1 = w1 - u1[i][:, None] * erri[None, :]
             return w1, q1.at[i].set(qi), err1.at[i].set(erri), keep1
 
+        def group_step(g, c):
+            """N:M: choose a group's mask on the weights as updated so far, then walk its m inputs."""
+            w1, q1, err1, keep1 = c
+            start = g * structure.m
+            group = lax.dynamic_slice(w1, (start, 0), (structure.m, n))
+            dg = lax.dynamic_slice(d1, (start,), (structure.m,))
+            chosen = mask_math.topk_mask(((group / dg[:, None]) ** 2).T, structure.n).T
+            keep1 = lax.dynamic_update_slice(keep1, chosen, (start, 0))
+            # A static trip count (m), so the loop needs no device-to-host check per input.
+            return lax.fori_loop(0, structure.m, lambda j, c: column_step(start + j, c),
+                                 (w1, q1, err1, keep1))
+
         zeros = jnp.zeros((block, n), jnp.float32)
-        w1, q1, err1, keep1 = lax.fori_loop(0, block, column_step, (w1, zeros, zeros, keep1))
+        if structure.kind == "nm":
+            w1, q1, err1, keep1 = lax.fori_loop(0, block // structure.m, group_step,
+                                                (w1, zeros, zeros, keep1))
+        else:
+            w1, q1, err1, keep1 = lax.fori_loop(0, block, column_step, (w1, zeros, zeros, keep1))
         # The lazy update: inputs after this block receive the block's errors at once.
         u_rows = lax.dynamic_slice(upper, (s, 0), (block, k))
         later = (rows >= s + block)[:, None]
@@ -147,7 +157,7 @@ def sparsegpt_prune(w: jax.Array, gram: jax.Array, structure: Structure, *, damp
     b = block_size_for(k, structure, block)
     counts = jnp.asarray(structure.block_counts(k, n, b)) if structure.kind != "nm" else \
         jnp.zeros((k // b,), jnp.int32)
-    q, keep = _solve(w, factor.upper, factor.dead, counts, structure, b)
+    q, keep = _solve(w, factor.upper, factor.dead, counts, structure.static_key(), b)
     return q.astype(w.dtype), keep, factor.damp
 
 

@@ -39,6 +39,11 @@ class Structure:
     def nm(cls, n: int, m: int) -> "Structure":
         return cls("nm", 1.0 - n / m, n, m)
 
+    def static_key(self) -> "Structure":
+        """What a compiled solver depends on: the kind and n:m, not an unstructured sparsity
+        (that reaches the solvers as counts), so 50/60/70% share one compiled program."""
+        return self if self.kind == "nm" else Structure(self.kind, 0.0)
+
     def describe(self) -> str:
         if self.kind == "nm":
             return f"{self.n}:{self.m}"
