@@ -52,8 +52,8 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
+if ROOT not in sys.path:   # train.py; the package comes from the install (or device_env.sh)
+    sys.path.append(ROOT)
 
 import sparsejax as sj  # noqa: E402
 from sparsejax.training import data, presets  # noqa: E402

@@ -40,8 +40,8 @@ import jax.numpy as jnp
 import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
+if ROOT not in sys.path:   # train.py; the package comes from the install (or device_env.sh)
+    sys.path.append(ROOT)
 
 import sparsejax as sj  # noqa: E402
 from sparsejax.compiler import calibration  # noqa: E402

@@ -46,8 +46,8 @@ import numpy as np
 from absl import logging
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
+if ROOT not in sys.path:   # train.py; the package comes from the install (or device_env.sh)
+    sys.path.append(ROOT)
 
 import train  # noqa: E402
 import sparsejax as sj  # noqa: E402

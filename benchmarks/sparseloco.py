@@ -33,7 +33,7 @@ import time
 import jax
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path.append(str(ROOT))   # train.py; the package comes from the install
 
 from sparsejax.distributed import launch  # noqa: E402
 
