@@ -197,6 +197,8 @@ class SparseFunction:
             item, mask = leaf, None
             if slot.rule is not None:
                 handler = passes.weight_handler(slot.rule, slot.path, slot.layout, slot.sites)
+                if hasattr(handler, "bind_program"):   # passes that need the whole program
+                    handler.bind_program(traced, self._slots)
                 self._handlers[slot.path] = handler
                 item, mask = handler.init(jnp.asarray(leaf), jax.random.fold_in(rng, slot.index))
             items.append(item)
@@ -380,6 +382,7 @@ class SparseFunction:
         traced = self._trace_for(param_leaves, arg_leaves, arg_treedef, dynamic, static)
         hooks = {site.key: spark_pass.topk_hook(rule, site)
                  for site, rule in self._activation_plan(traced, check="call") if rule is not None}
+        hooks = {**passes.program_hooks(self._handlers.values(), traced), **hooks}
         program = self._program(traced, hooks, len(param_leaves), mask_leaves)
         self.rewrite_count += 1
         structs = [jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x)) for x in flat]
@@ -407,7 +410,7 @@ class SparseFunction:
                 jax.tree_util.tree_unflatten(sparams_treedef, leaves))
             slot_masks = dense_treedef.flatten_up_to(
                 jax.tree_util.tree_unflatten(sparams_treedef, masks))
-            invals = [h.make_input(p, m if _is_array(m) else None) if h is not None else p
+            invals = [h.make_input(p, _mask_item(m)) if h is not None else p
                       for h, p, m in zip(handlers, slot_items, slot_masks)]
             return interp.run(traced.closed.jaxpr, traced.closed.consts, [*invals, *rest])
 
@@ -435,6 +438,7 @@ class SparseFunction:
 
         hooks = {site.key: spark_pass.measuring_hook(rule, site, i, record)
                  for i, (site, rule) in enumerate(plan)}
+        hooks = {**passes.program_hooks(self._handlers.values(), traced), **hooks}
         program = self._program(traced, hooks, len(param_leaves), mask_leaves)
         flat = [*param_leaves, *[m for m in mask_leaves if m is not None],
                 *[arg_leaves[i] for i in dynamic]]
@@ -750,6 +754,14 @@ def _conform(tree: Any, treedef: Any) -> Any:
         return tree
     return jax.tree_util.tree_unflatten(treedef, [x for (_, x), (_, w) in zip(got, want)
                                                   if w is not None])
+
+
+def _mask_item(mask: Any) -> Any:
+    """A slot's mask for its handler: an array, a subtree of factor masks holding an array
+    (None for dense factors), or None."""
+    if _is_array(mask) or jax.tree_util.tree_leaves(mask):
+        return mask
+    return None
 
 
 def _leaf_layout(sites: Sequence[WeightSite]) -> WeightLayout | None:
