@@ -51,27 +51,43 @@ def factorized_rank(k: int, n: int, sparsity: float) -> int:
 
 
 def doped_rank(k: int, n: int, sparsity: float) -> int:
-    """Sparse Doped's dense rank: ``r · (K + N) + p · K · N = K · N``."""
-    return int(round(sparsity * k * n / (k + n)))
+    """Sparse Doped's dense rank: ``r · (K + N) + p · K · N = K · N`` (rounded down)."""
+    return int(sparsity * k * n // (k + n))
 
 
-def random_mask(key: jax.Array, shape, sparsity: float) -> jax.Array:
-    """Uniform random mask at ``sparsity`` per trailing ``(K, N)`` matrix."""
-    return mask_math.unstructured_mask(jax.random.uniform(key, shape), sparsity)
+def factor_plan(kind: str, k: int, n: int, sparsity: float) -> dict:
+    """``name -> (shape of one matrix's factor, kept entries or None for dense)``.
+
+    Rounding a width or a rank moves FLOPs off the dense count; the kept counts absorb
+    it, so every transformation multiplies exactly ``K · N`` weights per token (the
+    sparsity of each masked factor is then ``s`` up to that rounding).
+    """
+    if kind == "parallel":
+        # the branches share the count: masked jointly, ~K·N/b kept in each
+        return {"branches": ((parallel_branches(sparsity), k, n), k * n)}
+    if kind == "factorized":
+        r = factorized_rank(k, n, sparsity)
+        kept_u = min(k * r, int(round(k * n * k / (k + n))))
+        return {"u": ((k, r), kept_u), "v": ((r, n), min(r * n, k * n - kept_u))}
+    if kind == "doped":
+        r = doped_rank(k, n, sparsity)
+        return {"s": ((k, n), k * n - r * (k + n)), "u": ((k, r), None), "v": ((r, n), None)}
+    raise ValueError(f"unknown Sparse-IFT kind {kind!r}")
 
 
 def multiply_adds(kind: str, k: int, n: int, sparsity: float) -> int:
     """Multiply-adds per token of one transformed ``(K, N)`` matrix, counted at density
     (the kept entries of each masked factor, every entry of a dense one)."""
-    kept = lambda size: mask_math.kept_count(size, sparsity)
-    if kind == "parallel":
-        return parallel_branches(sparsity) * kept(k * n)
-    if kind == "factorized":
-        r = factorized_rank(k, n, sparsity)
-        return kept(k * r) + kept(r * n)
-    if kind == "doped":
-        return doped_rank(k, n, sparsity) * (k + n) + kept(k * n)
-    raise ValueError(f"unknown Sparse-IFT kind {kind!r}")
+    return sum(math.prod(shape) if kept is None else kept
+               for shape, kept in factor_plan(kind, k, n, sparsity).values())
+
+
+def random_mask(key: jax.Array, shape, kept: int, matrix_axes: int = 2) -> jax.Array:
+    """A uniform random mask keeping exactly ``kept`` entries of each trailing block of
+    ``matrix_axes`` axes (a matrix, or all branches of one)."""
+    lead, tail = shape[:len(shape) - matrix_axes], shape[len(shape) - matrix_axes:]
+    scores = jax.random.uniform(key, (*lead, math.prod(tail)))
+    return mask_math.topk_mask(scores, kept).reshape(shape)
 
 
 def _normal(key, shape, std, dtype=jnp.float32):
@@ -80,33 +96,35 @@ def _normal(key, shape, std, dtype=jnp.float32):
 
 def init_factors(kind: str, key: jax.Array, matrix: jax.Array, sparsity: float):
     """(factors, masks) replacing the dense ``(*stack, K, N)`` matrix; ``masks`` holds
-    None for a dense factor. Weights are fresh, variance-matched to ``matrix``."""
+    None for a dense factor. Weights are fresh, variance-matched to ``matrix``:
+    each output's variance is the dense layer's for unit-variance inputs."""
     *stack, k, n = matrix.shape
     std = jnp.std(matrix.astype(jnp.float32))
-    p = 1.0 - sparsity
-    keys = jax.random.split(key, 6)
+    plan = factor_plan(kind, k, n, sparsity)
+    keys = iter(jax.random.split(key, 2 * len(plan)))
+    factors, masks = {}, {}
+    for name, (shape, kept) in plan.items():
+        shape = (*stack, *shape)
+        masks[name] = None if kept is None else random_mask(next(keys), shape, kept,
+                                                            len(plan[name][0]))
+        factors[name] = _normal(next(keys), shape, 1.0)
     if kind == "parallel":
-        b = parallel_branches(sparsity)
-        shape = (*stack, b, k, n)
-        # b branches of kept fan-in p·K each sum to a kept fan-in of K: the dense scale.
-        return ({"branches": _normal(keys[0], shape, std)},
-                {"branches": random_mask(keys[1], shape, sparsity)})
-    if kind == "factorized":
-        r = factorized_rank(k, n, sparsity)
-        # x·U has the input's per-feature variance; (x·U)·V the dense output variance.
-        u = _normal(keys[0], (*stack, k, r), 1.0 / math.sqrt(k * p))
-        v = _normal(keys[1], (*stack, r, n), std * math.sqrt(k / (r * p)))
-        return ({"u": u, "v": v}, {"u": random_mask(keys[2], u.shape, sparsity),
-                                   "v": random_mask(keys[3], v.shape, sparsity)})
-    if kind == "doped":
-        r = doped_rank(k, n, sparsity)
-        # Half the output variance from the low-rank product, half from the sparse residual.
-        u = _normal(keys[0], (*stack, k, r), 1.0 / math.sqrt(k))
-        v = _normal(keys[1], (*stack, r, n), std * math.sqrt(k / (2 * max(r, 1))))
-        s = _normal(keys[2], (*stack, k, n), std / math.sqrt(2 * p))
-        return ({"s": s, "u": u, "v": v},
-                {"s": random_mask(keys[3], s.shape, sparsity), "u": None, "v": None})
-    raise ValueError(f"unknown Sparse-IFT kind {kind!r}")
+        # K kept inputs per output over all branches together: the dense scale.
+        factors["branches"] = factors["branches"] * std
+    elif kind == "factorized":
+        kept_u, kept_v, r = plan["u"][1], plan["v"][1], plan["u"][0][1]
+        # x·U has the input's per-feature variance (kept_u / r inputs per unit), then V
+        # brings the dense output variance K·std² from kept_v / N inputs per output.
+        factors["u"] = factors["u"] / math.sqrt(kept_u / r)
+        factors["v"] = factors["v"] * std * math.sqrt(k / (kept_v / n))
+    elif kind == "doped":
+        r = plan["u"][0][1]
+        kept_s = plan["s"][1]
+        # half the dense output variance from the low-rank product, half from S
+        factors["u"] = factors["u"] / math.sqrt(k)
+        factors["v"] = factors["v"] * std * math.sqrt(k / (2 * max(r, 1)))
+        factors["s"] = factors["s"] * std * math.sqrt(k / (2 * max(kept_s / n, 1)))
+    return factors, masks
 
 
 def to_dense(kind: str, factors) -> jax.Array:
@@ -130,10 +148,11 @@ def matmul(kind: str, x2: jax.Array, factors) -> jax.Array:
 def widen_init(key: jax.Array, matrix: jax.Array, axis: str, sparsity: float):
     """Sparse Wide's ``(*stack, K', N')`` matrix and mask from the dense ``(*stack, K, N)``.
 
-    ``axis`` ("k" or "n") is the FFN hidden dimension, widened to ``wide_width``. The
-    dense weights stay the first units; new units are drawn with the dense leaf's
-    standard deviation. Everything is scaled by ``sqrt(K / kept fan-in)`` so each
-    output keeps the dense variance at the new width and density.
+    ``axis`` ("k" or "n") is the FFN hidden dimension, widened to ``wide_width``; the
+    mask keeps exactly ``K · N`` entries (the dense count) of each wide matrix. The
+    dense weights stay the first units and new units are drawn with the dense leaf's
+    standard deviation; all are scaled by ``sqrt(K / kept fan-in)`` so each output
+    keeps the dense variance at the new width and density.
     """
     *stack, k, n = matrix.shape
     hidden = k if axis == "k" else n
@@ -143,5 +162,5 @@ def widen_init(key: jax.Array, matrix: jax.Array, axis: str, sparsity: float):
     extra_shape = (*stack, extra, n) if axis == "k" else (*stack, k, extra)
     fresh = _normal(k_key, extra_shape, std).astype(matrix.dtype)
     wide = jnp.concatenate([matrix, fresh], axis=-2 if axis == "k" else -1)
-    scale = math.sqrt(k / (wide.shape[-2] * (1.0 - sparsity)))
-    return wide * jnp.asarray(scale, wide.dtype), random_mask(m_key, wide.shape, sparsity)
+    scale = math.sqrt(k / (k * n / wide.shape[-1]))    # kept fan-in per output: K·N / N'
+    return wide * jnp.asarray(scale, wide.dtype), random_mask(m_key, wide.shape, k * n)

@@ -515,7 +515,9 @@ class SparseFunction:
         """
         self._check_params(sparams)
         out = []
-        for slot, w, m in zip(self._slots, self._slot_items(sparams), self._slot_masks(sstate)):
+        self._mask_leaves(sstate)
+        masks = self._dense_treedef.flatten_up_to(_conform(sstate["masks"], self._sparams_treedef))
+        for slot, w, m in zip(self._slots, self._slot_items(sparams), map(_mask_item, masks)):
             handler = self._handlers.get(slot.path)
             out.append(w if handler is None else handler.make_input(w, m).materialize())
         return jax.tree_util.tree_unflatten(self._dense_treedef, out)

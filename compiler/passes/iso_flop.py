@@ -154,14 +154,11 @@ class SparseWideHandler(WeightHandler):
         return f"XLA dot, widened to {self.wide_layout.describe()}"
 
     def flops_after(self, site, density):
-        tokens = site.flops // (2 * self.layout.k * self.layout.n)
-        wide = self.wide_layout
-        return 2 * tokens * mask_math.kept_count(wide.k * wide.n, self.rule.sparsity)
+        # The wide mask keeps K·N entries per matrix (iso_flop.widen_init): the dense count.
+        return 2 * (site.flops // (2 * self.layout.k * self.layout.n)) * self.layout.k * self.layout.n
 
     def params_after(self, density):
-        wide = self.wide_layout
-        return math.prod(wide.stack_shape) * mask_math.kept_count(wide.k * wide.n,
-                                                                  self.rule.sparsity)
+        return math.prod(self.wide_layout.stack_shape) * self.layout.k * self.layout.n
 
 
 def _ffn_of(path, activation_sites):
