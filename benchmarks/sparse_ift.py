@@ -120,54 +120,61 @@ def main(argv=None):
                             scan_layers=True)
     began = time.perf_counter()
     results = {}
+
+    def write(final: bool):
+        wall = time.perf_counter() - began
+        dense = np.array([x["eval_loss"] for x in results["dense"]])
+        lines = ["| method | FFN FLOPs vs dense | eval loss (mean ± std) | vs dense | per seed eval loss | train s/run |",
+                 "|---|---|---|---|---|---|"]
+        for name, r in results.items():
+            losses = np.array([x["eval_loss"] for x in r])
+            lines.append(f"| {name} | {r[0]['flops_ratio']:.4f} | {losses.mean():.4f} ± {losses.std():.4f} "
+                         f"| {losses.mean() - dense.mean():+.4f} | {', '.join(f'{x:.4f}' for x in losses)} "
+                         f"| {np.mean([x['seconds'] for x in r]):.0f} |")
+        claims = []
+        for s in args.sparsities:
+            if f"Sparse Wide s={s}" not in results:
+                continue
+            wide = np.array([x["eval_loss"] for x in results[f"Sparse Wide s={s}"]])
+            spread = max(wide.max() - wide.min(), dense.max() - dense.min())
+            holds = wide.max() < dense.min()
+            claims.append(f"- Sparse Wide s={s} beats dense beyond the seeds' spread (its worst seed "
+                          f"below dense's best): **{holds}** (mean {wide.mean():.4f} vs "
+                          f"{dense.mean():.4f}, gap {dense.mean() - wide.mean():+.4f}, largest "
+                          f"seed range {spread:.4f})")
+        device = jax.devices()[0]
+        setup = (f"TransformerLM (train.py's LM, nn.scan blocks) d_model {cfg.d_model}, {cfg.n_layers} "
+                 f"layers, {cfg.n_heads} heads, d_ff {cfg.d_ff}, byte vocab {cfg.vocab_size}; seq_len "
+                 f"{size['seq_len']}, batch {size['batch']}, {size['steps']} steps for every row, AdamW "
+                 f"(lr {size['lr']}, warmup-cosine, weight decay 0.01, clip 1.0), seeds {seeds}; each "
+                 f"transformation on the FFN weights of every block with static random masks; held-out "
+                 f"loss (nats/byte) over {size['eval_batches']} batches of the stdlib corpus's held-out "
+                 "split. FFN FLOPs from sfn.report(), sparse weights counted at density. ± is the "
+                 "standard deviation over seeds (ddof 0).")
+        command = "python benchmarks/sparse_ift.py" + (" --large" if args.large else "") + \
+            (" --smoke" if args.smoke else "")
+        text_out = "\n".join([
+            "# Sparse Iso-FLOP Transformations: LM, dense vs each at equal FLOPs", "",
+            f"Command: `{command}`", "",
+            f"Device: {device.device_kind} ({platform.machine()}, {os.cpu_count()} cores visible), "
+            f"JAX {jax.__version__}, Python {platform.python_version()}.", "",
+            setup, "", *lines, "", "Claims:", *claims, "",
+            f"Wall time: {wall:.0f} s." + ("" if final else " (partial: rows still running)"), ""])
+        out = args.out or (None if (args.large or args.smoke) else "benchmarks/results/sparse_ift.md")
+        for path in [out, os.path.join(os.environ["OUT"], "sparse_ift.md") if os.environ.get("OUT") else None]:
+            if path:
+                with open(path, "w") as f:
+                    f.write(text_out)
+        return text_out
+
     for name, rule_type, s in rows(args.sparsities):
         rule = None if rule_type is None else rule_type(FFN, s)
         results[name] = [train_one(cfg, rule, seed, text, size) for seed in seeds]
         r = results[name]
         print(f"{name}: eval loss {[round(x['eval_loss'], 4) for x in r]}, FFN FLOPs ratio "
               f"{r[0]['flops_ratio']:.4f}, {sum(x['seconds'] for x in r):.0f} s", flush=True)
-    wall = time.perf_counter() - began
-
-    dense = np.array([x["eval_loss"] for x in results["dense"]])
-    lines = ["| method | FFN FLOPs vs dense | eval loss (mean ± std) | vs dense | per seed eval loss | train s/run |",
-             "|---|---|---|---|---|---|"]
-    for name, r in results.items():
-        losses = np.array([x["eval_loss"] for x in r])
-        lines.append(f"| {name} | {r[0]['flops_ratio']:.4f} | {losses.mean():.4f} ± {losses.std():.4f} "
-                     f"| {losses.mean() - dense.mean():+.4f} | {', '.join(f'{x:.4f}' for x in losses)} "
-                     f"| {np.mean([x['seconds'] for x in r]):.0f} |")
-    claims = []
-    for s in args.sparsities:
-        wide = np.array([x["eval_loss"] for x in results[f"Sparse Wide s={s}"]])
-        spread = max(wide.max() - wide.min(), dense.max() - dense.min())
-        holds = wide.max() < dense.min()
-        claims.append(f"- Sparse Wide s={s} beats dense beyond the seeds' spread (its worst seed "
-                      f"below dense's best): **{holds}** (mean {wide.mean():.4f} vs "
-                      f"{dense.mean():.4f}, gap {dense.mean() - wide.mean():+.4f}, largest "
-                      f"seed range {spread:.4f})")
-    device = jax.devices()[0]
-    setup = (f"TransformerLM (train.py's LM, nn.scan blocks) d_model {cfg.d_model}, {cfg.n_layers} "
-             f"layers, {cfg.n_heads} heads, d_ff {cfg.d_ff}, byte vocab {cfg.vocab_size}; seq_len "
-             f"{size['seq_len']}, batch {size['batch']}, {size['steps']} steps for every row, AdamW "
-             f"(lr {size['lr']}, warmup-cosine, weight decay 0.01, clip 1.0), seeds {seeds}; each "
-             f"transformation on the FFN weights of every block with static random masks; held-out "
-             f"loss (nats/byte) over {size['eval_batches']} batches of the stdlib corpus's held-out "
-             "split. FFN FLOPs from sfn.report(), sparse weights counted at density. ± is the "
-             "standard deviation over seeds (ddof 0).")
-    command = "python benchmarks/sparse_ift.py" + (" --large" if args.large else "") + \
-        (" --smoke" if args.smoke else "")
-    text_out = "\n".join([
-        "# Sparse Iso-FLOP Transformations: LM, dense vs each at equal FLOPs", "",
-        f"Command: `{command}`", "",
-        f"Device: {device.device_kind} ({platform.machine()}, {os.cpu_count()} cores visible), "
-        f"JAX {jax.__version__}, Python {platform.python_version()}.", "",
-        setup, "", *lines, "", "Claims:", *claims, "", f"Wall time: {wall:.0f} s.", ""])
-    out = args.out or (None if (args.large or args.smoke) else "benchmarks/results/sparse_ift.md")
-    for path in [out, os.path.join(os.environ["OUT"], "sparse_ift.md") if os.environ.get("OUT") else None]:
-        if path:
-            with open(path, "w") as f:
-                f.write(text_out)
-    print(text_out)
+        write(final=False)   # a run cut short still leaves every finished row
+    print(write(final=True))
 
 
 if __name__ == "__main__":
