@@ -11,6 +11,7 @@ from sparsejax.paths import MatmulWeights
 from sparsejax.report import Report
 from sparsejax.rules import (Block, BlockDiagonal, Channels, Monarch, NM, Prune, Recipe,
                              SparkTopK)
+from sparsejax.rules import SparseDoped, SparseFactorized, SparseParallel, SparseWide
 from sparsejax.topk import exact_topk_reference, statistical_topk
 from sparsejax.sparsify import SparseFunction, sparsify
 # After sparsify: the one-shot driver builds on it. ``sj.oneshot`` is the function; the

@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sparsejax import iso_flop
 from sparsejax import masks as mask_math
 from sparsejax import paths
 from sparsejax.layout import WeightLayout
@@ -294,6 +295,78 @@ class Monarch(Factorize):
 @dataclasses.dataclass(frozen=True)
 class BlockDiagonal(Factorize):
     """A single block-diagonal factor with ``nblocks`` blocks."""
+
+
+# --------------------------------------------------------------------------- Sparse-IFT
+
+
+@dataclasses.dataclass(frozen=True)
+class SparseIsoFlop(Rule):
+    """A Sparse Iso-FLOP Transformation (Saxena et al., 2023; :mod:`sparsejax.iso_flop`):
+    the matched weights become a bigger sparse structure at ``sparsity`` with the dense
+    layer's FLOPs counted at density. Weights and masks are drawn fresh at ``init``
+    (random masks, variance matched to the dense leaf), so pass ``rng``."""
+
+    sparsity: float = 0.5
+
+    def __post_init__(self):
+        super().__post_init__()
+        mask_math.check_sparsity(self.sparsity, self.describe())
+
+    def check_layout(self, path: str, layout: WeightLayout | None) -> WeightLayout:
+        layout = _require_layout(self, path, layout)
+        if layout.stack_axes != tuple(range(len(layout.stack_axes))):
+            raise self.error(path, f"stacked axes {layout.stack_axes} must lead the leaf "
+                                   "(as nn.scan lays them out)")
+        return layout
+
+    @property
+    def needs_rng(self) -> bool:
+        return True
+
+    @property
+    def target_sparsity(self) -> float:
+        return self.sparsity
+
+
+@dataclasses.dataclass(frozen=True)
+class SparseWide(SparseIsoFlop):
+    """Sparse Wide: the FFN hidden width grows by ``1 / (1 - sparsity)`` (up, gate and down
+    together, at the FFN site the compiler finds) and is trained at ``sparsity``.
+
+    The pattern must match every weight of each FFN it touches; attention or other
+    weights are refused. The hidden values between up/gate and down must be computed
+    elementwise (no bias or per-unit scale over the hidden units).
+    """
+
+    def check_layout(self, path, layout):
+        layout = super().check_layout(path, layout)
+        if len(layout.contract_axes) != 1 or len(layout.free_axes) != 1:
+            raise self.error(path, "needs a weight with one input and one output axis "
+                                   f"(layout {layout.describe()})")
+        return layout
+
+
+@dataclasses.dataclass(frozen=True)
+class SparseParallel(SparseIsoFlop):
+    """Sparse Parallel: ``1 / (1 - sparsity)`` sparse ``(K, N)`` branches, summed."""
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not iso_flop.parallel_is_iso_flop(self.sparsity):
+            raise ValueError(f"{self.describe()}: 1 / (1 - sparsity) = "
+                             f"{1 / (1 - self.sparsity):.3g} branches is not a whole number; "
+                             "use sparsity 0.5, 0.75, 0.875, ...")
+
+
+@dataclasses.dataclass(frozen=True)
+class SparseFactorized(SparseIsoFlop):
+    """Sparse Factorized: ``W = U · V``, both sparse, at the rank that keeps the FLOPs."""
+
+
+@dataclasses.dataclass(frozen=True)
+class SparseDoped(SparseIsoFlop):
+    """Sparse Doped: ``W = U · V + S``, a dense low-rank product plus a sparse residual."""
 
 
 # --------------------------------------------------------------------------- activations

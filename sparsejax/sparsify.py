@@ -201,6 +201,8 @@ class SparseFunction:
             item, mask = leaf, None
             if slot.rule is not None:
                 handler = passes.weight_handler(slot.rule, slot.path, slot.layout, slot.sites)
+                if hasattr(handler, "bind_program"):   # passes that need the whole program
+                    handler.bind_program(traced, self._slots)
                 self._handlers[slot.path] = handler
                 item, mask = handler.init(jnp.asarray(leaf), jax.random.fold_in(rng, slot.index))
             items.append(item)
@@ -385,6 +387,7 @@ class SparseFunction:
         self._rebind_handlers(traced)
         hooks = {site.key: spark_pass.topk_hook(rule, site)
                  for site, rule in self._activation_plan(traced, check="call") if rule is not None}
+        hooks = {**passes.program_hooks(self._handlers.values(), traced), **hooks}
         program = self._program(traced, hooks, len(param_leaves), mask_leaves)
         self.rewrite_count += 1
         structs = [jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x)) for x in flat]
@@ -428,7 +431,7 @@ class SparseFunction:
                 jax.tree_util.tree_unflatten(sparams_treedef, leaves))
             slot_masks = dense_treedef.flatten_up_to(
                 jax.tree_util.tree_unflatten(sparams_treedef, masks))
-            invals = [h.make_input(p, m if _is_array(m) else None) if h is not None else p
+            invals = [h.make_input(p, _mask_item(m)) if h is not None else p
                       for h, p, m in zip(handlers, slot_items, slot_masks)]
             return interp.run(traced.closed.jaxpr, traced.closed.consts, [*invals, *rest])
 
@@ -456,6 +459,7 @@ class SparseFunction:
 
         hooks = {site.key: spark_pass.measuring_hook(rule, site, i, record)
                  for i, (site, rule) in enumerate(plan)}
+        hooks = {**passes.program_hooks(self._handlers.values(), traced), **hooks}
         program = self._program(traced, hooks, len(param_leaves), mask_leaves)
         flat = [*param_leaves, *[m for m in mask_leaves if m is not None],
                 *[arg_leaves[i] for i in dynamic]]
@@ -532,7 +536,9 @@ class SparseFunction:
         """
         self._check_params(sparams)
         out = []
-        for slot, w, m in zip(self._slots, self._slot_items(sparams), self._slot_masks(sstate)):
+        self._mask_leaves(sstate)
+        masks = self._dense_treedef.flatten_up_to(_conform(sstate["masks"], self._sparams_treedef))
+        for slot, w, m in zip(self._slots, self._slot_items(sparams), map(_mask_item, masks)):
             handler = self._handlers.get(slot.path)
             out.append(w if handler is None else handler.make_input(w, m).materialize())
         return jax.tree_util.tree_unflatten(self._dense_treedef, out)
@@ -771,6 +777,14 @@ def _conform(tree: Any, treedef: Any) -> Any:
         return tree
     return jax.tree_util.tree_unflatten(treedef, [x for (_, x), (_, w) in zip(got, want)
                                                   if w is not None])
+
+
+def _mask_item(mask: Any) -> Any:
+    """A slot's mask for its handler: an array, a subtree of factor masks holding an array
+    (None for dense factors), or None."""
+    if _is_array(mask) or jax.tree_util.tree_leaves(mask):
+        return mask
+    return None
 
 
 def _leaf_layout(sites: Sequence[WeightSite]) -> WeightLayout | None:

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 from sparsejax.compiler.passes.base import WeightHandler
 from sparsejax.compiler.passes.factorized import FactorizedHandler
+from sparsejax.compiler.passes.iso_flop import IsoFlopFactorsHandler, SparseWideHandler
+from sparsejax.compiler.passes import iso_flop as _iso_flop
 from sparsejax.compiler.passes.masking import MaskHandler
-from sparsejax.rules import Factorize, MaskRule
+from sparsejax.rules import Factorize, MaskRule, SparseIsoFlop, SparseWide
 
 _WEIGHT_HANDLERS: list[tuple[type, type[WeightHandler]]] = [
-    (MaskRule, MaskHandler), (Factorize, FactorizedHandler)]
+    (MaskRule, MaskHandler), (Factorize, FactorizedHandler),
+    (SparseWide, SparseWideHandler), (SparseIsoFlop, IsoFlopFactorsHandler)]
 
 
 def register_weight_handler(rule_type: type, handler_type: type[WeightHandler]) -> None:
@@ -21,3 +24,9 @@ def weight_handler(rule, path, layout, sites) -> WeightHandler:
         if isinstance(rule, rule_type):
             return handler_type(rule, path, layout, sites)
     raise TypeError(f"no compiler pass handles rule {rule.describe()}")
+
+
+def program_hooks(handlers, traced) -> dict:
+    """Eqn hooks that weight passes need beside their sites (Sparse Wide: inlining the
+    calls between a widened FFN's up and down, so they bind on the wider values)."""
+    return _iso_flop.program_hooks(handlers, traced)

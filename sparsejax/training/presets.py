@@ -129,11 +129,14 @@ PRESETS: dict[str, Preset] = {p.name: p for p in [
            lambda model: Recipe([rules.SparkTopK(site="ffn", k_frac=0.08)])),
     Preset("block90", "90% sparse 32×32 blocks by magnitude, masks fixed at init",
            lambda model: Recipe([rules.Block(SPARSE_WEIGHTS[model], 0.9, block=(32, 32))])),
+    Preset("sparse_wide50", "Sparse Wide (Sparse-IFT): FFN 2x wider at 50% sparsity, same FLOPs",
+           lambda model: Recipe([rules.SparseWide(FFN_WEIGHTS[model], 0.5)])),
 ]}
 
 
 _RULES = {name: getattr(rules, name) for name in
-          ("Prune", "NM", "Block", "Channels", "Monarch", "BlockDiagonal", "SparkTopK")}
+          ("Prune", "NM", "Block", "Channels", "Monarch", "BlockDiagonal", "SparkTopK",
+           "SparseWide", "SparseParallel", "SparseFactorized", "SparseDoped")}
 
 
 def recipe_from_json(path: str) -> Preset:
