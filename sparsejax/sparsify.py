@@ -35,13 +35,10 @@ from jax.extend import core as jex_core
 
 from sparsejax import paths as path_lib
 from sparsejax.compiler import passes
-from sparsejax.compiler.activation_sites import ActivationSite, find_activation_sites
-from sparsejax.compiler.interpreter import Interpreter, bind_eqn
-from sparsejax.compiler.passes import spark as spark_pass
-from sparsejax.compiler.param_ref import is_ref, materialize
-from sparsejax.compiler.sites import WeightSite, WeightUses, find_weight_sites
-from sparsejax.compiler.weight_roles import weight_roles
-from sparsejax.layout import WeightLayout
+from sparsejax.compiler import plan as plan_lib
+from sparsejax.compiler.activation_sites import ActivationSite
+from sparsejax.compiler.passes.rewrite import rewritten_program
+from sparsejax.compiler.plan import Slot as _Slot, Traced as _Traced
 from sparsejax.report import ActivationRow, Report, ReportRow
 from sparsejax.rules import ActivationRule, MaskRule, Recipe, Rule, recipe_of
 
@@ -60,37 +57,8 @@ def sparsify(fn: Callable, recipe: Recipe | Sequence[Rule] | Rule) -> "SparseFun
     return SparseFunction(fn, recipe_of(recipe))
 
 
-@dataclasses.dataclass(frozen=True)
-class _Slot:
-    """One leaf of the dense params and what the recipe does with it."""
-
-    index: int
-    path: str
-    shape: tuple[int, ...]
-    dtype: Any
-    sites: tuple[WeightSite, ...]
-    rule: Rule | None = None
-    layout: WeightLayout | None = None
-
-
-@dataclasses.dataclass
-class _Traced:
-    closed: Any               # ClosedJaxpr of fn(params leaves..., dynamic arg leaves...)
-    out_tree: Any
-    sites: list[WeightSite]
-    notes: dict
-    activation_sites: list[ActivationSite]
-    uses: WeightUses = dataclasses.field(default_factory=WeightUses)
-    roles: dict = dataclasses.field(default_factory=dict)   # path -> what the weight does
-
-
-def _aval_key(x) -> tuple:
-    aval = jax.typeof(x) if hasattr(jax, "typeof") else jax.core.get_aval(x)
-    return (tuple(aval.shape), str(aval.dtype), bool(getattr(aval, "weak_type", False)))
-
-
-def _is_array(x) -> bool:
-    return isinstance(x, (jax.Array, np.ndarray, np.generic)) or isinstance(x, jax.core.Tracer)
+_aval_key = plan_lib.aval_key
+_is_array = plan_lib.is_array
 
 
 class SparseFunction:
@@ -134,29 +102,10 @@ class SparseFunction:
         traced = self._traces.get(key)
         if traced is not None:
             return traced
-        n_params = len(dense_avals)
-        dense_treedef = self._dense_treedef
-
-        def flat_fn(*flat):
-            params = jax.tree_util.tree_unflatten(dense_treedef, flat[:n_params])
-            arg_leaves = list(leaves)
-            for i, x in zip(dynamic, flat[n_params:]):
-                arg_leaves[i] = x
-            args, kwargs = jax.tree_util.tree_unflatten(arg_treedef, arg_leaves)
-            return self.fn(params, *args, **kwargs)
-
         self.trace_count += 1
-        structs = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in dense_avals]
-        structs += [jax.ShapeDtypeStruct(jnp.shape(leaves[i]), jnp.result_type(leaves[i]))
-                    for i in dynamic]
-        closed, out_shape = jax.make_jaxpr(flat_fn, return_shape=True)(*structs)
-        out_tree = jax.tree_util.tree_structure(out_shape)
         paths = [s.path for s in self._slots] if self._slots else self._init_paths
-        sites, notes, uses = find_weight_sites(closed, paths, n_params)
-        lookups = [p for p, ops in uses.reads.items() if "gather" in ops]
-        traced = _Traced(closed, out_tree, sites, notes,
-                         find_activation_sites(closed.jaxpr, sites, n_params), uses,
-                         weight_roles(closed.jaxpr, sites, lookups))
+        traced = plan_lib.trace_program(self.fn, self._dense_treedef, dense_avals, paths, leaves,
+                                        arg_treedef, dynamic, static)
         self._traces[key] = traced
         return traced
 
@@ -221,56 +170,7 @@ class SparseFunction:
                          ", ".join(dense[:8]), ", ..." if len(dense) > 8 else "")
 
     def _assign_rules(self, leaves, traced: _Traced) -> list[_Slot]:
-        by_path: dict[str, list[WeightSite]] = {}
-        for site in traced.sites:
-            by_path.setdefault(site.path, []).append(site)
-        claimed: dict[int, list[str]] = {i: [] for i in range(len(self.recipe))}
-        matched_any: dict[int, list[str]] = {i: [] for i in range(len(self.recipe))}
-        slots = []
-        for index, (path, leaf) in enumerate(zip(self._init_paths, leaves)):
-            leaf_sites = tuple(by_path.get(path, ()))
-            rule = layout = None
-            for r_index, r in enumerate(self.recipe):
-                if isinstance(r, ActivationRule) or not r.matches(path):
-                    continue
-                if (isinstance(r.pattern, path_lib.MatmulWeights)
-                        and not r.pattern.selects(path, traced.roles.get(path, frozenset()))):
-                    continue
-                matched_any[r_index].append(path)
-                if leaf_sites and rule is None:
-                    rule = r
-                    claimed[r_index].append(path)
-            if rule is not None:
-                layout = _leaf_layout(leaf_sites)
-            slots.append(_Slot(index, path, tuple(jnp.shape(leaf)), jnp.result_type(leaf),
-                               leaf_sites, rule, layout))
-        site_paths = sorted(by_path)
-        for r_index, r in enumerate(self.recipe):
-            if claimed[r_index] or isinstance(r, ActivationRule):
-                continue
-            if not matched_any[r_index] and isinstance(r.pattern, path_lib.MatmulWeights):
-                raise ValueError(f"{r.describe()}: selects no weight; matmul weights and their "
-                                 f"roles: {[(p, sorted(traced.roles[p])) for p in site_paths[:8]]}")
-            if not matched_any[r_index]:
-                near = path_lib.close_matches(r.pattern, site_paths or self._init_paths)
-                hint = f"; close matches: {near}" if near else f"; weight parameters: {site_paths[:8]}"
-                raise ValueError(f"{r.describe()}: the pattern matches no parameter{hint}")
-            not_sites = [p for p in matched_any[r_index] if p not in by_path]
-            between = {p: traced.uses.through[p] for p in not_sites if p in traced.uses.through}
-            if between:
-                path, ops = next(iter(between.items()))
-                raise ValueError(
-                    f"{r.describe()}: {path} reaches a matmul only through "
-                    f"{', '.join(f'`{op}`' for op in ops)}, so no matmul multiplies by the "
-                    "weight itself; only views (casts, reshapes, transposes, slices) and "
-                    "scaling by a scalar may stand between a weight and its matmul: compute "
-                    "the product as a parameter of its own, or match the weights it is made of")
-            if not_sites and len(not_sites) == len(matched_any[r_index]):
-                raise ValueError(f"{r.describe()}: matches {not_sites[:5]}, but no matmul or "
-                                 "conv multiplies by them, so there is no weight site to rewrite")
-            raise ValueError(f"{r.describe()}: every parameter it matches "
-                             f"({matched_any[r_index][:5]}) is claimed by an earlier rule")
-        return slots
+        return plan_lib.assign_rules(self.recipe, self._init_paths, leaves, traced)
 
     def _activation_plan(self, traced: _Traced, check: str | None = None
                          ) -> list[tuple[ActivationSite, ActivationRule | None]]:
@@ -280,31 +180,12 @@ class SparseFunction:
         a rule that selected sites at init must select some in this trace too (a
         rule that silently selects nothing would leave the model dense).
         """
-        rules = [r for r in self.recipe if isinstance(r, ActivationRule)]
-        used = {id(r): 0 for r in rules}
-        plan = []
-        for site in traced.activation_sites:
-            chosen = None
-            for r in rules:
-                if r.site == site.kind and (any(r.matches(p) for p in site.paths) or
-                                            r.pattern == "*"):
-                    chosen = r
-                    used[id(r)] += 1
-                    break
-            plan.append((site, chosen))
+        plan, used = plan_lib.activation_plan(self.recipe, traced)
         if check == "init":
             self._activation_counts = dict(used)
-        for r in rules if check else ():
-            if used[id(r)]:
-                continue
-            found = [s.describe() + f" {list(s.paths)}" for s in traced.activation_sites]
-            if check == "init":
-                raise ValueError(f"{r.describe()}: selects no {r.site} site; sites found: "
-                                 f"{found if found else 'none'}")
-            raise ValueError(f"{r.describe()}: selected {self._activation_counts[id(r)]} {r.site} "
-                             "site(s) at init, but none in the program traced for these "
-                             f"arguments (sites found: {found if found else 'none'}); the "
-                             "rewritten function would run dense there")
+        if check is not None:
+            plan_lib.check_activation_plan(self.recipe, traced, used,
+                                           None if check == "init" else self._activation_counts)
         return plan
 
     # --------------------------------------------------------------------- call
@@ -378,8 +259,7 @@ class SparseFunction:
 
     def _rewrite(self, param_leaves, mask_leaves, arg_leaves, arg_treedef, dynamic, static, flat):
         traced = self._trace_for(param_leaves, arg_leaves, arg_treedef, dynamic, static)
-        hooks = {site.key: spark_pass.topk_hook(rule, site)
-                 for site, rule in self._activation_plan(traced, check="call") if rule is not None}
+        hooks = passes.activation_hooks(self._activation_plan(traced, check="call"))
         program = self._program(traced, hooks, len(param_leaves), mask_leaves)
         self.rewrite_count += 1
         structs = [jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x)) for x in flat]
@@ -395,23 +275,9 @@ class SparseFunction:
 
     def _program(self, traced: _Traced, hooks, n_params: int, mask_leaves) -> Callable:
         """The rewritten function of flat inputs (params leaves, present masks, array args)."""
-        has_mask = [m is not None for m in mask_leaves]
-        handlers = [self._handlers.get(s.path) for s in self._slots]
-        sparams_treedef, dense_treedef = self._sparams_treedef, self._dense_treedef
-        interp = Interpreter(_rewrite_site, hooks)
-
-        def program(*inputs):
-            leaves, rest = inputs[:n_params], list(inputs[n_params:])
-            masks = [rest.pop(0) if h else None for h in has_mask]
-            slot_items = dense_treedef.flatten_up_to(
-                jax.tree_util.tree_unflatten(sparams_treedef, leaves))
-            slot_masks = dense_treedef.flatten_up_to(
-                jax.tree_util.tree_unflatten(sparams_treedef, masks))
-            invals = [h.make_input(p, m if _is_array(m) else None) if h is not None else p
-                      for h, p, m in zip(handlers, slot_items, slot_masks)]
-            return interp.run(traced.closed.jaxpr, traced.closed.consts, [*invals, *rest])
-
-        return program
+        return rewritten_program(traced, hooks, [self._handlers.get(s.path) for s in self._slots],
+                                 n_params, [m is not None for m in mask_leaves],
+                                 self._sparams_treedef, self._dense_treedef, _is_array)
 
     def measure_activations(self, sparams: Any, sstate: dict, *args: Any, **kwargs: Any) -> list[dict]:
         """Activation densities per site and per layer, on one batch.
@@ -433,8 +299,7 @@ class SparseFunction:
         def record(index, before, after):
             records.setdefault(int(index), []).append((float(before), float(after)))
 
-        hooks = {site.key: spark_pass.measuring_hook(rule, site, i, record)
-                 for i, (site, rule) in enumerate(plan)}
+        hooks = passes.measuring_hooks(plan, record)
         program = self._program(traced, hooks, len(param_leaves), mask_leaves)
         flat = [*param_leaves, *[m for m in mask_leaves if m is not None],
                 *[arg_leaves[i] for i in dynamic]]
@@ -750,19 +615,3 @@ def _conform(tree: Any, treedef: Any) -> Any:
         return tree
     return jax.tree_util.tree_unflatten(treedef, [x for (_, x), (_, w) in zip(got, want)
                                                   if w is not None])
-
-
-def _leaf_layout(sites: Sequence[WeightSite]) -> WeightLayout | None:
-    """The leaf's layout as its first site reads it.
-
-    A weight read in two orientations (a tied embedding: a lookup and the output
-    projection) gets the first site's; structured masks need a single one.
-    """
-    return next((s.layout for s in sites if s.layout is not None), None)
-
-
-def _rewrite_site(interp: Interpreter, eqn, key, invals, scope):
-    refs = [x for x in invals[:2] if is_ref(x)]
-    if len(refs) == 1 and refs[0].handler is not None:
-        return refs[0].handler.on_site(interp, eqn, key, invals, scope)
-    return bind_eqn(eqn, [materialize(x) for x in invals])

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+from sparsejax.compiler.passes.activation import (ActivationRewrite, activation_hooks,
+                                                  activation_rewrite, measuring_hooks,
+                                                  register_activation_rewrite)
 from sparsejax.compiler.passes.base import WeightHandler
 from sparsejax.compiler.passes.factorized import FactorizedHandler
 from sparsejax.compiler.passes.masking import MaskHandler
-from sparsejax.rules import Factorize, MaskRule
+from sparsejax.compiler.passes.spark import SparkRewrite
+from sparsejax.rules import Factorize, MaskRule, SparkTopK
 
 _WEIGHT_HANDLERS: list[tuple[type, type[WeightHandler]]] = [
     (MaskRule, MaskHandler), (Factorize, FactorizedHandler)]
@@ -21,3 +25,6 @@ def weight_handler(rule, path, layout, sites) -> WeightHandler:
         if isinstance(rule, rule_type):
             return handler_type(rule, path, layout, sites)
     raise TypeError(f"no compiler pass handles rule {rule.describe()}")
+
+
+register_activation_rewrite(SparkTopK, SparkRewrite())
