@@ -28,6 +28,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -57,6 +58,54 @@ def recipe_for(config):
     return [sj.NM(pattern, config[1], config[2])]
 
 
+class DenseLM(NamedTuple):
+    run: Any
+    model: Any
+    params: Any
+    n_params: int
+    calib: list
+    evals: list
+    perplexity: Callable
+    train_seconds: float
+
+
+def train_dense_lm(args) -> DenseLM:
+    """Trains train.py's LM dense (its corpus, its loop) with ``args``' sizes; returns the run,
+    its params, calibration batches (training-split positions the run never saw), the
+    held-out batches and ``perplexity(params, apply=None)`` on them."""
+    workdir = args.workdir or tempfile.mkdtemp(prefix="dense_lm_")
+    cfg = train.Config(recipe="dense", steps=args.steps, batch_size=args.batch_size,
+                       seq_len=args.seq_len, d_model=args.d_model, n_layers=args.n_layers,
+                       n_heads=args.n_heads, d_ff=args.d_ff, learning_rate=args.learning_rate,
+                       eval_every=args.steps, checkpoint_every=args.steps, log_every=max(args.steps // 10, 1),
+                       eval_batches=args.eval_batches, workdir=workdir)
+    run = train.prepare(cfg)
+    t0 = time.time()
+    trained = train.train_and_evaluate(run)
+    train_seconds = time.time() - t0
+    params = jax.device_get(trained["sfn"].dense_params(trained["state"].params, trained["state"].sstate))
+    model = run.model
+    n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
+
+    # Calibration: training-split batches the dense run never saw (positions after its last step).
+    calib = [(jnp.asarray(run.train_batches.batch(args.steps + 1000 + i)["inputs"]),)
+             for i in range(args.calib_batches)]
+    evals = list(run.eval_batches())
+    apply = jax.jit(model.apply)
+
+    def perplexity(p, apply_fn=None):
+        total, weight = 0.0, 0.0
+        for b in evals:
+            w = jnp.asarray(b["weights"])
+            logits = (apply_fn or apply)(p, jnp.asarray(b["inputs"]))
+            loss = transformer.lm_loss(logits, jnp.asarray(b["targets"]), w)
+            total += float(loss) * float(jnp.sum(w))
+            weight += float(jnp.sum(w))
+        return math.exp(total / weight)
+
+    return DenseLM(run, model, params, n_params, calib, evals, perplexity, train_seconds)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--d_model", type=int, default=128)
@@ -77,39 +126,13 @@ def main():
         args.calib_batches, args.eval_batches, args.seq_len, args.batch_size = 2, 2, 32, 8
     logging.set_verbosity(logging.WARNING)
     t_start = time.time()
-    workdir = args.workdir or tempfile.mkdtemp(prefix="oneshot_dense_")
-
-    cfg = train.Config(recipe="dense", steps=args.steps, batch_size=args.batch_size,
-                       seq_len=args.seq_len, d_model=args.d_model, n_layers=args.n_layers,
-                       n_heads=args.n_heads, d_ff=args.d_ff, learning_rate=args.learning_rate,
-                       eval_every=args.steps, checkpoint_every=args.steps, log_every=max(args.steps // 10, 1),
-                       eval_batches=args.eval_batches, workdir=workdir)
-    run = train.prepare(cfg)
-    t0 = time.time()
-    trained = train.train_and_evaluate(run)
-    train_seconds = time.time() - t0
-    params = jax.device_get(trained["sfn"].dense_params(trained["state"].params, trained["state"].sstate))
-    model = run.model
-    n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
-
-    # Calibration: training-split batches the dense run never saw (positions after its last step).
-    calib = [(jnp.asarray(run.train_batches.batch(args.steps + 1000 + i)["inputs"]),)
-             for i in range(args.calib_batches)]
-    evals = list(run.eval_batches())
-    apply = jax.jit(model.apply)
-
-    def perplexity(p):
-        total, weight = 0.0, 0.0
-        for b in evals:
-            w = jnp.asarray(b["weights"])
-            loss = transformer.lm_loss(apply(p, jnp.asarray(b["inputs"])), jnp.asarray(b["targets"]), w)
-            total += float(loss) * float(jnp.sum(w))
-            weight += float(jnp.sum(w))
-        return math.exp(total / weight)
-
+    dense = train_dense_lm(args)
+    run, model, params, n_params = dense.run, dense.model, dense.params, dense.n_params
+    calib, evals, perplexity = dense.calib, dense.evals, dense.perplexity
     dense_ppl = perplexity(params)
     print(f"dense: {n_params / 1e6:.2f}M parameters, held-out perplexity {dense_ppl:.3f} "
-          f"({train_seconds:.0f} s of training)", flush=True)
+          f"({dense.train_seconds:.0f} s of training)", flush=True)
+
     program = calibration.trace(model.apply, params, *calib[0])
     results = {}
     for label, config in CONFIGS:

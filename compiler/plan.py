@@ -28,7 +28,7 @@ from sparsejax.compiler.activation_sites import ActivationSite, find_activation_
 from sparsejax.compiler.sites import WeightSite, WeightUses, find_weight_sites
 from sparsejax.compiler.weight_roles import weight_roles
 from sparsejax.layout import WeightLayout
-from sparsejax.rules import ActivationRule, Rule
+from sparsejax.rules import ActivationRule, ActivationThreshold, Rule
 
 __all__ = ["Slot", "Traced", "trace_program", "assign_rules", "activation_plan",
            "check_activation_plan", "leaf_layout", "aval_key", "is_array"]
@@ -170,7 +170,8 @@ def activation_plan(recipe, traced: Traced
                     ) -> tuple[list[tuple[ActivationSite, ActivationRule | None]], dict[int, int]]:
     """Each activation site with the first activation rule that selects it (or None), and
     how many sites each rule (by ``id``) selected."""
-    rules = [r for r in recipe if isinstance(r, ActivationRule)]
+    rules = [r for r in recipe if isinstance(r, ActivationRule)
+             and not isinstance(r, ActivationThreshold)]    # thresholds: compiler/thresholds.py
     used = {id(r): 0 for r in rules}
     plan = []
     for site in traced.activation_sites:
@@ -189,7 +190,8 @@ def check_activation_plan(recipe, traced: Traced, used: dict[int, int],
     """Every activation rule selects a site: at init (``init_counts`` None), and in every
     later trace a rule that selected sites at init (a rule that silently selects nothing
     would leave the model dense)."""
-    for r in (r for r in recipe if isinstance(r, ActivationRule)):
+    for r in (r for r in recipe if isinstance(r, ActivationRule)
+              and not isinstance(r, ActivationThreshold)):
         if used[id(r)]:
             continue
         found = [s.describe() + f" {list(s.paths)}" for s in traced.activation_sites]

@@ -15,7 +15,8 @@ once, and it composes with ``jax.grad``, ``jax.vmap``, ``jax.checkpoint`` and
 sharded jit like any JAX function. Arguments after the parameters that are not
 arrays (Python bools, strings, numbers) are treated as static.
 
-State: ``sstate = {"masks": masks}``, where ``masks`` has the structure of
+State: ``sstate = {"masks": masks}`` (plus ``"thresholds"``, ``{name: array}``, when the
+recipe has activation-threshold rules: set them with ``sfn.calibrate``), where ``masks`` has the structure of
 ``sparams`` with a boolean array for every masked leaf and ``None`` elsewhere.
 It is the one home of masks: the optimizers in ``sparsejax.optim`` keep and
 update the same pytree.
@@ -35,9 +36,12 @@ from jax.extend import core as jex_core
 
 from sparsejax import paths as path_lib
 from sparsejax.compiler import passes
+from sparsejax.compiler import calibration
 from sparsejax.compiler import plan as plan_lib
+from sparsejax.compiler import thresholds as threshold_lib
 from sparsejax.compiler.activation_sites import ActivationSite
-from sparsejax.compiler.passes.rewrite import rewritten_program
+from sparsejax.compiler.passes.rewrite import compose_input_hooks, rewritten_program
+from sparsejax.compiler.passes.thresholds import threshold_hook
 from sparsejax.compiler.plan import Slot as _Slot, Traced as _Traced
 from sparsejax.report import ActivationRow, Report, ReportRow
 from sparsejax.rules import ActivationRule, MaskRule, Recipe, Rule, recipe_of
@@ -83,6 +87,8 @@ class SparseFunction:
         self._lowered_slot_masks = None   # lower(): the masks lowered (the report reads its paths)
         self._packed_paths: frozenset = frozenset()   # lower(packed=True): leaves held as blocks
         self._premasked_paths: frozenset = frozenset()   # lower(premasked=True): zero outside masks
+        self._thresholds: list = []       # (ThresholdPoint, rule) of the threshold rules
+        self._threshold_info: dict = {}   # name -> {"target", "measured"} from calibrate()
 
     # ------------------------------------------------------------------ tracing
 
@@ -136,8 +142,12 @@ class SparseFunction:
                 raise TypeError(f"{path}: parameters must be arrays, got {type(leaf).__name__}")
         arg_leaves, arg_treedef, dynamic, static = self._split_args(args, kwargs)
         traced = self._trace(leaves, arg_leaves, arg_treedef, dynamic, static)
+        self._init_call = (arg_treedef, dynamic, static, bool(kwargs))
+        self._init_args_treedef = jax.tree_util.tree_structure(args)
         self._slots = self._assign_rules(leaves, traced)
-        self._activation_plan(traced, check="init")
+        passes.check_plan(self._activation_plan(traced, check="init"))
+        self._thresholds = threshold_lib.threshold_plan(self.recipe, traced)
+        self._threshold_info = {}
         _require_rng(rng, [s.rule for s in self._slots], "init")
         rng = jax.random.key(0) if rng is None else rng
 
@@ -155,6 +165,9 @@ class SparseFunction:
         self._sparams_avals = [(tuple(jnp.shape(x)), jnp.result_type(x))
                                for x in jax.tree_util.tree_leaves(sparams)]
         sstate = {"masks": jax.tree_util.tree_unflatten(self._dense_treedef, masks)}
+        if self._thresholds:      # 0 until calibrated: only exact zeros are dropped
+            sstate["thresholds"] = {p.name: jnp.zeros(p.state_shape(), jnp.float32)
+                                    for p, _ in self._thresholds}
         self._report = self._build_report(traced, self._slot_masks(sstate))
         self._warn_untouched()
         return sparams, sstate
@@ -229,6 +242,45 @@ class SparseFunction:
         return [m if _is_array(m) else None for m in masks]
 
     def __call__(self, sparams: Any, sstate: dict, *args: Any, **kwargs: Any) -> Any:
+        return self._call(sparams, sstate, args, kwargs, aux=None)
+
+    def with_aux(self, l1: str = "ffn") -> Callable:
+        """The function returning ``(output, aux)``: auxiliary outputs a training loop adds
+        to its loss.
+
+        ``l1="ffn"``: the activation of every FFN (``act(gate)`` where it meets the up
+        branch, after any rewrite such as :class:`~sparsejax.rules.ReLUActivation`):
+        ``aux["activation_l1"]``, the mean ``|act|`` over sites, layers and entries
+        (ProSparse's L1 regulariser; multiply by a factor such as
+        :func:`sparsejax.optim.prosparse_l1_schedule`), and ``aux["activation_sparsity"]``,
+        the mean fraction of exact zeros.
+        """
+        if l1 != "ffn":
+            raise ValueError(f"with_aux: l1 must be 'ffn' (the FFN activations), got {l1!r}")
+
+        def fn(sparams, sstate, *args, **kwargs):
+            return self._call(sparams, sstate, args, kwargs, aux=l1)
+        return fn
+
+    def _threshold_leaves(self, sstate) -> list:
+        if not self._thresholds:
+            return []
+        given = sstate.get("thresholds") if isinstance(sstate, dict) else None
+        if not isinstance(given, dict):
+            raise ValueError("sstate['thresholds'] is missing: the recipe has activation-threshold "
+                             "rules; pass the sstate init (or calibrate) returned")
+        out = []
+        for p, r in self._thresholds:
+            t = given.get(p.name)
+            if t is None or tuple(jnp.shape(t)) != p.state_shape():
+                raise ValueError(f"{r.describe()}: sstate['thresholds'][{p.name!r}] must be an "
+                                 f"array of shape {p.state_shape()}, got "
+                                 f"{None if t is None else tuple(jnp.shape(t))}; pass the sstate "
+                                 "init or calibrate returned")
+            out.append(t)
+        return out
+
+    def _call(self, sparams, sstate, args, kwargs, aux):
         param_leaves = self._check_params(sparams)
         mask_leaves = self._mask_leaves(sstate)
         for slot, m in zip(self._slots, self._slot_masks(sstate)):
@@ -242,28 +294,61 @@ class SparseFunction:
         present = [m for m in mask_leaves if m is not None]
         arg_leaves, arg_treedef, dynamic, static = self._split_args(args, kwargs)
         dyn = [arg_leaves[i] for i in dynamic]
-        flat = [*param_leaves, *present, *dyn]
+        flat = [*param_leaves, *present, *dyn, *self._threshold_leaves(sstate)]
         # Sites choose their path for a forward pass or a training step (see passes.base).
         autodiff = passes.base.under_autodiff(flat)
         key = (arg_treedef, static, tuple(i for i, m in enumerate(mask_leaves) if m is not None),
-               tuple(_aval_key(x) for x in flat), autodiff)
+               tuple(_aval_key(x) for x in flat), autodiff, aux)
         entry = self._rewrites.get(key)
         if entry is None:
             with passes.base.rewriting_for_autodiff(autodiff):
                 entry = self._rewrite(param_leaves, mask_leaves, arg_leaves, arg_treedef, dynamic,
-                                      static, flat)
+                                      static, flat, aux)
             self._rewrites[key] = entry
         closed, out_tree = entry
         out = jex_core.jaxpr_as_fun(closed)(*flat)
         return jax.tree_util.tree_unflatten(out_tree, out)
 
-    def _rewrite(self, param_leaves, mask_leaves, arg_leaves, arg_treedef, dynamic, static, flat):
+    def _rewrite(self, param_leaves, mask_leaves, arg_leaves, arg_treedef, dynamic, static, flat,
+                 aux=None):
         traced = self._trace_for(param_leaves, arg_leaves, arg_treedef, dynamic, static)
-        hooks = passes.activation_hooks(self._activation_plan(traced, check="call"))
-        program = self._program(traced, hooks, len(param_leaves), mask_leaves)
+        plan = self._activation_plan(traced, check="call")
+        hooks = passes.activation_hooks(plan)
+        inputs = dict(hooks.inputs)
+        state_keys = []
+        for point, _ in self._thresholds_for(traced):
+            t = threshold_hook(point.operand)
+            inputs[point.key] = compose_input_hooks(inputs[point.key], t) if point.key in inputs else t
+            state_keys.append(point.key)
+        aux_points = ()
+        if aux is not None:
+            aux_points = [(s.act_key, s.act_operand) for s, _ in plan
+                          if s.kind == "ffn" and s.act_key is not None]
+            if not aux_points:
+                raise ValueError("with_aux(l1='ffn'): the program has no FFN activation site")
+        program = self._program(traced, hooks.outputs, len(param_leaves), mask_leaves, inputs,
+                                state_keys, aux_points)
         self.rewrite_count += 1
         structs = [jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x)) for x in flat]
-        return jax.make_jaxpr(program)(*structs), traced.out_tree
+        closed, shape = jax.make_jaxpr(program, return_shape=True)(*structs)
+        if aux is None:
+            return closed, traced.out_tree
+        out_shape = (jax.tree_util.tree_unflatten(traced.out_tree, list(shape[0])), shape[1])
+        return closed, jax.tree_util.tree_structure(out_shape)
+
+    def _thresholds_for(self, traced: _Traced) -> list:
+        """The threshold points, checked against a new trace (its keys must be init's)."""
+        if not self._thresholds:
+            return []
+        if traced is next(iter(self._traces.values())):
+            return self._thresholds
+        again = threshold_lib.threshold_plan(self.recipe, traced)
+        if [(p.key, p.operand, p.state_shape()) for p, _ in again] != \
+                [(p.key, p.operand, p.state_shape()) for p, _ in self._thresholds]:
+            raise ValueError(f"{self._thresholds[0][1].describe()}: the program traced for these "
+                             "arguments has other threshold sites than at init; call init with "
+                             "arguments of this structure")
+        return self._thresholds
 
     def _trace_for(self, param_leaves, arg_leaves, arg_treedef, dynamic, static) -> _Traced:
         items = self._slot_items(jax.tree_util.tree_unflatten(self._sparams_treedef, param_leaves))
@@ -273,11 +358,63 @@ class SparseFunction:
         self._check_sites(traced)
         return traced
 
-    def _program(self, traced: _Traced, hooks, n_params: int, mask_leaves) -> Callable:
-        """The rewritten function of flat inputs (params leaves, present masks, array args)."""
+    def _program(self, traced: _Traced, hooks, n_params: int, mask_leaves, input_hooks=None,
+                 state_keys=(), aux_points=()) -> Callable:
+        """The rewritten function of flat inputs (params leaves, present masks, array args,
+        thresholds)."""
         return rewritten_program(traced, hooks, [self._handlers.get(s.path) for s in self._slots],
                                  n_params, [m is not None for m in mask_leaves],
-                                 self._sparams_treedef, self._dense_treedef, _is_array)
+                                 self._sparams_treedef, self._dense_treedef, _is_array,
+                                 input_hooks, state_keys, aux_points)
+
+    def calibrate(self, sparams: Any, sstate: dict, batches, *,
+                  global_sparsity: float | None = None) -> dict:
+        """``sstate`` with the thresholds of the recipe's threshold rules set from data.
+
+        Each point's threshold is the magnitude below which its rule's ``sparsity`` of
+        the calibration activations falls (per layer of a scanned stack; per channel for
+        CHESS's FFN points), observed on the program with every rule baked into the
+        weights but no threshold applied (as TEAL calibrates). ``global_sparsity``
+        instead allocates sparsity across points and layers greedily under that
+        FLOP-weighted mean (TEAL's allocation; see
+        :func:`sparsejax.compiler.thresholds.greedy_allocation`). The report then shows
+        each point's target and the sparsity it measured on the calibration batches.
+
+        Args:
+          sparams, sstate: as returned by :meth:`init`.
+          batches: an iterable of calibration batches, each the argument tuple after
+            params (or one array), shaped like init's example arguments.
+        """
+        self._require_init()
+        if not self._thresholds:
+            raise ValueError("calibrate: the recipe has no activation-threshold rule (TEAL, CATS, "
+                             "CHESS); nothing to calibrate")
+        rule = self._thresholds[0][1].describe()
+        arg_treedef, dynamic, static, has_kwargs = self._init_call
+        if static or has_kwargs:
+            raise ValueError(f"{rule}: calibrate needs a function whose arguments after params "
+                             "are all arrays passed positionally")
+        batches = [calibration.as_args(b) for b in batches]
+        if not batches:
+            raise ValueError(f"{rule}: calibrate got no batches")
+        traced = next(iter(self._traces.values()))
+        in_avals = traced.closed.in_avals[len(self._slots):]
+        cal = calibration.Calibration(
+            self.fn, self._dense_treedef, [s.path for s in self._slots], self._init_args_treedef,
+            [(tuple(a.shape), a.dtype) for a in in_avals], traced.closed, traced.sites)
+        try:
+            for i, b in enumerate(batches):
+                cal.check_args(b, f"calibration batch {i}")
+        except ValueError as e:
+            raise ValueError(f"{rule}: {e}") from None
+        dense = self.dense_params(sparams, sstate)
+        thresholds, info = threshold_lib.calibrate(cal, dense, batches, self._thresholds,
+                                                   global_sparsity)
+        measured = threshold_lib.measure(cal, dense, batches, self._thresholds, thresholds)
+        for name in info:
+            info[name]["measured"] = measured[name]
+        self._threshold_info = info
+        return {**sstate, "thresholds": thresholds}
 
     def measure_activations(self, sparams: Any, sstate: dict, *args: Any, **kwargs: Any) -> list[dict]:
         """Activation densities per site and per layer, on one batch.
@@ -526,8 +663,18 @@ class SparseFunction:
             rows.append(ActivationRow(
                 kind=site.kind, where=site.scope.describe() + " eqn " + "/".join(map(str, site.key)),
                 paths=site.paths, shape=site.shape, rule=rule.describe() if rule else None,
-                target=(rule.kept_per_row(site.width) / site.width) if rule else None,
+                target=(rule.kept_per_row(site.width) / site.width)
+                if hasattr(rule, "kept_per_row") else None,
                 measured_before=mean("before"), measured_after=mean("after")))
+        for point, rule in self._thresholds:
+            info = self._threshold_info.get(point.name)
+            kept = lambda key: None if info is None else 1.0 - float(np.mean(info[key]))
+            rows.append(ActivationRow(
+                kind=f"threshold ({point.kind})",
+                where=point.scope.describe() + " eqn " + "/".join(map(str, point.key)),
+                paths=point.paths, shape=point.shape, rule=rule.describe(),
+                target=kept("target") if info else 1.0 - float(rule.sparsity),
+                measured_before=None, measured_after=kept("measured")))
         return rows
 
     def _build_report(self, traced: _Traced, slot_masks) -> Report:

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-from sparsejax.compiler.passes.activation import (ActivationRewrite, activation_hooks,
-                                                  activation_rewrite, measuring_hooks,
+from sparsejax.compiler.passes.activation import (ActivationRewrite, SiteHooks, activation_hooks,
+                                                  activation_rewrite, check_plan, measuring_hooks,
                                                   register_activation_rewrite)
 from sparsejax.compiler.passes.base import WeightHandler
 from sparsejax.compiler.passes.factorized import FactorizedHandler
 from sparsejax.compiler.passes.masking import MaskHandler
 from sparsejax.compiler.passes.spark import SparkRewrite
-from sparsejax.rules import Factorize, MaskRule, SparkTopK
+from sparsejax.compiler.passes.thresholds import ReLURewrite
+from sparsejax.rules import Factorize, MaskRule, ReLUActivation, SparkTopK
 
 _WEIGHT_HANDLERS: list[tuple[type, type[WeightHandler]]] = [
     (MaskRule, MaskHandler), (Factorize, FactorizedHandler)]
@@ -28,3 +29,4 @@ def weight_handler(rule, path, layout, sites) -> WeightHandler:
 
 
 register_activation_rewrite(SparkTopK, SparkRewrite())
+register_activation_rewrite(ReLUActivation, ReLURewrite())

@@ -10,18 +10,33 @@ for the hooks of a whole plan and never names a pass itself.
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 from sparsejax.compiler.activation_sites import ActivationSite
 from sparsejax.compiler.interpreter import HookFn, Key
 
 
+class SiteHooks(NamedTuple):
+    """What one rewritten site adds to the interpreter: output hooks ``(eqn, outvals)`` and
+    input hooks ``(eqn, invals, state)``, by eqn key."""
+
+    outputs: dict
+    inputs: dict
+
+
 class ActivationRewrite:
     """The compiled form of one kind of activation rule."""
+
+    def check(self, rule, site: ActivationSite) -> None:
+        """Raises a ValueError naming ``rule`` when it cannot rewrite ``site`` (at init)."""
 
     def hook(self, rule, site: ActivationSite) -> HookFn:
         """The hook that rewrites ``site``'s value (its eqn's output ``site.output``)."""
         raise NotImplementedError
+
+    def hooks(self, rule, site: ActivationSite) -> SiteHooks:
+        """Every hook of the rewrite (default: :meth:`hook` on the site's value)."""
+        return SiteHooks({site.key: self.hook(rule, site)}, {})
 
     def measuring_hook(self, rule, site: ActivationSite, index: int, record: Callable) -> HookFn:
         """Like :meth:`hook`, and reports ``record(index, density before, density after)``."""
@@ -43,10 +58,21 @@ def activation_rewrite(rule) -> ActivationRewrite:
     raise TypeError(f"no compiler pass rewrites activations for rule {rule.describe()}")
 
 
-def activation_hooks(plan: Sequence[tuple[ActivationSite, object]]) -> dict[Key, HookFn]:
+def activation_hooks(plan: Sequence[tuple[ActivationSite, object]]) -> SiteHooks:
     """The hooks of every (site, rule) pair of a plan that has a rule."""
-    return {site.key: activation_rewrite(rule).hook(rule, site)
-            for site, rule in plan if rule is not None}
+    outputs, inputs = {}, {}
+    for site, rule in plan:
+        if rule is not None:
+            h = activation_rewrite(rule).hooks(rule, site)
+            outputs.update(h.outputs)
+            inputs.update(h.inputs)
+    return SiteHooks(outputs, inputs)
+
+
+def check_plan(plan) -> None:
+    for site, rule in plan:
+        if rule is not None:
+            activation_rewrite(rule).check(rule, site)
 
 
 def measuring_hooks(plan, record: Callable) -> dict[Key, HookFn]:

@@ -10,9 +10,11 @@ from __future__ import annotations
 from typing import Any, Callable, Sequence
 
 import jax
+import jax.numpy as jnp
 
 from sparsejax.compiler.interpreter import Interpreter, bind_eqn
 from sparsejax.compiler.param_ref import is_ref, materialize
+from sparsejax.compiler.passes.thresholds import l1_hook
 
 __all__ = ["rewrite_site", "rewritten_program"]
 
@@ -25,10 +27,19 @@ def rewrite_site(interp: Interpreter, eqn, key, invals, scope):
     return bind_eqn(eqn, [materialize(x) for x in invals])
 
 
+def compose_input_hooks(first: Callable, then: Callable) -> Callable:
+    """Two input hooks on one eqn, ``first`` then ``then`` (both see the eqn's state)."""
+    def hook(eqn, invals, state):
+        return then(eqn, first(eqn, invals, state), state)
+    return hook
+
+
 def rewritten_program(traced, hooks: dict, handlers: Sequence[Any], n_params: int,
                       has_mask: Sequence[bool], sparams_treedef, dense_treedef,
-                      is_array: Callable[[Any], bool]) -> Callable:
-    """The rewritten function of flat inputs (params leaves, present masks, array args).
+                      is_array: Callable[[Any], bool], input_hooks: dict | None = None,
+                      state_keys: Sequence[Any] = (), aux_points: Sequence[tuple] = ()) -> Callable:
+    """The rewritten function of flat inputs (params leaves, present masks, array args,
+    then one state array per key of ``state_keys``: the thresholds of those eqns).
 
     Args:
       traced: the :class:`~sparsejax.compiler.plan.Traced` program.
@@ -36,10 +47,23 @@ def rewritten_program(traced, hooks: dict, handlers: Sequence[Any], n_params: in
       handlers: per dense leaf, its weight handler or None (the leaf enters as it is).
       n_params: how many sparse-param leaves lead the inputs.
       has_mask: per sparse-param leaf, whether a mask follows the params for it.
+      input_hooks: eqn key -> input hook (thresholds, ReLU substitution).
+      aux_points: ``(key, operand)`` inputs whose mean ``|x|`` and zero fraction (after
+        the other hooks) the program also returns: ``(outputs, {"activation_l1",
+        "activation_sparsity"})``, each the mean over points and layers.
     """
-    interp = Interpreter(rewrite_site, hooks)
+    interp = Interpreter(rewrite_site, hooks, input_hooks=input_hooks)
+    for key, operand in aux_points:
+        hook = l1_hook(key, operand, interp.emit)
+        interp.input_hooks[key] = (compose_input_hooks(interp.input_hooks[key], hook)
+                                   if key in interp.input_hooks else hook)
+    interp._hooked_prefixes |= {k[:i] for k, _ in aux_points for i in range(1, len(k))}
+    n_state = len(state_keys)
 
     def program(*inputs):
+        states = inputs[len(inputs) - n_state:] if n_state else ()
+        inputs = inputs[:len(inputs) - n_state]
+        interp.hook_state, interp.sink = dict(zip(state_keys, states)), {}
         leaves, rest = inputs[:n_params], list(inputs[n_params:])
         masks = [rest.pop(0) if h else None for h in has_mask]
         slot_items = dense_treedef.flatten_up_to(
@@ -48,6 +72,11 @@ def rewritten_program(traced, hooks: dict, handlers: Sequence[Any], n_params: in
             jax.tree_util.tree_unflatten(sparams_treedef, masks))
         invals = [h.make_input(p, m if is_array(m) else None) if h is not None else p
                   for h, p, m in zip(handlers, slot_items, slot_masks)]
-        return interp.run(traced.closed.jaxpr, traced.closed.consts, [*invals, *rest])
+        outs = interp.run(traced.closed.jaxpr, traced.closed.consts, [*invals, *rest])
+        if not aux_points:
+            return outs
+        stats = jnp.concatenate([interp.sink[k].reshape(-1, 2) for k, _ in aux_points])
+        return outs, {"activation_l1": jnp.mean(stats[:, 0]),
+                      "activation_sparsity": jnp.mean(stats[:, 1])}
 
     return program

@@ -68,7 +68,10 @@ def measuring_hook(rule, site: ActivationSite, index: int, record: Callable) -> 
     return hook
 
 
-class SparkRewrite:
+from sparsejax.compiler.passes.activation import ActivationRewrite  # noqa: E402
+
+
+class SparkRewrite(ActivationRewrite):
     """The Spark pass as an :class:`~sparsejax.compiler.passes.activation.ActivationRewrite`
     (also measures sites no rule selects: their densities before any rewrite)."""
 

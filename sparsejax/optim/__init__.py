@@ -25,6 +25,7 @@ from sparsejax.optim.masking import (apply_masks, current_masks, mask_layouts, m
                                      sparsity_of)
 from sparsejax.optim.nm_training import (NMState, current_mask_strength, progressive_nm,
                                          soft_mask_params, srste)
+from sparsejax.optim.prosparse import prosparse_l1_schedule
 from sparsejax.optim.prox import (HalfSpace, ProxAdamWState, ProxSGDState, Regularizer,
                                   group_lasso, group_prox, l1, prox_adamw, prox_sgd,
                                   regularizer_value, soft_threshold, sparse_group_lasso)
@@ -46,3 +47,4 @@ __all__ = [
     "resolve_groups", "rigl", "soft_mask_params", "soft_threshold", "sparse_evolutionary_training",
     "sparse_group_lasso", "sparseloco", "sparsity_of", "srste",
 ]
+__all__ += ["prosparse_l1_schedule"]
