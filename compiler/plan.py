@@ -197,8 +197,9 @@ def check_activation_plan(recipe, traced: Traced, used: dict[int, int],
         found = [s.describe() + f" {list(s.paths)}" for s in traced.activation_sites]
         what = r.site
         if init_counts is None:
+            hint = getattr(r, "no_site_hint", "")
             raise ValueError(f"{r.describe()}: selects no {what} site; sites found: "
-                             f"{found if found else 'none'}")
+                             f"{found if found else 'none'}{'; ' + hint if hint else ''}")
         raise ValueError(f"{r.describe()}: selected {init_counts[id(r)]} {what} "
                          "site(s) at init, but none in the program traced for these "
                          f"arguments (sites found: {found if found else 'none'}); the "

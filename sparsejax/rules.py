@@ -452,6 +452,8 @@ class ReLUActivation(ActivationRule):
     pattern: Any = "*"
     threshold: float = 0.0
     site = "ffn"
+    no_site_hint = ("ReLU substitution needs an FFN whose activation is computed entry by entry "
+                    "(elementwise ops) between its up/gate and down matmuls")
 
     def __post_init__(self):
         super().__post_init__()

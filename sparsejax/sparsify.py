@@ -527,7 +527,8 @@ class SparseFunction:
         ``lower`` again after masks change. At each site whose mask keeps whole
         blocks (unrolled or scanned layers), the block-sparse kernel and XLA's
         masked dense product are candidates; N:M-masked sites weigh the compressed
-        N:M GEMV against XLA, and Spark FFN sites the sparse-input/output GEMVs. The
+        N:M GEMV against XLA, Spark FFN sites the sparse-input/output GEMVs, and matmuls whose
+        input an activation threshold zeroes (TEAL, CATS, CHESS) the sparse-input GEMV. The
         first trace of a signature picks one (measured on an accelerator, see
         ``sparsejax.kernels.path_choice``). Other sites stay on XLA; ``report()`` of
         the copy says which path each site took, its measured time against dense, or

@@ -337,7 +337,8 @@ def _sparse_sample(shape, dtype, density: float):
 
 def activation_sparse_handlers(sfn, *, backend: str | None = None, interpret: bool = False
                                ) -> dict[str, WeightHandler]:
-    """Handlers for the unruled weights of every FFN site a :class:`SparkTopK` rule selects.
+    """Handlers for the unruled weights of every FFN site a :class:`SparkTopK` rule selects
+    and of every matmul whose input an activation threshold makes sparse.
 
     Args:
       sfn: an initialized :class:`~sparsejax.sparsify.SparseFunction`.
@@ -377,6 +378,18 @@ def activation_sparse_handlers(sfn, *, backend: str | None = None, interpret: bo
                     continue
                 roles.setdefault(path, {})[s.key] = _Role(kind, act_site.key, rule, density,
                                                           act_site.width)
+    # Thresholded inputs (TEAL, CATS, CHESS): the hook zeroes the input before the matmul, so
+    # the matmul reading it is a sparse-input GEMV (exact at threshold 0) where measured faster.
+    for point, rule in getattr(sfn, "_thresholds", ()):
+        density = 1.0 - float(rule.sparsity)
+        if point.kind == "input":
+            wanted = {(point.paths[0], point.key)}
+        else:       # act(gate) * up is zero where act(gate) was cut: the down matmul's input
+            wanted = {(s.path, s.key) for s in sites_by_path.get(point.paths[-1], [])
+                      if s.key[:-1] == point.key[:-1] and s.scope == point.scope}
+        for path, key in wanted:
+            roles.setdefault(path, {}).setdefault(key, _Role("down", None, rule, density,
+                                                             point.width))
     # In a function with a lowered Spark FFN (a decode step), every other unruled weight whose
     # sites are all direct 2-D products: a dense site that may still take XLA's padded-row
     # product or a streaming kernel where measured faster.
