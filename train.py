@@ -479,13 +479,21 @@ def train_and_evaluate(cfg: Config | Prepared, *, devices=None) -> dict:
         state, position = jax.device_put(restored.state, state_sharding), restored.data_position
     start = int(state.step)
 
-    def loss_fn(params, masks, batch):
-        logits = sfn(params, {"masks": masks}, model_inputs(batch))
-        return loss_and_metrics(logits, batch)
+    def loss_fn(params, masks, batch, step=None):
+        if preset.activation_l1 is None:
+            logits = sfn(params, {"masks": masks}, model_inputs(batch))
+            return loss_and_metrics(logits, batch)
+        logits, aux = sfn.with_aux()(params, {"masks": masks}, model_inputs(batch))
+        loss, metrics = loss_and_metrics(logits, batch)
+        metrics["activation_sparsity"] = aux["activation_sparsity"]
+        if step is None:
+            return loss, metrics
+        return loss + preset.activation_l1(cfg.steps)(step) * aux["activation_l1"], metrics
 
     def train_step(state: TrainState, batch):
         masks = presets.forward_masks(preset, state.sstate, state.opt_state)
-        (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, masks, batch)
+        (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, masks, batch,
+                                                                      state.step)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         sparsity = _sparsity(presets.forward_masks(preset, state.sstate, opt_state))

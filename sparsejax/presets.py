@@ -52,6 +52,8 @@ class Preset:
         the inner one.
       masks_from: "recipe" (masks fixed in sstate), "optimizer" (updated by it), or
         "soft" (Progressive Gradient Flow's decaying masks, read from the optimizer).
+      activation_l1: total steps -> schedule of the factor on the FFN activations' L1
+        (``sfn.with_aux``) added to the training loss; None adds nothing.
     """
 
     name: str
@@ -59,6 +61,7 @@ class Preset:
     recipe: Callable[[str], Recipe]
     wrap: WrapFn | None = None
     masks_from: str = "recipe"
+    activation_l1: Callable[[int], Callable] | None = None
 
 
 def masked_where(sfn) -> Callable[[str, Any], bool]:
@@ -130,6 +133,18 @@ PRESETS: dict[str, Preset] = {p.name: p for p in [
     Preset("block90", "90% sparse 32×32 blocks by magnitude, masks fixed at init",
            lambda model: Recipe([rules.Block(SPARSE_WEIGHTS[model], 0.9, block=(32, 32))])),
 ]}
+
+
+def _prosparse_l1(total_steps: int):
+    """ProSparse's three sine-shaped stages of the L1 factor, over the run's first 90%."""
+    from sparsejax.optim import prosparse_l1_schedule
+    stage = max(int(total_steps * 0.3), 1)
+    return prosparse_l1_schedule([(stage, 0.5), (stage, 1.0), (stage, 2.0)])
+
+
+PRESETS["prosparse"] = Preset(
+    "prosparse", "ProSparse: ReLU in every FFN, L1 on its activations rising in sine-shaped stages",
+    lambda model: Recipe([rules.ReLUActivation()]), activation_l1=_prosparse_l1)
 
 
 _RULES = {name: getattr(rules, name) for name in
