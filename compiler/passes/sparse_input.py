@@ -90,6 +90,9 @@ class ActivationSparseHandler(WeightHandler):
         w_contract = tuple(rc if site.operand == 1 else lc)
         nd = len(site.weight_shape)
         if role.kind == "down" and w_contract != tuple(range(len(w_contract))):
+            if role.ffn_key is None:      # a thresholded input (TEAL, CATS, CHESS)
+                return ("the weight's rows per input entry are not contiguous (store it with its "
+                        "contracted axis first, (K, N))")
             return "W_down's rows are not contiguous (store it (d_ff, d_model))"
         if role.kind == "up" and w_contract != tuple(range(nd - len(w_contract), nd)):
             return "W_up's neuron rows are not contiguous (store it output-major, (d_ff, d_model))"
