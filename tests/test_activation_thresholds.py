@@ -242,3 +242,19 @@ def test_bad_input_names_the_rule(setup):
         sj.sparsify(normalized, [ReLUActivation()]).init(params, batches[0])
     with pytest.raises(ValueError, match=r"ReLUActivation\('\*', threshold=-1"):
         ReLUActivation(threshold=-1)
+
+
+def test_calibration_of_a_reverse_scan_is_indexed_by_layer():
+    """Statistics inside ``lax.scan(reverse=True)`` belong to the layer whose weight the
+    iteration reads (the last layer sees the function's input), as the scan's ys are."""
+    from sparsejax.compiler import calibration
+
+    def fn(w, x):
+        return jax.lax.scan(lambda h, wi: (jnp.tanh(h @ wi), None), x, w, reverse=True)[0]
+
+    w = jax.random.normal(jax.random.key(3), (L, D, D))
+    x = jax.random.normal(jax.random.key(4), (5, D))
+    stats = calibration.calibrate(fn, w, [(x,)])
+    (s,) = stats.values()
+    np.testing.assert_allclose(s.sum[L - 1], x.sum(0), rtol=1e-5)
+    np.testing.assert_allclose(s.sum[L - 2], jnp.tanh(x @ w[L - 1]).sum(0), rtol=1e-4)
