@@ -17,7 +17,6 @@ twice: first the mean ``|up|`` per channel, then the histogram of ``|act| · E|u
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any, NamedTuple, Sequence
 
 import jax
@@ -134,7 +133,7 @@ def threshold_plan(recipe, traced) -> list[tuple[ThresholdPoint, ActivationThres
                                  "(use TEAL or CATS for a non-gated FFN)")
             channel = (a.act_key, 1 - a.act_operand)
         chosen[where] = (ThresholdPoint(_name("ffn", a.paths[-1], taken), "ffn", a.act_key,
-                                        a.act_operand, _act_shape(a), a.scope, a.paths, flops,
+                                        a.act_operand, tuple(a.shape), a.scope, a.paths, flops,
                                         channel), r)
 
     for r in rules:
@@ -165,10 +164,6 @@ def _down_key(a: ActivationSite, sites_by_path):
         if s.key[:-1] == a.key[:-1]:
             return s.key[-1]
     return None
-
-
-def _act_shape(a: ActivationSite) -> tuple[int, ...]:
-    return tuple(a.shape)
 
 
 # ----------------------------------------------------------------------------- statistics
@@ -264,10 +259,6 @@ def greedy_allocation(histograms: list[Histogram], weights: list[float], target:
         out.append(level[k:k + n].reshape(np.asarray(h.count).shape[:-1]))
         k += n
     return out
-
-
-def _layers_of(stats_leaf: np.ndarray, point: ThresholdPoint) -> np.ndarray:
-    return np.asarray(stats_leaf).reshape(*point.layers, *np.asarray(stats_leaf).shape[len(point.layers):])
 
 
 def calibrate(cal: calibration.Calibration, params: Any, batches: Sequence[tuple],

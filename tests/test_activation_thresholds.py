@@ -104,11 +104,10 @@ def test_chess_channel_thresholds_follow_the_up_branch(setup):
     params, batches = setup
     sfn, sp, ss = _calibrated(CHESS("*", sparsity=0.5, attention=None), params, batches)
     (t,) = ss["thresholds"].values()
-    h = batches[0][..., :]   # the first layer's input is the batch itself
+    # the first layer's input is the batch itself
     e_up = jnp.concatenate([jnp.abs(b @ params["up"][0]).reshape(-1, F) for b in batches]).mean(0)
     product = np.asarray(t[0] * e_up)          # the one per-layer threshold t, per channel
     np.testing.assert_allclose(product, product[0], rtol=1e-4)
-    del h
 
 
 def test_sparsity_zero_is_the_dense_program_and_uncalibrated_thresholds_drop_only_zeros(setup):
