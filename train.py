@@ -337,17 +337,35 @@ class TrainState(struct.PyTreeNode):
     sstate: Any
 
 
-def loss_fn(params, masks, batch, *, sfn):
-    """The model's loss and metrics with ``masks`` in the forward pass."""
-    logits = sfn(params, {"masks": masks}, model_inputs(batch))
-    return loss_and_metrics(logits, batch)
+def loss_fn(params, masks, batch, *, sfn, with_aux: bool = False):
+    """The model's loss and metrics with ``masks`` in the forward pass; with ``with_aux``,
+    also the activation L1 (``sfn.with_aux``) the loss may add, and the activation sparsity."""
+    if not with_aux:
+        logits = sfn(params, {"masks": masks}, model_inputs(batch))
+        return loss_and_metrics(logits, batch)
+    logits, aux = sfn.with_aux()(params, {"masks": masks}, model_inputs(batch))
+    loss, metrics = loss_and_metrics(logits, batch)
+    metrics["activation_sparsity"] = aux["activation_sparsity"]
+    metrics["activation_l1"] = aux["activation_l1"]
+    return loss, metrics
 
 
-def train_step(state: TrainState, batch, *, sfn, tx: optax.GradientTransformation):
-    """One optimizer step; the forward pass reads the masks from their owner (sstate or optimizer)."""
+def train_step(state: TrainState, batch, *, sfn, tx: optax.GradientTransformation,
+               activation_l1=None):
+    """One optimizer step; the forward pass reads the masks from their owner (sstate or optimizer).
+
+    ``activation_l1``: a schedule (step -> factor) of the activations' L1 added to the loss
+    (ProSparse), or None.
+    """
     masks = sj.optim.forward_masks(state.sstate, state.opt_state)
-    (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, masks, batch,
-                                                                    sfn=sfn)
+
+    def objective(params):
+        loss, metrics = loss_fn(params, masks, batch, sfn=sfn, with_aux=activation_l1 is not None)
+        if activation_l1 is not None:
+            loss = loss + activation_l1(state.step) * metrics["activation_l1"]
+        return loss, metrics
+
+    (_, metrics), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     new_masks = sj.optim.forward_masks(state.sstate, opt_state)
@@ -356,10 +374,10 @@ def train_step(state: TrainState, batch, *, sfn, tx: optax.GradientTransformatio
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
 
-def eval_step(state: TrainState, batch, *, sfn):
+def eval_step(state: TrainState, batch, *, sfn, with_aux: bool = False):
     """Loss and metrics on one held-out batch, with the masks of this step."""
     masks = sj.optim.forward_masks(state.sstate, state.opt_state)
-    return loss_fn(state.params, masks, batch, sfn=sfn)[1]
+    return loss_fn(state.params, masks, batch, sfn=sfn, with_aux=with_aux)[1]
 
 
 def make_optimizer(cfg: Config, preset, sfn, sparams, sstate) -> optax.GradientTransformation:
@@ -523,9 +541,11 @@ def train_and_evaluate(cfg: Config | Prepared, *, devices=None) -> dict:
         state, position = jax.device_put(restored.state, state_sharding), restored.data_position
     start = int(state.step)
 
-    # The step functions are module-level; this run binds its model and optimizer.
-    step_fn = functools.partial(train_step, sfn=sfn, tx=tx)
-    eval_fn = functools.partial(eval_step, sfn=sfn)
+    # The step functions are module-level; this run binds its model, optimizer and the
+    # preset's activation L1 schedule (ProSparse), if any.
+    l1 = preset.activation_l1(cfg.steps) if preset.activation_l1 is not None else None
+    step_fn = functools.partial(train_step, sfn=sfn, tx=tx, activation_l1=l1)
+    eval_fn = functools.partial(eval_step, sfn=sfn, with_aux=l1 is not None)
 
     if outer is not None:
         step_fn = outer.wrap(step_fn, total_steps=cfg.steps,

@@ -63,6 +63,12 @@ class ActivationSite:
       scope: the loops around it (a scanned layer stack runs it once per layer).
       paths: weight paths that identify it: (gate/up..., down) for an FFN, the
         projections feeding queries and keys for attention.
+      act_key, act_operand: (FFN) where the activation function's output ``act(gate)``
+        is consumed: the input ``act_operand`` of eqn ``act_key`` (the product with the
+        up branch in a gated FFN, the down projection otherwise). CATS thresholds and
+        ReLU substitution rewrite that input.
+      act_ops: (FFN) the primitives between the pre-activation and that input: the
+        activation function as the program computes it.
     """
 
     kind: str
@@ -71,6 +77,9 @@ class ActivationSite:
     shape: tuple[int, ...]
     scope: Scope
     paths: tuple[str, ...]
+    act_key: Key | None = None
+    act_operand: int | None = None
+    act_ops: tuple[str, ...] = ()
 
     @property
     def width(self) -> int:
@@ -231,8 +240,46 @@ def _ffn_site(scope: _Scope, down: int, sc: Scope) -> ActivationSite | None:
     gate, pre_var = candidates[0]
     p_eqn, p_out = scope.producer[pre_var]
     ups = [scope.sites[i][0].path for i in sorted(set(inputs))]
+    act_key, act_operand, act_ops = _activation_output(scope, pre_var, set(inputs), region, down)
     return ActivationSite("ffn", scope.prefix + (p_eqn,), p_out, tuple(pre_var.aval.shape), sc,
-                          (*ups, scope.sites[down][0].path))
+                          (*ups, scope.sites[down][0].path), act_key, act_operand, act_ops)
+
+
+def _activation_output(scope: _Scope, pre_var, inputs: set[int], region: set[int], down: int):
+    """(key, operand, ops) of the input where the gate branch's activation is consumed.
+
+    The gate branch is what the pre-activation reaches in the region; the up branch is what
+    the projections' outputs reach without passing through the pre-activation (a fused
+    gate/up projection's up half included). The first region eqn that reads one value of
+    each is the product ``act(gate) * up``; with none (no up branch) it is the down site.
+    """
+    def reach(starts, blocked):
+        seen, frontier = set(), deque(v for v in starts if v not in blocked)
+        seen.update(frontier)
+        while frontier:
+            v = frontier.popleft()
+            for i in scope.consumers.get(v, []):
+                if i not in region:
+                    continue
+                for w in scope.eqn(i).outvars:
+                    if w not in seen and w not in blocked:
+                        seen.add(w)
+                        frontier.append(w)
+        return seen
+
+    gate = reach([pre_var], set())
+    up = reach([scope.eqn(i).outvars[0] for i in inputs], {pre_var})
+    ops = []
+    for i in sorted(region):
+        eqn = scope.eqn(i)
+        ins = [v if isinstance(v, jex_core.Var) else None for v in eqn.invars]
+        g = [j for j, v in enumerate(ins) if v is not None and v in gate and v not in up]
+        u = [j for j, v in enumerate(ins) if v is not None and v in up]
+        if g and u:
+            return scope.prefix + (i,), g[0], tuple(ops)
+        if g:
+            ops.append(eqn.primitive.name)
+    return scope.prefix + (down,), 1 - scope.sites[down][0].operand, tuple(ops)
 
 
 def _pre_activation(scope: _Scope, u, region: set[int]):

@@ -9,7 +9,8 @@ statistics. The default observer gives :class:`SiteStats` — the Gram ``XᵀX``
 in float32 (SparseGPT's Hessian), the per-input-channel sums and squared sums
 (Wanda's ``‖X_j‖₂``, DSnoT's mean and variance) and the row count. Eqns named
 in ``activations`` are observed on their output instead (activation-threshold
-rules calibrate through the same walk).
+rules calibrate through the same walk), and eqns named in ``inputs`` (``{key: operand}``)
+on one of their inputs (the activation entering a matmul, for thresholds on it).
 
 Statistics are summed over batches (one jitted program per set of observed
 keys, accumulated on the device) but not over loop iterations: a site inside
@@ -97,19 +98,25 @@ def activation_matrix(eqn, operand: int, x: jax.Array) -> jax.Array:
 
 
 class _ObservingInterpreter(Interpreter):
-    """Computes the original program and emits observer outputs for chosen eqn keys."""
+    """Computes the original program and emits observer outputs for chosen eqn keys.
+
+    Observed values leave scans stacked per iteration through the interpreter's sink
+    (:meth:`Interpreter.emit`), the same way a rewriting pass hands values out.
+    """
 
     def __init__(self, sites: dict[Key, Observer], activations: dict[Key, Observer],
-                 axis_name: str | None):
-        super().__init__(self._on_site, {k: self._hook(k, f) for k, f in activations.items()})
+                 axis_name: str | None, inputs: dict[Key, tuple[int, Observer]] | None = None):
+        inputs = inputs or {}
+        super().__init__(self._on_site, {k: self._hook(k, f) for k, f in activations.items()},
+                         input_hooks={k: self._input_hook(k, j, f) for k, (j, f) in inputs.items()})
         self.site_observers, self.axis_name = sites, axis_name
-        self._observed_prefixes = {k[:i] for k in [*sites, *activations] for i in range(1, len(k))}
-        self.sink: dict[Key, Any] = {}
+        self._observed_prefixes = {k[:i] for k in [*sites, *activations, *inputs]
+                                   for i in range(1, len(k))}
 
     def _emit(self, key, stats):
         if self.axis_name is not None:
             stats = lax.psum(stats, self.axis_name)
-        self.sink[key] = stats
+        self.emit(key, stats)
 
     def _on_site(self, interp, eqn, key, invals, scope):
         out = bind_eqn(eqn, [materialize(x) for x in invals])
@@ -125,11 +132,18 @@ class _ObservingInterpreter(Interpreter):
             return outvals
         return hook
 
+    def _input_hook(self, key, operand, observer):
+        def hook(eqn, invals, state):
+            x = materialize(invals[operand])
+            self._emit(key, observer(x) if state is None else observer(x, state))
+            return invals
+        return hook
+
     def _eval_eqn(self, eqn, key: Key, invals: list, scope: Scope) -> list:
         name = eqn.primitive.name
         if key in self._observed_prefixes:
             if name == "scan":
-                return self._observed_scan(eqn, key, invals, scope)
+                return self._scan(eqn, key, invals, scope)
             if name in ("checkpoint", "remat2", "remat"):   # forward only: no need to remat
                 jaxpr, consts = _open(eqn.params["jaxpr"])
                 return self.run(jaxpr, consts, invals, key + ("jaxpr",), scope)
@@ -138,30 +152,6 @@ class _ObservingInterpreter(Interpreter):
                                  "an observed site; statistics are collected in straight-line code "
                                  "and scans only (use lax.scan / fori_loop with a static trip count)")
         return super()._eval_eqn(eqn, key, invals, scope)
-
-    def _observed_scan(self, eqn, key, invals, scope):
-        p = eqn.params
-        jaxpr, consts = _open(p["jaxpr"])
-        n_consts, n_carry, length, reverse, unroll = scan_layout(eqn)
-        scan_consts = invals[:n_consts]
-        init = [materialize(x) for x in invals[n_consts:n_consts + n_carry]]
-        xs = invals[n_consts + n_carry:]
-        body_scope = scope.enter("scan", length)
-
-        def body(carry, x_slices):
-            x_slices = [x.after_leading_slice() if is_ref(x) else x for x in x_slices]
-            outer, self.sink = self.sink, {}
-            outs = self.run(jaxpr, consts, [*scan_consts, *carry, *x_slices],
-                            key + ("jaxpr",), body_scope)
-            inner, self.sink = self.sink, outer
-            return outs[:n_carry], (outs[n_carry:], inner)
-
-        carry, (ys, stacked) = lax.scan(body, init, xs, length=length,
-                                        reverse=reverse, unroll=unroll)
-        if reverse:   # statistics indexed by layer, not by visit order
-            stacked = jax.tree.map(lambda s: jnp.flip(s, 0), stacked)
-        self.sink.update(stacked)
-        return [*carry, *ys]
 
 
 def _open(closed):
@@ -217,14 +207,22 @@ class Calibration:
         return leaves
 
     def program(self, site_keys: Sequence[Key] = (), activation_keys: Sequence[Key] = (),
-                observer: Observer = gram_stats, axis_name: str | None = None) -> Callable:
-        """``(param leaves, arg leaves) -> (outputs, {key: stats})``, un-jitted."""
+                observer: Observer = gram_stats, axis_name: str | None = None,
+                input_keys: Sequence[tuple[Key, int]] = ()) -> Callable:
+        """``(param leaves, arg leaves) -> (outputs, {key: stats})``, un-jitted.
+
+        ``input_keys``: ``(key, operand)`` pairs whose input ``operand`` is observed; the
+        program's optional third argument ``{key: state}`` is then passed to the observer
+        as ``observer(x, state)`` (sliced per iteration inside scans: per-layer state).
+        """
         sites = {k: observer for k in site_keys}
         acts = {k: observer for k in activation_keys}
+        inputs = {k: (j, observer) for k, j in input_keys}
         closed, paths = self.closed, self.paths
 
-        def run(param_leaves, arg_leaves):
-            interp = _ObservingInterpreter(sites, acts, axis_name)
+        def run(param_leaves, arg_leaves, input_state=None):
+            interp = _ObservingInterpreter(sites, acts, axis_name, inputs)
+            interp.hook_state = dict(input_state or {})
             refs = [ParamRef.for_leaf(p, x, jnp.ndim(x)) for p, x in zip(paths, param_leaves)]
             outs = interp.run(closed.jaxpr, closed.consts, [*refs, *arg_leaves])
             return outs, interp.sink
@@ -233,18 +231,22 @@ class Calibration:
 
     def collect(self, params: Any, batches: Iterable[tuple], site_keys: Sequence[Key] = (),
                 activation_keys: Sequence[Key] = (), observer: Observer = gram_stats,
+                input_keys: Sequence[tuple[Key, int]] = (), input_state: dict | None = None,
                 ) -> dict[Key, Any]:
-        """Statistics at the given keys, summed over ``batches`` (each a tuple of fn's args)."""
-        cache_key = (tuple(site_keys), tuple(activation_keys), observer)
+        """Statistics at the given keys, summed over ``batches`` (each a tuple of fn's args).
+
+        ``input_keys``/``input_state``: see :meth:`program`.
+        """
+        cache_key = (tuple(site_keys), tuple(activation_keys), observer, tuple(input_keys))
         compiled = self._programs.get(cache_key)
         if compiled is None:
-            program = self.program(site_keys, activation_keys, observer)
+            program = self.program(site_keys, activation_keys, observer, input_keys=input_keys)
 
-            def stats_of(param_leaves, arg_leaves):
-                return program(param_leaves, arg_leaves)[1]
+            def stats_of(param_leaves, arg_leaves, state):
+                return program(param_leaves, arg_leaves, state)[1]
 
-            def add(acc, param_leaves, arg_leaves):
-                return jax.tree.map(jnp.add, acc, stats_of(param_leaves, arg_leaves))
+            def add(acc, param_leaves, arg_leaves, state):
+                return jax.tree.map(jnp.add, acc, stats_of(param_leaves, arg_leaves, state))
 
             compiled = self._programs[cache_key] = (jax.jit(add, donate_argnums=0),
                                                     jax.jit(stats_of))
@@ -253,8 +255,9 @@ class Calibration:
         acc = None
         for i, args in enumerate(batches):
             arg_leaves = self.check_args(as_args(args), f"calibration batch {i}")
-            acc = first(param_leaves, arg_leaves) if acc is None else accumulate(acc, param_leaves,
-                                                                                 arg_leaves)
+            state = dict(input_state or {})
+            acc = (first(param_leaves, arg_leaves, state) if acc is None
+                   else accumulate(acc, param_leaves, arg_leaves, state))
         if acc is None:
             raise ValueError("calibration: no batches were given")
         return acc

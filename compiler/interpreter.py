@@ -82,15 +82,33 @@ class Interpreter:
       hooks: eqn key -> function(eqn, outvals) -> new outvals (activation passes).
       observe: optional function(eqn, key, invals, outvals), called for every eqn bound
         as it is (with refs materialized): what analyses use to see other uses of weights.
+      input_hooks: eqn key -> function(eqn, invals, state) -> new invals, applied before
+        the eqn (an activation threshold on the input of a matmul).
+      hook_state: eqn key -> the state its input hook reads: an array with one leading
+        axis per scan around the eqn (per-layer thresholds); scans slice it per
+        iteration, as they slice stacked weights.
+
+    Values a hook passes to :meth:`emit` are collected in ``sink`` (key -> value); inside
+    a scan they come out stacked along a leading axis per scan (indexed like the scan's
+    ``xs``: per layer for a layer stack).
     """
 
     def __init__(self, on_site: SiteFn, hooks: dict[Key, HookFn] | None = None,
-                 observe: Callable | None = None):
+                 observe: Callable | None = None, input_hooks: dict[Key, Callable] | None = None,
+                 hook_state: dict[Key, Any] | None = None):
         self.on_site = on_site
         self.observe = observe
         self.hooks = dict(hooks or {})
-        self._hooked_prefixes = {k[:i] for k in self.hooks for i in range(1, len(k))}
+        self.input_hooks = dict(input_hooks or {})
+        self.hook_state = dict(hook_state or {})
+        self._hooked_prefixes = {k[:i] for k in [*self.hooks, *self.input_hooks]
+                                 for i in range(1, len(k))}
         self.notes: dict[Key, str] = {}
+        self.sink: dict[Key, Any] = {}
+
+    def emit(self, key: Key, value: Any) -> None:
+        """Hands a value computed at ``key`` out of the program (see the class docstring)."""
+        self.sink[key] = value
 
     # -- the walk --------------------------------------------------------------
 
@@ -108,6 +126,8 @@ class Interpreter:
         for i, eqn in enumerate(jaxpr.eqns):
             key = prefix + (i,)
             invals = [read(v) for v in eqn.invars]
+            if key in self.input_hooks:
+                invals = self.input_hooks[key](eqn, invals, self.hook_state.get(key))
             outvals = self._eval_eqn(eqn, key, invals, scope)
             if key in self.hooks:
                 outvals = self.hooks[key](eqn, outvals)
@@ -156,16 +176,37 @@ class Interpreter:
         init = [materialize(x) for x in invals[n_consts:n_consts + n_carry]]
         xs = invals[n_consts + n_carry:]
         body_scope = scope.enter("scan", length)
+        states = self._states_under(key + ("jaxpr",))
 
-        def body(carry, x_slices):
+        def body(carry, sliced):
+            x_slices, state_slices = sliced
             x_slices = [x.after_leading_slice() if is_ref(x) else x for x in x_slices]
-            outs = self.run(jaxpr, consts, [*scan_consts, *carry, *x_slices],
-                            key + ("jaxpr",), body_scope)
-            return outs[:n_carry], outs[n_carry:]
+            with self._inner(state_slices) as inner:
+                outs = self.run(jaxpr, consts, [*scan_consts, *carry, *x_slices],
+                                key + ("jaxpr",), body_scope)
+            return outs[:n_carry], (outs[n_carry:], inner)
 
-        carry, ys = lax.scan(body, init, xs, length=length, reverse=reverse,
-                             unroll=unroll)
+        carry, (ys, emitted) = lax.scan(body, init, (xs, states), length=length,
+                                        reverse=reverse, unroll=unroll)
+        self.sink.update(emitted)    # stacked like xs (a reverse scan's too): per layer
         return [*carry, *ys]
+
+    def _states_under(self, prefix: Key) -> dict:
+        return {k: v for k, v in self.hook_state.items() if k[:len(prefix)] == prefix}
+
+    @contextlib.contextmanager
+    def _inner(self, state_slices: dict):
+        """A loop body's walk: its hooks read ``state_slices``; yields the body's emitted values."""
+        saved_state = {k: self.hook_state[k] for k in state_slices}
+        outer, self.sink = self.sink, {}
+        inner: dict = {}
+        self.hook_state.update(state_slices)
+        try:
+            yield inner
+        finally:
+            inner.update(self.sink)
+            self.sink = outer
+            self.hook_state.update(saved_state)
 
     def _while(self, eqn, key, invals, scope):
         p = eqn.params
@@ -198,13 +239,18 @@ class Interpreter:
 
     def _remat(self, eqn, key, invals, scope):
         jaxpr, consts = _open(eqn.params["jaxpr"])
+        states = self._states_under(key + ("jaxpr",))
 
-        def body(ops):
-            return self.run(jaxpr, consts, ops, key + ("jaxpr",), scope)
+        def body(ops, state):
+            with self._inner(state) as inner:
+                outs = self.run(jaxpr, consts, ops, key + ("jaxpr",), scope)
+            return outs, inner    # emitted values leave the checkpoint as its outputs
 
         fn = jax.checkpoint(body, prevent_cse=eqn.params.get("prevent_cse", True),
                             policy=eqn.params.get("policy"))
-        return list(fn(list(invals)))
+        outs, emitted = fn(list(invals), states)
+        self.sink.update(emitted)
+        return list(outs)
 
 
 def _open(closed_or_open) -> tuple[Any, Sequence[Any]]:

@@ -444,6 +444,97 @@ class SparkTopK(ActivationRule):
         return float(args["k"]) if "k" in args else args["k_frac"] * width
 
 
+# --------------------------------------------------------------------------- activation thresholds
+
+
+def _no_heads():
+    return paths.MatmulWeights(embeddings=False, head=False)
+
+
+@dataclasses.dataclass(frozen=True)
+class ActivationThreshold(ActivationRule):
+    """Base of the calibrated magnitude thresholds: entries with ``|x| <= t`` become zero.
+
+    ``t`` is calibrated from data (``sfn.calibrate``) so that a fraction ``sparsity`` of
+    the site's entries falls below it, per site and per layer of a scanned stack; the
+    thresholds live in ``sstate["thresholds"]``. Until calibrated every threshold is 0
+    (entries that are exactly zero are dropped, nothing else).
+    """
+
+    sparsity: float = 0.5
+
+    site = "threshold"     # never an FFN/attention top-k site: thresholds have their own plan
+
+    def __post_init__(self):
+        super().__post_init__()
+        s = self.sparsity
+        if isinstance(s, bool) or not isinstance(s, (int, float)) or not 0.0 <= float(s) < 1.0:
+            raise ValueError(f"{self.describe()}: sparsity must be in [0, 1) (the fraction of "
+                             f"activations set to zero), got {s!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class TEAL(ActivationThreshold):
+    """TEAL (Liu et al., 2024): a threshold on the input of every linear layer it selects.
+
+    ``pattern`` selects weights (default: every matmul weight but embeddings and output
+    heads: q, k, v, o, gate, up, down); the activation entering each of their matmuls is
+    thresholded to ``sparsity``. ``sfn.calibrate(..., global_sparsity=s)`` instead
+    allocates sparsity across sites greedily under a global target, as TEAL does.
+    """
+
+    pattern: Any = dataclasses.field(default_factory=_no_heads)
+
+
+@dataclasses.dataclass(frozen=True)
+class CATS(ActivationThreshold):
+    """CATS (Lee et al., 2024): a threshold on ``|act(gate)|`` in each gated FFN it selects
+    (``pattern`` matches any of the FFN's up/gate/down weights). The hidden state
+    ``act(gate) * up`` is then zero wherever the gate was cut, so the down projection's
+    input has the same sparsity."""
+
+    pattern: Any = "*"
+
+
+@dataclasses.dataclass(frozen=True)
+class CHESS(ActivationThreshold):
+    """CHESS (He et al., 2024): channel-wise thresholds on the FFN activation, and
+    selective thresholds in attention.
+
+    FFN: entry ``i`` of ``act(gate)`` is dropped when ``|act(gate)_i| · E|up_i| <= t``:
+    one threshold per layer on the product with the mean magnitude of the up branch
+    channel it multiplies (calibrated), i.e. one threshold per channel on ``|act|``.
+    Attention: the inputs of the projections ``attention`` selects get a threshold as
+    :class:`TEAL` gives (default: the output projection ``o``; None: no attention site).
+    """
+
+    pattern: Any = "*"
+    attention: Any = "re:.*/o(_proj)?/kernel$"
+
+
+@dataclasses.dataclass(frozen=True)
+class ReLUActivation(ActivationRule):
+    """ProSparse's activation substitution: each selected FFN computes ``relu(gate)``
+    instead of its own activation (``act(gate) * up`` becomes ``relu(gate) * up``).
+
+    ``threshold`` > 0 is ProSparse's last stage (FATReLU, the shifted ReLU): entries at or
+    below ``threshold`` are zero, those above keep their value. Combine with the L1 of the
+    FFN activations (``sfn.with_aux``) and :func:`sparsejax.optim.prosparse_l1_schedule`.
+    """
+
+    pattern: Any = "*"
+    threshold: float = 0.0
+    site = "ffn"
+    no_site_hint = ("ReLU substitution needs an FFN whose activation is computed entry by entry "
+                    "(elementwise ops) between its up/gate and down matmuls")
+
+    def __post_init__(self):
+        super().__post_init__()
+        t = self.threshold
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or t < 0:
+            raise ValueError(f"{self.describe()}: threshold must be a number >= 0, got {t!r}")
+
+
 # --------------------------------------------------------------------------- recipe
 
 

@@ -15,7 +15,8 @@ once, and it composes with ``jax.grad``, ``jax.vmap``, ``jax.checkpoint`` and
 sharded jit like any JAX function. Arguments after the parameters that are not
 arrays (Python bools, strings, numbers) are treated as static.
 
-State: ``sstate = {"masks": masks}``, where ``masks`` has the structure of
+State: ``sstate = {"masks": masks}`` (plus ``"thresholds"``, ``{name: array}``, when the
+recipe has activation-threshold rules: set them with ``sfn.calibrate``), where ``masks`` has the structure of
 ``sparams`` with a boolean array for every masked leaf and ``None`` elsewhere.
 Masks have one owner at a time: ``sstate`` owns the fixed masks a recipe's rules
 compute at init; an optimizer transform in ``sparsejax.optim`` that moves masks
@@ -39,13 +40,13 @@ from jax.extend import core as jex_core
 
 from sparsejax import paths as path_lib
 from sparsejax.compiler import passes
-from sparsejax.compiler.activation_sites import ActivationSite, find_activation_sites
-from sparsejax.compiler.interpreter import Interpreter, bind_eqn
-from sparsejax.compiler.passes import spark as spark_pass
-from sparsejax.compiler.param_ref import is_ref, materialize
-from sparsejax.compiler.sites import WeightSite, WeightUses, find_weight_sites
-from sparsejax.compiler.weight_roles import weight_roles
-from sparsejax.layout import WeightLayout
+from sparsejax.compiler import calibration
+from sparsejax.compiler import plan as plan_lib
+from sparsejax.compiler import thresholds as threshold_lib
+from sparsejax.compiler.activation_sites import ActivationSite
+from sparsejax.compiler.passes.rewrite import compose_input_hooks, rewritten_program
+from sparsejax.compiler.passes.thresholds import threshold_hook
+from sparsejax.compiler.plan import Slot as _Slot, Traced as _Traced
 from sparsejax.report import ActivationRow, Report, ReportRow
 from sparsejax.rules import ActivationRule, MaskRule, Recipe, Rule, recipe_of
 
@@ -64,37 +65,8 @@ def sparsify(fn: Callable, recipe: Recipe | Sequence[Rule] | Rule) -> "SparseFun
     return SparseFunction(fn, recipe_of(recipe))
 
 
-@dataclasses.dataclass(frozen=True)
-class _Slot:
-    """One leaf of the dense params and what the recipe does with it."""
-
-    index: int
-    path: str
-    shape: tuple[int, ...]
-    dtype: Any
-    sites: tuple[WeightSite, ...]
-    rule: Rule | None = None
-    layout: WeightLayout | None = None
-
-
-@dataclasses.dataclass
-class _Traced:
-    closed: Any               # ClosedJaxpr of fn(params leaves..., dynamic arg leaves...)
-    out_tree: Any
-    sites: list[WeightSite]
-    notes: dict
-    activation_sites: list[ActivationSite]
-    uses: WeightUses = dataclasses.field(default_factory=WeightUses)
-    roles: dict = dataclasses.field(default_factory=dict)   # path -> what the weight does
-
-
-def _aval_key(x) -> tuple:
-    aval = jax.typeof(x) if hasattr(jax, "typeof") else jax.core.get_aval(x)
-    return (tuple(aval.shape), str(aval.dtype), bool(getattr(aval, "weak_type", False)))
-
-
-def _is_array(x) -> bool:
-    return isinstance(x, (jax.Array, np.ndarray, np.generic)) or isinstance(x, jax.core.Tracer)
+_aval_key = plan_lib.aval_key
+_is_array = plan_lib.is_array
 
 
 class SparseFunction:
@@ -119,6 +91,8 @@ class SparseFunction:
         self._lowered_slot_masks = None   # lower(): the masks lowered (the report reads its paths)
         self._packed_paths: frozenset = frozenset()   # lower(packed=True): leaves held as blocks
         self._premasked_paths: frozenset = frozenset()   # lower(premasked=True): zero outside masks
+        self._thresholds: list = []       # (ThresholdPoint, rule) of the threshold rules
+        self._threshold_info: dict = {}   # name -> {"target", "measured"} from calibrate()
 
     # ------------------------------------------------------------------ tracing
 
@@ -138,29 +112,10 @@ class SparseFunction:
         traced = self._traces.get(key)
         if traced is not None:
             return traced
-        n_params = len(dense_avals)
-        dense_treedef = self._dense_treedef
-
-        def flat_fn(*flat):
-            params = jax.tree_util.tree_unflatten(dense_treedef, flat[:n_params])
-            arg_leaves = list(leaves)
-            for i, x in zip(dynamic, flat[n_params:]):
-                arg_leaves[i] = x
-            args, kwargs = jax.tree_util.tree_unflatten(arg_treedef, arg_leaves)
-            return self.fn(params, *args, **kwargs)
-
         self.trace_count += 1
-        structs = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in dense_avals]
-        structs += [jax.ShapeDtypeStruct(jnp.shape(leaves[i]), jnp.result_type(leaves[i]))
-                    for i in dynamic]
-        closed, out_shape = jax.make_jaxpr(flat_fn, return_shape=True)(*structs)
-        out_tree = jax.tree_util.tree_structure(out_shape)
         paths = [s.path for s in self._slots] if self._slots else self._init_paths
-        sites, notes, uses = find_weight_sites(closed, paths, n_params)
-        lookups = [p for p, ops in uses.reads.items() if "gather" in ops]
-        traced = _Traced(closed, out_tree, sites, notes,
-                         find_activation_sites(closed.jaxpr, sites, n_params), uses,
-                         weight_roles(closed.jaxpr, sites, lookups))
+        traced = plan_lib.trace_program(self.fn, self._dense_treedef, dense_avals, paths, leaves,
+                                        arg_treedef, dynamic, static)
         self._traces[key] = traced
         return traced
 
@@ -191,8 +146,12 @@ class SparseFunction:
                 raise TypeError(f"{path}: parameters must be arrays, got {type(leaf).__name__}")
         arg_leaves, arg_treedef, dynamic, static = self._split_args(args, kwargs)
         traced = self._trace(leaves, arg_leaves, arg_treedef, dynamic, static)
+        self._init_call = (arg_treedef, dynamic, static, bool(kwargs))
+        self._init_args_treedef = jax.tree_util.tree_structure(args)
         self._slots = self._assign_rules(leaves, traced)
-        self._activation_plan(traced, check="init")
+        passes.check_plan(self._activation_plan(traced, check="init"))
+        self._thresholds = threshold_lib.threshold_plan(self.recipe, traced)
+        self._threshold_info = {}
         _require_rng(rng, [s.rule for s in self._slots], "init")
         rng = jax.random.key(0) if rng is None else rng
 
@@ -212,6 +171,9 @@ class SparseFunction:
         self._sparams_avals = [(tuple(jnp.shape(x)), jnp.result_type(x))
                                for x in jax.tree_util.tree_leaves(sparams)]
         sstate = {"masks": jax.tree_util.tree_unflatten(self._dense_treedef, masks)}
+        if self._thresholds:      # 0 until calibrated: only exact zeros are dropped
+            sstate["thresholds"] = {p.name: jnp.zeros(p.state_shape(), jnp.float32)
+                                    for p, _ in self._thresholds}
         self._report = self._build_report(traced, self._slot_masks(sstate))
         self._warn_untouched()
         return sparams, sstate
@@ -227,56 +189,7 @@ class SparseFunction:
                          ", ".join(dense[:8]), ", ..." if len(dense) > 8 else "")
 
     def _assign_rules(self, leaves, traced: _Traced) -> list[_Slot]:
-        by_path: dict[str, list[WeightSite]] = {}
-        for site in traced.sites:
-            by_path.setdefault(site.path, []).append(site)
-        claimed: dict[int, list[str]] = {i: [] for i in range(len(self.recipe))}
-        matched_any: dict[int, list[str]] = {i: [] for i in range(len(self.recipe))}
-        slots = []
-        for index, (path, leaf) in enumerate(zip(self._init_paths, leaves)):
-            leaf_sites = tuple(by_path.get(path, ()))
-            rule = layout = None
-            for r_index, r in enumerate(self.recipe):
-                if isinstance(r, ActivationRule) or not r.matches(path):
-                    continue
-                if (isinstance(r.pattern, path_lib.MatmulWeights)
-                        and not r.pattern.selects(path, traced.roles.get(path, frozenset()))):
-                    continue
-                matched_any[r_index].append(path)
-                if leaf_sites and rule is None:
-                    rule = r
-                    claimed[r_index].append(path)
-            if rule is not None:
-                layout = _leaf_layout(leaf_sites)
-            slots.append(_Slot(index, path, tuple(jnp.shape(leaf)), jnp.result_type(leaf),
-                               leaf_sites, rule, layout))
-        site_paths = sorted(by_path)
-        for r_index, r in enumerate(self.recipe):
-            if claimed[r_index] or isinstance(r, ActivationRule):
-                continue
-            if not matched_any[r_index] and isinstance(r.pattern, path_lib.MatmulWeights):
-                raise ValueError(f"{r.describe()}: selects no weight; matmul weights and their "
-                                 f"roles: {[(p, sorted(traced.roles[p])) for p in site_paths[:8]]}")
-            if not matched_any[r_index]:
-                near = path_lib.close_matches(r.pattern, site_paths or self._init_paths)
-                hint = f"; close matches: {near}" if near else f"; weight parameters: {site_paths[:8]}"
-                raise ValueError(f"{r.describe()}: the pattern matches no parameter{hint}")
-            not_sites = [p for p in matched_any[r_index] if p not in by_path]
-            between = {p: traced.uses.through[p] for p in not_sites if p in traced.uses.through}
-            if between:
-                path, ops = next(iter(between.items()))
-                raise ValueError(
-                    f"{r.describe()}: {path} reaches a matmul only through "
-                    f"{', '.join(f'`{op}`' for op in ops)}, so no matmul multiplies by the "
-                    "weight itself; only views (casts, reshapes, transposes, slices) and "
-                    "scaling by a scalar may stand between a weight and its matmul: compute "
-                    "the product as a parameter of its own, or match the weights it is made of")
-            if not_sites and len(not_sites) == len(matched_any[r_index]):
-                raise ValueError(f"{r.describe()}: matches {not_sites[:5]}, but no matmul or "
-                                 "conv multiplies by them, so there is no weight site to rewrite")
-            raise ValueError(f"{r.describe()}: every parameter it matches "
-                             f"({matched_any[r_index][:5]}) is claimed by an earlier rule")
-        return slots
+        return plan_lib.assign_rules(self.recipe, self._init_paths, leaves, traced)
 
     def _activation_plan(self, traced: _Traced, check: str | None = None
                          ) -> list[tuple[ActivationSite, ActivationRule | None]]:
@@ -286,31 +199,12 @@ class SparseFunction:
         a rule that selected sites at init must select some in this trace too (a
         rule that silently selects nothing would leave the model dense).
         """
-        rules = [r for r in self.recipe if isinstance(r, ActivationRule)]
-        used = {id(r): 0 for r in rules}
-        plan = []
-        for site in traced.activation_sites:
-            chosen = None
-            for r in rules:
-                if r.site == site.kind and (any(r.matches(p) for p in site.paths) or
-                                            r.pattern == "*"):
-                    chosen = r
-                    used[id(r)] += 1
-                    break
-            plan.append((site, chosen))
+        plan, used = plan_lib.activation_plan(self.recipe, traced)
         if check == "init":
             self._activation_counts = dict(used)
-        for r in rules if check else ():
-            if used[id(r)]:
-                continue
-            found = [s.describe() + f" {list(s.paths)}" for s in traced.activation_sites]
-            if check == "init":
-                raise ValueError(f"{r.describe()}: selects no {r.site} site; sites found: "
-                                 f"{found if found else 'none'}")
-            raise ValueError(f"{r.describe()}: selected {self._activation_counts[id(r)]} {r.site} "
-                             "site(s) at init, but none in the program traced for these "
-                             f"arguments (sites found: {found if found else 'none'}); the "
-                             "rewritten function would run dense there")
+        if check is not None:
+            plan_lib.check_activation_plan(self.recipe, traced, used,
+                                           None if check == "init" else self._activation_counts)
         return plan
 
     # --------------------------------------------------------------------- call
@@ -354,6 +248,45 @@ class SparseFunction:
         return [m if _is_array(m) else None for m in masks]
 
     def __call__(self, sparams: Any, sstate: dict, *args: Any, **kwargs: Any) -> Any:
+        return self._call(sparams, sstate, args, kwargs, aux=None)
+
+    def with_aux(self, l1: str = "ffn") -> Callable:
+        """The function returning ``(output, aux)``: auxiliary outputs a training loop adds
+        to its loss.
+
+        ``l1="ffn"``: the activation of every FFN (``act(gate)`` where it meets the up
+        branch, after any rewrite such as :class:`~sparsejax.rules.ReLUActivation`):
+        ``aux["activation_l1"]``, the mean ``|act|`` over sites, layers and entries
+        (ProSparse's L1 regulariser; multiply by a factor such as
+        :func:`sparsejax.optim.prosparse_l1_schedule`), and ``aux["activation_sparsity"]``,
+        the mean fraction of exact zeros.
+        """
+        if l1 != "ffn":
+            raise ValueError(f"with_aux: l1 must be 'ffn' (the FFN activations), got {l1!r}")
+
+        def fn(sparams, sstate, *args, **kwargs):
+            return self._call(sparams, sstate, args, kwargs, aux=l1)
+        return fn
+
+    def _threshold_leaves(self, sstate) -> list:
+        if not self._thresholds:
+            return []
+        given = sstate.get("thresholds") if isinstance(sstate, dict) else None
+        if not isinstance(given, dict):
+            raise ValueError("sstate['thresholds'] is missing: the recipe has activation-threshold "
+                             "rules; pass the sstate init (or calibrate) returned")
+        out = []
+        for p, r in self._thresholds:
+            t = given.get(p.name)
+            if t is None or tuple(jnp.shape(t)) != p.state_shape():
+                raise ValueError(f"{r.describe()}: sstate['thresholds'][{p.name!r}] must be an "
+                                 f"array of shape {p.state_shape()}, got "
+                                 f"{None if t is None else tuple(jnp.shape(t))}; pass the sstate "
+                                 "init or calibrate returned")
+            out.append(t)
+        return out
+
+    def _call(self, sparams, sstate, args, kwargs, aux):
         param_leaves = self._check_params(sparams)
         mask_leaves = self._mask_leaves(sstate)
         for slot, m in zip(self._slots, self._slot_masks(sstate)):
@@ -367,31 +300,63 @@ class SparseFunction:
         present = [m for m in mask_leaves if m is not None]
         arg_leaves, arg_treedef, dynamic, static = self._split_args(args, kwargs)
         dyn = [arg_leaves[i] for i in dynamic]
-        flat = [*param_leaves, *present, *dyn]
+        flat = [*param_leaves, *present, *dyn, *self._threshold_leaves(sstate)]
         # Sites choose their path for a forward pass or a training step (see passes.base).
         autodiff = passes.base.under_autodiff(flat)
         key = (arg_treedef, static, tuple(i for i, m in enumerate(mask_leaves) if m is not None),
-               tuple(_aval_key(x) for x in flat), autodiff)
+               tuple(_aval_key(x) for x in flat), autodiff, aux)
         entry = self._rewrites.get(key)
         if entry is None:
             with passes.base.rewriting_for_autodiff(autodiff):
                 entry = self._rewrite(param_leaves, mask_leaves, arg_leaves, arg_treedef, dynamic,
-                                      static, flat)
+                                      static, flat, aux)
             self._rewrites[key] = entry
         closed, out_tree = entry
         out = jex_core.jaxpr_as_fun(closed)(*flat)
         return jax.tree_util.tree_unflatten(out_tree, out)
 
-    def _rewrite(self, param_leaves, mask_leaves, arg_leaves, arg_treedef, dynamic, static, flat):
+    def _rewrite(self, param_leaves, mask_leaves, arg_leaves, arg_treedef, dynamic, static, flat,
+                 aux=None):
         traced = self._trace_for(param_leaves, arg_leaves, arg_treedef, dynamic, static)
         self._rebind_handlers(traced)
-        hooks = {site.key: spark_pass.topk_hook(rule, site)
-                 for site, rule in self._activation_plan(traced, check="call") if rule is not None}
-        hooks = {**passes.program_hooks(self._handlers.values(), traced), **hooks}
-        program = self._program(traced, hooks, len(param_leaves), mask_leaves)
+        plan = self._activation_plan(traced, check="call")
+        hooks = passes.activation_hooks(plan)
+        inputs = dict(hooks.inputs)
+        state_keys = []
+        for point, _ in self._thresholds_for(traced):
+            t = threshold_hook(point.operand)
+            inputs[point.key] = compose_input_hooks(inputs[point.key], t) if point.key in inputs else t
+            state_keys.append(point.key)
+        aux_points = ()
+        if aux is not None:
+            aux_points = [(s.act_key, s.act_operand) for s, _ in plan
+                          if s.kind == "ffn" and s.act_key is not None]
+            if not aux_points:
+                raise ValueError("with_aux(l1='ffn'): the program has no FFN activation site")
+        outputs = {**passes.program_hooks(self._handlers.values(), traced), **hooks.outputs}
+        program = self._program(traced, outputs, len(param_leaves), mask_leaves, inputs,
+                                state_keys, aux_points)
         self.rewrite_count += 1
         structs = [jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x)) for x in flat]
-        return jax.make_jaxpr(program)(*structs), traced.out_tree
+        closed, shape = jax.make_jaxpr(program, return_shape=True)(*structs)
+        if aux is None:
+            return closed, traced.out_tree
+        out_shape = (jax.tree_util.tree_unflatten(traced.out_tree, list(shape[0])), shape[1])
+        return closed, jax.tree_util.tree_structure(out_shape)
+
+    def _thresholds_for(self, traced: _Traced) -> list:
+        """The threshold points, checked against a new trace (its keys must be init's)."""
+        if not self._thresholds:
+            return []
+        if traced is next(iter(self._traces.values())):
+            return self._thresholds
+        again = threshold_lib.threshold_plan(self.recipe, traced)
+        if [(p.key, p.operand, p.state_shape()) for p, _ in again] != \
+                [(p.key, p.operand, p.state_shape()) for p, _ in self._thresholds]:
+            raise ValueError(f"{self._thresholds[0][1].describe()}: the program traced for these "
+                             "arguments has other threshold sites than at init; call init with "
+                             "arguments of this structure")
+        return self._thresholds
 
     def _rebind_handlers(self, traced: _Traced) -> None:
         """Tells every handler where this call's sites sit (see ``WeightHandler.rebind``)."""
@@ -417,25 +382,63 @@ class SparseFunction:
         self._check_sites(traced)
         return traced
 
-    def _program(self, traced: _Traced, hooks, n_params: int, mask_leaves) -> Callable:
-        """The rewritten function of flat inputs (params leaves, present masks, array args)."""
-        has_mask = [m is not None for m in mask_leaves]
-        handlers = [self._handlers.get(s.path) for s in self._slots]
-        sparams_treedef, dense_treedef = self._sparams_treedef, self._dense_treedef
-        interp = Interpreter(_rewrite_site, hooks)
+    def _program(self, traced: _Traced, hooks, n_params: int, mask_leaves, input_hooks=None,
+                 state_keys=(), aux_points=()) -> Callable:
+        """The rewritten function of flat inputs (params leaves, present masks, array args,
+        thresholds)."""
+        return rewritten_program(traced, hooks, [self._handlers.get(s.path) for s in self._slots],
+                                 n_params, [m is not None for m in mask_leaves],
+                                 self._sparams_treedef, self._dense_treedef, _mask_item,
+                                 input_hooks, state_keys, aux_points)
 
-        def program(*inputs):
-            leaves, rest = inputs[:n_params], list(inputs[n_params:])
-            masks = [rest.pop(0) if h else None for h in has_mask]
-            slot_items = dense_treedef.flatten_up_to(
-                jax.tree_util.tree_unflatten(sparams_treedef, leaves))
-            slot_masks = dense_treedef.flatten_up_to(
-                jax.tree_util.tree_unflatten(sparams_treedef, masks))
-            invals = [h.make_input(p, _mask_item(m)) if h is not None else p
-                      for h, p, m in zip(handlers, slot_items, slot_masks)]
-            return interp.run(traced.closed.jaxpr, traced.closed.consts, [*invals, *rest])
+    def calibrate(self, sparams: Any, sstate: dict, batches, *,
+                  global_sparsity: float | None = None) -> dict:
+        """``sstate`` with the thresholds of the recipe's threshold rules set from data.
 
-        return program
+        Each point's threshold is the magnitude below which its rule's ``sparsity`` of
+        the calibration activations falls (per layer of a scanned stack; per channel for
+        CHESS's FFN points), observed on the program with every rule baked into the
+        weights but no threshold applied (as TEAL calibrates). ``global_sparsity``
+        instead allocates sparsity across points and layers greedily under that
+        FLOP-weighted mean (TEAL's allocation; see
+        :func:`sparsejax.compiler.thresholds.greedy_allocation`). The report then shows
+        each point's target and the sparsity it measured on the calibration batches.
+
+        Args:
+          sparams, sstate: as returned by :meth:`init`.
+          batches: an iterable of calibration batches, each the argument tuple after
+            params (or one array), shaped like init's example arguments.
+        """
+        self._require_init()
+        if not self._thresholds:
+            raise ValueError("calibrate: the recipe has no activation-threshold rule (TEAL, CATS, "
+                             "CHESS); nothing to calibrate")
+        rule = self._thresholds[0][1].describe()
+        arg_treedef, dynamic, static, has_kwargs = self._init_call
+        if static or has_kwargs:
+            raise ValueError(f"{rule}: calibrate needs a function whose arguments after params "
+                             "are all arrays passed positionally")
+        batches = [calibration.as_args(b) for b in batches]
+        if not batches:
+            raise ValueError(f"{rule}: calibrate got no batches")
+        traced = next(iter(self._traces.values()))
+        in_avals = traced.closed.in_avals[len(self._slots):]
+        cal = calibration.Calibration(
+            self.fn, self._dense_treedef, [s.path for s in self._slots], self._init_args_treedef,
+            [(tuple(a.shape), a.dtype) for a in in_avals], traced.closed, traced.sites)
+        try:
+            for i, b in enumerate(batches):
+                cal.check_args(b, f"calibration batch {i}")
+        except ValueError as e:
+            raise ValueError(f"{rule}: {e}") from None
+        dense = self.dense_params(sparams, sstate)
+        thresholds, info = threshold_lib.calibrate(cal, dense, batches, self._thresholds,
+                                                   global_sparsity)
+        measured = threshold_lib.measure(cal, dense, batches, self._thresholds, thresholds)
+        for name in info:
+            info[name]["measured"] = measured[name]
+        self._threshold_info = info
+        return {**sstate, "thresholds": thresholds}
 
     def measure_activations(self, sparams: Any, sstate: dict, *args: Any, **kwargs: Any) -> list[dict]:
         """Activation densities per site and per layer, on one batch.
@@ -457,8 +460,7 @@ class SparseFunction:
         def record(index, before, after):
             records.setdefault(int(index), []).append((float(before), float(after)))
 
-        hooks = {site.key: spark_pass.measuring_hook(rule, site, i, record)
-                 for i, (site, rule) in enumerate(plan)}
+        hooks = passes.measuring_hooks(plan, record)
         hooks = {**passes.program_hooks(self._handlers.values(), traced), **hooks}
         program = self._program(traced, hooks, len(param_leaves), mask_leaves)
         flat = [*param_leaves, *[m for m in mask_leaves if m is not None],
@@ -552,7 +554,8 @@ class SparseFunction:
         ``lower`` again after masks change. At each site whose mask keeps whole
         blocks (unrolled or scanned layers), the block-sparse kernel and XLA's
         masked dense product are candidates; N:M-masked sites weigh the compressed
-        N:M GEMV against XLA, and Spark FFN sites the sparse-input/output GEMVs. The
+        N:M GEMV against XLA, Spark FFN sites the sparse-input/output GEMVs, and matmuls whose
+        input an activation threshold zeroes (TEAL, CATS, CHESS) the sparse-input GEMV. The
         first trace of a signature picks one (measured on an accelerator, see
         ``sparsejax.kernels.path_choice``). Other sites stay on XLA; ``report()`` of
         the copy says which path each site took, its measured time against dense, or
@@ -688,8 +691,18 @@ class SparseFunction:
             rows.append(ActivationRow(
                 kind=site.kind, where=site.scope.describe() + " eqn " + "/".join(map(str, site.key)),
                 paths=site.paths, shape=site.shape, rule=rule.describe() if rule else None,
-                target=(rule.kept_per_row(site.width) / site.width) if rule else None,
+                target=(rule.kept_per_row(site.width) / site.width)
+                if hasattr(rule, "kept_per_row") else None,
                 measured_before=mean("before"), measured_after=mean("after")))
+        for point, rule in self._thresholds:
+            info = self._threshold_info.get(point.name)
+            kept = lambda key: None if info is None else 1.0 - float(np.mean(info[key]))
+            rows.append(ActivationRow(
+                kind=f"threshold ({point.kind})",
+                where=point.scope.describe() + " eqn " + "/".join(map(str, point.key)),
+                paths=point.paths, shape=point.shape, rule=rule.describe(),
+                target=kept("target") if info else 1.0 - float(rule.sparsity),
+                measured_before=None, measured_after=kept("measured")))
         return rows
 
     def _build_report(self, traced: _Traced, slot_masks) -> Report:
@@ -785,19 +798,3 @@ def _mask_item(mask: Any) -> Any:
     if _is_array(mask) or jax.tree_util.tree_leaves(mask):
         return mask
     return None
-
-
-def _leaf_layout(sites: Sequence[WeightSite]) -> WeightLayout | None:
-    """The leaf's layout as its first site reads it.
-
-    A weight read in two orientations (a tied embedding: a lookup and the output
-    projection) gets the first site's; structured masks need a single one.
-    """
-    return next((s.layout for s in sites if s.layout is not None), None)
-
-
-def _rewrite_site(interp: Interpreter, eqn, key, invals, scope):
-    refs = [x for x in invals[:2] if is_ref(x)]
-    if len(refs) == 1 and refs[0].handler is not None:
-        return refs[0].handler.on_site(interp, eqn, key, invals, scope)
-    return bind_eqn(eqn, [materialize(x) for x in invals])

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+from sparsejax.compiler.passes.activation import (ActivationRewrite, SiteHooks, activation_hooks,
+                                                  activation_rewrite, check_plan, measuring_hooks,
+                                                  register_activation_rewrite)
 from sparsejax.compiler.passes.base import WeightHandler
 from sparsejax.compiler.passes.factorized import FactorizedHandler
 from sparsejax.compiler.passes.iso_flop import IsoFlopFactorsHandler, SparseWideHandler
 from sparsejax.compiler.passes import iso_flop as _iso_flop
 from sparsejax.compiler.passes.masking import MaskHandler
-from sparsejax.rules import Factorize, MaskRule, SparseIsoFlop, SparseWide
+from sparsejax.compiler.passes.spark import SparkRewrite
+from sparsejax.compiler.passes.thresholds import ReLURewrite
+from sparsejax.rules import Factorize, MaskRule, ReLUActivation, SparkTopK, SparseIsoFlop, SparseWide
 
 _WEIGHT_HANDLERS: list[tuple[type, type[WeightHandler]]] = [
     (MaskRule, MaskHandler), (Factorize, FactorizedHandler),
@@ -30,3 +35,7 @@ def program_hooks(handlers, traced) -> dict:
     """Eqn hooks that weight passes need beside their sites (Sparse Wide: inlining the
     calls between a widened FFN's up and down, so they bind on the wider values)."""
     return _iso_flop.program_hooks(handlers, traced)
+
+
+register_activation_rewrite(SparkTopK, SparkRewrite())
+register_activation_rewrite(ReLUActivation, ReLURewrite())

@@ -67,3 +67,14 @@ def measuring_hook(rule, site: ActivationSite, index: int, record: Callable) -> 
         outvals[site.output] = x
         return outvals
     return hook
+
+
+from sparsejax.compiler.passes.activation import ActivationRewrite  # noqa: E402
+
+
+class SparkRewrite(ActivationRewrite):
+    """The Spark pass as an :class:`~sparsejax.compiler.passes.activation.ActivationRewrite`
+    (also measures sites no rule selects: their densities before any rewrite)."""
+
+    hook = staticmethod(topk_hook)
+    measuring_hook = staticmethod(measuring_hook)

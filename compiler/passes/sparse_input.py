@@ -96,6 +96,9 @@ class ActivationSparseHandler(WeightHandler):
         w_contract = tuple(rc if site.operand == 1 else lc)
         nd = len(site.weight_shape)
         if role.kind == "down" and w_contract != tuple(range(len(w_contract))):
+            if role.ffn_key is None:      # a thresholded input (TEAL, CATS, CHESS)
+                return ("the weight's rows per input entry are not contiguous (store it with its "
+                        "contracted axis first, (K, N))")
             return "W_down's rows are not contiguous (store it (d_ff, d_model))"
         if role.kind == "up" and w_contract != tuple(range(nd - len(w_contract), nd)):
             return "W_up's neuron rows are not contiguous (store it output-major, (d_ff, d_model))"
@@ -342,7 +345,8 @@ def _sparse_sample(shape, dtype, density: float):
 
 
 def ffn_roles(sfn, traced) -> tuple[dict[str, dict], dict[str, list]]:
-    """What each unruled weight site of ``traced`` is in a :class:`SparkTopK` FFN.
+    """What each unruled weight site of ``traced`` is in a :class:`SparkTopK` FFN, or as the
+    matmul of an input an activation threshold makes sparse.
 
     Returns ``({path: {site key: _Role}}, {path: [sites]})`` for the program ``traced``
     (a call's own trace: its keys are where its eqns sit).
@@ -376,6 +380,18 @@ def ffn_roles(sfn, traced) -> tuple[dict[str, dict], dict[str, list]]:
                     continue
                 roles.setdefault(path, {})[s.key] = _Role(kind, act_site.key, rule, density,
                                                           act_site.width)
+    # Thresholded inputs (TEAL, CATS, CHESS): the hook zeroes the input before the matmul, so
+    # the matmul reading it is a sparse-input GEMV (exact at threshold 0) where measured faster.
+    for point, rule in getattr(sfn, "_thresholds", ()):
+        density = 1.0 - float(rule.sparsity)
+        if point.kind == "input":
+            wanted = {(point.paths[0], point.key)}
+        else:       # act(gate) * up is zero where act(gate) was cut: the down matmul's input
+            wanted = {(s.path, s.key) for s in sites_by_path.get(point.paths[-1], [])
+                      if s.key[:-1] == point.key[:-1] and s.scope == point.scope}
+        for path, key in wanted:
+            roles.setdefault(path, {}).setdefault(key, _Role("down", None, rule, density,
+                                                             point.width))
     # In a function with a lowered Spark FFN (a decode step), every other unruled weight whose
     # sites are all direct 2-D products: a dense site that may still take XLA's padded-row
     # product or a streaming kernel where measured faster.
@@ -389,7 +405,8 @@ def ffn_roles(sfn, traced) -> tuple[dict[str, dict], dict[str, list]]:
 
 def activation_sparse_handlers(sfn, *, backend: str | None = None, interpret: bool = False
                                ) -> dict[str, WeightHandler]:
-    """Handlers for the unruled weights of every FFN site a :class:`SparkTopK` rule selects.
+    """Handlers for the unruled weights of every FFN site a :class:`SparkTopK` rule selects
+    and of every matmul whose input an activation threshold makes sparse.
 
     Args:
       sfn: an initialized :class:`~sparsejax.sparsify.SparseFunction`.

@@ -28,6 +28,7 @@ from sparsejax.optim.masking import (apply_masks, current_masks, forward_masks, 
                                      masked_sparsity, owns_masks, soft_masks, sparsity_of)
 from sparsejax.optim.nm_training import (NMState, current_mask_strength, progressive_nm,
                                          soft_mask_params, srste)
+from sparsejax.optim.prosparse import prosparse_l1_schedule
 from sparsejax.optim.prox import (HalfSpace, ProxAdamWState, ProxSGDState, Regularizer,
                                   group_lasso, group_prox, l1, prox_adamw, prox_sgd,
                                   soft_threshold, sparse_group_lasso)
@@ -51,3 +52,4 @@ __all__ = [
     "soft_threshold", "sparse_evolutionary_training", "sparse_group_lasso", "sparseloco",
     "sparsity_of", "srste",
 ]
+__all__ += ["prosparse_l1_schedule"]

@@ -52,6 +52,8 @@ class Preset:
       masks_from: who owns the masks: "recipe" (fixed by sparsify, in sstate) or "optimizer"
         (moved by the transform ``wrap`` adds: GMP, SET, RigL, Progressive Gradient Flow's
         decaying masks). train.py checks the optimizer agrees.
+      activation_l1: total steps -> schedule of the factor on the FFN activations' L1
+        (``sfn.with_aux``) added to the training loss; None adds nothing.
     """
 
     name: str
@@ -59,6 +61,7 @@ class Preset:
     recipe: Callable[[str], Recipe]
     wrap: WrapFn | None = None
     masks_from: str = "recipe"
+    activation_l1: Callable[[int], Callable] | None = None
 
 
 def masked_where(sfn) -> Callable[[str, Any], bool]:
@@ -132,6 +135,18 @@ PRESETS: dict[str, Preset] = {p.name: p for p in [
     Preset("sparse_wide50", "Sparse Wide (Sparse-IFT): FFN 2x wider at 50% sparsity, same FLOPs",
            lambda model: Recipe([rules.SparseWide(FFN_WEIGHTS[model], 0.5)])),
 ]}
+
+
+def _prosparse_l1(total_steps: int):
+    """ProSparse's three sine-shaped stages of the L1 factor, over the run's first 90%."""
+    from sparsejax.optim import prosparse_l1_schedule
+    stage = max(int(total_steps * 0.3), 1)
+    return prosparse_l1_schedule([(stage, 0.5), (stage, 1.0), (stage, 2.0)])
+
+
+PRESETS["prosparse"] = Preset(
+    "prosparse", "ProSparse: ReLU in every FFN, L1 on its activations rising in sine-shaped stages",
+    lambda model: Recipe([rules.ReLUActivation()]), activation_l1=_prosparse_l1)
 
 
 _RULES = {name: getattr(rules, name) for name in

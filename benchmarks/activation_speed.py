@@ -1,0 +1,119 @@
+"""Decode speed of thresholded activations (issue 18): TEAL at 50% input sparsity, batch 1.
+
+    PYTHONUNBUFFERED=1 python benchmarks/activation_speed.py            # H200
+    PYTHONUNBUFFERED=1 python benchmarks/activation_speed.py --smoke    # CPU, interpret mode, tiny
+
+The decode step of ``benchmarks/decode_speed.py`` (a gated LM, d_model 2304, d_ff 9216,
+8 heads, 4 layers, KV cache 1024, bf16) is sparsified with ``TEAL`` (a threshold on the
+input of every q/k/v/o/gate/up/down matmul), its thresholds calibrated to 50% (and 40%)
+on random decode inputs, then ``lower``-ed: each thresholded matmul whose weight rows are
+contiguous weighs the sparse-input GEMV against XLA by measurement (``path_choice``), so
+no site runs slower than dense. Compared, each checked first against its reference: the
+dense step, the thresholded step on XLA (``sfn``, not lowered) and the lowered one.
+Timing as ``decode_speed.py`` (medians of back-to-back calls after warm-up, dense XLA in
+the same run). Goal (issue 18): >= 1.5x dense at 50%, batch 1.
+
+Writes ``$OUT/activation_speed.md`` (or benchmarks/results/activation_speed_smoke.md with
+``--smoke``) and prints the summary table last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+import sys
+import time
+
+import jax
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from decode_speed import FULL, SMOKE, Bench, decode_step, lm_params, _normal  # noqa: E402
+from sparsejax import sparsify  # noqa: E402
+from sparsejax.kernels import path_choice  # noqa: E402
+from sparsejax.rules import TEAL  # noqa: E402
+
+LEVELS = (0.5, 0.4)
+GOAL = {0.5: 1.5}
+# Every block matmul: k and v are returned for the cache, so TEAL's default (no output heads)
+# would skip them.
+PATTERN = "re:layer[0-9]+/.*"
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes, Pallas interpret mode (CPU)")
+    parser.add_argument("--budget", type=float, default=240.0, help="seconds before variants are skipped")
+    parser.add_argument("--calib", type=int, default=8, help="calibration decode steps")
+    args = parser.parse_args()
+    interpret = args.smoke or jax.default_backend() != "gpu"
+    b = Bench(SMOKE if args.smoke else FULL, interpret, args.budget)
+    s = b.s
+    dev = jax.devices()[0]
+    b.log(f"device: {dev.device_kind} ({jax.default_backend()}), jax {jax.__version__}, interpret={interpret}")
+    b.log(f"== TEAL decode step: d_model {s.d_model}, d_ff {s.d_ff_lm}, {s.heads} heads, {s.lm_layers} layers, "
+          f"KV cache {s.cache}, batch 1, bf16")
+    params = lm_params(b.fresh(), s)
+    hd = s.d_model // s.heads
+    step = functools.partial(decode_step, heads=s.heads)
+
+    def inputs(batch=1):
+        shape = (s.lm_layers, batch, s.cache, s.heads, hd)
+        return (jax.random.randint(b.fresh(), (batch,), 0, s.vocab), _normal(b.fresh(), shape),
+                _normal(b.fresh(), shape))
+
+    dense = jax.jit(step)
+    args_1 = inputs()
+    dense_ref = dense(params, *args_1)[0]
+    _, _, t_dense = b.check_and_time("dense step (XLA)", dense, (params, *args_1), dense_ref, 1e-3)
+    with path_choice.mode("auto"):
+        for level in LEVELS:
+            b.log(f"-- TEAL {level:.0%}")
+            sfn = sparsify(step, [TEAL(PATTERN, sparsity=level)])
+            sp, ss = sfn.init(params, *args_1)
+            ss = sfn.calibrate(sp, ss, [inputs() for _ in range(args.calib)])
+            measured = {n: float(v["measured"].mean()) for n, v in sfn._threshold_info.items()}
+            b.log(f"  calibrated sparsity: {min(measured.values()):.1%} .. {max(measured.values()):.1%} "
+                  f"over {len(measured)} matmul inputs")
+            xla = jax.jit(lambda p, *a, sfn=sfn, ss=ss: sfn(p, ss, *a))
+            ref = xla(params, *args_1)[0]
+            _, _, t_xla = b.check_and_time(f"TEAL {level:.0%}, XLA (not lowered)", xla, (params, *args_1),
+                                           ref, 1e-3)
+            if b.over_budget():
+                b.log("  lowering skipped (time budget)")
+                continue
+            low = sfn.lower(ss, interpret=b.interpret)
+            lowered = jax.jit(lambda p, *a, low=low, ss=ss: low(p, ss, *a))
+            _, ok, t_low = b.check_and_time(f"TEAL {level:.0%}, lowered", lowered, (params, *args_1), ref, 3e-2)
+            paths = sorted({f"{p}: {h.site_path(st.key)}" for p, h in low._handlers.items() for st in h.sites
+                            if p.startswith("layer0/")})
+            b.detail += [f"- TEAL {level:.0%}: {p}" for p in paths]
+            b.summary.append((f"TEAL {level:.0%} decode step", "batch 1", "lowered", t_dense, t_low,
+                              GOAL.get(level)))
+            b.summary.append((f"TEAL {level:.0%} decode step", "batch 1", "XLA (not lowered)", t_dense, t_xla,
+                              None))
+    table = ["| measurement | case | variant | dense us | sparse us | x dense | goal | met |",
+             "|---|---|---|---|---|---|---|---|"]
+    for what, case, name, td, ts, goal in b.summary:
+        ratio = td / ts if ts == ts and ts > 0 else float("nan")
+        met = "-" if goal is None else ("yes" if ratio >= goal else "no")
+        if b.interpret:
+            met = "n/a: interpret mode times nothing real"
+        table.append(f"| {what} | {case} | {name} | {td:.1f} | {ts:.1f} | {ratio:.2f} | "
+                     f"{'-' if goal is None else f'>= {goal}'} | {met} |")
+    command = "PYTHONUNBUFFERED=1 python " + " ".join(["benchmarks/activation_speed.py", *sys.argv[1:]])
+    md = ["# Decode speed of TEAL-thresholded activations", "", f"Command: `{command}`", "",
+          f"Device: {dev.device_kind}; JAX {jax.__version__}; bf16; interpret mode: {interpret}. Each time "
+          f"is a median over {s.repeats} repeats of {s.calls} back-to-back calls; dense XLA in the same run. "
+          f"Elapsed {time.time() - b.t0:.0f} s.", "", *table, "", "## Paths the lowered sites of layer 0 took",
+          "", *b.detail, "", "## Log", "", "```", *b.log_lines, "```", ""]
+    out_dir = os.environ.get("OUT") or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "activation_speed_smoke.md" if args.smoke else "activation_speed.md"), "w") as f:
+        f.write("\n".join(md))
+    print("\n".join(table))
+
+
+if __name__ == "__main__":
+    main()
