@@ -29,7 +29,7 @@ import numpy as np
 import optax
 
 import sparsejax as sj
-from sparsejax import data
+from sparsejax.training import data
 from sparsejax.models.transformer import TransformerConfig, TransformerLM, lm_loss
 
 FFN = "*/mlp/*/kernel"

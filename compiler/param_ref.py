@@ -18,7 +18,7 @@ ParamRef is a pytree, so it crosses ``lax.scan``, ``lax.cond``,
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from typing import Any
 
 import jax
 
@@ -77,6 +77,3 @@ def materialize(x: Any) -> Any:
 
 def is_ref(x: Any) -> bool:
     return isinstance(x, ParamRef)
-
-
-MaterializeFn = Callable[[ParamRef], jax.Array]

@@ -318,7 +318,7 @@ class SparseFunction:
     def _rewrite(self, param_leaves, mask_leaves, arg_leaves, arg_treedef, dynamic, static, flat,
                  aux=None):
         traced = self._trace_for(param_leaves, arg_leaves, arg_treedef, dynamic, static)
-        self._rebind_handlers(traced)
+        passes.rebind_handlers(self, self._handlers, traced)
         plan = self._activation_plan(traced, check="call")
         hooks = passes.activation_hooks(plan)
         inputs = dict(hooks.inputs)
@@ -357,22 +357,6 @@ class SparseFunction:
                              "arguments has other threshold sites than at init; call init with "
                              "arguments of this structure")
         return self._thresholds
-
-    def _rebind_handlers(self, traced: _Traced) -> None:
-        """Tells every handler where this call's sites sit (see ``WeightHandler.rebind``)."""
-        from sparsejax.compiler.passes.sparse_input import ActivationSparseHandler, ffn_roles
-
-        sites: dict[str, list] = {}
-        for s in traced.sites:
-            sites.setdefault(s.path, []).append(s)
-        roles = None
-        for path, handler in self._handlers.items():
-            if isinstance(handler, ActivationSparseHandler):
-                if roles is None:
-                    roles = ffn_roles(self, traced)[0]
-                handler.rebind(sites.get(path, ()), roles.get(path, {}))
-            else:
-                handler.rebind(sites.get(path, ()))
 
     def _trace_for(self, param_leaves, arg_leaves, arg_treedef, dynamic, static) -> _Traced:
         items = self._slot_items(jax.tree_util.tree_unflatten(self._sparams_treedef, param_leaves))

@@ -136,7 +136,7 @@ def test_greedy_allocation_meets_the_global_target(setup):
 
 
 def test_thresholds_round_trip_through_orbax(setup, tmp_path):
-    from sparsejax.checkpointing import Checkpointer
+    from sparsejax.training.checkpointing import Checkpointer
     params, batches = setup
     sfn, sp, ss = _calibrated(CHESS("*", sparsity=0.3, attention=None), params, batches)
     ckpt = Checkpointer(tmp_path / "ckpt")

@@ -50,3 +50,54 @@ def test_import_sparsejax_loads_no_training_code():
     result = json.loads(out.strip().splitlines()[-1])
     assert result["loaded"] == []     # no presets, data, checkpoints or logs (nor orbax, matplotlib)
     assert result["missing"] == []    # every name in __all__ exists
+
+
+# The layers of docs/architecture.md, lowest first: math, rules, kernels and optimizers; the
+# compiler; the public transform (and the one-shot driver built on it); training and processes.
+def _layer(module: str) -> int:
+    if module.startswith(("sparsejax.training", "sparsejax.distributed")):
+        return 4
+    if module in ("sparsejax", "sparsejax.sparsify", "sparsejax.oneshot") or module.startswith(
+            ("sparsejax.oneshot.driver", "sparsejax.oneshot.training")):
+        return 3
+    if module.startswith("sparsejax.compiler"):
+        return 2
+    return 1
+
+
+def _modules() -> dict:
+    roots = {"sparsejax": ROOT / "sparsejax", "sparsejax.compiler": ROOT / "compiler",
+             "sparsejax.models": ROOT / "models"}
+    found = {}
+    for package, folder in roots.items():
+        for path in folder.rglob("*.py"):
+            rel = path.relative_to(folder)
+            if package == "sparsejax" and rel.parts[0] in ("compiler", "models"):
+                continue     # development symlinks to the roots above
+            parts = list(rel.with_suffix("").parts)
+            if parts[-1] == "__init__":
+                parts = parts[:-1]
+            found[".".join([package, *parts])] = path
+    return found
+
+
+def test_imports_point_down_only():
+    """No module imports one of a higher layer (function-local imports included)."""
+    import ast
+
+    modules = _modules()
+    upward = []
+    for name, path in modules.items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level == 0 and (node.module or "").startswith(
+                    "sparsejax"):
+                targets = [f"{node.module}.{a.name}" if f"{node.module}.{a.name}" in modules
+                           else node.module for a in node.names]
+            elif isinstance(node, ast.Import):
+                targets = [a.name for a in node.names if a.name.startswith("sparsejax")]
+            else:
+                continue
+            upward += [f"{name} -> {t}" for t in targets
+                       if t in modules and name != "sparsejax" and _layer(t) > _layer(name)]
+    assert len(modules) > 50
+    assert upward == []

@@ -10,6 +10,7 @@ from sparsejax.compiler.passes.factorized import FactorizedHandler
 from sparsejax.compiler.passes.iso_flop import IsoFlopFactorsHandler, SparseWideHandler
 from sparsejax.compiler.passes import iso_flop as _iso_flop
 from sparsejax.compiler.passes.masking import MaskHandler
+from sparsejax.compiler.passes.sparse_input import ActivationSparseHandler, ffn_roles
 from sparsejax.compiler.passes.spark import SparkRewrite
 from sparsejax.compiler.passes.thresholds import ReLURewrite
 from sparsejax.rules import Factorize, MaskRule, ReLUActivation, SparkTopK, SparseIsoFlop, SparseWide
@@ -29,6 +30,23 @@ def weight_handler(rule, path, layout, sites) -> WeightHandler:
         if isinstance(rule, rule_type):
             return handler_type(rule, path, layout, sites)
     raise TypeError(f"no compiler pass handles rule {rule.describe()}")
+
+
+def rebind_handlers(sfn, handlers: dict, traced) -> None:
+    """Tells every handler where the sites of the program about to be rewritten sit
+    (:meth:`WeightHandler.rebind`): each call signature is traced anew, and its eqns need
+    not sit where init's trace had them."""
+    sites: dict[str, list] = {}
+    for s in traced.sites:
+        sites.setdefault(s.path, []).append(s)
+    roles = None
+    for path, handler in handlers.items():
+        if isinstance(handler, ActivationSparseHandler):
+            if roles is None:
+                roles = ffn_roles(sfn, traced)[0]
+            handler.rebind(sites.get(path, ()), roles.get(path, {}))
+        else:
+            handler.rebind(sites.get(path, ()))
 
 
 def program_hooks(handlers, traced) -> dict:
