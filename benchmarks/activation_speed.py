@@ -29,7 +29,8 @@ import jax
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from decode_speed import FULL, SMOKE, Bench, decode_step, lm_params, _normal  # noqa: E402
+from decode_speed import (FULL, SMOKE, Bench, decode_step, lm_params,  # noqa: E402
+                          summary_table, _normal)
 from sparsejax import sparsify  # noqa: E402
 from sparsejax.kernels import path_choice  # noqa: E402
 from sparsejax.rules import TEAL  # noqa: E402
@@ -93,15 +94,7 @@ def main():
                               GOAL.get(level)))
             b.summary.append((f"TEAL {level:.0%} decode step", "batch 1", "XLA (not lowered)", t_dense, t_xla,
                               None))
-    table = ["| measurement | case | variant | dense us | sparse us | x dense | goal | met |",
-             "|---|---|---|---|---|---|---|---|"]
-    for what, case, name, td, ts, goal in b.summary:
-        ratio = td / ts if ts == ts and ts > 0 else float("nan")
-        met = "-" if goal is None else ("yes" if ratio >= goal else "no")
-        if b.interpret:
-            met = "n/a: interpret mode times nothing real"
-        table.append(f"| {what} | {case} | {name} | {td:.1f} | {ts:.1f} | {ratio:.2f} | "
-                     f"{'-' if goal is None else f'>= {goal}'} | {met} |")
+    table = summary_table(b, "variant")
     command = "PYTHONUNBUFFERED=1 python " + " ".join(["benchmarks/activation_speed.py", *sys.argv[1:]])
     md = ["# Decode speed of TEAL-thresholded activations", "", f"Command: `{command}`", "",
           f"Device: {dev.device_kind}; JAX {jax.__version__}; bf16; interpret mode: {interpret}. Each time "

@@ -522,6 +522,20 @@ def _split(sfn, args):
     return leaves, treedef, dynamic, static
 
 
+def summary_table(b: Bench, variant_header: str) -> list[str]:
+    """The summary rows of ``b`` as a Markdown table: each ratio to dense beside its goal."""
+    table = [f"| measurement | case | {variant_header} | dense us | sparse us | x dense | goal | met |",
+             "|---|---|---|---|---|---|---|---|"]
+    for section, case, name, t_dense, t_best, goal in b.summary:
+        ratio = t_dense / t_best if t_best == t_best and t_best > 0 else float("nan")
+        met = "-" if goal is None else ("yes" if ratio >= goal else "no")
+        if b.interpret:
+            met = "n/a: interpret mode times nothing real"
+        table.append(f"| {section} | {case} | {name} | {t_dense:.1f} | {t_best:.1f} | {ratio:.2f} | "
+                     f"{'-' if goal is None else f'>= {goal}'} | {met} |")
+    return table
+
+
 # --------------------------------------------------------------------------- main
 
 
@@ -545,15 +559,7 @@ def main():
             except Exception as e:   # noqa: BLE001
                 b.log(f"section {name} failed: {type(e).__name__}: {str(e)[:400]}")
                 b.log_lines.append(traceback.format_exc()[-3000:])
-    table = ["| measurement | case | best variant | dense us | sparse us | x dense | goal | met |",
-             "|---|---|---|---|---|---|---|---|"]
-    for section, case, name, t_dense, t_best, goal in b.summary:
-        ratio = t_dense / t_best if t_best == t_best and t_best > 0 else float("nan")
-        met = "-" if goal is None else ("yes" if ratio >= goal else "no")
-        if b.interpret:
-            met = "n/a: interpret mode times nothing real"
-        table.append(f"| {section} | {case} | {name} | {t_dense:.1f} | {t_best:.1f} | {ratio:.2f} | "
-                     f"{'-' if goal is None else f'>= {goal}'} | {met} |")
+    table = summary_table(b, "best variant")
     command = "PYTHONUNBUFFERED=1 python " + " ".join(["benchmarks/decode_speed.py", *sys.argv[1:]])
     md = ["# Decode speed: sparse-input GEMV, Spark FFN, compressed N:M, end to end", "",
           f"Command: `{command}`", "",

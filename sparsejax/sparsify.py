@@ -345,18 +345,23 @@ class SparseFunction:
         return closed, jax.tree_util.tree_structure(out_shape)
 
     def _thresholds_for(self, traced: _Traced) -> list:
-        """The threshold points, checked against a new trace (its keys must be init's)."""
+        """The threshold points of ``traced``.
+
+        A call traced differently from init (params of another dtype, another batch) has its
+        eqns elsewhere; its points are planned on its own trace and matched to init's by name
+        (the weight path they feed) and threshold shape, so ``sstate["thresholds"]`` serves it.
+        """
         if not self._thresholds:
             return []
         if traced is next(iter(self._traces.values())):
             return self._thresholds
         again = threshold_lib.threshold_plan(self.recipe, traced)
-        if [(p.key, p.operand, p.state_shape()) for p, _ in again] != \
-                [(p.key, p.operand, p.state_shape()) for p, _ in self._thresholds]:
+        if [(p.name, p.state_shape()) for p, _ in again] != \
+                [(p.name, p.state_shape()) for p, _ in self._thresholds]:
             raise ValueError(f"{self._thresholds[0][1].describe()}: the program traced for these "
                              "arguments has other threshold sites than at init; call init with "
                              "arguments of this structure")
-        return self._thresholds
+        return again
 
     def _trace_for(self, param_leaves, arg_leaves, arg_treedef, dynamic, static) -> _Traced:
         items = self._slot_items(jax.tree_util.tree_unflatten(self._sparams_treedef, param_leaves))

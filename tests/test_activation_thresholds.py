@@ -257,3 +257,30 @@ def test_calibration_of_a_reverse_scan_is_indexed_by_layer():
     (s,) = stats.values()
     np.testing.assert_allclose(s.sum[L - 1], x.sum(0), rtol=1e-5)
     np.testing.assert_allclose(s.sum[L - 2], jnp.tanh(x @ w[L - 1]).sum(0), rtol=1e-4)
+
+
+def bf16_compute(params, x):
+    """``scanned`` computing in bf16 as Flax's ``dtype=bfloat16`` layers do: each weight is
+    cast before its matmul, a cast that vanishes (and shifts every later eqn) when the
+    params are already bf16."""
+    def layer(h, p):
+        p = {k: v.astype(jnp.bfloat16) for k, v in p.items()}
+        return h + gated_ffn(h, p), None
+    return jax.lax.scan(layer, x.astype(jnp.bfloat16), params)[0]
+
+
+def test_thresholds_serve_a_call_traced_differently_from_init(setup):
+    """Init with float32 params, call with bf16 ones: the thresholded eqns sit elsewhere than
+    in init's trace; the points are matched by name and the calibrated thresholds apply."""
+    params, batches = setup
+    sfn = sj.sparsify(bf16_compute, [TEAL("*", sparsity=0.5)])
+    sp, ss = sfn.init(params, batches[0])
+    ss = sfn.calibrate(sp, ss, batches)
+    x = batches[1]
+    want = sfn(sp, ss, x).astype(jnp.float32)
+    half = jax.tree.map(lambda w: w.astype(jnp.bfloat16), sp)
+    got = sfn(half, ss, x).astype(jnp.float32)
+    rel = float(jnp.linalg.norm(got - want) / jnp.linalg.norm(want))
+    assert rel < 1e-6                  # the same bf16 computation, the same thresholds
+    dense = bf16_compute(half, x).astype(jnp.float32)
+    assert float(jnp.linalg.norm(dense - want) / jnp.linalg.norm(want)) > 1e-2   # thresholds cut

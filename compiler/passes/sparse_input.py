@@ -382,7 +382,7 @@ def ffn_roles(sfn, traced) -> tuple[dict[str, dict], dict[str, list]]:
                                                           act_site.width)
     # Thresholded inputs (TEAL, CATS, CHESS): the hook zeroes the input before the matmul, so
     # the matmul reading it is a sparse-input GEMV (exact at threshold 0) where measured faster.
-    for point, rule in getattr(sfn, "_thresholds", ()):
+    for point, rule in (sfn._thresholds_for(traced) if getattr(sfn, "_thresholds", ()) else ()):
         density = 1.0 - float(rule.sparsity)
         if point.kind == "input":
             wanted = {(point.paths[0], point.key)}

@@ -66,14 +66,12 @@ else:
 
 
 # %% after="lower_code"
-def median_ms(fn, *args, repeats=20):
-    jax.block_until_ready(fn(*args))                 # compile and warm up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
-    return 1e3 * float(np.median(times))
+from sparsejax.kernels.path_choice import median_seconds
+
+
+def median_ms(fn, *args):
+    """Median of back-to-back calls after warm-up (the library's own timing helper)."""
+    return 1e3 * median_seconds(fn, *args, calls=3, repeats=10)
 
 
 dense_ms = median_ms(jax.jit(wide.apply), wide_params, x)
