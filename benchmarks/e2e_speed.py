@@ -5,13 +5,14 @@
     python benchmarks/e2e_speed.py --smoke               # tiny sizes on CPU: checks the script
 
 A GPT-2-medium-width LM (models/transformer.py: d_model 1024, 24 layers, 16 heads, d_ff 4096,
-vocab 50304, bf16 compute), written with ``nn.scan`` over layers and unrolled. Recipes, all
-through ``sparsify``: block masks at 90/75/50% on every linear layer but the head, then
-``lower`` (the block-sparse kernel or XLA per site, whichever measured faster); 90% on FFNs
-only; Monarch (4 blocks) on every linear layer but the head. Measured: prefill forward
-(batch 8 × 1024), the AdamW training step (same batch), and decoding one token with a
-1024-token KV cache at batch 1 and 8. Beside each ratio to dense: the FLOP-ideal ratio
-(dense model FLOPs over the sparse model's, from the report's counts) or, for decode, the
+vocab 50304, bf16 compute, flash attention unless ``--attention=explicit``), written with
+``nn.scan`` over layers and unrolled. Recipes, all through ``sparsify``: block masks at
+90/75/50% on every linear layer but the head, then ``lower`` (the block-sparse kernel or XLA
+per site, whichever measured faster); 90% on FFNs only; Monarch (4 blocks, fresh factors) on
+every linear layer but the head. Measured: prefill forward (batch 8 × 1024), the AdamW
+training step (same batch), and decoding one token with a 1024-token KV cache at batch 1 and
+8. Beside each ratio to dense: the FLOP-ideal ratio (dense model FLOPs over the sparse
+model's, from the report's counts) or, for decode, the
 bytes-ideal ratio (weight and cache bytes a dense step reads over a packed sparse one's).
 Every sparse forward is first checked against its masked (XLA) twin. Prints the table last;
 writes $OUT/e2e_speed.md and $OUT/e2e_speed.json when $OUT is set.
