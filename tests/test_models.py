@@ -101,11 +101,28 @@ def test_lm_loss_weights_and_tied_embeddings():
     assert sum(a.size for a in jax.tree.leaves(variables)) == TINY.replace(tie_embeddings=True).num_params()
 
 
+def test_fused_attention_matches_the_explicit_form_and_sparsify_finds_every_kernel(tiny_lm):
+    model, variables = tiny_lm
+    tokens = _tokens(3, (2, 13))
+    fused = tr.TransformerLM(TINY.replace(attention="fused"))
+    want = model.apply(variables, tokens)
+    np.testing.assert_allclose(fused.apply(variables, tokens), want, rtol=1e-5, atol=1e-5)
+    # Decoding with a KV cache keeps the explicit form: it matches the full forward's last row.
+    cache = tr.init_cache(TINY, 2, 13)
+    prefix, cache = fused.apply(variables, tokens[:, :12], cache, 0)
+    last, _ = fused.apply(variables, tokens[:, 12:], cache, 12)
+    np.testing.assert_allclose(last[:, 0], want[:, 12], rtol=1e-4, atol=1e-4)
+    sfn = sj.sparsify(fused.apply, sj.Prune(r"re:.*(attn|mlp)/.*/kernel", sparsity=0.5))
+    sfn.init(variables, tokens)
+    assert len(sfn.report().rows) == 7 * TINY.n_layers
+
+
 @pytest.mark.parametrize("changes, message", [
     ({"d_model": 25}, "multiple of n_heads"),
     ({"d_model": 15, "n_heads": 3}, "must be even"),
     ({"n_layers": 0}, "n_layers"),
     ({"dtype": "float33"}, "dtype"),
+    ({"attention": "flash"}, "attention must be one of"),
 ])
 def test_config_errors_name_the_field(changes, message):
     with pytest.raises(ValueError, match=message):
