@@ -134,6 +134,30 @@ class Variant:
                                                 small), masked))
 
 
+def train_runner(v: Variant):
+    """``run(sstate, tokens) -> loss``: one jitted AdamW step of ``v`` on its own copy of the params."""
+    tx = optax.adamw(1e-4)
+    fwd = v.train_fwd
+
+    def step(params, opt_state, sstate, tokens):
+        def loss(p):
+            logits = fwd(p, sstate, tokens)
+            return transformer.lm_loss(logits[:, :-1], tokens[:, 1:])
+        l, g = jax.value_and_grad(loss)(params)
+        updates, opt_state = tx.update(g, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, l
+
+    params = jax.tree.map(jnp.copy, v.params)
+    jstep = jax.jit(step, donate_argnums=(0, 1))
+    state = [params, tx.init(params)]
+
+    def run(sstate, tokens):
+        state[0], state[1], l = jstep(state[0], state[1], sstate, tokens)
+        return l
+
+    return run
+
+
 def time_variant(v: Variant, measures, batch, seq, smoke) -> dict:
     cfg, out = v.cfg, {}
     tokens = jax.random.randint(jax.random.key(2), (batch, seq), 0, cfg.vocab_size)
@@ -144,27 +168,7 @@ def time_variant(v: Variant, measures, batch, seq, smoke) -> dict:
         out["prefill"] = median_seconds(f, infer_params, v.sstate, tokens, calls=calls, repeats=repeats)
         v.paths["prefill"] = path_summary(v.infer_fwd.report()) if v.name != "dense" else ""
     if "train" in measures:
-        tx = optax.adamw(1e-4)
-        fwd = v.train_fwd
-
-        def step(params, opt_state, sstate, tokens):
-            def loss(p):
-                logits = fwd(p, sstate, tokens)
-                return transformer.lm_loss(logits[:, :-1], tokens[:, 1:])
-            l, g = jax.value_and_grad(loss)(params)
-            updates, opt_state = tx.update(g, opt_state, params)
-            return optax.apply_updates(params, updates), opt_state, l
-
-        params = jax.tree.map(jnp.copy, v.params)
-        opt_state = tx.init(params)
-        jstep = jax.jit(step, donate_argnums=(0, 1))
-        state = [params, opt_state]
-
-        def run(sstate, tokens):
-            state[0], state[1], l = jstep(state[0], state[1], sstate, tokens)
-            return l
-
-        out["train"] = median_seconds(run, v.sstate, tokens, calls=calls, repeats=repeats)
+        out["train"] = median_seconds(train_runner(v), v.sstate, tokens, calls=calls, repeats=repeats)
         v.paths["train"] = path_summary(v.train_fwd.report()) if v.name != "dense" else ""
     for m in measures:
         if not m.startswith("decode"):

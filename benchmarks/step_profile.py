@@ -1,0 +1,160 @@
+"""Where the time of a step goes: device kernel time per kind of work, dense vs sparsified LM.
+
+    python benchmarks/step_profile.py                          # GPU: e2e LM, prefill and train step
+    python benchmarks/step_profile.py --recipes=block90,monarch4 --measure=train
+    python benchmarks/step_profile.py --smoke                  # tiny LM on CPU: checks the script
+
+The e2e benchmark's LM and recipes (``e2e_speed.py``: 24 scanned layers, d_model 1024, flash
+attention; ``sparsify`` + ``lower`` as it does). Each (recipe, measure) is warmed up, then
+``--steps`` calls are traced with ``jax.profiler``; the device's kernel events are summed per
+category and divided by the step count:
+
+* ``Pallas / Mosaic kernels``: custom calls that are neither attention nor a library GEMM
+  (the block-sparse, Monarch and GEMV kernels);
+* ``GEMM (cuBLAS / CUTLASS)``, ``attention (cuDNN)``: by kernel name;
+* ``XLA fusions``: elementwise, reductions, softmax, the loss, AdamW;
+* ``copies and other``: everything else (copies, dynamic-update-slice, scatter, gather...).
+
+Besides the sums, the slowest kernels by total time. On CPU the host's XLA ops stand in for
+kernels (a check that the script runs, not a measurement). Prints the table last; writes
+``$OUT/step_profile.md`` when ``$OUT`` is set.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import glob
+import os
+import pathlib
+import sys
+import tempfile
+import time
+
+import jax
+import jax.numpy as jnp
+
+sys.path.append(str(pathlib.Path(__file__).resolve().parent))
+import e2e_speed as e2e  # noqa: E402
+from timing import median_seconds  # noqa: E402
+
+from sparsejax.models import transformer  # noqa: E402
+
+CATEGORIES = ("Pallas / Mosaic kernels", "GEMM (cuBLAS / CUTLASS)", "attention (cuDNN)",
+              "XLA fusions", "copies and other")
+_ATTENTION = ("fmha", "flash", "cudnn", "attention", "sdpa")
+_GEMM = ("gemm", "xmma", "cutlass", "nvjet", "cublas", "matmul")
+
+
+def category(kernel: str, hlo_op: str) -> str:
+    name = kernel.lower()
+    if any(t in name for t in _ATTENTION):
+        return "attention (cuDNN)"
+    if any(t in name for t in _GEMM):
+        return "GEMM (cuBLAS / CUTLASS)"
+    if hlo_op.startswith("custom-call") or "pallas" in name or "mosaic" in name:
+        return "Pallas / Mosaic kernels"
+    if "fusion" in hlo_op or name.startswith(("loop_", "input_", "fusion")):
+        return "XLA fusions"
+    return "copies and other"
+
+
+def _stat(event, key: str) -> str:
+    for k, v in event.stats:
+        if k == key:
+            return str(v)
+    return ""
+
+
+def kernel_times(trace_dir: str) -> dict[tuple[str, str], float]:
+    """Total µs per (kernel, hlo op) over the trace: GPU stream events, else host XLA ops."""
+    files = glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True)
+    data = jax.profiler.ProfileData.from_file(max(files, key=os.path.getmtime))
+    totals: dict[tuple[str, str], float] = collections.defaultdict(float)
+    device = [p for p in data.planes if p.name.startswith("/device:GPU")]
+    if device:
+        for plane in device:
+            for line in plane.lines:
+                if not line.name.startswith("Stream"):   # derived lines repeat the same time
+                    continue
+                for e in line.events:
+                    totals[(e.name, _stat(e, "hlo_op"))] += e.duration_ns / 1e3
+        return totals
+    for plane in data.planes:                 # CPU: XLA ops on the host's threads
+        for line in plane.lines:
+            for e in line.events:
+                op = _stat(e, "hlo_op")
+                if op:
+                    totals[(e.name, op)] += e.duration_ns / 1e3
+    return totals
+
+
+def profile(fn, args, steps: int) -> dict[tuple[str, str], float]:
+    jax.block_until_ready(fn(*args))          # compiled and warm
+    with tempfile.TemporaryDirectory() as d:
+        jax.profiler.start_trace(d)
+        for _ in range(steps):
+            out = fn(*args)
+        jax.block_until_ready(out)
+        jax.profiler.stop_trace()
+        return {k: v / steps for k, v in kernel_times(d).items()}
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--recipes", default="block90")
+    parser.add_argument("--measure", default="prefill,train")
+    parser.add_argument("--layers", type=int, default=24)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--top", type=int, default=12)
+    parser.add_argument("--smoke", action="store_true")
+    args = parser.parse_args()
+    smoke = args.smoke
+    batch, seq = (2, 32) if smoke else (8, 1024)
+    cfg = e2e.model_config(smoke, args.layers, True, "fused")
+    model = transformer.TransformerLM(cfg)
+    tokens = jax.random.randint(jax.random.key(0), (batch, seq), 0, cfg.vocab_size)
+    params = jax.jit(model.init)(jax.random.key(1), tokens)
+    t0 = time.time()
+    lines = [f"## {time.strftime('%Y-%m-%d')}: {jax.devices()[0].device_kind}, JAX {jax.__version__}", "",
+             f"Command: `python benchmarks/step_profile.py {' '.join(sys.argv[1:])}`", "",
+             f"e2e LM ({cfg.n_layers} scanned layers, d_model {cfg.d_model}, {cfg.attention} "
+             f"attention), batch {batch}×{seq}; device kernel time per step (µs), "
+             f"{args.steps} traced steps after warm-up; wall = median step time.", ""]
+    tops = []
+    rows = []
+    for name in ["dense", *[r for r in args.recipes.split(",") if r and r != "dense"]]:
+        v = e2e.Variant(name, model, cfg, params, tokens, smoke)
+        infer_params = v.infer_params if smoke else e2e._cast(v.infer_params, jnp.bfloat16)
+        for measure in [m for m in args.measure.split(",") if m]:
+            if measure == "prefill":
+                fn, fargs = jax.jit(v.infer_fwd), (infer_params, v.sstate, tokens)
+            elif measure == "train":
+                fn, fargs = e2e.train_runner(v), (v.sstate, tokens)
+            else:
+                raise SystemExit(f"--measure: {measure!r} is not prefill or train")
+            times = profile(fn, fargs, args.steps)
+            wall = median_seconds(fn, *fargs, calls=2, repeats=5)
+            per_cat = collections.Counter()
+            for (kernel, op), us in times.items():
+                per_cat[category(kernel, op)] += us
+            rows.append((name, measure, 1e6 * wall, per_cat))
+            top = sorted(times.items(), key=lambda kv: -kv[1])[:args.top]
+            tops += [f"- {name} {measure}: " + "; ".join(
+                f"{k[0][:60]} [{k[1][:30]}] {us:.0f}" for k, us in top)]
+            print(f"{name} {measure}: wall {1e3 * wall:.2f} ms, kernels "
+                  f"{sum(per_cat.values()) / 1e3:.2f} ms ({time.time() - t0:.0f} s)", flush=True)
+    lines += ["| recipe | measure | wall µs | kernels µs | " + " | ".join(CATEGORIES) + " |",
+              "|---|---|---|---|" + "---|" * len(CATEGORIES)]
+    for name, measure, wall_us, per_cat in rows:
+        lines.append(f"| {name} | {measure} | {wall_us:.0f} | {sum(per_cat.values()):.0f} | "
+                     + " | ".join(f"{per_cat.get(c, 0.0):.0f}" for c in CATEGORIES) + " |")
+    lines += ["", "Slowest kernels per step (µs):", ""] + tops
+    text = "\n".join(lines) + "\n"
+    if os.environ.get("OUT"):
+        pathlib.Path(os.environ["OUT"], "step_profile.md").write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
