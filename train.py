@@ -685,6 +685,10 @@ def soup_config(cfg: Config) -> imp_soups.SoupConfig | None:
         raise ValueError(f"--soup_copies={cfg.soup_copies} runs its own cycles in one process: "
                          "leave --outer, --oneshot and --num_processes unset")
     decays = _floats(cfg, "soup_weight_decays") or None
+    if decays and "weight_decay" not in getattr(optax, cfg.optimizer).__code__.co_varnames:
+        raise ValueError(f"--soup_weight_decays: --optimizer={cfg.optimizer} takes no weight "
+                         "decay, so the copies would differ in batch order only; use adamw, lion, "
+                         "... or leave --soup_weight_decays empty")
     sparsities = _floats(cfg, "soup_sparsities")
     try:
         return imp_soups.SoupConfig(

@@ -38,7 +38,6 @@ from jax import lax
 from sparsejax import paths as path_lib
 from sparsejax.compiler.interpreter import Interpreter, Key, Scope, bind_eqn, sub_jaxprs
 from sparsejax.compiler.param_ref import ParamRef, is_ref, materialize
-from sparsejax.compiler.scan_params import scan_layout
 from sparsejax.compiler.sites import WeightSite, find_weight_sites
 
 Observer = Callable[[jax.Array], Any]

@@ -27,7 +27,7 @@ from sparsejax import paths as path_lib
 from sparsejax.compiler import calibration
 from sparsejax.compiler.activation_sites import ActivationSite
 from sparsejax.compiler.interpreter import Key, Scope
-from sparsejax.rules import CATS, CHESS, TEAL, ActivationThreshold
+from sparsejax.rules import CHESS, TEAL, ActivationThreshold
 
 __all__ = ["ThresholdPoint", "threshold_plan", "calibrate", "HISTOGRAM_EDGES"]
 
@@ -268,8 +268,9 @@ def calibrate(cal: calibration.Calibration, params: Any, batches: Sequence[tuple
 
     Returns ``(thresholds, info)``: ``thresholds[name]`` shaped ``point.state_shape()``
     (per channel for CHESS FFN points), and ``info[name]`` with the target sparsity per
-    layer and the sparsity the thresholds give on the calibration data (``measured``,
-    counted exactly in a second pass).
+    layer (``target``); :func:`measure` counts the sparsity the thresholds give on the
+    calibration data exactly, in a second pass (``SparseFunction.calibrate`` stores it as
+    ``measured``).
     """
     if global_sparsity is not None and not 0.0 <= float(global_sparsity) < 1.0:
         raise ValueError(f"calibrate: global_sparsity must be in [0, 1), got {global_sparsity!r}")

@@ -136,7 +136,8 @@ class SparseFunction:
           state ``{"masks": ...}``.
         """
         with_path, self._dense_treedef = jax.tree_util.tree_flatten_with_path(params)
-        self._rewrites, self._handlers = {}, {}   # a second init rebuilds what depends on it
+        # A second init rebuilds what depends on it; its trace is the one later methods read.
+        self._rewrites, self._handlers, self._traces = {}, {}, {}
         leaves = [x for _, x in with_path]
         self._init_paths = [path_lib.path_str(kp) for kp, _ in with_path]
         if len(set(self._init_paths)) != len(self._init_paths):
@@ -450,8 +451,8 @@ class SparseFunction:
             records.setdefault(int(index), []).append((float(before), float(after)))
 
         hooks = passes.measuring_hooks(plan, record)
-        hooks = {**passes.program_hooks(self._handlers.values(), traced), **hooks}
-        program = self._program(traced, hooks, len(param_leaves), mask_leaves)
+        outputs = {**passes.program_hooks(self._handlers.values(), traced), **hooks.outputs}
+        program = self._program(traced, outputs, len(param_leaves), mask_leaves, dict(hooks.inputs))
         flat = [*param_leaves, *[m for m in mask_leaves if m is not None],
                 *[arg_leaves[i] for i in dynamic]]
         jax.block_until_ready(jax.jit(program)(*flat))
@@ -535,7 +536,7 @@ class SparseFunction:
         return jax.tree_util.tree_unflatten(self._dense_treedef, out)
 
     def lower(self, sstate: dict, *, backend: str | None = None,
-              interpret: bool | str = False, packed: bool = False,
+              interpret: bool = False, packed: bool = False,
               premasked: bool = False) -> "SparseFunction":
         """A copy whose masked matmuls and Spark FFN sites take their fastest correct path.
 
@@ -566,6 +567,9 @@ class SparseFunction:
         from sparsejax.compiler.passes.sparse_input import activation_sparse_handlers
         from sparsejax.rules import NM
 
+        if not isinstance(interpret, bool):
+            raise ValueError(f"lower: interpret must be a bool (Pallas interpret mode), got "
+                             f"{interpret!r}; name a kernel backend with backend=")
         self._require_init()
         if packed and premasked:
             raise ValueError("lower: packed=True holds kept blocks only and premasked=True dense "

@@ -176,6 +176,11 @@ def test_relu_substitution_and_the_l1_auxiliary_output(setup):
         # the L1 is differentiable: a training loop adds it to its loss
         g = jax.grad(lambda p: sfn.with_aux()(p, ss, x)[1]["activation_l1"])(sp)
         assert float(jnp.abs(g["gate"]).sum()) > 0
+        # measure_activations runs the substituted program: per layer, the ReLU's density
+        measured = sfn.measure_activations(sp, ss, x)
+        assert [m["layer"] for m in measured] == list(range(L))
+        np.testing.assert_allclose([m["after"] for m in measured],
+                                   np.mean(np.asarray(acts) != 0, axis=(1, 2, 3)), rtol=1e-5)
 
 
 def test_prosparse_schedule_rises_along_sines_in_stages():
@@ -284,3 +289,12 @@ def test_thresholds_serve_a_call_traced_differently_from_init(setup):
     assert rel < 1e-6                  # the same bf16 computation, the same thresholds
     dense = bf16_compute(half, x).astype(jnp.float32)
     assert float(jnp.linalg.norm(dense - want) / jnp.linalg.norm(want)) > 1e-2   # thresholds cut
+
+
+def test_a_second_init_replaces_the_first_programs_trace(setup):
+    params, batches = setup
+    sfn = sj.sparsify(scanned, [TEAL("*", sparsity=0.5)])
+    sfn.init(params, batches[0][0])                          # (T, D): another program
+    sp, ss = sfn.init(params, batches[0])                    # (B, T, D): the one used below
+    ss = sfn.calibrate(sp, ss, batches)
+    assert all(v.shape == (L, 1) for v in ss["thresholds"].values())

@@ -262,6 +262,7 @@ def test_train_py_runs_imp_with_soups(tmp_path):
     (dict(soup_sparsities="0.5,x"), r"--soup_sparsities='0.5,x': write comma-separated numbers"),
     (dict(soup_sparsities="0.9,0.5"), "--soup_\\* flags: sparsities must not fall"),
     (dict(soup_weight_decays="0.1"), "one value per copy"),
+    (dict(optimizer="adam", soup_weight_decays="0.1,0.2"), "--optimizer=adam takes no weight decay"),
     (dict(soup_merge="mean"), "merge must be one of"),
     (dict(soup_copies=-1), "--soup_copies must be >= 0"),
     (dict(outer="diloco"), "runs its own cycles in one process"),

@@ -42,6 +42,12 @@ class ActivationRewrite:
         """Like :meth:`hook`, and reports ``record(index, density before, density after)``."""
         raise NotImplementedError
 
+    def measuring_hooks(self, rule, site: ActivationSite, index: int, record: Callable
+                        ) -> SiteHooks:
+        """Like :meth:`hooks`, and reports the site's densities (default: :meth:`measuring_hook`
+        on the site's value)."""
+        return SiteHooks({site.key: self.measuring_hook(rule, site, index, record)}, {})
+
 
 _ACTIVATION_REWRITES: list[tuple[type, ActivationRewrite]] = []
 
@@ -75,10 +81,16 @@ def check_plan(plan) -> None:
             activation_rewrite(rule).check(rule, site)
 
 
-def measuring_hooks(plan, record: Callable) -> dict[Key, HookFn]:
-    """Hooks that measure every site of ``plan``; sites no rule selects are measured as they
-    are (the Spark pass's densities before a rewrite: the fraction above zero, or unmasked)."""
+def measuring_hooks(plan, record: Callable) -> SiteHooks:
+    """Hooks that apply and measure every site of ``plan``; sites no rule selects are measured
+    as they are (the Spark pass's densities before a rewrite: the fraction above zero, or
+    unmasked)."""
     from sparsejax.compiler.passes.spark import SparkRewrite
     unruled = SparkRewrite()
-    return {site.key: (activation_rewrite(rule) if rule is not None else unruled)
-            .measuring_hook(rule, site, i, record) for i, (site, rule) in enumerate(plan)}
+    outputs, inputs = {}, {}
+    for i, (site, rule) in enumerate(plan):
+        h = (activation_rewrite(rule) if rule is not None else unruled).measuring_hooks(
+            rule, site, i, record)
+        outputs.update(h.outputs)
+        inputs.update(h.inputs)
+    return SiteHooks(outputs, inputs)

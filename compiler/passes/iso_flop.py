@@ -23,7 +23,6 @@ from __future__ import annotations
 import math
 
 import jax
-import jax.numpy as jnp
 from jax.extend import core as jex_core
 
 from sparsejax import iso_flop
@@ -179,7 +178,8 @@ def _wide_region(jaxpr, weight_sites, ffn_paths, rule) -> list:
     prefixes = {s.key[:-1] for s in sites}
     down = ffn_paths[-1]
     fail = lambda why: rule.error(down, f"cannot widen this FFN: {why}")
-    if len(prefixes) != 1 or len({s.path for s in sites}) != len(ffn_paths):
+    if len(prefixes) != 1 or len(sites) != len(ffn_paths) or \
+            len({s.path for s in sites}) != len(ffn_paths):
         raise fail("its weights are used in more than one place (each must have one matmul)")
     prefix = prefixes.pop()
     body = _jaxpr_at(jaxpr, prefix)

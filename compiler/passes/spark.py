@@ -16,6 +16,7 @@ import jax.numpy as jnp
 from sparsejax import topk
 from sparsejax.kernels import statistical_topk as statistical_topk_kernel
 from sparsejax.compiler.activation_sites import ActivationSite
+from sparsejax.compiler.passes.activation import ActivationRewrite
 
 
 def _valid_scores(x):
@@ -68,8 +69,6 @@ def measuring_hook(rule, site: ActivationSite, index: int, record: Callable) -> 
         return outvals
     return hook
 
-
-from sparsejax.compiler.passes.activation import ActivationRewrite  # noqa: E402
 
 
 class SparkRewrite(ActivationRewrite):

@@ -382,8 +382,12 @@ def ffn_roles(sfn, traced) -> tuple[dict[str, dict], dict[str, list]]:
                                                           act_site.width)
     # Thresholded inputs (TEAL, CATS, CHESS): the hook zeroes the input before the matmul, so
     # the matmul reading it is a sparse-input GEMV (exact at threshold 0) where measured faster.
+    calibrated = getattr(sfn, "_threshold_info", {})
     for point, rule in (sfn._thresholds_for(traced) if getattr(sfn, "_thresholds", ()) else ()):
-        density = 1.0 - float(rule.sparsity)
+        # The density the path choice measures at: what calibration measured (uncalibrated
+        # thresholds are 0 and drop exact zeros only: dense).
+        info = calibrated.get(point.name)
+        density = 1.0 if info is None else 1.0 - float(np.mean(info["measured"]))
         if point.kind == "input":
             wanted = {(point.paths[0], point.key)}
         else:       # act(gate) * up is zero where act(gate) was cut: the down matmul's input

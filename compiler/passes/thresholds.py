@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 
 from sparsejax.compiler.activation_sites import ActivationSite, _ELEMENTWISE
@@ -74,3 +75,17 @@ class ReLURewrite(ActivationRewrite):
             return invals
 
         return SiteHooks({site.key: keep_pre}, {site.act_key: substitute})
+
+    def measuring_hooks(self, rule, site: ActivationSite, index: int, record) -> SiteHooks:
+        """The substitution, reporting the fraction of pre-activations above zero (before)
+        and above the ReLU's threshold (after: the entries the ReLU lets through)."""
+        h = self.hooks(rule, site)
+        keep_pre, threshold = h.outputs[site.key], float(rule.threshold)
+
+        def measure(eqn, outvals):
+            pre = outvals[site.output]
+            jax.debug.callback(record, index, jnp.mean((pre > 0).astype(jnp.float32)),
+                               jnp.mean((pre > threshold).astype(jnp.float32)))
+            return keep_pre(eqn, outvals)
+
+        return SiteHooks({site.key: measure}, h.inputs)

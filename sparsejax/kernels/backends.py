@@ -5,8 +5,9 @@ Each kernel module offers, beside its kernel wrapper:
 * ``*_reference(...)``: the plain-JAX twin the tests compare against;
 * ``supported(..., backend=None, interpret=False) -> str | None``: why the
   kernel cannot run this call (``None`` when it can). The wrapper then runs the
-  reference (or, where the caller asked for the kernel, raises with the reason);
-  the compiler passes put the reason in their report.
+  reference (the block-sparse and N:M wrappers) or raises with the reason (where a
+  wrapper's ``impl`` names a kernel path, as the Spark FFN decode's); the compiler
+  passes ask ``supported`` first and put the reason in their report.
 
 and takes the same two arguments:
 

@@ -571,7 +571,7 @@ def topk_ffn_decode(x: jax.Array, weights: DecodeWeights, *, k: Any = None, k_fr
     if impl == "auto":      # the whole layer's fastest path at this batch, dense included
         batch = int(np.prod(x.shape[:-1]))
         name = choose_impl(batch, weights, k=k, k_frac=k_frac, activation=activation,
-                           dtype=x.dtype).name
+                           dtype=x.dtype, backend=backend, interpret=interpret).name
         impl, tiling = CHOICE_PATHS.get(name, (name, {}))
         tiling = dict(tiling)
     if impl in _KERNEL_IMPLS and backends.resolve(
@@ -619,8 +619,8 @@ CHOICE_PATHS = {"sparse_split_gate": ("sparse", dict(down_tiles=_SPLIT, gate_til
 
 def choose_impl(batch: int, weights: DecodeWeights, *, k: Any = None, k_frac: Any = None,
                 activation: Callable = jax.nn.gelu, dtype=jnp.bfloat16,
-                candidates: tuple[str, ...] = ("fused", "sparse", "sparse_split_gate", "dense")
-                ) -> path_choice.Choice:
+                candidates: tuple[str, ...] = ("fused", "sparse", "sparse_split_gate", "dense"),
+                backend: str | None = None, interpret: bool = False) -> path_choice.Choice:
     """The fastest correct decode path at this batch size, by measurement on the device.
 
     The union of fired neurons grows with the batch (``1 - (1 - k/d_ff)^B`` of
@@ -630,13 +630,14 @@ def choose_impl(batch: int, weights: DecodeWeights, *, k: Any = None, k_frac: An
     with the weights streamed from memory as in a model (several copies, beyond the
     L2); on the CPU the choice is deterministic (dense: no kernel runs there).
     """
-    on_gpu = supported(1) is None
+    on_gpu = supported(1, backend=backend, interpret=interpret) is None
     cands = []
     for name in candidates:
-        why = None if name == "dense" else supported(batch)
+        why = None if name == "dense" else supported(batch, backend=backend, interpret=interpret)
         impl, tiling = CHOICE_PATHS.get(name, (name, {}))
         fn = functools.partial(_layer_fn, impl=impl, k=k, k_frac=k_frac, activation=activation,
-                               split=weights.split, tiling=tiling)
+                               split=weights.split, tiling=tiling, backend=backend,
+                               interpret=interpret)
         cands.append(path_choice.Candidate(name, fn, why, describe=f"Spark FFN decode ({name})"))
     cands.sort(key=lambda c: c.name == "dense")      # kernels first on a GPU, dense the fallback
     if not on_gpu:
@@ -650,10 +651,11 @@ def choose_impl(batch: int, weights: DecodeWeights, *, k: Any = None, k_frac: An
                                              weight_args=(1, 2, 3), baseline="dense")
 
 
-def _layer_fn(x, w_gate, w_up_t, w_down, *, impl, k, k_frac, activation, split, tiling=None):
+def _layer_fn(x, w_gate, w_up_t, w_down, *, impl, k, k_frac, activation, split, tiling=None,
+              backend=None, interpret=False):
     w = DecodeWeights(w_gate, w_up_t, w_down, split)
     return topk_ffn_decode(x, w, k=k, k_frac=k_frac, activation=activation, impl=impl,
-                           **dict(tiling or {}))
+                           backend=backend, interpret=interpret, **dict(tiling or {}))
 
 
 def topk_ffn_decode_reference(x: jax.Array, weights: DecodeWeights, *, k: Any = None,

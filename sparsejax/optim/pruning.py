@@ -111,7 +111,7 @@ def magnitude_masks(params: Any, sparsity: float, *, masks: Any = None,
     return targets.tree([n & m for n, m in zip(new, old)])
 
 
-def prune(inner: optax.GradientTransformation | None,
+def prune(inner: optax.GradientTransformation | None = None,
           schedule: SparsitySchedule | None = None, *,
           score: str = "magnitude", distribution: str = "uniform", min_kept: int = 1,
           layouts: Any = None, where: Callable | None = None, initial_masks: Any = None,

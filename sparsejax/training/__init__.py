@@ -5,8 +5,8 @@ the library is the transform, the rules, the kernels and the optimizers; a train
 (train.py, the notebooks, the quality benchmarks) imports ``sparsejax.training`` on top.
 
 * :mod:`~sparsejax.training.presets`: named recipes with the optimizer wrappers that go with
-  them, and :func:`~sparsejax.training.presets.forward_masks`, the one hand-over of masks from
-  the optimizer to the forward pass.
+  them and who owns their masks (the hand-over is :func:`sparsejax.optim.forward_masks`).
+* :mod:`~sparsejax.training.imp_soups`: iterative magnitude pruning with sparse model soups.
 * :mod:`~sparsejax.training.data`: text and digits batches that need no download.
 * :mod:`~sparsejax.training.checkpointing`: orbax checkpoints that resume bit-identically.
 * :mod:`~sparsejax.training.logging_utils`: progress line, metrics files, curves, summary.
