@@ -222,8 +222,11 @@ class Interpreter:
                             key + ("cond_jaxpr",), scope)[0]
 
         def body_fun(carry):
-            return self.run(body_jaxpr, body_consts_closed, [*body_consts, *carry],
-                            key + ("body_jaxpr",), body_scope)
+            with self._inner({}) as emitted:
+                out = self.run(body_jaxpr, body_consts_closed, [*body_consts, *carry],
+                               key + ("body_jaxpr",), body_scope)
+            _refuse_emitted(emitted, "a lax.while_loop body")
+            return out
 
         return list(lax.while_loop(cond_fun, body_fun, init))
 
@@ -232,7 +235,13 @@ class Interpreter:
 
         def branch_fn(j, closed):
             jaxpr, consts = _open(closed)
-            return lambda ops: self.run(jaxpr, consts, ops, key + (f"branches{j}",), scope)
+
+            def branch(ops):
+                with self._inner({}) as emitted:
+                    out = self.run(jaxpr, consts, ops, key + (f"branches{j}",), scope)
+                _refuse_emitted(emitted, "a lax.cond / lax.switch branch")
+                return out
+            return branch
 
         fns = [branch_fn(j, br) for j, br in enumerate(eqn.params["branches"])]
         return list(lax.switch(index, fns, list(operands)))
@@ -282,3 +291,12 @@ def sub_jaxprs(eqn) -> list[tuple[str, Any]]:
         inner = p.get("jaxpr", p.get("call_jaxpr"))
         return [("jaxpr", _open(inner)[0])] if inner is not None else []
     return []
+
+
+def _refuse_emitted(emitted: dict, where: str) -> None:
+    """Values handed out of the program leave through scans only (stacked per layer)."""
+    if emitted:
+        keys = ", ".join("/".join(map(str, k)) for k in emitted)
+        raise ValueError(f"a value handed out of the program (e.g. with_aux's activation L1) is "
+                         f"computed inside {where} at eqn {keys}: only scans (and the top level) "
+                         "can hand values out; select sites outside the loop or branch")

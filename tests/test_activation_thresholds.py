@@ -298,3 +298,21 @@ def test_a_second_init_replaces_the_first_programs_trace(setup):
     sp, ss = sfn.init(params, batches[0])                    # (B, T, D): the one used below
     ss = sfn.calibrate(sp, ss, batches)
     assert all(v.shape == (L, 1) for v in ss["thresholds"].values())
+
+
+def test_with_aux_inside_a_while_loop_is_a_clear_error(setup):
+    params, batches = setup
+    one = jax.tree.map(lambda w: w[0], params)
+
+    def looped(p, x):
+        def body(c):
+            i, h = c
+            return i + 1, h + gated_ffn(h, p)
+        return jax.lax.while_loop(lambda c: c[0] < 2, body, (0, x))[1]
+
+    sfn = sj.sparsify(looped, [ReLUActivation("*")])
+    sp, ss = sfn.init(one, batches[0])
+    assert sfn(sp, ss, batches[0]).shape == batches[0].shape     # the rewrite itself works there
+    with pytest.raises(ValueError, match="inside a lax.while_loop body") as e:
+        sfn.with_aux()(sp, ss, batches[0])
+    assert "\n" not in str(e.value)
