@@ -47,7 +47,7 @@ class IsoFlopFactorsHandler(FactorizedHandler):
         WeightHandler.__init__(self, rule, path, rule.check_layout(path, layout), sites)
         self.kind_name = _KIND[type(rule)]
         self.kind = self   # FactorizedHandler.materialize calls self.kind.to_dense
-        self._reasons = {s.key: direct_site_reason(s, self.layout) for s in sites}
+        self._reasons = {s.key: self.site_reason(s) for s in sites}
 
     def to_dense(self, factors, k, n):
         return iso_flop.to_dense(self.kind_name, factors)
