@@ -17,6 +17,7 @@ twice: first the mean ``|up|`` per channel, then the histogram of ``|act| · E|u
 from __future__ import annotations
 
 import dataclasses
+import heapq
 from typing import Any, NamedTuple, Sequence
 
 import jax
@@ -247,12 +248,19 @@ def greedy_allocation(histograms: list[Histogram], weights: list[float], target:
     total_w = sum(u[4] for u in units) or 1.0
     cost = lambda i: (energy_removed(units[i][2], units[i][3], min(level[i] + step, cap))
                       - energy_removed(units[i][2], units[i][3], level[i])) / max(units[i][4], 1e-12)
-    while sum(level[i] * u[4] for i, u in enumerate(units)) / total_w < target - 1e-9:
-        open_units = [i for i in range(len(units)) if level[i] + step <= cap + 1e-9]
-        if not open_units:
-            break
-        i = min(open_units, key=cost)
-        level[i] = min(level[i] + step, cap)
+    is_open = lambda i: level[i] + step <= cap + 1e-9
+    # A unit's next-step cost depends on its own level only: a heap keeps every open unit's
+    # (cost, index), and only the unit just raised is scored again (ties: lowest index).
+    heap = [(cost(i), i) for i in range(len(units)) if is_open(i)]
+    heapq.heapify(heap)
+    weighted = 0.0
+    while weighted / total_w < target - 1e-9 and heap:
+        _, i = heapq.heappop(heap)
+        new = min(level[i] + step, cap)
+        weighted += (new - level[i]) * units[i][4]
+        level[i] = new
+        if is_open(i):
+            heapq.heappush(heap, (cost(i), i))
     out, k = [], 0
     for h in histograms:
         n = int(np.prod(np.asarray(h.count).shape[:-1]))
