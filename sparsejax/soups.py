@@ -145,13 +145,16 @@ class GreedySoup(NamedTuple):
 
 
 def greedy_soup(ingredients: Sequence[Any], masks: Sequence[Any],
-                held_out_loss: Callable[[Any], float]) -> GreedySoup:
+                held_out_loss: Callable[[Any], float],
+                ingredient_losses: Sequence[float] | None = None) -> GreedySoup:
     """Wortsman et al.'s greedy soup over same-mask ingredients.
 
     Ingredients are sorted by ``held_out_loss`` (lowest first); the soup starts as
     the best one and each next ingredient joins if the uniform soup with it has a
     held-out loss no higher than without it. ``held_out_loss(params) -> float``
     should use data the ingredients were not trained on (it decides what is kept).
+    ``ingredient_losses``: each ingredient's held-out loss with the mask applied, when
+    the caller has it already (not evaluated again).
     """
     _check_count(ingredients, masks)
     _check_same_structure(ingredients)
@@ -159,7 +162,13 @@ def greedy_soup(ingredients: Sequence[Any], masks: Sequence[Any],
     shared = masks[0]
     # Each ingredient is scored as the soup would hold it (mask applied), so the soup's
     # first state and the best ingredient's score are the same model.
-    losses = tuple(float(held_out_loss(uniform_soup([p], [shared]))) for p in ingredients)
+    if ingredient_losses is not None:
+        if len(ingredient_losses) != len(ingredients):
+            raise ValueError(f"ingredient_losses has {len(ingredient_losses)} values for "
+                             f"{len(ingredients)} ingredients")
+        losses = tuple(float(x) for x in ingredient_losses)
+    else:
+        losses = tuple(float(held_out_loss(uniform_soup([p], [shared]))) for p in ingredients)
     order = sorted(range(len(ingredients)), key=lambda i: losses[i])
     chosen = [order[0]]
     soup, best = uniform_soup([ingredients[order[0]]], [shared]), losses[order[0]]

@@ -124,7 +124,13 @@ def test_greedy_soup_is_never_worse_than_the_best_ingredient_it_starts_from():
                                       [masks] * len(result.chosen))
         chex.assert_trees_all_close(result.params, expected)
         grew += len(result.chosen) > 1
+        # the caller's own per-ingredient losses give the same soup without re-evaluating them
+        known = soups.greedy_soup(ingredients, [masks] * 4, held_out, ingredient_losses=masked_losses)
+        assert known.chosen == result.chosen
+        chex.assert_trees_all_close(known.params, result.params)
     assert grew > 0   # the recipe did average somewhere, not only pick the best
+    with pytest.raises(ValueError, match="ingredient_losses has 2 values for 4 ingredients"):
+        soups.greedy_soup(ingredients, [masks] * 4, held_out, ingredient_losses=[0.0, 1.0])
 
 
 # --------------------------------------------------------------------------- pruning

@@ -294,7 +294,8 @@ def run_imp_soups(params: Any, config: SoupConfig, *, loss_fn: LossFn, make_opti
         metrics = [held_out(soups.uniform_soup([p], [masks])) for p in ingredients]
         uniform = soups.uniform_soup(ingredients, shared)
         uniform_metrics = held_out(uniform)
-        greedy = soups.greedy_soup(ingredients, shared, lambda p: held_out(p)["loss"])
+        greedy = soups.greedy_soup(ingredients, shared, lambda p: held_out(p)["loss"],
+                                   ingredient_losses=[m["loss"] for m in metrics])
         greedy_metrics = held_out(greedy.params)
         merged, merged_metrics = ((uniform, uniform_metrics) if config.merge == "uniform"
                                   else (greedy.params, greedy_metrics))
