@@ -176,7 +176,9 @@ class CausalSelfAttention(nn.Module):
         if cache is None and cfg.attention == "fused":
             # Flash attention where the backend has it: the (B, heads, T, T) scores, which cost
             # more memory traffic than every projection of a 1024-token layer, are never stored.
-            implementation = "cudnn" if jax.default_backend() == "gpu" else "xla"
+            # (cuDNN's kernel takes 16-bit operands; a float32 model runs XLA's form.)
+            cudnn = jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16)
+            implementation = "cudnn" if cudnn else "xla"
             out = jax.nn.dot_product_attention(q, k, v.astype(q.dtype), is_causal=True,
                                                implementation=implementation)
             return dense("o")(out.reshape(b, t, cfg.d_model))

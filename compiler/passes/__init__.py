@@ -13,7 +13,8 @@ from sparsejax.compiler.passes.masking import MaskHandler
 from sparsejax.compiler.passes.sparse_input import ActivationSparseHandler, ffn_roles
 from sparsejax.compiler.passes.spark import SparkRewrite
 from sparsejax.compiler.passes.thresholds import ReLURewrite
-from sparsejax.rules import Factorize, MaskRule, ReLUActivation, SparkTopK, SparseIsoFlop, SparseWide
+from sparsejax.rules import (Factorize, MaskRule, ReLUActivation, SparkTopK, SparseIsoFlop,
+                             SparseWide)
 
 _WEIGHT_HANDLERS: list[tuple[type, type[WeightHandler]]] = [
     (MaskRule, MaskHandler), (Factorize, FactorizedHandler),
