@@ -128,11 +128,16 @@ class FactorizedHandler(PathChoosing, WeightHandler):
             describe="dense from factors, XLA dot"))
         return candidates
 
+    def _dense_fallback(self, key, ref: ParamRef) -> bool:
+        """Whether the site at ``key`` computes the original eqn on the rebuilt dense weight
+        (not a direct product, or a stack of factors no scan has sliced)."""
+        return (self._reasons.get(key, "not a site found at init") is not None
+                or bool(self._stack_axes_left(ref)))
+
     def on_site(self, interp, eqn, key, invals, scope):
         operand = 0 if isinstance(invals[0], ParamRef) else 1
         ref = invals[operand]
-        if (self._reasons.get(key, "not a site found at init") is not None
-                or self._stack_axes_left(ref)):
+        if self._dense_fallback(key, ref):
             return bind_eqn(eqn, [materialize(x) for x in invals])
         x, factors = invals[1 - operand], ref.state
         k, n = self.layout.k, self.layout.n

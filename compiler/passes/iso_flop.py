@@ -73,8 +73,7 @@ class IsoFlopFactorsHandler(FactorizedHandler):
     def on_site(self, interp, eqn, key, invals, scope):
         operand = 0 if isinstance(invals[0], ParamRef) else 1
         ref = invals[operand]
-        if (self._reasons.get(key, "not a site found at init") is not None
-                or self._stack_axes_left(ref)):
+        if self._dense_fallback(key, ref):
             return bind_eqn(eqn, [materialize(x) for x in invals])
         return matmul_at_site(eqn, operand, invals[1 - operand],
                               lambda x2: iso_flop.matmul(self.kind_name, x2, ref.state))

@@ -167,6 +167,17 @@ class ActivationSparseHandler(WeightHandler):
             return original()
         return original() if out is None else out
 
+    def _chosen(self, key, op, signature, cands, specs):
+        """The measured-fastest candidate's function for this site (weights are argument 1,
+        streamed from memory); raises _TakeOriginal where XLA's dense product is chosen, or
+        where a kernel wins by less than :data:`KERNEL_MARGIN`."""
+        choice = _with_margin(choose_streaming(op, signature, cands, specs, weight_args=(1,),
+                                               baseline="xla_dense"), cands)
+        self.choices[key] = choice
+        if choice.name == "xla_dense":
+            raise _TakeOriginal
+        return next(c.fn for c in cands if c.name == choice.name)
+
     def _down(self, key, role, x2, w2):
         rows = math.prod(x2.shape[:-1])
         why = self._kernel_unsupported(w2.shape, w2.dtype, rows)
@@ -183,14 +194,8 @@ class ActivationSparseHandler(WeightHandler):
         sample = _sparse_sample(x2.shape, x2.dtype, role.density)
         signature = (f"M{rows}|K{w2.shape[0]}|N{w2.shape[1]}|{jnp.dtype(w2.dtype).name}|"
                      f"density{role.density:.3f}")
-        choice = choose_streaming("sparse_input_gemv", signature, cands,
-                                  [sample, jax.ShapeDtypeStruct(w2.shape, w2.dtype)], weight_args=(1,),
-                                  baseline="xla_dense")
-        choice = _with_margin(choice, cands)
-        self.choices[key] = choice
-        if choice.name == "xla_dense":
-            raise _TakeOriginal
-        fn = next(c.fn for c in cands if c.name == choice.name)
+        fn = self._chosen(key, "sparse_input_gemv", signature, cands,
+                          [sample, jax.ShapeDtypeStruct(w2.shape, w2.dtype)])
         return fn(x2.reshape(rows, -1), w2).reshape(*x2.shape[:-1], w2.shape[1])
 
     def _up(self, key, role, x2, w_t, live):
@@ -213,15 +218,9 @@ class ActivationSparseHandler(WeightHandler):
         live_sample = jnp.asarray(np.random.default_rng(0).random(w_t.shape[0]) < union)
         signature = (f"M{rows}|N{w_t.shape[0]}|K{w_t.shape[1]}|{jnp.dtype(w_t.dtype).name}|"
                      f"density{role.density:.3f}")
-        choice = choose_streaming("sparse_output_gemv", signature, cands,
-                                  [jax.ShapeDtypeStruct((rows, w_t.shape[1]), x2.dtype),
-                                   jax.ShapeDtypeStruct(w_t.shape, w_t.dtype), live_sample],
-                                  weight_args=(1,), baseline="xla_dense")
-        choice = _with_margin(choice, cands)
-        self.choices[key] = choice
-        if choice.name == "xla_dense":
-            raise _TakeOriginal
-        fn = next(c.fn for c in cands if c.name == choice.name)
+        fn = self._chosen(key, "sparse_output_gemv", signature, cands,
+                          [jax.ShapeDtypeStruct((rows, w_t.shape[1]), x2.dtype),
+                           jax.ShapeDtypeStruct(w_t.shape, w_t.dtype), live_sample])
         return fn(x2.reshape(rows, -1), w_t, live).reshape(*x2.shape[:-1], w_t.shape[0])
 
     def _gate(self, key, eqn, operand, x, w):
@@ -273,15 +272,9 @@ class ActivationSparseHandler(WeightHandler):
                      path_choice.Candidate(name, kernel, why, label)]
             n_out = w2.shape[0] if out_major else w2.shape[1]
             signature = f"M{rows}|N{n_out}|K{k}|{jnp.dtype(w2.dtype).name}|{name}"
-            choice = choose_streaming("dense_gemv", signature, cands,
-                                      [jax.ShapeDtypeStruct((rows, k), x2.dtype),
-                                       jax.ShapeDtypeStruct(w2.shape, w2.dtype)],
-                                      weight_args=(1,), baseline="xla_dense")
-            choice = _with_margin(choice, cands)
-            self.choices[key] = choice
-            if choice.name == "xla_dense":
-                raise _TakeOriginal
-            fn = next(c.fn for c in cands if c.name == choice.name)
+            fn = self._chosen(key, "dense_gemv", signature, cands,
+                              [jax.ShapeDtypeStruct((rows, k), x2.dtype),
+                               jax.ShapeDtypeStruct(w2.shape, w2.dtype)])
             return fn(x2.reshape(rows, -1), w2).reshape(*x2.shape[:-1], n_out)
 
         return matmul_at_site(eqn, operand, x, gemv)
