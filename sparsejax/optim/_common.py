@@ -46,6 +46,14 @@ def resolve_targets(params: Any, layouts: Any, where: Callable | None) -> Target
     return Targets(treedef, index, tuple(lays[i] for i in index), tuple(all_paths[i] for i in index))
 
 
+def starting_masks(targets: Targets, params: Any, initial_masks: Any = None) -> list:
+    """The masked leaves' starting masks: ``initial_masks`` checked, or all kept when None."""
+    if initial_masks is not None:
+        return check_initial_masks(targets, params, initial_masks)
+    leaves = targets.treedef.flatten_up_to(params)
+    return [jnp.ones(leaves[i].shape, bool) for i in targets.index]
+
+
 def check_initial_masks(targets: Targets, params: Any, initial_masks: Any) -> list:
     """Validates user masks (e.g. from ``sfn.init``) and returns them for the masked leaves."""
     try:

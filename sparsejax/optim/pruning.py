@@ -101,10 +101,7 @@ def magnitude_masks(params: Any, sparsity: float, *, masks: Any = None,
     allocation.check_distribution(distribution)
     targets = _common.resolve_targets(params, layouts, where)
     leaves = targets.treedef.flatten_up_to(params)
-    if masks is not None:
-        old = _common.check_initial_masks(targets, params, masks)
-    else:
-        old = [jnp.ones(leaves[i].shape, bool) for i in targets.index]
+    old = _common.starting_masks(targets, params, masks)
     scores = [jnp.where(m, jnp.abs(leaves[i].astype(jnp.float32)), -jnp.inf)
               for i, m in zip(targets.index, old)]
     new = allocation.masks_from_scores(scores, targets.layouts, sparsity, distribution, min_kept)
@@ -165,10 +162,7 @@ def prune(inner: optax.GradientTransformation | None = None,
     def init_fn(params):
         targets = _common.resolve_targets(params, layouts, where)
         leaves = targets.treedef.flatten_up_to(params)
-        if initial_masks is not None:
-            masks = _common.check_initial_masks(targets, params, initial_masks)
-        else:
-            masks = [jnp.ones(leaves[i].shape, bool) for i in targets.index]
+        masks = _common.starting_masks(targets, params, initial_masks)
         movement = None
         if score == "movement":
             movement = targets.tree([jnp.zeros(leaves[i].shape, jnp.float32) for i in targets.index])
