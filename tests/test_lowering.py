@@ -119,7 +119,7 @@ def test_measured_choice_of_xla_computes_via_xla_and_reports_times(fresh_paths, 
     sfn, sparams, sstate, x = _setup(seed=9)
     seen = []
 
-    def fake_measure(candidates, specs):
+    def fake_measure(candidates, specs, **kw):
         seen.append(([c.name for c in candidates], [s.shape for s in specs]))
         return {"kernel": 40.0, "xla_dense": 10.0}
 
@@ -142,7 +142,7 @@ def test_measured_choice_of_xla_computes_via_xla_and_reports_times(fresh_paths, 
 def test_measured_kernel_choice_reports_its_time_against_dense(fresh_paths, monkeypatch):
     sfn, sparams, sstate, x = _setup(seed=10)
     monkeypatch.setattr(pc, "_measuring_pays", lambda: True)
-    monkeypatch.setattr(pc, "measure", lambda c, s: {"kernel": 5.0, "xla_dense": 10.0})
+    monkeypatch.setattr(pc, "measure", lambda c, s, **kw: {"kernel": 5.0, "xla_dense": 10.0})
     fast = sfn.lower(sstate, interpret=True)
     assert "pallas_call" in str(fast.rewritten_jaxpr(sparams, sstate, x))
     assert set(_kernels(fast).values()) == {

@@ -174,7 +174,7 @@ def test_monarch_site_takes_the_measured_winner(monkeypatch):
     monkeypatch.delenv("SPARSEJAX_PATH_CACHE", raising=False)
     pc.clear_cache()
     monkeypatch.setattr(pc, "_measuring_pays", lambda: True)
-    monkeypatch.setattr(pc, "measure", lambda c, s: {"einsum": 30.0, "xla_dense": 10.0})
+    monkeypatch.setattr(pc, "measure", lambda c, s, **kw: {"einsum": 30.0, "xla_dense": 10.0})
     fn, params, x = _setup()
     sfn = sj.sparsify(fn, sj.Monarch("*layers/*/kernel", nblocks=4, init="random"))
     sparams, sstate = sfn.init(params, x)

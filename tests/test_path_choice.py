@@ -83,11 +83,11 @@ def test_choice_summary_compares_with_the_baseline():
 
 def test_measured_choice_is_the_fastest_and_is_remembered(monkeypatch, tmp_path):
     monkeypatch.setattr(pc, "_measuring_pays", lambda: True)
-    monkeypatch.setattr(pc, "measure", lambda cands, specs: {"einsum": 5.0, "xla_dense": 2.0})
+    monkeypatch.setattr(pc, "measure", lambda cands, specs, **kw: {"einsum": 5.0, "xla_dense": 2.0})
     monkeypatch.setenv("SPARSEJAX_PATH_CACHE", str(tmp_path / "c.json"))
     first = pc.choose("op", "sig", _candidates(), SPECS, baseline="xla_dense")
     assert (first.name, first.source) == ("xla_dense", "measured")
-    monkeypatch.setattr(pc, "measure", lambda *a: pytest.fail("measured twice"))
+    monkeypatch.setattr(pc, "measure", lambda *a, **kw: pytest.fail("measured twice"))
     again = pc.choose("op", "sig", _candidates(), SPECS, baseline="xla_dense")
     assert (again.name, again.source) == ("xla_dense", "cache")
     saved = json.loads((tmp_path / "c.json").read_text())["entries"]["op|sig"]
@@ -119,3 +119,36 @@ def test_measure_runs_each_candidate_over_several_input_sets():
     assert pc.copies_for(SPECS) == 16
     assert pc.copies_for([jax.ShapeDtypeStruct((8192, 8192), jnp.bfloat16)]) == 2
     assert pc.copies_for([jax.ShapeDtypeStruct((16384, 16384), jnp.float32)]) == 1
+
+
+def test_a_candidate_that_disagrees_with_the_reference_is_never_chosen():
+    # A "kernel" that is wrong on the device (here: drops the last column's sum) and fast:
+    # measuring must not pick it, and must say why.
+    wrong = lambda x, w: (x @ w).at[:, -1].set(0.0)
+    cands = [pc.Candidate("kernel", wrong), pc.Candidate("xla_dense", lambda x, w: x @ w)]
+    with pytest.warns(UserWarning, match="'kernel' disagrees with 'xla_dense' on this device"):
+        times = pc.measure(cands, SPECS, calls=1, repeats=1, reference="xla_dense")
+    assert times["kernel"] == float("inf") and 0 < times["xla_dense"] < float("inf")
+    # A candidate that agrees (another summation order) is timed as usual.
+    other = lambda x, w: jnp.einsum("mk,kn->mn", x[:, ::-1], w[::-1])
+    cands = [pc.Candidate("kernel", other), pc.Candidate("xla_dense", lambda x, w: x @ w)]
+    times = pc.measure(cands, SPECS, calls=1, repeats=1, reference="xla_dense")
+    assert all(0 < t < float("inf") for t in times.values())
+
+
+def test_choose_checks_only_when_asked(monkeypatch):
+    monkeypatch.setattr(pc, "_measuring_pays", lambda: True)     # measure on the CPU here
+    wrong = lambda x, w: 2.0 * (x @ w)
+    cands = [pc.Candidate("kernel", wrong), pc.Candidate("xla_dense", lambda x, w: x @ w)]
+    with pytest.warns(UserWarning, match="disagrees"):
+        c = pc.choose("op", "sig-checked", cands, SPECS, baseline="xla_dense", check=True)
+    assert c.name == "xla_dense" and c.times_us["kernel"] == float("inf")
+    # Unchecked (candidates that read different forms of their inputs): timed, not compared.
+    c = pc.choose("op", "sig-unchecked", cands, SPECS, baseline="xla_dense")
+    assert c.times_us["kernel"] < float("inf")
+
+
+def test_rel_err_skips_integer_leaves_and_flags_nan():
+    ok = {"y": jnp.ones(3), "i": jnp.arange(3)}
+    assert pc._rel_err(ok, {"y": jnp.ones(3), "i": jnp.zeros(3, jnp.int32)}) == 0.0
+    assert pc._rel_err({"y": jnp.full(3, jnp.nan)}, {"y": jnp.ones(3)}) == float("inf")

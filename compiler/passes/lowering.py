@@ -258,7 +258,10 @@ class BlockSparseHandler(PathChoosing, MaskHandler):
         k, n = self.tables.shape
         m = math.prod(x.shape) // k
         specs = [jax.ShapeDtypeStruct((m, k), dtype), jax.ShapeDtypeStruct((k, n), dtype)]
-        choice = self._choose(key, OP, self._signature(m, dtype), self._candidates(dtype), specs)
+        # A pre-masked leaf's XLA candidate multiplies the weight as given, which the random
+        # measurement weight is not: the candidates agree only on masked weights.
+        choice = self._choose(key, OP, self._signature(m, dtype), self._candidates(dtype), specs,
+                              check=not self.premasked)
         if choice.name == "xla_dense":
             return bind_eqn(eqn, [materialize(x) for x in invals])
         if choice.name == "reference":

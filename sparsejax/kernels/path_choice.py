@@ -26,6 +26,16 @@ Modes (:func:`set_mode` / :func:`mode`, or ``SPARSEJAX_PATHS``):
 Measurements run in a worker thread: a site is chosen while the rewritten
 program is being traced, and a thread starts with no trace of its own, so the
 candidates run eagerly on concrete random inputs of the site's shapes.
+
+A measured candidate must also be right on the device: where the caller says
+the candidates compute the same function (``check=True``), before one is timed
+its output on the measurement's inputs is compared with the baseline's (XLA's
+dense product, :data:`CHECK_RTOL`), and one that disagrees is reported in a
+warning and never chosen. Interpret-mode tests cannot see a kernel's
+device-only defects; this check keeps one from reaching a program.
+
+``SPARSEJAX_PATHS_LOG=1`` prints each measured choice (signature, winner, times,
+seconds spent) to stderr.
 """
 
 from __future__ import annotations
@@ -37,6 +47,7 @@ import math
 import os
 import pathlib
 import statistics
+import sys
 import threading
 import time
 import warnings
@@ -267,14 +278,42 @@ def copies_for(arg_specs: Sequence) -> int:
     return max(1, min(16, math.ceil(2.5 * L2_BYTES / max(nbytes, 1))))
 
 
+# How far (norm of the difference over the baseline's norm, per output leaf) a measured
+# candidate may be from the baseline on the same inputs: loose enough for 16-bit operands
+# summed in another order, far below what a wrong tile or a dropped term gives.
+CHECK_RTOL = 3e-2
+
+
+def _rel_err(got, want) -> float:
+    """The worst leaf's ``|got - want| / |want|`` (Frobenius norms, float32; non-float leaves,
+    such as the float0 cotangents of integer arguments, are skipped)."""
+    worst = 0.0
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        if not jnp.issubdtype(jnp.result_type(w), jnp.inexact):
+            continue
+        if jnp.shape(g) != jnp.shape(w):
+            return float("inf")
+        g32, w32 = jnp.asarray(g, jnp.float32), jnp.asarray(w, jnp.float32)
+        num = float(jnp.linalg.norm((g32 - w32).ravel()))
+        den = float(jnp.linalg.norm(w32.ravel()))
+        err = num / den if den > 0 else num
+        if not err == err:            # NaN: wrong
+            return float("inf")
+        worst = max(worst, err)
+    return worst
+
+
 def measure(candidates: Sequence[Candidate], arg_specs: Sequence, *, calls: int = 10,
-            repeats: int = 7, copies: int | None = None) -> dict[str, float]:
+            repeats: int = 7, copies: int | None = None,
+            reference: str | None = None) -> dict[str, float]:
     """Median µs of one call of each supported candidate, on random inputs like ``arg_specs``.
 
     ``arg_specs`` are ShapeDtypeStructs (or concrete non-array values passed through).
     Each timed call runs the candidate over ``copies`` different input sets inside one
     jit (default :func:`copies_for`) and the time is divided by it. Runs in a fresh
-    thread, so it may be called while a program is being traced.
+    thread, so it may be called while a program is being traced. ``reference``: the
+    candidate whose output every other must match within :data:`CHECK_RTOL` on the same
+    inputs; one that does not gets ``inf`` (never chosen) and a warning.
     """
     copies = copies_for(arg_specs) if copies is None else copies
     is_array = [isinstance(s, jax.ShapeDtypeStruct) for s in arg_specs]
@@ -290,17 +329,27 @@ def measure(candidates: Sequence[Candidate], arg_specs: Sequence, *, calls: int 
         args = [_random_like(jax.ShapeDtypeStruct((copies, *s.shape), s.dtype), k) if arr else s
                 for s, k, arr in zip(arg_specs, keys, is_array)]
         out = {}
-        for c in candidates:
-            if c.unsupported is None:
-                try:
-                    seconds = median_seconds(jax.jit(over_copies(c.fn)), *args, calls=calls,
-                                             repeats=repeats, warmup=2)
-                    out[c.name] = 1e6 * seconds / copies
-                except Exception as e:   # a path that fails to compile or run is never chosen
-                    warnings.warn(f"path choice: candidate {c.name!r} failed while measured "
-                                  f"({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
-                                  "it is not chosen")
-                    out[c.name] = float("inf")
+        runnable = [c for c in candidates if c.unsupported is None]
+        ref = next((c for c in runnable if c.name == reference), None)
+        want = None if ref is None else jax.jit(over_copies(ref.fn))(*args)
+        for c in runnable:
+            try:
+                fn = jax.jit(over_copies(c.fn))
+                if want is not None and c is not ref:
+                    err = _rel_err(fn(*args), want)
+                    if not err <= CHECK_RTOL:
+                        warnings.warn(f"path choice: candidate {c.name!r} disagrees with "
+                                      f"{ref.name!r} on this device (relative error {err:.1e} > "
+                                      f"{CHECK_RTOL:g}); it is not chosen")
+                        out[c.name] = float("inf")
+                        continue
+                seconds = median_seconds(fn, *args, calls=calls, repeats=repeats, warmup=2)
+                out[c.name] = 1e6 * seconds / copies
+            except Exception as e:   # a path that fails to compile or run is never chosen
+                warnings.warn(f"path choice: candidate {c.name!r} failed while measured "
+                              f"({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+                              "it is not chosen")
+                out[c.name] = float("inf")
         return out
 
     with futures.ThreadPoolExecutor(max_workers=1) as pool:
@@ -322,7 +371,7 @@ def _default_choice(candidates: Sequence[Candidate], baseline: str | None, sourc
 
 
 def choose(op: str, signature: str, candidates: Sequence[Candidate], arg_specs: Sequence, *,
-           baseline: str | None = None) -> Choice:
+           baseline: str | None = None, check: bool = False) -> Choice:
     """The path for one site.
 
     Args:
@@ -334,6 +383,9 @@ def choose(op: str, signature: str, candidates: Sequence[Candidate], arg_specs: 
       arg_specs: ShapeDtypeStructs of ``fn``'s array arguments (random inputs are
         drawn for measurement), or concrete values passed as they are.
       baseline: the candidate the report compares against (XLA's dense product).
+      check: the candidates compute the same function of the same arguments, so each
+        measured one is checked against ``baseline`` on the device first (see the
+        module doc); leave it off where they read different forms of the inputs.
     """
     supported = [c for c in candidates if c.unsupported is None]
     if not supported:
@@ -358,8 +410,13 @@ def choose(op: str, signature: str, candidates: Sequence[Candidate], arg_specs: 
             return Choice(c.name, c.label, source, entry.get("times_us", {}), baseline)
     if m == "table" or not _measuring_pays():
         return _default_choice(supported, baseline, "default")
-    times = measure(supported, arg_specs)
+    t0 = time.perf_counter()
+    times = measure(supported, arg_specs, reference=baseline if check and baseline in names else None)
     best = min(times, key=times.get)
+    if os.environ.get("SPARSEJAX_PATHS_LOG", "") not in ("", "0"):
+        shown = ", ".join(f"{k} {v:.1f}" for k, v in times.items())
+        print(f"path choice: {key}: {best} ({shown} µs; {time.perf_counter() - t0:.1f} s)",
+              file=sys.stderr, flush=True)
     _remember(key, {"path": best, "times_us": {k: round(v, 2) for k, v in times.items()}})
     c = next(c for c in supported if c.name == best)
     return Choice(c.name, c.label, "measured", times, baseline)

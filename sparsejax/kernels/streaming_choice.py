@@ -29,11 +29,12 @@ def _copies(spec) -> int:
 
 
 def choose_streaming(op: str, signature: str, candidates, arg_specs, *,
-                     weight_args: tuple[int, ...], baseline: str | None = None) -> path_choice.Choice:
+                     weight_args: tuple[int, ...], baseline: str | None = None,
+                     check: bool = False) -> path_choice.Choice:
     """:func:`path_choice.choose` with the arguments ``weight_args`` (ShapeDtypeStructs: the
     weight, or the alternative forms of it that different candidates read) drawn as enough
     different copies to stream from memory. Candidates keep their signature ``fn(*args)``;
-    the choice's times are per copy."""
+    the choice's times are per copy; ``check``: see :func:`path_choice.choose`."""
     copies = min(_copies(arg_specs[i]) for i in weight_args)
     stacked = list(arg_specs)
     for i in weight_args:
@@ -51,5 +52,6 @@ def choose_streaming(op: str, signature: str, candidates, arg_specs, *,
         return run
 
     wrapped = [dataclasses.replace(c, fn=over_copies(c.fn)) for c in candidates]
-    choice = path_choice.choose(op, f"{signature}|streamed", wrapped, stacked, baseline=baseline)
+    choice = path_choice.choose(op, f"{signature}|streamed", wrapped, stacked, baseline=baseline,
+                                check=check)
     return dataclasses.replace(choice, times_us={k: v / copies for k, v in choice.times_us.items()})
