@@ -26,6 +26,7 @@ import sys
 import time
 
 import jax
+import jax.numpy as jnp
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -34,6 +35,9 @@ from decode_speed import (FULL, SMOKE, Bench, decode_step, lm_params,  # noqa: E
 from sparsejax import sparsify  # noqa: E402
 from sparsejax.kernels import path_choice  # noqa: E402
 from sparsejax.rules import TEAL  # noqa: E402
+from sparsejax.compiler.passes.sparse_input import DOWN_VARIANTS  # noqa: E402
+from sparsejax.kernels.sparse_input_gemv import (sparse_input_gemv,  # noqa: E402
+                                                 sparse_input_gemv_reference)
 
 LEVELS = (0.5, 0.4)
 GOAL = {0.5: 1.5}
@@ -42,10 +46,39 @@ GOAL = {0.5: 1.5}
 PATTERN = "re:layer[0-9]+/.*"
 
 
+def diagnose(b, sfn, ss, params, args, ref):
+    """Which path is wrong inside the program: every site forced onto one path at a time,
+    then the kernel alone, called several times in one jit (as a lowered program does)."""
+    for path in ("xla_dense", "xla_pad2", "sparse_input", "sparse_input_split", "stream_gemv"):
+        with path_choice.mode(f"force:{path}"):
+            low = sfn.lower(ss, interpret=b.interpret)
+            fn = jax.jit(lambda p, *a, low=low: low(p, ss, *a))
+            b.check_and_time(f"  every site forced to {path}", fn, (params, *args), ref, 3e-2)
+    k = jax.random.split(b.fresh(), 3)
+    d = params["layer0"]["attn"]["q"].shape[0]
+    x = jax.random.normal(k[0], (4, 1, d), jnp.float32)
+    x = jnp.where(jax.random.uniform(k[1], x.shape) < 0.5, 0.0, x).astype(jnp.bfloat16)
+    w = (jax.random.normal(k[2], (4, d, d), jnp.float32) * 0.02).astype(jnp.bfloat16)
+    want = jnp.stack([sparse_input_gemv_reference(x[i], w[i]) for i in range(4)])
+    for label, tiles in DOWN_VARIANTS.values():
+        many = jax.jit(lambda x, w, tiles=tiles: jnp.stack(
+            [sparse_input_gemv(x[i], w[i], impl="masked", interpret=b.interpret, **tiles)
+             for i in range(4)]))
+        one = jax.jit(lambda x, w, tiles=tiles: sparse_input_gemv(x, w, impl="masked",
+                                                                  interpret=b.interpret, **tiles))
+        e_many = float(jnp.linalg.norm((many(x, w).astype(jnp.float32) - want).ravel())
+                       / jnp.linalg.norm(want.ravel()))
+        e_one = max(float(jnp.linalg.norm((one(x[i], w[i]).astype(jnp.float32) - want[i]).ravel())
+                          / jnp.linalg.norm(want[i].ravel())) for i in range(4))
+        b.log(f"  kernel {label}: 4 calls in one jit rel err {e_many:.1e}; one call per jit {e_one:.1e}")
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, Pallas interpret mode (CPU)")
     parser.add_argument("--budget", type=float, default=240.0, help="seconds before variants are skipped")
+    parser.add_argument("--diagnose", action="store_true",
+                        help="also check every path forced alone (done anyway when the check fails)")
     parser.add_argument("--calib", type=int, default=8, help="calibration decode steps")
     args = parser.parse_args()
     interpret = args.smoke or jax.default_backend() != "gpu"
@@ -55,7 +88,9 @@ def main():
     b.log(f"device: {dev.device_kind} ({jax.default_backend()}), jax {jax.__version__}, interpret={interpret}")
     b.log(f"== TEAL decode step: d_model {s.d_model}, d_ff {s.d_ff_lm}, {s.heads} heads, {s.lm_layers} layers, "
           f"KV cache {s.cache}, batch 1, bf16")
-    params = lm_params(b.fresh(), s)
+    # Flax's layout, (d_model, d_ff) for gate and up: every thresholded input's weight rows
+    # are contiguous, so all seven matmuls of a layer can skip rows.
+    params = lm_params(b.fresh(), s, ffn_in_major=True)
     hd = s.d_model // s.heads
     step = functools.partial(decode_step, heads=s.heads)
 
@@ -87,6 +122,8 @@ def main():
             low = sfn.lower(ss, interpret=b.interpret)
             lowered = jax.jit(lambda p, *a, low=low, ss=ss: low(p, ss, *a))
             _, ok, t_low = b.check_and_time(f"TEAL {level:.0%}, lowered", lowered, (params, *args_1), ref, 3e-2)
+            if (args.diagnose or not ok) and not b.over_budget():
+                diagnose(b, sfn, ss, params, args_1, ref)
             paths = sorted({f"{p}: {h.site_path(st.key)}" for p, h in low._handlers.items() for st in h.sites
                             if p.startswith("layer0/")})
             b.detail += [f"- TEAL {level:.0%}: {p}" for p in paths]

@@ -399,17 +399,22 @@ def bench_nm(b: Bench):
 # --------------------------------------------------------------------------- end to end
 
 
-def lm_params(key, s: Sizes, dtype=jnp.bfloat16):
-    """A gated LM's decode weights; FFN up/gate stored output-major ``(d_ff, d_model)``."""
+def lm_params(key, s: Sizes, dtype=jnp.bfloat16, ffn_in_major: bool = False):
+    """A gated LM's decode weights; FFN up/gate stored output-major ``(d_ff, d_model)`` (the
+    sparse-output GEMV reads an up row per neuron), or input-major ``(d_model, d_ff)`` as
+    Flax's Dense stores them (``ffn_in_major``: a thresholded input skips rows of both)."""
     d, f = s.d_model, s.d_ff_lm
+    if d == f:
+        raise ValueError("lm_params: d_model == d_ff_lm would make the FFN layout ambiguous")
+    up_shape = (d, f) if ffn_in_major else (f, d)
     keys = iter(jax.random.split(key, 8 * s.lm_layers + 4))
     p = {"embed": _normal(next(keys), (s.vocab, d), dtype), "head": _normal(next(keys), (d, s.vocab), dtype,
                                                                              d ** -0.5)}
     for i in range(s.lm_layers):
         p[f"layer{i}"] = {
             "attn": {n: _normal(next(keys), (d, d), dtype, d ** -0.5) for n in ("q", "k", "v", "o")},
-            "mlp": {"gate": _normal(next(keys), (f, d), dtype, d ** -0.5),
-                    "up": _normal(next(keys), (f, d), dtype, d ** -0.5),
+            "mlp": {"gate": _normal(next(keys), up_shape, dtype, d ** -0.5),
+                    "up": _normal(next(keys), up_shape, dtype, d ** -0.5),
                     "down": _normal(next(keys), (f, d), dtype, f ** -0.5)},
         }
     return p
@@ -444,8 +449,9 @@ def decode_step(params, tokens, cache_k, cache_v, *, heads):
         att = jnp.einsum("bht,bthd->bhd", probs, values).reshape(b, d)
         x = x + att @ p["attn"]["o"]
         h = _rms(x)
-        g = jnp.einsum("bd,fd->bf", h, p["mlp"]["gate"])
-        u = jnp.einsum("bd,fd->bf", h, p["mlp"]["up"])
+        ffn_in = "bd,df->bf" if p["mlp"]["gate"].shape[0] == d else "bd,fd->bf"   # see lm_params
+        g = jnp.einsum(ffn_in, h, p["mlp"]["gate"])
+        u = jnp.einsum(ffn_in, h, p["mlp"]["up"])
         x = x + (jax.nn.gelu(g) * u).astype(x.dtype) @ p["mlp"]["down"]
         new_kv.append((k_new, v_new))
     return (_rms(x) @ params["head"]).astype(jnp.float32), new_kv

@@ -158,17 +158,25 @@ def train_runner(v: Variant):
     return run
 
 
+def _progress(t0, what):
+    """A timestamped line per phase: a run cut short by its time limit still says where."""
+    print(f"  [{time.time() - t0:6.1f} s] {what}", flush=True)
+
+
 def time_variant(v: Variant, measures, batch, seq, smoke) -> dict:
     cfg, out = v.cfg, {}
+    t0 = time.time()
     tokens = jax.random.randint(jax.random.key(2), (batch, seq), 0, cfg.vocab_size)
     calls, repeats = (1, 2) if smoke else (3, 7)
     infer_params = _cast(v.infer_params, jnp.bfloat16) if not smoke else v.infer_params
     if "prefill" in measures:
         f = jax.jit(v.infer_fwd)
         out["prefill"] = median_seconds(f, infer_params, v.sstate, tokens, calls=calls, repeats=repeats)
+        _progress(t0, f"{v.name} prefill {1e3 * out['prefill']:.2f} ms")
         v.paths["prefill"] = path_summary(v.infer_fwd.report()) if v.name != "dense" else ""
     if "train" in measures:
         out["train"] = median_seconds(train_runner(v), v.sstate, tokens, calls=calls, repeats=repeats)
+        _progress(t0, f"{v.name} train {1e3 * out['train']:.2f} ms")
         v.paths["train"] = path_summary(v.train_fwd.report()) if v.name != "dense" else ""
     for m in measures:
         if not m.startswith("decode"):
@@ -181,6 +189,7 @@ def time_variant(v: Variant, measures, batch, seq, smoke) -> dict:
         pos = jnp.int32(cache_len - 1)
         out[m] = median_seconds(lambda p, c: f(p, v.sstate, tok, c, pos)[0], infer_params, cache,
                                 calls=calls * 3, repeats=repeats)
+        _progress(t0, f"{v.name} {m} {1e3 * out[m]:.3f} ms")
         v.paths[m] = path_summary(v.infer_fwd.report()) if v.name != "dense" else ""
     return out
 
@@ -221,6 +230,7 @@ def main():
                 continue
             try:
                 v = Variant(name, model, cfg, params, tokens, smoke)
+                _progress(t0, f"{layout}/{name}: sparsified, initialised and checked")
                 times = time_variant(v, measures, batch, seq, smoke)
             except Exception as e:  # one failing variant must not lose the others' numbers
                 traceback.print_exc()
