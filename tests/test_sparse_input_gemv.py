@@ -84,8 +84,9 @@ def test_rows_all_dead_is_zero_and_all_live_is_the_dense_product(compact):
 def test_rows_layout_covers_every_row_and_column():
     lay = sg.rows_layout(8192, 8192, span=256, programs=None, col_splits=16)
     assert (lay["bn"], lay["strips"], lay["programs"], lay["ranges_per_program"]) == (512, 16, 32, 1)
-    lay = sg.rows_layout(13824, 2304, span=256, programs=20, col_splits=3)
-    assert lay["bn"] == 1024 and lay["strips"] == 3                          # 3 strips cover 2304
+    lay = sg.rows_layout(13824, 2304, span=256, programs=20, col_splits=8)
+    assert lay["bn"] == 256 and lay["strips"] == 9                # divides N: W is never padded
+    assert sg.rows_layout(64, 100, col_splits=2)["bn"] == 64      # nothing divides 100: pad once
     assert lay["programs"] * lay["ranges_per_program"] >= lay["n_ranges"] == 54
     assert (lay["programs"] - 1) * lay["ranges_per_program"] < 54           # no group left idle
 

@@ -440,6 +440,13 @@ def rows_layout(k: int, n: int, *, span: int = 256, programs: int | None = None,
     (``compact="kernel"``) and the padded ``k_pad`` of ``x``. The launch is
     ``strips x programs`` programs; partial sums are ``(programs, B, strips * bn)`` f32."""
     bn = next_pow2(_cdiv(n, max(1, int(col_splits))))
+    # A narrower power of two that divides N (within 4x) beats padding: a padded strip
+    # copies W on every call (N = 2304 with 8 splits: 9 strips of 256, not 5 of 512).
+    narrower = bn
+    while narrower > 16 and n % narrower:
+        narrower //= 2
+    if n % narrower == 0 and 4 * narrower >= bn:
+        bn = narrower
     strips = _cdiv(n, bn)
     if compact == "xla":
         return dict(bn=bn, strips=strips, programs=max(1, int(programs or 32)), ranges_per_program=0,
