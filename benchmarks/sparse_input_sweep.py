@@ -17,7 +17,8 @@ Frobenius error < 2e-2, else FAILED and not timed), then timed the way issue 16 
 weight. XLA's dense GEMV is timed the same way in the same run. Variants: the best ``masked``
 configs of the earlier sweeps, ``gather``, and a grid of the ``rows`` path's knobs (``bc`` rows
 per chunk, ``span`` rows compacted at once, ``programs`` row groups, ``col_splits`` column
-strips, ``num_warps``, ``num_stages``, partial sums vs atomics, in-kernel vs XLA compaction).
+strips, ``num_warps``, ``num_stages``, partial sums summed by XLA / by the last program of
+each strip / atomics, in-kernel vs XLA compaction).
 
 After ``--budget`` seconds the remaining variants are skipped and listed. Prints the table
 last; writes it with every variant and the log to ``$OUT/sparse_input_sweep.md`` when ``$OUT``
@@ -50,7 +51,7 @@ TOL = 2e-2
 
 
 def rows_name(bc=32, span=256, programs=None, col_splits=16, num_warps=4, num_stages=2,
-              partials=True, compact="kernel"):
+              partials=True, compact="kernel", sum_in_kernel=False):
     parts = [f"rows bc{bc}"]
     parts.append(f"span{span}" if compact == "kernel" else "xla-list")
     if programs is not None:
@@ -60,6 +61,8 @@ def rows_name(bc=32, span=256, programs=None, col_splits=16, num_warps=4, num_st
         parts.append(f"s{num_stages}")
     if not partials:
         parts.append("atomics")
+    if sum_in_kernel:
+        parts.append("summed in kernel")
     return " ".join(parts)
 
 
@@ -76,7 +79,8 @@ def variants(interpret: bool) -> dict[str, dict]:
                      ("gather bc16 splits2", dict(impl="gather", bc=16, bn=64, splits=2)),
                      _rows(bc=8, span=64, col_splits=4),
                      _rows(bc=8, span=32, programs=2, col_splits=2, partials=False),
-                     _rows(bc=8, programs=3, col_splits=4, compact="xla")])
+                     _rows(bc=8, programs=3, col_splits=4, compact="xla"),
+                     _rows(bc=8, span=32, col_splits=4, sum_in_kernel=True)])
     v = {"masked bk128 bn128 w4": dict(impl="masked", bk=128, bn=128, num_warps=4),
          "masked bk64 bn256 w4": dict(impl="masked", bk=64, bn=256, num_warps=4),
          "masked bk64 bn256 4 steps partials": dict(impl="masked", bk=64, bn=256, steps=4,
@@ -93,11 +97,14 @@ def variants(interpret: bool) -> dict[str, dict]:
             dict(programs=16), dict(span=128, programs=16),      # groups looping over 2 / 4 ranges
             dict(num_warps=8), dict(num_stages=1),
             dict(partials=False),                                # atomics into a zeroed output
+            dict(sum_in_kernel=True),                            # last program per strip sums: 1 launch
+            dict(span=512, col_splits=32, sum_in_kernel=True),
             dict(bc=64, span=512, col_splits=32, num_warps=8), dict(span=512, col_splits=32),
             dict(bc=16, span=128, col_splits=8, num_warps=4),
             dict(compact="xla", programs=32),                    # XLA's list, chunks round-robin
             dict(compact="xla", programs=132, col_splits=8),
-            dict(compact="xla", bc=16, programs=66)]
+            dict(compact="xla", bc=16, programs=66),
+            dict(compact="xla", programs=66, sum_in_kernel=True)]
     v.update(_rows(**kw) for kw in grid)
     return v
 

@@ -54,7 +54,9 @@ def test_masked_split_steps_and_partials_equal_the_reference(batch, k, mma, step
     (3, 300, 130, 0.3, dict(span=64, bc=16, col_splits=3, programs=2)),       # 3 ranges per group
     (8, 72, 33, 0.2, dict(span=16, bc=4, col_splits=1, partials=False)),      # atomics path
     (3, 150, 130, 0.3, dict(compact="xla", bc=16, col_splits=2, programs=3)),
-    (1, 150, 40, 0.0, dict(compact="xla", bc=8, col_splits=2, programs=2, partials=False))])
+    (1, 150, 40, 0.0, dict(compact="xla", bc=8, col_splits=2, programs=2, partials=False)),
+    (3, 300, 130, 0.3, dict(span=64, bc=16, col_splits=3, programs=3, sum_in_kernel=True)),
+    (2, 150, 40, 0.0, dict(compact="xla", bc=8, col_splits=2, programs=3, sum_in_kernel=True))])
 def test_rows_equals_the_reference(batch, k, n, threshold, knobs):
     x = _sparse_x(11 * batch + k, batch, k, 0.6)
     w = jax.random.normal(jax.random.key(k + n), (k, n))
@@ -115,6 +117,8 @@ def test_bad_arguments_raise_one_line_errors():
         sg.sparse_input_gemv(x, w, impl="rows", interpret=True, span=48)
     with pytest.raises(ValueError, match="col_splits must be a positive int"):
         sg.sparse_input_gemv(x, w, impl="rows", interpret=True, col_splits=0)
+    with pytest.raises(ValueError, match="sum_in_kernel=True .* needs partials=True"):
+        sg.sparse_input_gemv(x, w, impl="rows", interpret=True, partials=False, sum_in_kernel=True)
     with pytest.raises(ValueError, match="compact must be one of"):
         sg.sparse_input_gemv(x, w, impl="rows", interpret=True, compact="host")
 

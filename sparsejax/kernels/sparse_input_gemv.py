@@ -35,8 +35,8 @@ Paths (``impl``), each computing :func:`sparse_input_gemv_reference`:
   (each a contiguous ``2 * N / col_splits``-byte segment, every loaded byte used)
   and multiplying on the CUDA cores. Dead chunks cost no iteration, no extra
   launch compacts anything, and each program writes its own partial-sum row
-  (``partials``, summed by XLA with the cast fused) or adds into a zeroed output
-  with atomics. ``compact="xla"`` instead takes XLA's global list
+  (``partials``, summed by XLA with the cast fused; ``sum_in_kernel``: summed by
+  the last program of each column strip) or adds into a zeroed output with atomics. ``compact="xla"`` instead takes XLA's global list
   (:func:`live_row_list`, an extra cumsum + scatter) and deals its chunks out
   round-robin (perfect balance, one more launch).
 * ``"xla_compact"``: the same index list with a fixed ``capacity``, then
@@ -281,16 +281,51 @@ def _rows_chunk(x_ref, w_ref, rows, valid, cols, acc, *, batch, threshold, inter
     return tuple(out)
 
 
-def _store_rows_out(y_ref, p, cols, acc, batch, partials, interpret):
-    if partials:      # this program's own row of the partial sums: no atomics, no zeroed output
-        for b in range(batch):
-            y_ref[p, pl.ds(b, 1), cols] = acc[b][None, :]
+def _finish_rows(rest, p, c, cols, acc, *, batch, out, n_prog, interpret):
+    """Hands a program's ``batch`` ``(bn,)`` sums on, the way ``out`` says.
+
+    * ``"partials"``: its own row of the ``(programs, B, N)`` partial sums (XLA sums them).
+    * ``"atomic"``: added into the zeroed ``(B, N)`` output.
+    * ``"last"``: its partial row, then a counter per column strip; the program that
+      finds the count at ``programs - 1`` (the last of its strip) sums the strip's
+      partials itself and writes ``y`` in the output dtype: no second launch.
+    """
+    if out == "atomic":
+        _add_out(rest[-1], cols, acc, batch, False, atomic=not interpret)
+        return
+    part_ref = rest[-1] if out == "partials" else rest[-3]
+    for b in range(batch):
+        part_ref[p, pl.ds(b, 1), cols] = acc[b][None, :]
+    if out == "partials":
+        return
+    y_ref, count_ref = rest[-2], rest[-1]
+    if interpret:     # programs run one after another: a plain increment
+        done = count_ref[c]
+        count_ref[c] = done + 1
     else:
-        _add_out(y_ref, cols, acc, batch, False, atomic=not interpret)
+        # Every thread's partial-sum stores precede the (acquire-release, GPU-scope)
+        # increment. A scalar atomic: one thread issues it and Triton hands its result
+        # to every thread, so the whole program takes the same branch below.
+        pltriton.debug_barrier()
+        done = pltriton.atomic_add(count_ref, (c,), jnp.int32(1))
+    rows = next_pow2(n_prog)
+    have = jnp.arange(rows, dtype=jnp.int32) < n_prog
+
+    @pl.when(done == n_prog - 1)
+    def _sum_the_strip():
+        for b in range(batch):
+            if interpret:
+                part = part_ref[pl.ds(0, n_prog), b, cols]
+            else:
+                # One load of the whole strip. No L1 line of it can be stale: only this
+                # program reads the strip's partials, after the acquire above.
+                part = pltriton.load(part_ref.at[pl.ds(0, rows), b, cols], mask=have[:, None],
+                                     other=0.0)
+            y_ref[pl.ds(b, 1), cols] = jnp.sum(part, axis=0)[None, :].astype(y_ref.dtype)
 
 
 def _rows_kernel(x_ref, w_ref, *rest, k, span, bc, bn, ranges_per_program, n_ranges, threshold,
-                 batch, partials, interpret):
+                 batch, out, n_prog, interpret):
     """One row group x one column strip: for each of its ``span``-row ranges, compact the
     live rows in registers, then stream them ``bc`` at a time.
 
@@ -300,7 +335,6 @@ def _rows_kernel(x_ref, w_ref, *rest, k, span, bc, bn, ranges_per_program, n_ran
     compare and row sum per chunk. The chunk loop runs ``ceil(live / bc)`` times, so the
     program's time follows its live rows, and every loaded byte of ``W`` is used.
     """
-    y_ref = rest[-1]
     c, p = pl.program_id(0), pl.program_id(1)
     cols = pl.ds(c * bn, bn)
     offsets = jnp.arange(span, dtype=jnp.int32)
@@ -333,29 +367,28 @@ def _rows_kernel(x_ref, w_ref, *rest, k, span, bc, bn, ranges_per_program, n_ran
         acc = one_range(0, acc)
     else:
         acc = jax.lax.fori_loop(0, ranges_per_program, one_range, acc)
-    _store_rows_out(y_ref, p, cols, acc, batch, partials, interpret)
+    _finish_rows(rest, p, c, cols, acc, batch=batch, out=out, n_prog=n_prog, interpret=interpret)
 
 
-def _rows_listed_kernel(meta_ref, idx_ref, x_ref, w_ref, *rest, k, bc, bn, programs, threshold,
-                        batch, partials, interpret):
+def _rows_listed_kernel(meta_ref, idx_ref, x_ref, w_ref, *rest, k, bc, bn, threshold, batch, out,
+                        n_prog, interpret):
     """``compact="xla"``: chunks ``p, p + P, p + 2P, ...`` of XLA's global live-row list."""
-    y_ref = rest[-1]
     c, p = pl.program_id(0), pl.program_id(1)
     cols = pl.ds(c * bn, bn)
     count = meta_ref[0]
     chunks = (count + bc - 1) // bc
-    trips = (jnp.maximum(chunks - p, 0) + programs - 1) // programs
+    trips = (jnp.maximum(chunks - p, 0) + n_prog - 1) // n_prog
     slots = jnp.arange(bc, dtype=jnp.int32)
 
     def chunk(t, acc):
-        p0 = (p + t * programs) * bc
+        p0 = (p + t * n_prog) * bc
         valid = p0 + slots < count
         rows = jnp.clip(jnp.where(valid, idx_ref[pl.ds(p0, bc)], 0), 0, k - 1)
         return _rows_chunk(x_ref, w_ref, rows, valid, cols, acc, batch=batch, threshold=threshold,
                            interpret=interpret)
 
     acc = jax.lax.fori_loop(0, trips, chunk, _zero_acc(None, bn, batch, False))
-    _store_rows_out(y_ref, p, cols, acc, batch, partials, interpret)
+    _finish_rows(rest, p, c, cols, acc, batch=batch, out=out, n_prog=n_prog, interpret=interpret)
 
 
 def _call(kernel, grid, args, y_rows, n_pad, *, interpret, poison, num_warps, num_stages):
@@ -458,18 +491,18 @@ def rows_layout(k: int, n: int, *, span: int = 256, programs: int | None = None,
                 n_ranges=n_ranges, k_pad=n_ranges * span)
 
 
-def _rows(x, w, *, threshold, bc, span, programs, col_splits, partials, compact, num_warps,
-          num_stages, interpret, poison):
+def _rows(x, w, *, threshold, bc, span, programs, col_splits, out, compact, num_warps, num_stages,
+          interpret, poison, out_dtype):
     batch, k = x.shape
     n = w.shape[1]
     lay = rows_layout(k, n, span=span, programs=programs, col_splits=col_splits, compact=compact)
-    bn, n_prog = lay["bn"], lay["programs"]
+    bn, n_prog, strips = lay["bn"], lay["programs"], lay["strips"]
     # Only the column strips are padded (odd N copies W once per call; decode shapes need
     # none): rows are gathered by index and never read past K.
     wp = pad_to(w, 1, bn)
     n_pad = wp.shape[1]
-    grid = (lay["strips"], n_prog)
-    common = dict(k=k, bc=bc, bn=bn, threshold=float(threshold), batch=batch, partials=partials,
+    grid = (strips, n_prog)
+    common = dict(k=k, bc=bc, bn=bn, threshold=float(threshold), batch=batch, out=out, n_prog=n_prog,
                   interpret=interpret)
     if compact == "kernel":
         args = [jnp.pad(x, ((0, 0), (0, lay["k_pad"] - k))) if lay["k_pad"] != k else x, wp]
@@ -478,17 +511,30 @@ def _rows(x, w, *, threshold, bc, span, programs, col_splits, partials, compact,
     else:
         idx, count = live_row_list(live_rows(x, threshold), k)
         args = [jnp.reshape(count.astype(jnp.int32), (1,)), pad_to(idx, 0, bc), x, wp]
-        kernel = functools.partial(_rows_listed_kernel, programs=n_prog, **common)
-    if not partials:
+        kernel = functools.partial(_rows_listed_kernel, **common)
+    if out == "atomic":
         y = _call(kernel, grid, args, batch, n_pad, interpret=interpret, poison=poison,
                   num_warps=num_warps, num_stages=num_stages)
         return y[:, :n]
-    out = jax.ShapeDtypeStruct((n_prog, batch, n_pad), jnp.float32)
-    aliases = backends.poison_output(args, out) if poison else {}
     params = {} if interpret else dict(compiler_params=compiler_params(num_warps, num_stages))
-    y = pl.pallas_call(kernel, grid=grid, out_shape=out, input_output_aliases=aliases,
-                       interpret=interpret, **params)(*args)
-    return jnp.sum(y[:, :, :n], axis=0)
+    partial_sums = jax.ShapeDtypeStruct((n_prog, batch, n_pad), jnp.float32)
+    if out == "partials":
+        aliases = backends.poison_output(args, partial_sums) if poison else {}
+        y = pl.pallas_call(kernel, grid=grid, out_shape=partial_sums, input_output_aliases=aliases,
+                           interpret=interpret, **params)(*args)
+        return jnp.sum(y[:, :, :n], axis=0)
+    # "last": the partial sums are scratch; y comes out summed and cast; the strip
+    # counters start at zero (the only zeroed buffer).
+    y_out = jax.ShapeDtypeStruct((batch, n_pad), out_dtype)
+    args.append(jnp.zeros((strips,), jnp.int32))
+    aliases = {len(args) - 1: 2}
+    if poison:      # tests: every strip's output must be written by its last program
+        args.append(jnp.full(y_out.shape, jnp.nan, out_dtype))
+        aliases[len(args) - 1] = 1
+    _, y, _ = pl.pallas_call(kernel, grid=grid, interpret=interpret, input_output_aliases=aliases,
+                             out_shape=(partial_sums, y_out, jax.ShapeDtypeStruct((strips,), jnp.int32)),
+                             **params)(*args)
+    return y[:, :n]
 
 
 def _xla_compact(x, w, *, threshold, capacity):
@@ -514,6 +560,7 @@ def sparse_input_gemv(x: jax.Array, w: jax.Array, *, threshold: float = 0.0, imp
                       bn: int = 256, steps: int = 1, partials: bool | None = None,
                       unroll: bool | None = None, bc: int = 32, splits: int = 32, span: int = 256,
                       programs: int | None = None, col_splits: int = 16, compact: str = "kernel",
+                      sum_in_kernel: bool = False,
                       num_warps: int = 4, num_stages: int = 2, backend: str | None = None,
                       interpret: bool = False, poison: bool = False, out_dtype=None) -> jax.Array:
     """``where(|x| > threshold, x, 0) @ W``, reading only the rows of ``W`` some token needs.
@@ -541,6 +588,9 @@ def sparse_input_gemv(x: jax.Array, w: jax.Array, *, threshold: float = 0.0, imp
         default 32, chunks dealt round-robin); ``col_splits`` column strips (each
         program's ``N / col_splits`` f32 accumulators per token live in registers);
         ``compact``: ``"kernel"`` (no index list) or ``"xla"`` (:func:`live_row_list`).
+      sum_in_kernel: ``"rows"`` with partial sums: the last program of each column strip
+        (a counter per strip, acquire-release atomics) sums the strip's partials and
+        writes ``y`` itself, saving XLA's summing launch for a zeroed counter buffer.
       num_warps, num_stages: Triton (powers of two).
       backend, interpret: where the Pallas paths may run (:func:`supported`; see
         :mod:`sparsejax.kernels.backends`); interpret: interpret mode (CPU tests).
@@ -593,10 +643,14 @@ def sparse_input_gemv(x: jax.Array, w: jax.Array, *, threshold: float = 0.0, imp
                         unroll=unroll, mma=mma, num_warps=num_warps, num_stages=num_stages,
                         interpret=interpret, poison=poison)
         elif impl == "rows":
+            partials = True if partials is None else bool(partials)
+            if sum_in_kernel and not partials:
+                raise ValueError("sparse_input_gemv: sum_in_kernel=True sums the partial sums in the "
+                                 "kernel; it needs partials=True (or None), got partials=False")
             y = _rows(x2, w, threshold=threshold, bc=bc, span=span, programs=programs,
-                      col_splits=col_splits, partials=True if partials is None else bool(partials),
-                      compact=compact, num_warps=num_warps, num_stages=num_stages,
-                      interpret=interpret, poison=poison)
+                      col_splits=col_splits, compact=compact, num_warps=num_warps,
+                      num_stages=num_stages, interpret=interpret, poison=poison, out_dtype=out_dtype,
+                      out="last" if sum_in_kernel else "partials" if partials else "atomic")
         else:
             y = _gather(x2, w, threshold=threshold, bc=bc, bn=bn, splits=splits, mma=mma,
                         num_warps=num_warps, num_stages=num_stages, interpret=interpret,
