@@ -28,7 +28,6 @@ is set.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import functools
 import os
 import pathlib
@@ -185,13 +184,15 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, Pallas interpret mode (CPU)")
     parser.add_argument("--budget", type=float, default=150.0, help="seconds before variants are skipped")
-    parser.add_argument("--batches", default="1,2,4,8", help="batch 1 at 50/75/90/100%% zeros, others at 50%%")
+    parser.add_argument("--batches", default="1,2,4,8",
+                        help="batch 1 at 50/75/90/100%% zeros, the others at 50%%")
     args = parser.parse_args()
     interpret = args.smoke or jax.default_backend() != "gpu"
-    sizes = dataclasses.replace(SMOKE if args.smoke else FULL, gemv=256 if args.smoke else 8192)
+    sizes = SMOKE if args.smoke else FULL          # W is gemv x gemv: 256 / 8192
     b = Bench(sizes, interpret, args.budget)
     dev = jax.devices()[0]
-    b.log(f"device: {dev.device_kind} ({jax.default_backend()}), jax {jax.__version__}, interpret={interpret}")
+    b.log(f"device: {dev.device_kind} ({jax.default_backend()}), jax {jax.__version__}, "
+          f"interpret={interpret}")
     n = sizes.gemv
     ws = [_normal(b.fresh(), (n, n), scale=n ** -0.5) for _ in range(sizes.layers)]
     kws = variants(interpret)

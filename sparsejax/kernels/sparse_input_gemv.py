@@ -36,9 +36,10 @@ Paths (``impl``), each computing :func:`sparse_input_gemv_reference`:
   and multiplying on the CUDA cores. Dead chunks cost no iteration, no extra
   launch compacts anything, and each program writes its own partial-sum row
   (``partials``, summed by XLA with the cast fused; ``sum_in_kernel``: summed by
-  the last program of each column strip) or adds into a zeroed output with atomics. ``compact="xla"`` instead takes XLA's global list
-  (:func:`live_row_list`, an extra cumsum + scatter) and deals its chunks out
-  round-robin (perfect balance, one more launch).
+  the last program of each column strip) or adds into a zeroed output with
+  atomics. ``compact="xla"`` instead takes XLA's global list (:func:`live_row_list`,
+  an extra cumsum + scatter) and deals its chunks out round-robin (perfect
+  balance, one more launch).
 * ``"xla_compact"``: the same index list with a fixed ``capacity``, then
   gather + dot in XLA (``lax.cond`` to the dense product when the list
   overflows). Cost follows ``capacity``.
