@@ -83,6 +83,21 @@ def test_rows_all_dead_is_zero_and_all_live_is_the_dense_product(compact):
     assert rel_error(y, x @ w) < 1e-5
 
 
+
+@pytest.mark.parametrize("impl", ["rows", "masked"])
+def test_bf16_inputs_at_the_rounded_threshold_count_as_dead(impl):
+    # bf16(0.3) = 0.30078125: the reference compares in bf16, so an input of exactly that
+    # size is dead; a float32 compare against 0.3 would keep it.
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((2, 96)).astype(np.float32)
+    x[:, ::3] = 0.30078125 * np.sign(x[:, ::3])
+    x = jnp.asarray(x, jnp.bfloat16)
+    w = jnp.asarray(rng.standard_normal((96, 40)), jnp.bfloat16)
+    ref = sg.sparse_input_gemv_reference(x, w, threshold=0.3, out_dtype=jnp.float32)
+    y = sg.sparse_input_gemv(x, w, threshold=0.3, impl=impl, interpret=True, bk=16, bn=32, span=32,
+                             bc=8, col_splits=2, out_dtype=jnp.float32)
+    assert rel_error(y, ref) < 1e-5
+
 def test_rows_layout_covers_every_row_and_column():
     lay = sg.rows_layout(8192, 8192, span=256, programs=None, col_splits=16)
     assert (lay["bn"], lay["strips"], lay["programs"], lay["ranges_per_program"]) == (512, 16, 32, 1)

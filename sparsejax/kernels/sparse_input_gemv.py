@@ -56,6 +56,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.experimental import pallas as pl
 
 from sparsejax.kernels import backends
@@ -638,6 +639,10 @@ def sparse_input_gemv(x: jax.Array, w: jax.Array, *, threshold: float = 0.0, imp
         if compact not in COMPACT:
             raise ValueError(f"sparse_input_gemv: compact must be one of {COMPACT}, got {compact!r}")
         mma = False if mma is None else bool(mma)
+        # The kernels compare |x| > threshold in float32; the reference compares in x's
+        # dtype, rounding the threshold to it (bf16(0.3) = 0.30078125). Rounded here too,
+        # the two agree on every input at the boundary (the widening to f32 is exact).
+        threshold = float(np.asarray(threshold, np.dtype(x2.dtype)))
         x2 = x2.astype(w.dtype)
         if impl == "masked":
             y = _masked(x2, w, threshold=threshold, bk=bk, bn=bn, steps=steps, partials=bool(partials),
