@@ -66,7 +66,8 @@ def test_spark_ffn_sites_take_the_sparse_gemvs_and_match():
     assert prims.count("pallas_call") == 2
 
 
-@pytest.mark.parametrize("path", ["sparse_input_split", "xla_dense", "xla_pad2", "row_gemv"])
+@pytest.mark.parametrize("path", ["sparse_input_split", "sparse_input_rows", "xla_dense", "xla_pad2",
+                                  "row_gemv"])
 def test_every_down_candidate_matches_when_forced(path):
     from sparsejax.kernels import path_choice
 
@@ -82,7 +83,8 @@ def test_every_down_candidate_matches_when_forced(path):
     if path == "xla_dense":      # every site keeps the program's own dot: no kernel, no extra ops
         assert "pallas_call" not in prims and prims.count("transpose") == 0
     want = {"xla_dense": "XLA dense", "xla_pad2": "XLA dense, the row padded to two",
-            "sparse_input_split": "sparse-input GEMV (Pallas, masked bk64 bn256, 4 steps, partial sums)"}
+            "sparse_input_split": "sparse-input GEMV (Pallas, masked bk64 bn256, 4 steps, partial sums)",
+            "sparse_input_rows": "sparse-input GEMV (Pallas, rows bc32 span256"}
     if path == "row_gemv":       # the output-major gate on the row-streaming kernel, every output live
         assert paths["ffn/gate"][0].startswith("row-streaming GEMV (Pallas, every output)")
     else:

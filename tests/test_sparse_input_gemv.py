@@ -49,6 +49,64 @@ def test_masked_split_steps_and_partials_equal_the_reference(batch, k, mma, step
     assert rel_error(y, ref) < 1e-5
 
 
+@pytest.mark.parametrize("batch,k,n,threshold,knobs", [
+    (1, 100, 70, 0.0, dict(span=32, bc=8, col_splits=2)),                     # 4 ranges, x padded
+    (3, 300, 130, 0.3, dict(span=64, bc=16, col_splits=3, programs=2)),       # 3 ranges per group
+    (8, 72, 33, 0.2, dict(span=16, bc=4, col_splits=1, partials=False)),      # atomics path
+    (3, 150, 130, 0.3, dict(compact="xla", bc=16, col_splits=2, programs=3)),
+    (1, 150, 40, 0.0, dict(compact="xla", bc=8, col_splits=2, programs=2, partials=False)),
+    (3, 300, 130, 0.3, dict(span=64, bc=16, col_splits=3, programs=3, sum_in_kernel=True)),
+    (2, 150, 40, 0.0, dict(compact="xla", bc=8, col_splits=2, programs=3, sum_in_kernel=True))])
+def test_rows_equals_the_reference(batch, k, n, threshold, knobs):
+    x = _sparse_x(11 * batch + k, batch, k, 0.6)
+    w = jax.random.normal(jax.random.key(k + n), (k, n))
+    ref = sg.sparse_input_gemv_reference(x, w, threshold=threshold)
+    y = sg.sparse_input_gemv(x, w, threshold=threshold, impl="rows", interpret=True, poison=True,
+                             **knobs)
+    assert y.shape == (batch, n)
+    assert_written(y)
+    assert rel_error(y, ref) < 1e-5
+
+
+@pytest.mark.parametrize("compact", ["kernel", "xla"])
+def test_rows_all_dead_is_zero_and_all_live_is_the_dense_product(compact):
+    knobs = dict(impl="rows", interpret=True, poison=True, compact=compact, span=32, bc=8,
+                 col_splits=2, programs=2)
+    rng = np.random.default_rng(5)
+    w = jnp.asarray(rng.standard_normal((90, 50)), jnp.float32)
+    x = jnp.asarray(rng.uniform(0.5, 1.5, (3, 90)) * rng.choice([-1.0, 1.0], (3, 90)), jnp.float32)
+    dead = sg.sparse_input_gemv(x, w, threshold=2.0, **knobs)     # every |x| <= 1.5: no live row
+    np.testing.assert_array_equal(np.asarray(dead), 0.0)
+    y = sg.sparse_input_gemv(x, w, **knobs)                        # no input is zero: every row live
+    assert_written(y)
+    assert rel_error(y, sg.sparse_input_gemv_reference(x, w)) < 1e-5
+    assert rel_error(y, x @ w) < 1e-5
+
+
+
+@pytest.mark.parametrize("impl", ["rows", "masked"])
+def test_bf16_inputs_at_the_rounded_threshold_count_as_dead(impl):
+    # bf16(0.3) = 0.30078125: the reference compares in bf16, so an input of exactly that
+    # size is dead; a float32 compare against 0.3 would keep it.
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((2, 96)).astype(np.float32)
+    x[:, ::3] = 0.30078125 * np.sign(x[:, ::3])
+    x = jnp.asarray(x, jnp.bfloat16)
+    w = jnp.asarray(rng.standard_normal((96, 40)), jnp.bfloat16)
+    ref = sg.sparse_input_gemv_reference(x, w, threshold=0.3, out_dtype=jnp.float32)
+    y = sg.sparse_input_gemv(x, w, threshold=0.3, impl=impl, interpret=True, bk=16, bn=32, span=32,
+                             bc=8, col_splits=2, out_dtype=jnp.float32)
+    assert rel_error(y, ref) < 1e-5
+
+def test_rows_layout_covers_every_row_and_column():
+    lay = sg.rows_layout(8192, 8192, span=256, programs=None, col_splits=16)
+    assert (lay["bn"], lay["strips"], lay["programs"], lay["ranges_per_program"]) == (512, 16, 32, 1)
+    lay = sg.rows_layout(13824, 2304, span=256, programs=20, col_splits=8)
+    assert lay["bn"] == 256 and lay["strips"] == 9                # divides N: W is never padded
+    assert sg.rows_layout(64, 100, col_splits=2)["bn"] == 64      # nothing divides 100: pad once
+    assert lay["programs"] * lay["ranges_per_program"] >= lay["n_ranges"] == 54
+    assert (lay["programs"] - 1) * lay["ranges_per_program"] < 54           # no group left idle
+
 def test_compact_list_overflow_falls_back_to_dense():
     x = _sparse_x(0, 2, 64, 0.2)
     w = jax.random.normal(jax.random.key(1), (64, 24))
@@ -70,6 +128,14 @@ def test_bad_arguments_raise_one_line_errors():
         sg.sparse_input_gemv(jnp.ones((9, 8)), w, impl="masked", interpret=True)
     with pytest.raises(ValueError, match="capacity"):
         sg.sparse_input_gemv(x, w, impl="xla_compact", capacity=0)
+    with pytest.raises(ValueError, match="span must be a power of two"):
+        sg.sparse_input_gemv(x, w, impl="rows", interpret=True, span=48)
+    with pytest.raises(ValueError, match="col_splits must be a positive int"):
+        sg.sparse_input_gemv(x, w, impl="rows", interpret=True, col_splits=0)
+    with pytest.raises(ValueError, match="sum_in_kernel=True .* needs partials=True"):
+        sg.sparse_input_gemv(x, w, impl="rows", interpret=True, partials=False, sum_in_kernel=True)
+    with pytest.raises(ValueError, match="compact must be one of"):
+        sg.sparse_input_gemv(x, w, impl="rows", interpret=True, compact="host")
 
 
 @pytest.mark.parametrize("impl,batch,extra", [("fused", 1, dict(unroll=False)), ("sparse", 3, {}),

@@ -282,13 +282,17 @@ class ActivationSparseHandler(WeightHandler):
         return matmul_at_site(eqn, operand, x, gemv)
 
 
-# Down-projection kernels the site measures against XLA (name: (label, tiles)): the
-# one-tile grid the first H200 sweep found best at 90% zeros, and the split-K loop
-# with partial sums that removes its fixed cost (no zeroed output, no atomics).
+# Down-projection kernels the site measures against XLA (name: (label, tiles); the
+# masked path unless the tiles name another impl): the one-tile grid the first H200
+# sweep found best at 90% zeros, the split-K loop with partial sums that removes its
+# fixed cost (no zeroed output, no atomics), and the rows path whose time follows the
+# live rows (in-kernel compaction, one launch plus XLA's sum of the partials).
 DOWN_VARIANTS = {
     "sparse_input": ("masked bk64 bn256", dict(bk=64, bn=256)),
     "sparse_input_split": ("masked bk64 bn256, 4 steps, partial sums",
                            dict(bk=64, bn=256, steps=4, partials=True)),
+    "sparse_input_rows": ("rows bc32 span256, 16 column strips, partial sums",
+                          dict(impl="rows", bc=32, span=256, col_splits=16, partials=True)),
 }
 
 
@@ -325,8 +329,10 @@ def _pad2_candidate(dense, rows):
 
 
 def _down_kernel(interpret, tiles):
+    tiles = {"impl": "masked", **tiles}
+
     def kernel(x, w):
-        return sig.sparse_input_gemv(x, w, impl="masked", interpret=interpret, **tiles)
+        return sig.sparse_input_gemv(x, w, interpret=interpret, **tiles)
     return kernel
 
 
