@@ -8,8 +8,11 @@ The decode step of ``benchmarks/decode_speed.py`` (a gated LM, d_model 2304, d_f
 input of every q/k/v/o/gate/up/down matmul), its thresholds calibrated to 50% (and 40%)
 on random decode inputs, then ``lower``-ed: each thresholded matmul whose weight rows are
 contiguous weighs the sparse-input GEMV against XLA by measurement (``path_choice``), so
-no site runs slower than dense. Compared, each checked first against its reference: the
-dense step, the thresholded step on XLA (``sfn``, not lowered) and the lowered one.
+no site runs slower than dense. Compared: the dense step, the thresholded step on XLA
+(``sfn``, not lowered) and the lowered one. Correctness is checked against the thresholded
+step in float32 (the lowered program with every eligible site on its kernel must match it
+to 2e-3); each timed bf16 program must stay within twice XLA's own bf16 distance from it
+(a threshold turns bf16 rounding into whole inputs kept or dropped, see ``main``).
 Timing as ``decode_speed.py`` (medians of back-to-back calls after warm-up, dense XLA in
 the same run). Goal (issue 18): >= 1.5x dense at 50%, batch 1.
 
@@ -30,6 +33,7 @@ import jax.numpy as jnp
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from timing import rel_err  # noqa: E402
 from decode_speed import (FULL, SMOKE, Bench, decode_step, lm_params,  # noqa: E402
                           summary_table, _normal)
 from sparsejax import sparsify  # noqa: E402
@@ -46,14 +50,21 @@ GOAL = {0.5: 1.5}
 PATTERN = "re:layer[0-9]+/.*"
 
 
+def _as_f32(tree):
+    return jax.tree.map(lambda x: x.astype(jnp.float32) if jnp.issubdtype(x.dtype, jnp.floating) else x,
+                        tree)
+
+
 def diagnose(b, sfn, ss, params, args, ref):
-    """Which path is wrong inside the program: every site forced onto one path at a time,
-    then the kernel alone, called several times in one jit (as a lowered program does)."""
-    for path in ("xla_dense", "xla_pad2", "sparse_input", "sparse_input_split", "stream_gemv"):
-        with path_choice.mode(f"force:{path}"):
+    """Which path is wrong inside the program (float32 ``params``/``args``/``ref``): every site
+    forced onto one path at a time, then the kernel alone, called several times in one jit
+    (as a lowered program does)."""
+    paths = ("xla_dense", "xla_pad2", *DOWN_VARIANTS, "stream_gemv")
+    for path in paths:
+        with path_choice.mode(f"force:{path}"), jax.default_matmul_precision("highest"):
             low = sfn.lower(ss, interpret=b.interpret)
             fn = jax.jit(lambda p, *a, low=low: low(p, ss, *a))
-            b.check_and_time(f"  every site forced to {path}", fn, (params, *args), ref, 3e-2)
+            b.check_and_time(f"  every site forced to {path} (float32)", fn, (params, *args), ref, 2e-3)
     k = jax.random.split(b.fresh(), 3)
     d = params["layer0"]["attn"]["q"].shape[0]
     x = jax.random.normal(k[0], (4, 1, d), jnp.float32)
@@ -61,11 +72,10 @@ def diagnose(b, sfn, ss, params, args, ref):
     w = (jax.random.normal(k[2], (4, d, d), jnp.float32) * 0.02).astype(jnp.bfloat16)
     want = jnp.stack([sparse_input_gemv_reference(x[i], w[i]) for i in range(4)])
     for label, tiles in DOWN_VARIANTS.values():
+        tiles = {"impl": "masked", **tiles}
         many = jax.jit(lambda x, w, tiles=tiles: jnp.stack(
-            [sparse_input_gemv(x[i], w[i], impl="masked", interpret=b.interpret, **tiles)
-             for i in range(4)]))
-        one = jax.jit(lambda x, w, tiles=tiles: sparse_input_gemv(x, w, impl="masked",
-                                                                  interpret=b.interpret, **tiles))
+            [sparse_input_gemv(x[i], w[i], interpret=b.interpret, **tiles) for i in range(4)]))
+        one = jax.jit(lambda x, w, tiles=tiles: sparse_input_gemv(x, w, interpret=b.interpret, **tiles))
         e_many = float(jnp.linalg.norm((many(x, w).astype(jnp.float32) - want).ravel())
                        / jnp.linalg.norm(want.ravel()))
         e_one = max(float(jnp.linalg.norm((one(x[i], w[i]).astype(jnp.float32) - want[i]).ravel())
@@ -113,17 +123,36 @@ def main():
             b.log(f"  calibrated sparsity: {min(measured.values()):.1%} .. {max(measured.values()):.1%} "
                   f"over {len(measured)} matmul inputs")
             xla = jax.jit(lambda p, *a, sfn=sfn, ss=ss: sfn(p, ss, *a))
-            ref = xla(params, *args_1)[0]
+            # The reference is float32 at full matmul precision. A threshold is a step: in
+            # bf16, another summation order (padding a GEMV's row, a kernel's split) moves a
+            # few inputs across it, and over four layers the logits drift ~5% apart — the
+            # first H200 run measured that between XLA's own dense product and its padded
+            # twin. So correctness is checked in float32 (every site on its kernel, where
+            # the order barely matters), and each bf16 program must stay as close to that
+            # reference as XLA's own bf16 program does.
+            p32, a32 = _as_f32(params), (args_1[0], *_as_f32(args_1[1:]))
+            with jax.default_matmul_precision("highest"):
+                ref32 = xla(p32, *a32)[0]
+                e_xla = rel_err(xla(params, *args_1)[0], ref32)
+                if not b.over_budget():
+                    with path_choice.mode("off"):     # every eligible site on its first kernel
+                        low32 = sfn.lower(ss, interpret=b.interpret)
+                        b.check_and_time(f"TEAL {level:.0%}, lowered, float32 (kernels)",
+                                         jax.jit(lambda p, *a, low=low32, ss=ss: low(p, ss, *a)),
+                                         (p32, *a32), ref32, 2e-3)
+            tol = 2 * e_xla + 1e-3
+            b.log(f"  bf16 XLA program vs the float32 reference: rel err {e_xla:.1e} (bf16 tolerance {tol:.1e})")
             _, _, t_xla = b.check_and_time(f"TEAL {level:.0%}, XLA (not lowered)", xla, (params, *args_1),
-                                           ref, 1e-3)
+                                           ref32, tol)
             if b.over_budget():
                 b.log("  lowering skipped (time budget)")
                 continue
             low = sfn.lower(ss, interpret=b.interpret)
             lowered = jax.jit(lambda p, *a, low=low, ss=ss: low(p, ss, *a))
-            _, ok, t_low = b.check_and_time(f"TEAL {level:.0%}, lowered", lowered, (params, *args_1), ref, 3e-2)
+            _, ok, t_low = b.check_and_time(f"TEAL {level:.0%}, lowered", lowered, (params, *args_1), ref32,
+                                            tol)
             if (args.diagnose or not ok) and not b.over_budget():
-                diagnose(b, sfn, ss, params, args_1, ref)
+                diagnose(b, sfn, ss, p32, a32, ref32)
             paths = sorted({f"{p}: {h.site_path(st.key)}" for p, h in low._handlers.items() for st in h.sites
                             if p.startswith("layer0/")})
             b.detail += [f"- TEAL {level:.0%}: {p}" for p in paths]
