@@ -7,7 +7,9 @@ Measures, on the machine's GPUs: how they are connected (``nvidia-smi topo -m``)
 all-reduce bandwidth JAX gets for a gradient-sized buffer (float32 and bfloat16), the
 collectives the compiled data-parallel step contains (count, dtype, bytes), and the time
 of the jitted step alone (batches already on the devices, no host work in the loop) for
-one GPU and for all GPUs under several XLA flag sets. The step time of one GPU over the
+one GPU and for all GPUs under several XLA flag sets. ``PROBE_PROFILE=1`` also traces a few
+steps with ``jax.profiler`` and sums the device kernel time per kind of work
+(``step_profile.py``'s categories); ``PROBE_VARIANTS=mesh@flags,...`` picks the variants. The step time of one GPU over the
 number of GPUs, plus the measured all-reduce time, is what the data-parallel step
 should cost if nothing overlaps; the gap to the measured step says what overlapped, or
 what else costs. Prints the table last and writes it to $OUT/multi_gpu_probe.md.
@@ -85,8 +87,34 @@ def _step_time(mesh_spec: str, steps: int = 12, **overrides) -> dict:
             state, metrics = jstep(state, batches[i % len(batches)])
         jax.block_until_ready(metrics)
         times.append((time.perf_counter() - t0) / steps)
-    return {"step_ms": 1e3 * statistics.median(times), "collectives": collectives,
-            "tokens_per_s": run.cfg.batch_size * CONFIG["seq_len"] / statistics.median(times)}
+    result = {"step_ms": 1e3 * statistics.median(times), "collectives": collectives,
+              "tokens_per_s": run.cfg.batch_size * CONFIG["seq_len"] / statistics.median(times)}
+    if os.environ.get("PROBE_PROFILE"):       # device kernel time per kind of work, per step
+        result["profile"] = _profile(jstep, state, batches, steps=3)
+    return result
+
+
+def _profile(jstep, state, batches, steps: int) -> dict:
+    """Per-step device kernel µs by category (``step_profile.py``'s), and the slowest kernels."""
+    import collections
+    import tempfile
+    import jax
+    sys.path.append(str(pathlib.Path(__file__).resolve().parent))
+    from step_profile import category, kernel_times
+
+    with tempfile.TemporaryDirectory() as d:
+        jax.profiler.start_trace(d)
+        for i in range(steps):
+            state, metrics = jstep(state, batches[i % len(batches)])
+        jax.block_until_ready(metrics)
+        jax.profiler.stop_trace()
+        times = {k: v / steps for k, v in kernel_times(d).items()}
+    per_cat = collections.Counter()
+    for (kernel, op), us in times.items():
+        per_cat[category(kernel, op)] += us
+    top = sorted(times.items(), key=lambda kv: -kv[1])[:10]
+    return {"categories": dict(per_cat),
+            "top": [f"{k[0][:50]} [{k[1][:30]}] {us:.0f}" for k, us in top]}
 
 
 def _allreduce_gbps() -> dict:
@@ -167,6 +195,16 @@ def main():
         speed = f"{r['tokens_per_s'] / one['tokens_per_s']:.2f}×" if one else "-"
         lines.append(f"| {mesh_spec} | {flagset} | {r['step_ms']:.1f} | {r['tokens_per_s']:.0f} | "
                      f"{speed} | {coll} |")
+    profiled = [(k, r["profile"]) for k, r in rows.items() if "profile" in r]
+    if profiled:          # kernel µs per step (summed over the devices' streams)
+        cats = sorted({c for _, p in profiled for c in p["categories"]})
+        lines += ["", "Device kernel time per step, µs (all GPUs' streams summed):", "",
+                  "| mesh | XLA flags | " + " | ".join(cats) + " |", "|---|---|" + "---|" * len(cats)]
+        for (mesh_spec, flagset), p in profiled:
+            lines.append(f"| {mesh_spec} | {flagset} | "
+                         + " | ".join(f"{p['categories'].get(c, 0.0):.0f}" for c in cats) + " |")
+        lines += ["", "Slowest kernels per step (µs):", ""]
+        lines += [f"- {m}@{f}: " + "; ".join(p["top"]) for (m, f), p in profiled]
     ar = next((r["allreduce"] for r in rows.values() if "allreduce" in r), None)
     if ar:
         lines.append("")
