@@ -305,7 +305,7 @@ def _rel_err(got, want) -> float:
 
 def measure(candidates: Sequence[Candidate], arg_specs: Sequence, *, calls: int = 10,
             repeats: int = 7, copies: int | None = None,
-            reference: str | None = None) -> dict[str, float]:
+            reference: str | None = None, first_call_s: dict | None = None) -> dict[str, float]:
     """Median µs of one call of each supported candidate, on random inputs like ``arg_specs``.
 
     ``arg_specs`` are ShapeDtypeStructs (or concrete non-array values passed through).
@@ -313,7 +313,8 @@ def measure(candidates: Sequence[Candidate], arg_specs: Sequence, *, calls: int 
     jit (default :func:`copies_for`) and the time is divided by it. Runs in a fresh
     thread, so it may be called while a program is being traced. ``reference``: the
     candidate whose output every other must match within :data:`CHECK_RTOL` on the same
-    inputs; one that does not gets ``inf`` (never chosen) and a warning.
+    inputs; one that does not gets ``inf`` (never chosen) and a warning. ``first_call_s``:
+    filled with each candidate's first call in seconds (compilation included).
     """
     copies = copies_for(arg_specs) if copies is None else copies
     is_array = [isinstance(s, jax.ShapeDtypeStruct) for s in arg_specs]
@@ -331,12 +332,19 @@ def measure(candidates: Sequence[Candidate], arg_specs: Sequence, *, calls: int 
         out = {}
         runnable = [c for c in candidates if c.unsupported is None]
         ref = next((c for c in runnable if c.name == reference), None)
-        want = None if ref is None else jax.jit(over_copies(ref.fn))(*args)
-        for c in runnable:
+        want = None
+        # The reference runs first: its first call's output is what the others must match.
+        for c in sorted(runnable, key=lambda c: c is not ref):
             try:
                 fn = jax.jit(over_copies(c.fn))
-                if want is not None and c is not ref:
-                    err = _rel_err(fn(*args), want)
+                t_first = time.perf_counter()
+                got = jax.block_until_ready(fn(*args))
+                if first_call_s is not None:
+                    first_call_s[c.name] = time.perf_counter() - t_first
+                if c is ref:
+                    want = got
+                elif want is not None:
+                    err = _rel_err(got, want)
                     if not err <= CHECK_RTOL:
                         warnings.warn(f"path choice: candidate {c.name!r} disagrees with "
                                       f"{ref.name!r} on this device (relative error {err:.1e} > "
@@ -411,12 +419,15 @@ def choose(op: str, signature: str, candidates: Sequence[Candidate], arg_specs: 
     if m == "table" or not _measuring_pays():
         return _default_choice(supported, baseline, "default")
     t0 = time.perf_counter()
-    times = measure(supported, arg_specs, reference=baseline if check and baseline in names else None)
+    first: dict = {}
+    times = measure(supported, arg_specs, reference=baseline if check and baseline in names else None,
+                    first_call_s=first)
     best = min(times, key=times.get)
     if os.environ.get("SPARSEJAX_PATHS_LOG", "") not in ("", "0"):
         shown = ", ".join(f"{k} {v:.1f}" for k, v in times.items())
-        print(f"path choice: {key}: {best} ({shown} µs; {time.perf_counter() - t0:.1f} s)",
-              file=sys.stderr, flush=True)
+        compiled = ", ".join(f"{k} {v:.1f}" for k, v in first.items())
+        print(f"path choice: {key}: {best} ({shown} µs; {time.perf_counter() - t0:.1f} s, first "
+              f"calls {compiled} s)", file=sys.stderr, flush=True)
     _remember(key, {"path": best, "times_us": {k: round(v, 2) for k, v in times.items()}})
     c = next(c for c in supported if c.name == best)
     return Choice(c.name, c.label, "measured", times, baseline)
