@@ -316,3 +316,36 @@ def test_with_aux_inside_a_while_loop_is_a_clear_error(setup):
     with pytest.raises(ValueError, match="inside a lax.while_loop body") as e:
         sfn.with_aux()(sp, ss, batches[0])
     assert "\n" not in str(e.value)
+
+
+
+def test_sites_equally_sparse_share_one_path_measurement(setup, monkeypatch):
+    # Calibrated densities differ in the third decimal from site to site; the path choice
+    # rounds them, so one measurement per weight shape serves every equally sparse site.
+    from sparsejax.compiler.passes.sparse_input import _density_class
+    from sparsejax.kernels import path_choice as pc
+    assert _density_class(0.598) == _density_class(0.601) == pytest.approx(0.6)
+    assert _density_class(0.0) == pytest.approx(0.05) and _density_class(1.0) == 1.0
+    params, batches = setup
+    x = batches[0][:1, :1]
+    sfn = sj.sparsify(scanned, [TEAL("*", sparsity=0.5)])
+    sp, ss = sfn.init(params, x)
+    ss = sfn.calibrate(sp, ss, [b[:1, :1] for b in batches])
+    for i, info in enumerate(sfn._threshold_info.values()):     # as measured on real data
+        info["measured"] = np.asarray(info["measured"]) + 0.003 * (i - 1)
+    measured = {n: float(np.mean(v["measured"])) for n, v in sfn._threshold_info.items()}
+    assert len(set(measured.values())) == 3, measured      # the sites' densities differ
+    seen = []
+
+    def fake_measure(cands, specs, **kw):
+        seen.append(tuple(s.shape for s in specs if hasattr(s, "shape")))
+        return {c.name: (1.0 if c.name == "xla_dense" else 2.0) for c in cands}
+
+    pc.clear_cache()
+    monkeypatch.setattr(pc, "_measuring_pays", lambda: True)
+    monkeypatch.setattr(pc, "measure", fake_measure)
+    low = sfn.lower(ss, interpret=True)
+    jax.make_jaxpr(lambda p, x: low(p, ss, x))(sp, x)
+    pc.clear_cache()
+    # gate and up share their (D, F) shape; down is (F, D): two measurements, not three.
+    assert len(seen) == len(set(seen)) == 2, seen

@@ -336,6 +336,17 @@ def _down_kernel(interpret, tiles):
     return kernel
 
 
+# Calibrated densities are measured (0.598, 0.601, ...): rounded to this step, sites whose
+# inputs are equally sparse share one signature, so one measurement serves them all.
+DENSITY_STEP = 0.05
+
+
+def _density_class(density: float) -> float:
+    """``density`` rounded to :data:`DENSITY_STEP` (at least one step: a site never measures
+    at an all-zero input)."""
+    return max(DENSITY_STEP, min(1.0, round(density / DENSITY_STEP) * DENSITY_STEP))
+
+
 def _sparse_sample(shape, dtype, density: float):
     """A concrete input shaped like a top-k activation: each token keeps ``density`` of its
     entries, independently (so the union grows with the batch as real tokens' does)."""
@@ -388,7 +399,7 @@ def ffn_roles(sfn, traced) -> tuple[dict[str, dict], dict[str, list]]:
         # The density the path choice measures at: what calibration measured (uncalibrated
         # thresholds are 0 and drop exact zeros only: dense).
         info = calibrated.get(point.name)
-        density = 1.0 if info is None else 1.0 - float(np.mean(info["measured"]))
+        density = 1.0 if info is None else _density_class(1.0 - float(np.mean(info["measured"])))
         if point.kind == "input":
             wanted = {(point.paths[0], point.key)}
         else:       # act(gate) * up is zero where act(gate) was cut: the down matmul's input
