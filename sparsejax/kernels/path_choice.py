@@ -303,6 +303,24 @@ def _rel_err(got, want) -> float:
     return worst
 
 
+def _compile_all(candidates: Sequence[Candidate], wrap: Callable, args: Sequence) -> dict:
+    """``{name: (compiled fn or the exception raised, seconds)}`` for ``jax.jit(wrap(c.fn))`` of
+    every candidate on ``args``, compiled in parallel threads: compilation, not the timed
+    calls, is most of a measurement's cost (a Mosaic GPU kernel takes seconds)."""
+    def compile_one(c):
+        t0 = time.perf_counter()
+        try:
+            fn = jax.jit(wrap(c.fn)).lower(*args).compile()
+        except Exception as e:   # reported (and the candidate never chosen) by the caller
+            fn = e
+        return c.name, (fn, time.perf_counter() - t0)
+
+    if len(candidates) <= 1:
+        return dict(map(compile_one, candidates))
+    with futures.ThreadPoolExecutor(max_workers=min(len(candidates), os.cpu_count() or 1)) as pool:
+        return dict(pool.map(compile_one, candidates))
+
+
 def measure(candidates: Sequence[Candidate], arg_specs: Sequence, *, calls: int = 10,
             repeats: int = 7, copies: int | None = None,
             reference: str | None = None, first_call_s: dict | None = None) -> dict[str, float]:
@@ -314,7 +332,9 @@ def measure(candidates: Sequence[Candidate], arg_specs: Sequence, *, calls: int 
     thread, so it may be called while a program is being traced. ``reference``: the
     candidate whose output every other must match within :data:`CHECK_RTOL` on the same
     inputs; one that does not gets ``inf`` (never chosen) and a warning. ``first_call_s``:
-    filled with each candidate's first call in seconds (compilation included).
+    filled with each candidate's first call in seconds (compilation included). The
+    candidates are compiled concurrently (XLA compiles without holding the GIL), then
+    checked and timed one after another.
     """
     copies = copies_for(arg_specs) if copies is None else copies
     is_array = [isinstance(s, jax.ShapeDtypeStruct) for s in arg_specs]
@@ -332,15 +352,18 @@ def measure(candidates: Sequence[Candidate], arg_specs: Sequence, *, calls: int 
         out = {}
         runnable = [c for c in candidates if c.unsupported is None]
         ref = next((c for c in runnable if c.name == reference), None)
+        compiled = _compile_all(runnable, over_copies, args)
         want = None
         # The reference runs first: its first call's output is what the others must match.
         for c in sorted(runnable, key=lambda c: c is not ref):
             try:
-                fn = jax.jit(over_copies(c.fn))
+                fn, seconds_to_compile = compiled[c.name]
+                if isinstance(fn, Exception):
+                    raise fn
                 t_first = time.perf_counter()
                 got = jax.block_until_ready(fn(*args))
                 if first_call_s is not None:
-                    first_call_s[c.name] = time.perf_counter() - t_first
+                    first_call_s[c.name] = seconds_to_compile + time.perf_counter() - t_first
                 if c is ref:
                     want = got
                 elif want is not None:

@@ -517,9 +517,8 @@ def masked_ffn(x_up: jax.Array, act: jax.Array, w_up_t: jax.Array, w_down: jax.A
     kernel = functools.partial(_up_kernel_masked, bj=bj, bk=bk, batch=batch, atomic=atomic, unroll=unroll)
     h = pl.pallas_call(kernel, grid=(programs,), out_shape=h_shape, input_output_aliases=aliases,
                        interpret=interpret, **params)(*args)
-    tiles = dict(down_tiles or {})
-    y = sig.sparse_input_gemv(h[:batch], w_down, impl="masked", interpret=interpret,
-                              out_dtype=jnp.float32, **tiles)
+    tiles = {"impl": "masked", **(down_tiles or {})}      # down_tiles may name another impl
+    y = sig.sparse_input_gemv(h[:batch], w_down, interpret=interpret, out_dtype=jnp.float32, **tiles)
     return y[:, :d_out]
 
 
@@ -612,14 +611,19 @@ def topk_ffn_decode(x: jax.Array, weights: DecodeWeights, *, k: Any = None, k_fr
 
 
 # choose_impl's candidates beyond the plain impl names: (impl, tiling). "sparse_split_gate":
-# the predictor GEMV and the down projection on the split-K streaming kernel (partial sums).
+# the predictor GEMV and the down projection on the split-K streaming kernel (partial sums);
+# "sparse_rows_down": the down projection on the sparse-input GEMV whose programs loop over
+# the live rows only (its time follows the fired neurons), the predictor as "sparse_split_gate".
 _SPLIT = dict(bk=64, bn=256, steps=4, partials=True)
-CHOICE_PATHS = {"sparse_split_gate": ("sparse", dict(down_tiles=_SPLIT, gate_tiles=_SPLIT))}
+_ROWS = dict(impl="rows", bc=32, span=256, col_splits=16, partials=True)
+CHOICE_PATHS = {"sparse_split_gate": ("sparse", dict(down_tiles=_SPLIT, gate_tiles=_SPLIT)),
+                "sparse_rows_down": ("sparse", dict(down_tiles=_ROWS, gate_tiles=_SPLIT))}
 
 
 def choose_impl(batch: int, weights: DecodeWeights, *, k: Any = None, k_frac: Any = None,
                 activation: Callable = jax.nn.gelu, dtype=jnp.bfloat16,
-                candidates: tuple[str, ...] = ("fused", "sparse", "sparse_split_gate", "dense"),
+                candidates: tuple[str, ...] = ("fused", "sparse", "sparse_split_gate",
+                                               "sparse_rows_down", "dense"),
                 backend: str | None = None, interpret: bool = False) -> path_choice.Choice:
     """The fastest correct decode path at this batch size, by measurement on the device.
 
