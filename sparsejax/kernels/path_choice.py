@@ -441,12 +441,16 @@ def choose(op: str, signature: str, candidates: Sequence[Candidate], arg_specs: 
             return Choice(c.name, c.label, source, entry.get("times_us", {}), baseline)
     if m == "table" or not _measuring_pays():
         return _default_choice(supported, baseline, "default")
+    logging = os.environ.get("SPARSEJAX_PATHS_LOG", "") not in ("", "0")
+    if logging:     # before: a candidate that hangs on the device still names its signature
+        print(f"path choice: measuring {key}: {', '.join(c.name for c in supported)}",
+              file=sys.stderr, flush=True)
     t0 = time.perf_counter()
     first: dict = {}
     times = measure(supported, arg_specs, reference=baseline if check and baseline in names else None,
                     first_call_s=first)
     best = min(times, key=times.get)
-    if os.environ.get("SPARSEJAX_PATHS_LOG", "") not in ("", "0"):
+    if logging:
         shown = ", ".join(f"{k} {v:.1f}" for k, v in times.items())
         compiled = ", ".join(f"{k} {v:.1f}" for k, v in first.items())
         print(f"path choice: {key}: {best} ({shown} µs; {time.perf_counter() - t0:.1f} s, first "
