@@ -93,6 +93,14 @@ class ActivationSite:
         return f"{self.kind} at {'/'.join(map(str, self.key))} ({'×'.join(map(str, self.shape))})"
 
 
+def down_projection_sites(point, sites_by_path: dict) -> list:
+    """The weight sites of an FFN's down projection: those of its last path (``paths[-1]``)
+    in the same jaxpr (key prefix) and loops (scope) as ``point``, an :class:`ActivationSite`
+    or a point placed on one (a threshold)."""
+    return [s for s in sites_by_path.get(point.paths[-1], [])
+            if s.key[:-1] == point.key[:-1] and s.scope == point.scope]
+
+
 def _is_elementwise(eqn) -> bool:
     name = eqn.primitive.name
     if name in _ELEMENTWISE:

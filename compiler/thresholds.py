@@ -26,7 +26,7 @@ import numpy as np
 
 from sparsejax import paths as path_lib
 from sparsejax.compiler import calibration
-from sparsejax.compiler.activation_sites import ActivationSite
+from sparsejax.compiler.activation_sites import ActivationSite, down_projection_sites
 from sparsejax.compiler.interpreter import Key, Scope
 from sparsejax.rules import CHESS, TEAL, ActivationThreshold
 
@@ -124,11 +124,11 @@ def threshold_plan(recipe, traced) -> list[tuple[ThresholdPoint, ActivationThres
         where = (a.act_key, a.act_operand)
         if where in chosen:
             return
-        down = [s for s in sites_by_path.get(a.paths[-1], []) if s.scope == a.scope]
+        down = down_projection_sites(a, sites_by_path)
         flops = sum(s.flops for s in down) // max(len(down), 1) if down else 0
         channel = None
         if isinstance(r, CHESS):
-            if a.act_key[-1] == _down_key(a, sites_by_path):
+            if down and a.act_key[-1] == down[0].key[-1]:
                 raise ValueError(f"{r.describe()}: the FFN at {a.describe()} has no up branch; "
                                  "channel-wise thresholds weigh act(gate) by the up branch "
                                  "(use TEAL or CATS for a non-gated FFN)")
@@ -158,13 +158,6 @@ def threshold_plan(recipe, traced) -> list[tuple[ThresholdPoint, ActivationThres
             raise ValueError(f"{r.describe()}: selects no {what} (FFN sites found: {found}; "
                              f"weights: {sorted(sites_by_path)[:8]}); change its pattern")
     return list(chosen.values())
-
-
-def _down_key(a: ActivationSite, sites_by_path):
-    for s in sites_by_path.get(a.paths[-1], []):
-        if s.key[:-1] == a.key[:-1]:
-            return s.key[-1]
-    return None
 
 
 # ----------------------------------------------------------------------------- statistics

@@ -40,6 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sparsejax import topk
+from sparsejax.compiler.activation_sites import down_projection_sites
 from sparsejax.compiler.interpreter import bind_eqn
 from sparsejax.compiler.param_ref import ParamRef, materialize
 from sparsejax.compiler.passes.base import WeightHandler, direct_site_reason, matmul_at_site
@@ -403,8 +404,7 @@ def ffn_roles(sfn, traced) -> tuple[dict[str, dict], dict[str, list]]:
         if point.kind == "input":
             wanted = {(point.paths[0], point.key)}
         else:       # act(gate) * up is zero where act(gate) was cut: the down matmul's input
-            wanted = {(s.path, s.key) for s in sites_by_path.get(point.paths[-1], [])
-                      if s.key[:-1] == point.key[:-1] and s.scope == point.scope}
+            wanted = {(s.path, s.key) for s in down_projection_sites(point, sites_by_path)}
         for path, key in wanted:
             roles.setdefault(path, {}).setdefault(key, _Role("down", None, rule, density,
                                                              point.width))
