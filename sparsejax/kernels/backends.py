@@ -72,12 +72,13 @@ def resolve(backend: str | None, interpret, *, kernels: Mapping[str, str], inter
                      f"got {backend!r}")
 
 
-def reference_reason(op: str, backend: str | None) -> str:
-    """The reason ``supported`` gives when ``backend`` resolved to the reference."""
+def reference_reason(op: str, backend: str | None, fallback: str = "plain-JAX reference") -> str:
+    """The reason ``supported`` gives when ``backend`` resolved to the reference (``fallback``:
+    what computes instead, for a kernel whose fallback is not its reference, e.g. "dense XLA")."""
     if backend == REFERENCE:
-        return "backend='reference' asks for the plain-JAX reference"
+        return f"backend='reference' asks for the {fallback}"
     platform = backend if backend in PLATFORMS else jax.default_backend()
-    return f"no {op} kernel on backend {platform!r}: plain-JAX reference"
+    return f"no {op} kernel on backend {platform!r}: {fallback}"
 
 
 def poison_output(operands: list, out_shape, *, scalar_prefetch: int = 0) -> dict:

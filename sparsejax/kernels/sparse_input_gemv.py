@@ -126,8 +126,7 @@ def supported(shape, dtype, batch: int, *, backend: str | None = None,
     if not 1 <= batch <= MAX_BATCH:
         return f"batch {batch} outside 1..{MAX_BATCH} (decode): dense XLA"
     if kernel != backends.TRITON or (pltriton is None and not interpret):
-        platform = backend if backend in backends.PLATFORMS else jax.default_backend()
-        return f"no sparse-input GEMV kernel on backend {backend or platform!r}: dense XLA"
+        return backends.reference_reason("sparse-input GEMV", backend, fallback="dense XLA")
     if interpret:
         return None
     if jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32)):
