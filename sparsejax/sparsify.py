@@ -35,19 +35,19 @@ from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.extend import core as jex_core
 
 from sparsejax import paths as path_lib
 from sparsejax.compiler import passes
 from sparsejax.compiler import calibration
 from sparsejax.compiler import plan as plan_lib
+from sparsejax.compiler import report_builder
 from sparsejax.compiler import thresholds as threshold_lib
 from sparsejax.compiler.activation_sites import ActivationSite
 from sparsejax.compiler.passes.rewrite import compose_input_hooks, rewritten_program
 from sparsejax.compiler.passes.thresholds import threshold_hook
 from sparsejax.compiler.plan import Slot as _Slot, Traced as _Traced
-from sparsejax.report import ActivationRow, Report, ReportRow
+from sparsejax.report import Report
 from sparsejax.rules import ActivationRule, MaskRule, Recipe, Rule, recipe_of
 
 __all__ = ["sparsify", "SparseFunction"]
@@ -670,62 +670,19 @@ class SparseFunction:
         if sstate is None and self._lowered_slot_masks is not None:
             return self._build_report(traced, self._lowered_slot_masks)
         if sstate is None:   # the paths sites have chosen since init
-            rows = [dataclasses.replace(r, kernel=self._compute_column(self._handlers[r.path]))
+            rows = [dataclasses.replace(r, kernel=report_builder.compute_column(self._handlers[r.path]))
                     for r in self._report.rows]
             return dataclasses.replace(self._report, rows=rows,
                                        activations=self._activation_rows(traced))
         return self._build_report(traced, self._slot_masks(sstate))
 
-    def _activation_rows(self, traced: _Traced) -> list[ActivationRow]:
-        rows = []
-        for site, rule in self._activation_plan(traced):
-            measured = [r for r in self._measured if r["key"] == site.key]
-            mean = lambda k: (sum(r[k] for r in measured) / len(measured)) if measured else None
-            rows.append(ActivationRow(
-                kind=site.kind, where=site.scope.describe() + " eqn " + "/".join(map(str, site.key)),
-                paths=site.paths, shape=site.shape, rule=rule.describe() if rule else None,
-                target=(rule.kept_per_row(site.width) / site.width)
-                if hasattr(rule, "kept_per_row") else None,
-                measured_before=mean("before"), measured_after=mean("after")))
-        for point, rule in self._thresholds:
-            info = self._threshold_info.get(point.name)
-            kept = lambda key: None if info is None else 1.0 - float(np.mean(info[key]))
-            rows.append(ActivationRow(
-                kind=f"threshold ({point.kind})",
-                where=point.scope.describe() + " eqn " + "/".join(map(str, point.key)),
-                paths=point.paths, shape=point.shape, rule=rule.describe(),
-                target=kept("target") if info else 1.0 - float(rule.sparsity),
-                measured_before=None, measured_after=kept("measured")))
-        return rows
+    def _activation_rows(self, traced: _Traced):
+        return report_builder.activation_rows(self._activation_plan(traced), self._measured,
+                                              self._thresholds, self._threshold_info)
 
     def _build_report(self, traced: _Traced, slot_masks) -> Report:
-        rows, untouched = [], []
-        for slot, m in zip(self._slots, slot_masks):
-            if slot.rule is None:
-                untouched.append((slot.path, slot.shape, bool(slot.sites)))
-                continue
-            handler = self._handlers[slot.path]
-            size = int(np.prod(slot.shape))
-            if m is not None:
-                density = float(jnp.mean(jnp.asarray(m, jnp.float32)))
-                params_after = handler.params_after(density)
-            else:   # factors: density is their size relative to the dense weight
-                params_after = handler.params_after(1.0)
-                density = params_after / size
-            rows.append(ReportRow(
-                path=slot.path, rule=slot.rule.describe(), shape=slot.shape,
-                layout=slot.layout.describe() if slot.layout else "unstructured",
-                sites=len(slot.sites), density=density,
-                params_before=size, params_after=params_after,
-                flops_before=sum(s.flops for s in slot.sites),
-                flops_after=sum(handler.flops_after(s, density) for s in slot.sites),
-                kernel=self._compute_column(handler)))
-        notes = [f"{'/'.join(map(str, k))}: {v}" for k, v in traced.notes.items()]
-        return Report(rows, untouched, notes, self._activation_rows(traced))
-
-    @staticmethod
-    def _compute_column(handler) -> str:
-        return ", ".join(sorted({handler.site_path(s.key) for s in handler.sites}))
+        return report_builder.build_report(self._slots, self._handlers, slot_masks, traced.notes,
+                                           self._activation_rows(traced))
 
     def _require_init(self):
         if self._slots is None:

@@ -56,7 +56,6 @@ from typing import Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 __all__ = ["Candidate", "Choice", "choose", "median_seconds", "set_mode", "mode", "clear_cache",
            "cache_entries", "device_key", "table_path"]
