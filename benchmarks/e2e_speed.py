@@ -241,9 +241,14 @@ def main():
                   + f" (err vs masked {v.err:.1e}; {time.time() - t0:.0f}s)", flush=True)
             for m, paths in v.paths.items():
                 print(f"  {m} paths: {paths}", flush=True)
-            if os.environ.get("OUT"):   # what the sites measured so far survives a time limit
-                path_choice.write_table(pathlib.Path(
-                    os.environ["OUT"], f"path_table_{path_choice.device_key()}.json"))
+            if os.environ.get("OUT"):   # what was measured so far survives a time limit
+                write_table(results, lines_err, cfg, batch, seq, smoke, t_start, final=False)
+    print(write_table(results, lines_err, cfg, batch, seq, smoke, t_start))
+
+
+def write_table(results, lines_err, cfg, batch, seq, smoke, t_start, final=True) -> str:
+    """The table of every variant measured so far, written to ``$OUT`` (after each variant, so
+    a run cut short by its time limit still leaves it) and returned."""
     device = f"{jax.devices()[0].device_kind}"
     lines = [f"## {time.strftime('%Y-%m-%d')}: {device}, JAX {jax.__version__}", "",
              f"Command: `python benchmarks/{pathlib.Path(__file__).name} {' '.join(sys.argv[1:])}`", "",
@@ -271,7 +276,8 @@ def main():
                          f"{ideal:.2f}× | {ratio / ideal:.2f} | {v.paths.get(m, '')[:200]} |")
     if lines_err:
         lines += ["", "Failed variants:"] + lines_err
-    lines += ["", f"Total wall time {time.time() - t_start:.0f} s."]
+    wall = "Total wall time" if final else "Run in progress; wall time so far"
+    lines += ["", f"{wall} {time.time() - t_start:.0f} s."]
     text = "\n".join(lines) + "\n"
     if os.environ.get("OUT"):
         pathlib.Path(os.environ["OUT"], "e2e_speed.md").write_text(text)
@@ -279,7 +285,7 @@ def main():
             {"device": device, "jax": jax.__version__, "rows": table}, indent=1))
         # What the sites measured, in the form of a shipped table (sparsejax/kernels/path_tables/).
         path_choice.write_table(pathlib.Path(os.environ["OUT"], f"path_table_{path_choice.device_key()}.json"))
-    print(text)
+    return text
 
 
 if __name__ == "__main__":
