@@ -317,7 +317,13 @@ def _compile_all(candidates: Sequence[Candidate], wrap: Callable, args: Sequence
     if len(candidates) <= 1:
         return dict(map(compile_one, candidates))
     with futures.ThreadPoolExecutor(max_workers=min(len(candidates), os.cpu_count() or 1)) as pool:
-        return dict(pool.map(compile_one, candidates))
+        compiled = dict(pool.map(compile_one, candidates))
+    # A lowering that is not safe beside another one in the process gets a second, lone try
+    # before its candidate is given up.
+    for c in candidates:
+        if isinstance(compiled[c.name][0], Exception):
+            compiled[c.name] = compile_one(c)[1]
+    return compiled
 
 
 def measure(candidates: Sequence[Candidate], arg_specs: Sequence, *, calls: int = 10,
