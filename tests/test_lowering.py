@@ -230,3 +230,20 @@ def test_premasked_copy_refuses_weights_outside_the_masks():
         fast(sparams, sstate, x)
     with pytest.raises(ValueError, match="choose one"):
         sfn.lower(sstate, packed=True, premasked=True)
+
+
+def test_sites_hand_their_work_to_the_timing(fresh_paths, monkeypatch):
+    # The lowering passes the kernel's FLOPs to the path choice; at a compute-bound intensity
+    # the candidates are timed over two input sets, otherwise over enough to pass the L2.
+    sfn, sparams, sstate, x = _setup(seed=11)
+    copies = []
+    monkeypatch.setattr(pc, "_measuring_pays", lambda: True)
+    monkeypatch.setattr(pc, "measure", lambda c, s, **kw: copies.append(kw["copies"]) or
+                        {"kernel": 5.0, "xla_dense": 10.0})
+    sfn.lower(sstate, interpret=True).rewritten_jaxpr(sparams, sstate, x)
+    assert copies and all(c > 2 for c in copies)          # a tiny site: memory-bound
+    pc.clear_cache()
+    copies.clear()
+    monkeypatch.setattr(pc, "COMPUTE_BOUND_INTENSITY", 1e-3)
+    sfn.lower(sstate, interpret=True).rewritten_jaxpr(sparams, sstate, x)
+    assert copies and all(c == 2 for c in copies)

@@ -152,3 +152,12 @@ def test_rel_err_skips_integer_leaves_and_flags_nan():
     ok = {"y": jnp.ones(3), "i": jnp.arange(3)}
     assert pc._rel_err(ok, {"y": jnp.ones(3), "i": jnp.zeros(3, jnp.int32)}) == 0.0
     assert pc._rel_err({"y": jnp.full(3, jnp.nan)}, {"y": jnp.ones(3)}) == float("inf")
+
+
+def test_compute_bound_sites_are_timed_over_two_input_sets():
+    big = [jax.ShapeDtypeStruct((8192, 1024), jnp.bfloat16), jax.ShapeDtypeStruct((1024, 1024), jnp.bfloat16)]
+    streamed = pc.copies_for(big)
+    assert streamed > 2                                        # memory-bound default: past the L2
+    flops = 2 * 8192 * 1024 * 1024                             # ~480 FLOP per input byte
+    assert pc.copies_for(big, flops) == 2
+    assert pc.copies_for(big, flops / 100) == streamed          # a GEMV-like intensity: streamed

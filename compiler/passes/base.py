@@ -180,16 +180,18 @@ class PathChoosing:
     """
 
     def _choose(self, key, op: str, signature: str, candidates, arg_specs,
-                baseline: str = "xla_dense", check: bool = True) -> path_choice.Choice:
+                baseline: str = "xla_dense", check: bool = True,
+                flops: float | None = None) -> path_choice.Choice:
         """The site's path (see :func:`path_choice.choose`; ``check``: the candidates compute
-        the same function of the same arguments, so each is checked on the device)."""
+        the same function of the same arguments, so each is checked on the device; ``flops``:
+        the forward's work, for how many input sets the timing needs)."""
         pass_kind = "fwd+bwd" if differentiated() else "fwd"
         if pass_kind == "fwd+bwd":
             candidates = [c if c.unsupported else
                           path_choice.Candidate(c.name, with_backward(c.fn), None, c.describe)
                           for c in candidates]
         choice = path_choice.choose(op, f"{signature},{pass_kind}", candidates, arg_specs,
-                                    baseline=baseline, check=check)
+                                    baseline=baseline, check=check, flops=flops)
         if not hasattr(self, "choices"):
             self.choices = {}
         self.choices[key] = choice

@@ -149,7 +149,10 @@ class FactorizedHandler(PathChoosing, WeightHandler):
         signature = (f"{self.kind.flops_kind},M={m},K={k},N={n},nblocks={self.rule.nblocks},"
                      f"dtype={jnp.dtype(dtype).name}")
         candidates = self._candidates((m, k), factors)
-        choice = self._choose(key, "factorized_matmul", signature, candidates, specs)
+        # The factored product's work (each factor entry once per token): at prefill and
+        # training sizes the site is compute-bound and is timed over two input sets.
+        choice = self._choose(key, "factorized_matmul", signature, candidates, specs,
+                              flops=2.0 * m * sum(f.size for f in leaves))
         fn = next(c.fn for c in candidates if c.name == choice.name)
         return matmul_at_site(eqn, operand, x, lambda x2: fn(x2, *leaves))
 

@@ -184,13 +184,19 @@ class BlockSparseHandler(PathChoosing, MaskHandler):
                                   tuple(a - c for a in layout.free_axes))
         return views.replay_pending(ref, layout.from_matrix(ref.state.to_dense()))
 
+    @property
+    def _density(self) -> float:
+        """The kept fraction of blocks (over every layer of a stack)."""
+        counts = self._block_counts
+        kb, nb = self.tables.grid
+        return float(counts.sum() / (counts.shape[0] * kb * nb))
+
     def _signature(self, m: int, dtype) -> str:
         """What decides the winner besides the device. The longest column is rounded up to a
         power of two, so unrolled layers at one density share a measurement."""
         (k, n), (bk, bn) = self.tables.shape, self.tables.block
         counts = self._block_counts
-        kb, nb = self.tables.grid
-        density = counts.sum() / (counts.shape[0] * kb * nb)
+        density = self._density
         longest = int(counts.max(initial=0))
         longest = 1 << (longest - 1).bit_length() if longest else 0
         return (f"M={m},K={k},N={n},dtype={jnp.dtype(dtype).name},block={bk}x{bn},"
@@ -260,8 +266,10 @@ class BlockSparseHandler(PathChoosing, MaskHandler):
         specs = [jax.ShapeDtypeStruct((m, k), dtype), jax.ShapeDtypeStruct((k, n), dtype)]
         # A pre-masked leaf's XLA candidate multiplies the weight as given, which the random
         # measurement weight is not: the candidates agree only on masked weights.
+        # The kernel's work (the least of the candidates'): where even it is compute-bound,
+        # the inputs' place (L2 or HBM) does not decide the timing and two input sets do.
         choice = self._choose(key, OP, self._signature(m, dtype), self._candidates(dtype), specs,
-                              check=not self.premasked)
+                              check=not self.premasked, flops=2.0 * m * k * n * self._density)
         if choice.name == "xla_dense":
             return bind_eqn(eqn, [materialize(x) for x in invals])
         if choice.name == "reference":

@@ -265,16 +265,26 @@ def median_seconds(fn, *args, calls: int = 10, repeats: int = 15, warmup: int = 
 L2_BYTES = 60e6
 
 
-def copies_for(arg_specs: Sequence) -> int:
+# FLOPs per byte of input above which a site is compute-bound on the devices measured (an
+# H200: ~990 TFLOP/s of bf16 over ~4.8 TB/s is ~200): where its inputs sit (L2 or HBM) no
+# longer decides its time.
+COMPUTE_BOUND_INTENSITY = 200.0
+
+
+def copies_for(arg_specs: Sequence, flops: float | None = None) -> int:
     """How many independent input sets one timed call runs over.
 
     One small matmul per call times the host's dispatch (tens of µs), and one input set
     re-read every call times the L2; so each timed call runs the candidate over enough
-    different input sets to stream 2.5× the L2 from memory (at most 16 sets).
+    different input sets to stream 2.5× the L2 from memory (at most 16 sets). A site whose
+    ``flops`` per input byte reach :data:`COMPUTE_BOUND_INTENSITY` needs only two.
     """
     nbytes = sum(math.prod(s.shape) * jnp.dtype(s.dtype).itemsize
                  for s in arg_specs if isinstance(s, jax.ShapeDtypeStruct))
-    return max(1, min(16, math.ceil(2.5 * L2_BYTES / max(nbytes, 1))))
+    streamed = max(1, min(16, math.ceil(2.5 * L2_BYTES / max(nbytes, 1))))
+    if flops is not None and flops >= COMPUTE_BOUND_INTENSITY * max(nbytes, 1):
+        return min(2, streamed)
+    return streamed
 
 
 # How far (norm of the difference over the baseline's norm, per output leaf) a measured
@@ -407,7 +417,8 @@ def _default_choice(candidates: Sequence[Candidate], baseline: str | None, sourc
 
 
 def choose(op: str, signature: str, candidates: Sequence[Candidate], arg_specs: Sequence, *,
-           baseline: str | None = None, check: bool = False) -> Choice:
+           baseline: str | None = None, check: bool = False,
+           flops: float | None = None) -> Choice:
     """The path for one site.
 
     Args:
@@ -422,6 +433,9 @@ def choose(op: str, signature: str, candidates: Sequence[Candidate], arg_specs: 
       check: the candidates compute the same function of the same arguments, so each
         measured one is checked against ``baseline`` on the device first (see the
         module doc); leave it off where they read different forms of the inputs.
+      flops: the site's work, where the caller knows it: a compute-bound site (see
+        :func:`copies_for`) is timed over two input sets instead of enough to stream
+        past the L2, so each candidate is compiled with fewer copies inside its jit.
     """
     supported = [c for c in candidates if c.unsupported is None]
     if not supported:
@@ -453,7 +467,7 @@ def choose(op: str, signature: str, candidates: Sequence[Candidate], arg_specs: 
     t0 = time.perf_counter()
     first: dict = {}
     times = measure(supported, arg_specs, reference=baseline if check and baseline in names else None,
-                    first_call_s=first)
+                    first_call_s=first, copies=copies_for(arg_specs, flops))
     best = min(times, key=times.get)
     if logging:
         shown = ", ".join(f"{k} {v:.1f}" for k, v in times.items())
