@@ -340,7 +340,8 @@ class SparseFunction:
         if self._sibling_tables is not None:
             from sparsejax.compiler.passes import sibling_fusion
             fusion = sibling_fusion.SiblingFusion(sibling_fusion.find_groups(
-                self._handlers, traced, frozenset(inputs), self._sibling_tables))
+                self._handlers, traced, frozenset(inputs) | {k for k, _ in aux_points},
+                self._sibling_tables))
         program = self._program(traced, outputs, len(param_leaves), mask_leaves, inputs,
                                 state_keys, aux_points, fusion)
         self.rewrite_count += 1
