@@ -92,6 +92,17 @@ def test_unrolled_siblings_run_as_one_kernel_and_match_the_masked_program(fresh_
     assert kernels["up"].startswith("fused with gate: one block-sparse kernel over the "
                                     "concatenated 16×64 weights"), kernels
     assert not kernels["o"].startswith("fused")
+    # XLA's product of the concatenated masked weights, the group's third path, computes it too.
+    with pc.mode("force:xla_dense"):   # a fresh copy: rewrites are cached per signature
+        fast = sfn.lower(sstate, interpret=True, fuse_siblings=True)
+        y = fast(sparams, sstate, X)
+        g = jax.grad(lambda p: jnp.sum(jnp.sin(fast(p, sstate, X))))(sparams)
+        assert "pallas_call" not in str(fast.rewritten_jaxpr(sparams, sstate, X))
+    assert _kernels(fast)["v"].startswith("fused with q, k: XLA dense matmul of the concatenated "
+                                          "masked weights")
+    chex.assert_trees_all_close(y, sfn(sparams, sstate, X), rtol=1e-5, atol=1e-5)
+    g_ref = jax.grad(lambda p: jnp.sum(jnp.sin(sfn(p, sstate, X))))(sparams)
+    assert all(rel_error(g[n], g_ref[n]) < 1e-5 for n in g)
 
 
 def _layer_masks(k, n, block, rng, kinds):

@@ -169,16 +169,16 @@ class SiblingGroup(PathChoosing):
     def compute(self, interp, eqn, invals) -> dict | None:
         """``{member key: outvals}`` of every member, or None where the group falls back per site."""
         first = self.members[0]
-        if sum(is_ref(x) for x in invals[:2]) != 1:
-            return None
-        refs = self._weights(interp, invals)
-        if refs is None:
-            return None
+        refs = self._weights(interp, invals) if sum(is_ref(x) for x in invals[:2]) == 1 else None
         layer = None
         if self.fused.stacked:
             layer = interp.hook_state.get(self.state_key)
             if layer is None or layer["src"].ndim != 1:
-                return None
+                refs = None
+        if refs is None:   # each member on its own path, and the report says so
+            for mem in self.members:
+                mem.handler.siblings.pop(mem.key, None)
+            return None
         x = invals[1 - first.operand]
         dtype = jnp.result_type(*(v.aval.dtype for v in eqn.invars[:2]))
         k = first.handler.tables.shape[0]
