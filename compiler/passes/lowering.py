@@ -24,6 +24,9 @@ slices both and the kernel reads the layer's tables as operands.
 Packed (``lower(..., packed=True)``): the lowered leaves are held as their kept
 blocks only (memory ∝ density; :meth:`LoweringHandler.pack_leaf`), the program
 computes from them, and any other use of the weight scatters them back to dense.
+
+Sibling sites (``lower(..., fuse_siblings=True)``: q/k/v, gate/up) may run as one kernel over
+their concatenated weights: :mod:`sparsejax.compiler.passes.sibling_fusion`.
 """
 
 from __future__ import annotations

@@ -44,7 +44,7 @@ from sparsejax.compiler.passes.rewrite import rewrite_site
 from sparsejax.kernels import block_sparse
 from sparsejax.kernels import path_choice
 
-__all__ = ["FusedTables", "Member", "SiblingGroup", "SiblingFusion", "find_groups"]
+__all__ = ["FusedTables", "Member", "SiblingGroup", "SiblingFusion", "find_groups", "mark_fusable"]
 
 FUSED_OP = "block_sparse_matmul_siblings"
 
