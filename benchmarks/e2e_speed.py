@@ -25,6 +25,7 @@ import json
 import math
 import os
 import pathlib
+import re
 import sys
 import time
 import traceback
@@ -54,6 +55,7 @@ RECIPES = {   # in the order a time budget keeps them
 }
 MEASURES = ("prefill", "train", "decode1", "decode8")
 INFER = "premasked"   # how prefill and decode hold lowered weights (--infer)
+FUSE_SIBLINGS = False  # lower(..., fuse_siblings=...): q/k/v and gate/up as one kernel (--fuse_siblings)
 
 
 def model_config(smoke: bool, layers: int, scan: bool, attention: str) -> transformer.TransformerConfig:
@@ -68,8 +70,9 @@ def model_config(smoke: bool, layers: int, scan: bool, attention: str) -> transf
 def path_summary(report) -> str:
     """How the sites compute, counted: one line however many layers are unrolled."""
     counts = {}
-    for r in report.rows:
-        counts[r.kernel] = counts.get(r.kernel, 0) + 1
+    for r in report.rows:   # fused siblings count as one path whichever siblings they name
+        kernel = re.sub(r"\b(fused|fusable) with [^:(]*", r"\1 with siblings", r.kernel)
+        counts[kernel] = counts.get(kernel, 0) + 1
     return "; ".join(f"{n}× {k}" for k, n in counts.items())
 
 
@@ -104,12 +107,12 @@ class Variant:
         self.paths = {}   # measure -> how the sites computed it (paths are chosen when traced)
         if name.startswith("block"):
             if INFER == "packed":     # memory ∝ density: only the kept blocks are held
-                lowered = sfn.lower(sstate, packed=True)
+                lowered = sfn.lower(sstate, packed=True, fuse_siblings=FUSE_SIBLINGS)
                 self.infer_params = lowered.pack(sparams)
             else:                     # dense pre-masked leaves: XLA's candidate is dense's cost
-                lowered = sfn.lower(sstate, premasked=True)
+                lowered = sfn.lower(sstate, premasked=True, fuse_siblings=FUSE_SIBLINGS)
                 self.infer_params = lowered.premask(sparams, sstate)
-            self.train_fwd = sfn.lower(sstate)
+            self.train_fwd = sfn.lower(sstate, fuse_siblings=FUSE_SIBLINGS)
             self.infer_fwd = lowered
             self.report = lowered.report()
         else:
@@ -205,12 +208,15 @@ def main():
                         help="the LM's attention: fused (flash attention on GPU) or explicit")
     parser.add_argument("--infer", choices=("premasked", "packed"), default="premasked",
                         help="prefill/decode weights: dense pre-masked leaves, or packed kept blocks")
+    parser.add_argument("--fuse_siblings", action="store_true",
+                        help="lower(..., fuse_siblings=True): sibling sites (q/k/v, gate/up) may "
+                             "run as one block-sparse kernel over their concatenated weights")
     parser.add_argument("--budget_s", type=float, default=1e9,
                         help="variants that would start after this many seconds are skipped (listed)")
     args = parser.parse_args()
     smoke = args.smoke
-    global INFER
-    INFER = args.infer
+    global INFER, FUSE_SIBLINGS
+    INFER, FUSE_SIBLINGS = args.infer, args.fuse_siblings
     recipes = [r for r in args.recipes.split(",") if r]
     if "dense" not in recipes:
         recipes.insert(0, "dense")
@@ -255,7 +261,9 @@ def write_table(results, lines_err, cfg, batch, seq, smoke, t_start, final=True)
              f"LM d_model {cfg.d_model}, {cfg.n_layers} layers, {cfg.n_heads} heads, d_ff {cfg.d_ff}, "
              f"vocab {cfg.vocab_size}, {cfg.dtype}, {cfg.attention} attention; prefill/train batch {batch}×{seq}; decode one "
              f"token, KV cache {64 if smoke else 1024}. Ratios are dense time / sparse time in the "
-             "same run; ideal = FLOP-ideal (prefill, train) or bytes-ideal (decode).", "",
+             "same run; ideal = FLOP-ideal (prefill, train) or bytes-ideal (decode)."
+             + (" Sibling sites (q/k/v, gate/up) may fuse into one kernel (--fuse_siblings)."
+                if FUSE_SIBLINGS else ""), "",
              "| layout | recipe | measure | dense ms | sparse ms | vs dense | ideal | of ideal | paths |",
              "|---|---|---|---|---|---|---|---|---|"]
     table = []

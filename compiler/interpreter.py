@@ -105,6 +105,15 @@ class Interpreter:
                                  for i in range(1, len(k))}
         self.notes: dict[Key, str] = {}
         self.sink: dict[Key, Any] = {}
+        self._envs: list[dict] = []      # the environments of the jaxprs being walked, innermost last
+
+    def value_of(self, var, default: Any = None) -> Any:
+        """The value ``var`` holds so far in the innermost jaxpr being walked (``default`` if
+        it is not defined yet): what a site that computes later eqns early (sibling fusion)
+        reads their operands from."""
+        if isinstance(var, jex_core.Literal):
+            return var.val
+        return self._envs[-1].get(var, default) if self._envs else default
 
     def emit(self, key: Key, value: Any) -> None:
         """Hands a value computed at ``key`` out of the program (see the class docstring)."""
@@ -123,18 +132,22 @@ class Interpreter:
             env[v] = x
         for v, x in zip(jaxpr.invars, args):
             env[v] = x
-        for i, eqn in enumerate(jaxpr.eqns):
-            key = prefix + (i,)
-            invals = [read(v) for v in eqn.invars]
-            if key in self.input_hooks:
-                invals = self.input_hooks[key](eqn, invals, self.hook_state.get(key))
-            outvals = self._eval_eqn(eqn, key, invals, scope)
-            if key in self.hooks:
-                outvals = self.hooks[key](eqn, outvals)
-            for v, x in zip(eqn.outvars, outvals):
-                if not isinstance(v, jex_core.DropVar):
-                    env[v] = x
-        return [materialize(read(v)) for v in jaxpr.outvars]
+        self._envs.append(env)
+        try:
+            for i, eqn in enumerate(jaxpr.eqns):
+                key = prefix + (i,)
+                invals = [read(v) for v in eqn.invars]
+                if key in self.input_hooks:
+                    invals = self.input_hooks[key](eqn, invals, self.hook_state.get(key))
+                outvals = self._eval_eqn(eqn, key, invals, scope)
+                if key in self.hooks:
+                    outvals = self.hooks[key](eqn, outvals)
+                for v, x in zip(eqn.outvars, outvals):
+                    if not isinstance(v, jex_core.DropVar):
+                        env[v] = x
+            return [materialize(read(v)) for v in jaxpr.outvars]
+        finally:
+            self._envs.pop()
 
     def _eval_eqn(self, eqn, key: Key, invals: list, scope: Scope) -> list:
         has_ref = any(is_ref(x) for x in invals)

@@ -91,6 +91,7 @@ class SparseFunction:
         self._lowered_slot_masks = None   # lower(): the masks lowered (the report reads its paths)
         self._packed_paths: frozenset = frozenset()   # lower(packed=True): leaves held as blocks
         self._premasked_paths: frozenset = frozenset()   # lower(premasked=True): zero outside masks
+        self._sibling_tables: dict | None = None   # lower(fuse_siblings=True): member paths -> tables
         self._thresholds: list = []       # (ThresholdPoint, rule) of the threshold rules
         self._threshold_info: dict = {}   # name -> {"target", "measured"} from calibrate()
 
@@ -335,8 +336,14 @@ class SparseFunction:
             if not aux_points:
                 raise ValueError("with_aux(l1='ffn'): the program has no FFN activation site")
         outputs = {**passes.program_hooks(self._handlers.values(), traced), **hooks.outputs}
+        fusion = None
+        if self._sibling_tables is not None:
+            from sparsejax.compiler.passes import sibling_fusion
+            fusion = sibling_fusion.SiblingFusion(sibling_fusion.find_groups(
+                self._handlers, traced, frozenset(inputs) | {k for k, _ in aux_points},
+                self._sibling_tables))
         program = self._program(traced, outputs, len(param_leaves), mask_leaves, inputs,
-                                state_keys, aux_points)
+                                state_keys, aux_points, fusion)
         self.rewrite_count += 1
         structs = [jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x)) for x in flat]
         closed, shape = jax.make_jaxpr(program, return_shape=True)(*structs)
@@ -373,13 +380,13 @@ class SparseFunction:
         return traced
 
     def _program(self, traced: _Traced, hooks, n_params: int, mask_leaves, input_hooks=None,
-                 state_keys=(), aux_points=()) -> Callable:
+                 state_keys=(), aux_points=(), fusion=None) -> Callable:
         """The rewritten function of flat inputs (params leaves, present masks, array args,
         thresholds)."""
         return rewritten_program(traced, hooks, [self._handlers.get(s.path) for s in self._slots],
                                  n_params, [m is not None for m in mask_leaves],
                                  self._sparams_treedef, self._dense_treedef, _mask_item,
-                                 input_hooks, state_keys, aux_points)
+                                 input_hooks, state_keys, aux_points, fusion)
 
     def calibrate(self, sparams: Any, sstate: dict, batches, *,
                   global_sparsity: float | None = None) -> dict:
@@ -537,7 +544,7 @@ class SparseFunction:
 
     def lower(self, sstate: dict, *, backend: str | None = None,
               interpret: bool = False, packed: bool = False,
-              premasked: bool = False) -> "SparseFunction":
+              premasked: bool = False, fuse_siblings: bool = False) -> "SparseFunction":
         """A copy whose masked matmuls and Spark FFN sites take their fastest correct path.
 
         Masks are read from ``sstate`` now (concretely) and fixed in the copy: call
@@ -561,6 +568,10 @@ class SparseFunction:
           packed: the copy takes packed params (:meth:`pack`): each lowered leaf
             held as its kept blocks only, memory ∝ density. Masks of those
             leaves are then not needed in ``sstate``.
+          fuse_siblings: lowered block-sparse sites that multiply the same activation by
+            weights of the same K (attention's q/k/v, a gated FFN's gate/up) may run as one
+            kernel over their weights concatenated along N, where that measures faster
+            than each on its own path (``compiler/passes/sibling_fusion.py``).
         """
         from sparsejax.compiler.passes.lowering import BlockSparseHandler
         from sparsejax.compiler.passes.nm_lowering import NMCompressedHandler
@@ -574,6 +585,8 @@ class SparseFunction:
         if packed and premasked:
             raise ValueError("lower: packed=True holds kept blocks only and premasked=True dense "
                              "pre-masked leaves; choose one")
+        if not isinstance(fuse_siblings, bool):
+            raise ValueError(f"lower: fuse_siblings must be a bool, got {fuse_siblings!r}")
         lowered = copy.copy(self)
         lowered._rewrites, lowered._handlers = {}, dict(self._handlers)
         slot_masks = self._slot_masks(sstate)
@@ -605,6 +618,13 @@ class SparseFunction:
                                   for slot, mask in zip(self._slots, slot_masks)
                                   if isinstance(slot.rule, MaskRule)
                                   and slot.path not in lowered._packed_paths]
+        lowered._sibling_tables = None
+        if fuse_siblings:   # tables built now, for init's trace (other traces reuse them)
+            from sparsejax.compiler.passes import sibling_fusion
+            lowered._sibling_tables = {}
+            traced = next(iter(self._traces.values()))
+            sibling_fusion.mark_fusable(sibling_fusion.find_groups(
+                lowered._handlers, traced, frozenset(), lowered._sibling_tables))
         lowered._report = lowered._build_report(next(iter(self._traces.values())), slot_masks)
         return lowered
 

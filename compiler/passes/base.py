@@ -107,19 +107,38 @@ def matmul_at_site(eqn, operand: int, x, matmul):
     in dot_general's output layout (weight's free dims after the activation's when
     the weight is the right operand, before them when it is the left one).
     """
+    x2 = site_matrix_input(eqn, operand, x)
+    return site_output(eqn, operand, x2, matmul(x2))
+
+
+def activation_plan(eqn, operand: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(free dims, contracted dims in the weight's storage order) of a site's activation:
+    the transpose that makes its ``(..., K)`` matrix view (two sites with the same plan
+    and the same activation read the same ``x2``)."""
     (lc, rc), _ = eqn.params["dimension_numbers"]
     x_contract, w_contract = (lc, rc) if operand == 1 else (rc, lc)
     pairs = sorted(zip(w_contract, x_contract))    # K in storage order, as the layout has it
-    w_contract, x_contract = [w for w, _ in pairs], [x_ for _, x_ in pairs]
-    x_free = [d for d in range(x.ndim) if d not in x_contract]
+    x_contract = tuple(x_ for _, x_ in pairs)
+    ndim = len(eqn.invars[1 - operand].aval.shape)
+    return tuple(d for d in range(ndim) if d not in x_contract), x_contract
+
+
+def site_matrix_input(eqn, operand: int, x):
+    """The activation ``x`` of a dot_general site as ``x2 (..., K)`` (see :func:`matmul_at_site`)."""
+    x_free, x_contract = activation_plan(eqn, operand)
     x2 = jnp.transpose(x, (*x_free, *x_contract))
-    x2 = x2.reshape(*x2.shape[:len(x_free)], math.prod(x.shape[d] for d in x_contract))
-    y = matmul(x2)
+    return x2.reshape(*x2.shape[:len(x_free)], math.prod(x.shape[d] for d in x_contract))
+
+
+def site_output(eqn, operand: int, x2, y) -> list:
+    """``y (..., N)``, the product of ``x2`` and the site's weight, in the eqn's output layout."""
+    (lc, rc), _ = eqn.params["dimension_numbers"]
+    w_contract = lc if operand == 0 else rc
     w_shape = eqn.invars[operand].aval.shape
     w_free_shape = [w_shape[d] for d in range(len(w_shape)) if d not in w_contract]
     y = y.reshape(*x2.shape[:-1], *w_free_shape)
     if operand == 0:
-        nx = len(x_free)
+        nx = x2.ndim - 1
         y = jnp.transpose(y, (*range(nx, y.ndim), *range(nx)))
     return [y.astype(eqn.outvars[0].aval.dtype)]
 

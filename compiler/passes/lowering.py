@@ -24,6 +24,9 @@ slices both and the kernel reads the layer's tables as operands.
 Packed (``lower(..., packed=True)``): the lowered leaves are held as their kept
 blocks only (memory ∝ density; :meth:`LoweringHandler.pack_leaf`), the program
 computes from them, and any other use of the weight scatters them back to dense.
+
+Sibling sites (``lower(..., fuse_siblings=True)``: q/k/v, gate/up) may run as one kernel over
+their concatenated weights: :mod:`sparsejax.compiler.passes.sibling_fusion`.
 """
 
 from __future__ import annotations
@@ -59,6 +62,9 @@ class BlockSparseHandler(PathChoosing, MaskHandler):
         self.tables = None          # BlockTables (one matrix) or TableBounds (stacked layers)
         self.index = None           # numpy BlockIndex (stacked layers)
         self.choices = {}
+        # site key -> (the sibling paths it is grouped with, the group's Choice or None before
+        # the group is traced): sites fused with their siblings (``lower(fuse_siblings=True)``)
+        self.siblings: dict = {}
         self._mask_reason = self._eligibility(np.asarray(mask))
         self._reasons = {s.key: self.site_reason(s) for s in self.sites}
         self.packed = packed and self._mask_reason is None
@@ -92,7 +98,7 @@ class BlockSparseHandler(PathChoosing, MaskHandler):
             self.tables = bounds
             self.index = block_sparse.BlockIndex(*(a.reshape(*stack, *a.shape[1:]) for a in index))
         self._block_counts = np.asarray([b.sum(axis=0) for b in block_masks])   # (layers, N_blocks)
-        self._first_block_mask = block_masks[0]
+        self.block_masks = np.asarray(block_masks)        # (layers, K_blocks, N_blocks)
         return None
 
     def site_reason(self, site) -> str | None:
@@ -136,6 +142,17 @@ class BlockSparseHandler(PathChoosing, MaskHandler):
         reason = self._reasons.get(key)
         if reason is not None:
             return f"XLA ({reason})"
+        if key in self.siblings:
+            others, choice = self.siblings[key]
+            with_ = f"with {', '.join(others)}"
+            if choice is None:
+                return f"fusable {with_} (path chosen when traced)"
+            if choice.name != "separate":
+                return f"fused {with_}: {choice.summary()}"
+            return f"{self._own_path(key)}; not fused {with_}: {choice.summary()}"
+        return self._own_path(key)
+
+    def _own_path(self, key) -> str:
         ok, why = self._kernel_support(self._site_dtype(key))
         no_kernel = "" if ok else f"; {why}"
         chosen = self.chosen_path(key)
@@ -214,21 +231,9 @@ class BlockSparseHandler(PathChoosing, MaskHandler):
         signature carries the whole stack's column counts).
         """
         ok, why = self._kernel_support(dtype)
-        tables, index = self.tables, None
-        if self.stacked:
-            nstack = len(self.layout.stack_shape)
-            index = block_sparse.BlockIndex(*(np.asarray(a).reshape(-1, *a.shape[nstack:])[0]
-                                              for a in self.index))
-        (k, n), (bk, bn) = tables.shape, tables.block
-        mask = np.kron(self._first_block_mask, np.ones((bk, bn), bool))[:k, :n]
+        mask = self.mask_matrix(0)
         backend, interpret = self.backend, self.interpret
-
-        def gather(w):
-            if index is None:
-                return block_sparse.BlockSparseWeight(block_sparse.gather_blocks(w, tables), tables)
-            ix = block_sparse.BlockIndex(*(jnp.asarray(a) for a in index))
-            return block_sparse.BlockSparseWeight(block_sparse.gather_indexed(w, tables, ix),
-                                                  tables, ix)
+        gather = self.first_layer_weight
 
         return [
             path_choice.Candidate(
@@ -247,6 +252,23 @@ class BlockSparseHandler(PathChoosing, MaskHandler):
                 None if not ok else "the kernel runs here",
                 "block-sparse reference (scatter, XLA dot)"),
         ]
+
+    def first_layer_weight(self, w) -> block_sparse.BlockSparseWeight:
+        """The kept blocks of a dense ``(K, N)`` weight by the first layer's tables: what a path
+        measurement multiplies by (a stacked leaf's signature carries the whole stack's counts)."""
+        if not self.stacked:
+            return block_sparse.BlockSparseWeight(block_sparse.gather_blocks(w, self.tables),
+                                                  self.tables)
+        nstack = len(self.layout.stack_shape)
+        ix = block_sparse.BlockIndex(*(jnp.asarray(np.asarray(a).reshape(-1, *a.shape[nstack:])[0])
+                                       for a in self.index))
+        return block_sparse.BlockSparseWeight(block_sparse.gather_indexed(w, self.tables, ix),
+                                              self.tables, ix)
+
+    def mask_matrix(self, layer: int = 0) -> np.ndarray:
+        """The ``(K, N)`` element mask of one layer (XLA's candidate multiplies by it)."""
+        (k, n), (bk, bn) = self.tables.shape, self.tables.block
+        return np.kron(self.block_masks[layer], np.ones((bk, bn), bool))[:k, :n]
 
     def on_site(self, interp, eqn, key, invals, scope):
         operand = 0 if isinstance(invals[0], ParamRef) else 1

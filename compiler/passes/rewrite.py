@@ -37,7 +37,8 @@ def compose_input_hooks(first: Callable, then: Callable) -> Callable:
 def rewritten_program(traced, hooks: dict, handlers: Sequence[Any], n_params: int,
                       has_mask: Sequence[bool], sparams_treedef, dense_treedef,
                       mask_item: Callable[[Any], Any], input_hooks: dict | None = None,
-                      state_keys: Sequence[Any] = (), aux_points: Sequence[tuple] = ()) -> Callable:
+                      state_keys: Sequence[Any] = (), aux_points: Sequence[tuple] = (),
+                      fusion: Any = None) -> Callable:
     """The rewritten function of flat inputs (params leaves, present masks, array args,
     then one state array per key of ``state_keys``: the thresholds of those eqns).
 
@@ -53,8 +54,11 @@ def rewritten_program(traced, hooks: dict, handlers: Sequence[Any], n_params: in
       aux_points: ``(key, operand)`` inputs whose mean ``|x|`` and zero fraction (after
         the other hooks) the program also returns: ``(outputs, {"activation_l1",
         "activation_sparsity"})``, each the mean over points and layers.
+      fusion: a :class:`~sparsejax.compiler.passes.sibling_fusion.SiblingFusion` (sibling sites
+        computed as one product), or None.
     """
-    interp = Interpreter(rewrite_site, hooks, input_hooks=input_hooks)
+    interp = Interpreter(rewrite_site if fusion is None else fusion.on_site, hooks,
+                         input_hooks=input_hooks)
     for key, operand in aux_points:
         hook = l1_hook(key, operand, interp.emit)
         interp.input_hooks[key] = (compose_input_hooks(interp.input_hooks[key], hook)
@@ -66,6 +70,8 @@ def rewritten_program(traced, hooks: dict, handlers: Sequence[Any], n_params: in
         states = inputs[len(inputs) - n_state:] if n_state else ()
         inputs = inputs[:len(inputs) - n_state]
         interp.hook_state, interp.sink = dict(zip(state_keys, states)), {}
+        if fusion is not None:     # sibling groups' per-layer tables, sliced by the scans
+            interp.hook_state.update(fusion.initial_state())
         leaves, rest = inputs[:n_params], list(inputs[n_params:])
         masks = [rest.pop(0) if h else None for h in has_mask]
         slot_items = dense_treedef.flatten_up_to(
