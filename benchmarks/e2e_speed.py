@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import pathlib
 import re
@@ -32,7 +31,6 @@ import traceback
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 sys.path.append(str(pathlib.Path(__file__).resolve().parent))

@@ -13,7 +13,7 @@ from __future__ import annotations
 from typing import Callable, NamedTuple, Sequence
 
 from sparsejax.compiler.activation_sites import ActivationSite
-from sparsejax.compiler.interpreter import HookFn, Key
+from sparsejax.compiler.interpreter import HookFn
 
 
 class SiteHooks(NamedTuple):

@@ -20,7 +20,6 @@ dense model.
 from __future__ import annotations
 
 import dataclasses
-import math
 import sys
 import time
 import warnings

@@ -171,7 +171,7 @@ def recipe_from_json(path: str) -> Preset:
     unknown = sorted(set(spec) - {"rules"})
     if unknown:
         near = difflib.get_close_matches(unknown[0], ["rules"], n=1)
-        hint = f" (did you mean 'rules'?)" if near else ""
+        hint = " (did you mean 'rules'?)" if near else ""
         raise ValueError(f"{where}: unknown top-level key(s) {unknown}{hint}; the file holds "
                          "{\"rules\": [...]}")
     if "rules" not in spec:

@@ -213,7 +213,7 @@ def block_sparse_matmul(x: jax.Array, packed: BlockSparseWeight, *, backend: str
     if supported(packed.shape, dtype, packed.block, backend=kernel, interpret=interpret) is not None:
         return block_sparse_matmul_reference(x, packed)
     t = packed.tables
-    (kb, nb), (bk, bn) = t.grid, t.block
+    (kb, _), (bk, _) = t.grid, t.block
     lead = x.shape[:-1]
     a = x.reshape(-1, x.shape[-1]).astype(dtype)
     m = a.shape[0]
