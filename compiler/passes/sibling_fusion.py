@@ -183,9 +183,11 @@ class SiblingGroup(PathChoosing):
         dtype = jnp.result_type(*(v.aval.dtype for v in eqn.invars[:2]))
         k = first.handler.tables.shape[0]
         m = math.prod(x.shape) // k
+        work = sum(2.0 * m * k * mem.handler.tables.shape[1] * mem.handler._density
+                   for mem in self.members)         # the fused kernel's (see copies_for)
         choice = self._choose(first.key, FUSED_OP, self._signature(m, dtype),
                               self._candidates(m, dtype), self._specs(m, dtype),
-                              check=not first.handler.premasked)
+                              check=not first.handler.premasked, flops=work)
         for mem in self.members:
             others = [p for p in self.paths if p != mem.handler.path]
             mem.handler.siblings[mem.key] = (others, choice)
@@ -238,7 +240,8 @@ class SiblingGroup(PathChoosing):
             spec = [jax.ShapeDtypeStruct((m, h.tables.shape[0]), dtype),
                     jax.ShapeDtypeStruct(h.tables.shape, dtype)]
             own = h._choose(mem.key, OP, h._signature(m, dtype), h._candidates(dtype), spec,
-                            check=not h.premasked)
+                            check=not h.premasked,
+                            flops=2.0 * m * h.tables.shape[0] * h.tables.shape[1] * h._density)
             alone.append(next(c.fn for c in h._candidates(dtype) if c.name == own.name))
 
         def separate(x, *ws):
