@@ -213,6 +213,44 @@ def check_odd_shapes(b: Bench, interpret: bool) -> list[str]:
     return lines
 
 
+CROSS_CHECK = ((2304, 2304), (2304, 9216), (9216, 2304), (8192, 8192))    # (K, N): TEAL's, and 8192²
+
+
+def cross_check_path_choice(b: Bench, interpret: bool) -> list[str]:
+    """The same kernel and XLA GEMV timed two ways, per weight, at 50% zeros, batch 1: as the
+    lowering's path choice times them (``choose_streaming``: one jit over enough weight
+    copies to pass the L2) and as this sweep does (one jit over ``layers`` weight sets).
+    The two should agree; a lowered TEAL step's site measurements once read ~10x slower."""
+    from sparsejax.kernels import path_choice, streaming_choice
+
+    lines = []
+    for k, n in ((CROSS_CHECK[0],) if interpret else CROSS_CHECK):
+        if interpret:
+            k, n = 64, 64
+        x = _normal(b.fresh(), (1, k))
+        x = jnp.where(jax.random.uniform(b.fresh(), (1, k)) < 0.5, jnp.zeros((), x.dtype), x)
+        kernel = functools.partial(sig.sparse_input_gemv, impl="masked", bk=64 if not interpret else 16,
+                                   bn=256 if not interpret else 64, interpret=interpret)
+        dense = lambda x, w: jnp.dot(x, w, preferred_element_type=jnp.float32).astype(x.dtype)
+        cands = [path_choice.Candidate("kernel", kernel), path_choice.Candidate("xla_dense", dense)]
+        t0 = time.time()
+        with path_choice.mode("auto"):
+            path_choice.clear_cache()
+            choice = streaming_choice.choose_streaming(
+                "sweep_cross_check", f"K{k}|N{n}", cands, [x, jax.ShapeDtypeStruct((k, n), x.dtype)],
+                weight_args=(1,), baseline="xla_dense", check=True)
+        seconds = time.time() - t0
+        ws = [_normal(b.fresh(), (k, n), scale=k ** -0.5) for _ in range(b.s.layers)]
+        xs = [x] * b.s.layers
+        sweep = {name: b.time_us(_over_layers(fn), xs, ws) / b.s.layers
+                 for name, fn in (("kernel", kernel), ("xla_dense", dense))}
+        t = choice.times_us
+        lines.append(f"| {k}x{n} | {t.get('kernel', float('nan')):.1f} | {t.get('xla_dense', float('nan')):.1f} | "
+                     f"{sweep['kernel']:.1f} | {sweep['xla_dense']:.1f} | {seconds:.1f} |")
+        b.log("  cross-check " + lines[-1])
+    return lines
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, Pallas interpret mode (CPU)")
@@ -232,6 +270,12 @@ def main():
     skipped: list[str] = []
     b.log("== rows path on odd shapes (independent random zeros per token, 70%)")
     odd = check_odd_shapes(b, interpret)
+    b.log("== path-choice timing vs this sweep's, 50% zeros, batch 1 (µs per weight)")
+    try:
+        cross = cross_check_path_choice(b, interpret)
+    except Exception as e:   # noqa: BLE001
+        cross = [f"| failed: {type(e).__name__}: {str(e)[:200]} | | | | | |"]
+        b.log_lines.append(traceback.format_exc()[-3000:])
     for batch in [int(s) for s in args.batches.split(",")]:
         b.log(f"== sparse-input GEMV {n}x{n} bf16, batch {batch}")
         try:
@@ -253,6 +297,9 @@ def main():
           f"{time.time() - b.t0:.0f} s.", "", *table, "",
           "## The rows path on odd shapes (correctness)", "", "| case | variant | rel err | check |",
           "|---|---|---|---|", *odd, "",
+          "## The path choice's timing against this sweep's (µs per weight, 50% zeros, batch 1)", "",
+          "| K x N | path choice: kernel | path choice: XLA | sweep: kernel | sweep: XLA | choice took s |",
+          "|---|---|---|---|---|---|", *cross, "",
           "## Every variant", "", "Live GB/s: the bytes of W the live rows need, over the time (the",
           "dense GEMV streams 3.2-3.85 TB/s on an H200; a sparse path near that is bandwidth-bound).", "",
           "| case | variant | dense us | us | x dense | live GB/s |", "|---|---|---|---|---|---|",
