@@ -161,3 +161,21 @@ def test_compute_bound_sites_are_timed_over_two_input_sets():
     flops = 2 * 8192 * 1024 * 1024                             # ~480 FLOP per input byte
     assert pc.copies_for(big, flops) == 2
     assert pc.copies_for(big, flops / 100) == streamed          # a GEMV-like intensity: streamed
+
+
+def test_pallas_candidates_compile_side_by_side():
+    # Candidates are compiled in parallel threads: Pallas kernels (interpret mode here) must
+    # lower beside each other and beside XLA's product, and agree with it.
+    import warnings
+    from sparsejax.kernels import sparse_input_gemv as sig
+    specs = [jax.ShapeDtypeStruct((2, 64), jnp.float32), jax.ShapeDtypeStruct((64, 128), jnp.float32)]
+    cands = [pc.Candidate(f"masked{bk}", lambda x, w, bk=bk: sig.sparse_input_gemv(
+                 x, w, impl="masked", bk=bk, bn=64, interpret=True)) for bk in (16, 32)]
+    cands += [pc.Candidate("rows", lambda x, w: sig.sparse_input_gemv(
+                  x, w, impl="rows", bc=8, span=32, col_splits=2, interpret=True)),
+              pc.Candidate("xla_dense", lambda x, w: x @ w)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")          # no candidate may fail or disagree
+        times = pc.measure(cands, specs, calls=1, repeats=1, copies=2, reference="xla_dense")
+    assert set(times) == {"masked16", "masked32", "rows", "xla_dense"}
+    assert all(0 < t < float("inf") for t in times.values())
