@@ -35,7 +35,8 @@ warning and never chosen. Interpret-mode tests cannot see a kernel's
 device-only defects; this check keeps one from reaching a program.
 
 ``SPARSEJAX_PATHS_LOG=1`` prints each measured choice (signature, winner, times,
-seconds spent) to stderr.
+seconds spent) to stderr. Candidates compile in parallel threads
+(``SPARSEJAX_PATHS_COMPILE_THREADS``, default the CPU count; 1 compiles one at a time).
 """
 
 from __future__ import annotations
@@ -324,9 +325,10 @@ def _compile_all(candidates: Sequence[Candidate], wrap: Callable, args: Sequence
             fn = e
         return c.name, (fn, time.perf_counter() - t0)
 
-    if len(candidates) <= 1:
+    threads = int(os.environ.get("SPARSEJAX_PATHS_COMPILE_THREADS", os.cpu_count() or 1))
+    if len(candidates) <= 1 or threads <= 1:
         return dict(map(compile_one, candidates))
-    with futures.ThreadPoolExecutor(max_workers=min(len(candidates), os.cpu_count() or 1)) as pool:
+    with futures.ThreadPoolExecutor(max_workers=min(len(candidates), threads)) as pool:
         compiled = dict(pool.map(compile_one, candidates))
     # A lowering that is not safe beside another one in the process gets a second, lone try
     # before its candidate is given up.
