@@ -9,7 +9,7 @@ collectives the compiled data-parallel step contains (count, dtype, bytes), and 
 of the jitted step alone (batches already on the devices, no host work in the loop) for
 one GPU and for all GPUs under several XLA flag sets. ``PROBE_PROFILE=1`` also traces a few
 steps with ``jax.profiler`` and sums the device kernel time per kind of work
-(``step_profile.py``'s categories); ``PROBE_VARIANTS=mesh@flags,...`` picks the variants. The step time of one GPU over the
+(``step_profile.py``'s categories); ``PROBE_VARIANTS=mesh@flags;...`` picks the variants. The step time of one GPU over the
 number of GPUs, plus the measured all-reduce time, is what the data-parallel step
 should cost if nothing overlaps; the gap to the measured step says what overlapped, or
 what else costs. Prints the table last and writes it to $OUT/multi_gpu_probe.md.
@@ -169,7 +169,9 @@ def main():
     variants = ([("data:1", "default"), ("data:1+half", "default")] + [("data:2", f) for f in FLAG_SETS]
                 + [("data:1,fsdp:2", "default"), ("data:1+scan", "default"), ("data:2+scan", "default")])
     if os.environ.get("PROBE_VARIANTS"):
-        variants = [tuple(v.split("@")) for v in os.environ["PROBE_VARIANTS"].split(",")]
+        # mesh@flags entries, separated by ";" (or "," when no mesh spec has one of its own).
+        spec = os.environ["PROBE_VARIANTS"]
+        variants = [tuple(v.split("@")) for v in spec.split(";" if ";" in spec else ",")]
     for mesh_spec, flagset in variants:
         env = dict(base_env)
         env["XLA_FLAGS"] = (base_env.get("XLA_FLAGS", "") + " " + FLAG_SETS[flagset]).strip()
