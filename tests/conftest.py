@@ -16,6 +16,8 @@ import os
 import shutil
 import tempfile
 
+import pytest
+
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("JAX_DEFAULT_PRNG_IMPL", "rbg")
@@ -33,3 +35,13 @@ def pytest_sessionfinish(session, exitstatus):
     # Only the process that made the folder removes it, after its workers are done.
     if _OWN_CACHE is not None and not hasattr(session.config, "workerinput"):
         shutil.rmtree(_OWN_CACHE, ignore_errors=True)
+
+
+@pytest.fixture
+def fresh_paths(monkeypatch):
+    """No remembered path choices in or out of the test (memory, and no user cache file)."""
+    from sparsejax.kernels import path_choice
+    monkeypatch.delenv("SPARSEJAX_PATH_CACHE", raising=False)
+    path_choice.clear_cache()
+    yield
+    path_choice.clear_cache()

@@ -76,14 +76,6 @@ def test_unstructured_masks_stay_on_xla_and_say_why():
     chex.assert_trees_all_close(fast(sparams, sstate, x), sfn(sparams, sstate, x), atol=1e-6)
 
 
-@pytest.fixture
-def fresh_paths(monkeypatch):
-    monkeypatch.delenv("SPARSEJAX_PATH_CACHE", raising=False)
-    pc.clear_cache()
-    yield
-    pc.clear_cache()
-
-
 def _kernels(fn):
     return {r.path: r.kernel for r in fn.report().rows}
 

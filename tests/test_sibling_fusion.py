@@ -69,14 +69,6 @@ def _check_against_masked(sfn, fast, sparams, sstate):
         assert not np.any(np.asarray(g[name])[~np.asarray(sstate["masks"][name], bool)]), name
 
 
-@pytest.fixture
-def fresh_paths(monkeypatch):
-    monkeypatch.delenv("SPARSEJAX_PATH_CACHE", raising=False)
-    pc.clear_cache()
-    yield
-    pc.clear_cache()
-
-
 def test_unrolled_siblings_run_as_one_kernel_and_match_the_masked_program(fresh_paths):
     sfn = sj.sparsify(unrolled, [sj.Block(ATTN_FFN, 0.5, block=(8, 8))])
     sparams, sstate = sfn.init(_params(), X, rng=jax.random.key(2))
