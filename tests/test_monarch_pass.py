@@ -195,3 +195,23 @@ def test_fused_kernel_support_is_asked_of_the_kernel_module(monkeypatch):
     assert why is None or isinstance(why, str)
     f32 = {k: jax.ShapeDtypeStruct(v.shape, jnp.float32) for k, v in factors.items()}
     assert "bfloat16" in factorized.fused_monarch_unsupported((64, 128), f32)
+
+
+@pytest.mark.parametrize("tokens", [16, 4096])
+def test_the_other_permutation_spelling_is_a_gpu_candidate_computing_the_same(tokens, monkeypatch):
+    # The einsums spell the permutation P1 one of two ways, chosen by a rule of thumb; the
+    # other is a candidate the device times. Off a GPU it is not offered (deterministic).
+    from sparsejax.compiler.passes import factorized
+    k = jax.random.split(jax.random.key(tokens), 3)
+    factors = {"w1": jax.random.normal(k[0], (4, 8, 8)), "w2": jax.random.normal(k[1], (4, 8, 8))}
+    leaves = jax.tree.leaves(factors)
+    unflat = lambda f: jax.tree.unflatten(jax.tree.structure(factors), f)
+    cand = factorized._other_permutation((tokens, 32), factors, 32, unflat)
+    assert cand.unsupported is not None and "GPU" in cand.unsupported
+    # 8 p <= tokens makes block-major rows the default; the candidate is the other spelling.
+    assert cand.name == ("einsum_transpose" if 8 * 8 <= tokens else "einsum_runs")
+    x = jax.random.normal(k[2], (tokens, 32))
+    want = x @ monarch.to_dense(factors, 32, 32)
+    chex.assert_trees_all_close(cand.fn(x, *leaves), want, rtol=1e-4, atol=1e-4)
+    monkeypatch.setattr(factorized.jax, "default_backend", lambda: "gpu")
+    assert factorized._other_permutation((tokens, 32), factors, 32, unflat).unsupported is None

@@ -57,6 +57,28 @@ def monarch_einsums(x2, factors, out_features):
     return monarch_matmul.monarch_matmul(x2, factors, out_features, impl=None)
 
 
+def _other_permutation(x_shape, factors, out_features, unflat) -> path_choice.Candidate:
+    """The Monarch einsums with the other spelling of the permutation ``P1`` than the
+    default (``monarch_matmul_einsum(block_runs=...)``: ``w1``'s rows reordered so ``P1``
+    moves contiguous runs, or ``P1`` as a minor-axis transpose). The default is a rule of
+    thumb (``8 p <= tokens``); which is faster at a shape is measured on the device."""
+    nb, q, p = factors["w1"].shape[-3:]
+    default = 8 * p <= x_shape[0]
+    other = not default
+    why = None
+    if jax.default_backend() != "gpu":
+        why = "timed on a GPU only (elsewhere the einsum path is the float32 reference)"
+    elif other and q % nb:
+        why = f"q = {q} is not a multiple of nblocks = {nb}: no block-major rows"
+    label = ("Monarch einsums, w1 rows block-major" if other
+             else "Monarch einsums, P1 as a transpose")
+    return path_choice.Candidate(
+        "einsum_runs" if other else "einsum_transpose",
+        lambda x, *f: monarch_matmul.monarch_matmul_einsum(x, unflat(f), out_features,
+                                                           block_runs=other),
+        why, label)
+
+
 _KINDS = {
     Monarch: _Kind(monarch.project, monarch.init_factors, monarch.to_dense,
                    monarch_einsums, monarch.param_count, "monarch",
@@ -118,6 +140,8 @@ class FactorizedHandler(PathChoosing, WeightHandler):
         candidates = [
             path_choice.Candidate("einsum", lambda x, *f: kind.einsum(x, unflat(f), n),
                                   describe=self._einsum_label)]
+        if kind.flops_kind == "monarch":
+            candidates.append(_other_permutation(x_shape, factors, n, unflat))
         if kind.kernel is not None:
             fused, why_not = kind.kernel
             candidates.append(path_choice.Candidate(
