@@ -235,7 +235,30 @@ def _check_batch(batch_size: int, process_index: int, process_count: int) -> Non
                          f"({process_count}): every process loads batch_size / process_count rows")
 
 
-class LMBatches:
+class _PositionedBatches:
+    """A batch stream that is a pure function of ``(seed, position)``: ``batch(position)``
+    (the subclass's) and iteration, which yields ``batch(position)`` and advances
+    ``position``; each process keeps its own contiguous ``_rows`` of the global batch."""
+
+    def __init__(self, batch_size: int, position: int, process_index: int, process_count: int):
+        _check_batch(batch_size, process_index, process_count)
+        self.position = int(position)
+        rows = batch_size // process_count
+        self._rows = slice(process_index * rows, (process_index + 1) * rows)
+
+    def batch(self, position: int) -> dict[str, np.ndarray]:
+        raise NotImplementedError
+
+    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        out = self.batch(self.position)
+        self.position += 1
+        return out
+
+
+class LMBatches(_PositionedBatches):
     """Random windows of a token stream, as a pure function of ``(seed, position)``.
 
     ``batch(position)`` returns ``{"inputs", "targets"}``, int32 arrays of shape
@@ -248,7 +271,7 @@ class LMBatches:
 
     def __init__(self, tokens: np.ndarray, batch_size: int, seq_len: int, seed: int = 0,
                  position: int = 0, process_index: int = 0, process_count: int = 1):
-        _check_batch(batch_size, process_index, process_count)
+        super().__init__(batch_size, position, process_index, process_count)
         tokens = np.asarray(tokens) if not isinstance(tokens, np.memmap) else tokens
         if tokens.ndim != 1:
             raise ValueError(f"tokens must be 1-D, got shape {tokens.shape}")
@@ -258,9 +281,6 @@ class LMBatches:
             raise ValueError(f"seq_len={seq_len} is longer than the data ({tokens.size} tokens; a "
                              f"window needs seq_len + 1): use seq_len <= {tokens.size - 1} or more data")
         self.tokens, self.batch_size, self.seq_len, self.seed = tokens, batch_size, seq_len, seed
-        self.position = int(position)
-        rows = batch_size // process_count
-        self._rows = slice(process_index * rows, (process_index + 1) * rows)
 
     def batch(self, position: int) -> dict[str, np.ndarray]:
         starts = _rng(self.seed, position).integers(
@@ -268,14 +288,6 @@ class LMBatches:
         window = np.stack([np.asarray(self.tokens[s:s + self.seq_len + 1]) for s in starts])
         window = window.astype(np.int32)
         return {"inputs": window[:, :-1], "targets": window[:, 1:]}
-
-    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
-        return self
-
-    def __next__(self) -> dict[str, np.ndarray]:
-        out = self.batch(self.position)
-        self.position += 1
-        return out
 
 
 def lm_eval_batches(tokens: np.ndarray, batch_size: int, seq_len: int, max_batches: int | None = None,
@@ -343,7 +355,7 @@ def load_digits(valid_fraction: float = 0.2, seed: int = 0) -> ImageData:
     return ImageData(images[train], labels[train], images[valid], labels[valid], 10, "sklearn:digits")
 
 
-class ImageBatches:
+class ImageBatches(_PositionedBatches):
     """Shuffled epochs of an image set, as a pure function of ``(seed, position)``.
 
     Epoch ``e`` is a permutation drawn from ``(seed, e)``; each epoch yields
@@ -353,31 +365,20 @@ class ImageBatches:
 
     def __init__(self, images: np.ndarray, labels: np.ndarray, batch_size: int, seed: int = 0,
                  position: int = 0, process_index: int = 0, process_count: int = 1):
-        _check_batch(batch_size, process_index, process_count)
+        super().__init__(batch_size, position, process_index, process_count)
         if len(images) != len(labels):
             raise ValueError(f"images ({len(images)}) and labels ({len(labels)}) differ in length")
         if batch_size > len(labels):
             raise ValueError(f"batch_size={batch_size} is larger than the data set ({len(labels)} "
                              f"examples): use batch_size <= {len(labels)}")
         self.images, self.labels, self.batch_size, self.seed = images, labels, batch_size, seed
-        self.position = int(position)
         self.steps_per_epoch = len(labels) // batch_size
-        rows = batch_size // process_count
-        self._rows = slice(process_index * rows, (process_index + 1) * rows)
 
     def batch(self, position: int) -> dict[str, np.ndarray]:
         epoch, step = divmod(int(position), self.steps_per_epoch)
         order = _rng(self.seed, epoch).permutation(len(self.labels))
         idx = order[step * self.batch_size:(step + 1) * self.batch_size][self._rows]
         return {"images": self.images[idx], "labels": self.labels[idx]}
-
-    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
-        return self
-
-    def __next__(self) -> dict[str, np.ndarray]:
-        out = self.batch(self.position)
-        self.position += 1
-        return out
 
 
 def image_eval_batches(images: np.ndarray, labels: np.ndarray, batch_size: int,
