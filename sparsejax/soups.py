@@ -59,43 +59,43 @@ def check_same_masks(masks: Sequence[Any]) -> None:
     """Raises a one-line ValueError naming the first parameter path where two masks differ."""
     if not isinstance(masks, (list, tuple)) or not masks:
         raise ValueError("masks must be a non-empty list of masks pytrees")
-    ref_paths, ref_leaves, ref_def = _flat(masks[0])
-    for i, other in enumerate(masks[1:], start=1):
+    for i, path, a, b in _leaf_pairs(masks, "masks of different structure"):
+        if a is None and b is None:
+            continue
+        if (a is None) != (b is None):
+            which = 0 if a is None else i
+            raise ValueError(f"soup ingredients 0 and {i} have different masks at {path} "
+                             f"(ingredient {which} leaves it unmasked): a soup averages copies "
+                             "retrained from one pruned model; prune once, then retrain every "
+                             "copy with that mask")
+        a, b = np.asarray(a, bool), np.asarray(b, bool)
+        if a.shape != b.shape or not np.array_equal(a, b):
+            detail = (f"shapes {a.shape} and {b.shape}" if a.shape != b.shape
+                      else f"{int(np.sum(a != b))} of {a.size} entries differ")
+            raise ValueError(f"soup ingredients 0 and {i} have different masks at {path} "
+                             f"({detail}): their average would be denser than either; prune "
+                             "once, then retrain every copy with that mask")
+
+
+def _leaf_pairs(trees: Sequence[Any], different: str):
+    """``(i, path, leaf of tree 0, leaf of tree i)`` for every tree after the first, once its
+    structure is checked to be tree 0's (else a one-line error: they "have ``different``")."""
+    ref_paths, ref_leaves, ref_def = _flat(trees[0])
+    for i, other in enumerate(trees[1:], start=1):
         other_paths, other_leaves, other_def = _flat(other)
         if other_def != ref_def:
-            raise ValueError(f"soup ingredients 0 and {i} have masks of different structure "
+            raise ValueError(f"soup ingredients 0 and {i} have {different} "
                              f"(first difference at {_first_difference(ref_paths, other_paths)}): "
                              "a soup averages copies of one model")
         for path, a, b in zip(ref_paths, ref_leaves, other_leaves):
-            if a is None and b is None:
-                continue
-            if (a is None) != (b is None):
-                which = 0 if a is None else i
-                raise ValueError(f"soup ingredients 0 and {i} have different masks at {path} "
-                                 f"(ingredient {which} leaves it unmasked): a soup averages copies "
-                                 "retrained from one pruned model; prune once, then retrain every "
-                                 "copy with that mask")
-            a, b = np.asarray(a, bool), np.asarray(b, bool)
-            if a.shape != b.shape or not np.array_equal(a, b):
-                detail = (f"shapes {a.shape} and {b.shape}" if a.shape != b.shape
-                          else f"{int(np.sum(a != b))} of {a.size} entries differ")
-                raise ValueError(f"soup ingredients 0 and {i} have different masks at {path} "
-                                 f"({detail}): their average would be denser than either; prune "
-                                 "once, then retrain every copy with that mask")
+            yield i, path, a, b
 
 
 def _check_same_structure(ingredients: Sequence[Any]) -> None:
-    ref_paths, ref_leaves, ref_def = _flat(ingredients[0])
-    for i, other in enumerate(ingredients[1:], start=1):
-        other_paths, other_leaves, other_def = _flat(other)
-        if other_def != ref_def:
-            raise ValueError(f"soup ingredients 0 and {i} have different params structures "
-                             f"(first difference at {_first_difference(ref_paths, other_paths)}): "
-                             "a soup averages copies of one model")
-        for path, a, b in zip(ref_paths, ref_leaves, other_leaves):
-            if np.shape(a) != np.shape(b):
-                raise ValueError(f"soup ingredients 0 and {i} differ in shape at {path}: "
-                                 f"{np.shape(a)} vs {np.shape(b)}")
+    for i, path, a, b in _leaf_pairs(ingredients, "different params structures"):
+        if np.shape(a) != np.shape(b):
+            raise ValueError(f"soup ingredients 0 and {i} differ in shape at {path}: "
+                             f"{np.shape(a)} vs {np.shape(b)}")
 
 
 def uniform_soup(ingredients: Sequence[Any], masks: Sequence[Any]) -> Any:
