@@ -38,7 +38,7 @@ import jax
 import jax.numpy as jnp
 
 __all__ = ["MOSAIC_GPU", "TRITON", "TPU", "REFERENCE", "KERNEL_BACKENDS", "PLATFORMS", "resolve",
-           "reference_reason", "poison_output"]
+           "reference_reason", "poison_output", "check_packed_operands", "dense_reference"]
 
 MOSAIC_GPU = "mosaic_gpu"
 TRITON = "triton"
@@ -79,6 +79,25 @@ def reference_reason(op: str, backend: str | None, fallback: str = "plain-JAX re
         return f"backend='reference' asks for the {fallback}"
     platform = backend if backend in PLATFORMS else jax.default_backend()
     return f"no {op} kernel on backend {platform!r}: {fallback}"
+
+
+def check_packed_operands(x, packed, weight_type: type, described: str, where: str) -> None:
+    """One-line errors for ``x @ W`` with ``W`` held in a packed form (``weight_type``, with
+    ``.shape`` the dense ``(K, N)``); ``described`` names it, e.g. "a BlockSparseWeight (see pack)"."""
+    if not isinstance(packed, weight_type):
+        raise TypeError(f"{where}: packed must be {described}, got {type(packed).__name__}")
+    if x.ndim < 1 or x.shape[-1] != packed.shape[0]:
+        raise ValueError(f"{where}: x's last axis {x.shape[-1:]} must equal the weight's K = "
+                         f"{packed.shape[0]} (y = x @ W, W of shape {packed.shape})")
+
+
+def dense_reference(x, packed):
+    """The plain-JAX twin of a packed-weight matmul: ``packed.to_dense()``, then one XLA dot
+    accumulating in float32, in the operands' promoted dtype."""
+    dtype = jnp.result_type(x.dtype, packed.dtype)
+    y = jnp.matmul(x.astype(dtype), packed.to_dense().astype(dtype),
+                   preferred_element_type=jnp.float32)
+    return y.astype(dtype)
 
 
 def poison_output(operands: list, out_shape, *, scalar_prefetch: int = 0) -> dict:

@@ -182,17 +182,11 @@ def compress_nm(w: jax.Array, n: int, m: int, mask=None, *, group_tile: int = 64
 def nm_matmul_reference(x: jax.Array, packed: NMWeight) -> jax.Array:
     """Plain-JAX twin of :func:`nm_matmul`: expand to dense, then one XLA dot."""
     _check_operands(x, packed, "nm_matmul_reference")
-    dtype = jnp.result_type(x.dtype, packed.dtype)
-    y = jnp.matmul(x.astype(dtype), packed.to_dense().astype(dtype), preferred_element_type=jnp.float32)
-    return y.astype(dtype)
+    return backends.dense_reference(x, packed)
 
 
 def _check_operands(x, packed, where: str):
-    if not isinstance(packed, NMWeight):
-        raise TypeError(f"{where}: packed must be an NMWeight (see compress_nm), got {type(packed).__name__}")
-    if x.ndim < 1 or x.shape[-1] != packed.shape[0]:
-        raise ValueError(f"{where}: x's last axis {x.shape[-1:]} must equal the weight's K = "
-                         f"{packed.shape[0]} (y = x @ W, W of shape {packed.shape})")
+    backends.check_packed_operands(x, packed, NMWeight, "an NMWeight (see compress_nm)", where)
 
 
 _KERNELS = {"gpu": backends.TRITON}

@@ -29,18 +29,12 @@ __all__ = ["block_sparse_matmul", "block_sparse_matmul_reference", "supported", 
 def block_sparse_matmul_reference(x: jax.Array, packed: BlockSparseWeight) -> jax.Array:
     """Plain-JAX twin of :func:`block_sparse_matmul`: scatter to dense, then one XLA dot."""
     _check_operands(x, packed, "block_sparse_matmul_reference")
-    dtype = jnp.result_type(x.dtype, packed.dtype)
-    y = jnp.matmul(x.astype(dtype), packed.to_dense().astype(dtype),
-                   preferred_element_type=jnp.float32)
-    return y.astype(dtype)
+    return backends.dense_reference(x, packed)
 
 
 def _check_operands(x, packed, where: str):
-    if not isinstance(packed, BlockSparseWeight):
-        raise TypeError(f"{where}: packed must be a BlockSparseWeight (see pack), got {type(packed).__name__}")
-    if x.ndim < 1 or x.shape[-1] != packed.shape[0]:
-        raise ValueError(f"{where}: x's last axis {x.shape[-1:]} must equal the weight's K = "
-                         f"{packed.shape[0]} (y = x @ W, W of shape {packed.shape})")
+    backends.check_packed_operands(x, packed, BlockSparseWeight, "a BlockSparseWeight (see pack)",
+                                   where)
 
 
 # --------------------------------------------------------------------------- support
