@@ -125,10 +125,11 @@ class Variant:
         # Both forms a timing uses (training's, and inference's from its own params) against
         # the masked XLA program; the worse error is reported.
         small = prefill_tokens[:2, :64]
-        masked = jax.jit(sfn)(_cast(sparams, jnp.float32), sstate, small)
         # Each site's first candidate (the kernel where one runs), not a measured choice: a
-        # choice made for 128 tokens would cost a measurement no timed call uses.
+        # choice made for 128 tokens would cost a measurement no timed call uses (Monarch
+        # sites choose their path in the sparsified program itself, not only when lowered).
         with path_choice.mode("off"):
+            masked = jax.jit(sfn)(_cast(sparams, jnp.float32), sstate, small)
             self.err = max(
                 rel_err(jax.jit(self.train_fwd)(_cast(sparams, jnp.float32), sstate, small), masked),
                 rel_err(jax.jit(self.infer_fwd)(_cast(self.infer_params, jnp.float32), sstate,

@@ -6,6 +6,8 @@ target sparsity, thresholds must survive an orbax round trip, and bad input must
 one line naming the rule.
 """
 
+import warnings
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -349,3 +351,23 @@ def test_sites_equally_sparse_share_one_path_measurement(setup, monkeypatch):
     pc.clear_cache()
     # gate and up share their (D, F) shape; down is (F, D): two measurements, not three.
     assert len(seen) == len(set(seen)) == 2, seen
+
+def test_lowered_sites_measure_every_candidate_while_the_step_is_traced(setup, monkeypatch,
+                                                                        fresh_paths):
+    # The sites' sample inputs are made while the step is traced; the measurement runs
+    # outside that trace. A sample made there with jnp is a tracer, and every candidate,
+    # XLA's included, once failed on it (all timed inf) and the kernels were never taken.
+    from sparsejax.kernels import path_choice as pc
+    params, batches = setup
+    x = batches[0][:1, :1]
+    sfn = sj.sparsify(scanned, [TEAL("*", sparsity=0.5)])
+    sp, ss = sfn.init(params, x)
+    ss = sfn.calibrate(sp, ss, [b[:1, :1] for b in batches])
+    monkeypatch.setattr(pc, "_measuring_pays", lambda: True)     # measure on the CPU here
+    low = sfn.lower(ss, interpret=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)     # a failed candidate warns
+        out = jax.jit(lambda p, x: low(p, ss, x))(sp, x)
+    measured = [e for k, e in pc.cache_entries().items() if k.startswith("sparse_input_gemv")]
+    assert measured and all(np.isfinite(t) for e in measured for t in e["times_us"].values())
+    np.testing.assert_allclose(out, sfn(sp, ss, x), rtol=2e-5, atol=2e-5)

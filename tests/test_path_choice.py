@@ -4,6 +4,7 @@ import json
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from sparsejax.kernels import path_choice as pc
@@ -119,6 +120,29 @@ def test_measure_runs_each_candidate_over_several_input_sets():
     assert pc.copies_for(SPECS) == 16
     assert pc.copies_for([jax.ShapeDtypeStruct((8192, 8192), jnp.bfloat16)]) == 2
     assert pc.copies_for([jax.ShapeDtypeStruct((16384, 16384), jnp.float32)]) == 1
+
+
+def test_each_input_set_is_its_own_buffer_not_a_slice(monkeypatch):
+    # A slice of one stacked array is a copy XLA materialises before a custom call: a
+    # kernel's timing would carry a read and a write of its whole weight.
+    programs = []
+    real_compile_all = pc._compile_all
+
+    def spy(candidates, wrap, args):
+        programs.extend(jax.make_jaxpr(wrap(c.fn))(*args) for c in candidates)
+        return real_compile_all(candidates, wrap, args)
+
+    monkeypatch.setattr(pc, "_compile_all", spy)
+    shared = np.ones((4,), np.float32)        # a concrete input, passed to every copy
+    times = pc.measure([pc.Candidate("xla", lambda x, w, bias: x @ w + bias)], [*SPECS, shared],
+                       calls=1, repeats=1, copies=3)
+    assert times["xla"] > 0
+    (program,) = programs
+    prims = [e.primitive.name for e in program.jaxpr.eqns]
+    assert prims.count("dot_general") == 3
+    prims = set(prims)
+    assert "dot_general" in prims and not prims & {"slice", "dynamic_slice", "gather", "squeeze"}
+    assert len(program.jaxpr.invars) == 3 * 2 + 1       # x, w per set; the shared input once
 
 
 def test_a_candidate_that_disagrees_with_the_reference_is_never_chosen():

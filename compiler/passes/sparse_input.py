@@ -193,7 +193,7 @@ class ActivationSparseHandler(WeightHandler):
                  for name, (label, tiles) in DOWN_VARIANTS.items()]
         cands.append(path_choice.Candidate("xla_dense", dense, None, "XLA dense"))
         cands.append(_pad2_candidate(dense, rows))
-        sample = _sparse_sample(x2.shape, x2.dtype, role.density)
+        sample = _sparse_sample((rows, w2.shape[0]), x2.dtype, role.density)   # as the site calls it
         signature = (f"M{rows}|K{w2.shape[0]}|N{w2.shape[1]}|{jnp.dtype(w2.dtype).name}|"
                      f"density{role.density:.3f}")
         fn = self._chosen(key, "sparse_input_gemv", signature, cands,
@@ -217,7 +217,7 @@ class ActivationSparseHandler(WeightHandler):
                  path_choice.Candidate("xla_dense", dense, None, "XLA dense"),
                  _pad2_candidate(dense, rows)]
         union = 1.0 - (1.0 - role.density) ** rows
-        live_sample = jnp.asarray(np.random.default_rng(0).random(w_t.shape[0]) < union)
+        live_sample = np.random.default_rng(0).random(w_t.shape[0]) < union   # numpy: see _sparse_sample
         signature = (f"M{rows}|N{w_t.shape[0]}|K{w_t.shape[1]}|{jnp.dtype(w_t.dtype).name}|"
                      f"density{role.density:.3f}")
         # Not checked against XLA: the kernel writes zeros at dead outputs, XLA computes them.
@@ -350,11 +350,13 @@ def _density_class(density: float) -> float:
 
 def _sparse_sample(shape, dtype, density: float):
     """A concrete input shaped like a top-k activation: each token keeps ``density`` of its
-    entries, independently (so the union grows with the batch as real tokens' does)."""
+    entries, independently (so the union grows with the batch as real tokens' does).
+    A numpy array: this runs while the program is traced, where ``jnp.asarray`` would make
+    a tracer, which the measurement (run outside the trace) cannot take as an input."""
     rng = np.random.default_rng(0)
     x = rng.standard_normal(shape).astype(np.float32)
     x[rng.random(shape) >= density] = 0.0
-    return jnp.asarray(x, dtype)
+    return x.astype(jnp.dtype(dtype))
 
 
 def ffn_roles(sfn, traced) -> tuple[dict[str, dict], dict[str, list]]:

@@ -57,6 +57,7 @@ from typing import Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 __all__ = ["Candidate", "Choice", "choose", "median_seconds", "set_mode", "mode", "clear_cache",
            "cache_entries", "device_key", "table_path"]
@@ -343,9 +344,12 @@ def measure(candidates: Sequence[Candidate], arg_specs: Sequence, *, calls: int 
             reference: str | None = None, first_call_s: dict | None = None) -> dict[str, float]:
     """Median µs of one call of each supported candidate, on random inputs like ``arg_specs``.
 
-    ``arg_specs`` are ShapeDtypeStructs (or concrete non-array values passed through).
+    ``arg_specs`` are ShapeDtypeStructs (or concrete values passed as they are, shared by
+    every copy; numpy arrays, not arrays made while a program is traced, which are tracers).
     Each timed call runs the candidate over ``copies`` different input sets inside one
-    jit (default :func:`copies_for`) and the time is divided by it. Runs in a fresh
+    jit (default :func:`copies_for`) and the time is divided by it. Each copy's arrays are
+    separate buffers: slices of one stacked array would make a kernel's operand a copy
+    that XLA materialises (a 134 MB weight read and written again, timed with it). Runs in a fresh
     thread, so it may be called while a program is being traced. ``reference``: the
     candidate whose output every other must match within :data:`CHECK_RTOL` on the same
     inputs; one that does not gets ``inf`` (never chosen) and a warning. ``first_call_s``:
@@ -357,15 +361,22 @@ def measure(candidates: Sequence[Candidate], arg_specs: Sequence, *, calls: int 
     is_array = [isinstance(s, jax.ShapeDtypeStruct) for s in arg_specs]
 
     def over_copies(fn):
-        def run(*stacked):
-            return [fn(*[a[c] if arr else a for a, arr in zip(stacked, is_array)])
-                    for c in range(copies)]
+        def run(per_copy, shared):
+            outs = []
+            for arrays in per_copy:
+                drawn, given = iter(arrays), iter(shared)
+                outs.append(fn(*[next(drawn) if arr else next(given) for arr in is_array]))
+            return outs
         return run
 
     def run():
-        keys = jax.random.split(jax.random.key(0), max(len(arg_specs), 1))
-        args = [_random_like(jax.ShapeDtypeStruct((copies, *s.shape), s.dtype), k) if arr else s
-                for s, k, arr in zip(arg_specs, keys, is_array)]
+        keys = jax.random.split(jax.random.key(0), copies * max(len(arg_specs), 1))
+        per_copy = [[_random_like(s, keys[c * len(arg_specs) + i])
+                     for i, (s, arr) in enumerate(zip(arg_specs, is_array)) if arr]
+                    for c in range(copies)]
+        shared = [jnp.asarray(s) if isinstance(s, np.ndarray) else s
+                  for s, arr in zip(arg_specs, is_array) if not arr]
+        args = (per_copy, shared)
         out = {}
         runnable = [c for c in candidates if c.unsupported is None]
         ref = next((c for c in runnable if c.name == reference), None)
@@ -420,7 +431,7 @@ def _default_choice(candidates: Sequence[Candidate], baseline: str | None, sourc
 
 def choose(op: str, signature: str, candidates: Sequence[Candidate], arg_specs: Sequence, *,
            baseline: str | None = None, check: bool = False,
-           flops: float | None = None) -> Choice:
+           flops: float | None = None, copies: int | None = None) -> Choice:
     """The path for one site.
 
     Args:
@@ -438,6 +449,8 @@ def choose(op: str, signature: str, candidates: Sequence[Candidate], arg_specs: 
       flops: the site's work, where the caller knows it: a compute-bound site (see
         :func:`copies_for`) is timed over two input sets instead of enough to stream
         past the L2, so each candidate is compiled with fewer copies inside its jit.
+      copies: how many input sets one timed call runs over, where the caller knows better
+        than :func:`copies_for` (a decode site sizes them by its weight alone).
     """
     supported = [c for c in candidates if c.unsupported is None]
     if not supported:
@@ -469,7 +482,8 @@ def choose(op: str, signature: str, candidates: Sequence[Candidate], arg_specs: 
     t0 = time.perf_counter()
     first: dict = {}
     times = measure(supported, arg_specs, reference=baseline if check and baseline in names else None,
-                    first_call_s=first, copies=copies_for(arg_specs, flops))
+                    first_call_s=first,
+                    copies=copies_for(arg_specs, flops) if copies is None else copies)
     best = min(times, key=times.get)
     if logging:
         shown = ", ".join(f"{k} {v:.1f}" for k, v in times.items())

@@ -4,16 +4,14 @@ A decode GEMV is memory-bound, so a measurement that reruns it on one weight
 measures the L2 cache (60 MB on an H200), not memory: a 42 MB weight stays
 resident and XLA's dense GEMV looks several times faster than it is in a model
 whose weights stream from HBM. :func:`choose_streaming` times every candidate
-over enough copies of the weight to exceed the cache (stacked along a new
-leading axis, one jit looping over them) and reports per-copy times.
+over enough copies of the weight to exceed the cache (separate buffers, one jit
+looping over them) and reports per-copy times.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
 
-import jax
 import jax.numpy as jnp
 
 from sparsejax.kernels import path_choice
@@ -31,27 +29,11 @@ def _copies(spec) -> int:
 def choose_streaming(op: str, signature: str, candidates, arg_specs, *,
                      weight_args: tuple[int, ...], baseline: str | None = None,
                      check: bool = False) -> path_choice.Choice:
-    """:func:`path_choice.choose` with the arguments ``weight_args`` (ShapeDtypeStructs: the
-    weight, or the alternative forms of it that different candidates read) drawn as enough
-    different copies to stream from memory. Candidates keep their signature ``fn(*args)``;
-    the choice's times are per copy; ``check``: see :func:`path_choice.choose`."""
+    """:func:`path_choice.choose` with every candidate timed over enough different input
+    sets that the arguments ``weight_args`` (ShapeDtypeStructs: the weight, or the
+    alternative forms of it that different candidates read) stream from memory, as in
+    a model. The choice's times are per input set; ``check``: see
+    :func:`path_choice.choose`."""
     copies = min(_copies(arg_specs[i]) for i in weight_args)
-    stacked = list(arg_specs)
-    for i in weight_args:
-        stacked[i] = jax.ShapeDtypeStruct((copies, *arg_specs[i].shape), arg_specs[i].dtype)
-
-    def over_copies(fn):
-        def run(*args):
-            outs = []
-            for c in range(copies):
-                a = list(args)
-                for i in weight_args:
-                    a[i] = args[i][c]
-                outs.append(fn(*a))
-            return outs
-        return run
-
-    wrapped = [dataclasses.replace(c, fn=over_copies(c.fn)) for c in candidates]
-    choice = path_choice.choose(op, f"{signature}|streamed", wrapped, stacked, baseline=baseline,
-                                check=check)
-    return dataclasses.replace(choice, times_us={k: v / copies for k, v in choice.times_us.items()})
+    return path_choice.choose(op, f"{signature}|streamed", candidates, arg_specs,
+                              baseline=baseline, check=check, copies=copies)
