@@ -174,11 +174,15 @@ class Interpreter:
         return self.run(jaxpr, consts, invals, key + ("jaxpr",), scope)
 
     def _custom(self, eqn, key, invals, scope):
+        jaxpr, consts = _open(eqn.params["call_jaxpr"])
+        if key not in self._hooked_prefixes and not _has_site(jaxpr):
+            # Nothing in the body can be rewritten (a weight read by a gather, say): the
+            # call keeps its own derivative rule, fed the weights' current values.
+            return bind_eqn(eqn, [materialize(x) for x in invals])
         # A custom derivative rule was written for the original body; once the body is
         # rewritten, autodiff of the rewritten body is the only rule that stays correct.
         self.notes[key] = (f"{eqn.primitive.name} '{eqn.params.get('name', '')}' inlined: "
                            "its custom derivative is replaced by autodiff of the rewritten body")
-        jaxpr, consts = _open(eqn.params["call_jaxpr"])
         return self.run(jaxpr, consts, invals, key + ("call_jaxpr",), scope)
 
     def _scan(self, eqn, key, invals, scope):
@@ -304,6 +308,13 @@ def sub_jaxprs(eqn) -> list[tuple[str, Any]]:
         inner = p.get("jaxpr", p.get("call_jaxpr"))
         return [("jaxpr", _open(inner)[0])] if inner is not None else []
     return []
+
+
+def _has_site(jaxpr) -> bool:
+    """Whether ``jaxpr`` or any jaxpr nested in it holds a matmul or convolution."""
+    return any(eqn.primitive.name in SITE_PRIMITIVES
+               or any(_has_site(inner) for _, inner in sub_jaxprs(eqn))
+               for eqn in jaxpr.eqns)
 
 
 def _refuse_emitted(emitted: dict, where: str) -> None:

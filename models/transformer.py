@@ -20,13 +20,14 @@ both spellings.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-__all__ = ["TransformerConfig", "TransformerLM", "PRESETS", "rope", "lm_loss"]
+__all__ = ["TransformerConfig", "TransformerLM", "PRESETS", "rope", "lm_loss", "embed_lookup"]
 
 
 ATTENTION = ("explicit", "fused")
@@ -250,7 +251,7 @@ class TransformerLM(nn.Module):
         cfg = self.config
         embed = nn.Embed(cfg.vocab_size, cfg.d_model, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
                          embedding_init=nn.initializers.normal(stddev=1.0), name="embed")
-        x = embed(tokens)
+        x = embed_lookup(embed.embedding, tokens, cfg.dtype)
         block = Block
         if cfg.remat:
             # Inside a scan, CSE cannot merge the recomputation away, so it need not be prevented.
@@ -278,6 +279,48 @@ class TransformerLM(nn.Module):
                               param_dtype=cfg.param_dtype, name="lm_head")(x)
         logits = logits.astype(jnp.float32)
         return logits if cache is None else (logits, cache)
+
+
+# Up to this vocabulary the embedding's gradient is a one-hot matmul (2·tokens·vocab·d_model
+# FLOPs: 0.1 ms for 32k tokens at 2048 × 1024 on an H200) instead of a scatter-add.
+# The scatter adds every token's row into the table with atomics, and with few distinct ids
+# (bytes, a small vocabulary) thousands land on the same row: on an H200 that scatter took
+# 50 ms of a 112 ms training step of the byte-level LM, and did not shrink with the batch.
+ONE_HOT_GRAD_MAX_VOCAB = 2048
+
+
+def embed_lookup(table: jax.Array, ids: jax.Array, dtype=None) -> jax.Array:
+    """``table[ids]`` cast to ``dtype``, as ``nn.Embed`` computes it, with a faster gradient.
+
+    The rows are gathered from the table as stored (float32 master weights) and then cast,
+    so a large vocabulary's scatter-add gradient accumulates in the table's own dtype; a
+    vocabulary up to :data:`ONE_HOT_GRAD_MAX_VOCAB` gets its gradient from a one-hot matmul.
+    The forward values are those of ``nn.Embed`` (cast, then gather) exactly.
+    """
+    dtype = table.dtype if dtype is None else jnp.dtype(dtype)
+    if table.shape[0] <= ONE_HOT_GRAD_MAX_VOCAB:
+        return _gather_with_one_hot_grad(table, ids, dtype)
+    return jnp.take(table, ids, axis=0).astype(dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _gather_with_one_hot_grad(table, ids, dtype):
+    return jnp.take(table, ids, axis=0).astype(dtype)
+
+
+def _gather_fwd(table, ids, dtype):
+    return _gather_with_one_hot_grad(table, ids, dtype), (table, ids)
+
+
+def _gather_bwd(dtype, res, g):
+    table, ids = res
+    one_hot = jax.nn.one_hot(ids.reshape(-1), table.shape[0], dtype=dtype)
+    grad = jnp.dot(one_hot.T, g.reshape(-1, table.shape[1]).astype(dtype),
+                   preferred_element_type=jnp.float32)
+    return grad.astype(table.dtype), None
+
+
+_gather_with_one_hot_grad.defvjp(_gather_fwd, _gather_bwd)
 
 
 def init_cache(config: TransformerConfig, batch: int, length: int, dtype=None):

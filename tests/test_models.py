@@ -1,5 +1,6 @@
 """Reference models: shapes, paths recipes target, causality, RoPE, scan equivalence, sparsify."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -84,6 +85,29 @@ def test_bfloat16_compute_keeps_float32_params_and_logits():
     assert all(a.dtype == jnp.float32 for a in jax.tree.leaves(jax.eval_shape(model.init, jax.random.key(8), x)))
     logits = jax.jit(model.init_with_output)(jax.random.key(8), x)[0]
     assert logits.dtype == jnp.float32 and bool(jnp.all(jnp.isfinite(logits)))
+
+
+@pytest.mark.parametrize("vocab", [300, tr.ONE_HOT_GRAD_MAX_VOCAB + 1])
+def test_embedding_lookup_is_nn_embed_with_gradients_summed_in_float32(vocab):
+    # Few distinct ids (most repeat), as in byte-level text: many tokens add to one row.
+    table = jax.random.normal(jax.random.key(0), (vocab, 16))
+    ids = jax.random.randint(jax.random.key(1), (3, 40), 0, 20)
+    flax_embed = nn.Embed(vocab, 16, dtype=jnp.bfloat16)
+
+    def loss(lookup):
+        return lambda t: jnp.sum(jnp.sin(lookup(t).astype(jnp.float32)))
+
+    ours = loss(lambda t: tr.embed_lookup(t, ids, jnp.bfloat16))
+    theirs = loss(lambda t: flax_embed.apply({"params": {"embedding": t}}, ids))
+    assert float(ours(table)) == float(theirs(table))      # the same forward values
+    # Each token's cotangent is bf16 (the activation's dtype); their sum per row, exactly:
+    rows = np.asarray(jnp.take(table, ids, axis=0).astype(jnp.bfloat16), np.float64)
+    per_token = np.asarray(jnp.asarray(np.cos(rows), jnp.bfloat16), np.float64).reshape(-1, 16)
+    want = np.zeros((vocab, 16))
+    np.add.at(want, np.asarray(ids).reshape(-1), per_token)
+    got = jax.grad(ours)(table)
+    assert got.dtype == jnp.float32
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
 
 
 def test_lm_loss_weights_and_tied_embeddings():

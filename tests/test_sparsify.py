@@ -216,6 +216,36 @@ def test_custom_vjp_is_inlined_and_reported():
     assert any("custom_vjp_call" in n for n in sfn.report().notes)
 
 
+@jax.custom_vjp
+def doubled_grad_lookup(table, ids):
+    return jnp.take(table, ids, axis=0)
+
+
+doubled_grad_lookup.defvjp(
+    lambda table, ids: (jnp.take(table, ids, axis=0), (ids, table.shape[0])),
+    lambda res, g: (2.0 * jax.nn.one_hot(res[0], res[1], dtype=g.dtype).T @ g, None))
+
+
+def test_custom_vjp_without_a_site_inside_keeps_its_rule():
+    # A tied embedding: the ruled weight is gathered inside a custom_vjp (no site there)
+    # and multiplied outside it. The gather's own derivative rule (here: twice the true
+    # gradient, so it shows) must survive the rewrite, applied to the masked weight.
+    def tied(p, ids):
+        h = doubled_grad_lookup(p["emb"], ids)
+        return jnp.sum((h @ p["emb"].T) ** 2)
+
+    params = {"emb": jax.random.normal(jax.random.key(0), (10, 8))}
+    ids = jnp.array([1, 1, 3, 7])
+    sfn = sj.sparsify(tied, sj.Recipe([sj.Prune("emb", 0.5)]))
+    sparams, sstate = sfn.init(params, ids)
+    mask = sstate["masks"]["emb"]
+    got = jax.grad(lambda p: sfn(p, sstate, ids))(sparams)["emb"]
+    want = jax.grad(tied)({"emb": sparams["emb"] * mask}, ids)["emb"] * mask
+    assert 0 < float(jnp.mean(mask)) < 1
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
+    assert not any("custom_vjp_call" in n for n in sfn.report().notes)
+
+
 # ------------------------------------------------------------------- transforms
 
 
