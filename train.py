@@ -350,16 +350,31 @@ def loss_fn(params, masks, batch, *, sfn, with_aux: bool = False):
     return loss, metrics
 
 
+def compute_sharding(mesh: Mesh) -> NamedSharding | None:
+    """The sharding the parameters take inside a step: with an fsdp axis, replicated (each
+    step all-gathers them, computes on its share of the batch, and the gradients are reduced
+    back to the shards), as FSDP does. Left to XLA's propagation, the sharded weights turned
+    the matmuls model-parallel: 1.09× of one GPU on two H200s, against 1.8× data-parallel."""
+    return NamedSharding(mesh, P()) if mesh.shape["fsdp"] > 1 else None
+
+
+def _for_compute(params, sharding: NamedSharding | None):
+    if sharding is None:
+        return params
+    return jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, sharding), params)
+
+
 def train_step(state: TrainState, batch, *, sfn, tx: optax.GradientTransformation,
-               activation_l1=None):
+               activation_l1=None, param_sharding: NamedSharding | None = None):
     """One optimizer step; the forward pass reads the masks from their owner (sstate or optimizer).
 
     ``activation_l1``: a schedule (step -> factor) of the activations' L1 added to the loss
-    (ProSparse), or None.
+    (ProSparse), or None. ``param_sharding``: see :func:`compute_sharding`.
     """
     masks = sj.optim.forward_masks(state.sstate, state.opt_state)
 
     def objective(params):
+        params = _for_compute(params, param_sharding)
         loss, metrics = loss_fn(params, masks, batch, sfn=sfn, with_aux=activation_l1 is not None)
         if activation_l1 is not None:
             loss = loss + activation_l1(state.step) * metrics["activation_l1"]
@@ -374,10 +389,12 @@ def train_step(state: TrainState, batch, *, sfn, tx: optax.GradientTransformatio
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
 
-def eval_step(state: TrainState, batch, *, sfn, with_aux: bool = False):
+def eval_step(state: TrainState, batch, *, sfn, with_aux: bool = False,
+              param_sharding: NamedSharding | None = None):
     """Loss and metrics on one held-out batch, with the masks of this step."""
     masks = sj.optim.forward_masks(state.sstate, state.opt_state)
-    return loss_fn(state.params, masks, batch, sfn=sfn, with_aux=with_aux)[1]
+    params = _for_compute(state.params, param_sharding)
+    return loss_fn(params, masks, batch, sfn=sfn, with_aux=with_aux)[1]
 
 
 def make_optimizer(cfg: Config, preset, sfn, sparams, sstate) -> optax.GradientTransformation:
@@ -544,8 +561,11 @@ def train_and_evaluate(cfg: Config | Prepared, *, devices=None) -> dict:
     # The step functions are module-level; this run binds its model, optimizer and the
     # preset's activation L1 schedule (ProSparse), if any.
     l1 = preset.activation_l1(cfg.steps) if preset.activation_l1 is not None else None
-    step_fn = functools.partial(train_step, sfn=sfn, tx=tx, activation_l1=l1)
-    eval_fn = functools.partial(eval_step, sfn=sfn, with_aux=l1 is not None)
+    gathered = compute_sharding(mesh) if outer is None else None
+    step_fn = functools.partial(train_step, sfn=sfn, tx=tx, activation_l1=l1,
+                                param_sharding=gathered)
+    eval_fn = functools.partial(eval_step, sfn=sfn, with_aux=l1 is not None,
+                                param_sharding=gathered)
 
     if outer is not None:
         step_fn = outer.wrap(step_fn, total_steps=cfg.steps,

@@ -59,7 +59,8 @@ def _step_time(mesh_spec: str, steps: int = 12, **overrides) -> dict:
     state = jax.device_put(jax.tree.map(lambda x: x.copy(), state), state_sharding)
 
     # train.py's own step, bound to this run's model and optimizer.
-    step = functools.partial(train.train_step, sfn=sfn, tx=tx)
+    step = functools.partial(train.train_step, sfn=sfn, tx=tx,
+                             param_sharding=train.compute_sharding(mesh))
     jstep = jax.jit(step, in_shardings=(state_sharding, batch_sharding),
                     out_shardings=(state_sharding, None), donate_argnums=0)
     batches = [jax.device_put(run.train_batches.batch(i), batch_sharding) for i in range(4)]
