@@ -11,6 +11,7 @@ Appends the table to benchmarks/results/multi_gpu_train.md.
 
 from __future__ import annotations
 
+import argparse
 import pathlib
 import sys
 import tempfile
@@ -43,9 +44,17 @@ def run(recipe: str, mesh: str) -> dict:
 
 
 def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--recipes", default=",".join(RECIPES), help="comma-separated train.py recipes")
+    args = parser.parse_args()
+    recipes = [r for r in args.recipes.split(",") if r]
     n = jax.device_count()
     meshes = ["data:1", f"data:{n}"] + ([f"data:{n // 2},fsdp:2"] if n >= 2 else [])
-    runs = {(recipe, mesh): run(recipe, mesh) for recipe in RECIPES for mesh in meshes}
+    runs = {}
+    for recipe in recipes:
+        for mesh in meshes:
+            runs[(recipe, mesh)] = run(recipe, mesh)
+            print(f"{recipe} {mesh}: {runs[(recipe, mesh)]['tokens_per_s']:.0f} tokens/s", flush=True)
     lines = [f"\n## {time.strftime('%Y-%m-%d')}: {n}× {jax.devices()[0].device_kind}, JAX {jax.__version__}\n",
              f"Command: `python {' '.join(sys.argv)}`\n",
              f"LM d_model {CONFIG['d_model']}, {CONFIG['n_layers']} layers, d_ff {CONFIG['d_ff']}, "
@@ -58,7 +67,7 @@ def main():
         diff = np.max(np.abs(np.array(r["losses"]) - base["losses"]) / np.abs(base["losses"]))
         lines.append(f"| {recipe} | {mesh} | {r['tokens_per_s']:.0f} | "
                      f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}× | {diff:.2e} |")
-    for recipe in RECIPES:
+    for recipe in recipes:
         lines.append(f"\nLosses, {recipe}, 1 GPU: " + ", ".join(f"{v:.4f}" for v in runs[(recipe, "data:1")]["losses"]))
     text = "\n".join(lines) + "\n"
     print(text)
