@@ -215,3 +215,77 @@ def test_the_other_permutation_spelling_is_a_gpu_candidate_computing_the_same(to
     chex.assert_trees_all_close(cand.fn(x, *leaves), want, rtol=1e-4, atol=1e-4)
     monkeypatch.setattr(factorized.jax, "default_backend", lambda: "gpu")
     assert factorized._other_permutation((tokens, 32), factors, 32, unflat).unsupported is None
+
+
+class MixedPrecisionProjection(nn.Module):
+    """Flax mixed precision: float32 params, the kernel cast to bfloat16 before its dot."""
+
+    @nn.compact
+    def __call__(self, x):
+        return nn.Dense(96, dtype=jnp.bfloat16, param_dtype=jnp.float32, name="proj")(x)
+
+
+def _dot_generals(jaxpr):
+    """Every dot_general of an open jaxpr, those of its sub-jaxprs included."""
+    from sparsejax.compiler.interpreter import sub_jaxprs
+    dots = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "dot_general":
+            dots.append(eqn)
+        for _, sub in sub_jaxprs(eqn):
+            dots.extend(_dot_generals(sub))
+    return dots
+
+
+def _operand_dtypes(eqn):
+    return [jnp.dtype(v.aval.dtype) for v in eqn.invars]
+
+
+@pytest.mark.parametrize("path", ["einsum", "xla_dense"])
+def test_monarch_site_multiplies_in_the_dtype_the_dense_dot_consumes(path, monkeypatch):
+    # A training step holds float32 master params and computes in bf16: the dense dot
+    # multiplies the kernel cast to bf16, so the Monarch site must multiply bf16 factors,
+    # not promote the bf16 activation and float32 factors to float32 GEMMs.
+    from sparsejax.kernels import path_choice as pc
+
+    monkeypatch.delenv("SPARSEJAX_PATH_CACHE", raising=False)
+    pc.clear_cache()
+    signatures = []
+    choose = pc.choose
+    monkeypatch.setattr(pc, "choose", lambda op, signature, *a, **kw: (
+        signatures.append(signature), choose(op, signature, *a, **kw))[1])
+    model = MixedPrecisionProjection()
+    x_init = jax.random.normal(jax.random.key(0), (2, 8, 64))
+    params = model.init(jax.random.key(1), x_init)
+    sfn = sj.sparsify(model.apply, sj.Monarch("*proj/kernel", nblocks=4, init="random"))
+    sparams, sstate = sfn.init(params, x_init)
+    assert {f.dtype for f in jax.tree.leaves(sparams["params"]["proj"]["kernel"])} == {
+        jnp.dtype(jnp.float32)}
+    lowered = sfn.lower(sstate)
+    x = jax.random.normal(jax.random.key(2), (2, 8, 64))   # fresh inputs, not init's
+    bf16 = jnp.dtype(jnp.bfloat16)
+    loss = lambda p: jnp.sum(jnp.square(lowered(p, sstate, x).astype(jnp.float32)))
+
+    with pc.mode(f"force:{path}"):
+        forward = _dot_generals(jax.make_jaxpr(lambda p: lowered(p, sstate, x))(sparams).jaxpr)
+        backward = _dot_generals(jax.make_jaxpr(jax.grad(loss))(sparams).jaxpr)
+        y = lowered(sparams, sstate, x)
+        unlowered = sfn(sparams, sstate, x)
+    assert "dense fallback" not in {r.path: r.kernel for r in lowered.report().rows}[
+        "params/proj/kernel"]
+    assert signatures and all("dtype=bfloat16" in s for s in signatures), signatures
+    # Every dot of the factored product multiplies bf16 by bf16, as the dense program does.
+    assert forward and all(_operand_dtypes(e) == [bf16, bf16] for e in forward)
+    # The gradient reruns those forward dots; the backward's dots multiply a cotangent by
+    # the bf16 factors or activation: none is a float32 x float32 GEMM.
+    assert sum(_operand_dtypes(e) == [bf16, bf16] for e in backward) >= len(forward)
+    assert all(bf16 in _operand_dtypes(e) for e in backward)
+
+    assert y.dtype == bf16
+    chex.assert_trees_all_close(y, unlowered, rtol=jnp.finfo(bf16).eps, atol=jnp.finfo(bf16).eps)
+    # The dense program on the Monarch matrix: bf16 rounds W once, the factored product
+    # rounds its factors and its intermediate; they agree to a few bf16 roundings.
+    dense = model.apply(sfn.dense_params(sparams, sstate), x)
+    chex.assert_trees_all_close(y.astype(jnp.float32), dense.astype(jnp.float32),
+                                rtol=4 * jnp.finfo(bf16).eps, atol=4 * jnp.finfo(bf16).eps)
+    pc.clear_cache()

@@ -163,10 +163,16 @@ class FactorizedHandler(PathChoosing, WeightHandler):
         ref = invals[operand]
         if self._dense_fallback(key, ref):
             return bind_eqn(eqn, [materialize(x) for x in invals])
-        x, factors = invals[1 - operand], ref.state
+        x = invals[1 - operand]
+        # The dtype the original dot multiplies in: Flax casts float32 params to the compute
+        # dtype (bf16) before the dot, a cast the ref absorbed as a view op. The factors are
+        # cast alike, so every path (einsums, fused kernel, dense rebuild) does the dense
+        # program's bf16 work; promoting bf16 activations with float32 factors would run
+        # each site as float32 GEMMs instead (and rule the fused kernel out).
+        dtype = jnp.result_type(*(v.aval.dtype for v in eqn.invars[:2]))
+        factors = jax.tree.map(lambda f: f.astype(dtype), ref.state)
         k, n = self.layout.k, self.layout.n
         leaves = jax.tree.leaves(factors)
-        dtype = jnp.result_type(x.dtype, *(f.dtype for f in leaves))
         m = math.prod(x.shape) // k
         specs = [jax.ShapeDtypeStruct((m, k), dtype),
                  *(jax.ShapeDtypeStruct(f.shape, f.dtype) for f in leaves)]
