@@ -84,7 +84,7 @@ def test_every_down_candidate_matches_when_forced(path):
         assert "pallas_call" not in prims and prims.count("transpose") == 0
     want = {"xla_dense": "XLA dense", "xla_pad2": "XLA dense, the row padded to two",
             "sparse_input_split": "sparse-input GEMV (Pallas, masked bk64 bn256, 4 steps, partial sums)",
-            "sparse_input_rows": "sparse-input GEMV (Pallas, rows bc32 span256"}
+            "sparse_input_rows": "sparse-input GEMV (Pallas, rows bc16 span128"}
     if path == "row_gemv":       # the output-major gate on the row-streaming kernel, every output live
         assert paths["ffn/gate"][0].startswith("row-streaming GEMV (Pallas, every output)")
     else:

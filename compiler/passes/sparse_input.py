@@ -287,13 +287,14 @@ class ActivationSparseHandler(WeightHandler):
 # masked path unless the tiles name another impl): the one-tile grid the first H200
 # sweep found best at 90% zeros, the split-K loop with partial sums that removes its
 # fixed cost (no zeroed output, no atomics), and the rows path whose time follows the
-# live rows (in-kernel compaction, one launch plus XLA's sum of the partials).
+# live rows (in-kernel compaction, one launch plus XLA's sum of the partials; its tiles are
+# the H200 sweep's best at 8192² and 50% and 90% zeros, benchmarks/results/sparse_input_sweep.md).
 DOWN_VARIANTS = {
     "sparse_input": ("masked bk64 bn256", dict(bk=64, bn=256)),
     "sparse_input_split": ("masked bk64 bn256, 4 steps, partial sums",
                            dict(bk=64, bn=256, steps=4, partials=True)),
-    "sparse_input_rows": ("rows bc32 span256, 16 column strips, partial sums",
-                          dict(impl="rows", bc=32, span=256, col_splits=16, partials=True)),
+    "sparse_input_rows": ("rows bc16 span128, 8 column strips, partial sums",
+                          dict(impl="rows", bc=16, span=128, col_splits=8, partials=True)),
 }
 
 

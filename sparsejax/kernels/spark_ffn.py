@@ -615,7 +615,7 @@ def topk_ffn_decode(x: jax.Array, weights: DecodeWeights, *, k: Any = None, k_fr
 # "sparse_rows_down": the down projection on the sparse-input GEMV whose programs loop over
 # the live rows only (its time follows the fired neurons), the predictor as "sparse_split_gate".
 _SPLIT = dict(bk=64, bn=256, steps=4, partials=True)
-_ROWS = dict(impl="rows", bc=32, span=256, col_splits=16, partials=True)
+_ROWS = dict(impl="rows", bc=16, span=128, col_splits=8, partials=True)
 CHOICE_PATHS = {"sparse_split_gate": ("sparse", dict(down_tiles=_SPLIT, gate_tiles=_SPLIT)),
                 "sparse_rows_down": ("sparse", dict(down_tiles=_ROWS, gate_tiles=_SPLIT))}
 
