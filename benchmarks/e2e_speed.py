@@ -16,6 +16,15 @@ model's, from the report's counts) or, for decode, the
 bytes-ideal ratio (weight and cache bytes a dense step reads over a packed sparse one's).
 Every sparse forward is first checked against its masked (XLA) twin. Prints the table last;
 writes $OUT/e2e_speed.md and $OUT/e2e_speed.json when $OUT is set.
+
+``--profile``: after each measure is timed (outside the timed region), ``--profile_steps`` more
+calls are traced with ``jax.profiler`` (``step_profile.py``'s ``trace``/``summarise``), and
+the tables gain a section: device kernel µs and launches per step, by category
+(Pallas/Mosaic kernels, GEMM, attention, XLA fusions, copies and other), each sparse
+variant's difference from dense per category (what names a slowdown), and the slowest
+kernels. On CPU the host's XLA ops stand in for kernels (checks the script only).
+
+    python benchmarks/e2e_speed.py --layouts=scan --recipes=dense,monarch4 --measure=train --profile
 """
 
 from __future__ import annotations
@@ -34,6 +43,7 @@ import jax.numpy as jnp
 import optax
 
 sys.path.append(str(pathlib.Path(__file__).resolve().parent))
+from step_profile import CATEGORIES, summarise, top_line, trace  # noqa: E402
 from timing import median_seconds, rel_err  # noqa: E402
 
 import sparsejax as sj  # noqa: E402
@@ -54,6 +64,8 @@ RECIPES = {   # in the order a time budget keeps them
 MEASURES = ("prefill", "train", "decode1", "decode8")
 INFER = "premasked"   # how prefill and decode hold lowered weights (--infer)
 FUSE_SIBLINGS = False  # lower(..., fuse_siblings=...): q/k/v and gate/up as one kernel (--fuse_siblings)
+PROFILE_STEPS = 0     # calls traced per measure after its timing; 0: no profile (--profile)
+PROFILE_TOP = 12      # kernels listed per profile
 
 
 def model_config(smoke: bool, layers: int, scan: bool, attention: str) -> transformer.TransformerConfig:
@@ -88,6 +100,7 @@ class Variant:
 
     def __init__(self, name, model, cfg, params, prefill_tokens, smoke):
         self.name, self.model, self.cfg = name, model, cfg
+        self.profiles = {}   # measure -> step_profile.summarise(...) (--profile), or {"error": ...}
         if name == "dense":
             self.train_fwd = self.infer_fwd = lambda p, s, *a: model.apply(p, *a)
             self.params, self.sstate = params, None
@@ -165,6 +178,24 @@ def _progress(t0, what):
     print(f"  [{time.time() - t0:6.1f} s] {what}", flush=True)
 
 
+def _profile(v: Variant, measure: str, step, t0) -> None:
+    """Traces ``PROFILE_STEPS`` calls of ``step()`` (warm: just timed) into ``v.profiles``.
+    A profiler failure is recorded, not raised: the timings stand without it."""
+    if not PROFILE_STEPS:
+        return
+    try:
+        v.profiles[measure] = summarise(trace(step, PROFILE_STEPS, warmup=0), top=PROFILE_TOP)
+    except Exception as e:  # noqa: BLE001
+        traceback.print_exc()
+        v.profiles[measure] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"}
+        _progress(t0, f"{v.name} {measure} profile failed: {v.profiles[measure]['error']}")
+        return
+    p = v.profiles[measure]
+    _progress(t0, f"{v.name} {measure} profile: kernels {p['total_us']:.0f} µs/step, "
+              f"{p['launches']:.0f} launches; " + ", ".join(
+                  f"{c} {us:.0f}" for c, us in p["categories"].items() if us))
+
+
 def time_variant(v: Variant, measures, batch, seq, smoke) -> dict:
     cfg, out = v.cfg, {}
     t0 = time.time()
@@ -175,10 +206,14 @@ def time_variant(v: Variant, measures, batch, seq, smoke) -> dict:
         f = jax.jit(v.infer_fwd)
         out["prefill"] = median_seconds(f, infer_params, v.sstate, tokens, calls=calls, repeats=repeats)
         _progress(t0, f"{v.name} prefill {1e3 * out['prefill']:.2f} ms")
+        _profile(v, "prefill", lambda: f(infer_params, v.sstate, tokens), t0)
         v.paths["prefill"] = path_summary(v.infer_fwd.report()) if v.name != "dense" else ""
     if "train" in measures:
-        out["train"] = median_seconds(train_runner(v), v.sstate, tokens, calls=calls, repeats=repeats)
+        run = train_runner(v)
+        out["train"] = median_seconds(run, v.sstate, tokens, calls=calls, repeats=repeats)
         _progress(t0, f"{v.name} train {1e3 * out['train']:.2f} ms")
+        _profile(v, "train", lambda: run(v.sstate, tokens), t0)
+        del run   # its params and optimizer state
         v.paths["train"] = path_summary(v.train_fwd.report()) if v.name != "dense" else ""
     for m in measures:
         if not m.startswith("decode"):
@@ -192,6 +227,7 @@ def time_variant(v: Variant, measures, batch, seq, smoke) -> dict:
         out[m] = median_seconds(lambda p, c: f(p, v.sstate, tok, c, pos)[0], infer_params, cache,
                                 calls=calls * 3, repeats=repeats)
         _progress(t0, f"{v.name} {m} {1e3 * out[m]:.3f} ms")
+        _profile(v, m, lambda: f(infer_params, v.sstate, tok, cache, pos)[0], t0)
         v.paths[m] = path_summary(v.infer_fwd.report()) if v.name != "dense" else ""
     return out
 
@@ -210,12 +246,17 @@ def main():
     parser.add_argument("--fuse_siblings", action="store_true",
                         help="lower(..., fuse_siblings=True): sibling sites (q/k/v, gate/up) may "
                              "run as one block-sparse kernel over their concatenated weights")
+    parser.add_argument("--profile", action="store_true",
+                        help="after timing each measure, trace a few calls with jax.profiler and "
+                             "add device kernel time per category (and vs dense) to the tables")
+    parser.add_argument("--profile_steps", type=int, default=3, help="calls traced per measure")
     parser.add_argument("--budget_s", type=float, default=1e9,
                         help="variants that would start after this many seconds are skipped (listed)")
     args = parser.parse_args()
     smoke = args.smoke
-    global INFER, FUSE_SIBLINGS
+    global INFER, FUSE_SIBLINGS, PROFILE_STEPS
     INFER, FUSE_SIBLINGS = args.infer, args.fuse_siblings
+    PROFILE_STEPS = max(args.profile_steps, 1) if args.profile else 0
     recipes = [r for r in args.recipes.split(",") if r]
     if "dense" not in recipes:
         recipes.insert(0, "dense")
@@ -251,6 +292,83 @@ def main():
     print(write_table(results, lines_err, cfg, batch, seq, smoke, t_start))
 
 
+def profile_section(results) -> tuple[list[str], list[dict]]:
+    """``--profile``'s markdown lines and JSON rows: per layout, variant and measure, device
+    kernel µs and launches per step by category, a sparse variant's difference from dense in
+    the same layout, and the slowest kernels. Nothing when no variant was profiled."""
+    rows = []
+    for (layout, name), (v, times) in results.items():
+        for m, p in v.profiles.items():
+            row = {"layout": layout, "recipe": name, "measure": m,
+                   "timed_ms": 1e3 * times[m] if m in times else None, **p}
+            dense = results.get((layout, "dense"))
+            dp = dense[0].profiles.get(m) if dense else None
+            if name != "dense" and dp and "error" not in dp and "error" not in p:
+                kinds = {k: [p["kinds"].get(k, (0, 0))[0] - dp["kinds"].get(k, (0, 0))[0],
+                             p["kinds"].get(k, (0, 0))[1] - dp["kinds"].get(k, (0, 0))[1]]
+                         for k in {*p["kinds"], *dp["kinds"]}}
+                row["vs_dense"] = {"total_us": p["total_us"] - dp["total_us"],
+                                   "launches": p["launches"] - dp["launches"],
+                                   "categories": {c: p["categories"][c] - dp["categories"][c]
+                                                  for c in CATEGORIES},
+                                   # the kernel kinds whose time grew most, then shrank most
+                                   "kinds_up": sorted(([k, *d] for k, d in kinds.items() if d[0] >= 0.5),
+                                                      key=lambda x: -x[1])[:PROFILE_TOP],
+                                   "kinds_down": sorted(([k, *d] for k, d in kinds.items() if d[0] <= -0.5),
+                                                        key=lambda x: x[1])[:PROFILE_TOP // 2]}
+            rows.append(row)
+    if not rows:
+        return [], []
+    short = {"Pallas / Mosaic kernels": "Pallas/Mosaic", "GEMM (cuBLAS / CUTLASS)": "GEMM",
+             "attention (cuDNN)": "attention", "XLA fusions": "XLA fusions",
+             "copies and other": "copies/other"}
+    head = " | ".join(short.get(c, c) for c in CATEGORIES)
+    lines = ["", f"### Device kernel time per step (jax.profiler, {PROFILE_STEPS} traced calls "
+             "after timing)", "",
+             "µs per step summed over the device's streams (on CPU: the host's XLA ops, a check of "
+             "the script only); launches = kernels run per step. Timed ms is the table's median "
+             "step: kernel µs well below it means the device waits (launch or host gaps); above "
+             "it, streams overlap.", "",
+             f"| layout | recipe | measure | timed ms | kernel µs | launches | {head} |",
+             "|---|---|---|---|---|---|" + "---|" * len(CATEGORIES)]
+    for r in rows:
+        timed = f"{r['timed_ms']:.2f}" if r["timed_ms"] is not None else "-"
+        if "error" in r:
+            lines.append(f"| {r['layout']} | {r['recipe']} | {r['measure']} | {timed} | "
+                         f"profile failed: {r['error'][:150]} |")
+            continue
+        lines.append(f"| {r['layout']} | {r['recipe']} | {r['measure']} | {timed} | "
+                     f"{r['total_us']:.0f} | {r['launches']:.0f} | "
+                     + " | ".join(f"{r['categories'][c]:.0f}" for c in CATEGORIES) + " |")
+    diffs = [r for r in rows if "vs_dense" in r]
+    if diffs:
+        lines += ["", "Sparse minus dense, per step (positive: the sparse step spends more there):", "",
+                  f"| layout | recipe | measure | Δ timed ms | Δ kernel µs | Δ launches | {head} |",
+                  "|---|---|---|---|---|---|" + "---|" * len(CATEGORIES)]
+        for r in diffs:
+            d = r["vs_dense"]
+            dense_ms = results[(r["layout"], "dense")][1].get(r["measure"])
+            dt = (f"{r['timed_ms'] - 1e3 * dense_ms:+.2f}"
+                  if r["timed_ms"] is not None and dense_ms is not None else "-")
+            lines.append(f"| {r['layout']} | {r['recipe']} | {r['measure']} | {dt} | "
+                         f"{d['total_us']:+.0f} | {d['launches']:+.0f} | "
+                         + " | ".join(f"{d['categories'][c]:+.0f}" for c in CATEGORIES) + " |")
+        lines += ["", "Kernel kinds (name less its instance number) whose time per step changed "
+                  "most vs dense: Δ µs (Δ launches):", ""]
+        for r in diffs:
+            d = r["vs_dense"]
+            lines.append(f"- {r['layout']}/{r['recipe']} {r['measure']}: more: " + (
+                "; ".join(f"{k[:60]} {us:+.0f} ({n:+g})" for k, us, n in d["kinds_up"]) or "-")
+                + ". less: " + ("; ".join(f"{k[:60]} {us:+.0f} ({n:+g})" for k, us, n in d["kinds_down"])
+                                or "-"))
+    lines += ["", f"Slowest {PROFILE_TOP} kernels per step (µs; ×launches where not one):", ""]
+    lines += [f"- {r['layout']}/{r['recipe']} {r['measure']}: "
+              + "; ".join(f"{top_line(t)} ({short.get(t['category'], t['category'])})"
+                          for t in r["top"])
+              for r in rows if "error" not in r]
+    return lines, rows
+
+
 def write_table(results, lines_err, cfg, batch, seq, smoke, t_start, final=True) -> str:
     """The table of every variant measured so far, written to ``$OUT`` (after each variant, so
     a run cut short by its time limit still leaves it) and returned."""
@@ -281,6 +399,8 @@ def write_table(results, lines_err, cfg, batch, seq, smoke, t_start, final=True)
                           "err_vs_masked": v.err, "paths": v.paths.get(m, "")})
             lines.append(f"| {layout} | {name} | {m} | {1e3 * td:.2f} | {1e3 * t:.2f} | {ratio:.2f}× | "
                          f"{ideal:.2f}× | {ratio / ideal:.2f} | {v.paths.get(m, '')[:200]} |")
+    profile_lines, profiles = profile_section(results)
+    lines += profile_lines
     if lines_err:
         lines += ["", "Failed variants:"] + lines_err
     wall = "Total wall time" if final else "Run in progress; wall time so far"
@@ -289,7 +409,8 @@ def write_table(results, lines_err, cfg, batch, seq, smoke, t_start, final=True)
     if os.environ.get("OUT"):
         pathlib.Path(os.environ["OUT"], "e2e_speed.md").write_text(text)
         pathlib.Path(os.environ["OUT"], "e2e_speed.json").write_text(json.dumps(
-            {"device": device, "jax": jax.__version__, "rows": table}, indent=1))
+            {"device": device, "jax": jax.__version__, "rows": table,
+             **({"profiles": profiles} if profiles else {})}, indent=1))
         # What the sites measured, in the form of a shipped table (sparsejax/kernels/path_tables/).
         path_choice.write_table(pathlib.Path(os.environ["OUT"], f"path_table_{path_choice.device_key()}.json"))
     return text

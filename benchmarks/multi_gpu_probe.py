@@ -97,25 +97,19 @@ def _step_time(mesh_spec: str, steps: int = 12, **overrides) -> dict:
 
 def _profile(jstep, state, batches, steps: int) -> dict:
     """Per-step device kernel µs by category (``step_profile.py``'s), and the slowest kernels."""
-    import collections
-    import tempfile
-    import jax
     sys.path.append(str(pathlib.Path(__file__).resolve().parent))
-    from step_profile import category, kernel_times
+    from step_profile import summarise, top_line, trace
 
-    with tempfile.TemporaryDirectory() as d:
-        jax.profiler.start_trace(d)
-        for i in range(steps):
-            state, metrics = jstep(state, batches[i % len(batches)])
-        jax.block_until_ready(metrics)
-        jax.profiler.stop_trace()
-        times = {k: v / steps for k, v in kernel_times(d).items()}
-    per_cat = collections.Counter()
-    for (kernel, op), us in times.items():
-        per_cat[category(kernel, op)] += us
-    top = sorted(times.items(), key=lambda kv: -kv[1])[:10]
-    return {"categories": dict(per_cat),
-            "top": [f"{k[0][:50]} [{k[1][:30]}] {us:.0f}" for k, us in top]}
+    carry = [state, 0]          # the step donates its state: each call takes the last one's
+
+    def step():
+        carry[0], metrics = jstep(carry[0], batches[carry[1] % len(batches)])
+        carry[1] += 1
+        return metrics
+
+    summary = summarise(trace(step, steps, warmup=0), top=10)
+    return {"categories": summary["categories"],
+            "top": [top_line(t, width=50) for t in summary["top"]]}
 
 
 def _allreduce_gbps() -> dict:

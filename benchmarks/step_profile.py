@@ -18,6 +18,9 @@ category and divided by the step count:
 Besides the sums, the slowest kernels by total time. On CPU the host's XLA ops stand in for
 kernels (a check that the script runs, not a measurement). Prints the table last; writes
 ``$OUT/step_profile.md`` when ``$OUT`` is set.
+
+``trace``, ``summarise`` and ``top_line`` are what ``e2e_speed.py --profile`` and
+``multi_gpu_probe.py`` (``PROBE_PROFILE=1``) profile with.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import collections
 import glob
 import os
 import pathlib
+import re
 import sys
 import tempfile
 import time
@@ -35,7 +39,6 @@ import jax
 import jax.numpy as jnp
 
 sys.path.append(str(pathlib.Path(__file__).resolve().parent))
-import e2e_speed as e2e  # noqa: E402
 from timing import median_seconds  # noqa: E402
 
 from sparsejax.models import transformer  # noqa: E402
@@ -50,7 +53,7 @@ def category(kernel: str, hlo_op: str) -> str:
     name = kernel.lower()
     if any(t in name for t in _ATTENTION):
         return "attention (cuDNN)"
-    if any(t in name for t in _GEMM):
+    if any(t in name for t in _GEMM) or hlo_op.startswith("dot"):
         return "GEMM (cuBLAS / CUTLASS)"
     if hlo_op.startswith("custom-call") or "pallas" in name or "mosaic" in name:
         return "Pallas / Mosaic kernels"
@@ -66,11 +69,15 @@ def _stat(event, key: str) -> str:
     return ""
 
 
-def kernel_times(trace_dir: str) -> dict[tuple[str, str], float]:
-    """Total µs per (kernel, hlo op) over the trace: GPU stream events, else host XLA ops."""
+def kernel_stats(trace_dir: str) -> dict[tuple[str, str], list[float]]:
+    """``[total µs, launches]`` per (kernel, hlo op) over the trace in ``trace_dir``: the GPU
+    streams' events, else (no GPU plane: CPU) the XLA ops on the host's threads. Empty when
+    the profiler wrote no trace."""
     files = glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True)
+    if not files:
+        return {}
     data = jax.profiler.ProfileData.from_file(max(files, key=os.path.getmtime))
-    totals: dict[tuple[str, str], float] = collections.defaultdict(float)
+    totals: dict[tuple[str, str], list[float]] = collections.defaultdict(lambda: [0.0, 0])
     device = [p for p in data.planes if p.name.startswith("/device:GPU")]
     if device:
         for plane in device:
@@ -78,29 +85,83 @@ def kernel_times(trace_dir: str) -> dict[tuple[str, str], float]:
                 if not line.name.startswith("Stream"):   # derived lines repeat the same time
                     continue
                 for e in line.events:
-                    totals[(e.name, _stat(e, "hlo_op"))] += e.duration_ns / 1e3
-        return totals
+                    t = totals[(e.name, _stat(e, "hlo_op"))]
+                    t[0] += e.duration_ns / 1e3
+                    t[1] += 1
+        return dict(totals)
     for plane in data.planes:                 # CPU: XLA ops on the host's threads
         for line in plane.lines:
             for e in line.events:
                 op = _stat(e, "hlo_op")
-                if op:
-                    totals[(e.name, op)] += e.duration_ns / 1e3
-    return totals
+                # A loop's or call's event spans its body's ops, which have events of their own.
+                if op and not op.startswith(("while", "conditional", "call")):
+                    t = totals[(e.name, op)]
+                    t[0] += e.duration_ns / 1e3
+                    t[1] += 1
+    return dict(totals)
 
 
-def profile(fn, args, steps: int) -> dict[tuple[str, str], float]:
-    jax.block_until_ready(fn(*args))          # compiled and warm
+def kernel_times(trace_dir: str) -> dict[tuple[str, str], float]:
+    """Total µs per (kernel, hlo op) over the trace: GPU stream events, else host XLA ops."""
+    return {k: us for k, (us, _) in kernel_stats(trace_dir).items()}
+
+
+def trace(step, steps: int, warmup: int = 1) -> dict[tuple[str, str], tuple[float, float]]:
+    """``(µs, launches)`` per step for each (kernel, hlo op): ``step()`` (no arguments; returns
+    what to wait on) is called ``warmup`` times untraced, then ``steps`` times under
+    ``jax.profiler``, and the trace's totals are divided by ``steps``."""
+    for _ in range(warmup):
+        jax.block_until_ready(step())
     with tempfile.TemporaryDirectory() as d:
         jax.profiler.start_trace(d)
-        for _ in range(steps):
-            out = fn(*args)
-        jax.block_until_ready(out)
-        jax.profiler.stop_trace()
-        return {k: v / steps for k, v in kernel_times(d).items()}
+        try:
+            for _ in range(steps):
+                out = step()
+            jax.block_until_ready(out)
+        finally:
+            jax.profiler.stop_trace()
+        return {k: (us / steps, n / steps) for k, (us, n) in kernel_stats(d).items()}
+
+
+def kernel_kind(kernel: str) -> str:
+    """A kernel's name without its instance number (``loop_transpose_fusion_12`` ->
+    ``loop_transpose_fusion``): what a step's kernels are grouped by across programs."""
+    return re.sub(r"([._]\d+)+$", "", kernel) or kernel
+
+
+def summarise(stats: dict[tuple[str, str], tuple[float, float]], top: int = 12) -> dict:
+    """A ``trace`` result summed: total kernel µs and launches per step, µs and launches per
+    category (every one of ``CATEGORIES``, zero where none ran), ``[µs, launches]`` per
+    ``kernel_kind`` (for differences between two programs), and the ``top`` kernels by time
+    (kernel, hlo op, category, µs, launches)."""
+    cats = {c: 0.0 for c in CATEGORIES}
+    cat_launches = {c: 0.0 for c in CATEGORIES}
+    kinds: dict[str, list[float]] = {}
+    for (kernel, op), (us, n) in stats.items():
+        c = category(kernel, op)
+        cats[c] += us
+        cat_launches[c] += n
+        k = kinds.setdefault(kernel_kind(kernel), [0.0, 0.0])
+        k[0] += us
+        k[1] += n
+    slowest = sorted(stats.items(), key=lambda kv: -kv[1][0])[:top]
+    return {"total_us": sum(cats.values()), "launches": sum(cat_launches.values()),
+            "categories": cats, "category_launches": cat_launches,
+            "kinds": dict(sorted(kinds.items(), key=lambda kv: -kv[1][0])),
+            "top": [{"kernel": k, "hlo_op": op, "category": category(k, op), "us": us, "launches": n}
+                    for (k, op), (us, n) in slowest]}
+
+
+def top_line(entry: dict, width: int = 60) -> str:
+    """One of ``summarise``'s top kernels as text: ``name [hlo op] µs``, and launches when not one."""
+    n, op = entry["launches"], entry["hlo_op"]
+    return (f"{entry['kernel'][:width]}" + (f" [{op[:30]}]" if op and op != entry["kernel"] else "")
+            + f" {entry['us']:.0f}" + (f" (×{n:g})" if n != 1 else ""))
 
 
 def main():
+    import e2e_speed as e2e   # here, not above: e2e_speed imports this module's helpers
+
     parser = argparse.ArgumentParser()
     parser.add_argument("--recipes", default="block90")
     parser.add_argument("--measure", default="prefill,train")
@@ -133,15 +194,11 @@ def main():
                 fn, fargs = e2e.train_runner(v), (v.sstate, tokens)
             else:
                 raise SystemExit(f"--measure: {measure!r} is not prefill or train")
-            times = profile(fn, fargs, args.steps)
+            summary = summarise(trace(lambda: fn(*fargs), args.steps), top=args.top)
             wall = median_seconds(fn, *fargs, calls=2, repeats=5)
-            per_cat = collections.Counter()
-            for (kernel, op), us in times.items():
-                per_cat[category(kernel, op)] += us
+            per_cat = summary["categories"]
             rows.append((name, measure, 1e6 * wall, per_cat))
-            top = sorted(times.items(), key=lambda kv: -kv[1])[:args.top]
-            tops += [f"- {name} {measure}: " + "; ".join(
-                f"{k[0][:60]} [{k[1][:30]}] {us:.0f}" for k, us in top)]
+            tops += [f"- {name} {measure}: " + "; ".join(top_line(t) for t in summary["top"])]
             print(f"{name} {measure}: wall {1e3 * wall:.2f} ms, kernels "
                   f"{sum(per_cat.values()) / 1e3:.2f} ms ({time.time() - t0:.0f} s)", flush=True)
     lines += ["| recipe | measure | wall µs | kernels µs | " + " | ".join(CATEGORIES) + " |",

@@ -1,0 +1,31 @@
+"""Benchmark scripts' CPU smoke runs: the scripts still run and write their sections."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def test_e2e_speed_smoke_profile(tmp_path):
+    """``e2e_speed.py --smoke --profile``: one sparse recipe, one measure; the profile section
+    (kernel time by category, the difference from dense, slowest kernels) reaches the .md and
+    the JSON although the CPU has no device trace planes."""
+    env = {**os.environ, "OUT": str(tmp_path),
+           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "e2e_speed.py"), "--smoke", "--profile",
+         "--layouts=scan", "--recipes=monarch4", "--measure=decode1"],
+        env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    md = (tmp_path / "e2e_speed.md").read_text()
+    assert "| scan | monarch4 | decode1 |" in md
+    assert "Device kernel time per step" in md and "Sparse minus dense" in md
+    assert "Slowest 12 kernels" in md and "Failed variants" not in md
+    profiles = json.loads((tmp_path / "e2e_speed.json").read_text())["profiles"]
+    assert {(p["recipe"], p["measure"]) for p in profiles} == {("dense", "decode1"), ("monarch4", "decode1")}
+    dense, sparse = sorted(profiles, key=lambda p: p["recipe"] != "dense")
+    assert dense["total_us"] > 0 and dense["launches"] > 0 and dense["top"]
+    assert "error" not in sparse and sparse["vs_dense"]["total_us"] == sparse["total_us"] - dense["total_us"]
