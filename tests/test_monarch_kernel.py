@@ -74,6 +74,42 @@ def test_einsum_path_keeps_leading_axes_and_jits():
     assert_matches_reference(y, monarch.matmul_reference(x3, f, 30), 1e-6)
 
 
+def _activation_transposes(jaxpr, tokens):
+    """Transposes, in ``jaxpr`` and its sub-jaxprs, of arrays with at least ``tokens * 16``
+    elements (activations here; the factors are smaller)."""
+    from sparsejax.compiler.interpreter import sub_jaxprs
+    found = []
+    for e in jaxpr.eqns:
+        for _, sub in sub_jaxprs(e):
+            found += _activation_transposes(sub, tokens)
+        if e.primitive.name == "transpose" and np.prod(e.invars[0].aval.shape) >= tokens * 16:
+            found.append((e.invars[0].aval.shape, e.params["permutation"]))
+    return found
+
+
+@pytest.mark.parametrize("k,n,runs", [(64, 256, False), (64, 256, True), (256, 64, True),
+                                      (64, 256, None)])
+def test_einsum_path_moves_each_activation_once(k, n, runs):
+    # Each GEMM's product is used in the order the GEMM writes it (the block axis major) and
+    # each GEMM reads its input blocks in place, so the activations that move are the two the
+    # Monarch permutations move: forward the intermediate (P1) and the output (P2); backward
+    # the output's cotangent, the intermediate's (P1 transposed) and dx back to token-major
+    # order. Spelled as token-major einsums, every product was transposed after its GEMM too
+    # (4 forward, 4 more backward). The values are checked against the reference too.
+    t, nb = 512, 4
+    x, f, ct = _problem(1, t, k, n, nb, jnp.bfloat16)
+    fn = lambda x, f: mk.monarch_matmul_einsum(x, f, n, block_runs=runs)
+    forward = _activation_transposes(jax.make_jaxpr(fn)(x, f).jaxpr, t)
+    backward = _activation_transposes(
+        jax.make_jaxpr(lambda x, f, ct: jax.vjp(fn, x, f)[1](ct))(x, f, ct).jaxpr, t)
+    assert len(forward) == 2, forward
+    assert len(backward) == 2 + 3, backward
+    y, (gx, gf) = _value_and_grads(fn, x, f, ct)
+    ry, (rx, rf) = _value_and_grads(lambda x, f: monarch.matmul_reference(x, f, n), x, f, ct)
+    for got, want in ((y, ry), (gx, rx), (gf["w1"], rf["w1"]), (gf["w2"], rf["w2"])):
+        assert_matches_reference(got, want, 1e-2)
+
+
 @pytest.mark.parametrize("k,n,nb", [(16, 32, 4), (10, 13, 3)])
 def test_core_operands_fold_the_permutation(k, n, nb):
     # core(u, a, b), read back through the output interleave, is the Monarch product, also

@@ -203,3 +203,33 @@ def test_pallas_candidates_compile_side_by_side():
         times = pc.measure(cands, specs, calls=1, repeats=1, copies=2, reference="xla_dense")
     assert set(times) == {"masked16", "masked32", "rows", "xla_dense"}
     assert all(0 < t < float("inf") for t in times.values())
+
+
+def test_a_reference_is_timed_as_the_baseline_and_never_chosen(monkeypatch, tmp_path):
+    # A factorized site's xla_dense candidate rebuilds the dense matrix from the factors; what
+    # the dense program pays is a dot on a stored weight, with its own arguments. That
+    # reference is timed beside the candidates and reported as the baseline, never chosen.
+    monkeypatch.setattr(pc, "_measuring_pays", lambda: True)
+    calls = []
+
+    def fake_measure(cands, specs, **kw):
+        calls.append(([c.name for c in cands], [tuple(s.shape) for s in specs]))
+        if [c.name for c in cands] == ["dense"]:
+            return {"dense": 2.0}
+        return {"einsum": 5.0, "xla_dense": 9.0}
+
+    monkeypatch.setattr(pc, "measure", fake_measure)
+    monkeypatch.setenv("SPARSEJAX_PATH_CACHE", str(tmp_path / "c.json"))
+    ref = pc.Candidate("dense", lambda x, w: x @ w, describe="stored dense weight")
+    ref_specs = [SPECS[0], jax.ShapeDtypeStruct((16, 4), jnp.float32)]
+    c = pc.choose("op", "sig", _candidates(), SPECS, baseline="xla_dense", reference=ref,
+                  reference_specs=ref_specs)
+    assert calls == [(["einsum", "xla_dense"], [(8, 16), (16, 4)]), (["dense"], [(8, 16), (16, 4)])]
+    assert (c.name, c.baseline) == ("einsum", "dense")      # fastest, yet not a path
+    assert c.summary() == "einsum path (5 µs vs dense 2 µs, 0.40×, measured)"
+    again = pc.choose("op", "sig", _candidates(), SPECS, baseline="xla_dense", reference=ref,
+                      reference_specs=ref_specs)
+    assert (again.name, again.source, again.baseline) == ("einsum", "cache", "dense")
+    with pc.mode("force:dense"):    # not a candidate: forcing it gives the deterministic choice
+        assert pc.choose("op", "sig2", _candidates(), SPECS, reference=ref,
+                         reference_specs=ref_specs).name == "einsum"

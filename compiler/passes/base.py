@@ -200,17 +200,24 @@ class PathChoosing:
 
     def _choose(self, key, op: str, signature: str, candidates, arg_specs,
                 baseline: str = "xla_dense", check: bool = True,
-                flops: float | None = None) -> path_choice.Choice:
+                flops: float | None = None, reference=None,
+                reference_specs=None) -> path_choice.Choice:
         """The site's path (see :func:`path_choice.choose`; ``check``: the candidates compute
         the same function of the same arguments, so each is checked on the device; ``flops``:
-        the forward's work, for how many input sets the timing needs)."""
+        the forward's work, for how many input sets the timing needs; ``reference``: the dense
+        program's own product on ``reference_specs``, timed as the baseline, never chosen).
+        Differentiated, every candidate and the reference are timed with their backward."""
         pass_kind = "fwd+bwd" if differentiated() else "fwd"
         if pass_kind == "fwd+bwd":
             candidates = [c if c.unsupported else
                           path_choice.Candidate(c.name, with_backward(c.fn), None, c.describe)
                           for c in candidates]
+            if reference is not None:
+                reference = path_choice.Candidate(reference.name, with_backward(reference.fn),
+                                                  None, reference.describe)
         choice = path_choice.choose(op, f"{signature},{pass_kind}", candidates, arg_specs,
-                                    baseline=baseline, check=check, flops=flops)
+                                    baseline=baseline, check=check, flops=flops,
+                                    reference=reference, reference_specs=reference_specs)
         if not hasattr(self, "choices"):
             self.choices = {}
         self.choices[key] = choice

@@ -89,6 +89,13 @@ _KINDS = {
 }
 
 
+# What the dense program computes at a factorized site: ``x @ W`` on the stored ``(K, N)``
+# weight. Timed as every site's baseline (the dense model pays no rebuild); the site holds no
+# dense weight, so it is never a path it takes.
+DENSE_WEIGHT = path_choice.Candidate("dense_weight", lambda x, w: jnp.matmul(x, w),
+                                     describe="stored dense weight, XLA dot")
+
+
 class FactorizedHandler(PathChoosing, WeightHandler):
 
     def __init__(self, rule, path, layout, sites):
@@ -180,9 +187,14 @@ class FactorizedHandler(PathChoosing, WeightHandler):
                      f"dtype={jnp.dtype(dtype).name}")
         candidates = self._candidates((m, k), factors)
         # The factored product's work (each factor entry once per token): at prefill and
-        # training sizes the site is compute-bound and is timed over two input sets.
+        # training sizes the site is compute-bound and is timed over two input sets. The
+        # baseline is the dense program's dot on its stored weight, not ``xla_dense`` (which
+        # rebuilds the matrix from the factors every call, and differentiated also runs the
+        # rebuild's backward): a site is faster than dense only if it beats that dot.
         choice = self._choose(key, "factorized_matmul", signature, candidates, specs,
-                              flops=2.0 * m * sum(f.size for f in leaves))
+                              flops=2.0 * m * sum(f.size for f in leaves),
+                              reference=DENSE_WEIGHT,
+                              reference_specs=[specs[0], jax.ShapeDtypeStruct((k, n), dtype)])
         fn = next(c.fn for c in candidates if c.name == choice.name)
         return matmul_at_site(eqn, operand, x, lambda x2: fn(x2, *leaves))
 

@@ -147,22 +147,9 @@ def _swap_blocks_h(h: jax.Array) -> jax.Array:
     return h.reshape(t, nb, nb, q // nb).transpose(0, 2, 1, 3).reshape(t, nb, q)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def _einsum_blocks(u, w1, w2, native, runs=False):
-    """``(T, nb, p)`` -> block-major ``(T, nb, s)``; every matmul in ``u.dtype``, f32 accumulation.
-
-    ``runs``: ``w1`` has block-major rows (:func:`_w1_rows_block_major`)."""
-    return _einsum_blocks_fwd(u, w1, w2, native, runs)[0]
-
-
-def _einsum_blocks_fwd(u, w1, w2, native, runs=False):
-    permute = _swap_blocks_h if runs else _permute_h
-    h2 = permute(_mm("tip,iqp->tiq", u, w1, u.dtype, native))
-    return _mm("tjq,jsq->tjs", h2, w2, u.dtype, native), (u, w1, w2, h2)
-
-
 def _einsum_factor_grads(g, u, w1, w2, h2, native=True, runs=False):
-    """``(dh, dw1, dw2)`` of the block-major product; ``g`` and all operands in ``u.dtype``."""
+    """``(dh, dw1, dw2)`` of the token-major product the fused kernel computes (``g``
+    ``(T, nb, s)``, ``h2`` ``(T, nb, q)``); ``g`` and all operands in ``u.dtype``."""
     dtype = u.dtype
     unpermute = _swap_blocks_h if runs else _unpermute_h
     dw2 = _mm("tjs,tjq->jsq", g, h2, w2.dtype, native)
@@ -171,15 +158,92 @@ def _einsum_factor_grads(g, u, w1, w2, h2, native=True, runs=False):
     return dh, dw1, dw2
 
 
+def _dot(a, b, contract, batch, dtype, native: bool = False):
+    """``lax.dot_general`` with float32 accumulation, rounded to ``dtype`` (see :func:`_mm`).
+
+    The product comes out in dot_general's own order (batch axes, then ``a``'s free axes,
+    then ``b``'s), which is the layout a GEMM writes: an einsum that names another output
+    order adds a transpose of the whole product after it.
+    """
+    dims = (contract, batch)
+    if jax.default_backend() == "cpu" and a.dtype != jnp.float32:
+        a, b = a.astype(jnp.float32), b.astype(jnp.float32)   # exact: see _mm
+    elif native and a.dtype == b.dtype == jnp.dtype(dtype):
+        return jax.lax.dot_general(a, b, dims, preferred_element_type=dtype)
+    return jax.lax.dot_general(a, b, dims, preferred_element_type=jnp.float32).astype(dtype)
+
+
+def _p1_batch_major(h: jax.Array, runs: bool) -> jax.Array:
+    """``P1`` between batch-major stages: ``h[i, t, c]`` -> ``h2[j, t, r]``, the flat
+    ``i * q + c`` read as ``(r, j)``. One transpose of the intermediate: with block-major
+    ``w1`` rows (``runs``) it moves contiguous runs ``(i, t, j, c1) -> (j, t, i, c1)``; on
+    the fly order ``(i, t, c1, j) -> (j, t, i, c1)``, the minor axis moving. When ``nb``
+    does not divide ``q`` the flat index is regrouped through token-major order."""
+    nb, t, q = h.shape
+    if runs:
+        return h.reshape(nb, t, nb, q // nb).transpose(2, 1, 0, 3).reshape(nb, t, q)
+    if q % nb == 0:
+        return h.reshape(nb, t, q // nb, nb).transpose(3, 1, 0, 2).reshape(nb, t, q)
+    return h.transpose(1, 0, 2).reshape(t, q, nb).transpose(2, 0, 1)
+
+
+def _p1t_batch_major(h2: jax.Array, runs: bool) -> jax.Array:
+    """The transpose (inverse) of :func:`_p1_batch_major`: ``(j, t, r)`` -> ``(i, t, c)``."""
+    nb, t, q = h2.shape
+    if runs:
+        return h2.reshape(nb, t, nb, q // nb).transpose(2, 1, 0, 3).reshape(nb, t, q)
+    if q % nb == 0:
+        return h2.reshape(nb, t, nb, q // nb).transpose(2, 1, 3, 0).reshape(nb, t, q)
+    return h2.transpose(1, 2, 0).reshape(t, nb, q).transpose(1, 0, 2)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _einsum_blocks(u, w1, w2, native, runs=False):
+    """``(T, nb, p)`` -> ``z (nb, T, s)``, output block major; every matmul in ``u.dtype``,
+    f32 accumulation.
+
+    Every product is used in the order its GEMM writes it (the batch axis, the block,
+    major), and ``x`` is read in place (its input blocks are ``(T, p)`` slices with row
+    stride ``K``, a layout XLA's GPU GEMMs accept for a batch axis between rows and
+    columns). So the program names only the activation moves the permutations need: the
+    intermediate (``P1``, one transpose) and the output (``P2``, in
+    :func:`_interleave_batch_major`, which a consumer can fuse); the backward moves the
+    cotangent, ``dh`` and ``dx`` once each. Spelled as token-major einsums, each of the
+    four GEMMs was followed by a transpose of its product as well (4 named moves forward
+    and 4 backward, against 2 and 3 here), which XLA removed only where it could give the
+    GEMM that output layout.
+
+    ``runs``: ``w1`` has block-major rows (:func:`_w1_rows_block_major`)."""
+    return _einsum_blocks_fwd(u, w1, w2, native, runs)[0]
+
+
+def _einsum_blocks_fwd(u, w1, w2, native, runs=False):
+    dtype = u.dtype
+    h = _dot(u, w1, ((2,), (2,)), ((1,), (0,)), dtype, native)          # (i, T, q)
+    h2 = _p1_batch_major(h, runs)                                      # (j, T, q)
+    z = _dot(h2, w2, ((2,), (2,)), ((0,), (0,)), dtype, native)         # (j, T, s)
+    return z, (u, w1, w2, h2)
+
+
 def _einsum_blocks_bwd(native, runs, residuals, g):
     u, w1, w2, h2 = residuals
-    g = g.astype(u.dtype)   # the cotangent stays in the compute dtype: bf16 GEMMs, not f32
-    dh, dw1, dw2 = _einsum_factor_grads(g, u, w1, w2, h2, native, runs)
-    du = _mm("tiq,iqp->tip", dh, w1, u.dtype, native)
-    return du, dw1, dw2
+    dtype = u.dtype
+    g = g.astype(dtype)   # the cotangent stays in the compute dtype: bf16 GEMMs, not f32
+    dw2 = _dot(g, h2, ((1,), (1,)), ((0,), (0,)), w2.dtype, native)     # (j, s, q)
+    dh2 = _dot(g, w2, ((2,), (1,)), ((0,), (0,)), dtype, native)        # (j, T, q)
+    dh = _p1t_batch_major(dh2, runs)                                   # (i, T, q)
+    dw1 = _dot(dh, u, ((1,), (0,)), ((0,), (1,)), w1.dtype, native)     # (i, q, p)
+    du = _dot(dh, w1, ((2,), (1,)), ((0,), (0,)), dtype, native)        # (i, T, p)
+    return du.transpose(1, 0, 2), dw1, dw2
 
 
 _einsum_blocks.defvjp(_einsum_blocks_fwd, _einsum_blocks_bwd)
+
+
+def _interleave_batch_major(z: jax.Array, batch, out_features: int) -> jax.Array:
+    """Output-block-major ``(nb, T, s)`` -> ``(..., N)`` with output index ``s * nb + j`` (``P2``)."""
+    nb, t, s = z.shape
+    return z.transpose(1, 2, 0).reshape(*batch, nb * s)[..., :out_features]
 
 
 def monarch_matmul_einsum(x: jax.Array, factors, out_features: int | None = None, *,
@@ -205,7 +269,7 @@ def monarch_matmul_einsum(x: jax.Array, factors, out_features: int | None = None
     runs = bool(block_runs) and q % nb == 0
     w1 = _w1_rows_block_major(w1) if runs else w1
     z = _einsum_blocks(u, w1.astype(dtype), w2.astype(dtype), bool(native_rounding), runs)
-    return _interleave_out(z, x.shape[:-1], n)
+    return _interleave_batch_major(z, x.shape[:-1], n)
 
 
 # --------------------------------------------------------------------------- core operands

@@ -431,7 +431,8 @@ def _default_choice(candidates: Sequence[Candidate], baseline: str | None, sourc
 
 def choose(op: str, signature: str, candidates: Sequence[Candidate], arg_specs: Sequence, *,
            baseline: str | None = None, check: bool = False,
-           flops: float | None = None, copies: int | None = None) -> Choice:
+           flops: float | None = None, copies: int | None = None,
+           reference: Candidate | None = None, reference_specs: Sequence | None = None) -> Choice:
     """The path for one site.
 
     Args:
@@ -451,6 +452,12 @@ def choose(op: str, signature: str, candidates: Sequence[Candidate], arg_specs: 
         past the L2, so each candidate is compiled with fewer copies inside its jit.
       copies: how many input sets one timed call runs over, where the caller knows better
         than :func:`copies_for` (a decode site sizes them by its weight alone).
+      reference: what the dense program computes at this site, on its own arguments
+        (``reference_specs``), where that is not a path the site can take: a factorized
+        site holds no dense matrix, so its ``xla_dense`` candidate rebuilds one from the
+        factors (and, differentiated, takes the rebuild's backward too), which is no
+        measure of what the dense model pays. The reference is timed beside the
+        candidates and is the baseline the report compares against; it is never chosen.
     """
     supported = [c for c in candidates if c.unsupported is None]
     if not supported:
@@ -472,7 +479,10 @@ def choose(op: str, signature: str, candidates: Sequence[Candidate], arg_specs: 
         entry, source = found
         if entry.get("path") in names:
             c = next(c for c in supported if c.name == entry["path"])
-            return Choice(c.name, c.label, source, entry.get("times_us", {}), baseline)
+            known = entry.get("times_us", {})
+            if reference is not None and reference.name in known:
+                baseline = reference.name
+            return Choice(c.name, c.label, source, known, baseline)
     if m == "table" or not _measuring_pays():
         return _default_choice(supported, baseline, "default")
     logging = os.environ.get("SPARSEJAX_PATHS_LOG", "") not in ("", "0")
@@ -484,7 +494,14 @@ def choose(op: str, signature: str, candidates: Sequence[Candidate], arg_specs: 
     times = measure(supported, arg_specs, reference=baseline if check and baseline in names else None,
                     first_call_s=first,
                     copies=copies_for(arg_specs, flops) if copies is None else copies)
-    best = min(times, key=times.get)
+    best = min((n for n in times if n in names), key=times.get)
+    if reference is not None:
+        # Timed apart: it reads its own arguments (the dense weight), and is no candidate.
+        ref_time = measure([reference], reference_specs, first_call_s=first,
+                           copies=copies_for(reference_specs)).get(reference.name)
+        if ref_time is not None:
+            times = {**times, reference.name: ref_time}
+            baseline = reference.name
     if logging:
         shown = ", ".join(f"{k} {v:.1f}" for k, v in times.items())
         compiled = ", ".join(f"{k} {v:.1f}" for k, v in first.items())
