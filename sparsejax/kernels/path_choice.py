@@ -491,14 +491,15 @@ def choose(op: str, signature: str, candidates: Sequence[Candidate], arg_specs: 
               file=sys.stderr, flush=True)
     t0 = time.perf_counter()
     first: dict = {}
+    copies = copies_for(arg_specs, flops) if copies is None else copies
     times = measure(supported, arg_specs, reference=baseline if check and baseline in names else None,
-                    first_call_s=first,
-                    copies=copies_for(arg_specs, flops) if copies is None else copies)
+                    first_call_s=first, copies=copies)
     best = min((n for n in times if n in names), key=times.get)
     if reference is not None:
         # Timed apart: it reads its own arguments (the dense weight), and is no candidate.
+        # Over as many input sets as the candidates: timed the same way.
         ref_time = measure([reference], reference_specs, first_call_s=first,
-                           copies=copies_for(reference_specs)).get(reference.name)
+                           copies=copies).get(reference.name)
         if ref_time is not None:
             times = {**times, reference.name: ref_time}
             baseline = reference.name
