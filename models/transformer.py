@@ -20,7 +20,6 @@ both spellings.
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Any
 
 import flax.linen as nn
@@ -300,16 +299,18 @@ def embed_lookup(table: jax.Array, ids: jax.Array, dtype=None) -> jax.Array:
     dtype = table.dtype if dtype is None else jnp.dtype(dtype)
     if table.shape[0] <= ONE_HOT_GRAD_MAX_VOCAB:
         return _gather_with_one_hot_grad(table, ids, dtype)
+    return _gather(table, ids, dtype)
+
+
+def _gather(table, ids, dtype):
     return jnp.take(table, ids, axis=0).astype(dtype)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _gather_with_one_hot_grad(table, ids, dtype):
-    return jnp.take(table, ids, axis=0).astype(dtype)
+_gather_with_one_hot_grad = jax.custom_vjp(_gather, nondiff_argnums=(2,))
 
 
 def _gather_fwd(table, ids, dtype):
-    return _gather_with_one_hot_grad(table, ids, dtype), (table, ids)
+    return _gather(table, ids, dtype), (table, ids)
 
 
 def _gather_bwd(dtype, res, g):

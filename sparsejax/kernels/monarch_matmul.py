@@ -98,8 +98,8 @@ def _interleave_out(z: jax.Array, batch, out_features: int) -> jax.Array:
 # --------------------------------------------------------------------------- einsum path
 
 
-def _mm(spec, a, b, dtype, native: bool = False):
-    """Einsum with float32 accumulation, rounded to ``dtype``.
+def _rounded(product, a, b, dtype, native: bool):
+    """``product(a, b, preferred_element_type)`` with float32 accumulation, rounded to ``dtype``.
 
     ``native``: when both operands are already ``dtype``, ask for a ``dtype`` result
     directly, so the GEMM (cuBLAS accumulates bf16 products in float32) rounds in its
@@ -111,8 +111,14 @@ def _mm(spec, a, b, dtype, native: bool = False):
         # exact (every bf16 product is exact in f32), so the result is the same.
         a, b = a.astype(jnp.float32), b.astype(jnp.float32)
     elif native and a.dtype == b.dtype == jnp.dtype(dtype):
-        return jnp.einsum(spec, a, b, preferred_element_type=dtype)
-    return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32).astype(dtype)
+        return product(a, b, dtype)
+    return product(a, b, jnp.float32).astype(dtype)
+
+
+def _mm(spec, a, b, dtype, native: bool = False):
+    """Einsum ``spec`` with float32 accumulation, rounded to ``dtype`` (see :func:`_rounded`)."""
+    return _rounded(lambda a, b, acc: jnp.einsum(spec, a, b, preferred_element_type=acc),
+                    a, b, dtype, native)
 
 
 def _permute_h(h: jax.Array) -> jax.Array:
@@ -159,18 +165,15 @@ def _einsum_factor_grads(g, u, w1, w2, h2, native=True, runs=False):
 
 
 def _dot(a, b, contract, batch, dtype, native: bool = False):
-    """``lax.dot_general`` with float32 accumulation, rounded to ``dtype`` (see :func:`_mm`).
+    """``lax.dot_general`` with float32 accumulation, rounded to ``dtype`` (see :func:`_rounded`).
 
     The product comes out in dot_general's own order (batch axes, then ``a``'s free axes,
     then ``b``'s), which is the layout a GEMM writes: an einsum that names another output
     order adds a transpose of the whole product after it.
     """
-    dims = (contract, batch)
-    if jax.default_backend() == "cpu" and a.dtype != jnp.float32:
-        a, b = a.astype(jnp.float32), b.astype(jnp.float32)   # exact: see _mm
-    elif native and a.dtype == b.dtype == jnp.dtype(dtype):
-        return jax.lax.dot_general(a, b, dims, preferred_element_type=dtype)
-    return jax.lax.dot_general(a, b, dims, preferred_element_type=jnp.float32).astype(dtype)
+    return _rounded(lambda a, b, acc: jax.lax.dot_general(a, b, (contract, batch),
+                                                          preferred_element_type=acc),
+                    a, b, dtype, native)
 
 
 def _p1_batch_major(h: jax.Array, runs: bool) -> jax.Array:

@@ -494,7 +494,7 @@ def choose(op: str, signature: str, candidates: Sequence[Candidate], arg_specs: 
     copies = copies_for(arg_specs, flops) if copies is None else copies
     times = measure(supported, arg_specs, reference=baseline if check and baseline in names else None,
                     first_call_s=first, copies=copies)
-    best = min((n for n in times if n in names), key=times.get)
+    best = min(times, key=times.get)   # the candidates only: the reference joins below
     if reference is not None:
         # Timed apart: it reads its own arguments (the dense weight), and is no candidate.
         # Over as many input sets as the candidates: timed the same way.
