@@ -53,8 +53,12 @@ def _computations(text: str) -> dict[str, list[str]]:
     return comps
 
 
-def scan_bodies(text: str, min_move_bytes: int) -> dict[str, collections.Counter]:
-    """Per while body: ``ops``, ``gemms``, ``moves`` and ``move_bytes`` (see the module doc)."""
+def scan_bodies(text: str, min_move_bytes: int, listing: list | None = None
+                ) -> dict[str, collections.Counter]:
+    """Per while body: ``ops``, ``gemms``, ``moves`` and ``move_bytes`` (see the module doc).
+
+    ``listing``: gets one ``(body, kind, op, shape, inner ops)`` row per top-level op that is
+    not a GEMM, ``kind`` one of ``move`` / ``other`` (what the step spends beside its GEMMs)."""
     comps = _computations(text)
     out = {}
     for body in sorted(set(re.findall(r"body=%?([\w.\-]+)", text))):
@@ -73,9 +77,15 @@ def scan_bodies(text: str, min_move_bytes: int) -> dict[str, collections.Counter
             if ("dot" in inner or "convolution" in inner or "gemm" in rest.lower()
                     or (target and re.search("gemm|matmul", target.group(1), re.I))):
                 c["gemms"] += 1
-            elif inner & {"transpose", "copy"} and inner <= _MOVES and _bytes(shape) >= min_move_bytes:
+                continue
+            kind = "other"
+            if inner & {"transpose", "copy"} and inner <= _MOVES and _bytes(shape) >= min_move_bytes:
                 c["moves"] += 1
                 c["move_bytes"] += _bytes(shape)
+                kind = "move"
+            if listing is not None:
+                listing.append((body, kind, op, shape.strip(),
+                                sorted(inner - _SKIP) if called else [op]))
         out[body] = c
     return out
 
@@ -90,6 +100,8 @@ def main():
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--path", default="einsum", help="the Monarch path forced at every site")
+    parser.add_argument("--list", action="store_true",
+                        help="also list every op of the training step's scan bodies but the GEMMs")
     parser.add_argument("--gpu_einsum", action="store_true",
                         help="off a GPU: compile the GPU's einsum path, not the reference")
     args = parser.parse_args()
@@ -130,9 +142,13 @@ def main():
                 p16, cache).compile().as_text()
         for what, text, min_bytes in (("train", train, 16 * 2 * tokens_moved),
                                       ("decode", decode, 256)):
-            for body, c in scan_bodies(text, min_bytes).items():
+            listing = [] if args.list and what == "train" else None
+            for body, c in scan_bodies(text, min_bytes, listing).items():
                 print(f"{recipe:9s} {what:6s} {body[:32]:32s} ops {c['ops']:4d}  gemms {c['gemms']:3d}  "
                       f"moves {c['moves']:3d} ({c['move_bytes'] / 1e6:.2f} MB written)", flush=True)
+            for body, kind, op, shape, inner in listing or ():
+                print(f"    {recipe} {body[:24]:24s} {kind:5s} {op:14s} {shape[:60]:60s} "
+                      f"{_bytes(shape) / 1e6:8.2f} MB  {','.join(inner)[:90]}", flush=True)
 
 
 if __name__ == "__main__":

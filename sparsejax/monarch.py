@@ -177,8 +177,33 @@ def to_dense(factors: Factors, in_features: int | None = None,
 
 @functools.partial(jax.jit, static_argnums=(1, 2))
 def _to_dense(factors: Factors, k: int, out_features: int | None) -> jax.Array:
-    eye = jnp.eye(k, dtype=jnp.result_type(factors["w1"].dtype, factors["w2"].dtype))
-    return matmul_reference(eye, factors, out_features, precision=jax.lax.Precision.HIGHEST)
+    w1, w2 = factors["w1"], factors["w2"]
+    nb, q, p = w1.shape
+    s = w2.shape[1]
+    dtype = jnp.result_type(w1.dtype, w2.dtype)
+    if q % nb:
+        # No block structure to the permutation: push the identity through the product.
+        eye = jnp.eye(k, dtype=dtype)
+        return matmul_reference(eye, factors, out_features, precision=jax.lax.Precision.HIGHEST)
+    # Entry (i*p + c_in, s'*nb + j) sums the q/nb paths through the intermediate: h index
+    # c = c1*nb + j of input block i is read by output block j at r = i*q/nb + c1. One
+    # batched product over the nb*nb block pairs, each (p, q/nb) @ (q/nb, s): q/nb
+    # multiply-adds per entry, where the identity pushed through the factors costs
+    # K*(nb*q*p + nb*s*q) and its gradient as much again. Float32 factors multiply exactly
+    # (HIGHEST); others in their own dtype, so a bf16 site rebuilds its weight with bf16
+    # GEMMs, its backward too.
+    c1 = q // nb
+    a = w1.reshape(nb, c1, nb, p)               # [i, c1, j, c_in]
+    b = w2.reshape(nb, s, nb, c1)               # [j, s', i, c1]
+    if dtype == jnp.float32:
+        w4 = jnp.einsum("icjp,jsic->ipsj", a, b, precision=jax.lax.Precision.HIGHEST)
+    else:
+        # A result in the factors' dtype (the GEMM still accumulates in float32), so the
+        # cotangent arriving at the backward products is that dtype too, not float32.
+        w4 = jnp.einsum("icjp,jsic->ipsj", a.astype(dtype), b.astype(dtype),
+                        preferred_element_type=dtype)
+    n = nb * s if out_features is None else out_features
+    return w4.reshape(nb * p, s * nb)[:k, :n]
 
 
 # --------------------------------------------------------------------------- projection

@@ -97,6 +97,20 @@ def test_measured_choice_is_the_fastest_and_is_remembered(monkeypatch, tmp_path)
         assert pc.choose("op", "sig", _candidates(), SPECS).name == "einsum"
 
 
+def test_measure_mode_measures_what_a_table_knows_and_then_reuses_it(monkeypatch, tmp_path):
+    cache = tmp_path / "paths.json"
+    cache.write_text(json.dumps({"entries": {"op|sig": {"path": "einsum"}}}))
+    monkeypatch.setenv("SPARSEJAX_PATH_CACHE", str(cache))
+    monkeypatch.setattr(pc, "_measuring_pays", lambda: True)
+    monkeypatch.setattr(pc, "measure", lambda cands, specs, **kw: {"einsum": 5.0, "xla_dense": 2.0})
+    assert pc.choose("op", "sig", _candidates(), SPECS).source == "cache"     # auto: the file
+    with pc.mode("measure"):
+        fresh = pc.choose("op", "sig", _candidates(), SPECS)
+        assert (fresh.name, fresh.source) == ("xla_dense", "measured")
+        monkeypatch.setattr(pc, "measure", lambda *a, **kw: pytest.fail("measured twice"))
+        assert pc.choose("op", "sig", _candidates(), SPECS).source == "cache"
+
+
 def test_a_candidate_that_fails_when_measured_is_never_chosen():
     def broken(x, w):
         raise RuntimeError("kernel does not compile")

@@ -19,6 +19,8 @@ Modes (:func:`set_mode` / :func:`mode`, or ``SPARSEJAX_PATHS``):
   deterministic on CPU.
 * ``"table"``: use the memory cache and the tables, never measure; an unknown
   signature takes the deterministic choice.
+* ``"measure"``: measure on GPU/TPU even where a table knows the signature (what
+  this process measured is reused): how a shipped table is refreshed.
 * ``"off"``: always the deterministic choice.
 * ``"force:<path>"``: that path wherever it is a candidate and supported (tests,
   benchmarks of one path).
@@ -124,7 +126,7 @@ class Choice:
 # --------------------------------------------------------------------------- mode
 
 _state = threading.local()
-_MODES = ("auto", "table", "off")
+_MODES = ("auto", "table", "measure", "off")
 
 
 def _check_mode(m: str) -> str:
@@ -192,10 +194,12 @@ def _user_cache_path() -> pathlib.Path | None:
     return pathlib.Path(p) if p else None
 
 
-def _lookup(key: str) -> tuple[dict, str] | None:
+def _lookup(key: str, tables: bool = True) -> tuple[dict, str] | None:
     with _lock:
         if key in _memory:
             return _memory[key], "cache"
+    if not tables:
+        return None
     user = _user_cache_path()
     if user is not None and key in _read_table(user):
         return _read_table(user)[key], "cache"
@@ -474,7 +478,7 @@ def choose(op: str, signature: str, candidates: Sequence[Candidate], arg_specs: 
         return _default_choice(supported, baseline, "default")
     key = f"{op}|{signature}"
     names = {c.name for c in supported}
-    found = _lookup(key)
+    found = _lookup(key, tables=m != "measure")
     if found is not None:
         entry, source = found
         if entry.get("path") in names:
