@@ -131,7 +131,10 @@ def test_measure_runs_each_candidate_over_several_input_sets():
     times = pc.measure([pc.Candidate("xla", count)], SPECS, calls=1, repeats=1, copies=3)
     assert seen == [(8, 16)] * 3 and times["xla"] > 0
     # Small inputs get many sets (dispatch and L2 would decide otherwise), large ones one.
-    assert pc.copies_for(SPECS) == 16
+    assert pc.copies_for(SPECS) == pc.MAX_COPIES
+    # A 1024x1024 bf16 decode weight and its row: streamed past the L2, not held in it.
+    gemv = [jax.ShapeDtypeStruct((1, 1024), jnp.bfloat16), jax.ShapeDtypeStruct((1024, 1024), jnp.bfloat16)]
+    assert pc.copies_for(gemv) * 2 * 1024 * 1024 >= 2 * pc.L2_BYTES
     assert pc.copies_for([jax.ShapeDtypeStruct((8192, 8192), jnp.bfloat16)]) == 2
     assert pc.copies_for([jax.ShapeDtypeStruct((16384, 16384), jnp.float32)]) == 1
 
