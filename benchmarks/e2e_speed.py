@@ -65,6 +65,7 @@ MEASURES = ("prefill", "train", "decode1", "decode8")
 INFER = "premasked"   # how prefill and decode hold lowered weights (--infer)
 FUSE_SIBLINGS = False  # lower(..., fuse_siblings=...): q/k/v and gate/up as one kernel (--fuse_siblings)
 PROFILE_STEPS = 0     # calls traced per measure after its timing; 0: no profile (--profile)
+TUNE = False          # after each sparse measure, settle close path choices on the whole step (--tune)
 PROFILE_TOP = 12      # kernels listed per profile
 
 
@@ -149,8 +150,8 @@ class Variant:
                                                 small), masked))
 
 
-def train_runner(v: Variant):
-    """``run(sstate, tokens) -> loss``: one jitted AdamW step of ``v`` on its own copy of the params."""
+def train_step(v: Variant):
+    """``(step, tx)``: ``step(params, opt_state, sstate, tokens)``, one AdamW step of ``v``, unjitted."""
     tx = optax.adamw(1e-4)
     fwd = v.train_fwd
 
@@ -162,6 +163,12 @@ def train_runner(v: Variant):
         updates, opt_state = tx.update(g, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, l
 
+    return step, tx
+
+
+def train_runner(v: Variant):
+    """``run(sstate, tokens) -> loss``: one jitted AdamW step of ``v`` on its own copy of the params."""
+    step, tx = train_step(v)
     params = jax.tree.map(jnp.copy, v.params)
     jstep = jax.jit(step, donate_argnums=(0, 1))
     state = [params, tx.init(params)]
@@ -196,6 +203,21 @@ def _profile(v: Variant, measure: str, step, t0) -> None:
                   f"{c} {us:.0f}" for c, us in p["categories"].items() if us))
 
 
+def _tune(v: Variant, measure: str, sfn, step, args, out: dict, t0, repeats: int, retime) -> None:
+    """``--tune``: the sparse function's close per-site choices settled on the whole ``step``
+    (``SparseFunction.tune``). The program with the switches kept is timed again as the
+    measure was (``retime()``, a fresh trace) and joins the table as ``"<measure> tuned"``;
+    with none kept it is the program already timed."""
+    if not TUNE or v.name == "dense":
+        return
+    tuning = sfn.tune(step, *args, repeats=repeats)
+    out[f"{measure} tuned"] = retime() if tuning.verdicts else out[measure]
+    v.paths[f"{measure} tuned"] = ("; ".join(f"{key.split('|', 1)[1][:70]}: {path}"
+                                             for key, path in tuning.verdicts.items())
+                                   or f"no switch kept of {len(tuning.trials)} tried")
+    _progress(t0, f"{v.name} {measure} tuned: {tuning.summary()}")
+
+
 def time_variant(v: Variant, measures, batch, seq, smoke) -> dict:
     cfg, out = v.cfg, {}
     t0 = time.time()
@@ -208,6 +230,10 @@ def time_variant(v: Variant, measures, batch, seq, smoke) -> dict:
         _progress(t0, f"{v.name} prefill {1e3 * out['prefill']:.2f} ms")
         _profile(v, "prefill", lambda: f(infer_params, v.sstate, tokens), t0)
         v.paths["prefill"] = path_summary(v.infer_fwd.report()) if v.name != "dense" else ""
+        _tune(v, "prefill", v.infer_fwd, lambda p, s, t: v.infer_fwd(p, s, t),
+              (infer_params, v.sstate, tokens), out, t0, repeats,
+              lambda: median_seconds(jax.jit(lambda p, s, t: v.infer_fwd(p, s, t)), infer_params,
+                                     v.sstate, tokens, calls=calls, repeats=repeats))
     if "train" in measures:
         run = train_runner(v)
         out["train"] = median_seconds(run, v.sstate, tokens, calls=calls, repeats=repeats)
@@ -215,6 +241,11 @@ def time_variant(v: Variant, measures, batch, seq, smoke) -> dict:
         _profile(v, "train", lambda: run(v.sstate, tokens), t0)
         del run   # its params and optimizer state
         v.paths["train"] = path_summary(v.train_fwd.report()) if v.name != "dense" else ""
+        if TUNE and v.name != "dense":
+            step, tx = train_step(v)
+            _tune(v, "train", v.train_fwd, step, (v.params, tx.init(v.params), v.sstate, tokens),
+                  out, t0, repeats, lambda: median_seconds(train_runner(v), v.sstate, tokens,
+                                                           calls=calls, repeats=repeats))
     for m in measures:
         if not m.startswith("decode"):
             continue
@@ -223,12 +254,18 @@ def time_variant(v: Variant, measures, batch, seq, smoke) -> dict:
         cache = transformer.init_cache(cfg, b, cache_len, jnp.bfloat16 if not smoke else jnp.float32)
         tok = jax.random.randint(jax.random.key(3), (b, 1), 0, cfg.vocab_size)
         f = jax.jit(v.infer_fwd)
+        f_plain = v.infer_fwd
         pos = jnp.int32(cache_len - 1)
         out[m] = median_seconds(lambda p, c: f(p, v.sstate, tok, c, pos)[0], infer_params, cache,
                                 calls=calls * 3, repeats=repeats)
         _progress(t0, f"{v.name} {m} {1e3 * out[m]:.3f} ms")
         _profile(v, m, lambda: f(infer_params, v.sstate, tok, cache, pos)[0], t0)
         v.paths[m] = path_summary(v.infer_fwd.report()) if v.name != "dense" else ""
+        _tune(v, m, v.infer_fwd, lambda p, s, c: f_plain(p, s, tok, c, pos)[0],
+              (infer_params, v.sstate, cache), out, t0, repeats,
+              lambda: median_seconds(jax.jit(lambda p, s, c: f_plain(p, s, tok, c, pos)[0]),
+                                     infer_params, v.sstate, cache, calls=calls * 3,
+                                     repeats=repeats))
     return out
 
 
@@ -250,12 +287,16 @@ def main():
                         help="after timing each measure, trace a few calls with jax.profiler and "
                              "add device kernel time per category (and vs dense) to the tables")
     parser.add_argument("--profile_steps", type=int, default=3, help="calls traced per measure")
+    parser.add_argument("--tune", action="store_true",
+                        help="after each sparse measure, time the whole step with each close "
+                             "per-site path choice switched (SparseFunction.tune) and add "
+                             "'<measure> tuned' rows")
     parser.add_argument("--budget_s", type=float, default=1e9,
                         help="variants that would start after this many seconds are skipped (listed)")
     args = parser.parse_args()
     smoke = args.smoke
-    global INFER, FUSE_SIBLINGS, PROFILE_STEPS
-    INFER, FUSE_SIBLINGS = args.infer, args.fuse_siblings
+    global INFER, FUSE_SIBLINGS, PROFILE_STEPS, TUNE
+    INFER, FUSE_SIBLINGS, TUNE = args.infer, args.fuse_siblings, args.tune
     PROFILE_STEPS = max(args.profile_steps, 1) if args.profile else 0
     recipes = [r for r in args.recipes.split(",") if r]
     if "dense" not in recipes:
@@ -389,9 +430,10 @@ def write_table(results, lines_err, cfg, batch, seq, smoke, t_start, final=True)
             continue
         dense = results.get((layout, "dense"))
         for m, t in times.items():
-            if dense is None or m not in dense[1]:
+            base = m.removesuffix(" tuned")       # a tuned step against the same dense time
+            if dense is None or base not in dense[1]:
                 continue
-            td = dense[1][m]
+            td = dense[1][base]
             ideal = v.byte_ratio if m.startswith("decode") else v.flop_ratio
             ratio = td / t
             table.append({"layout": layout, "recipe": name, "measure": m, "dense_ms": 1e3 * td,

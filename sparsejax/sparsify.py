@@ -47,6 +47,7 @@ from sparsejax.compiler.activation_sites import ActivationSite
 from sparsejax.compiler.passes.rewrite import compose_input_hooks, rewritten_program
 from sparsejax.compiler.passes.thresholds import threshold_hook
 from sparsejax.compiler.plan import Slot as _Slot, Traced as _Traced
+from sparsejax.kernels import program_tuning
 from sparsejax.report import Report
 from sparsejax.rules import ActivationRule, MaskRule, Recipe, Rule, recipe_of
 
@@ -679,6 +680,20 @@ class SparseFunction:
     def rewritten_jaxpr(self, sparams: Any, sstate: dict, *args: Any, **kwargs: Any):
         """The rewritten program as a ClosedJaxpr, for inspection."""
         return jax.make_jaxpr(lambda p, s: self(p, s, *args, **kwargs))(sparams, sstate)
+
+    def invalidate(self) -> None:
+        """Drops the rewritten programs cached per input signature: the next call traces and
+        chooses every site's path again (after a path choice's cache or mode changed)."""
+        self._rewrites.clear()
+
+    def tune(self, step: Callable, *args, **kwargs):
+        """Settles this function's close per-site path choices by timing ``step(*args)``, a
+        plain function that calls it (a forward, a decode step, a training step), each way:
+        :func:`sparsejax.kernels.program_tuning.tune` (keyword arguments go there). The
+        verdicts are kept in the path choice's cache, so later traces take them; returns the
+        :class:`~sparsejax.kernels.program_tuning.Tuning` (``.summary()`` says what changed).
+        """
+        return program_tuning.tune(step, *args, invalidate=self.invalidate, **kwargs)
 
     def report(self, sstate: dict | None = None) -> Report:
         """Every rewritten site and the parameters no rule touched.

@@ -36,6 +36,11 @@ dense product, :data:`CHECK_RTOL`), and one that disagrees is reported in a
 warning and never chosen. Interpret-mode tests cannot see a kernel's
 device-only defects; this check keeps one from reaching a program.
 
+Per-site timing cannot see how sites compose in a program (a kernel's launch beside
+its neighbours, XLA fusing a product with what surrounds it). Where a site's runner-up
+was close, :func:`sparsejax.kernels.program_tuning.tune` times the whole program each
+way and keeps the faster; its verdicts (:func:`overriding`) outrank the per-site ones.
+
 ``SPARSEJAX_PATHS_LOG=1`` prints each measured choice (signature, winner, times,
 seconds spent) to stderr. Candidates compile in parallel threads
 (``SPARSEJAX_PATHS_COMPILE_THREADS``, default the CPU count; 1 compiles one at a time).
@@ -98,7 +103,7 @@ class Choice:
       label: its description.
       source: ``"measured"`` (now), ``"cache"`` (this process or the user cache
         file), ``"table"`` (shipped table), ``"default"`` (deterministic order),
-        ``"forced"``.
+        ``"forced"``, ``"program"`` (the whole program timed each way, :func:`overriding`).
       times_us: median microseconds of each measured candidate (empty if none was measured).
       baseline: the candidate the times are compared against (XLA dense), if given.
     """
@@ -187,6 +192,53 @@ def _read_table(path: pathlib.Path) -> dict:
         except (OSError, ValueError):
             _loaded_tables[key] = {}
     return _loaded_tables[key]
+
+
+# --------------------------------------------------------------------------- program-level verdicts
+
+_overrides: dict[str, str] = {}
+_recorders: list[dict] = []
+
+
+@contextlib.contextmanager
+def overriding(paths: Mapping[str, str]):
+    """Inside the block (every thread), the site whose key (``"op|signature"``) is in ``paths``
+    takes that path wherever it is a supported candidate, before any cache or table: the
+    verdict of timing the whole program (:mod:`sparsejax.kernels.program_tuning`). Forcing
+    (``force:<path>``) and ``off`` still come first."""
+    global _overrides
+    with _lock:
+        previous = _overrides
+        _overrides = {**previous, **paths}
+    try:
+        yield
+    finally:
+        with _lock:
+            _overrides = previous
+
+
+@contextlib.contextmanager
+def recording():
+    """Collects the choices made (traced) inside the block, from every thread:
+    ``{key: (Choice, names of the supported candidates)}``, the latest per key."""
+    seen: dict = {}
+    with _lock:
+        _recorders.append(seen)
+    try:
+        yield seen
+    finally:
+        with _lock:
+            _recorders.remove(seen)
+
+
+def remember_program_verdict(key: str, path: str, program_us: Mapping[str, float]) -> None:
+    """Keeps a program-level verdict (memory, and the user cache file when one is set) so later
+    traces take ``path`` at ``key`` with no override. ``program_us``: the program's time each
+    way; the site's own times are kept beside."""
+    found = _lookup(key)
+    entry = dict(found[0]) if found is not None else {}
+    entry.update(path=path, program_us={k: round(v, 2) for k, v in program_us.items()})
+    _remember(key, entry)
 
 
 def _user_cache_path() -> pathlib.Path | None:
@@ -474,6 +526,17 @@ def choose(op: str, signature: str, candidates: Sequence[Candidate], arg_specs: 
     if not supported:
         raise ValueError(f"{op}: no candidate path is supported here: "
                          + "; ".join(f"{c.name}: {c.unsupported}" for c in candidates))
+    choice = _choose(op, signature, supported, arg_specs, baseline=baseline, check=check,
+                     flops=flops, copies=copies, reference=reference,
+                     reference_specs=reference_specs)
+    with _lock:
+        for seen in _recorders:
+            seen[f"{op}|{signature}"] = (choice, tuple(c.name for c in supported))
+    return choice
+
+
+def _choose(op, signature, supported, arg_specs, *, baseline, check, flops, copies, reference,
+            reference_specs) -> Choice:
     m = current_mode()
     if m.startswith("force:"):
         want = m[len("force:"):]
@@ -486,6 +549,14 @@ def choose(op: str, signature: str, candidates: Sequence[Candidate], arg_specs: 
     key = f"{op}|{signature}"
     names = {c.name for c in supported}
     found = _lookup(key, tables=m != "measure")
+    with _lock:
+        verdict = _overrides.get(key)
+    if verdict in names:
+        c = next(c for c in supported if c.name == verdict)
+        known = dict(found[0].get("times_us", {})) if found is not None else {}
+        if reference is not None and reference.name in known:
+            baseline = reference.name
+        return Choice(c.name, c.label, "program", known, baseline)
     if found is not None:
         entry, source = found
         if entry.get("path") in names:

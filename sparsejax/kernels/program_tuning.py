@@ -1,0 +1,132 @@
+"""Path choices checked against the whole program: where per-site timing is not enough.
+
+:func:`sparsejax.kernels.path_choice.choose` times each site's candidates alone. That is
+the right first answer, and the only affordable one for every site, but it cannot see
+how sites compose: on an H200, a 90% block-sparse LM's batch-1 decode step ran at 1.00×
+of dense with the per-site choices (XLA's GEMV won two sites by 2-3 µs timed alone) and
+at 1.18× with the block-sparse kernel at every site. :func:`tune` settles such close
+calls by timing the program itself:
+
+1. trace and time ``step`` once, recording every choice its sites make;
+2. for each signature whose runner-up measured within ``margin`` of the winner, retrace
+   and time the program with that signature on the runner-up (one signature at a time,
+   greedily, keeping each switch that makes the program faster by more than ``min_gain``);
+3. keep the verdicts (:func:`path_choice.remember_program_verdict`): later traces take
+   them from the cache (and the user cache file, ``SPARSEJAX_PATH_CACHE``), and the
+   report says so.
+
+Every trial is a fresh trace and compile of ``step``: the caller passes a plain function
+(a ``jax.jit``-wrapped one is unwrapped) and ``invalidate``, which drops whatever cached the
+rewritten programs (:meth:`sparsejax.SparseFunction.invalidate`). On the CPU no site has
+measured times, so there is nothing to settle and :func:`tune` only times the program once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Sequence
+
+import jax
+
+from sparsejax.kernels import path_choice
+
+__all__ = ["Trial", "Tuning", "close_calls", "tune"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Trial:
+    """One program timed with ``key`` switched from ``was`` to ``path``."""
+
+    key: str
+    was: str
+    path: str
+    site_us: tuple[float, float]        # the site alone: (was, path)
+    program_s: float                    # the program with this switch (and those kept before)
+    kept: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class Tuning:
+    """What :func:`tune` found: the program's time with the per-site choices, every trial,
+    the verdicts kept (``{key: path}``) and the final time."""
+
+    base_s: float
+    trials: tuple[Trial, ...]
+    verdicts: dict
+    final_s: float
+
+    def summary(self) -> str:
+        lines = [f"program {self.base_s * 1e3:.3f} ms with the per-site choices, "
+                 f"{self.final_s * 1e3:.3f} ms tuned ({self.base_s / self.final_s:.2f}×)"]
+        for t in self.trials:
+            lines.append(f"  {'kept' if t.kept else 'not kept'}: {t.key}: {t.was} -> {t.path} "
+                         f"(alone {t.site_us[0]:.1f} vs {t.site_us[1]:.1f} µs; program "
+                         f"{t.program_s * 1e3:.3f} ms)")
+        return "\n".join(lines)
+
+
+def close_calls(recorded: dict, margin: float) -> list[tuple[str, str, str, float, float]]:
+    """``(key, chosen, runner_up, chosen_us, runner_up_us)`` for each recorded choice whose
+    runner-up (among the supported candidates with a measured time) is within ``margin``
+    (a fraction: 0.25 = 25% slower) of the chosen path, closest first."""
+    out = []
+    for key, (choice, names) in recorded.items():
+        times = {n: t for n, t in choice.times_us.items() if n in names}
+        if choice.name not in times or len(times) < 2:
+            continue
+        mine = times[choice.name]
+        runner = min((n for n in times if n != choice.name), key=times.get)
+        if times[runner] <= (1.0 + margin) * mine:
+            out.append((key, choice.name, runner, mine, times[runner]))
+    return sorted(out, key=lambda c: c[4] / max(c[3], 1e-9))
+
+
+def _program_seconds(step: Callable, args: Sequence, repeats: int) -> float:
+    fn = jax.jit(step)
+    return path_choice.median_seconds(fn, *args, calls=5, repeats=repeats, warmup=2)
+
+
+def tune(step: Callable, *args, invalidate: Callable[[], None], margin: float = 0.25,
+         min_gain: float = 0.01, repeats: int = 15, max_trials: int = 8,
+         timer: Callable[[Callable, Sequence], float] | None = None) -> Tuning:
+    """Settles close per-site path choices by timing ``step(*args)`` as a whole.
+
+    Args:
+      step: the program (a forward, a decode step, a training step) that calls one or more
+        sparsified functions; plain, so that each trial traces it anew.
+      args: its arguments.
+      invalidate: drops the cached rewritten programs, so the next trace chooses again
+        (``SparseFunction.invalidate``, or a function calling it on several).
+      margin: which choices are close: the runner-up measured at most this fraction slower.
+      min_gain: a switch is kept only if the program gets faster by more than this fraction
+        (timing noise on a GPU is about 1%).
+      repeats, max_trials: timing repeats per program, and at most this many switches tried.
+      timer: ``timer(step, args) -> seconds`` (default: jit, warm up, median of back-to-back calls).
+    """
+    step = getattr(step, "__wrapped__", step)      # a jitted step would not retrace
+    timer = timer or (lambda f, a: _program_seconds(f, a, repeats))
+
+    def timed() -> float:
+        # JAX caches a function's trace by its identity: a new one per trial retraces it.
+        return timer(lambda *a: step(*a), args)
+
+    invalidate()
+    with path_choice.recording() as recorded:
+        base = timed()
+    candidates = close_calls(dict(recorded), margin)[:max_trials]
+    verdicts: dict[str, str] = {}
+    best, trials = base, []
+    for key, was, path, was_us, path_us in candidates:
+        invalidate()
+        with path_choice.overriding({**verdicts, key: path}):
+            t = timed()
+        kept = t < best * (1.0 - min_gain)
+        trials.append(Trial(key, was, path, (was_us, path_us), t, kept))
+        if kept:
+            verdicts[key], best = path, t
+    for key, path in verdicts.items():
+        trial = next(t for t in trials if t.key == key)
+        path_choice.remember_program_verdict(key, path, {trial.was: base * 1e6,
+                                                         path: trial.program_s * 1e6})
+    invalidate()
+    return Tuning(base, tuple(trials), verdicts, best)

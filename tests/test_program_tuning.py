@@ -1,0 +1,130 @@
+"""Program-level tuning: close per-site path choices settled by timing the whole program.
+
+Per-site times are faked (the CPU has nothing to measure); the program's "time" is a function
+of which paths its sites really took, read off the retraced program, so what is tested is the
+mechanism: the close calls found, each retrace taking the override, the verdicts kept and
+obeyed later, and distant calls and losing switches left alone."""
+
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import pytest
+
+import sparsejax as sj
+from sparsejax.kernels import path_choice as pc
+from sparsejax.kernels import program_tuning
+
+
+class Net(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        h = nn.relu(nn.Dense(48, name="a")(x))
+        return nn.Dense(24, name="b")(h)
+
+
+def _setup(seed=3):
+    model = Net()
+    x = jax.random.normal(jax.random.key(seed), (5, 40))
+    params = model.init(jax.random.key(seed + 1), x)
+    sfn = sj.sparsify(model.apply, [sj.Block("*a/kernel", 0.6, block=(8, 16)),
+                                    sj.Block("*b/kernel", 0.5, block=(8, 8))])
+    sparams, sstate = sfn.init(params, x)
+    return sfn, sparams, sstate, x
+
+
+def _kernels_in(step, args) -> int:
+    # A new function each time: JAX caches a function's trace by its identity.
+    return str(jax.make_jaxpr(lambda *a: step(*a))(*args)).count("pallas_call")
+
+
+def _fake_sites(monkeypatch, times):
+    monkeypatch.setattr(pc, "_measuring_pays", lambda: True)
+    monkeypatch.setattr(pc, "measure", lambda cands, specs, **kw: {c.name: times[c.name]
+                                                                   for c in cands})
+
+
+def test_close_calls_are_the_runner_ups_within_the_margin():
+    near = pc.Choice("xla_dense", "XLA", "measured", {"kernel": 11.0, "xla_dense": 10.0})
+    far = pc.Choice("xla_dense", "XLA", "measured", {"kernel": 20.0, "xla_dense": 10.0})
+    unmeasured = pc.Choice("kernel", "kernel", "default", {})
+    # a time of a path that is not a supported candidate here is no runner-up
+    other = pc.Choice("kernel", "kernel", "measured", {"kernel": 10.0, "gone": 10.5})
+    recorded = {"a": (near, ("kernel", "xla_dense")), "b": (far, ("kernel", "xla_dense")),
+                "c": (unmeasured, ("kernel", "xla_dense")), "d": (other, ("kernel",))}
+    assert program_tuning.close_calls(recorded, 0.25) == [("a", "xla_dense", "kernel", 10.0, 11.0)]
+    assert [c[0] for c in program_tuning.close_calls(recorded, 1.5)] == ["a", "b"]
+
+
+def test_a_switch_that_speeds_the_program_up_is_kept_and_then_obeyed(fresh_paths, monkeypatch):
+    sfn, sparams, sstate, x = _setup()
+    _fake_sites(monkeypatch, {"kernel": 11.0, "xla_dense": 10.0})      # alone, XLA by 10%
+    fast = sfn.lower(sstate, interpret=True)
+    step = lambda p, s, x: jnp.sum(fast(p, s, x) ** 2)
+    args = (sparams, sstate, x)
+    assert _kernels_in(step, args) == 0
+    # The program is faster the more sites run the kernel (as in the decode step on the GPU).
+    timer = lambda f, a: 1.0 - 0.1 * _kernels_in(f, a)
+    tuning = fast.tune(step, *args, timer=timer)
+    assert tuning.base_s == 1.0 and tuning.final_s == pytest.approx(0.8)
+    assert [t.kept for t in tuning.trials] == [True, True]
+    assert set(tuning.verdicts.values()) == {"kernel"} and len(tuning.verdicts) == 2
+    assert "kept" in tuning.summary()
+    # Later traces take the verdicts from the cache, with no override in force.
+    monkeypatch.setattr(pc, "measure", lambda *a, **kw: pytest.fail("measured again"))
+    assert _kernels_in(step, args) == 2
+    assert all(r.kernel.startswith("block-sparse kernel") for r in fast.report().rows)
+    chex.assert_trees_all_close(fast(*args), sfn(*args), rtol=1e-5, atol=1e-5)
+    entry = pc.cache_entries()[next(iter(tuning.verdicts))]
+    assert entry["path"] == "kernel" and set(entry["program_us"]) == {"xla_dense", "kernel"}
+
+
+def test_a_switch_that_slows_the_program_is_not_kept(fresh_paths, monkeypatch):
+    sfn, sparams, sstate, x = _setup(seed=5)
+    _fake_sites(monkeypatch, {"kernel": 11.0, "xla_dense": 10.0})
+    fast = sfn.lower(sstate, interpret=True)
+    step = lambda p, s, x: fast(p, s, x)
+    args = (sparams, sstate, x)
+    tuning = fast.tune(step, *args, timer=lambda f, a: 1.0 + 0.1 * _kernels_in(f, a))
+    assert tuning.verdicts == {} and [t.kept for t in tuning.trials] == [False, False]
+    assert tuning.final_s == tuning.base_s == 1.0
+    assert _kernels_in(step, args) == 0          # the per-site choices stand
+
+
+def test_distant_calls_are_not_retimed_and_a_gain_must_beat_the_noise(fresh_paths, monkeypatch):
+    sfn, sparams, sstate, x = _setup(seed=6)
+    _fake_sites(monkeypatch, {"kernel": 20.0, "xla_dense": 10.0})      # alone, XLA by 2x
+    fast = sfn.lower(sstate, interpret=True)
+    step = lambda p, s, x: fast(p, s, x)
+    calls = []
+    timer = lambda f, a: calls.append(1) or 1.0
+    tuning = fast.tune(step, sparams, sstate, x, timer=timer)
+    assert tuning.trials == () and len(calls) == 1
+    pc.clear_cache()
+    _fake_sites(monkeypatch, {"kernel": 11.0, "xla_dense": 10.0})
+    # 0.5% faster with the kernel: below min_gain (1%), timing noise
+    tuning = fast.tune(step, sparams, sstate, x,
+                       timer=lambda f, a: 1.0 - 0.005 * _kernels_in(f, a))
+    assert len(tuning.trials) == 2 and tuning.verdicts == {}
+
+
+def test_a_jitted_step_is_unwrapped_so_each_trial_retraces(fresh_paths, monkeypatch):
+    sfn, sparams, sstate, x = _setup(seed=8)
+    _fake_sites(monkeypatch, {"kernel": 11.0, "xla_dense": 10.0})
+    fast = sfn.lower(sstate, interpret=True)
+    step = jax.jit(lambda p, s, x: fast(p, s, x))
+    tuning = fast.tune(step, sparams, sstate, x, timer=lambda f, a: 1.0 - 0.1 * _kernels_in(f, a))
+    assert len(tuning.verdicts) == 2
+
+
+def test_overrides_outrank_caches_but_not_forcing(fresh_paths):
+    cands = [pc.Candidate("kernel", lambda x: x + 1), pc.Candidate("xla_dense", lambda x: x + 1)]
+    specs = [jax.ShapeDtypeStruct((4,), jnp.float32)]
+    with pc.overriding({"op|sig": "xla_dense"}):
+        assert (pc.choose("op", "sig", cands, specs).name, pc.choose("op", "sig", cands, specs).source) \
+            == ("xla_dense", "program")
+        with pc.mode("force:kernel"):
+            assert pc.choose("op", "sig", cands, specs).name == "kernel"
+    assert pc.choose("op", "sig", cands, specs).name == "kernel"       # the override is gone
+    with pc.overriding({"op|sig": "gone"}):                               # not a candidate: ignored
+        assert pc.choose("op", "sig", cands, specs).name == "kernel"
