@@ -203,10 +203,32 @@ class Interpreter:
                                 key + ("jaxpr",), body_scope)
             return outs[:n_carry], (outs[n_carry:], inner)
 
-        carry, (ys, emitted) = lax.scan(body, init, (xs, states), length=length,
-                                        reverse=reverse, unroll=unroll)
+        scan = lambda xs: lax.scan(body, init, (xs, states), length=length, reverse=reverse,
+                                   unroll=unroll)
+        xs = self._hoist_before_scan(xs, key + ("jaxpr",), scan)
+        carry, (ys, emitted) = scan(xs)
         self.sink.update(emitted)    # stacked like xs (a reverse scan's too): per layer
         return [*carry, *ys]
+
+    def _hoist_before_scan(self, xs: list, body_key: Key, scan: Callable) -> list:
+        """``xs`` with the stacked weights whose handler would rather have them dense before
+        the scan (``handler.hoist_before_scan(ref, body_key)``, asked after the body's sites
+        chose their paths, where ``handler.may_hoist_before_scan()``) materialized: one computation for every layer instead of one per
+        layer inside the body, whose sites then see plain weights.
+
+        The sites choose in a first trace of the scan that is only evaluated for its shapes
+        (``jax.eval_shape``: nothing of it enters the program); a handler whose every site in
+        the body chose to rebuild the dense weight says yes."""
+        asks = [i for i, x in enumerate(xs)
+                if is_ref(x) and getattr(x.handler, "may_hoist_before_scan", lambda: False)()]
+        if not asks:
+            return xs
+        jax.eval_shape(lambda: scan(xs))
+        hoisted = {i for i in asks if xs[i].handler.hoist_before_scan(xs[i], body_key)}
+        if hoisted:
+            self.notes[body_key[:-1]] = ("dense weights rebuilt once for every layer before the "
+                                         "scan: " + ", ".join(xs[i].path for i in sorted(hoisted)))
+        return [materialize(x) if i in hoisted else x for i, x in enumerate(xs)]
 
     def _states_under(self, prefix: Key) -> dict:
         return {k: v for k, v in self.hook_state.items() if k[:len(prefix)] == prefix}

@@ -159,8 +159,9 @@ def test_each_path_of_a_monarch_site_computes_the_same(path, monkeypatch):
         jaxpr = str(sfn.rewritten_jaxpr(sparams, sstate, x))
     chex.assert_trees_all_close(y, want, rtol=2e-5, atol=2e-5)
     kernels = {r.path: r.kernel for r in sfn.report().rows}
-    if path == "xla_dense":   # the dense matrix is rebuilt from the factors in the program
-        assert "f32[16,32]" in jaxpr and kernels["params/layers/up/kernel"] == (
+    if path == "xla_dense":   # the dense matrices are rebuilt from the factors before the scan
+        assert "f32[3,16,32]" in jaxpr and kernels["params/layers/up/kernel"] == (
+            "dense rebuilt from the factors once before the scan, XLA dot; per layer: "
             "dense from factors, XLA dot (forced)")
     else:   # no fused kernel on the CPU: forcing it gives the deterministic choice, the einsums
         assert "f32[16,32]" not in jaxpr
@@ -178,10 +179,83 @@ def test_monarch_site_takes_the_measured_winner(monkeypatch):
     fn, params, x = _setup()
     sfn = sj.sparsify(fn, sj.Monarch("*layers/*/kernel", nblocks=4, init="random"))
     sparams, sstate = sfn.init(params, x)
-    assert "f32[16,32]" in str(sfn.rewritten_jaxpr(sparams, sstate, x))
+    assert "f32[3,16,32]" in str(sfn.rewritten_jaxpr(sparams, sstate, x))
     assert {r.path: r.kernel for r in sfn.report().rows}["params/layers/up/kernel"] == (
+        "dense rebuilt from the factors once before the scan, XLA dot; per layer: "
         "dense from factors, XLA dot (10 µs, measured)")
     pc.clear_cache()
+
+
+def _scan_body_dots(closed) -> list:
+    """The operand shapes of every dot_general inside the program's scan bodies."""
+    from sparsejax.compiler.interpreter import sub_jaxprs
+
+    found = []
+
+    def walk(jaxpr, inside):
+        for e in jaxpr.eqns:
+            if e.primitive.name == "dot_general" and inside:
+                found.append(tuple(tuple(v.aval.shape) for v in e.invars))
+            for _, sub in sub_jaxprs(e):
+                walk(sub, inside or e.primitive.name == "scan")
+    walk(closed.jaxpr, False)
+    return found
+
+
+def test_rebuilt_weights_are_multiplied_out_before_the_scan(monkeypatch):
+    """Where every site of a stacked Monarch weight in a scan body chose the dense rebuild, the
+    rebuild runs once for every layer before the scan (one batched product forward, one
+    backward) and the body multiplies by plain weights, as the dense program does; a weight
+    whose site chose the einsums keeps them in the body. Values and factor gradients are the
+    einsums'."""
+    from sparsejax.kernels import path_choice as pc
+
+    monkeypatch.delenv("SPARSEJAX_PATH_CACHE", raising=False)
+    pc.clear_cache()
+    monkeypatch.setattr(pc, "_measuring_pays", lambda: True)
+    # up (16 -> 32) is cheaper rebuilt, down (32 -> 16) through the einsums
+    monkeypatch.setattr(pc, "measure", lambda c, specs, **kw: (
+        {"einsum": 30.0, "xla_dense": 10.0} if specs[0].shape[-1] == 16
+        else {"einsum": 10.0, "xla_dense": 30.0}))
+    fn, params, x = _setup()
+    sfn = sj.sparsify(fn, sj.Monarch("*layers/*/kernel", nblocks=4, init="random"))
+    sparams, sstate = sfn.init(params, x)
+    body = _scan_body_dots(sfn.rewritten_jaxpr(sparams, sstate, x))
+    assert ((2, 5, 16), (16, 32)) in body                   # up: the dense program's own dot
+    assert not any(len(a) == 4 for a, _ in body)            # its rebuild (4-D blocks) is outside
+    assert any(len(a) == 3 and a[-1] == 8 for a, _ in body)   # down: its einsums stay inside
+    kernels = {r.path: r.kernel for r in sfn.report().rows}
+    assert kernels["params/layers/up/kernel"].startswith("dense rebuilt from the factors once")
+    assert kernels["params/layers/down/kernel"].startswith("Monarch einsums")
+
+    loss = lambda p: jnp.sum(jnp.sin(sfn(p, sstate, x)))
+    y, g = sfn(sparams, sstate, x), jax.grad(loss)(sparams)
+    with pc.mode("force:einsum"):
+        sfn.invalidate()
+        y_ref, g_ref = sfn(sparams, sstate, x), jax.grad(loss)(sparams)
+    chex.assert_trees_all_close(y, y_ref, rtol=2e-5, atol=2e-5)
+    chex.assert_trees_all_close(g, g_ref, rtol=2e-4, atol=2e-5)
+    pc.clear_cache()
+
+
+def test_no_second_trace_of_a_scan_where_every_choice_is_the_default():
+    """On the CPU with nothing remembered the einsums are the only answer: the scan body is
+    traced once (no rebuild to hoist, nothing to ask)."""
+    from sparsejax.compiler import interpreter
+    from sparsejax.kernels import path_choice as pc
+
+    pc.clear_cache()
+    fn, params, x = _setup()
+    sfn = sj.sparsify(fn, sj.Monarch("*layers/*/kernel", nblocks=4, init="random"))
+    sparams, sstate = sfn.init(params, x)
+    calls = []
+    real = interpreter.jax.eval_shape
+    try:
+        interpreter.jax.eval_shape = lambda f, *a: calls.append(1) or real(f, *a)
+        sfn.rewritten_jaxpr(sparams, sstate, x)
+    finally:
+        interpreter.jax.eval_shape = real
+    assert calls == []
 
 
 def test_fused_kernel_support_is_asked_of_the_kernel_module(monkeypatch):

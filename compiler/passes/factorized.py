@@ -102,6 +102,7 @@ class FactorizedHandler(PathChoosing, WeightHandler):
         super().__init__(rule, path, rule.check_layout(path, layout), sites)
         self.kind = _KINDS[type(rule)]
         self._reasons = {s.key: self.site_reason(s) for s in sites}
+        self._hoisted: set = set()     # scan bodies whose weight is rebuilt before the scan
 
     def site_reason(self, site) -> str | None:
         return direct_site_reason(site, self.layout)
@@ -133,6 +134,8 @@ class FactorizedHandler(PathChoosing, WeightHandler):
         if reason is not None:
             return f"dense fallback ({reason})"
         chosen = self.chosen_path(key)
+        if chosen is not None and any(key[:len(b)] == b for b in self._hoisted):
+            return f"dense rebuilt from the factors once before the scan, XLA dot; per layer: {chosen}"
         return chosen if chosen is not None else f"{self._einsum_label} (path chosen when traced)"
 
     @property
@@ -197,6 +200,25 @@ class FactorizedHandler(PathChoosing, WeightHandler):
                               reference_specs=[specs[0], jax.ShapeDtypeStruct((k, n), dtype)])
         fn = next(c.fn for c in candidates if c.name == choice.name)
         return matmul_at_site(eqn, operand, x, lambda x2: fn(x2, *leaves))
+
+    def may_hoist_before_scan(self) -> bool:
+        """Whether a site's choice can be anything but the deterministic first candidate (the
+        einsums) here; if not, no scan needs its body traced twice to ask."""
+        return path_choice.choices_can_vary()
+
+    def hoist_before_scan(self, ref: ParamRef, body_key) -> bool:
+        """Whether a scan should take this stacked weight dense, rebuilt from the factors once
+        for every layer before it: where each of the weight's sites in the body (at
+        ``body_key``) chose ``xla_dense``, which rebuilds its layer's matrix inside the body.
+        The same products then run as one batched computation outside the loop (and one for
+        their backward), not as a few small kernels per layer, and the body's dots are the
+        dense program's own."""
+        mine = [c for k, c in getattr(self, "choices", {}).items()
+                if k[:len(body_key)] == body_key and self._reasons.get(k) is None]
+        if not mine or any(c.name != "xla_dense" for c in mine):
+            return False
+        self._hoisted.add(tuple(body_key))
+        return True
 
     def materialize(self, ref: ParamRef):
         # The dense value in the view the factors are in now: stack axes a scan or an

@@ -52,6 +52,9 @@ class IsoFlopFactorsHandler(FactorizedHandler):
     def to_dense(self, factors, k, n):
         return iso_flop.to_dense(self.kind_name, factors)
 
+    def may_hoist_before_scan(self) -> bool:
+        return False      # one fixed path per site: nothing chosen to rebuild the weight
+
     def init(self, leaf, key):
         factors, masks = iso_flop.init_factors(self.kind_name, key, self.layout.to_matrix(leaf),
                                                self.rule.sparsity)

@@ -481,6 +481,17 @@ def measure(candidates: Sequence[Candidate], arg_specs: Sequence, *, calls: int 
 # --------------------------------------------------------------------------- choosing
 
 
+def choices_can_vary() -> bool:
+    """Whether :func:`choose` can return anything but the deterministic first candidate here:
+    a forced path, a measurement on an accelerator, or a remembered choice."""
+    m = current_mode()
+    if m.startswith("force:"):
+        return True
+    with _lock:
+        remembered = bool(_memory) or bool(_overrides)
+    return m != "off" and (_measuring_pays() or remembered or _user_cache_path() is not None)
+
+
 def _measuring_pays() -> bool:
     """Whether timings here say anything about the device the program targets (not on CPU)."""
     return jax.devices()[0].platform != "cpu"
