@@ -7,6 +7,7 @@ import pytest
 import scipy.linalg
 
 from sparsejax import monarch
+from sparsejax.compiler.interpreter import sub_jaxprs
 from sparsejax.models.monarch import BlockDiagonalDense, MonarchDense
 
 # (K, N, nblocks): square, expanding, shrinking, and shapes nblocks does not divide
@@ -89,7 +90,7 @@ def test_bf16_rebuild_and_its_gradient_multiply_in_bf16():
         for eqn in jx.eqns:
             if eqn.primitive.name == "dot_general":
                 dots.append(tuple(v.aval.dtype for v in eqn.invars))
-            for sub in jax.core.jaxprs_in_params(eqn.params):
+            for _, sub in sub_jaxprs(eqn):
                 walk(sub)
     walk(jaxpr.jaxpr)
     assert len(dots) >= 3   # the rebuild and one product per factor's gradient
