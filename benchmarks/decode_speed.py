@@ -76,6 +76,7 @@ FULL = Sizes()
 SMOKE = Sizes(gemv=256, d_model=64, d_ff_layer=256, predictor=32, d_ff_lm=192, heads=2, lm_layers=2,
               cache=32, vocab=32, layers=2, calls=1, repeats=1)
 K_FRAC = 0.08
+TUNE = False    # --tune: the e2e section also times the program-tuned step
 BATCHES = (1, 2, 4, 8)
 GOALS = {"gemv": {0.5: 1.8, 0.75: 3.0, 0.9: 6.0}, "ffn": {1: 3.0, 8: 1.5}, "nm": {1: 1.5},
          "e2e": {1: 1.5}}
@@ -517,6 +518,19 @@ def bench_e2e(b: Bench):
         b.summary.append(("end-to-end decode step", f"batch {batch} (tokens/s {tok(t_dense):.0f} -> "
                           f"{tok(t_low):.0f}; {kernels} kernels)", "sparsify + lower", t_dense, t_low,
                           GOALS["e2e"].get(batch)))
+        if TUNE:
+            # Close per-site choices settled on the whole step (SparseFunction.tune), then the
+            # tuned step timed as the others were (a fresh trace takes the verdicts).
+            tuning = low.tune(lambda p, st, *a: low(p, st, *a), params, ss, *args)
+            b.log("  " + tuning.summary().replace("\n", "\n  "))
+            tuned = jax.jit(lambda p, *a: low(p, ss, *a))
+            _, _, t_tuned = b.check_and_time("Spark top-k, lowered, program-tuned", tuned,
+                                             (params, *args), ref, 3e-2)
+            b.detail.append(f"| e2e | batch {batch} | lowered, program-tuned | {t_dense:.1f} | "
+                            f"{t_tuned:.1f} | {t_dense / t_tuned:.2f} |")
+            b.summary.append(("end-to-end decode step, program-tuned", f"batch {batch} "
+                              f"({len(tuning.verdicts)} of {len(tuning.trials)} switches kept)",
+                              "sparsify + lower + tune", t_dense, t_tuned, GOALS["e2e"].get(batch)))
     b.detail.append("")
     b.detail.append("Paths the lowered sites took, per batch:")
     b.detail.append("")
@@ -550,7 +564,12 @@ def main():
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, Pallas interpret mode (CPU)")
     parser.add_argument("--only", default="gemv,ffn,nm,e2e")
     parser.add_argument("--budget", type=float, default=195.0, help="seconds before variants are skipped")
+    parser.add_argument("--tune", action="store_true",
+                        help="e2e: also settle close per-site path choices on the whole step "
+                             "(SparseFunction.tune) and time the tuned step")
     args = parser.parse_args()
+    global TUNE
+    TUNE = args.tune
     interpret = args.smoke or jax.default_backend() != "gpu"
     b = Bench(SMOKE if args.smoke else FULL, interpret, args.budget)
     dev = jax.devices()[0]

@@ -212,9 +212,10 @@ class Interpreter:
 
     def _hoist_before_scan(self, xs: list, body_key: Key, scan: Callable) -> list:
         """``xs`` with the stacked weights whose handler would rather have them dense before
-        the scan (``handler.hoist_before_scan(ref, body_key)``, asked after the body's sites
-        chose their paths, where ``handler.may_hoist_before_scan()``) materialized: one computation for every layer instead of one per
-        layer inside the body, whose sites then see plain weights.
+        the scan materialized (``handler.hoist_before_scan(ref, body_key)``, asked after the
+        body's sites chose their paths, where ``handler.may_hoist_before_scan()``): one
+        computation for every layer instead of one per layer inside the body, whose sites
+        then see plain weights.
 
         The sites choose in a first trace of the scan that is only evaluated for its shapes
         (``jax.eval_shape``: nothing of it enters the program); a handler whose every site in

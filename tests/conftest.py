@@ -1,6 +1,7 @@
 """Test setup, applied before JAX initialises its backends.
 
-* Eight forced CPU devices, so mesh tests run on any machine.
+* Eight forced CPU devices, so mesh tests run on any machine; CPU code generated without
+  LLVM's expensive optimisations (compiling, not running, is what tests spend time on).
 * The "rbg" PRNG: on CPU, XLA compiles every new shape of a threefry draw in
   seconds (about 7 s on a 2-core machine with jaxlib 0.10), which dominated the
   suite's time; no test depends on which generator draws its random numbers.
@@ -18,7 +19,11 @@ import tempfile
 
 import pytest
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+# The programs here are tiny: compiling them (LLVM's optimisation of the CPU code) costs far
+# more than running them, so the CPU backend generates code without its expensive passes
+# (a third off a train.py/model/sparsify subset of the suite on 2 cores).
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8 "
+                      "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("JAX_DEFAULT_PRNG_IMPL", "rbg")
 
