@@ -66,6 +66,7 @@ INFER = "premasked"   # how prefill and decode hold lowered weights (--infer)
 FUSE_SIBLINGS = False  # lower(..., fuse_siblings=...): q/k/v and gate/up as one kernel (--fuse_siblings)
 PROFILE_STEPS = 0     # calls traced per measure after its timing; 0: no profile (--profile)
 TUNE = False          # after each sparse measure, settle close path choices on the whole step (--tune)
+TUNE_BUDGET_S = 120.0  # no tuning trial of one measure starts past this (--tune_budget_s)
 PROFILE_TOP = 12      # kernels listed per profile
 
 
@@ -210,7 +211,7 @@ def _tune(v: Variant, measure: str, sfn, step, args, out: dict, t0, repeats: int
     with none kept it is the program already timed."""
     if not TUNE or v.name == "dense":
         return
-    tuning = sfn.tune(step, *args, repeats=repeats)
+    tuning = sfn.tune(step, *args, repeats=repeats, budget_s=TUNE_BUDGET_S)
     out[f"{measure} tuned"] = retime() if tuning.verdicts else out[measure]
     v.paths[f"{measure} tuned"] = ("; ".join(f"{key.split('|', 1)[1][:70]}: {path}"
                                              for key, path in tuning.verdicts.items())
@@ -294,12 +295,15 @@ def main():
                         help="after each sparse measure, time the whole step with each close "
                              "per-site path choice switched (SparseFunction.tune) and add "
                              "'<measure> tuned' rows")
+    parser.add_argument("--tune_budget_s", type=float, default=TUNE_BUDGET_S,
+                        help="per measure: no tuning trial starts past this many seconds")
     parser.add_argument("--budget_s", type=float, default=1e9,
                         help="variants that would start after this many seconds are skipped (listed)")
     args = parser.parse_args()
     smoke = args.smoke
-    global INFER, FUSE_SIBLINGS, PROFILE_STEPS, TUNE
+    global INFER, FUSE_SIBLINGS, PROFILE_STEPS, TUNE, TUNE_BUDGET_S
     INFER, FUSE_SIBLINGS, TUNE = args.infer, args.fuse_siblings, args.tune
+    TUNE_BUDGET_S = args.tune_budget_s
     PROFILE_STEPS = max(args.profile_steps, 1) if args.profile else 0
     recipes = [r for r in args.recipes.split(",") if r]
     if "dense" not in recipes:

@@ -73,7 +73,8 @@ def test_a_switch_that_speeds_the_program_up_is_kept_and_then_obeyed(fresh_paths
     # Later traces take the verdicts from the cache, with no override in force.
     monkeypatch.setattr(pc, "measure", lambda *a, **kw: pytest.fail("measured again"))
     assert _kernels_in(step, args) == 2
-    assert all(r.kernel.startswith("block-sparse kernel") for r in fast.report().rows)
+    assert all(r.kernel.startswith("block-sparse kernel") and r.kernel.endswith("program)")
+               for r in fast.report().rows), fast.report().rows
     chex.assert_trees_all_close(fast(*args), sfn(*args), rtol=1e-5, atol=1e-5)
     entry = pc.cache_entries()[next(iter(tuning.verdicts))]
     assert entry["path"] == "kernel" and set(entry["program_us"]) == {"xla_dense", "kernel"}
@@ -106,6 +107,15 @@ def test_distant_calls_are_not_retimed_and_a_gain_must_beat_the_noise(fresh_path
     tuning = fast.tune(step, sparams, sstate, x,
                        timer=lambda f, a: 1.0 - 0.005 * _kernels_in(f, a))
     assert len(tuning.trials) == 2 and tuning.verdicts == {}
+
+
+def test_no_trial_starts_past_the_budget(fresh_paths, monkeypatch):
+    sfn, sparams, sstate, x = _setup(seed=9)
+    _fake_sites(monkeypatch, {"kernel": 11.0, "xla_dense": 10.0})
+    fast = sfn.lower(sstate, interpret=True)
+    tuning = fast.tune(lambda p, s, x: fast(p, s, x), sparams, sstate, x, budget_s=0.0,
+                       timer=lambda f, a: 1.0 - 0.1 * _kernels_in(f, a))
+    assert tuning.trials == () and tuning.verdicts == {} and tuning.final_s == tuning.base_s
 
 
 def test_a_jitted_step_is_unwrapped_so_each_trial_retraces(fresh_paths, monkeypatch):

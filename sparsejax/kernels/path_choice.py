@@ -103,7 +103,8 @@ class Choice:
       label: its description.
       source: ``"measured"`` (now), ``"cache"`` (this process or the user cache
         file), ``"table"`` (shipped table), ``"default"`` (deterministic order),
-        ``"forced"``, ``"program"`` (the whole program timed each way, :func:`overriding`).
+        ``"forced"``, ``"program"`` (the whole program timed each way: a remembered verdict
+        of :mod:`sparsejax.kernels.program_tuning`, or one in force, :func:`overriding`).
       times_us: median microseconds of each measured candidate (empty if none was measured).
       baseline: the candidate the times are compared against (XLA dense), if given.
     """
@@ -570,6 +571,8 @@ def _choose(op, signature, supported, arg_specs, *, baseline, check, flops, copi
         return Choice(c.name, c.label, "program", known, baseline)
     if found is not None:
         entry, source = found
+        if "program_us" in entry:     # a verdict of timing the whole program (program_tuning)
+            source = "program"
         if entry.get("path") in names:
             c = next(c for c in supported if c.name == entry["path"])
             known = entry.get("times_us", {})

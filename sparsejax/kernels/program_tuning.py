@@ -24,6 +24,7 @@ measured times, so there is nothing to settle and :func:`tune` only times the pr
 from __future__ import annotations
 
 import dataclasses
+import time
 from typing import Callable, Sequence
 
 import jax
@@ -88,6 +89,7 @@ def _program_seconds(step: Callable, args: Sequence, repeats: int) -> float:
 
 def tune(step: Callable, *args, invalidate: Callable[[], None], margin: float = 0.25,
          min_gain: float = 0.01, repeats: int = 15, max_trials: int = 8,
+         budget_s: float | None = None,
          timer: Callable[[Callable, Sequence], float] | None = None) -> Tuning:
     """Settles close per-site path choices by timing ``step(*args)`` as a whole.
 
@@ -101,6 +103,8 @@ def tune(step: Callable, *args, invalidate: Callable[[], None], margin: float = 
       min_gain: a switch is kept only if the program gets faster by more than this fraction
         (timing noise on a GPU is about 1%).
       repeats, max_trials: timing repeats per program, and at most this many switches tried.
+      budget_s: no trial starts once this many seconds have passed (each trial compiles the
+        whole step: tens of seconds for a training step on a GPU); the closest calls go first.
       timer: ``timer(step, args) -> seconds`` (default: jit, warm up, median of back-to-back calls).
     """
     step = getattr(step, "__wrapped__", step)      # a jitted step would not retrace
@@ -110,6 +114,7 @@ def tune(step: Callable, *args, invalidate: Callable[[], None], margin: float = 
         # JAX caches a function's trace by its identity: a new one per trial retraces it.
         return timer(lambda *a: step(*a), args)
 
+    start = time.perf_counter()
     invalidate()
     with path_choice.recording() as recorded:
         base = timed()
@@ -117,6 +122,8 @@ def tune(step: Callable, *args, invalidate: Callable[[], None], margin: float = 
     verdicts: dict[str, str] = {}
     best, trials = base, []
     for key, was, path, was_us, path_us in candidates:
+        if budget_s is not None and time.perf_counter() - start > budget_s:
+            break
         invalidate()
         with path_choice.overriding({**verdicts, key: path}):
             t = timed()
