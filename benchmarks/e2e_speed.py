@@ -295,7 +295,7 @@ def main():
                         help="after each sparse measure, time the whole step with each close "
                              "per-site path choice switched (SparseFunction.tune) and add "
                              "'<measure> tuned' rows")
-    parser.add_argument("--tune_budget_s", type=float, default=TUNE_BUDGET_S,
+    parser.add_argument("--tune_budget_s", type=float, default=120.0,
                         help="per measure: no tuning trial starts past this many seconds")
     parser.add_argument("--budget_s", type=float, default=1e9,
                         help="variants that would start after this many seconds are skipped (listed)")
