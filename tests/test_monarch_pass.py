@@ -233,6 +233,9 @@ def test_rebuilt_weights_are_multiplied_out_before_the_scan(monkeypatch):
     with pc.mode("force:einsum"):
         sfn.invalidate()
         y_ref, g_ref = sfn(sparams, sstate, x), jax.grad(loss)(sparams)
+    # the report follows the latest trace: the einsums, nothing hoisted
+    assert {r.path: r.kernel for r in sfn.report().rows}["params/layers/up/kernel"] == (
+        "Monarch einsums (forced)")
     chex.assert_trees_all_close(y, y_ref, rtol=2e-5, atol=2e-5)
     chex.assert_trees_all_close(g, g_ref, rtol=2e-4, atol=2e-5)
     pc.clear_cache()
@@ -409,4 +412,32 @@ def test_monarch_site_is_timed_against_the_stored_dense_weight(differentiate, mo
     assert dots(jax.make_jaxpr(ref_fn)(*ref_specs).jaxpr) == (1 if not differentiate else 3)
     assert {r.path: r.kernel for r in sfn.report().rows}["params/layers/up/kernel"] == (
         "Monarch einsums (30 µs vs dense 5 µs, 0.17×, measured)")
+    pc.clear_cache()
+
+
+def test_hoisting_beside_a_lowered_block_sparse_site_in_the_same_scan(monkeypatch):
+    """The scan body's first, shapes-only trace also runs the other sites in it (here a lowered
+    block-sparse kernel): nothing of it may leak into the program, whose values and gradients
+    are the masked program's."""
+    from sparsejax.kernels import path_choice as pc
+
+    monkeypatch.delenv("SPARSEJAX_PATH_CACHE", raising=False)
+    pc.clear_cache()
+    monkeypatch.setattr(pc, "_measuring_pays", lambda: True)
+    monkeypatch.setattr(pc, "measure", lambda c, s, **kw: {
+        k.name: {"einsum": 30.0, "xla_dense": 10.0, "kernel": 5.0}.get(k.name, 50.0) for k in c})
+    fn, params, x = _setup()
+    sfn = sj.sparsify(fn, [sj.Monarch("*layers/up/kernel", nblocks=4, init="random"),
+                           sj.Block("*layers/down/kernel", 0.5, block=(8, 8))])
+    sparams, sstate = sfn.init(params, x)
+    low = sfn.lower(sstate, interpret=True)
+    loss = lambda f: lambda p: jnp.sum(jnp.sin(f(p, sstate, x)))
+    y, g = jax.jit(low)(sparams, sstate, x), jax.grad(loss(low))(sparams)
+    kernels = {r.path: r.kernel for r in low.report().rows}
+    assert kernels["params/layers/up/kernel"].startswith("dense rebuilt from the factors once")
+    assert kernels["params/layers/down/kernel"].startswith("block-sparse kernel")
+    with pc.mode("off"):
+        sfn.invalidate()
+        chex.assert_trees_all_close(y, sfn(sparams, sstate, x), rtol=1e-4, atol=1e-5)
+        chex.assert_trees_all_close(g, jax.grad(loss(sfn))(sparams), rtol=1e-3, atol=1e-5)
     pc.clear_cache()

@@ -169,6 +169,9 @@ class FactorizedHandler(PathChoosing, WeightHandler):
                 or bool(self._stack_axes_left(ref)))
 
     def on_site(self, interp, eqn, key, invals, scope):
+        # A site computed here is not hoisted in this trace: the report follows the latest one
+        # (a scan that hoists asks again after its first trace, hoist_before_scan).
+        self._hoisted = {b for b in self._hoisted if key[:len(b)] != b}
         operand = 0 if isinstance(invals[0], ParamRef) else 1
         ref = invals[operand]
         if self._dense_fallback(key, ref):
