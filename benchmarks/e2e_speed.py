@@ -116,6 +116,11 @@ class Variant:
         report = sfn.report()
         dense_flops = cfg.flops_per_token(prefill_tokens.shape[1]) * prefill_tokens.size
         self.flop_ratio = dense_flops / (dense_flops - (report.flops_before - report.flops_after))
+        # The rewritten linear layers' share of the dense GEMM FLOPs (they and the head are the
+        # GEMMs; attention runs in its own kernels), and their own FLOP ratio: --profile's ceiling.
+        head_flops = 2 * cfg.d_model * cfg.vocab_size * prefill_tokens.size
+        self.linear_gemm_share = report.flops_before / (report.flops_before + head_flops)
+        self.linear_ratio = report.flops_before / max(report.flops_after, 1)
         self.params, self.sstate = sparams, sstate
         self.paths = {}   # measure -> how the sites computed it (paths are chosen when traced)
         if name.startswith("block"):
@@ -409,12 +414,43 @@ def profile_section(results) -> tuple[list[str], list[dict]]:
                 "; ".join(f"{k[:60]} {us:+.0f} ({n:+g})" for k, us, n in d["kinds_up"]) or "-")
                 + ". less: " + ("; ".join(f"{k[:60]} {us:+.0f} ({n:+g})" for k, us, n in d["kinds_down"])
                                 or "-"))
+    ceilings = [_ceiling(results, r) for r in diffs if r["measure"] in ("prefill", "train")]
+    ceilings = [c for c in ceilings if c is not None]
+    if ceilings:
+        lines += ["", "What the step allows (Amdahl): the dense step's GEMM time split between the "
+                  "rewritten linear layers and the head by their FLOPs; the step if those layers "
+                  "cost nothing, and if they ran at their FLOP-ideal fraction of dense's time:", "",
+                  "| layout | recipe | measure | dense ms | linear layers' GEMMs ms | ceiling, free | "
+                  "ceiling, at FLOP-ideal | measured |", "|---|---|---|---|---|---|---|---|"]
+        lines += [f"| {c['layout']} | {c['recipe']} | {c['measure']} | {c['dense_ms']:.2f} | "
+                  f"{c['linear_ms']:.2f} | {c['free']:.2f}× | {c['at_ideal']:.2f}× | "
+                  f"{c['measured']:.2f}× |" for c in ceilings]
+        for r, c in zip([r for r in diffs if r["measure"] in ("prefill", "train")], ceilings):
+            r["ceiling"] = c
     lines += ["", f"Slowest {PROFILE_TOP} kernels per step (µs; ×launches where not one):", ""]
     lines += [f"- {r['layout']}/{r['recipe']} {r['measure']}: "
               + "; ".join(f"{top_line(t)} ({short.get(t['category'], t['category'])})"
                           for t in r["top"])
               for r in rows if "error" not in r]
     return lines, rows
+
+
+def _ceiling(results, row) -> dict | None:
+    """Amdahl's bound for one profiled sparse measure (see ``profile_section``)."""
+    v, times = results[(row["layout"], row["recipe"])]
+    dense = results.get((row["layout"], "dense"))
+    if dense is None or row["measure"] not in dense[1] or row["measure"] not in times:
+        return None
+    dp = dense[0].profiles.get(row["measure"])
+    if not dp or "error" in dp:
+        return None
+    dense_ms = 1e3 * dense[1][row["measure"]]
+    linear_ms = 1e-3 * dp["categories"]["GEMM (cuBLAS / CUTLASS)"] * v.linear_gemm_share
+    rest = max(dense_ms - linear_ms, 1e-9)
+    return {"layout": row["layout"], "recipe": row["recipe"], "measure": row["measure"],
+            "dense_ms": dense_ms, "linear_ms": linear_ms, "free": dense_ms / rest,
+            "at_ideal": dense_ms / (rest + linear_ms / v.linear_ratio),
+            "measured": dense[1][row["measure"]] / times[row["measure"]]}
 
 
 def write_table(results, lines_err, cfg, batch, seq, smoke, t_start, final=True) -> str:
