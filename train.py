@@ -67,6 +67,7 @@ class Config:
     init_from: str = ""                # a workdir whose final params start this run (e.g. dense -> Monarch)
     oneshot: str = ""                  # prune the --init_from params first: magnitude | wanda | sparsegpt | dsnot
     oneshot_batches: int = 8           # calibration batches for --oneshot
+    tune_paths: bool = False           # time the whole step with close per-site path choices switched
     # --- IMP with Sparse Model Soups (sparsejax.imp_soups)
     soup_copies: int = 0               # > 0: prune-retrain cycles, this many copies averaged per cycle
     soup_sparsities: str = "0.5,0.75,0.9"
@@ -135,6 +136,10 @@ _FLAG_GROUPS = {
                    "(e.g. nm24 or a .json recipe); --steps then fine-tune with the masks fixed. "
                    "Empty: no one-shot pruning.",
         "oneshot_batches": "Calibration batches from the training data for --oneshot.",
+        "tune_paths": "Before training, time the whole training step with each close per-site "
+                      "path choice switched (kernel or XLA, measured per site on a GPU or TPU) "
+                      "and keep what makes the step faster (SparseFunction.tune); the verdicts "
+                      "go to the path cache. Nothing to settle on a CPU.",
     },
     "run, logs and checkpoints": {
         "workdir": "Folder for everything the run writes; rerunning with the same folder "
@@ -593,6 +598,14 @@ def train_and_evaluate(cfg: Config | Prepared, *, devices=None) -> dict:
         progress.print(f"the run in {cfg.workdir} finished at step {start}: evaluating it again")
     elif restored is not None:
         progress.print(f"resumed from step {start} in {cfg.workdir}")
+    if cfg.tune_paths and outer is None and start < cfg.steps:
+        # Before the jitted step is first traced, so that it takes the verdicts. The tuner runs
+        # the step on one batch and keeps none of its results.
+        tuning = sfn.tune(functools.partial(train_step, sfn=sfn, tx=tx, activation_l1=l1,
+                                            param_sharding=gathered),
+                          state, _global_batch(train_batches.batch(position), batch_sharding),
+                          repeats=5, budget_s=300.0)
+        progress.print("path tuning: " + tuning.summary())
     for step in range(start + 1, cfg.steps + 1):
         batch = _global_batch(train_batches.batch(position), batch_sharding)
         state, metrics = step_fn(state, batch)
