@@ -567,8 +567,8 @@ def train_and_evaluate(cfg: Config | Prepared, *, devices=None) -> dict:
     # preset's activation L1 schedule (ProSparse), if any.
     l1 = preset.activation_l1(cfg.steps) if preset.activation_l1 is not None else None
     gathered = compute_sharding(mesh) if outer is None else None
-    step_fn = functools.partial(train_step, sfn=sfn, tx=tx, activation_l1=l1,
-                                param_sharding=gathered)
+    step_fn = step_plain = functools.partial(train_step, sfn=sfn, tx=tx, activation_l1=l1,
+                                             param_sharding=gathered)
     eval_fn = functools.partial(eval_step, sfn=sfn, with_aux=l1 is not None,
                                 param_sharding=gathered)
 
@@ -601,9 +601,8 @@ def train_and_evaluate(cfg: Config | Prepared, *, devices=None) -> dict:
     if cfg.tune_paths and outer is None and start < cfg.steps:
         # Before the jitted step is first traced, so that it takes the verdicts. The tuner runs
         # the step on one batch and keeps none of its results.
-        tuning = sfn.tune(functools.partial(train_step, sfn=sfn, tx=tx, activation_l1=l1,
-                                            param_sharding=gathered),
-                          state, _global_batch(train_batches.batch(position), batch_sharding),
+        tuning = sfn.tune(step_plain, state,
+                          _global_batch(train_batches.batch(position), batch_sharding),
                           repeats=5, budget_s=300.0)
         progress.print("path tuning: " + tuning.summary())
     for step in range(start + 1, cfg.steps + 1):

@@ -230,19 +230,24 @@ def time_variant(v: Variant, measures, batch, seq, smoke) -> dict:
     tokens = jax.random.randint(jax.random.key(2), (batch, seq), 0, cfg.vocab_size)
     calls, repeats = (1, 2) if smoke else (3, 7)
     infer_params = _cast(v.infer_params, jnp.bfloat16) if not smoke else v.infer_params
+    # Each measure is timed by one function of its (jitted) step, so a tuned step is timed
+    # exactly as the step it replaces (a fresh function: a fresh trace takes the verdicts).
     if "prefill" in measures:
+        prefill_seconds = lambda f: median_seconds(f, infer_params, v.sstate, tokens, calls=calls,
+                                                   repeats=repeats)
         f = jax.jit(v.infer_fwd)
-        out["prefill"] = median_seconds(f, infer_params, v.sstate, tokens, calls=calls, repeats=repeats)
+        out["prefill"] = prefill_seconds(f)
         _progress(t0, f"{v.name} prefill {1e3 * out['prefill']:.2f} ms")
         _profile(v, "prefill", lambda: f(infer_params, v.sstate, tokens), t0)
         v.paths["prefill"] = path_summary(v.infer_fwd.report()) if v.name != "dense" else ""
-        _tune(v, "prefill", v.infer_fwd, lambda p, s, t: v.infer_fwd(p, s, t),
+        _tune(v, "prefill", v.infer_fwd, lambda *a: v.infer_fwd(*a),
               (infer_params, v.sstate, tokens), out, t0, repeats,
-              lambda: median_seconds(jax.jit(lambda p, s, t: v.infer_fwd(p, s, t)), infer_params,
-                                     v.sstate, tokens, calls=calls, repeats=repeats))
+              lambda: prefill_seconds(jax.jit(lambda *a: v.infer_fwd(*a))))
     if "train" in measures:
+        train_seconds = lambda run: median_seconds(run, v.sstate, tokens, calls=calls,
+                                                   repeats=repeats)
         run = train_runner(v)
-        out["train"] = median_seconds(run, v.sstate, tokens, calls=calls, repeats=repeats)
+        out["train"] = train_seconds(run)
         _progress(t0, f"{v.name} train {1e3 * out['train']:.2f} ms")
         _profile(v, "train", lambda: run(v.sstate, tokens), t0)
         del run   # its params and optimizer state
@@ -250,8 +255,7 @@ def time_variant(v: Variant, measures, batch, seq, smoke) -> dict:
         if TUNE and v.name != "dense":
             step, tx = train_step(v)
             _tune(v, "train", v.train_fwd, step, (v.params, tx.init(v.params), v.sstate, tokens),
-                  out, t0, repeats, lambda: median_seconds(train_runner(v), v.sstate, tokens,
-                                                           calls=calls, repeats=repeats))
+                  out, t0, repeats, lambda: train_seconds(train_runner(v)))
     for m in measures:
         if not m.startswith("decode"):
             continue

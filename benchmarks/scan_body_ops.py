@@ -18,17 +18,21 @@ from __future__ import annotations
 import argparse
 import collections
 import math
+import pathlib
 import re
+import sys
 
 import jax
 import jax.numpy as jnp
 import optax
 
-import sparsejax as sj
-from sparsejax.kernels import monarch_matmul, path_choice
-from sparsejax.models import transformer
+sys.path.append(str(pathlib.Path(__file__).resolve().parent))
+import e2e_speed  # noqa: E402  (its recipes: the program it times is the one counted here)
 
-LINEAR = r"re:.*(attn/(q|k|v|o)|mlp/(gate|up|down))/kernel"
+import sparsejax as sj  # noqa: E402
+from sparsejax.kernels import monarch_matmul, path_choice  # noqa: E402
+from sparsejax.models import transformer  # noqa: E402
+
 _BYTES = {"bf16": 2, "f16": 2, "f32": 4, "s32": 4, "u32": 4, "pred": 1, "s8": 1, "u8": 1}
 _MOVES = {"transpose", "copy", "bitcast", "reshape", "convert", "parameter", "slice", "pad",
           "concatenate", "broadcast", "constant"}
@@ -124,7 +128,7 @@ def main():
         if recipe == "dense":
             fwd, p, s = (lambda p, s, *a: model.apply(p, *a)), params, None
         else:
-            fwd = sj.sparsify(model.apply, sj.Monarch(LINEAR, nblocks=4, init="random"))
+            fwd = sj.sparsify(model.apply, e2e_speed.RECIPES[recipe]())
             p, s = fwd.init(params, tokens, rng=jax.random.key(4))
 
         def step(params, opt, sstate, tokens):

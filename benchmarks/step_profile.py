@@ -101,11 +101,6 @@ def kernel_stats(trace_dir: str) -> dict[tuple[str, str], list[float]]:
     return dict(totals)
 
 
-def kernel_times(trace_dir: str) -> dict[tuple[str, str], float]:
-    """Total µs per (kernel, hlo op) over the trace: GPU stream events, else host XLA ops."""
-    return {k: us for k, (us, _) in kernel_stats(trace_dir).items()}
-
-
 def trace(step, steps: int, warmup: int = 1) -> dict[tuple[str, str], tuple[float, float]]:
     """``(µs, launches)`` per step for each (kernel, hlo op): ``step()`` (no arguments; returns
     what to wait on) is called ``warmup`` times untraced, then ``steps`` times under

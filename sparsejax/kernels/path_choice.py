@@ -560,25 +560,20 @@ def _choose(op, signature, supported, arg_specs, *, baseline, check, flops, copi
         return _default_choice(supported, baseline, "default")
     key = f"{op}|{signature}"
     names = {c.name for c in supported}
-    found = _lookup(key, tables=m != "measure")
+    entry, source = _lookup(key, tables=m != "measure") or ({}, None)
     with _lock:
         verdict = _overrides.get(key)
-    if verdict in names:
-        c = next(c for c in supported if c.name == verdict)
-        known = dict(found[0].get("times_us", {})) if found is not None else {}
+    path = entry.get("path")
+    if verdict in names:                     # a program-level verdict in force (overriding)
+        path, source = verdict, "program"
+    elif "program_us" in entry:              # one remembered (program_tuning)
+        source = "program"
+    if path in names:
+        c = next(c for c in supported if c.name == path)
+        known = entry.get("times_us", {})
         if reference is not None and reference.name in known:
             baseline = reference.name
-        return Choice(c.name, c.label, "program", known, baseline)
-    if found is not None:
-        entry, source = found
-        if "program_us" in entry:     # a verdict of timing the whole program (program_tuning)
-            source = "program"
-        if entry.get("path") in names:
-            c = next(c for c in supported if c.name == entry["path"])
-            known = entry.get("times_us", {})
-            if reference is not None and reference.name in known:
-                baseline = reference.name
-            return Choice(c.name, c.label, source, known, baseline)
+        return Choice(c.name, c.label, source, known, baseline)
     if m == "table" or not _measuring_pays():
         return _default_choice(supported, baseline, "default")
     logging = os.environ.get("SPARSEJAX_PATHS_LOG", "") not in ("", "0")

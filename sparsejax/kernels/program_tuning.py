@@ -131,9 +131,9 @@ def tune(step: Callable, *args, invalidate: Callable[[], None], margin: float = 
         trials.append(Trial(key, was, path, (was_us, path_us), t, kept))
         if kept:
             verdicts[key], best = path, t
-    for key, path in verdicts.items():
-        trial = next(t for t in trials if t.key == key)
-        path_choice.remember_program_verdict(key, path, {trial.was: base * 1e6,
-                                                         path: trial.program_s * 1e6})
+    for t in trials:
+        if t.kept:
+            path_choice.remember_program_verdict(t.key, t.path, {t.was: base * 1e6,
+                                                                 t.path: t.program_s * 1e6})
     invalidate()
     return Tuning(base, tuple(trials), verdicts, best)
