@@ -272,6 +272,32 @@ def test_fused_kernel_support_is_asked_of_the_kernel_module(monkeypatch):
     assert why is None or isinstance(why, str)
     f32 = {k: jax.ShapeDtypeStruct(v.shape, jnp.float32) for k, v in factors.items()}
     assert "bfloat16" in factorized.fused_monarch_unsupported((64, 128), f32)
+    # decode-size inputs never take it (slower than the einsums there, and a minute to compile)
+    for tokens in (1, 8, factorized.FUSED_MIN_TOKENS - 1):
+        assert "decode" in factorized.fused_monarch_unsupported((tokens, 128), factors)
+
+
+def test_a_stacked_weights_dense_rebuild_is_recorded_as_movable(monkeypatch):
+    """Timed alone the rebuild is paid per call; in a scan it can run once for every layer, so
+    the choice recorded for program tuning marks it movable (tried whatever it measured),
+    and the tuner's list holds it though the einsums won alone by 3x."""
+    from sparsejax.kernels import path_choice as pc
+    from sparsejax.kernels import program_tuning
+
+    monkeypatch.delenv("SPARSEJAX_PATH_CACHE", raising=False)
+    pc.clear_cache()
+    monkeypatch.setattr(pc, "_measuring_pays", lambda: True)
+    monkeypatch.setattr(pc, "measure", lambda c, s, **kw: {"einsum": 10.0, "xla_dense": 30.0})
+    fn, params, x = _setup()
+    sfn = sj.sparsify(fn, sj.Monarch("*layers/*/kernel", nblocks=4, init="random"))
+    sparams, sstate = sfn.init(params, x)
+    with pc.recording() as seen:
+        sfn.rewritten_jaxpr(sparams, sstate, x)
+    assert seen and all(movable == ("xla_dense",) for _, _, movable in seen.values())
+    tries = program_tuning.close_calls(dict(seen), 0.25)
+    assert {(was, path) for _, was, path, _, _ in tries} == {("einsum", "xla_dense")}
+    assert len(tries) == len(seen)
+    pc.clear_cache()
 
 
 @pytest.mark.parametrize("tokens", [16, 4096])

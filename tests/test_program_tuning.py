@@ -56,6 +56,21 @@ def test_close_calls_are_the_runner_ups_within_the_margin():
     assert [c[0] for c in program_tuning.close_calls(recorded, 1.5)] == ["a", "b"]
 
 
+def test_a_movable_path_is_tried_whatever_it_measured_alone():
+    # "a": the einsums won alone by 40%, but the dense rebuild can leave the loop: tried.
+    # "b": the movable path is the chosen one: nothing to try. "c": the runner-up is close and
+    # is also the movable path: tried once.
+    a = pc.Choice("einsum", "E", "measured", {"einsum": 10.0, "fused": 30.0, "xla_dense": 14.0})
+    b = pc.Choice("xla_dense", "X", "measured", {"einsum": 30.0, "xla_dense": 10.0})
+    c = pc.Choice("einsum", "E", "measured", {"einsum": 10.0, "xla_dense": 11.0})
+    names = ("einsum", "fused", "xla_dense")
+    recorded = {"a": (a, names, ("xla_dense",)), "b": (b, names, ("xla_dense",)),
+                "c": (c, names, ("xla_dense",))}
+    assert program_tuning.close_calls(recorded, 0.25) == [("c", "einsum", "xla_dense", 10.0, 11.0),
+                                                          ("a", "einsum", "xla_dense", 10.0, 14.0)]
+    assert program_tuning.close_calls({"a": (a, names, ())}, 0.25) == []
+
+
 def test_a_switch_that_speeds_the_program_up_is_kept_and_then_obeyed(fresh_paths, monkeypatch):
     sfn, sparams, sstate, x = _setup()
     _fake_sites(monkeypatch, {"kernel": 11.0, "xla_dense": 10.0})      # alone, XLA by 10%

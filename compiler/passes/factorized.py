@@ -45,10 +45,20 @@ def fused_monarch(x2, factors, out_features):
     return monarch_matmul.monarch_matmul(x2, factors, out_features, impl="kernel")
 
 
+# Below this many tokens (decode) the fused kernel is not a candidate: it pads the tokens to
+# its 64-row tile, lost to the einsums at every decode shape measured on the H200 (M = 1:
+# 18.9 / 35.1 / 30.3 µs against 12.3 / 19.1 / 18.1 µs; M = 8: 20.0 against 13.2 µs) and took
+# about 60 s to compile at each, where every other candidate took about one.
+FUSED_MIN_TOKENS = 64
+
+
 def fused_monarch_unsupported(x_shape, factors) -> str | None:
     """Why :func:`fused_monarch` cannot run these shapes here (None if it can)."""
     if jax.default_backend() != "gpu":
         return "the fused Monarch kernel runs on GPU (interpret mode in its own tests)"
+    if x_shape[0] < FUSED_MIN_TOKENS:
+        return (f"{x_shape[0]} tokens (decode): the fused kernel's 64-row tiles lose to the "
+                f"einsums below {FUSED_MIN_TOKENS} tokens")
     return monarch_matmul.supported(x_shape, factors)
 
 
@@ -157,9 +167,12 @@ class FactorizedHandler(PathChoosing, WeightHandler):
             candidates.append(path_choice.Candidate(
                 "fused_kernel", lambda x, *f: fused(x, unflat(f), n),
                 why_not(x_shape, factors), "fused Monarch kernel"))
+        # A stacked weight's sites run in a loop over layers, where a scan can rebuild the
+        # dense matrices once for every layer (hoist_before_scan): timed alone, this path
+        # pays its rebuild per call, so program tuning tries it whatever it measured.
         candidates.append(path_choice.Candidate(
             "xla_dense", lambda x, *f: jnp.matmul(x, kind.to_dense(unflat(f), k, n).astype(x.dtype)),
-            describe="dense from factors, XLA dot"))
+            describe="dense from factors, XLA dot", movable=bool(self.layout.stack_axes)))
         return candidates
 
     def _dense_fallback(self, key, ref: ParamRef) -> bool:

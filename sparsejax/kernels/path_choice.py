@@ -82,12 +82,17 @@ class Candidate:
       unsupported: why this path cannot run here (``None`` if it can); unsupported
         candidates are never measured or chosen.
       describe: a human description for the report (defaults to ``name``).
+      movable: its time alone overstates its cost inside a program, because part of its
+        work can move out of a loop there (a Monarch weight rebuilt once before a scan
+        instead of in every layer): program tuning
+        (:mod:`sparsejax.kernels.program_tuning`) tries it whatever it measured alone.
     """
 
     name: str
     fn: Callable
     unsupported: str | None = None
     describe: str | None = None
+    movable: bool = False
 
     @property
     def label(self) -> str:
@@ -221,7 +226,8 @@ def overriding(paths: Mapping[str, str]):
 @contextlib.contextmanager
 def recording():
     """Collects the choices made (traced) inside the block, from every thread:
-    ``{key: (Choice, names of the supported candidates)}``, the latest per key."""
+    ``{key: (Choice, names of the supported candidates, names of the movable ones)}``, the
+    latest per key."""
     seen: dict = {}
     with _lock:
         _recorders.append(seen)
@@ -543,7 +549,8 @@ def choose(op: str, signature: str, candidates: Sequence[Candidate], arg_specs: 
                      reference_specs=reference_specs)
     with _lock:
         for seen in _recorders:
-            seen[f"{op}|{signature}"] = (choice, tuple(c.name for c in supported))
+            seen[f"{op}|{signature}"] = (choice, tuple(c.name for c in supported),
+                                         tuple(c.name for c in supported if c.movable))
     return choice
 
 

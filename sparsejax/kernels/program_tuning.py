@@ -11,6 +11,9 @@ calls by timing the program itself:
 2. for each signature whose runner-up measured within ``margin`` of the winner, retrace
    and time the program with that signature on the runner-up (one signature at a time,
    greedily, keeping each switch that makes the program faster by more than ``min_gain``);
+   likewise for each *movable* path (``Candidate.movable``), whose time alone overstates its
+   cost in the program whatever it measured (a Monarch weight that a scan can rebuild once
+   for every layer);
 3. keep the verdicts (:func:`path_choice.remember_program_verdict`): later traces take
    them from the cache (and the user cache file, ``SPARSEJAX_PATH_CACHE``), and the
    report says so.
@@ -67,18 +70,25 @@ class Tuning:
 
 
 def close_calls(recorded: dict, margin: float) -> list[tuple[str, str, str, float, float]]:
-    """``(key, chosen, runner_up, chosen_us, runner_up_us)`` for each recorded choice whose
+    """``(key, chosen, alternative, chosen_us, alternative_us)`` for each recorded choice whose
     runner-up (among the supported candidates with a measured time) is within ``margin``
-    (a fraction: 0.25 = 25% slower) of the chosen path, closest first."""
+    (a fraction: 0.25 = 25% slower) of the chosen path, and for each movable candidate
+    (``Candidate.movable``: its time alone overstates its cost in a program) not chosen,
+    whatever it measured; closest first."""
     out = []
-    for key, (choice, names) in recorded.items():
+    for key, (choice, names, *movable) in recorded.items():
         times = {n: t for n, t in choice.times_us.items() if n in names}
         if choice.name not in times or len(times) < 2:
             continue
         mine = times[choice.name]
         runner = min((n for n in times if n != choice.name), key=times.get)
+        tried = set()
         if times[runner] <= (1.0 + margin) * mine:
             out.append((key, choice.name, runner, mine, times[runner]))
+            tried.add(runner)
+        for name in (movable[0] if movable else ()):
+            if name != choice.name and name in times and name not in tried:
+                out.append((key, choice.name, name, mine, times[name]))
     return sorted(out, key=lambda c: c[4] / max(c[3], 1e-9))
 
 

@@ -1,0 +1,149 @@
+"""Where a decode kernel's time goes: device kernel time against wall time, per launch.
+
+    python benchmarks/decode_profile.py            # GPU
+    python benchmarks/decode_profile.py --smoke    # tiny sizes, interpret mode: checks the script
+
+At decode the sparse paths read a few MB, so a few µs of launch and gap decide their ratio to
+dense. For each case (the sparse-input GEMV at 90% zeros, the Spark FFN layer at batch 1, the
+2:4 GEMV, each beside XLA's dense product) this times one jit over ``layers`` weight sets the
+way ``decode_speed.py`` does (wall µs per weight set), then traces the same calls with
+``jax.profiler`` and prints the device kernels' µs and launches per weight set. Wall minus
+kernel time is what launches and gaps cost; a kernel list shows which launches a fused
+design would remove. The host's time to enqueue a call is printed beside: where it
+reaches the wall time, the timing is bound by dispatch (``--layers``: more weight sets per
+call). Prints the table last; writes $OUT/decode_profile.md when $OUT is set.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import statistics
+import time
+import os
+import pathlib
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.append(str(pathlib.Path(__file__).resolve().parent))
+from decode_speed import FULL, GATE_KERNEL, K_FRAC, SMOKE, SPLIT_DOWN, _dense_gated, _normal, _over_layers  # noqa: E402
+from step_profile import summarise, top_line, trace  # noqa: E402
+from timing import median_seconds, rel_err  # noqa: E402
+
+from sparsejax.kernels import nm_compressed as nm  # noqa: E402
+from sparsejax.kernels import spark_ffn as sf  # noqa: E402
+from sparsejax.kernels import sparse_input_gemv as sig  # noqa: E402
+from sparsejax.masks import nm_mask  # noqa: E402
+
+
+def cases(s, interpret, key):
+    """``(section, name, jitted fn over weight sets, args, reference of set 0)``."""
+    keys = iter(jax.random.split(key, 64))
+    out = []
+    n = s.gemv
+    ws = [_normal(next(keys), (n, n), scale=n ** -0.5) for _ in range(s.layers)]
+    xs = []
+    for _ in range(s.layers):
+        x = _normal(next(keys), (1, n))
+        xs.append(jnp.where(jax.random.uniform(next(keys), (1, n)) < 0.9, 0, x).astype(jnp.bfloat16))
+    ref = sig.sparse_input_gemv_reference(xs[0], ws[0], out_dtype=jnp.bfloat16)
+    dense = _over_layers(lambda x, w: jnp.dot(x, w, preferred_element_type=jnp.float32).astype(x.dtype))
+    out.append(("gemv 90% zero", "xla dense", dense, (xs, ws), ref))
+    rows = dict(impl="rows") if interpret else dict(impl="rows", bc=16, span=128, col_splits=8, num_warps=4)
+    out.append(("gemv 90% zero", "rows", _over_layers(functools.partial(
+        sig.sparse_input_gemv, interpret=interpret, **rows)), (xs, ws), ref))
+    masked = dict(impl="masked", bk=16, bn=64) if interpret else dict(impl="masked", bk=64, bn=256, num_warps=4)
+    out.append(("gemv 90% zero", "masked", _over_layers(functools.partial(
+        sig.sparse_input_gemv, interpret=interpret, **masked)), (xs, ws), ref))
+
+    d, d_ff, r = s.d_model, s.d_ff_layer, s.predictor
+    spark = [sf.decode_weights_from_spark(_normal(next(keys), (d, d_ff), scale=d ** -0.5),
+                                          _normal(next(keys), (d_ff, d), scale=d_ff ** -0.5), r)
+             for _ in range(s.layers)]
+    dense_w = [tuple(_normal(next(keys), sh, scale=sh[0] ** -0.5) for sh in ((d, d_ff), (d, d_ff), (d_ff, d)))
+               for _ in range(s.layers)]
+    xs = [_normal(next(keys), (1, d)) for _ in range(s.layers)]
+    ref = sf.topk_ffn_decode_reference(xs[0].astype(jnp.float32),
+                                       jax.tree.map(lambda a: a.astype(jnp.float32), spark[0]), k_frac=K_FRAC)
+    ref_dense = _dense_gated(xs[0].astype(jnp.float32), jax.tree.map(lambda a: a.astype(jnp.float32), dense_w[0]))
+    out.append(("Spark FFN b1", "dense gated FFN", _over_layers(_dense_gated), (xs, dense_w), ref_dense))
+    tiles = (dict(bj=16, bk=32, bn=32) if interpret else
+             dict(bj=32, bk=256, down_tiles=SPLIT_DOWN, gate_tiles=GATE_KERNEL))
+    out.append(("Spark FFN b1", "sparse, split down, gate kernel", _over_layers(functools.partial(
+        sf.topk_ffn_decode, k_frac=K_FRAC, impl="sparse", interpret=interpret, **tiles)), (xs, spark), ref))
+    out.append(("Spark FFN b1", "auto", _over_layers(functools.partial(
+        sf.topk_ffn_decode, k_frac=K_FRAC, impl="auto", interpret=interpret)), (xs, spark), ref))
+    out.append(("Spark FFN b1", "selection only (XLA)", _over_layers(
+        lambda x, w: sf.select_neurons(jnp.dot(w.gate_input(x), w.w_gate, preferred_element_type=jnp.float32),
+                                       k_frac=K_FRAC, capacity=d_ff)[0]), (xs, spark), None))
+
+    ws = [_normal(next(keys), (n, n), scale=n ** -0.5) for _ in range(s.layers)]
+    packed = [nm.compress_nm(w, 2, 4, nm_mask(w, 2, 4)) for w in ws]
+    xs = [_normal(next(keys), (1, n)) for _ in range(s.layers)]
+    ref = nm.nm_matmul_reference(xs[0], packed[0])
+    out.append(("2:4 GEMV", "xla dense (masked weight)", dense, (xs, [p.to_dense() for p in packed]), ref))
+    out.append(("2:4 GEMV", "nm kernel", _over_layers(functools.partial(nm.nm_matmul, interpret=interpret)),
+                (xs, packed), ref))
+    return out
+
+
+def enqueue_seconds(fn, args, calls, repeats) -> float:
+    """Median host time to enqueue one call (no wait): where it reaches the wall time per call,
+    the back-to-back timing measures the host's dispatch, not the device."""
+    times = []
+    for _ in range(repeats):
+        jax.block_until_ready(fn(*args))
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            out = fn(*args)
+        times.append((time.perf_counter() - t0) / calls)
+        jax.block_until_ready(out)
+    return statistics.median(times)
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--smoke", action="store_true")
+    parser.add_argument("--steps", type=int, default=5, help="calls traced per case")
+    parser.add_argument("--layers", type=int, default=0,
+                        help="weight sets per timed jit (default: decode_speed's)")
+    args = parser.parse_args()
+    interpret = args.smoke or jax.default_backend() != "gpu"
+    s = SMOKE if interpret else FULL
+    if args.layers:
+        s = dataclasses.replace(s, layers=args.layers)
+    head = f"device: {jax.devices()[0].device_kind}, jax {jax.__version__}, interpret={interpret}"
+    print(head, flush=True)
+    rows, details = [], []
+    for section, name, fn, fargs, ref in cases(s, interpret, jax.random.key(0)):
+        try:
+            y = fn(*fargs)[0]
+            err = rel_err(y, ref) if ref is not None else float("nan")
+            wall = 1e6 * median_seconds(fn, *fargs, calls=s.calls, repeats=s.repeats, warmup=2) / s.layers
+            host = 1e6 * enqueue_seconds(fn, fargs, s.calls, s.repeats) / s.layers
+            prof = summarise(trace(lambda: fn(*fargs), args.steps), top=10)
+            kern = prof["total_us"] / s.layers
+            launches = prof["launches"] / s.layers
+            rows.append(f"| {section} | {name} | {wall:.1f} | {kern:.1f} | {wall - kern:.1f} | {host:.1f} | "
+                        f"{launches:.1f} | {err:.1e} |")
+            details.append(f"-- {section}: {name} (per {s.layers} weight sets)")
+            details += ["    " + top_line(e) for e in prof["top"]]
+            print(rows[-1], flush=True)
+        except Exception as e:  # noqa: BLE001  (one failing case must not hide the others)
+            rows.append(f"| {section} | {name} | ERROR {type(e).__name__}: {str(e)[:160]} | | | | | |")
+            print(rows[-1], flush=True)
+    table = ["| case | path | wall µs | kernel µs | wall − kernel | host enqueue µs | launches | rel err |",
+             "|---|---|---|---|---|---|---|---|"] + rows
+    text = "\n".join([head, "", "Kernels per call (µs and launches per call of all weight sets):", "```",
+                      *details, "```", "", "Per weight set:", "", *table])
+    print(text)
+    if os.environ.get("OUT"):
+        pathlib.Path(os.environ["OUT"], "decode_profile.md").write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
