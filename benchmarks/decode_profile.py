@@ -42,7 +42,7 @@ from sparsejax.masks import nm_mask  # noqa: E402
 
 def cases(s, interpret, key):
     """``(section, name, jitted fn over weight sets, args, reference of set 0)``."""
-    keys = iter(jax.random.split(key, 64))
+    keys = iter(jax.random.split(key, 16 * s.layers + 16))
     out = []
     n = s.gemv
     ws = [_normal(next(keys), (n, n), scale=n ** -0.5) for _ in range(s.layers)]

@@ -291,12 +291,15 @@ def test_a_stacked_weights_dense_rebuild_is_recorded_as_movable(monkeypatch):
     fn, params, x = _setup()
     sfn = sj.sparsify(fn, sj.Monarch("*layers/*/kernel", nblocks=4, init="random"))
     sparams, sstate = sfn.init(params, x)
-    with pc.recording() as seen:
-        sfn.rewritten_jaxpr(sparams, sstate, x)
-    assert seen and all(movable == ("xla_dense",) for _, _, movable in seen.values())
-    tries = program_tuning.close_calls(dict(seen), 0.25)
-    assert {(was, path) for _, was, path, _, _ in tries} == {("einsum", "xla_dense")}
-    assert len(tries) == len(seen)
+    loss = lambda p: jnp.sum(jnp.sin(sfn(p, sstate, x)))
+    for program in (lambda: sfn.rewritten_jaxpr(sparams, sstate, x),      # forward
+                    lambda: jax.make_jaxpr(jax.grad(loss))(sparams)):       # with its backward
+        with pc.recording() as seen:
+            program()
+        assert seen and all(movable == ("xla_dense",) for _, _, movable in seen.values())
+        tries = program_tuning.close_calls(dict(seen), 0.25)
+        assert {(was, path) for _, was, path, _, _ in tries} == {("einsum", "xla_dense")}
+        assert len(tries) == len(seen)
     pc.clear_cache()
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import threading
 from typing import Any, Callable, Sequence
@@ -209,12 +210,10 @@ class PathChoosing:
         Differentiated, every candidate and the reference are timed with their backward."""
         pass_kind = "fwd+bwd" if differentiated() else "fwd"
         if pass_kind == "fwd+bwd":
-            candidates = [c if c.unsupported else
-                          path_choice.Candidate(c.name, with_backward(c.fn), None, c.describe)
+            candidates = [c if c.unsupported else dataclasses.replace(c, fn=with_backward(c.fn))
                           for c in candidates]
             if reference is not None:
-                reference = path_choice.Candidate(reference.name, with_backward(reference.fn),
-                                                  None, reference.describe)
+                reference = dataclasses.replace(reference, fn=with_backward(reference.fn))
         choice = path_choice.choose(op, f"{signature},{pass_kind}", candidates, arg_specs,
                                     baseline=baseline, check=check, flops=flops,
                                     reference=reference, reference_specs=reference_specs)
