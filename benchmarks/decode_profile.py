@@ -32,6 +32,8 @@ import numpy as np
 sys.path.append(str(pathlib.Path(__file__).resolve().parent))
 from decode_speed import FULL, GATE_KERNEL, K_FRAC, SMOKE, SPLIT_DOWN, _dense_gated, _normal, _over_layers  # noqa: E402
 from step_profile import summarise, top_line, trace  # noqa: E402
+import glob  # noqa: E402
+import tempfile  # noqa: E402
 from timing import median_seconds, rel_err  # noqa: E402
 
 from sparsejax.kernels import nm_compressed as nm  # noqa: E402
@@ -91,6 +93,40 @@ def cases(s, interpret, key):
     return out
 
 
+def timeline(fn, args, calls: int = 3) -> list[str]:
+    """Every device event of ``calls`` back-to-back calls, in start order: the stream (line),
+    the kernel, its start, duration and the idle gap before it on the device, in µs. Where
+    wall time exceeds kernel time, this shows between which kernels the device waits."""
+    jax.block_until_ready(fn(*args))
+    with tempfile.TemporaryDirectory() as d:
+        jax.profiler.start_trace(d)
+        try:
+            for _ in range(calls):
+                out = fn(*args)
+            jax.block_until_ready(out)
+        finally:
+            jax.profiler.stop_trace()
+        files = glob.glob(os.path.join(d, "**", "*.xplane.pb"), recursive=True)
+        if not files:
+            return ["(no trace)"]
+        data = jax.profiler.ProfileData.from_file(files[0])
+        events = []
+        for plane in data.planes:
+            if not plane.name.startswith("/device:GPU"):
+                continue
+            for line in plane.lines:
+                for e in line.events:
+                    events.append((e.start_ns, e.duration_ns, line.name, e.name))
+    events.sort()
+    lines, end = [], None
+    t0 = events[0][0] if events else 0
+    for start, dur, line, name in events:
+        gap = (start - end) / 1e3 if end is not None else 0.0
+        lines.append(f"{(start - t0) / 1e3:9.1f} {dur / 1e3:7.1f} gap {gap:6.1f}  [{line[:24]}] {name[:60]}")
+        end = max(end or 0, start + dur)
+    return lines
+
+
 def enqueue_seconds(fn, args, calls, repeats) -> float:
     """Median host time to enqueue one call (no wait): where it reaches the wall time per call,
     the back-to-back timing measures the host's dispatch, not the device."""
@@ -109,6 +145,9 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--smoke", action="store_true")
     parser.add_argument("--steps", type=int, default=5, help="calls traced per case")
+    parser.add_argument("--timeline", default="",
+                        help="comma-separated paths (e.g. rows,masked) whose device timeline to print")
+    parser.add_argument("--only", default="", help="comma-separated sections to run (default: all)")
     parser.add_argument("--layers", type=int, default=0,
                         help="weight sets per timed jit (default: decode_speed's)")
     args = parser.parse_args()
@@ -119,8 +158,15 @@ def main():
     head = f"device: {jax.devices()[0].device_kind}, jax {jax.__version__}, interpret={interpret}"
     print(head, flush=True)
     rows, details = [], []
+    want = [w for w in args.timeline.split(",") if w]
+    only = [w for w in args.only.split(",") if w]
     for section, name, fn, fargs, ref in cases(s, interpret, jax.random.key(0)):
+        if only and not any(section.startswith(o) for o in only):
+            continue
         try:
+            if name in want or (want == ["all"]):
+                details.append(f"-- timeline: {section}: {name} (start µs, duration µs, idle gap before)")
+                details += ["    " + line for line in timeline(fn, fargs)[:200]]
             y = fn(*fargs)[0]
             err = rel_err(y, ref) if ref is not None else float("nan")
             wall = 1e6 * median_seconds(fn, *fargs, calls=s.calls, repeats=s.repeats, warmup=2) / s.layers
