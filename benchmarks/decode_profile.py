@@ -30,7 +30,8 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.append(str(pathlib.Path(__file__).resolve().parent))
-from decode_speed import FULL, GATE_KERNEL, K_FRAC, SMOKE, SPLIT_DOWN, _dense_gated, _normal, _over_layers  # noqa: E402
+from decode_speed import (FULL, GATE_KERNEL, K_FRAC, SMOKE, SPLIT_DOWN, _dense_gated, _normal,  # noqa: E402
+                          _over_layers, decode_step, lm_params)
 from step_profile import summarise, top_line, trace  # noqa: E402
 import glob  # noqa: E402
 import tempfile  # noqa: E402
@@ -39,28 +40,32 @@ from timing import median_seconds, rel_err  # noqa: E402
 from sparsejax.kernels import nm_compressed as nm  # noqa: E402
 from sparsejax.kernels import spark_ffn as sf  # noqa: E402
 from sparsejax.kernels import sparse_input_gemv as sig  # noqa: E402
+from sparsejax import sparsify  # noqa: E402
 from sparsejax.masks import nm_mask  # noqa: E402
+from sparsejax.rules import SparkTopK  # noqa: E402
 
 
 def cases(s, interpret, key):
-    """``(section, name, jitted fn over weight sets, args, reference of set 0)``."""
+    """``(section, name, jitted fn, args, reference of its first output, calls it stands for)``."""
     keys = iter(jax.random.split(key, 16 * s.layers + 16))
     out = []
     n = s.gemv
     ws = [_normal(next(keys), (n, n), scale=n ** -0.5) for _ in range(s.layers)]
-    xs = []
-    for _ in range(s.layers):
-        x = _normal(next(keys), (1, n))
-        xs.append(jnp.where(jax.random.uniform(next(keys), (1, n)) < 0.9, 0, x).astype(jnp.bfloat16))
-    ref = sig.sparse_input_gemv_reference(xs[0], ws[0], out_dtype=jnp.bfloat16)
     dense = _over_layers(lambda x, w: jnp.dot(x, w, preferred_element_type=jnp.float32).astype(x.dtype))
-    out.append(("gemv 90% zero", "xla dense", dense, (xs, ws), ref))
     rows = dict(impl="rows") if interpret else dict(impl="rows", bc=16, span=128, col_splits=8, num_warps=4)
-    out.append(("gemv 90% zero", "rows", _over_layers(functools.partial(
-        sig.sparse_input_gemv, interpret=interpret, **rows)), (xs, ws), ref))
     masked = dict(impl="masked", bk=16, bn=64) if interpret else dict(impl="masked", bk=64, bn=256, num_warps=4)
-    out.append(("gemv 90% zero", "masked", _over_layers(functools.partial(
-        sig.sparse_input_gemv, interpret=interpret, **masked)), (xs, ws), ref))
+    rows_fn = _over_layers(functools.partial(sig.sparse_input_gemv, interpret=interpret, **rows))
+    masked_fn = _over_layers(functools.partial(sig.sparse_input_gemv, interpret=interpret, **masked))
+    for zero in (0.5, 0.75, 0.9):
+        xs = []
+        for _ in range(s.layers):
+            x = _normal(next(keys), (1, n))
+            xs.append(jnp.where(jax.random.uniform(next(keys), (1, n)) < zero, 0, x).astype(jnp.bfloat16))
+        ref = sig.sparse_input_gemv_reference(xs[0], ws[0], out_dtype=jnp.bfloat16)
+        section = f"gemv {zero:.0%} zero"
+        out.append((section, "xla dense", dense, (xs, ws), ref, s.layers))
+        out.append((section, "rows", rows_fn, (xs, ws), ref, s.layers))
+        out.append((section, "masked", masked_fn, (xs, ws), ref, s.layers))
 
     d, d_ff, r = s.d_model, s.d_ff_layer, s.predictor
     spark = [sf.decode_weights_from_spark(_normal(next(keys), (d, d_ff), scale=d ** -0.5),
@@ -72,24 +77,44 @@ def cases(s, interpret, key):
     ref = sf.topk_ffn_decode_reference(xs[0].astype(jnp.float32),
                                        jax.tree.map(lambda a: a.astype(jnp.float32), spark[0]), k_frac=K_FRAC)
     ref_dense = _dense_gated(xs[0].astype(jnp.float32), jax.tree.map(lambda a: a.astype(jnp.float32), dense_w[0]))
-    out.append(("Spark FFN b1", "dense gated FFN", _over_layers(_dense_gated), (xs, dense_w), ref_dense))
+    out.append(("Spark FFN b1", "dense gated FFN", _over_layers(_dense_gated), (xs, dense_w), ref_dense, s.layers))
     tiles = (dict(bj=16, bk=32, bn=32) if interpret else
              dict(bj=32, bk=256, down_tiles=SPLIT_DOWN, gate_tiles=GATE_KERNEL))
     out.append(("Spark FFN b1", "sparse, split down, gate kernel", _over_layers(functools.partial(
-        sf.topk_ffn_decode, k_frac=K_FRAC, impl="sparse", interpret=interpret, **tiles)), (xs, spark), ref))
+        sf.topk_ffn_decode, k_frac=K_FRAC, impl="sparse", interpret=interpret, **tiles)), (xs, spark), ref, s.layers))
     out.append(("Spark FFN b1", "auto", _over_layers(functools.partial(
-        sf.topk_ffn_decode, k_frac=K_FRAC, impl="auto", interpret=interpret)), (xs, spark), ref))
+        sf.topk_ffn_decode, k_frac=K_FRAC, impl="auto", interpret=interpret)), (xs, spark), ref, s.layers))
     out.append(("Spark FFN b1", "selection only (XLA)", _over_layers(
         lambda x, w: sf.select_neurons(jnp.dot(w.gate_input(x), w.w_gate, preferred_element_type=jnp.float32),
-                                       k_frac=K_FRAC, capacity=d_ff)[0]), (xs, spark), None))
+                                       k_frac=K_FRAC, capacity=d_ff)[0]), (xs, spark), None, s.layers))
 
     ws = [_normal(next(keys), (n, n), scale=n ** -0.5) for _ in range(s.layers)]
     packed = [nm.compress_nm(w, 2, 4, nm_mask(w, 2, 4)) for w in ws]
     xs = [_normal(next(keys), (1, n)) for _ in range(s.layers)]
     ref = nm.nm_matmul_reference(xs[0], packed[0])
-    out.append(("2:4 GEMV", "xla dense (masked weight)", dense, (xs, [p.to_dense() for p in packed]), ref))
+    out.append(("2:4 GEMV", "xla dense (masked weight)", dense, (xs, [p.to_dense() for p in packed]), ref, s.layers))
     out.append(("2:4 GEMV", "nm kernel", _over_layers(functools.partial(nm.nm_matmul, interpret=interpret)),
-                (xs, packed), ref))
+                (xs, packed), ref, s.layers))
+
+    # The end-to-end decode step of decode_speed.py at batch 1: dense, and Spark top-k on the
+    # FFNs and attention through sparsify + lower (one step per call).
+    params = lm_params(next(keys), s)
+    hd = s.d_model // s.heads
+    shape = (s.lm_layers, 1, s.cache, s.heads, hd)
+    args = (jax.random.randint(next(keys), (1,), 0, s.vocab), _normal(next(keys), shape),
+            _normal(next(keys), shape))
+    step = functools.partial(decode_step, heads=s.heads)
+    sfn = sparsify(step, [SparkTopK("*", site="ffn", k_frac=K_FRAC),
+                          SparkTopK("*", site="attention", k=min(256, s.cache // 4))])
+    big = (jax.random.randint(next(keys), (2,), 0, s.vocab), _normal(next(keys), shape[:1] + (2,) + shape[2:]),
+           _normal(next(keys), shape[:1] + (2,) + shape[2:]))
+    _, sstate = sfn.init(params, *big)
+    low = sfn.lower(sstate, interpret=interpret)
+    ref = jax.jit(lambda p, *a: sfn(p, sstate, *a))(params, *args)[0]
+    out.append(("e2e decode b1", "dense step", jax.jit(step), (params, *args),
+                jax.jit(step)(params, *args)[0], 1))
+    out.append(("e2e decode b1", "Spark lowered step", jax.jit(lambda p, *a: low(p, sstate, *a)),
+                (params, *args), ref, 1))
     return out
 
 
@@ -160,7 +185,7 @@ def main():
     rows, details = [], []
     want = [w for w in args.timeline.split(",") if w]
     only = [w for w in args.only.split(",") if w]
-    for section, name, fn, fargs, ref in cases(s, interpret, jax.random.key(0)):
+    for section, name, fn, fargs, ref, per in cases(s, interpret, jax.random.key(0)):
         if only and not any(section.startswith(o) for o in only):
             continue
         try:
@@ -169,14 +194,14 @@ def main():
                 details += ["    " + line for line in timeline(fn, fargs)[:200]]
             y = fn(*fargs)[0]
             err = rel_err(y, ref) if ref is not None else float("nan")
-            wall = 1e6 * median_seconds(fn, *fargs, calls=s.calls, repeats=s.repeats, warmup=2) / s.layers
-            host = 1e6 * enqueue_seconds(fn, fargs, s.calls, s.repeats) / s.layers
+            wall = 1e6 * median_seconds(fn, *fargs, calls=s.calls, repeats=s.repeats, warmup=2) / per
+            host = 1e6 * enqueue_seconds(fn, fargs, s.calls, s.repeats) / per
             prof = summarise(trace(lambda: fn(*fargs), args.steps), top=10)
-            kern = prof["total_us"] / s.layers
-            launches = prof["launches"] / s.layers
+            kern = prof["total_us"] / per
+            launches = prof["launches"] / per
             rows.append(f"| {section} | {name} | {wall:.1f} | {kern:.1f} | {wall - kern:.1f} | {host:.1f} | "
                         f"{launches:.1f} | {err:.1e} |")
-            details.append(f"-- {section}: {name} (per {s.layers} weight sets)")
+            details.append(f"-- {section}: {name} (per call: {per} weight sets)")
             details += ["    " + top_line(e) for e in prof["top"]]
             print(rows[-1], flush=True)
         except Exception as e:  # noqa: BLE001  (one failing case must not hide the others)
