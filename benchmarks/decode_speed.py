@@ -522,7 +522,9 @@ def bench_e2e(b: Bench):
             # Close per-site choices settled on the whole step (SparseFunction.tune), then the
             # tuned step, where a switch was kept, timed as the others were (a fresh trace
             # takes the verdicts).
-            tuning = low.tune(lambda p, st, *a: low(p, st, *a), params, ss, *args)
+            # The program the benchmark times (the sparsity state closed over, not an argument):
+            # the tuner's verdicts hold for the program it timed.
+            tuning = low.tune(lambda p, *a: low(p, ss, *a), params, *args)
             b.log("  " + tuning.summary().replace("\n", "\n  "))
             t_tuned = t_low       # no switch kept: the step already timed
             if tuning.verdicts:
