@@ -9,7 +9,8 @@ vocab 50304, bf16 compute, flash attention unless ``--attention=explicit``), wri
 ``nn.scan`` over layers and unrolled. Recipes, all through ``sparsify``: block masks at
 90/75/50% on every linear layer but the head, then ``lower`` (the block-sparse kernel or XLA
 per site, whichever measured faster); 90% on FFNs only; Monarch (4 blocks, fresh factors) on
-every linear layer but the head. Measured: prefill forward (batch 8 × 1024), the AdamW
+every linear layer but the head (prefill and decode through ``lower(premasked=True)``: each
+site also weighs the stored dense product). Measured: prefill forward (batch 8 × 1024), the AdamW
 training step (same batch), and decoding one token with a 1024-token KV cache at batch 1 and
 8. Beside each ratio to dense: the FLOP-ideal ratio (dense model FLOPs over the sparse
 model's, from the report's counts) or, for decode, the
@@ -132,6 +133,13 @@ class Variant:
                 self.infer_params = lowered.premask(sparams, sstate)
             self.train_fwd = sfn.lower(sstate, fuse_siblings=FUSE_SIBLINGS)
             self.infer_fwd = lowered
+            self.report = lowered.report()
+        elif INFER == "premasked":
+            # Monarch: prefill and decode run the copy whose leaves also hold their dense
+            # product, so each site weighs the dense program's own dot (never slower than it).
+            lowered = sfn.lower(sstate, premasked=True)
+            self.infer_params = lowered.premask(sparams, sstate)
+            self.train_fwd, self.infer_fwd = sfn, lowered
             self.report = lowered.report()
         else:
             self.train_fwd = self.infer_fwd = sfn

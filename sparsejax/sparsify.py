@@ -45,6 +45,7 @@ from sparsejax.compiler import report_builder
 from sparsejax.compiler import thresholds as threshold_lib
 from sparsejax.compiler.activation_sites import ActivationSite
 from sparsejax.compiler.passes.rewrite import compose_input_hooks, rewritten_program
+from sparsejax.compiler.passes.factorized import STORED_DENSE, FactorizedHandler
 from sparsejax.compiler.passes.thresholds import threshold_hook
 from sparsejax.compiler.plan import Slot as _Slot, Traced as _Traced
 from sparsejax.kernels import program_tuning
@@ -92,6 +93,8 @@ class SparseFunction:
         self._lowered_slot_masks = None   # lower(): the masks lowered (the report reads its paths)
         self._packed_paths: frozenset = frozenset()   # lower(packed=True): leaves held as blocks
         self._premasked_paths: frozenset = frozenset()   # lower(premasked=True): zero outside masks
+        self._stored_dense_paths: frozenset = frozenset()  # lower(premasked=True): factors + dense
+        self._unstored_params = None      # lower(premasked=True): init's (treedef, avals), for premask
         self._sibling_tables: dict | None = None   # lower(fuse_siblings=True): member paths -> tables
         self._thresholds: list = []       # (ThresholdPoint, rule) of the threshold rules
         self._threshold_info: dict = {}   # name -> {"target", "measured"} from calibrate()
@@ -212,19 +215,26 @@ class SparseFunction:
 
     # --------------------------------------------------------------------- call
 
-    def _check_params(self, sparams) -> list:
+    def _check_params(self, sparams, want_treedef=None, want_avals=None) -> list:
         if self._slots is None:
             raise RuntimeError("call .init(params, *args) before calling the sparsified function")
-        sparams = _conform(sparams, self._sparams_treedef)
+        want_treedef = want_treedef or self._sparams_treedef
+        want_avals = want_avals or self._sparams_avals
+        sparams = _conform(sparams, want_treedef)
         leaves, treedef = jax.tree_util.tree_flatten(sparams)
-        if treedef != self._sparams_treedef:
+        if treedef != want_treedef:
             got = set(path_lib.leaf_paths(sparams))
             want = set(path_lib.leaf_paths(jax.tree_util.tree_unflatten(
-                self._sparams_treedef, [0] * self._sparams_treedef.num_leaves)))
+                want_treedef, [0] * want_treedef.num_leaves)))
             missing, extra = sorted(want - got), sorted(got - want)
+            hint = ""
+            if self._stored_dense_paths and want_treedef is self._sparams_treedef:
+                hint = ("; this copy was lowered with premasked=True: pass "
+                        "lowered.premask(sparams, sstate), which stores each factorized leaf's "
+                        "dense product")
             raise ValueError("params do not match the structure given to init: "
-                             f"missing {missing[:5]}, unexpected {extra[:5]}")
-        for path, x, (shape, _) in zip(path_lib.leaf_paths(sparams), leaves, self._sparams_avals):
+                             f"missing {missing[:5]}, unexpected {extra[:5]}{hint}")
+        for path, x, (shape, _) in zip(path_lib.leaf_paths(sparams), leaves, want_avals):
             if tuple(jnp.shape(x)) != shape:
                 raise ValueError(f"{path}: shape {tuple(jnp.shape(x))} differs from the shape "
                                  f"{shape} given to init")
@@ -235,10 +245,19 @@ class SparseFunction:
         if not isinstance(sstate, dict) or "masks" not in sstate:
             raise TypeError("sstate must be the dict returned by init: {'masks': ...}")
         try:
-            return self._sparams_treedef.flatten_up_to(_conform(sstate["masks"],
-                                                                self._sparams_treedef))
+            return self._sparams_treedef.flatten_up_to(self._masks_tree(sstate))
         except (ValueError, TypeError) as e:
             raise ValueError(f"sstate['masks'] does not match the params structure: {e}") from None
+
+    def _masks_tree(self, sstate) -> Any:
+        """``sstate['masks']`` in the params' structure: init's, plus (a copy lowered with
+        ``premasked=True``) an unmasked entry for each stored dense product."""
+        if self._unstored_params is None:
+            return _conform(sstate["masks"], self._sparams_treedef)
+        masks = self._dense_treedef.flatten_up_to(_conform(sstate["masks"], self._unstored_params[0]))
+        return self._dense_treedef.unflatten([
+            {**m, STORED_DENSE: None} if s.path in self._stored_dense_paths and isinstance(m, dict)
+            else m for s, m in zip(self._slots, masks)])
 
     def _slot_items(self, sparams) -> list:
         """The sparse params grouped per dense leaf: an array, or a subtree (factors)."""
@@ -247,7 +266,7 @@ class SparseFunction:
     def _slot_masks(self, sstate) -> list:
         """One mask (or None) per dense leaf."""
         self._mask_leaves(sstate)
-        masks = self._dense_treedef.flatten_up_to(_conform(sstate["masks"], self._sparams_treedef))
+        masks = self._dense_treedef.flatten_up_to(self._masks_tree(sstate))
         return [m if _is_array(m) else None for m in masks]
 
     def __call__(self, sparams: Any, sstate: dict, *args: Any, **kwargs: Any) -> Any:
@@ -537,7 +556,7 @@ class SparseFunction:
         self._check_params(sparams)
         out = []
         self._mask_leaves(sstate)
-        masks = self._dense_treedef.flatten_up_to(_conform(sstate["masks"], self._sparams_treedef))
+        masks = self._dense_treedef.flatten_up_to(self._masks_tree(sstate))
         for slot, w, m in zip(self._slots, self._slot_items(sparams), map(_mask_item, masks)):
             handler = self._handlers.get(slot.path)
             out.append(w if handler is None else handler.make_input(w, m).materialize())
@@ -569,6 +588,12 @@ class SparseFunction:
           packed: the copy takes packed params (:meth:`pack`): each lowered leaf
             held as its kept blocks only, memory ∝ density. Masks of those
             leaves are then not needed in ``sstate``.
+          premasked: the copy takes :meth:`premask`'s params, for inference: masked leaves
+            zero outside their masks (no mask multiply in the program), and each
+            factorized (Monarch, block-diagonal) leaf's dense product stored beside its
+            factors, a path its sites weigh against the factored product (the dense
+            program's own dot: a site is never slower than dense for want of it; memory:
+            the dense matrix on top of the factors).
           fuse_siblings: lowered block-sparse sites that multiply the same activation by
             weights of the same K (attention's q/k/v, a gated FFN's gate/up) may run as one
             kernel over their weights concatenated along N, where that measures faster
@@ -601,6 +626,19 @@ class SparseFunction:
                         self._handlers[slot.path], mask, backend, interpret, packed=packed,
                         premasked=premasked)
         lowered._handlers.update(activation_sparse_handlers(self, backend=backend, interpret=interpret))
+        if premasked:   # factorized leaves hold their dense product too (premask computes it)
+            stored = {s.path: self._handlers[s.path].with_stored_dense() for s in self._slots
+                      if type(self._handlers.get(s.path)) is FactorizedHandler}
+            lowered._handlers.update(stored)
+            lowered._stored_dense_paths = frozenset(stored)
+            if stored:
+                avals = jax.tree_util.tree_unflatten(self._sparams_treedef, [
+                    jax.ShapeDtypeStruct(shape, dtype) for shape, dtype in self._sparams_avals])
+                with_dense = jax.eval_shape(lowered._store_dense, avals)
+                lowered._unstored_params = (self._sparams_treedef, self._sparams_avals)
+                lowered._sparams_treedef = jax.tree_util.tree_structure(with_dense)
+                lowered._sparams_avals = [(tuple(x.shape), x.dtype)
+                                          for x in jax.tree_util.tree_leaves(with_dense)]
         if packed:
             lowered._packed_paths = frozenset(p for p, h in lowered._handlers.items()
                                               if getattr(h, "packed", False))
@@ -653,11 +691,27 @@ class SparseFunction:
                                  "outside the mask; pass lowered.premask(sparams, sstate)")
 
     def premask(self, sparams: Any, sstate: dict) -> Any:
-        """``sparams`` with every masked leaf multiplied by its mask (for ``lower(premasked=True)``)."""
-        self._check_params(sparams)
+        """Params for ``lower(premasked=True)``: every masked leaf multiplied by its mask, and
+        every factorized leaf's dense product stored beside its factors (the factors
+        multiplied out once, so a site can take the dense program's own dot where that is
+        faster; memory: the dense matrix on top of the factors)."""
+        treedef, avals = self._unstored_params or (self._sparams_treedef, self._sparams_avals)
+        sparams = _conform(sparams, treedef)
+        self._check_params(sparams, treedef, avals)
         items = [x * m.astype(x.dtype) if isinstance(s.rule, MaskRule) and m is not None else x
-                 for s, x, m in zip(self._slots, self._slot_items(sparams), self._slot_masks(sstate))]
-        return self._dense_treedef.unflatten(items)
+                 for s, x, m in zip(self._slots, self._dense_treedef.flatten_up_to(sparams),
+                                    self._slot_masks(sstate))]
+        return self._store_dense(self._dense_treedef.unflatten(items))
+
+    def _store_dense(self, sparams: Any) -> Any:
+        """``sparams`` (factors only) with each stored-dense leaf's dense product added."""
+        if not self._stored_dense_paths:
+            return sparams
+        items = self._dense_treedef.flatten_up_to(sparams)
+        return self._dense_treedef.unflatten([
+            self._handlers[s.path].store_dense(x) if s.path in self._stored_dense_paths else x
+            for s, x in zip(self._slots, items)])
+
 
     def pack(self, sparams: Any) -> Any:
         """Params for a copy made by ``lower(..., packed=True)``: lowered leaves as kept blocks.

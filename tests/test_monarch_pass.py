@@ -470,3 +470,76 @@ def test_hoisting_beside_a_lowered_block_sparse_site_in_the_same_scan(monkeypatc
         chex.assert_trees_all_close(y, sfn(sparams, sstate, x), rtol=1e-4, atol=1e-5)
         chex.assert_trees_all_close(g, jax.grad(loss(sfn))(sparams), rtol=1e-3, atol=1e-5)
     pc.clear_cache()
+
+
+def test_premasked_copy_holds_the_dense_product_and_computes_the_same():
+    """lower(premasked=True): premask multiplies each Monarch leaf out once and stores the
+    product beside its factors; the copy computes what the sparsified function does on
+    every path, the stored product's dot is the dense program's own (no rebuild in the
+    program), and factors-only params get a one-line error naming premask."""
+    from sparsejax.kernels import path_choice as pc
+
+    pc.clear_cache()
+    fn, params, x = _setup()
+    sfn = sj.sparsify(fn, sj.Monarch("*layers/*/kernel", nblocks=4, init="random"))
+    sparams, sstate = sfn.init(params, x)
+    low = sfn.lower(sstate, premasked=True)
+    stored = low.premask(sparams, sstate)
+    up = stored["params"]["layers"]["up"]["kernel"]
+    assert up["dense"].shape == (3, 16, 32)
+    chex.assert_trees_all_close(up["dense"], sj.monarch.to_dense(sparams["params"]["layers"]["up"]["kernel"],
+                                                                 16, 32), rtol=1e-6, atol=1e-6)
+    want = sfn(sparams, sstate, x)
+    for path in ("einsum", "stored_dense"):
+        with pc.mode(f"force:{path}"):
+            low.invalidate()
+            chex.assert_trees_all_close(low(stored, sstate, x), want, rtol=2e-5, atol=2e-5)
+            body = _scan_body_dots(low.rewritten_jaxpr(stored, sstate, x))
+        kernels = {r.path: r.kernel for r in low.report().rows}
+        if path == "stored_dense":
+            assert ((2, 5, 16), (16, 32)) in body and not any(len(a) == 4 for a, _ in body)
+            assert kernels["params/layers/up/kernel"] == (
+                "stored dense product (premask), XLA dot (forced)")
+        else:
+            assert any(len(a) == 3 and a[-1] == 4 for a, _ in body)     # the factors' einsums
+    # memory: the report counts the stored product beside the factors
+    rows = {r.path: r for r in low.report().rows}
+    plain = {r.path: r for r in sfn.report().rows}
+    assert rows["params/layers/up/kernel"].params_after == (
+        plain["params/layers/up/kernel"].params_after + 3 * 16 * 32)
+    chex.assert_trees_all_close(low.dense_params(stored, sstate), sfn.dense_params(sparams, sstate))
+    with pytest.raises(ValueError, match=r"premasked=True: pass lowered\.premask"):
+        low(sparams, sstate, x)
+    pc.clear_cache()
+
+
+def test_a_site_weighs_the_stored_product_by_measurement(monkeypatch):
+    """Where the stored product's dot measures faster, the site takes it (a signature of its
+    own: the candidates differ from the unlowered function's); the unlowered function never
+    offers it."""
+    from sparsejax.kernels import path_choice as pc
+
+    monkeypatch.delenv("SPARSEJAX_PATH_CACHE", raising=False)
+    pc.clear_cache()
+    monkeypatch.setattr(pc, "_measuring_pays", lambda: True)
+    seen = []
+
+    def measure(cands, specs, **kw):
+        seen.append(tuple(c.name for c in cands))
+        return {c.name: {"stored_dense": 5.0, "einsum": 10.0}.get(c.name, 30.0) for c in cands}
+
+    monkeypatch.setattr(pc, "measure", measure)
+    fn, params, x = _setup()
+    sfn = sj.sparsify(fn, sj.Monarch("*layers/*/kernel", nblocks=4, init="random"))
+    sparams, sstate = sfn.init(params, x)
+    sfn.rewritten_jaxpr(sparams, sstate, x)
+    assert seen and all("stored_dense" not in names for names in seen)
+    low = sfn.lower(sstate, premasked=True)
+    stored = low.premask(sparams, sstate)
+    with pc.recording() as rec:
+        low.rewritten_jaxpr(stored, sstate, x)
+    assert rec and all(k.endswith(",stored_dense,fwd") for k in rec)
+    assert {c.name for c, _, _ in rec.values()} == {"stored_dense"}
+    assert {r.path: r.kernel for r in low.report().rows}["params/layers/up/kernel"].startswith(
+        "stored dense product (premask), XLA dot (5 µs")
+    pc.clear_cache()

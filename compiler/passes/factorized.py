@@ -11,10 +11,18 @@ factors and one XLA dot. A stacked leaf sliced by a scan or indexed per layer
 tied weight read as an embedding, a weight scaled or transposed first)
 materializes the dense matrix: right, just not fast; the report's compute column
 says which sites took which path.
+
+For inference, ``lower(premasked=True)`` gives each factorized leaf its dense product
+as well (``premask`` multiplies the factors out once, stored beside them under
+``STORED_DENSE``): a site then also weighs the dense program's own dot on that stored
+matrix, which wins where the factored product is slower than dense (few tokens, small
+factors), so the site is never slower than the dense model there.
 """
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import math
 
 import jax
@@ -99,6 +107,18 @@ _KINDS = {
 }
 
 
+# The key of a factorized leaf's stored dense product (``(*stack, K, N)``, beside the factors)
+# in a copy lowered with ``premasked=True``.
+STORED_DENSE = "dense"
+
+
+def split_stored(state):
+    """``(factors, stored dense product or None)`` of a factorized leaf's state."""
+    if isinstance(state, dict) and STORED_DENSE in state:
+        return {k: v for k, v in state.items() if k != STORED_DENSE}, state[STORED_DENSE]
+    return state, None
+
+
 # What the dense program computes at a factorized site: ``x @ W`` on the stored ``(K, N)``
 # weight. Timed as every site's baseline (the dense model pays no rebuild); the site holds no
 # dense weight, so it is never a path it takes.
@@ -113,6 +133,21 @@ class FactorizedHandler(PathChoosing, WeightHandler):
         self.kind = _KINDS[type(rule)]
         self._reasons = {s.key: self.site_reason(s) for s in sites}
         self._hoisted: set = set()     # scan bodies whose weight is rebuilt before the scan
+        self.stored_dense = False      # lower(premasked=True): the leaf holds its dense product
+
+    def with_stored_dense(self) -> "FactorizedHandler":
+        """This handler for a copy lowered with ``premasked=True``: its leaf's state holds the
+        dense product beside the factors (:meth:`store_dense`), a path each site weighs."""
+        h = copy.copy(self)
+        h.stored_dense, h.choices, h._hoisted = True, {}, set()
+        return h
+
+    def store_dense(self, factors):
+        """The leaf's params for a ``stored_dense`` copy: the factors and their dense product
+        ``(*stack, K, N)`` in the factors' dtype (what ``premask`` returns)."""
+        factors, _ = split_stored(factors)
+        dense = self.kind.to_dense(factors, self.layout.k, self.layout.n)
+        return {**factors, STORED_DENSE: dense.astype(jax.tree.leaves(factors)[0].dtype)}
 
     def site_reason(self, site) -> str | None:
         return direct_site_reason(site, self.layout)
@@ -131,7 +166,7 @@ class FactorizedHandler(PathChoosing, WeightHandler):
     def _stack_axes_left(self, ref: ParamRef) -> int:
         """How many of the leaf's stack axes the ref's factors still have (scans and
         per-layer indexing take them off)."""
-        removed = self._factor_ndim - jax.tree.leaves(ref.state)[0].ndim
+        removed = self._factor_ndim - jax.tree.leaves(split_stored(ref.state)[0])[0].ndim
         return len(self.layout.stack_axes) - removed
 
     def make_input(self, item, mask) -> ParamRef:
@@ -144,6 +179,8 @@ class FactorizedHandler(PathChoosing, WeightHandler):
         if reason is not None:
             return f"dense fallback ({reason})"
         chosen = self.chosen_path(key)
+        if self.stored_dense and chosen is None:
+            return f"{self._einsum_label} or the stored dense product (path chosen when traced)"
         if chosen is not None and any(key[:len(b)] == b for b in self._hoisted):
             return f"dense rebuilt from the factors once before the scan, XLA dot; per layer: {chosen}"
         return chosen if chosen is not None else f"{self._einsum_label} (path chosen when traced)"
@@ -152,8 +189,16 @@ class FactorizedHandler(PathChoosing, WeightHandler):
     def _einsum_label(self) -> str:
         return "Monarch einsums" if self.kind.flops_kind == "monarch" else "block-diagonal einsum"
 
-    def _candidates(self, x_shape, factors):
-        """Paths as functions of ``(x2, *factor leaves)``, the einsums first (the default)."""
+    def _candidates(self, x_shape, factors, stored: bool = False):
+        """Paths as functions of ``(x2, *factor leaves)``, the einsums first (the default);
+        with ``stored``, of ``(x2, *factor leaves, stored dense matrix)``, the stored product's
+        dot a candidate too."""
+        if stored:
+            inner = self._candidates(x_shape, factors)
+            return [dataclasses.replace(c, fn=(lambda fn: lambda x, *f: fn(x, *f[:-1]))(c.fn))
+                    for c in inner if c.name != "xla_dense"] + [path_choice.Candidate(
+                        "stored_dense", lambda x, *f: jnp.matmul(x, f[-1].astype(x.dtype)),
+                        describe="stored dense product (premask), XLA dot")]
         kind, k, n = self.kind, self.layout.k, self.layout.n
         treedef = jax.tree.structure(factors)
         unflat = lambda leaves: jax.tree.unflatten(treedef, leaves)
@@ -196,22 +241,27 @@ class FactorizedHandler(PathChoosing, WeightHandler):
         # program's bf16 work; promoting bf16 activations with float32 factors would run
         # each site as float32 GEMMs instead (and rule the fused kernel out).
         dtype = jnp.result_type(*(v.aval.dtype for v in eqn.invars[:2]))
-        factors = jax.tree.map(lambda f: f.astype(dtype), ref.state)
+        factors, stored = split_stored(ref.state)
+        factors = jax.tree.map(lambda f: f.astype(dtype), factors)
         k, n = self.layout.k, self.layout.n
         leaves = jax.tree.leaves(factors)
+        flops = 2.0 * (math.prod(x.shape) // k) * sum(f.size for f in leaves)
+        if stored is not None:
+            # cast at the dot, as the dense program casts its weight (Flax's compute dtype)
+            leaves = leaves + [stored]
         m = math.prod(x.shape) // k
         specs = [jax.ShapeDtypeStruct((m, k), dtype),
                  *(jax.ShapeDtypeStruct(f.shape, f.dtype) for f in leaves)]
         signature = (f"{self.kind.flops_kind},M={m},K={k},N={n},nblocks={self.rule.nblocks},"
-                     f"dtype={jnp.dtype(dtype).name}")
-        candidates = self._candidates((m, k), factors)
+                     f"dtype={jnp.dtype(dtype).name}" + (",stored_dense" if stored is not None else ""))
+        candidates = self._candidates((m, k), factors, stored=stored is not None)
         # The factored product's work (each factor entry once per token): at prefill and
         # training sizes the site is compute-bound and is timed over two input sets. The
         # baseline is the dense program's dot on its stored weight, not ``xla_dense`` (which
         # rebuilds the matrix from the factors every call, and differentiated also runs the
         # rebuild's backward): a site is faster than dense only if it beats that dot.
         choice = self._choose(key, "factorized_matmul", signature, candidates, specs,
-                              flops=2.0 * m * sum(f.size for f in leaves),
+                              flops=flops,
                               reference=DENSE_WEIGHT,
                               reference_specs=[specs[0], jax.ShapeDtypeStruct((k, n), dtype)])
         fn = next(c.fn for c in candidates if c.name == choice.name)
@@ -219,8 +269,9 @@ class FactorizedHandler(PathChoosing, WeightHandler):
 
     def may_hoist_before_scan(self) -> bool:
         """Whether a site's choice can be anything but the deterministic first candidate (the
-        einsums) here; if not, no scan needs its body traced twice to ask."""
-        return path_choice.choices_can_vary()
+        einsums) here; if not, no scan needs its body traced twice to ask. A leaf with its
+        stored dense product never rebuilds it."""
+        return not self.stored_dense and path_choice.choices_can_vary()
 
     def hoist_before_scan(self, ref: ParamRef, body_key) -> bool:
         """Whether a scan should take this stacked weight dense, rebuilt from the factors once
@@ -240,7 +291,8 @@ class FactorizedHandler(PathChoosing, WeightHandler):
         # The dense value in the view the factors are in now: stack axes a scan or an
         # index took off are gone, one a slice took a layer of has that size; the
         # pending view ops then apply as the program wrote them.
-        layout, first = self.layout, jax.tree.leaves(ref.state)[0]
+        factors, stored = split_stored(ref.state)
+        layout, first = self.layout, jax.tree.leaves(factors)[0]
         left = self._stack_axes_left(ref)
         gone = layout.stack_axes[:len(layout.stack_axes) - left]
         shape = list(layout.shape)
@@ -252,14 +304,17 @@ class FactorizedHandler(PathChoosing, WeightHandler):
                               tuple(new[a] for a in self.layout.stack_axes[len(gone):]),
                               tuple(new[a] for a in layout.contract_axes),
                               tuple(new[a] for a in layout.free_axes))
-        dense = self.kind.to_dense(ref.state, self.layout.k, self.layout.n)
+        dense = stored if stored is not None else self.kind.to_dense(factors, self.layout.k,
+                                                                     self.layout.n)
         return views.replay_pending(ref, layout.from_matrix(dense).astype(first.dtype))
 
     # -- report ---------------------------------------------------------------------
 
     def params_after(self, density):
         stack = math.prod(self.layout.stack_shape)
-        return stack * self.kind.param_count(self.layout.k, self.layout.n, self.rule.nblocks)
+        stored = self.layout.k * self.layout.n if self.stored_dense else 0   # held beside them
+        return stack * (self.kind.param_count(self.layout.k, self.layout.n, self.rule.nblocks)
+                        + stored)
 
     def flops_after(self, site, density):
         k, n = self.layout.k, self.layout.n
