@@ -207,6 +207,7 @@ def bench_gemv(b: Bench):
 
 SPLIT_DOWN = dict(bk=64, bn=256, steps=4, partials=True)
 GATE_KERNEL = dict(bk=64, bn=256, steps=4, partials=True)
+ROWS_DOWN = dict(impl="rows", bc=16, span=128, col_splits=8, partials=True)
 
 
 def ffn_variants(interpret, batch):
@@ -217,6 +218,9 @@ def ffn_variants(interpret, batch):
                 "sparse, split down, gate kernel": dict(
                     impl="sparse", bj=16, bk=32, bn=32, down_tiles=dict(bk=16, bn=32, steps=2, partials=True),
                     gate_tiles=dict(bk=16, bn=32, steps=2, partials=True)),
+                "sparse, rows down, act in kernel": dict(
+                    impl="sparse", bj=16, bk=32, bn=32, act_in_kernel=True,
+                    down_tiles=dict(impl="rows", bc=8, span=32, col_splits=2)),
                 "auto (choose_impl)": dict(impl="auto")}
     # The first H200 sweep at batch 1: sparse bj16/bj32 48 us, fused atomics 50.7 us,
     # fused bj64 bk128 w8 partials 53.3 us; the predictor GEMV alone 23 us (XLA). The
@@ -225,6 +229,10 @@ def ffn_variants(interpret, batch):
          "sparse bj32, split down": dict(impl="sparse", bj=32, bk=256, down_tiles=SPLIT_DOWN),
          "sparse bj32, split down, gate kernel": dict(impl="sparse", bj=32, bk=256, down_tiles=SPLIT_DOWN,
                                                       gate_tiles=GATE_KERNEL),
+         "sparse bj32, rows down, gate kernel": dict(impl="sparse", bj=32, bk=256, down_tiles=ROWS_DOWN,
+                                                     gate_tiles=GATE_KERNEL),
+         "sparse bj32, rows down, gate kernel, act in kernel": dict(
+             impl="sparse", bj=32, bk=256, down_tiles=ROWS_DOWN, gate_tiles=GATE_KERNEL, act_in_kernel=True),
          "fused bj32 bk256 bn256 w4 atomics": dict(impl="fused", bj=32, bk=256, bn=256, num_warps=4,
                                                    partials=False),
          "fused bj32 bk256 bn256 w4 atomics, gate kernel": dict(impl="fused", bj=32, bk=256, bn=256,

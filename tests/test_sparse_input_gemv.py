@@ -140,6 +140,8 @@ def test_bad_arguments_raise_one_line_errors():
 
 @pytest.mark.parametrize("impl,batch,extra", [("fused", 1, dict(unroll=False)), ("sparse", 3, {}),
                                                ("fused", 2, dict(partials=True, act_in_kernel=True)),
+                                               ("sparse", 3, dict(act_in_kernel=True, down_tiles=dict(
+                                                   impl="rows", bc=8, span=32, col_splits=2))),
                                                ("sparse", 2, dict(
                                                    gate_tiles=dict(bk=8, bn=32, steps=2, partials=True),
                                                    down_tiles=dict(bk=16, bn=32, steps=4, partials=True))),

@@ -421,11 +421,14 @@ def _up_rows(x_ref, w_ref, rows, live, batch, bk, atomic, unroll):
     return _loop(w_ref.shape[1] // bk, step, init, unroll)
 
 
-def _up_kernel_masked(x_ref, act_ref, w_ref, *rest, bj, bk, batch, atomic, unroll):
-    """``h[:, tile] = act * (x_up @ W_u)`` over one tile of neurons (dead ones: 0)."""
+def _up_kernel_masked(x_ref, act_ref, w_ref, *rest, bj, bk, batch, atomic, unroll,
+                      activation=None):
+    """``h[:, tile] = act * (x_up @ W_u)`` over one tile of neurons (dead ones: 0); with
+    ``activation``, ``act_ref`` holds the pre-activations and ``rest[0]`` the thresholds."""
     h_ref = rest[-1]
+    theta_ref = rest[0] if activation is not None else None
     rows = pl.ds(pl.program_id(0) * bj, bj)
-    acts, live = _live_act(act_ref, rows, batch)
+    acts, live = _live_act(act_ref, rows, batch, theta_ref, activation)
     up = _up_rows(x_ref, w_ref, rows, live, batch, bk, atomic, unroll)
     for b in range(batch):
         h_ref[pl.ds(b, 1), rows] = (acts[b] * up[b])[None, :].astype(h_ref.dtype)
@@ -474,8 +477,9 @@ def masked_ffn(x_up: jax.Array, act: jax.Array, w_up_t: jax.Array, w_down: jax.A
     fire. ``bk``/``bn`` should divide ``d_up_in``/``d_model`` (else the weights are
     zero-padded per call); ``unroll`` unrolls the loops over them; ``partials`` (fused)
     sums per-tile partials in XLA instead of atomics. With ``theta`` ``(B,)`` and
-    ``activation`` (fused only), ``act`` holds the gate pre-activations and the kernel
-    forms ``activation(pre - theta)`` where ``pre > theta`` itself. Returns ``(B, d_model)`` float32."""
+    ``activation``, ``act`` holds the gate pre-activations and the (fused, or up) kernel
+    forms ``activation(pre - theta)`` where ``pre > theta`` itself: two XLA launches fewer.
+    Returns ``(B, d_model)`` float32."""
     batch = x_up.shape[0]
     if batch > MAX_BATCH:
         raise ValueError(f"masked_ffn: batch {batch} > {MAX_BATCH}; use impl='xla'")
@@ -490,8 +494,8 @@ def masked_ffn(x_up: jax.Array, act: jax.Array, w_up_t: jax.Array, w_down: jax.A
     act = jnp.pad(act.astype(jnp.float32), ((0, b_pad - batch), (0, w_up_t.shape[0] - d_ff)))
     atomic = not interpret
     programs = w_up_t.shape[0] // bj
-    if (theta is None) != (activation is None) or (theta is not None and not fused):
-        raise ValueError("masked_ffn: theta and activation go together, and only with fused=True")
+    if (theta is None) != (activation is None):
+        raise ValueError("masked_ffn: theta and activation go together")
     extra = [] if theta is None else [jnp.pad(theta.reshape(-1).astype(jnp.float32), (0, b_pad - batch))]
     params = {} if interpret else dict(compiler_params=compiler_params(num_warps, num_stages))
     if fused:
@@ -511,10 +515,11 @@ def masked_ffn(x_up: jax.Array, act: jax.Array, w_up_t: jax.Array, w_down: jax.A
                            input_output_aliases={len(args): 0}, interpret=interpret, **params)(*args, y0)
         return y[:batch, :d_out]
     h_shape = jax.ShapeDtypeStruct((b_pad, w_up_t.shape[0]), w_down.dtype)
-    args, aliases = [x_up, act, w_up_t], {}
+    args, aliases = [x_up, act, w_up_t, *extra], {}
     if poison:   # tests: every entry of h must be written over the NaNs
         aliases = backends.poison_output(args, h_shape)
-    kernel = functools.partial(_up_kernel_masked, bj=bj, bk=bk, batch=batch, atomic=atomic, unroll=unroll)
+    kernel = functools.partial(_up_kernel_masked, bj=bj, bk=bk, batch=batch, atomic=atomic, unroll=unroll,
+                               activation=activation)
     h = pl.pallas_call(kernel, grid=(programs,), out_shape=h_shape, input_output_aliases=aliases,
                        interpret=interpret, **params)(*args)
     tiles = {"impl": "masked", **(down_tiles or {})}      # down_tiles may name another impl
@@ -557,8 +562,9 @@ def topk_ffn_decode(x: jax.Array, weights: DecodeWeights, *, k: Any = None, k_fr
       backend: where the Pallas paths run (:func:`supported`; see
         :mod:`sparsejax.kernels.backends`): a Pallas ``impl`` that cannot run there is a
         ValueError naming why.
-      interpret, tiling: see :func:`gathered_ffn` and :func:`masked_ffn`; ``"fused"`` also
-        takes ``act_in_kernel=True`` (the soft top-k and activation inside the kernel);
+      interpret, tiling: see :func:`gathered_ffn` and :func:`masked_ffn`; the masked paths
+        also take ``act_in_kernel=True`` (the soft top-k and activation inside the kernel
+        that reads the up rows);
         the masked paths take ``gate_tiles`` (a dict of
         :func:`~sparsejax.kernels.sparse_input_gemv.sparse_input_gemv` tiles: the
         predictor GEMV on that kernel instead of XLA).
@@ -588,9 +594,9 @@ def topk_ffn_decode(x: jax.Array, weights: DecodeWeights, *, k: Any = None, k_fr
     else:
         pre = jnp.dot(weights.gate_input(x), weights.w_gate, preferred_element_type=jnp.float32)
     x_up = weights.up_input(x)
-    if impl == "fused" and tiling.pop("act_in_kernel", False):
+    if impl in _MASKED_IMPLS and tiling.pop("act_in_kernel", False):
         theta = statistical_threshold(pre, k=k, k_frac=k_frac, axis=-1)
-        y = masked_ffn(x_up, pre, weights.w_up_t, weights.w_down, fused=True, theta=theta,
+        y = masked_ffn(x_up, pre, weights.w_up_t, weights.w_down, fused=impl == "fused", theta=theta,
                        activation=activation, interpret=interpret, **tiling)
         return y[:, :d_model].astype(x.dtype)
     if impl in _MASKED_IMPLS or impl == "dense":
@@ -613,17 +619,21 @@ def topk_ffn_decode(x: jax.Array, weights: DecodeWeights, *, k: Any = None, k_fr
 # choose_impl's candidates beyond the plain impl names: (impl, tiling). "sparse_split_gate":
 # the predictor GEMV and the down projection on the split-K streaming kernel (partial sums);
 # "sparse_rows_down": the down projection on the sparse-input GEMV whose programs loop over
-# the live rows only (its time follows the fired neurons), the predictor as "sparse_split_gate".
+# the live rows only (its time follows the fired neurons), the predictor as "sparse_split_gate";
+# "sparse_rows_down_act": that with the soft top-k and activation formed in the up kernel (the
+# H200 profile of "sparse_rows_down" at batch 1: XLA's subtract and select, 2.4 of 31.8 µs).
 _SPLIT = dict(bk=64, bn=256, steps=4, partials=True)
 _ROWS = dict(impl="rows", bc=16, span=128, col_splits=8, partials=True)
 CHOICE_PATHS = {"sparse_split_gate": ("sparse", dict(down_tiles=_SPLIT, gate_tiles=_SPLIT)),
-                "sparse_rows_down": ("sparse", dict(down_tiles=_ROWS, gate_tiles=_SPLIT))}
+                "sparse_rows_down": ("sparse", dict(down_tiles=_ROWS, gate_tiles=_SPLIT)),
+                "sparse_rows_down_act": ("sparse", dict(down_tiles=_ROWS, gate_tiles=_SPLIT,
+                                                        act_in_kernel=True))}
 
 
 def choose_impl(batch: int, weights: DecodeWeights, *, k: Any = None, k_frac: Any = None,
                 activation: Callable = jax.nn.gelu, dtype=jnp.bfloat16,
                 candidates: tuple[str, ...] = ("fused", "sparse", "sparse_split_gate",
-                                               "sparse_rows_down", "dense"),
+                                               "sparse_rows_down", "sparse_rows_down_act", "dense"),
                 backend: str | None = None, interpret: bool = False) -> path_choice.Choice:
     """The fastest correct decode path at this batch size, by measurement on the device.
 
