@@ -31,7 +31,7 @@ import numpy as np
 
 sys.path.append(str(pathlib.Path(__file__).resolve().parent))
 from decode_speed import (FULL, GATE_KERNEL, K_FRAC, SMOKE, SPLIT_DOWN, _dense_gated, _normal,  # noqa: E402
-                          _over_layers, decode_step, lm_params)
+                          _over_layers, decode_step, lm_params, spark_recipe)
 from step_profile import summarise, top_line, trace  # noqa: E402
 import glob  # noqa: E402
 import tempfile  # noqa: E402
@@ -42,7 +42,6 @@ from sparsejax.kernels import spark_ffn as sf  # noqa: E402
 from sparsejax.kernels import sparse_input_gemv as sig  # noqa: E402
 from sparsejax import sparsify  # noqa: E402
 from sparsejax.masks import nm_mask  # noqa: E402
-from sparsejax.rules import SparkTopK  # noqa: E402
 
 
 def cases(s, interpret, key):
@@ -104,8 +103,7 @@ def cases(s, interpret, key):
     args = (jax.random.randint(next(keys), (1,), 0, s.vocab), _normal(next(keys), shape),
             _normal(next(keys), shape))
     step = functools.partial(decode_step, heads=s.heads)
-    sfn = sparsify(step, [SparkTopK("*", site="ffn", k_frac=K_FRAC),
-                          SparkTopK("*", site="attention", k=min(256, s.cache // 4))])
+    sfn = sparsify(step, spark_recipe(s))
     big = (jax.random.randint(next(keys), (2,), 0, s.vocab), _normal(next(keys), shape[:1] + (2,) + shape[2:]),
            _normal(next(keys), shape[:1] + (2,) + shape[2:]))
     _, sstate = sfn.init(params, *big)

@@ -77,6 +77,7 @@ SMOKE = Sizes(gemv=256, d_model=64, d_ff_layer=256, predictor=32, d_ff_lm=192, h
               cache=32, vocab=32, layers=2, calls=1, repeats=1)
 K_FRAC = 0.08
 TUNE = False    # --tune: the e2e section also times the program-tuned step
+ATTENTION_TOPK = "auto"   # --attention_topk: the attention rule's impl ("auto": its kernel on a GPU)
 BATCHES = (1, 2, 4, 8)
 GOALS = {"gemv": {0.5: 1.8, 0.75: 3.0, 0.9: 6.0}, "ffn": {1: 3.0, 8: 1.5}, "nm": {1: 1.5},
          "e2e": {1: 1.5}}
@@ -466,6 +467,12 @@ def decode_step(params, tokens, cache_k, cache_v, *, heads):
     return (_rms(x) @ params["head"]).astype(jnp.float32), new_kv
 
 
+def spark_recipe(s: Sizes) -> list:
+    """Spark top-k on every FFN and attention site of :func:`decode_step`'s LM."""
+    return [SparkTopK("*", site="ffn", k_frac=K_FRAC),
+            SparkTopK("*", site="attention", k=min(256, s.cache // 4), impl=ATTENTION_TOPK)]
+
+
 def bench_e2e(b: Bench):
     s = b.s
     b.log(f"== end-to-end decode: d_model {s.d_model}, d_ff {s.d_ff_lm}, {s.heads} heads, {s.lm_layers} layers, "
@@ -473,7 +480,7 @@ def bench_e2e(b: Bench):
     params = lm_params(b.fresh(), s)
     hd = s.d_model // s.heads
     step = functools.partial(decode_step, heads=s.heads)
-    recipe = [SparkTopK("*", site="ffn", k_frac=K_FRAC), SparkTopK("*", site="attention", k=min(256, s.cache // 4))]
+    recipe = spark_recipe(s)
 
     def inputs(batch):
         shape = (s.lm_layers, batch, s.cache, s.heads, hd)
@@ -580,9 +587,12 @@ def main():
     parser.add_argument("--tune", action="store_true",
                         help="e2e: also settle close per-site path choices on the whole step "
                              "(SparseFunction.tune) and time the tuned step")
+    parser.add_argument("--attention_topk", choices=("auto", "xla"), default="auto",
+                        help="the attention rule's top-k: 'auto' (its one-pass kernel on a GPU) "
+                             "or 'xla' (XLA's fusions)")
     args = parser.parse_args()
-    global TUNE
-    TUNE = args.tune
+    global TUNE, ATTENTION_TOPK
+    TUNE, ATTENTION_TOPK = args.tune, args.attention_topk
     interpret = args.smoke or jax.default_backend() != "gpu"
     b = Bench(SMOKE if args.smoke else FULL, interpret, args.budget)
     dev = jax.devices()[0]

@@ -392,10 +392,12 @@ class SparkTopK(ActivationRule):
     and drops the rest; positions the model already masked stay masked.
     Exactly one of ``k`` (entries per row) and ``k_frac`` (fraction) is given;
     the default is ``k_frac=0.08`` for FFNs and ``k=256`` keys for attention.
-    ``impl`` picks the FFN top-k's implementation (see
-    :func:`sparsejax.topk.statistical_topk`): ``"auto"`` takes the one-pass
-    Pallas kernel on a GPU; the default ``"xla"`` stays partitionable by
-    XLA's sharding (a Pallas call is not), as multi-device training needs.
+    ``impl`` picks the top-k's implementation (see
+    :func:`sparsejax.kernels.statistical_topk.statistical_topk`): ``"auto"`` takes the
+    one-pass Pallas kernel on a GPU (for attention, one launch for the statistics
+    over the unmasked scores and the selection); the default ``"xla"`` stays
+    partitionable by XLA's sharding (a Pallas call is not), as multi-device
+    training needs.
     """
 
     pattern: str | re.Pattern = "*"

@@ -64,15 +64,34 @@ def test_ffn_pass_with_the_pallas_kernel_equals_xla():
         sj.SparkTopK(site="ffn", impl="triton")
 
 
-def test_attention_pass_equals_spark_attention_module():
+@pytest.mark.parametrize("impl", ["xla", "pallas"])    # pallas: the kernel, interpret mode on CPU
+def test_attention_pass_equals_spark_attention_module(impl):
     x = jax.random.normal(jax.random.key(2), (2, 9, 16))
     plain, spark = PlainAttention(2, 8), SparkAttention(num_heads=2, head_dim=8, k=3)
     params = plain.init(jax.random.key(3), x)
-    sfn = sj.sparsify(plain.apply, sj.SparkTopK(site="attention", k=3))
+    sfn = sj.sparsify(plain.apply, sj.SparkTopK(site="attention", k=3, impl=impl))
     sparams, sstate = sfn.init(params, x)
     out = sfn(sparams, sstate, x)
     chex.assert_trees_all_close(out, spark.apply(params, x), rtol=1e-5, atol=1e-5)
     assert not np.allclose(out, plain.apply(params, x), atol=1e-3)
+    assert (str(sfn.rewritten_jaxpr(sparams, sstate, x)).count("pallas_call") > 0) == (impl == "pallas")
+
+
+def test_attention_kernel_keeps_the_models_causal_mask_and_gradients():
+    """A causal model's masked scores stay masked through the kernel, rows with at most k
+    visible keys keep them all, and the gradients are the XLA path's."""
+    x = jax.random.normal(jax.random.key(4), (2, 12, 32))
+    model = Layer()
+    params = model.init(jax.random.key(5), x, None)
+    outs, grads = [], []
+    for impl in ("xla", "pallas"):
+        sfn = sj.sparsify(lambda p, v: model.apply(p, v, None)[0],
+                          sj.SparkTopK(site="attention", k=4, impl=impl))
+        sparams, sstate = sfn.init(params, x)
+        outs.append(sfn(sparams, sstate, x))
+        grads.append(jax.grad(lambda p: jnp.sum(sfn(p, sstate, x) ** 2))(sparams))
+    chex.assert_trees_all_close(outs[1], outs[0], rtol=1e-5, atol=1e-5)
+    chex.assert_trees_all_close(grads[1], grads[0], rtol=1e-4, atol=1e-5)
 
 
 class Layer(nn.Module):

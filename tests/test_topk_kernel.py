@@ -107,3 +107,71 @@ def test_rows_longer_than_a_program_holds_are_refused():
     x = jnp.ones((1, st.MAX_ROW + 1))
     with pytest.raises(ValueError, match=f"holds up to {st.MAX_ROW}"):
         st.statistical_topk_pallas(x, k=3, interpret=True)
+
+
+def _masked_scores(seed, rows, width, dtype=jnp.float32):
+    """Attention-like rows masked with the dtype's minimum: causal prefixes of every length,
+    a row with no valid entry, rows with fewer valid entries than k."""
+    x = _rows(seed, (rows, width), dtype)
+    lengths = jnp.concatenate([jnp.array([0, 1, 5, width]),
+                               jax.random.randint(jax.random.key(seed + 1), (rows - 4,), 6, width)])
+    valid = jnp.arange(width)[None, :] < lengths[:, None]
+    return jnp.where(valid, x, jnp.finfo(dtype).min), valid
+
+
+@pytest.mark.parametrize("width", [77, 256, 1000])
+@pytest.mark.parametrize("count", [dict(k=8), dict(k_frac=0.1)])
+@pytest.mark.parametrize("mode", ["hard", "soft"])
+def test_valid_above_equals_the_reference_with_where(width, count, mode):
+    x, valid = _masked_scores(width, 12, width)
+    fill = float(jnp.finfo(x.dtype).min) if mode == "hard" else 0.0
+    bound = float(jnp.finfo(x.dtype).min) / 2
+    out = st.statistical_topk_pallas(x, **count, mode=mode, fill=fill, valid_above=bound,
+                                     interpret=True, poison=True)
+    ref = topk.statistical_topk(x, **count, mode=mode, fill=fill, where=valid)
+    kept, kept_ref = np.asarray(out != fill), np.asarray(ref != fill)
+    np.testing.assert_array_equal(kept, kept_ref)
+    assert not kept[~np.asarray(valid)].any()                # masked scores are never kept
+    if "k" in count:    # rows with at most k valid scores keep them all; the rest keep some
+        np.testing.assert_array_equal(kept[1:3], np.asarray(valid[1:3]))
+        assert 0 < kept[4:].sum() < np.asarray(valid[4:]).sum()
+    # (soft form of a row that keeps every valid score: theta is -inf in both, so x - theta is)
+    finite = np.isfinite(np.asarray(ref))
+    np.testing.assert_array_equal(np.isfinite(np.asarray(out)), finite)
+    _assert_close(jnp.where(kept & finite, out, 0), jnp.where(kept_ref & finite, ref, 0), jnp.float32)
+    # the dispatcher takes the kernel for valid_above, and XLA's where= twin otherwise
+    via = st.statistical_topk(x, **count, mode=mode, fill=fill, valid_above=bound, impl="pallas")
+    np.testing.assert_array_equal(np.asarray(via != fill), kept_ref)
+    xla = st.statistical_topk(x, **count, mode=mode, fill=fill, valid_above=bound, impl="xla")
+    np.testing.assert_array_equal(np.asarray(xla != fill), kept_ref)
+
+
+def test_valid_above_in_bf16_and_its_gradient():
+    x, valid = _masked_scores(5, 8, 300, jnp.bfloat16)
+    bound = float(jnp.finfo(jnp.bfloat16).min) / 2
+    fill = float(jnp.finfo(jnp.bfloat16).min)
+    out = st.statistical_topk_pallas(x, k=16, mode="hard", fill=fill, valid_above=bound, interpret=True)
+    ref = topk.statistical_topk(x, k=16, mode="hard", fill=fill, where=valid)
+    np.testing.assert_array_equal(np.asarray(out != fill), np.asarray(ref != fill))
+    xf, _ = _masked_scores(6, 8, 300)
+    g = jax.random.normal(jax.random.key(9), xf.shape)
+    loss = lambda f: lambda v: jnp.sum(jnp.where(valid, f(v), 0.0) * g)
+    got = jax.grad(loss(lambda v: st.statistical_topk_pallas(v, k=16, mode="soft", valid_above=-1e30,
+                                                             interpret=True)))(xf)
+    want = jax.grad(loss(lambda v: topk.statistical_topk(v, k=16, mode="soft", where=v > -1e30)))(xf)
+    _assert_close(got, want, jnp.float32)
+
+
+def test_valid_above_and_where_together_are_refused():
+    x = _rows(1, (2, 64))
+    with pytest.raises(ValueError, match="where= or valid_above="):
+        st.statistical_topk(x, k=4, where=x > 0, valid_above=0.0)
+
+
+def test_the_kernels_quantile_matches_the_references():
+    # In the kernel k / count varies per row, so the quantile is computed there, from
+    # operations a kernel lowers; it must be the reference's own to float32 rounding.
+    frac = jnp.concatenate([jnp.logspace(-9, -1e-4, 400), jnp.linspace(1e-3, 0.999, 400),
+                            1 - jnp.logspace(-7, -1, 100)]).astype(jnp.float32)
+    got, want = np.asarray(st.upper_quantile(frac)), np.asarray(topk._upper_quantile(frac))
+    np.testing.assert_allclose(got, want, rtol=2e-6, atol=2e-6)

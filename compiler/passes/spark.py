@@ -13,7 +13,6 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-from sparsejax import topk
 from sparsejax.kernels import statistical_topk as statistical_topk_kernel
 from sparsejax.compiler.activation_sites import ActivationSite
 from sparsejax.compiler.passes.activation import ActivationRewrite
@@ -28,9 +27,11 @@ def apply_topk(rule, site: ActivationSite, x):
     """``rule``'s top-k of one site's value."""
     args = rule.k_args(site.width)
     if site.kind == "attention":
-        return topk.statistical_topk(x, **args, mode="hard", fill=jnp.finfo(x.dtype).min,
-                                     where=_valid_scores(x),
-                                     stop_gradient_threshold=rule.stop_gradient_threshold)
+        # the scores the model has not masked (_valid_scores), in the kernel's form
+        return statistical_topk_kernel.statistical_topk(
+            x, **args, mode="hard", fill=jnp.finfo(x.dtype).min,
+            valid_above=float(jnp.finfo(x.dtype).min) / 2,
+            stop_gradient_threshold=rule.stop_gradient_threshold, impl=rule.impl)
     return statistical_topk_kernel.statistical_topk(
         x, **args, mode=rule.effective_mode, stop_gradient_threshold=rule.stop_gradient_threshold,
         impl=rule.impl)

@@ -9,7 +9,12 @@ least traffic the op allows. The statistics are the exact two-pass ones
 
 The kernel runs the soft and hard forms along the last axis with a static
 ``k``/``k_frac``; rows are padded to a power of two (Triton's tensors are) and
-the padding is masked out of the statistics. The backward pass differentiates
+the padding is masked out of the statistics. ``valid_above`` counts only the
+entries above it (attention scores a model masked with its dtype's minimum):
+the statistics are taken over those, ``k`` counts among them (so the quantile is
+per row, computed in the kernel), a row with at most ``k`` of them keeps them
+all, and the rest are never kept: ``where=x > valid_above`` of the reference, in
+one launch where XLA runs a handful. The backward pass differentiates
 the plain-JAX reference (:func:`sparsejax.topk.statistical_topk`), the twin
 every test compares against.
 
@@ -48,8 +53,8 @@ def statistical_topk_reference(x, *, k=None, k_frac=None, mode="soft", fill=0.0)
 _KERNELS = {"gpu": backends.TRITON}
 
 
-def supported(x, *, k=None, k_frac=None, mode="soft", where=None, backend: str | None = None,
-              interpret: bool = False) -> str | None:
+def supported(x, *, k=None, k_frac=None, mode="soft", where=None, valid_above=None,
+              backend: str | None = None, interpret: bool = False) -> str | None:
     """Why the kernel cannot compute this call along ``x``'s last axis (``None`` when it can).
 
     ``backend`` (kernel: ``"triton"``), ``interpret``: see :mod:`sparsejax.kernels.backends`.
@@ -59,7 +64,7 @@ def supported(x, *, k=None, k_frac=None, mode="soft", where=None, backend: str |
     if mode not in ("soft", "hard"):
         return f"mode {mode!r} (the kernel writes the soft and hard forms)"
     if where is not None:
-        return "a where= mask"
+        return "a where= mask (valid_above= is the kernel's form of one)"
     if isinstance(k, jax.Array) or isinstance(k_frac, jax.Array):
         return "a traced k"
     if x.ndim == 0 or next_pow2(x.shape[-1]) > MAX_ROW:
@@ -71,11 +76,14 @@ def supported(x, *, k=None, k_frac=None, mode="soft", where=None, backend: str |
     return None
 
 
-def _kernel(x_ref, *refs, d, z, mode, fill):
+def _kernel(x_ref, *refs, d, z, mode, fill, k=None, valid_above=None):
     o_ref = refs[-1]           # refs[0] is the poisoned output buffer when testing
     x = x_ref[...].astype(jnp.float32)
     d_pad = x.shape[-1]
     valid = jax.lax.broadcasted_iota(jnp.int32, x.shape, 1) < d if d_pad != d else None
+    if valid_above is not None:
+        o_ref[...] = _valid_only(x, valid, d, z, mode, fill, k, valid_above).astype(o_ref.dtype)
+        return
 
     def masked(v, fill_value):
         return v if valid is None else jnp.where(valid, v, fill_value)
@@ -95,7 +103,63 @@ def _kernel(x_ref, *refs, d, z, mode, fill):
     o_ref[...] = out.astype(o_ref.dtype)
 
 
-def _forward(x, *, frac, mode, fill, stop_gradient, rows_per_block, num_warps, interpret, poison):
+# The normal quantile from operations a kernel can lower (jax.scipy.special.ndtri's
+# polynomials are array constants, which a kernel may not capture): erf_inv in the centre, and
+# in the tails, where 2 p - 1 rounds away p's digits, Acklam's rational approximation in
+# q = sqrt(-2 log p) (relative error 1.2e-9 in exact arithmetic; its central branch is
+# ill-conditioned in float32 and not used).
+_C = (-7.784894002430293e-03, -3.223964580411365e-01, -2.400758277161838e+00,
+      -2.549732539343734e+00, 4.374664141464968e+00, 2.938163982698783e+00)
+_D = (7.784695709041462e-03, 3.224671290700398e-01, 2.445134137142996e+00,
+      3.754408661907416e+00, 1.0)
+_TAIL = 0.02425
+
+
+def _horner(coefs, t):
+    out = coefs[0]
+    for c in coefs[1:]:
+        out = out * t + c
+    return out
+
+
+def upper_quantile(frac: jax.Array) -> jax.Array:
+    """``Phi^-1(1 - frac)`` from operations a kernel lowers; the reference's
+    :func:`sparsejax.topk._upper_quantile` to float32 rounding."""
+    frac = jnp.clip(frac, topk._MIN_FRAC, topk._MAX_FRAC)
+    low = jnp.minimum(frac, 1.0 - frac)                      # the nearer tail's mass
+    q = jnp.sqrt(-2.0 * jnp.log(low))
+    tail = _horner(_C, q) / _horner(_D, q)                    # Phi^-1(low), negative
+    tail = jnp.where(frac < 0.5, -tail, tail)
+    central = -(2.0 ** 0.5) * jax.lax.erf_inv(2.0 * frac - 1.0)
+    return jnp.where(low < _TAIL, tail, central)
+
+
+def _valid_only(x, in_row, d, z, mode, fill, k, valid_above):
+    """The top-k of each row among its entries above ``valid_above`` (see the module doc)."""
+    valid = x > valid_above
+    if in_row is not None:
+        valid = valid & in_row
+    count = jnp.sum(valid.astype(jnp.float32), axis=1)[:, None]
+    n = jnp.maximum(count, 1.0)
+    # Centred on the largest valid entry (as the unmasked rows are on their maximum).
+    peak = jnp.max(jnp.where(valid, x, -jnp.inf), axis=1)[:, None]
+    peak = jnp.where(count > 0, peak, 0.0)
+    mean = peak + jnp.sum(jnp.where(valid, x - peak, 0.0), axis=1)[:, None] / n
+    dev = jnp.where(valid, x - mean, 0.0)
+    var = jnp.sum(dev * dev, axis=1)[:, None] / n
+    if k is not None:       # k of the valid entries: the quantile differs per row
+        z = upper_quantile(k / n)
+    theta = mean + jnp.sqrt(jnp.maximum(var, 0.0)) * z
+    if k is not None:       # at most k valid entries: keep them all
+        theta = jnp.where(count <= k, -jnp.inf, theta)
+    keep = valid & (x > theta)
+    if mode == "soft":
+        return jnp.where(keep, x - theta, 0.0)
+    return jnp.where(keep, x, fill)
+
+
+def _forward(x, *, frac, mode, fill, stop_gradient, rows_per_block, num_warps, interpret, poison,
+             k=None, valid_above=None):
     del stop_gradient     # the backward pass's business
     shape, d = x.shape, x.shape[-1]
     rows = x.reshape(-1, d)
@@ -104,9 +168,12 @@ def _forward(x, *, frac, mode, fill, stop_gradient, rows_per_block, num_warps, i
     n_pad = -(-n // rows_per_block) * rows_per_block
     if (n_pad, d_pad) != (n, d):
         rows = jnp.pad(rows, ((0, n_pad - n), (0, d_pad - d)))
-    with jax.ensure_compile_time_eval():      # the reference's own float32 quantile, as a constant
-        z = float(topk._upper_quantile(frac))
-    kernel = functools.partial(_kernel, d=d, z=z, mode=mode, fill=float(fill))
+    z = 0.0                                   # k of the valid entries: the kernel's own, per row
+    if frac is not None:
+        with jax.ensure_compile_time_eval():  # the reference's own float32 quantile, as a constant
+            z = float(topk._upper_quantile(frac))
+    kernel = functools.partial(_kernel, d=d, z=z, mode=mode, fill=float(fill), k=k,
+                               valid_above=valid_above)
     spec = pl.BlockSpec((rows_per_block, d_pad), lambda i: (i, 0))
     out_shape = jax.ShapeDtypeStruct((n_pad, d_pad), x.dtype)
     args, in_specs, aliases = [rows], [spec], {}
@@ -131,8 +198,11 @@ def _topk_fwd(x, static):
 
 def _topk_bwd(static, x, g):
     opts = dict(static)
-    ref = functools.partial(topk.statistical_topk, k_frac=opts["frac"], axis=-1, mode=opts["mode"],
-                            fill=opts["fill"], stop_gradient_threshold=opts["stop_gradient"])
+    count = ({"k_frac": opts["frac"]} if opts.get("k") is None else {"k": opts["k"]})
+    where = None if opts.get("valid_above") is None else x > opts["valid_above"]
+    ref = functools.partial(topk.statistical_topk, **count, axis=-1, mode=opts["mode"],
+                            fill=opts["fill"], where=where,
+                            stop_gradient_threshold=opts["stop_gradient"])
     return jax.vjp(ref, x)[1](g)
 
 
@@ -141,6 +211,7 @@ _topk.defvjp(_topk_fwd, _topk_bwd)
 
 def statistical_topk_pallas(x: jax.Array, *, k: Any = None, k_frac: Any = None, mode: str = "soft",
                             fill: float = 0.0, stop_gradient_threshold: bool = False,
+                            valid_above: float | None = None,
                             rows_per_block: int = 1, num_warps: int = 8, interpret: bool = False,
                             poison: bool = False) -> jax.Array:
     """:func:`sparsejax.topk.statistical_topk` along the last axis, in one pass (see the module doc).
@@ -149,6 +220,8 @@ def statistical_topk_pallas(x: jax.Array, *, k: Any = None, k_frac: Any = None, 
       x: float array; rows are its last axis.
       k, k_frac, mode, fill, stop_gradient_threshold: as :func:`sparsejax.topk.statistical_topk`
         (``mode`` soft or hard; ``k``/``k_frac`` static).
+      valid_above: only entries above it count (the reference's ``where=x > valid_above``):
+        ``k`` then counts among them, and the others are never kept.
       rows_per_block: rows one program holds.
       num_warps: Triton warps per program (GPU).
       interpret: run in Pallas interpret mode (CPU tests).
@@ -164,8 +237,15 @@ def statistical_topk_pallas(x: jax.Array, *, k: Any = None, k_frac: Any = None, 
     if isinstance(rows_per_block, bool) or not isinstance(rows_per_block, int) or rows_per_block < 1:
         raise ValueError(f"statistical_topk_pallas: rows_per_block must be a positive int, "
                          f"got {rows_per_block!r}")
-    frac = topk.resolve_k_frac(x.shape[-1], k, k_frac, "statistical_topk_pallas")
-    static = (("frac", frac), ("mode", mode), ("fill", float(fill)),
+    if valid_above is not None and k is not None:
+        # k counts valid entries, which may be fewer than the row: checked as the reference does
+        topk.resolve_k_frac(x.shape[-1] + 1, k, None, "statistical_topk_pallas")
+        frac, k_valid = None, int(k)
+    else:
+        frac, k_valid = topk.resolve_k_frac(x.shape[-1], k, k_frac, "statistical_topk_pallas"), None
+    static = (("frac", frac), ("k", k_valid),
+              ("valid_above", None if valid_above is None else float(valid_above)),
+              ("mode", mode), ("fill", float(fill)),
               ("stop_gradient", bool(stop_gradient_threshold)),
               ("rows_per_block", rows_per_block), ("num_warps", num_warps),
               ("interpret", interpret), ("poison", poison))
@@ -174,6 +254,7 @@ def statistical_topk_pallas(x: jax.Array, *, k: Any = None, k_frac: Any = None, 
 
 def statistical_topk(x: jax.Array, *, k: Any = None, k_frac: Any = None, axis: int = -1,
                      mode: str = "soft", fill: float = 0.0, where: jax.Array | None = None,
+                     valid_above: float | None = None,
                      stop_gradient_threshold: bool = False, impl: str = "auto",
                      backend: str | None = None, interpret: bool = False) -> jax.Array:
     """:func:`sparsejax.topk.statistical_topk` by the kernel or by XLA, as ``impl`` says.
@@ -181,6 +262,8 @@ def statistical_topk(x: jax.Array, *, k: Any = None, k_frac: Any = None, axis: i
     Args:
       x, k, k_frac, axis, mode, fill, where, stop_gradient_threshold: as
         :func:`sparsejax.topk.statistical_topk`.
+      valid_above: ``where=x > valid_above`` in the form the kernel takes (masked attention
+        scores); not with ``where``.
       impl: ``"xla"`` (the plain-JAX function, the reference); ``"pallas"``: the
         kernel, in interpret mode where ``backend`` has no kernel (a Spark rule's
         ``impl="pallas"`` runs on CPU too), an error where it does not apply
@@ -191,6 +274,12 @@ def statistical_topk(x: jax.Array, *, k: Any = None, k_frac: Any = None, axis: i
     if impl not in IMPLS:
         raise ValueError(f"statistical_topk: impl must be one of {IMPLS}, got {impl!r}")
     x = jnp.asarray(x)
+    kernel_where = where
+    if valid_above is not None:
+        if where is not None:
+            raise ValueError("statistical_topk: give where= or valid_above=, not both")
+        where = x > jnp.asarray(valid_above, x.dtype)
+        kernel_where = None       # the kernel forms it from x itself
     reference = functools.partial(topk.statistical_topk, x, k=k, k_frac=k_frac, axis=axis, mode=mode,
                                   fill=fill, where=where,
                                   stop_gradient_threshold=stop_gradient_threshold)
@@ -202,14 +291,15 @@ def statistical_topk(x: jax.Array, *, k: Any = None, k_frac: Any = None, axis: i
         no_kernel = backends.resolve(backend, False, kernels=_KERNELS, interpreted=backends.TRITON,
                                      where="statistical_topk") != backends.TRITON
         interpret = interpret or no_kernel
-        reason = supported(rows, k=k, k_frac=k_frac, mode=mode, where=where, backend=backend,
-                           interpret=interpret)
+        reason = supported(rows, k=k, k_frac=k_frac, mode=mode, where=kernel_where,
+                           valid_above=valid_above, backend=backend, interpret=interpret)
         if reason is not None:
             raise ValueError(f"statistical_topk: impl='pallas' does not take {reason}; use impl='xla'")
-    elif (axis != x.ndim - 1 or supported(rows, k=k, k_frac=k_frac, mode=mode, where=where,
-                                          backend=backend, interpret=interpret) is not None):
+    elif (axis != x.ndim - 1 or supported(rows, k=k, k_frac=k_frac, mode=mode, where=kernel_where,
+                                          valid_above=valid_above, backend=backend,
+                                          interpret=interpret) is not None):
         return reference()
     out = statistical_topk_pallas(rows, k=k, k_frac=k_frac, mode=mode, fill=fill,
                                   stop_gradient_threshold=stop_gradient_threshold,
-                                  interpret=interpret)
+                                  valid_above=valid_above, interpret=interpret)
     return jnp.moveaxis(out, -1, axis)
