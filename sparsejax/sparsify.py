@@ -44,8 +44,8 @@ from sparsejax.compiler import plan as plan_lib
 from sparsejax.compiler import report_builder
 from sparsejax.compiler import thresholds as threshold_lib
 from sparsejax.compiler.activation_sites import ActivationSite
-from sparsejax.compiler.passes.rewrite import compose_input_hooks, rewritten_program
 from sparsejax.compiler.passes.factorized import STORED_DENSE, FactorizedHandler
+from sparsejax.compiler.passes.rewrite import compose_input_hooks, rewritten_program
 from sparsejax.compiler.passes.thresholds import threshold_hook
 from sparsejax.compiler.plan import Slot as _Slot, Traced as _Traced
 from sparsejax.kernels import program_tuning

@@ -82,7 +82,7 @@ def _kernel(x_ref, *refs, d, z, mode, fill, k=None, valid_above=None):
     d_pad = x.shape[-1]
     valid = jax.lax.broadcasted_iota(jnp.int32, x.shape, 1) < d if d_pad != d else None
     if valid_above is not None:
-        o_ref[...] = _valid_only(x, valid, d, z, mode, fill, k, valid_above).astype(o_ref.dtype)
+        o_ref[...] = _valid_only(x, valid, z, mode, fill, k, valid_above).astype(o_ref.dtype)
         return
 
     def masked(v, fill_value):
@@ -134,7 +134,7 @@ def upper_quantile(frac: jax.Array) -> jax.Array:
     return jnp.where(low < _TAIL, tail, central)
 
 
-def _valid_only(x, in_row, d, z, mode, fill, k, valid_above):
+def _valid_only(x, in_row, z, mode, fill, k, valid_above):
     """The top-k of each row among its entries above ``valid_above`` (see the module doc)."""
     valid = x > valid_above
     if in_row is not None:
