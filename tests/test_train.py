@@ -95,11 +95,7 @@ def test_fsdp_step_gathers_parameters_and_splits_the_batch(tmp_path):
 
 
 def _run_cli(args, env_extra=None):
-    # Every program a run compiles goes to the test run's compilation cache (conftest.py),
-    # not only the slow ones: the runs after the first load them instead of compiling them
-    # again (a third of a resumed run's CPU time).
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-           **(env_extra or {})}
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", **(env_extra or {})}
     return subprocess.run([sys.executable, str(ROOT / "train.py"), *args], cwd=ROOT,
                           capture_output=True, text=True, env=env, timeout=600)
 
