@@ -27,7 +27,7 @@ import pytest
 # (a third off a train.py/model/sparsify subset of the suite on 2 cores), and emits its
 # fusions with the classic elemental emitter instead of the MLIR fusion emitters, whose
 # per-fusion pipeline took about a third of each small program's compile time (jaxlib 0.10;
-# the tests compare results computed under the same flags, so no tolerance depends on it).
+# every test passes with the same tolerances under it).
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8 "
                       "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true "
                       "--xla_cpu_use_fusion_emitters=false")
