@@ -605,27 +605,43 @@ def train_and_evaluate(cfg: Config | Prepared, *, devices=None) -> dict:
                           _global_batch(train_batches.batch(position), batch_sharding),
                           repeats=5, budget_s=300.0)
         progress.print("path tuning: " + tuning.summary())
+    unread = None      # (step, metrics) of a logged step whose values are not yet read
+
+    def read_log():
+        # Reading a step's metrics waits for that step. It is done after the next step is
+        # dispatched, so the device never idles while the host logs and builds a batch.
+        nonlocal unread, t_last, step_last
+        if unread is None:
+            return
+        logged, values = unread
+        unread = None
+        values = {k: float(v) for k, v in jax.device_get(values).items() if k != "weight"}
+        now = time.perf_counter()
+        rate = items_per_step * (logged - step_last) / max(now - t_last, 1e-9)
+        t_last, step_last = now, logged
+        history.append({"step": logged, "time": now, **values})
+        writer.write(logged, {**values, "items_per_s": rate})
+        progress.update(logged, values)
+
     for step in range(start + 1, cfg.steps + 1):
         batch = _global_batch(train_batches.batch(position), batch_sharding)
         state, metrics = step_fn(state, batch)
         position += 1
+        read_log()
         if step % cfg.log_every == 0 or step == cfg.steps:
-            metrics = {k: float(v) for k, v in jax.device_get(metrics).items() if k != "weight"}
-            now = time.perf_counter()
-            rate = items_per_step * (step - step_last) / max(now - t_last, 1e-9)
-            t_last, step_last = now, step
-            history.append({"step": step, "time": now, **metrics})
-            writer.write(step, {**metrics, "items_per_s": rate})
-            progress.update(step, metrics)
+            unread = (step, metrics)
         if step % cfg.eval_every == 0 or step == cfg.steps:
+            read_log()
             last_eval = evaluate(state)
             writer.write(step, last_eval, split="eval")
             progress.print(f"step {step}: eval " + ", ".join(f"{k} {v:.4f}" for k, v in last_eval.items()))
         if step % cfg.checkpoint_every == 0 or step == cfg.steps:
             ckpt.save(step, state, data_position=position)
         if cfg.sigkill_at_step and step == cfg.sigkill_at_step:
+            read_log()
             ckpt.wait()
             os.kill(os.getpid(), signal.SIGKILL)
+    read_log()
     if not last_eval:
         # A finished run rerun trains no step: its summary still gets every figure.
         last_eval = evaluate(state)
