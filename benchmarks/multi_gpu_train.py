@@ -12,6 +12,7 @@ Appends the table to benchmarks/results/multi_gpu_train.md.
 from __future__ import annotations
 
 import argparse
+import os
 import pathlib
 import sys
 import tempfile
@@ -76,6 +77,8 @@ def main():
         out.write_text("# train.py on several GPUs\n\nProduced by benchmarks/multi_gpu_train.py.\n")
     with open(out, "a") as f:
         f.write(text)
+    if os.environ.get("OUT"):         # the device machine's folder of files that come back
+        (pathlib.Path(os.environ["OUT"]) / out.name).write_text(out.read_text())
 
 
 if __name__ == "__main__":
