@@ -376,7 +376,10 @@ def train_step(state: TrainState, batch, *, sfn, tx: optax.GradientTransformatio
     ``activation_l1``: a schedule (step -> factor) of the activations' L1 added to the loss
     (ProSparse), or None. ``param_sharding``: see :func:`compute_sharding`.
     """
-    masks = sj.optim.forward_masks(state.sstate, state.opt_state)
+    # The masks take the parameters' compute sharding too: a mask left sharded while its weight
+    # is gathered makes XLA multiply on the shard and all-gather the masked weight (and, under
+    # SR-STE, the decay term of the backward pass) on top of the weight itself.
+    masks = _for_compute(sj.optim.forward_masks(state.sstate, state.opt_state), param_sharding)
 
     def objective(params):
         params = _for_compute(params, param_sharding)
@@ -397,7 +400,7 @@ def train_step(state: TrainState, batch, *, sfn, tx: optax.GradientTransformatio
 def eval_step(state: TrainState, batch, *, sfn, with_aux: bool = False,
               param_sharding: NamedSharding | None = None):
     """Loss and metrics on one held-out batch, with the masks of this step."""
-    masks = sj.optim.forward_masks(state.sstate, state.opt_state)
+    masks = _for_compute(sj.optim.forward_masks(state.sstate, state.opt_state), param_sharding)
     params = _for_compute(state.params, param_sharding)
     return loss_fn(params, masks, batch, sfn=sfn, with_aux=with_aux)[1]
 
