@@ -55,10 +55,12 @@ def build_report(slots, handlers: dict, slot_masks, notes: dict, activations) ->
     """The report for ``slots`` with their ``handlers`` and masks (``None`` for factorized
     or unruled leaves); ``notes``: the trace's ``{eqn key: note}``; ``activations``: the
     :func:`activation_rows`."""
-    rows, untouched = [], []
+    rows, untouched, unruled_paths = [], [], []
     for slot, m in zip(slots, slot_masks):
         if slot.rule is None:
             untouched.append((slot.path, slot.shape, bool(slot.sites)))
+            if slot.path in handlers:     # a lowered copy's activation-sparse or GEMV site
+                unruled_paths.append((slot.path, compute_column(handlers[slot.path])))
             continue
         handler = handlers[slot.path]
         size = int(np.prod(slot.shape))
@@ -77,4 +79,4 @@ def build_report(slots, handlers: dict, slot_masks, notes: dict, activations) ->
             flops_after=sum(handler.flops_after(s, density) for s in slot.sites),
             kernel=compute_column(handler)))
     notes = [f"{'/'.join(map(str, k))}: {v}" for k, v in notes.items()]
-    return Report(rows, untouched, notes, activations)
+    return Report(rows, untouched, notes, activations, unruled_paths)

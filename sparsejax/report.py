@@ -45,6 +45,9 @@ class Report:
     untouched: list[tuple[str, tuple[int, ...], bool]]   # (path, shape, is a weight site)
     notes: list[str]
     activations: list[ActivationRow] = dataclasses.field(default_factory=list)
+    # (path, how its sites compute) of weights no rule claims that a lowered copy still
+    # computes on a chosen path (beside a Spark FFN, under a threshold, or dense_gemv=True)
+    unruled_paths: list[tuple[str, str]] = dataclasses.field(default_factory=list)
 
     @property
     def params_before(self) -> int:
@@ -66,7 +69,8 @@ class Report:
         return {"rows": [dataclasses.asdict(r) for r in self.rows],
                 "untouched": [{"path": p, "shape": s, "weight_site": w} for p, s, w in self.untouched],
                 "notes": list(self.notes),
-                "activations": [dataclasses.asdict(a) for a in self.activations]}
+                "activations": [dataclasses.asdict(a) for a in self.activations],
+                "unruled_paths": [{"path": p, "compute": c} for p, c in self.unruled_paths]}
 
     def __str__(self) -> str:
         header = ("path", "rule", "shape", "layout", "sites", "density", "params", "FLOPs", "compute")
@@ -90,6 +94,9 @@ class Report:
                 lines.append(f"weights no rule touched ({len(weights)}): " + ", ".join(weights))
             if others:
                 lines.append(f"other parameters ({len(others)}): " + ", ".join(others))
+        if self.unruled_paths:
+            lines.append(f"weights no rule touched, on a chosen path ({len(self.unruled_paths)}):")
+            lines += [f"  {p}: {c}" for p, c in self.unruled_paths]
         if self.activations:
             lines.append("activation sites:")
             pct = lambda v: "-" if v is None else f"{100 * v:.1f}%"

@@ -96,6 +96,7 @@ class SparseFunction:
         self._stored_dense_paths: frozenset = frozenset()  # lower(premasked=True): factors + dense
         self._unstored_params = None      # lower(premasked=True): init's (treedef, avals), for premask
         self._sibling_tables: dict | None = None   # lower(fuse_siblings=True): member paths -> tables
+        self._dense_gemv = False          # lower(dense_gemv=True): unruled weights choose a GEMV path
         self._thresholds: list = []       # (ThresholdPoint, rule) of the threshold rules
         self._threshold_info: dict = {}   # name -> {"target", "measured"} from calibrate()
 
@@ -564,7 +565,8 @@ class SparseFunction:
 
     def lower(self, sstate: dict, *, backend: str | None = None,
               interpret: bool = False, packed: bool = False,
-              premasked: bool = False, fuse_siblings: bool = False) -> "SparseFunction":
+              premasked: bool = False, fuse_siblings: bool = False,
+              dense_gemv: bool = False) -> "SparseFunction":
         """A copy whose masked matmuls and Spark FFN sites take their fastest correct path.
 
         Masks are read from ``sstate`` now (concretely) and fixed in the copy: call
@@ -598,6 +600,12 @@ class SparseFunction:
             weights of the same K (attention's q/k/v, a gated FFN's gate/up) may run as one
             kernel over their weights concatenated along N, where that measures faster
             than each on its own path (``compiler/passes/sibling_fusion.py``).
+          dense_gemv: every weight no rule claims, whose sites are direct 2-D products, also
+            takes its measured-fastest product at small batch (XLA's, XLA's on the row padded
+            to two, or a streaming GEMV kernel), as it does beside a lowered Spark FFN. XLA
+            compiles a one-row product as a reduction that runs well below memory bandwidth;
+            this is a dense model's decode step with that avoided, for inference (the kernels
+            have no gradient) and as the fair dense baseline of an activation-sparse one.
         """
         from sparsejax.compiler.passes.lowering import BlockSparseHandler
         from sparsejax.compiler.passes.nm_lowering import NMCompressedHandler
@@ -613,6 +621,8 @@ class SparseFunction:
                              "pre-masked leaves; choose one")
         if not isinstance(fuse_siblings, bool):
             raise ValueError(f"lower: fuse_siblings must be a bool, got {fuse_siblings!r}")
+        if not isinstance(dense_gemv, bool):
+            raise ValueError(f"lower: dense_gemv must be a bool, got {dense_gemv!r}")
         lowered = copy.copy(self)
         lowered._rewrites, lowered._handlers = {}, dict(self._handlers)
         slot_masks = self._slot_masks(sstate)
@@ -625,7 +635,9 @@ class SparseFunction:
                     lowered._handlers[slot.path] = BlockSparseHandler(
                         self._handlers[slot.path], mask, backend, interpret, packed=packed,
                         premasked=premasked)
-        lowered._handlers.update(activation_sparse_handlers(self, backend=backend, interpret=interpret))
+        lowered._dense_gemv = dense_gemv
+        lowered._handlers.update(activation_sparse_handlers(self, backend=backend, interpret=interpret,
+                                                            dense_gemv=dense_gemv))
         if premasked:   # factorized leaves hold their dense product too (premask computes it)
             stored = {s.path: self._handlers[s.path].with_stored_dense() for s in self._slots
                       if type(self._handlers.get(s.path)) is FactorizedHandler}

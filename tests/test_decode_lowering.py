@@ -191,3 +191,44 @@ def test_a_kernel_must_beat_xla_by_the_margin_to_be_taken():
     assert si._with_margin(clear, cands).name == "sparse_input"
     unmeasured = dataclasses.replace(close, times_us={})
     assert si._with_margin(unmeasured, cands).name == "sparse_input"
+
+
+def _dense_decode(p, x):
+    h = jnp.tanh(x @ p["w_in"])
+    return h @ p["w_out"] + jnp.einsum("bd,nd->bn", x, p["w_t"])
+
+
+@pytest.mark.parametrize("path,label", [("stream_gemv", "streaming GEMV"), ("row_gemv", "row-streaming GEMV"),
+                                        ("xla_pad2", "XLA dense, the row padded to two")])
+def test_dense_gemv_gives_a_model_with_no_rule_the_measured_gemv_paths(path, label):
+    from sparsejax.kernels import path_choice
+
+    ks = jax.random.split(jax.random.key(21), 4)
+    params = {"w_in": jax.random.normal(ks[0], (40, 72)) / 6, "w_out": jax.random.normal(ks[1], (72, 24)) / 8,
+              "w_t": jax.random.normal(ks[2], (24, 40)) / 6}
+    x = jax.random.normal(ks[3], (1, 40))
+    sfn = sparsify(_dense_decode, [])
+    sp, ss = sfn.init(params, x)
+    assert _paths(sfn.lower(ss, interpret=True)) == {}        # no activation rule: nothing to choose
+    with path_choice.mode(f"force:{path}"):
+        low = sfn.lower(ss, interpret=True, dense_gemv=True)
+        out = low(sp, ss, x)
+        paths = _paths(low)
+        prims = [e.primitive.name for e in low.rewritten_jaxpr(sp, ss, x).jaxpr.eqns]
+    assert rel_error(out, _dense_decode(params, x)) < 1e-5
+    assert set(paths) == {"w_in", "w_out", "w_t"}
+    # a forced kernel exists for one layout only: (K, N) weights stream rows, (N, K) weights rows of outputs
+    taken = [p for site_paths in paths.values() for p in site_paths if p.startswith(label)]
+    assert taken, paths
+    if path != "xla_pad2":
+        assert "pallas_call" in prims
+    report = str(low.report())
+    assert "weights no rule touched, on a chosen path (3):" in report and label in report
+    # Differentiated, every site computes XLA's product (the kernels have no backward pass)
+    with path_choice.mode(f"force:{path}"):
+        grads = jax.grad(lambda p: low(p, ss, x).sum())(sp)
+    want = jax.grad(lambda p: _dense_decode(p, x).sum())(params)
+    for k in params:
+        assert rel_error(grads[k], want[k]) < 1e-5, k
+    with pytest.raises(ValueError, match="dense_gemv must be a bool"):
+        sfn.lower(ss, interpret=True, dense_gemv="yes")

@@ -44,7 +44,7 @@ def rebind_handlers(sfn, handlers: dict, traced) -> None:
     for path, handler in handlers.items():
         if isinstance(handler, ActivationSparseHandler):
             if roles is None:
-                roles = ffn_roles(sfn, traced)[0]
+                roles = ffn_roles(sfn, traced, plain=sfn._dense_gemv)[0]
             handler.rebind(sites.get(path, ()), roles.get(path, {}))
         else:
             handler.rebind(sites.get(path, ()))

@@ -43,7 +43,8 @@ from sparsejax import topk
 from sparsejax.compiler.activation_sites import down_projection_sites
 from sparsejax.compiler.interpreter import bind_eqn
 from sparsejax.compiler.param_ref import ParamRef, materialize
-from sparsejax.compiler.passes.base import WeightHandler, direct_site_reason, matmul_at_site
+from sparsejax.compiler.passes.base import (WeightHandler, differentiated, direct_site_reason,
+                                             matmul_at_site)
 from sparsejax.kernels.streaming_choice import choose_streaming
 from sparsejax.kernels import path_choice
 from sparsejax.kernels import sparse_input_gemv as sig
@@ -138,6 +139,10 @@ class ActivationSparseHandler(WeightHandler):
             return bind_eqn(eqn, [materialize(v) for v in invals])
         role = self.roles[key]
         original = lambda: bind_eqn(eqn, [materialize(v) for v in invals])
+        if differentiated():
+            # The GEMV kernels have no backward pass; a differentiated program (an inference
+            # copy run under jax.grad, say, to probe it) computes each site as XLA's product.
+            return original()
         if role.kind == "plain":
             return self._site_or_original(original, lambda: self._plain(key, eqn, operand, x, ref.value))
         if role.kind == "gate":
@@ -360,9 +365,11 @@ def _sparse_sample(shape, dtype, density: float):
     return x.astype(jnp.dtype(dtype))
 
 
-def ffn_roles(sfn, traced) -> tuple[dict[str, dict], dict[str, list]]:
+def ffn_roles(sfn, traced, *, plain: bool = False) -> tuple[dict[str, dict], dict[str, list]]:
     """What each unruled weight site of ``traced`` is in a :class:`SparkTopK` FFN, or as the
-    matmul of an input an activation threshold makes sparse.
+    matmul of an input an activation threshold makes sparse. With ``plain`` (``lower(
+    dense_gemv=True)``), every other unruled 2-D weight is a plain GEMV site even in a
+    function with no activation rule.
 
     Returns ``({path: {site key: _Role}}, {path: [sites]})`` for the program ``traced``
     (a call's own trace: its keys are where its eqns sit).
@@ -411,10 +418,11 @@ def ffn_roles(sfn, traced) -> tuple[dict[str, dict], dict[str, list]]:
         for path, key in wanted:
             roles.setdefault(path, {}).setdefault(key, _Role("down", None, rule, density,
                                                              point.width))
-    # In a function with a lowered Spark FFN (a decode step), every other unruled weight whose
-    # sites are all direct 2-D products: a dense site that may still take XLA's padded-row
-    # product or a streaming kernel where measured faster.
-    for path, sites in (sites_by_path.items() if roles else ()):
+    # In a function with a lowered Spark FFN (a decode step), or any function lowered with
+    # dense_gemv=True, every other unruled weight whose sites are all direct 2-D products: a
+    # dense site that may still take XLA's padded-row product or a streaming kernel where
+    # measured faster.
+    for path, sites in (sites_by_path.items() if roles or plain else ()):
         if path in roles or path in ruled or any(len(s.weight_shape) != 2 for s in sites):
             continue
         if all(s.layout is not None and direct_site_reason(s, s.layout) is None for s in sites):
@@ -422,8 +430,8 @@ def ffn_roles(sfn, traced) -> tuple[dict[str, dict], dict[str, list]]:
     return {p: r for p, r in roles.items() if p not in ruled}, sites_by_path
 
 
-def activation_sparse_handlers(sfn, *, backend: str | None = None, interpret: bool = False
-                               ) -> dict[str, WeightHandler]:
+def activation_sparse_handlers(sfn, *, backend: str | None = None, interpret: bool = False,
+                               dense_gemv: bool = False) -> dict[str, WeightHandler]:
     """Handlers for the unruled weights of every FFN site a :class:`SparkTopK` rule selects
     and of every matmul whose input an activation threshold makes sparse.
 
@@ -431,12 +439,14 @@ def activation_sparse_handlers(sfn, *, backend: str | None = None, interpret: bo
       sfn: an initialized :class:`~sparsejax.sparsify.SparseFunction`.
       backend: "gpu", "tpu" or "cpu" (default: JAX's default backend).
       interpret: run the kernels in Pallas interpret mode (CPU tests).
+      dense_gemv: also every other unruled 2-D weight, with no activation rule in the
+        function (see :func:`ffn_roles`).
 
     Returns:
       ``{path: handler}`` to merge into the lowered function's handlers. Each call's trace
       updates their roles (:meth:`ActivationSparseHandler.rebind` with :func:`ffn_roles`).
     """
-    roles, sites_by_path = ffn_roles(sfn, next(iter(sfn._traces.values())))
+    roles, sites_by_path = ffn_roles(sfn, next(iter(sfn._traces.values())), plain=dense_gemv)
     context: dict = {}
     return {path: ActivationSparseHandler(path, sites_by_path[path][0].layout, sites_by_path[path],
                                           site_roles, backend, interpret, context)
