@@ -47,6 +47,27 @@ def _structured(params, path_keys, nblocks, key):
     return params
 
 
+@pytest.fixture
+def fake_timing(monkeypatch):
+    """Sites measure their paths (on CPU too) with the ``measure`` handed to the returned
+    function, from an empty path cache; the cache is emptied again afterwards."""
+    from sparsejax.kernels import path_choice as pc
+
+    monkeypatch.delenv("SPARSEJAX_PATH_CACHE", raising=False)
+    pc.clear_cache()
+    monkeypatch.setattr(pc, "_measuring_pays", lambda: True)
+    yield lambda measure: monkeypatch.setattr(pc, "measure", measure)
+    pc.clear_cache()
+
+
+def _monarch_model(pattern="*layers/*/kernel"):
+    """The scanned model of ``_setup`` with Monarch(4) on ``pattern``: (sfn, sparams, sstate, x)."""
+    fn, params, x = _setup()
+    sfn = sj.sparsify(fn, sj.Monarch(pattern, nblocks=4, init="random"))
+    sparams, sstate = sfn.init(params, x)
+    return sfn, sparams, sstate, x
+
+
 def test_structured_weights_give_the_same_outputs():
     fn, params, x = _setup()
     params = _structured(params, [("params", "layers", "up", "kernel"),
@@ -169,21 +190,13 @@ def test_each_path_of_a_monarch_site_computes_the_same(path, monkeypatch):
             "Monarch einsums (forced)" if path == "einsum" else "Monarch einsums")
 
 
-def test_monarch_site_takes_the_measured_winner(monkeypatch):
-    from sparsejax.kernels import path_choice as pc
-
-    monkeypatch.delenv("SPARSEJAX_PATH_CACHE", raising=False)
-    pc.clear_cache()
-    monkeypatch.setattr(pc, "_measuring_pays", lambda: True)
-    monkeypatch.setattr(pc, "measure", lambda c, s, **kw: {"einsum": 30.0, "xla_dense": 10.0})
-    fn, params, x = _setup()
-    sfn = sj.sparsify(fn, sj.Monarch("*layers/*/kernel", nblocks=4, init="random"))
-    sparams, sstate = sfn.init(params, x)
+def test_monarch_site_takes_the_measured_winner(fake_timing):
+    fake_timing(lambda c, s, **kw: {"einsum": 30.0, "xla_dense": 10.0})
+    sfn, sparams, sstate, x = _monarch_model()
     assert "f32[3,16,32]" in str(sfn.rewritten_jaxpr(sparams, sstate, x))
     assert {r.path: r.kernel for r in sfn.report().rows}["params/layers/up/kernel"] == (
         "dense rebuilt from the factors once before the scan, XLA dot; per layer: "
         "dense from factors, XLA dot (10 µs, measured)")
-    pc.clear_cache()
 
 
 def _scan_body_dots(closed) -> list:
@@ -202,7 +215,7 @@ def _scan_body_dots(closed) -> list:
     return found
 
 
-def test_rebuilt_weights_are_multiplied_out_before_the_scan(monkeypatch):
+def test_rebuilt_weights_are_multiplied_out_before_the_scan(fake_timing):
     """Where every site of a stacked Monarch weight in a scan body chose the dense rebuild, the
     rebuild runs once for every layer before the scan (one batched product forward, one
     backward) and the body multiplies by plain weights, as the dense program does; a weight
@@ -210,16 +223,11 @@ def test_rebuilt_weights_are_multiplied_out_before_the_scan(monkeypatch):
     einsums'."""
     from sparsejax.kernels import path_choice as pc
 
-    monkeypatch.delenv("SPARSEJAX_PATH_CACHE", raising=False)
-    pc.clear_cache()
-    monkeypatch.setattr(pc, "_measuring_pays", lambda: True)
     # up (16 -> 32) is cheaper rebuilt, down (32 -> 16) through the einsums
-    monkeypatch.setattr(pc, "measure", lambda c, specs, **kw: (
+    fake_timing(lambda c, specs, **kw: (
         {"einsum": 30.0, "xla_dense": 10.0} if specs[0].shape[-1] == 16
         else {"einsum": 10.0, "xla_dense": 30.0}))
-    fn, params, x = _setup()
-    sfn = sj.sparsify(fn, sj.Monarch("*layers/*/kernel", nblocks=4, init="random"))
-    sparams, sstate = sfn.init(params, x)
+    sfn, sparams, sstate, x = _monarch_model()
     body = _scan_body_dots(sfn.rewritten_jaxpr(sparams, sstate, x))
     assert ((2, 5, 16), (16, 32)) in body                   # up: the dense program's own dot
     assert not any(len(a) == 4 for a, _ in body)            # its rebuild (4-D blocks) is outside
@@ -238,7 +246,6 @@ def test_rebuilt_weights_are_multiplied_out_before_the_scan(monkeypatch):
         "Monarch einsums (forced)")
     chex.assert_trees_all_close(y, y_ref, rtol=2e-5, atol=2e-5)
     chex.assert_trees_all_close(g, g_ref, rtol=2e-4, atol=2e-5)
-    pc.clear_cache()
 
 
 def test_no_second_trace_of_a_scan_where_every_choice_is_the_default():
@@ -277,20 +284,15 @@ def test_fused_kernel_support_is_asked_of_the_kernel_module(monkeypatch):
         assert "decode" in factorized.fused_monarch_unsupported((tokens, 128), factors)
 
 
-def test_a_stacked_weights_dense_rebuild_is_recorded_as_movable(monkeypatch):
+def test_a_stacked_weights_dense_rebuild_is_recorded_as_movable(fake_timing):
     """Timed alone the rebuild is paid per call; in a scan it can run once for every layer, so
     the choice recorded for program tuning marks it movable (tried whatever it measured),
     and the tuner's list holds it though the einsums won alone by 3x."""
     from sparsejax.kernels import path_choice as pc
     from sparsejax.kernels import program_tuning
 
-    monkeypatch.delenv("SPARSEJAX_PATH_CACHE", raising=False)
-    pc.clear_cache()
-    monkeypatch.setattr(pc, "_measuring_pays", lambda: True)
-    monkeypatch.setattr(pc, "measure", lambda c, s, **kw: {"einsum": 10.0, "xla_dense": 30.0})
-    fn, params, x = _setup()
-    sfn = sj.sparsify(fn, sj.Monarch("*layers/*/kernel", nblocks=4, init="random"))
-    sparams, sstate = sfn.init(params, x)
+    fake_timing(lambda c, s, **kw: {"einsum": 10.0, "xla_dense": 30.0})
+    sfn, sparams, sstate, x = _monarch_model()
     loss = lambda p: jnp.sum(jnp.sin(sfn(p, sstate, x)))
     for program in (lambda: sfn.rewritten_jaxpr(sparams, sstate, x),      # forward
                     lambda: jax.make_jaxpr(jax.grad(loss))(sparams)):       # with its backward
@@ -300,7 +302,6 @@ def test_a_stacked_weights_dense_rebuild_is_recorded_as_movable(monkeypatch):
         tries = program_tuning.close_calls(dict(seen), 0.25)
         assert {(was, path) for _, was, path, _, _ in tries} == {("einsum", "xla_dense")}
         assert len(tries) == len(seen)
-    pc.clear_cache()
 
 
 @pytest.mark.parametrize("tokens", [16, 4096])
@@ -398,17 +399,13 @@ def test_monarch_site_multiplies_in_the_dtype_the_dense_dot_consumes(path, monke
 
 
 @pytest.mark.parametrize("differentiate", [False, True])
-def test_monarch_site_is_timed_against_the_stored_dense_weight(differentiate, monkeypatch):
+def test_monarch_site_is_timed_against_the_stored_dense_weight(differentiate, fake_timing):
     # The dense program multiplies by a stored (K, N) weight. The site's xla_dense candidate
     # must pay what it costs in the sparse program (rebuilding that matrix from the factors
     # every call), and the baseline the site is reported against is the stored weight's dot,
     # timed with its own inputs; it is never a path the site takes.
     from sparsejax.compiler.interpreter import sub_jaxprs
-    from sparsejax.kernels import path_choice as pc
 
-    monkeypatch.delenv("SPARSEJAX_PATH_CACHE", raising=False)
-    pc.clear_cache()
-    monkeypatch.setattr(pc, "_measuring_pays", lambda: True)
     seen = {}
 
     def fake_measure(cands, specs, **kw):
@@ -417,10 +414,8 @@ def test_monarch_site_is_timed_against_the_stored_dense_weight(differentiate, mo
         return {c.name: {"einsum": 30.0, "xla_dense": 40.0, "dense_weight": 5.0}[c.name]
                 for c in cands}
 
-    monkeypatch.setattr(pc, "measure", fake_measure)
-    fn, params, x = _setup()
-    sfn = sj.sparsify(fn, sj.Monarch("*layers/up/kernel", nblocks=4, init="random"))
-    sparams, sstate = sfn.init(params, x)
+    fake_timing(fake_measure)
+    sfn, sparams, sstate, x = _monarch_model("*layers/up/kernel")
     if differentiate:
         jax.grad(lambda p: jnp.sum(sfn(p, sstate, x) ** 2))(sparams)
     else:
@@ -441,19 +436,15 @@ def test_monarch_site_is_timed_against_the_stored_dense_weight(differentiate, mo
     assert dots(jax.make_jaxpr(ref_fn)(*ref_specs).jaxpr) == (1 if not differentiate else 3)
     assert {r.path: r.kernel for r in sfn.report().rows}["params/layers/up/kernel"] == (
         "Monarch einsums (30 µs vs dense 5 µs, 0.17×, measured)")
-    pc.clear_cache()
 
 
-def test_hoisting_beside_a_lowered_block_sparse_site_in_the_same_scan(monkeypatch):
+def test_hoisting_beside_a_lowered_block_sparse_site_in_the_same_scan(fake_timing):
     """The scan body's first, shapes-only trace also runs the other sites in it (here a lowered
     block-sparse kernel): nothing of it may leak into the program, whose values and gradients
     are the masked program's."""
     from sparsejax.kernels import path_choice as pc
 
-    monkeypatch.delenv("SPARSEJAX_PATH_CACHE", raising=False)
-    pc.clear_cache()
-    monkeypatch.setattr(pc, "_measuring_pays", lambda: True)
-    monkeypatch.setattr(pc, "measure", lambda c, s, **kw: {
+    fake_timing(lambda c, s, **kw: {
         k.name: {"einsum": 30.0, "xla_dense": 10.0, "kernel": 5.0}.get(k.name, 50.0) for k in c})
     fn, params, x = _setup()
     sfn = sj.sparsify(fn, [sj.Monarch("*layers/up/kernel", nblocks=4, init="random"),
@@ -469,7 +460,6 @@ def test_hoisting_beside_a_lowered_block_sparse_site_in_the_same_scan(monkeypatc
         sfn.invalidate()
         chex.assert_trees_all_close(y, sfn(sparams, sstate, x), rtol=1e-4, atol=1e-5)
         chex.assert_trees_all_close(g, jax.grad(loss(sfn))(sparams), rtol=1e-3, atol=1e-5)
-    pc.clear_cache()
 
 
 def test_premasked_copy_holds_the_dense_product_and_computes_the_same():
@@ -513,25 +503,20 @@ def test_premasked_copy_holds_the_dense_product_and_computes_the_same():
     pc.clear_cache()
 
 
-def test_a_site_weighs_the_stored_product_by_measurement(monkeypatch):
+def test_a_site_weighs_the_stored_product_by_measurement(fake_timing):
     """Where the stored product's dot measures faster, the site takes it (a signature of its
     own: the candidates differ from the unlowered function's); the unlowered function never
     offers it."""
     from sparsejax.kernels import path_choice as pc
 
-    monkeypatch.delenv("SPARSEJAX_PATH_CACHE", raising=False)
-    pc.clear_cache()
-    monkeypatch.setattr(pc, "_measuring_pays", lambda: True)
     seen = []
 
     def measure(cands, specs, **kw):
         seen.append(tuple(c.name for c in cands))
         return {c.name: {"stored_dense": 5.0, "einsum": 10.0}.get(c.name, 30.0) for c in cands}
 
-    monkeypatch.setattr(pc, "measure", measure)
-    fn, params, x = _setup()
-    sfn = sj.sparsify(fn, sj.Monarch("*layers/*/kernel", nblocks=4, init="random"))
-    sparams, sstate = sfn.init(params, x)
+    fake_timing(measure)
+    sfn, sparams, sstate, x = _monarch_model()
     sfn.rewritten_jaxpr(sparams, sstate, x)
     assert seen and all("stored_dense" not in names for names in seen)
     low = sfn.lower(sstate, premasked=True)
@@ -542,4 +527,3 @@ def test_a_site_weighs_the_stored_product_by_measurement(monkeypatch):
     assert {c.name for c, _, _ in rec.values()} == {"stored_dense"}
     assert {r.path: r.kernel for r in low.report().rows}["params/layers/up/kernel"].startswith(
         "stored dense product (premask), XLA dot (5 µs")
-    pc.clear_cache()
