@@ -76,6 +76,13 @@ def test_measure_runs_eagerly_while_a_program_is_being_traced():
     assert set(seen) == {"einsum", "xla_dense"} and all(t > 0 for t in seen.values())
 
 
+def test_measure_reports_the_hosts_enqueue_time_per_input_set():
+    enqueue = {}
+    times = pc.measure(_candidates(), SPECS, calls=2, repeats=1, copies=3, enqueue_us=enqueue)
+    assert set(enqueue) == set(times) == {"einsum", "xla_dense"}
+    assert all(0 < v < float("inf") for v in enqueue.values())
+
+
 def test_choice_summary_compares_with_the_baseline():
     c = pc.Choice("kernel", "block-sparse kernel", "measured", {"kernel": 20.0, "xla_dense": 50.0},
                   "xla_dense")

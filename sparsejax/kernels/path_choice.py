@@ -326,6 +326,18 @@ def median_seconds(fn, *args, calls: int = 10, repeats: int = 15, warmup: int = 
     return statistics.median(times)
 
 
+def _enqueue_seconds(fn, args, calls: int) -> float:
+    """The host's time to enqueue one of ``calls`` back-to-back calls (the queue drained first
+    and after): what a timing of ``fn`` cannot go below, whatever the device does."""
+    jax.block_until_ready(fn(*args))
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        out = fn(*args)
+    seconds = (time.perf_counter() - t0) / calls
+    jax.block_until_ready(out)
+    return seconds
+
+
 # Bytes an H200's L2 holds: inputs re-read from it would time the cache, not memory.
 L2_BYTES = 60e6
 
@@ -411,7 +423,8 @@ def _compile_all(candidates: Sequence[Candidate], wrap: Callable, args: Sequence
 
 def measure(candidates: Sequence[Candidate], arg_specs: Sequence, *, calls: int = 10,
             repeats: int = 7, copies: int | None = None,
-            reference: str | None = None, first_call_s: dict | None = None) -> dict[str, float]:
+            reference: str | None = None, first_call_s: dict | None = None,
+            enqueue_us: dict | None = None) -> dict[str, float]:
     """Median µs of one call of each supported candidate, on random inputs like ``arg_specs``.
 
     ``arg_specs`` are ShapeDtypeStructs (or concrete values passed as they are, shared by
@@ -425,7 +438,10 @@ def measure(candidates: Sequence[Candidate], arg_specs: Sequence, *, calls: int 
     inputs; one that does not gets ``inf`` (never chosen) and a warning. ``first_call_s``:
     filled with each candidate's first call in seconds (compilation included). The
     candidates are compiled concurrently (XLA compiles without holding the GIL), then
-    checked and timed one after another.
+    checked and timed one after another. ``enqueue_us``: filled with each candidate's host
+    time to enqueue one call, per input set as the times are. Where it nears the measured time
+    the timing is the host's dispatch (each input set's arrays are arguments to pass), not the
+    device's: candidates with more arguments look slower than they run in a program.
     """
     copies = copies_for(arg_specs) if copies is None else copies
     is_array = [isinstance(s, jax.ShapeDtypeStruct) for s in arg_specs]
@@ -474,6 +490,8 @@ def measure(candidates: Sequence[Candidate], arg_specs: Sequence, *, calls: int 
                         continue
                 seconds = median_seconds(fn, *args, calls=calls, repeats=repeats, warmup=2)
                 out[c.name] = 1e6 * seconds / copies
+                if enqueue_us is not None:
+                    enqueue_us[c.name] = 1e6 * _enqueue_seconds(fn, args, calls) / copies
             except Exception as e:   # a path that fails to compile or run is never chosen
                 warnings.warn(f"path choice: candidate {c.name!r} failed while measured "
                               f"({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
@@ -590,22 +608,29 @@ def _choose(op, signature, supported, arg_specs, *, baseline, check, flops, copi
     t0 = time.perf_counter()
     first: dict = {}
     copies = copies_for(arg_specs, flops) if copies is None else copies
+    enqueue: dict = {}
     times = measure(supported, arg_specs, reference=baseline if check and baseline in names else None,
-                    first_call_s=first, copies=copies)
+                    first_call_s=first, copies=copies, enqueue_us=enqueue)
     best = min(times, key=times.get)   # the candidates only: the reference joins below
     if reference is not None:
         # Timed apart: it reads its own arguments (the dense weight), and is no candidate.
         # Over as many input sets as the candidates: timed the same way.
         ref_time = measure([reference], reference_specs, first_call_s=first,
-                           copies=copies).get(reference.name)
+                           copies=copies, enqueue_us=enqueue).get(reference.name)
         if ref_time is not None:
             times = {**times, reference.name: ref_time}
             baseline = reference.name
     if logging:
         shown = ", ".join(f"{k} {v:.1f}" for k, v in times.items())
         compiled = ", ".join(f"{k} {v:.1f}" for k, v in first.items())
+        enqueued = ", ".join(f"{k} {v:.1f}" for k, v in enqueue.items())
         print(f"path choice: {key}: {best} ({shown} µs; {time.perf_counter() - t0:.1f} s, first "
-              f"calls {compiled} s)", file=sys.stderr, flush=True)
+              f"calls {compiled} s; host enqueue {enqueued} µs)", file=sys.stderr, flush=True)
+        bound = sorted(k for k, v in enqueue.items() if k in times and v >= 0.8 * times[k])
+        if bound:
+            print(f"path choice: {key}: host-bound timing of {', '.join(bound)} (the host's "
+                  f"enqueue is at least 0.8 of the time: it compares dispatch, not the device)",
+                  file=sys.stderr, flush=True)
     _remember(key, {"path": best, "times_us": {k: round(v, 2) for k, v in times.items()}})
     c = next(c for c in supported if c.name == best)
     return Choice(c.name, c.label, "measured", times, baseline)
