@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -118,7 +119,8 @@ def test_fsdp_step_gathers_a_masked_weight_once(tmp_path, step_name):
     # weight by its mask on the shard and all-gathered the product, and under SR-STE also the
     # backward's decay term: three float32 gathers per masked weight where dense has one
     # (nm24 data:1,fsdp:2 at 1.72x of one H200 on two, dense at 1.80x). The masks now follow
-    # the weights: nm24 gathers the weights dense gathers, plus one byte per mask entry.
+    # the weights, and are stored replicated (fsdp_sharding): nm24 gathers exactly what dense
+    # gathers, the weights, and no mask.
     from jax.sharding import NamedSharding, PartitionSpec as P
 
     def gathers(recipe):
@@ -137,8 +139,10 @@ def test_fsdp_step_gathers_a_masked_weight_once(tmp_path, step_name):
     dense, _ = gathers("dense")
     nm, mask_entries = gathers("nm24")
     assert mask_entries > 0
-    assert nm.get("f32") == dense.get("f32"), (nm, dense)
-    assert sum(b for _, b in nm.values()) <= dense["f32"][1] + mask_entries, (nm, dense)
+    assert nm == dense, (nm, dense)
+    sharding = train.fsdp_sharding(train.prepare(tiny(tmp_path / "m", mesh="data:1,fsdp:2")).mesh,
+                                   jax.ShapeDtypeStruct((64, 128), jnp.bool_))
+    assert sharding.is_fully_replicated
 
 
 def _run_cli(args, env_extra=None):
