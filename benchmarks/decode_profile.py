@@ -19,8 +19,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
-import statistics
-import time
 import os
 import pathlib
 import sys
@@ -35,7 +33,7 @@ from decode_speed import (FULL, GATE_KERNEL, K_FRAC, SMOKE, SPLIT_DOWN, _dense_g
 from step_profile import summarise, top_line, trace  # noqa: E402
 import glob  # noqa: E402
 import tempfile  # noqa: E402
-from timing import median_seconds, rel_err  # noqa: E402
+from timing import enqueue_seconds, median_seconds, rel_err  # noqa: E402
 
 from sparsejax.kernels import nm_compressed as nm  # noqa: E402
 from sparsejax.kernels import spark_ffn as sf  # noqa: E402
@@ -157,20 +155,6 @@ def timeline(fn, args, calls: int = 3) -> list[str]:
     return lines
 
 
-def enqueue_seconds(fn, args, calls, repeats) -> float:
-    """Median host time to enqueue one call (no wait): where it reaches the wall time per call,
-    the back-to-back timing measures the host's dispatch, not the device."""
-    times = []
-    for _ in range(repeats):
-        jax.block_until_ready(fn(*args))
-        t0 = time.perf_counter()
-        for _ in range(calls):
-            out = fn(*args)
-        times.append((time.perf_counter() - t0) / calls)
-        jax.block_until_ready(out)
-    return statistics.median(times)
-
-
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--smoke", action="store_true")
@@ -200,7 +184,7 @@ def main():
             y = fn(*fargs)[0]
             err = rel_err(y, ref) if ref is not None else float("nan")
             wall = 1e6 * median_seconds(fn, *fargs, calls=s.calls, repeats=s.repeats, warmup=2) / per
-            host = 1e6 * enqueue_seconds(fn, fargs, s.calls, s.repeats) / per
+            host = 1e6 * enqueue_seconds(fn, *fargs, calls=s.calls, repeats=s.repeats) / per
             prof = summarise(trace(lambda: fn(*fargs), args.steps), top=10)
             kern = prof["total_us"] / per
             launches = prof["launches"] / per

@@ -5,7 +5,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 
-from sparsejax.kernels.path_choice import median_seconds  # noqa: F401  (one timing helper)
+from sparsejax.kernels.path_choice import enqueue_seconds, median_seconds  # noqa: F401  (one timing helper)
 
 
 def rel_err(a, b) -> float:

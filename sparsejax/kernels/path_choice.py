@@ -326,16 +326,20 @@ def median_seconds(fn, *args, calls: int = 10, repeats: int = 15, warmup: int = 
     return statistics.median(times)
 
 
-def _enqueue_seconds(fn, args, calls: int) -> float:
-    """The host's time to enqueue one of ``calls`` back-to-back calls (the queue drained first
-    and after): what a timing of ``fn`` cannot go below, whatever the device does."""
-    jax.block_until_ready(fn(*args))
-    t0 = time.perf_counter()
-    for _ in range(calls):
-        out = fn(*args)
-    seconds = (time.perf_counter() - t0) / calls
-    jax.block_until_ready(out)
-    return seconds
+def enqueue_seconds(fn, *args, calls: int = 10, repeats: int = 1) -> float:
+    """Median over ``repeats`` of the host's time to enqueue one of ``calls`` back-to-back
+    calls (the queue drained before and after): what a timing of ``fn`` cannot go below,
+    whatever the device does. Where it reaches :func:`median_seconds`, that timing measures
+    the host's dispatch, not the device."""
+    times = []
+    for _ in range(repeats):
+        jax.block_until_ready(fn(*args))
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            out = fn(*args)
+        times.append((time.perf_counter() - t0) / calls)
+        jax.block_until_ready(out)
+    return statistics.median(times)
 
 
 # Bytes an H200's L2 holds: inputs re-read from it would time the cache, not memory.
@@ -491,7 +495,7 @@ def measure(candidates: Sequence[Candidate], arg_specs: Sequence, *, calls: int 
                 seconds = median_seconds(fn, *args, calls=calls, repeats=repeats, warmup=2)
                 out[c.name] = 1e6 * seconds / copies
                 if enqueue_us is not None:
-                    enqueue_us[c.name] = 1e6 * _enqueue_seconds(fn, args, calls) / copies
+                    enqueue_us[c.name] = 1e6 * enqueue_seconds(fn, *args, calls=calls) / copies
             except Exception as e:   # a path that fails to compile or run is never chosen
                 warnings.warn(f"path choice: candidate {c.name!r} failed while measured "
                               f"({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
@@ -608,7 +612,7 @@ def _choose(op, signature, supported, arg_specs, *, baseline, check, flops, copi
     t0 = time.perf_counter()
     first: dict = {}
     copies = copies_for(arg_specs, flops) if copies is None else copies
-    enqueue: dict = {}
+    enqueue = {} if logging else None      # timed only for the log
     times = measure(supported, arg_specs, reference=baseline if check and baseline in names else None,
                     first_call_s=first, copies=copies, enqueue_us=enqueue)
     best = min(times, key=times.get)   # the candidates only: the reference joins below
