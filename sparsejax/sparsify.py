@@ -724,7 +724,6 @@ class SparseFunction:
             self._handlers[s.path].store_dense(x) if s.path in self._stored_dense_paths else x
             for s, x in zip(self._slots, items)])
 
-
     def pack(self, sparams: Any) -> Any:
         """Params for a copy made by ``lower(..., packed=True)``: lowered leaves as kept blocks.
 
