@@ -232,6 +232,8 @@ def ffn_variants(interpret, batch):
                                                       gate_tiles=GATE_KERNEL),
          "sparse bj32, rows down, gate kernel": dict(impl="sparse", bj=32, bk=256, down_tiles=ROWS_DOWN,
                                                      gate_tiles=GATE_KERNEL),
+         "sparse bj32, rows down, padded-row gate": dict(impl="sparse", bj=32, bk=256, down_tiles=ROWS_DOWN,
+                                                         gate_pad2=True),
          "sparse bj32, rows down, gate kernel, act in kernel": dict(
              impl="sparse", bj=32, bk=256, down_tiles=ROWS_DOWN, gate_tiles=GATE_KERNEL, act_in_kernel=True),
          "fused bj32 bk256 bn256 w4 atomics": dict(impl="fused", bj=32, bk=256, bn=256, num_warps=4,
@@ -602,6 +604,7 @@ def summary_table(b: Bench, variant_header: str) -> list[str]:
 
 
 def main():
+    global TUNE, ATTENTION_TOPK, BATCHES
     parser = argparse.ArgumentParser()
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, Pallas interpret mode (CPU)")
     parser.add_argument("--only", default="gemv,ffn,nm,e2e")
@@ -609,12 +612,14 @@ def main():
     parser.add_argument("--tune", action="store_true",
                         help="e2e: also settle close per-site path choices on the whole step "
                              "(SparseFunction.tune) and time the tuned step")
+    parser.add_argument("--batches", default=",".join(map(str, BATCHES)),
+                        help="decode batch sizes the ffn and e2e sections measure, e.g. '1,8'")
     parser.add_argument("--attention_topk", choices=("auto", "xla"), default="auto",
                         help="the attention rule's top-k: 'auto' (its one-pass kernel on a GPU) "
                              "or 'xla' (XLA's fusions)")
     args = parser.parse_args()
-    global TUNE, ATTENTION_TOPK
     TUNE, ATTENTION_TOPK = args.tune, args.attention_topk
+    BATCHES = tuple(int(bt) for bt in args.batches.split(","))
     interpret = args.smoke or jax.default_backend() != "gpu"
     b = Bench(SMOKE if args.smoke else FULL, interpret, args.budget)
     dev = jax.devices()[0]

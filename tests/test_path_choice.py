@@ -83,6 +83,60 @@ def test_measure_reports_the_hosts_enqueue_time_per_input_set():
     assert all(0 < v < float("inf") for v in enqueue.values())
 
 
+def test_host_bound_timings_get_rounds():
+    # Device time well above the host's enqueue: one round.
+    assert pc.rounds_for(enqueue_s=2e-6, seconds=10e-6, copies=16) == 1
+    # Host-bound: rounds give the device three times the enqueue...
+    assert pc.rounds_for(enqueue_s=9e-6, seconds=10e-6, copies=16) == 3
+    # ...within MAX_ROUNDS and MAX_APPLICATIONS.
+    assert pc.rounds_for(enqueue_s=1e-2, seconds=1e-3, copies=64) == pc.MAX_APPLICATIONS // 64
+    assert pc.rounds_for(enqueue_s=1e-2, seconds=1e-3, copies=20) == pc.MAX_ROUNDS
+    # Rounds that cannot be chained (no floating input or output) are not run.
+    assert pc.rounds_for(enqueue_s=9e-6, seconds=10e-6, copies=16, chainable=False) == 1
+
+
+def test_rounds_are_chained_so_xla_can_neither_merge_nor_fuse_them():
+    sets = [[jax.random.normal(jax.random.key(c), (1, 64)), jax.random.normal(jax.random.key(9 + c), (64, 32))]
+            for c in range(3)]
+    # A one-row product is a reduction over the weight: unchained, XLA would merge identical
+    # rounds, or fuse two rounds over the same weight into one pass that reads it once.
+    run = pc.over_input_sets(lambda x, w: x @ w, [True, True], rounds=4)
+    compiled = jax.jit(run).lower(sets, []).compile().as_text()
+    assert compiled.count(" dot(") + compiled.count(" reduce(") >= 12
+    out = run(sets, [])
+    for c in range(3):        # the chain adds zero: each set's product, unchanged
+        np.testing.assert_allclose(out[c], sets[c][0] @ sets[c][1], rtol=1e-6)
+    # The chain touches the smallest floating input (the activation), not the weight...
+    jaxpr = jax.make_jaxpr(run)(sets, [])
+    adds = [e for e in jaxpr.jaxpr.eqns if e.primitive.name == "add"]
+    assert len(adds) == 3 * 3 and all(e.outvars[0].aval.shape == (1, 64) for e in adds)
+    # ...also where the activation is shared by every input set and only the weights are drawn.
+    x = np.asarray(sets[0][0])
+    shared_x = pc.over_input_sets(lambda x, w: x @ w, [False, True], rounds=2)
+    jaxpr = jax.make_jaxpr(shared_x)([[w] for _, w in sets], [x])
+    adds = [e for e in jaxpr.jaxpr.eqns if e.primitive.name == "add"]
+    assert len(adds) == 3 and all(e.outvars[0].aval.shape == (1, 64) for e in adds)
+    # Where every floating input is large, a chain would time a pass over a weight: no rounds.
+    assert pc._chain_target([jnp.ones((64, 64)), jnp.ones((64, 64))]) is None
+
+
+def test_a_host_bound_candidate_is_timed_again_over_rounds(monkeypatch):
+    traced = []
+
+    def count(x, w):
+        traced.append(x.shape)
+        return x @ w
+
+    monkeypatch.setattr(pc, "rounds_for", lambda enqueue_s, seconds, copies, chainable: 3 if chainable else 1)
+    rounds, enqueue = {}, {}
+    gemv = [jax.ShapeDtypeStruct((1, 64), jnp.float32), jax.ShapeDtypeStruct((64, 32), jnp.float32)]
+    times = pc.measure([pc.Candidate("xla", count)], gemv, calls=1, repeats=1, copies=4,
+                       rounds_us=rounds, enqueue_us=enqueue)
+    assert rounds == {"xla": 3} and 0 < times["xla"] < float("inf") and enqueue["xla"] > 0
+    # Traced once per input set for the first timing, then once per set and round.
+    assert len(traced) == 4 + 4 * 3
+
+
 def test_choice_summary_compares_with_the_baseline():
     c = pc.Choice("kernel", "block-sparse kernel", "measured", {"kernel": 20.0, "xla_dense": 50.0},
                   "xla_dense")

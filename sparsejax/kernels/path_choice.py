@@ -359,6 +359,31 @@ COMPUTE_BOUND_INTENSITY = 200.0
 MAX_COPIES = 64
 
 
+# A timing whose host enqueue reaches this share of it measures dispatch, not the device.
+HOST_BOUND = 0.7
+
+# The most rounds over its input sets one timed call runs, and the most applications
+# (input sets times rounds) it holds: each is compiled in, unrolled.
+MAX_ROUNDS = 16
+MAX_APPLICATIONS = 512
+
+
+def rounds_for(enqueue_s: float, seconds: float, copies: int, chainable: bool = True) -> int:
+    """How many rounds over its ``copies`` input sets a timed call needs for the device's work
+    to outlast the host's enqueue (1: it already does, the first timing shows no device time,
+    or the rounds cannot be chained, see :func:`over_input_sets`).
+
+    ``enqueue_s`` and ``seconds``: one call's host enqueue and measured time at one round. The
+    device works at most ``seconds`` per call, so ``3 * enqueue_s / seconds`` rounds give it at
+    least three times the host's dispatch to do, within :data:`MAX_ROUNDS` and
+    :data:`MAX_APPLICATIONS`.
+    """
+    if not seconds > 0 or enqueue_s < HOST_BOUND * seconds or not chainable:
+        return 1
+    cap = max(1, min(MAX_ROUNDS, MAX_APPLICATIONS // max(copies, 1)))
+    return max(1, min(cap, math.ceil(3 * enqueue_s / seconds)))
+
+
 def copies_for(arg_specs: Sequence, flops: float | None = None) -> int:
     """How many independent input sets one timed call runs over.
 
@@ -425,10 +450,63 @@ def _compile_all(candidates: Sequence[Candidate], wrap: Callable, args: Sequence
     return compiled
 
 
+def over_input_sets(fn: Callable, is_array: Sequence[bool], rounds: int = 1) -> Callable:
+    """``run(per_copy, shared)``: ``fn`` applied to every input set, ``rounds`` times over.
+
+    ``per_copy`` holds each input set's arrays (the arguments where ``is_array``), ``shared``
+    the other arguments, in order. Returns each input set's output of the last round.
+
+    Rounds after the first chain on the one before: the application's smallest floating
+    argument (a site's activation, not its weight) is added zero times a scalar of its
+    previous output. Each round then waits for the last, so XLA can neither merge the rounds'
+    identical work nor fuse two rounds that read the same weight into one pass over it. The
+    chain costs what a site's input costs in a model, where an earlier op produces it (XLA
+    may fuse that op into its own product, a kernel reads it from memory).
+    """
+    def run(per_copy, shared):
+        outs = None
+        for r in range(rounds):
+            applied = []
+            for c, arrays in enumerate(per_copy):
+                drawn, given = iter(arrays), iter(shared)
+                args = [next(drawn) if arr else next(given) for arr in is_array]
+                if r:
+                    args = _chained(args, outs[c])
+                applied.append(fn(*args))
+            outs = applied
+        return outs
+    return run
+
+
+def _floating(a) -> bool:
+    return isinstance(a, (jax.Array, np.ndarray)) and jnp.issubdtype(a.dtype, jnp.floating)
+
+
+def _chain_target(args: Sequence) -> int | None:
+    """The argument a round's chain adds to: the smallest floating array, where it is at
+    most a tenth of the arguments' bytes (adding to a weight would time a pass over it)."""
+    floating = [i for i, a in enumerate(args) if _floating(a)]
+    if not floating:
+        return None
+    total = sum(a.nbytes for a in args if isinstance(a, (jax.Array, np.ndarray)))
+    smallest = min(floating, key=lambda i: args[i].nbytes)
+    return smallest if args[smallest].nbytes <= 0.1 * total else None
+
+
+def _chained(args: Sequence, previous) -> list:
+    """``args`` with :func:`_chain_target` plus zero times a scalar of ``previous`` (XLA does
+    not fold ``0 * y`` for floats: ``y`` may be infinite or NaN; zeros stay zeros)."""
+    scalar = next(jnp.ravel(leaf)[0] for leaf in jax.tree.leaves(previous) if _floating(leaf))
+    target = _chain_target(args)
+    args = list(args)
+    args[target] = args[target] + (scalar * 0).astype(args[target].dtype)
+    return args
+
+
 def measure(candidates: Sequence[Candidate], arg_specs: Sequence, *, calls: int = 10,
             repeats: int = 7, copies: int | None = None,
             reference: str | None = None, first_call_s: dict | None = None,
-            enqueue_us: dict | None = None) -> dict[str, float]:
+            enqueue_us: dict | None = None, rounds_us: dict | None = None) -> dict[str, float]:
     """Median µs of one call of each supported candidate, on random inputs like ``arg_specs``.
 
     ``arg_specs`` are ShapeDtypeStructs (or concrete values passed as they are, shared by
@@ -443,21 +521,26 @@ def measure(candidates: Sequence[Candidate], arg_specs: Sequence, *, calls: int 
     filled with each candidate's first call in seconds (compilation included). The
     candidates are compiled concurrently (XLA compiles without holding the GIL), then
     checked and timed one after another. ``enqueue_us``: filled with each candidate's host
-    time to enqueue one call, per input set as the times are. Where it nears the measured time
-    the timing is the host's dispatch (each input set's arrays are arguments to pass), not the
-    device's: candidates with more arguments look slower than they run in a program.
+    time to enqueue one call, per input set as the times are.
+
+    Where that enqueue reaches :data:`HOST_BOUND` of the measured time, the timing is the
+    host's dispatch (each input set's arrays are arguments to pass), not the device's, and
+    candidates with more arguments would look slower than they run in a program. Such a
+    candidate is compiled again to run over its input sets several rounds per call
+    (:func:`rounds_for`; the arguments stay the same, the device's work grows) and timed
+    again; its time and enqueue are then per input set and round. ``rounds_us``: filled with
+    the rounds each candidate was finally timed at.
     """
     copies = copies_for(arg_specs) if copies is None else copies
     is_array = [isinstance(s, jax.ShapeDtypeStruct) for s in arg_specs]
 
-    def over_copies(fn):
-        def run(per_copy, shared):
-            outs = []
-            for arrays in per_copy:
-                drawn, given = iter(arrays), iter(shared)
-                outs.append(fn(*[next(drawn) if arr else next(given) for arr in is_array]))
-            return outs
-        return run
+    def over_copies(fn, rounds=1):
+        return over_input_sets(fn, is_array, rounds)
+
+    def chainable(outputs, per_copy, shared) -> bool:
+        drawn, given = iter(per_copy[0]), iter(shared)
+        first = [next(drawn) if arr else next(given) for arr in is_array]
+        return any(map(_floating, jax.tree.leaves(outputs))) and _chain_target(first) is not None
 
     def run():
         keys = jax.random.split(jax.random.key(0), copies * max(len(arg_specs), 1))
@@ -493,9 +576,19 @@ def measure(candidates: Sequence[Candidate], arg_specs: Sequence, *, calls: int 
                         out[c.name] = float("inf")
                         continue
                 seconds = median_seconds(fn, *args, calls=calls, repeats=repeats, warmup=2)
+                enqueued = enqueue_seconds(fn, *args, calls=calls)
+                rounds = rounds_for(enqueued, seconds, copies, chainable(got, *args))
+                if rounds > 1:      # host-bound: the same arguments, more device work per call
+                    fn = jax.jit(over_copies(c.fn, rounds)).lower(*args).compile()
+                    jax.block_until_ready(fn(*args))
+                    seconds = median_seconds(fn, *args, calls=calls, repeats=repeats,
+                                             warmup=1) / rounds
+                    enqueued = enqueue_seconds(fn, *args, calls=calls) / rounds
                 out[c.name] = 1e6 * seconds / copies
                 if enqueue_us is not None:
-                    enqueue_us[c.name] = 1e6 * enqueue_seconds(fn, *args, calls=calls) / copies
+                    enqueue_us[c.name] = 1e6 * enqueued / copies
+                if rounds_us is not None:
+                    rounds_us[c.name] = rounds
             except Exception as e:   # a path that fails to compile or run is never chosen
                 warnings.warn(f"path choice: candidate {c.name!r} failed while measured "
                               f"({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
@@ -612,15 +705,15 @@ def _choose(op, signature, supported, arg_specs, *, baseline, check, flops, copi
     t0 = time.perf_counter()
     first: dict = {}
     copies = copies_for(arg_specs, flops) if copies is None else copies
-    enqueue = {} if logging else None      # timed only for the log
+    enqueue, rounds = {}, {}
     times = measure(supported, arg_specs, reference=baseline if check and baseline in names else None,
-                    first_call_s=first, copies=copies, enqueue_us=enqueue)
+                    first_call_s=first, copies=copies, enqueue_us=enqueue, rounds_us=rounds)
     best = min(times, key=times.get)   # the candidates only: the reference joins below
     if reference is not None:
         # Timed apart: it reads its own arguments (the dense weight), and is no candidate.
         # Over as many input sets as the candidates: timed the same way.
         ref_time = measure([reference], reference_specs, first_call_s=first,
-                           copies=copies, enqueue_us=enqueue).get(reference.name)
+                           copies=copies, enqueue_us=enqueue, rounds_us=rounds).get(reference.name)
         if ref_time is not None:
             times = {**times, reference.name: ref_time}
             baseline = reference.name
@@ -628,13 +721,15 @@ def _choose(op, signature, supported, arg_specs, *, baseline, check, flops, copi
         shown = ", ".join(f"{k} {v:.1f}" for k, v in times.items())
         compiled = ", ".join(f"{k} {v:.1f}" for k, v in first.items())
         enqueued = ", ".join(f"{k} {v:.1f}" for k, v in enqueue.items())
+        rounded = ", ".join(f"{k} {v}" for k, v in rounds.items() if v > 1) or "none"
         print(f"path choice: {key}: {best} ({shown} µs; {time.perf_counter() - t0:.1f} s, first "
-              f"calls {compiled} s; host enqueue {enqueued} µs)", file=sys.stderr, flush=True)
-        bound = sorted(k for k, v in enqueue.items() if k in times and v >= 0.8 * times[k])
+              f"calls {compiled} s; host enqueue {enqueued} µs; {copies} input sets, rounds "
+              f"{rounded})", file=sys.stderr, flush=True)
+        bound = sorted(k for k, v in enqueue.items() if k in times and v >= HOST_BOUND * times[k])
         if bound:
-            print(f"path choice: {key}: host-bound timing of {', '.join(bound)} (the host's "
-                  f"enqueue is at least 0.8 of the time: it compares dispatch, not the device)",
-                  file=sys.stderr, flush=True)
+            print(f"path choice: {key}: host-bound timing of {', '.join(bound)} even so (the "
+                  f"host's enqueue is at least {HOST_BOUND} of the time: it compares dispatch, "
+                  f"not the device)", file=sys.stderr, flush=True)
     _remember(key, {"path": best, "times_us": {k: round(v, 2) for k, v in times.items()}})
     c = next(c for c in supported if c.name == best)
     return Choice(c.name, c.label, "measured", times, baseline)

@@ -409,12 +409,14 @@ def _masked_rows(w_ref, rows, cols, live, atomic):
     return w.astype(jnp.float32)
 
 
-def _up_rows(x_ref, w_ref, rows, live, batch, bk, atomic, unroll):
-    """``x_up[b] . W_u^T[j]`` for the neurons ``j`` in ``rows``, loading live rows only."""
+def _up_rows(x_ref, w_ref, rows, live, batch, bk, atomic, unroll, x_offset=0):
+    """``x_up[b] . W_u^T[j]`` for the neurons ``j`` in ``rows``, loading live rows only;
+    ``x_up`` is ``x_ref``'s columns from ``x_offset`` on."""
     def step(c, acc):
         cols = pl.ds(c * bk, bk)
         w = _masked_rows(w_ref, rows, cols, live, atomic)
-        return tuple(a + jnp.sum(w * x_ref[b, cols].astype(jnp.float32)[None, :], axis=1)
+        xs = pl.ds(x_offset + c * bk, bk)
+        return tuple(a + jnp.sum(w * x_ref[b, xs].astype(jnp.float32)[None, :], axis=1)
                      for b, a in enumerate(acc))
 
     init = tuple(jnp.zeros((live.shape[0],), jnp.float32) for _ in range(batch))
@@ -422,20 +424,20 @@ def _up_rows(x_ref, w_ref, rows, live, batch, bk, atomic, unroll):
 
 
 def _up_kernel_masked(x_ref, act_ref, w_ref, *rest, bj, bk, batch, atomic, unroll,
-                      activation=None):
+                      activation=None, x_offset=0):
     """``h[:, tile] = act * (x_up @ W_u)`` over one tile of neurons (dead ones: 0); with
     ``activation``, ``act_ref`` holds the pre-activations and ``rest[0]`` the thresholds."""
     h_ref = rest[-1]
     theta_ref = rest[0] if activation is not None else None
     rows = pl.ds(pl.program_id(0) * bj, bj)
     acts, live = _live_act(act_ref, rows, batch, theta_ref, activation)
-    up = _up_rows(x_ref, w_ref, rows, live, batch, bk, atomic, unroll)
+    up = _up_rows(x_ref, w_ref, rows, live, batch, bk, atomic, unroll, x_offset)
     for b in range(batch):
         h_ref[pl.ds(b, 1), rows] = (acts[b] * up[b])[None, :].astype(h_ref.dtype)
 
 
 def _fused_kernel(x_ref, act_ref, wu_ref, wd_ref, *rest, bj, bk, bn, batch, atomic, unroll,
-                  partials, activation=None):
+                  partials, activation=None, x_offset=0):
     """One tile of neurons, end to end: live up rows -> ``h`` on chip -> ``y += h @ W_d[tile]``.
 
     ``partials``: write this tile's contribution to its own row of a partial-sum
@@ -447,7 +449,7 @@ def _fused_kernel(x_ref, act_ref, wu_ref, wd_ref, *rest, bj, bk, bn, batch, atom
     i = pl.program_id(0)
     rows = pl.ds(i * bj, bj)
     acts, live = _live_act(act_ref, rows, batch, theta_ref, activation)
-    up = _up_rows(x_ref, wu_ref, rows, live, batch, bk, atomic, unroll)
+    up = _up_rows(x_ref, wu_ref, rows, live, batch, bk, atomic, unroll, x_offset)
     h = [acts[b] * up[b] for b in range(batch)]
 
     def step(c, carry):
@@ -470,7 +472,7 @@ def masked_ffn(x_up: jax.Array, act: jax.Array, w_up_t: jax.Array, w_down: jax.A
                fused: bool = True, bj: int = 32, bk: int = 256, bn: int = 256, num_warps: int = 4,
                num_stages: int = 2, unroll: bool = True, partials: bool = False,
                down_tiles: dict | None = None, theta: jax.Array | None = None,
-               activation: Callable | None = None, interpret: bool = False,
+               activation: Callable | None = None, x_offset: int = 0, interpret: bool = False,
                poison: bool = False) -> jax.Array:
     """``(act * (x_up @ W_u)) @ W_d`` reading only the rows of fired neurons (module doc:
     ``"fused"`` and ``"sparse"``). ``act`` is ``(B, d_ff)``, zero where a neuron did not
@@ -479,7 +481,9 @@ def masked_ffn(x_up: jax.Array, act: jax.Array, w_up_t: jax.Array, w_down: jax.A
     sums per-tile partials in XLA instead of atomics. With ``theta`` ``(B,)`` and
     ``activation``, ``act`` holds the gate pre-activations and the (fused, or up) kernel
     forms ``activation(pre - theta)`` where ``pre > theta`` itself: two XLA launches fewer.
-    Returns ``(B, d_model)`` float32."""
+    ``x_offset``: the up input is ``x_up``'s columns from there on (pass the whole token:
+    a kernel's operand cut from it would be a copy, one launch). Returns ``(B, d_model)``
+    float32."""
     batch = x_up.shape[0]
     if batch > MAX_BATCH:
         raise ValueError(f"masked_ffn: batch {batch} > {MAX_BATCH}; use impl='xla'")
@@ -490,7 +494,7 @@ def masked_ffn(x_up: jax.Array, act: jax.Array, w_up_t: jax.Array, w_down: jax.A
     b_pad = next_pow2(batch)
     w_up_t = pad_to(pad_to(w_up_t, 1, bk), 0, bj)
     w_down = pad_to(pad_to(w_down, 1, bn), 0, bj)
-    x_up = jnp.pad(x_up, ((0, b_pad - batch), (0, w_up_t.shape[1] - x_up.shape[1])))
+    x_up = jnp.pad(x_up, ((0, b_pad - batch), (0, max(0, x_offset + w_up_t.shape[1] - x_up.shape[1]))))
     act = jnp.pad(act.astype(jnp.float32), ((0, b_pad - batch), (0, w_up_t.shape[0] - d_ff)))
     atomic = not interpret
     programs = w_up_t.shape[0] // bj
@@ -500,7 +504,8 @@ def masked_ffn(x_up: jax.Array, act: jax.Array, w_up_t: jax.Array, w_down: jax.A
     params = {} if interpret else dict(compiler_params=compiler_params(num_warps, num_stages))
     if fused:
         kernel = functools.partial(_fused_kernel, bj=bj, bk=bk, bn=bn, batch=batch, atomic=atomic,
-                                   unroll=unroll, partials=partials, activation=activation)
+                                   unroll=unroll, partials=partials, activation=activation,
+                                   x_offset=x_offset)
         args = [x_up, act, w_up_t, w_down, *extra]
         if partials:     # every program writes its own row for every live token and column
             out = jax.ShapeDtypeStruct((programs, b_pad, w_down.shape[1]), jnp.float32)
@@ -519,7 +524,7 @@ def masked_ffn(x_up: jax.Array, act: jax.Array, w_up_t: jax.Array, w_down: jax.A
     if poison:   # tests: every entry of h must be written over the NaNs
         aliases = backends.poison_output(args, h_shape)
     kernel = functools.partial(_up_kernel_masked, bj=bj, bk=bk, batch=batch, atomic=atomic, unroll=unroll,
-                               activation=activation)
+                               activation=activation, x_offset=x_offset)
     h = pl.pallas_call(kernel, grid=(programs,), out_shape=h_shape, input_output_aliases=aliases,
                        interpret=interpret, **params)(*args)
     tiles = {"impl": "masked", **(down_tiles or {})}      # down_tiles may name another impl
@@ -567,7 +572,9 @@ def topk_ffn_decode(x: jax.Array, weights: DecodeWeights, *, k: Any = None, k_fr
         that reads the up rows);
         the masked paths take ``gate_tiles`` (a dict of
         :func:`~sparsejax.kernels.sparse_input_gemv.sparse_input_gemv` tiles: the
-        predictor GEMV on that kernel instead of XLA).
+        predictor GEMV on that kernel instead of XLA) or ``gate_pad2=True`` (at batch 1,
+        the predictor on XLA with the row padded to two: a GEMM, where XLA's one-row
+        product is a reduction that streams a short, wide gate slowly).
 
     Returns:
       ``(B, d_model)`` in ``x``'s dtype.
@@ -586,18 +593,24 @@ def topk_ffn_decode(x: jax.Array, weights: DecodeWeights, *, k: Any = None, k_fr
                          f"({supported(1, backend=backend, interpret=interpret)}); use impl='xla', "
                          "'dense' or 'auto', or interpret=True on CPU")
     gate_tiles = tiling.pop("gate_tiles", None)
+    gate_pad2 = tiling.pop("gate_pad2", False)
     if gate_tiles is not None and impl in _MASKED_IMPLS:
         # The predictor GEMV on the streaming kernel (every input live): XLA's batch-1
         # GEMV for a short, wide (r, d_ff) gate ran at ~1.2 TB/s in the first H200 sweep.
         pre = sig.sparse_input_gemv(weights.gate_input(x), weights.w_gate, impl="masked",
                                     interpret=interpret, out_dtype=jnp.float32, **gate_tiles)
+    elif gate_pad2 and x.shape[0] == 1:
+        pre = jnp.dot(jnp.pad(weights.gate_input(x), ((0, 1), (0, 0))), weights.w_gate,
+                      preferred_element_type=jnp.float32)[:1]
     else:
         pre = jnp.dot(weights.gate_input(x), weights.w_gate, preferred_element_type=jnp.float32)
     x_up = weights.up_input(x)
+    # The masked kernels read the up input from the whole token (no copy of a slice of it).
+    x_offset = 0 if weights.split is None else weights.split
     if impl in _MASKED_IMPLS and tiling.pop("act_in_kernel", False):
         theta = statistical_threshold(pre, k=k, k_frac=k_frac, axis=-1)
-        y = masked_ffn(x_up, pre, weights.w_up_t, weights.w_down, fused=impl == "fused", theta=theta,
-                       activation=activation, interpret=interpret, **tiling)
+        y = masked_ffn(x, pre, weights.w_up_t, weights.w_down, fused=impl == "fused", theta=theta,
+                       activation=activation, x_offset=x_offset, interpret=interpret, **tiling)
         return y[:, :d_model].astype(x.dtype)
     if impl in _MASKED_IMPLS or impl == "dense":
         theta = statistical_threshold(pre, k=k, k_frac=k_frac, axis=-1)
@@ -605,8 +618,8 @@ def topk_ffn_decode(x: jax.Array, weights: DecodeWeights, *, k: Any = None, k_fr
         if impl == "dense":
             y = gathered_ffn_reference(x_up, act, weights.w_up_t[:, :x_up.shape[-1]], weights.w_down)
         else:
-            y = masked_ffn(x_up, act, weights.w_up_t, weights.w_down, fused=impl == "fused",
-                           interpret=interpret, **tiling)
+            y = masked_ffn(x, act, weights.w_up_t, weights.w_down, fused=impl == "fused",
+                           x_offset=x_offset, interpret=interpret, **tiling)
         return y[:, :d_model].astype(x.dtype)
     if capacity is None:
         raise ValueError(f"topk_ffn_decode: impl={impl!r} needs capacity (the index-list length)")
@@ -621,11 +634,14 @@ def topk_ffn_decode(x: jax.Array, weights: DecodeWeights, *, k: Any = None, k_fr
 # "sparse_rows_down": the down projection on the sparse-input GEMV whose programs loop over
 # the live rows only (its time follows the fired neurons), the predictor as "sparse_split_gate";
 # "sparse_rows_down_act": that with the soft top-k and activation formed in the up kernel (the
-# H200 profile of "sparse_rows_down" at batch 1: XLA's subtract and select, 2.4 of 31.8 µs).
+# H200 profile of "sparse_rows_down" at batch 1: XLA's subtract and select, 2.4 of 31.8 µs);
+# "sparse_rows_down_pad2_gate": "sparse_rows_down" with the predictor on XLA's padded-row GEMM
+# (the same profile: the split-K predictor 11.3 µs for 28.3 MB, and its partial sums 1.6 µs).
 _SPLIT = dict(bk=64, bn=256, steps=4, partials=True)
 _ROWS = dict(impl="rows", bc=16, span=128, col_splits=8, partials=True)
 CHOICE_PATHS = {"sparse_split_gate": ("sparse", dict(down_tiles=_SPLIT, gate_tiles=_SPLIT)),
                 "sparse_rows_down": ("sparse", dict(down_tiles=_ROWS, gate_tiles=_SPLIT)),
+                "sparse_rows_down_pad2_gate": ("sparse", dict(down_tiles=_ROWS, gate_pad2=True)),
                 "sparse_rows_down_act": ("sparse", dict(down_tiles=_ROWS, gate_tiles=_SPLIT,
                                                         act_in_kernel=True))}
 
@@ -633,7 +649,8 @@ CHOICE_PATHS = {"sparse_split_gate": ("sparse", dict(down_tiles=_SPLIT, gate_til
 def choose_impl(batch: int, weights: DecodeWeights, *, k: Any = None, k_frac: Any = None,
                 activation: Callable = jax.nn.gelu, dtype=jnp.bfloat16,
                 candidates: tuple[str, ...] = ("fused", "sparse", "sparse_split_gate",
-                                               "sparse_rows_down", "sparse_rows_down_act", "dense"),
+                                               "sparse_rows_down", "sparse_rows_down_act",
+                                               "sparse_rows_down_pad2_gate", "dense"),
                 backend: str | None = None, interpret: bool = False) -> path_choice.Choice:
     """The fastest correct decode path at this batch size, by measurement on the device.
 
