@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.append(str(pathlib.Path(__file__).resolve().parent))
-from decode_speed import (FULL, GATE_KERNEL, K_FRAC, SMOKE, SPLIT_DOWN, _dense_gated, _normal,  # noqa: E402
+from decode_speed import (FULL, GATE_KERNEL, K_FRAC, ROWS_DOWN, SMOKE, SPLIT_DOWN, _dense_gated, _normal,  # noqa: E402
                           _over_layers, decode_step, lm_params, spark_recipe)
 from step_profile import summarise, top_line, trace  # noqa: E402
 import glob  # noqa: E402
@@ -79,6 +79,11 @@ def cases(s, interpret, key):
              dict(bj=32, bk=256, down_tiles=SPLIT_DOWN, gate_tiles=GATE_KERNEL))
     out.append(("Spark FFN b1", "sparse, split down, gate kernel", _over_layers(functools.partial(
         sf.topk_ffn_decode, k_frac=K_FRAC, impl="sparse", interpret=interpret, **tiles)), (xs, spark), ref, s.layers))
+    rows_pad2 = (dict(bj=16, bk=32, bn=32, gate_pad2=True) if interpret else
+                 dict(bj=32, bk=256, down_tiles=ROWS_DOWN, gate_pad2=True))
+    out.append(("Spark FFN b1", "sparse, rows down, padded-row gate", _over_layers(functools.partial(
+        sf.topk_ffn_decode, k_frac=K_FRAC, impl="sparse", interpret=interpret, **rows_pad2)), (xs, spark), ref,
+        s.layers))
     out.append(("Spark FFN b1", "auto", _over_layers(functools.partial(
         sf.topk_ffn_decode, k_frac=K_FRAC, impl="auto", interpret=interpret)), (xs, spark), ref, s.layers))
     out.append(("Spark FFN b1", "selection only (XLA)", _over_layers(

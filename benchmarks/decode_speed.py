@@ -234,6 +234,8 @@ def ffn_variants(interpret, batch):
                                                      gate_tiles=GATE_KERNEL),
          "sparse bj32, rows down, padded-row gate": dict(impl="sparse", bj=32, bk=256, down_tiles=ROWS_DOWN,
                                                          gate_pad2=True),
+         "sparse bj32, rows down, padded-row gate, act in kernel": dict(
+             impl="sparse", bj=32, bk=256, down_tiles=ROWS_DOWN, gate_pad2=True, act_in_kernel=True),
          "sparse bj32, rows down, gate kernel, act in kernel": dict(
              impl="sparse", bj=32, bk=256, down_tiles=ROWS_DOWN, gate_tiles=GATE_KERNEL, act_in_kernel=True),
          "fused bj32 bk256 bn256 w4 atomics": dict(impl="fused", bj=32, bk=256, bn=256, num_warps=4,
