@@ -124,6 +124,23 @@ def test_distant_calls_are_not_retimed_and_a_gain_must_beat_the_noise(fresh_path
     assert len(tuning.trials) == 2 and tuning.verdicts == {}
 
 
+def test_a_gain_that_the_timings_drift_gave_is_not_kept(fresh_paths, monkeypatch):
+    sfn, sparams, sstate, x = _setup(seed=7)
+    _fake_sites(monkeypatch, {"kernel": 11.0, "xla_dense": 10.0})
+    fast = sfn.lower(sstate, interpret=True)
+    step = lambda p, s, x: fast(p, s, x)
+    # Every timing 5% faster than the one before, whatever the program runs (each traces it, so
+    # its sites choose): the first switch beats the first time, but not the program without it
+    # timed again after it.
+    times = iter(0.95 ** i for i in range(100))
+    tuning = fast.tune(step, sparams, sstate, x, timer=lambda f, a: (_kernels_in(f, a), next(times))[1])
+    assert tuning.verdicts == {} and [t.kept for t in tuning.trials] == [False, False]
+    first = tuning.trials[0]
+    assert first.program_s == pytest.approx(0.95) and first.incumbent_s == pytest.approx(0.95 ** 2)
+    assert "timed again" in tuning.summary()
+    assert _kernels_in(step, (sparams, sstate, x)) == 0          # the per-site choices stand
+
+
 def test_no_trial_starts_past_the_budget(fresh_paths, monkeypatch):
     sfn, sparams, sstate, x = _setup(seed=9)
     _fake_sites(monkeypatch, {"kernel": 11.0, "xla_dense": 10.0})

@@ -10,7 +10,9 @@ calls by timing the program itself:
 1. trace and time ``step`` once, recording every choice its sites make;
 2. for each signature whose runner-up measured within ``margin`` of the winner, retrace
    and time the program with that signature on the runner-up (one signature at a time,
-   greedily, keeping each switch that makes the program faster by more than ``min_gain``);
+   greedily, keeping each switch that makes the program faster by more than ``min_gain``,
+   against the program without it timed again right after: a GPU's timings drift over the
+   minutes a tuning takes, so a switch is not credited with what the drift gave);
    likewise for each *movable* path (``Candidate.movable``), whose time alone overstates its
    cost in the program whatever it measured (a Monarch weight that a scan can rebuild once
    for every layer);
@@ -47,6 +49,9 @@ class Trial:
     site_us: tuple[float, float]        # the site alone: (was, path)
     program_s: float                    # the program with this switch (and those kept before)
     kept: bool
+    # The program without this switch timed again after it (only where the switch beat the
+    # earlier time of that program): the time a kept switch has beaten.
+    incumbent_s: float | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,9 +68,11 @@ class Tuning:
         lines = [f"program {self.base_s * 1e3:.3f} ms with the per-site choices, "
                  f"{self.final_s * 1e3:.3f} ms tuned ({self.base_s / self.final_s:.2f}×)"]
         for t in self.trials:
+            again = ("" if t.incumbent_s is None else
+                     f" against {t.incumbent_s * 1e3:.3f} ms without it, timed again")
             lines.append(f"  {'kept' if t.kept else 'not kept'}: {t.key}: {t.was} -> {t.path} "
                          f"(alone {t.site_us[0]:.1f} vs {t.site_us[1]:.1f} µs; program "
-                         f"{t.program_s * 1e3:.3f} ms)")
+                         f"{t.program_s * 1e3:.3f} ms{again})")
         return "\n".join(lines)
 
 
@@ -111,7 +118,8 @@ def tune(step: Callable, *args, invalidate: Callable[[], None], margin: float = 
         (``SparseFunction.invalidate``, or a function calling it on several).
       margin: which choices are close: the runner-up measured at most this fraction slower.
       min_gain: a switch is kept only if the program gets faster by more than this fraction
-        (timing noise on a GPU is about 1%).
+        (timing noise on a GPU is about 1%), both against the best time so far and against
+        the program without the switch timed again after it.
       repeats, max_trials: timing repeats per program, and at most this many switches tried.
       budget_s: no trial starts once this many seconds have passed (each trial compiles the
         whole step: tens of seconds for a training step on a GPU); the closest calls go first.
@@ -137,10 +145,17 @@ def tune(step: Callable, *args, invalidate: Callable[[], None], margin: float = 
         invalidate()
         with path_choice.overriding({**verdicts, key: path}):
             t = timed()
-        kept = t < best * (1.0 - min_gain)
-        trials.append(Trial(key, was, path, (was_us, path_us), t, kept))
+        again = None
+        if t < best * (1.0 - min_gain):
+            invalidate()
+            with path_choice.overriding(dict(verdicts)):
+                again = timed()
+        kept = again is not None and t < again * (1.0 - min_gain)
+        trials.append(Trial(key, was, path, (was_us, path_us), t, kept, again))
         if kept:
             verdicts[key], best = path, t
+        elif again is not None:
+            best = again        # the incumbent's latest time: what the next switch must beat
     for t in trials:
         if t.kept:
             path_choice.remember_program_verdict(t.key, t.path, {t.was: base * 1e6,
