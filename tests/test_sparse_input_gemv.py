@@ -149,7 +149,10 @@ def test_bad_arguments_raise_one_line_errors():
                                                    impl="rows", bc=8, span=32, col_splits=2))),
                                                ("sparse", 1, dict(gate_pad2=True, down_tiles=dict(
                                                    impl="rows", bc=8, span=32, col_splits=2))),
-                                               ("fused", 1, dict(gate_pad2=True))])
+                                               ("fused", 1, dict(gate_pad2=True)),
+                                               ("sparse", 1, dict(gate_pad2=True, down_tiles=dict(
+                                                   impl="rows", bc=8, span=32, col_splits=2,
+                                                   sum_in_kernel=True)))])
 def test_masked_spark_ffn_equals_reference(impl, batch, extra):
     k1, k2 = jax.random.split(jax.random.key(batch))
     d, d_ff, r = 40, 99, 16
