@@ -38,7 +38,7 @@ def sparse_output_gemv_reference(x: jax.Array, w_t: jax.Array, live: jax.Array, 
     return jnp.where(live, y, 0.0).astype(out_dtype)
 
 
-def _kernel(x_ref, live_ref, w_ref, *rest, bj, bk, batch, atomic, unroll):
+def _sparse_output_kernel(x_ref, live_ref, w_ref, *rest, bj, bk, batch, atomic, unroll):
     y_ref = rest[-1]                     # rest[0] is the poisoned output alias in tests
     rows = pl.ds(pl.program_id(0) * bj, bj)
     live = live_ref[rows] != 0
@@ -120,7 +120,8 @@ def sparse_output_gemv(x: jax.Array, w_t: jax.Array, live: jax.Array, *, impl: s
         aliases = backends.poison_output(args, out)
     n_k = wp.shape[1] // bk
     unroll = n_k <= 16 if unroll is None else bool(unroll)
-    kernel = functools.partial(_kernel, bj=bj, bk=bk, batch=batch, atomic=not interpret, unroll=unroll)
+    kernel = functools.partial(_sparse_output_kernel, bj=bj, bk=bk, batch=batch, atomic=not interpret,
+                               unroll=unroll)
     params = {} if interpret else dict(compiler_params=compiler_params(num_warps, num_stages))
     y = pl.pallas_call(kernel, grid=(wp.shape[0] // bj,), out_shape=out, input_output_aliases=aliases,
                        interpret=interpret, **params)(*args)

@@ -76,7 +76,7 @@ def supported(x, *, k=None, k_frac=None, mode="soft", where=None, valid_above=No
     return None
 
 
-def _kernel(x_ref, *refs, d, z, mode, fill, k=None, valid_above=None):
+def _topk_kernel(x_ref, *refs, d, z, mode, fill, k=None, valid_above=None):
     o_ref = refs[-1]           # refs[0] is the poisoned output buffer when testing
     x = x_ref[...].astype(jnp.float32)
     d_pad = x.shape[-1]
@@ -172,7 +172,7 @@ def _forward(x, *, frac, mode, fill, stop_gradient, rows_per_block, num_warps, i
     if frac is not None:
         with jax.ensure_compile_time_eval():  # the reference's own float32 quantile, as a constant
             z = float(topk._upper_quantile(frac))
-    kernel = functools.partial(_kernel, d=d, z=z, mode=mode, fill=float(fill), k=k,
+    kernel = functools.partial(_topk_kernel, d=d, z=z, mode=mode, fill=float(fill), k=k,
                                valid_above=valid_above)
     spec = pl.BlockSpec((rows_per_block, d_pad), lambda i: (i, 0))
     out_shape = jax.ShapeDtypeStruct((n_pad, d_pad), x.dtype)
