@@ -28,8 +28,8 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.append(str(pathlib.Path(__file__).resolve().parent))
-from decode_speed import (FULL, GATE_KERNEL, K_FRAC, ROWS_DOWN, SMOKE, SPLIT_DOWN, _dense_gated, _normal,  # noqa: E402
-                          _over_layers, decode_step, lm_params, spark_recipe)
+from decode_speed import (FULL, GATE_KERNEL, K_FRAC, ROWS_DOWN, SMOKE, SPLIT_DOWN,  # noqa: E402
+                          _dense_gated, _normal, _over_layers, decode_step, lm_params, spark_recipe)
 from step_profile import summarise, top_line, trace  # noqa: E402
 import glob  # noqa: E402
 import tempfile  # noqa: E402

@@ -127,7 +127,8 @@ def test_a_host_bound_candidate_is_timed_again_over_rounds(monkeypatch):
         traced.append(x.shape)
         return x @ w
 
-    monkeypatch.setattr(pc, "rounds_for", lambda enqueue_s, seconds, copies, chainable: 3 if chainable else 1)
+    monkeypatch.setattr(pc, "rounds_for",
+                        lambda enqueue_s, seconds, copies, chainable: 3 if chainable else 1)
     rounds, enqueue = {}, {}
     gemv = [jax.ShapeDtypeStruct((1, 64), jnp.float32), jax.ShapeDtypeStruct((64, 32), jnp.float32)]
     times = pc.measure([pc.Candidate("xla", count)], gemv, calls=1, repeats=1, copies=4,
@@ -135,6 +136,24 @@ def test_a_host_bound_candidate_is_timed_again_over_rounds(monkeypatch):
     assert rounds == {"xla": 3} and 0 < times["xla"] < float("inf") and enqueue["xla"] > 0
     # Traced once per input set for the first timing, then once per set and round.
     assert len(traced) == 4 + 4 * 3
+
+
+def test_a_candidate_that_fails_over_rounds_keeps_its_one_round_time(monkeypatch):
+    calls = []
+
+    def fails_when_chained(x, w):
+        calls.append(1)
+        if len(calls) > 4:        # traced once per input set for one round, then the rounds
+            raise RuntimeError("too large over rounds")
+        return x @ w
+
+    monkeypatch.setattr(pc, "rounds_for", lambda enqueue_s, seconds, copies, chainable: 2)
+    gemv = [jax.ShapeDtypeStruct((1, 64), jnp.float32), jax.ShapeDtypeStruct((64, 32), jnp.float32)]
+    rounds = {}
+    with pytest.warns(UserWarning, match="failed over 2 rounds"):
+        times = pc.measure([pc.Candidate("xla", fails_when_chained)], gemv, calls=1, repeats=1,
+                           copies=4, rounds_us=rounds)
+    assert 0 < times["xla"] < float("inf") and rounds == {"xla": 1}
 
 
 def test_choice_summary_compares_with_the_baseline():

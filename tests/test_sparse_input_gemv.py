@@ -168,6 +168,22 @@ def test_masked_spark_ffn_equals_reference(impl, batch, extra):
     assert rel_error(y, ref) < 1e-5
 
 
+def test_padded_row_predictor_runs_a_two_row_product_at_batch_one_only():
+    k1, k2 = jax.random.split(jax.random.key(5))
+    d, d_ff, r = 40, 99, 16
+    w = sf.decode_weights_from_spark(jax.random.normal(k1, (d, d_ff)) / d ** 0.5,
+                                     jax.random.normal(k2, (d_ff, d)) / d_ff ** 0.5, r)
+
+    def gate_rows(batch):
+        x = jax.random.normal(jax.random.key(6), (batch, d))
+        jaxpr = jax.make_jaxpr(lambda x: sf.topk_ffn_decode(
+            x, w, k_frac=0.08, impl="sparse", interpret=True, bj=16, bk=32, bn=32, gate_pad2=True))(x)
+        return [e.invars[0].aval.shape[0] for e in jaxpr.jaxpr.eqns
+                if e.primitive.name == "dot_general" and e.invars[1].aval.shape == (r, d_ff)]
+
+    assert gate_rows(1) == [2] and gate_rows(3) == [3]
+
+
 def test_choose_impl_is_deterministic_dense_on_cpu():
     w = sf.decode_weights_from_gated(jnp.ones((8, 16)), jnp.ones((8, 16)), jnp.ones((16, 8)))
     choice = sf.choose_impl(2, w, k_frac=0.25)
