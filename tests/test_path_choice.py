@@ -91,6 +91,9 @@ def test_host_bound_timings_get_rounds():
     # ...within MAX_ROUNDS and MAX_APPLICATIONS.
     assert pc.rounds_for(enqueue_s=1e-2, seconds=1e-3, copies=64) == pc.MAX_APPLICATIONS // 64
     assert pc.rounds_for(enqueue_s=1e-2, seconds=1e-3, copies=20) == pc.MAX_ROUNDS
+    # A slow compile (each application is a kernel to lower) allows fewer rounds, two at least.
+    assert pc.rounds_for(enqueue_s=1e-2, seconds=1e-3, copies=20, compile_s=20.0) == 3
+    assert pc.rounds_for(enqueue_s=1e-2, seconds=1e-3, copies=20, compile_s=100.0) == 2
     # Rounds that cannot be chained (no floating input or output) are not run.
     assert pc.rounds_for(enqueue_s=9e-6, seconds=10e-6, copies=16, chainable=False) == 1
 
@@ -128,7 +131,7 @@ def test_a_host_bound_candidate_is_timed_again_over_rounds(monkeypatch):
         return x @ w
 
     monkeypatch.setattr(pc, "rounds_for",
-                        lambda enqueue_s, seconds, copies, chainable: 3 if chainable else 1)
+                        lambda enqueue_s, seconds, copies, chainable, compile_s: 3 if chainable else 1)
     rounds, enqueue = {}, {}
     gemv = [jax.ShapeDtypeStruct((1, 64), jnp.float32), jax.ShapeDtypeStruct((64, 32), jnp.float32)]
     times = pc.measure([pc.Candidate("xla", count)], gemv, calls=1, repeats=1, copies=4,
@@ -147,7 +150,7 @@ def test_a_candidate_that_fails_over_rounds_keeps_its_one_round_time(monkeypatch
             raise RuntimeError("too large over rounds")
         return x @ w
 
-    monkeypatch.setattr(pc, "rounds_for", lambda enqueue_s, seconds, copies, chainable: 2)
+    monkeypatch.setattr(pc, "rounds_for", lambda enqueue_s, seconds, copies, chainable, compile_s: 2)
     gemv = [jax.ShapeDtypeStruct((1, 64), jnp.float32), jax.ShapeDtypeStruct((64, 32), jnp.float32)]
     rounds = {}
     with pytest.warns(UserWarning, match="failed over 2 rounds"):

@@ -367,8 +367,14 @@ HOST_BOUND = 0.7
 MAX_ROUNDS = 16
 MAX_APPLICATIONS = 512
 
+# Seconds of compilation the rounds may add. Every application is its own kernel to lower: on
+# the H200 a Mosaic GPU kernel over 64 input sets took 28 s to compile, and its site's
+# measurement, with four rounds of them, 147 s.
+ROUNDS_COMPILE_S = 60.0
 
-def rounds_for(enqueue_s: float, seconds: float, copies: int, chainable: bool = True) -> int:
+
+def rounds_for(enqueue_s: float, seconds: float, copies: int, chainable: bool = True,
+               compile_s: float = 0.0) -> int:
     """How many rounds over its ``copies`` input sets a timed call needs for the device's work
     to outlast the host's enqueue (1: it already does, the first timing shows no device time,
     or the rounds cannot be chained, see :func:`over_input_sets`).
@@ -376,11 +382,14 @@ def rounds_for(enqueue_s: float, seconds: float, copies: int, chainable: bool = 
     ``enqueue_s`` and ``seconds``: one call's host enqueue and measured time at one round. The
     device works at most ``seconds`` per call, so ``3 * enqueue_s / seconds`` rounds give it at
     least three times the host's dispatch to do, within :data:`MAX_ROUNDS` and
-    :data:`MAX_APPLICATIONS`.
+    :data:`MAX_APPLICATIONS`, and, where compiling one round took ``compile_s``, within
+    :data:`ROUNDS_COMPILE_S` more of compilation (but two rounds at least).
     """
     if not seconds > 0 or enqueue_s < HOST_BOUND * seconds or not chainable:
         return 1
     cap = max(1, min(MAX_ROUNDS, MAX_APPLICATIONS // max(copies, 1)))
+    if compile_s > 0:
+        cap = min(cap, max(2, int(ROUNDS_COMPILE_S // compile_s)))
     return max(1, min(cap, math.ceil(3 * enqueue_s / seconds)))
 
 
@@ -577,7 +586,8 @@ def measure(candidates: Sequence[Candidate], arg_specs: Sequence, *, calls: int 
                         continue
                 seconds = median_seconds(fn, *args, calls=calls, repeats=repeats, warmup=2)
                 enqueued = enqueue_seconds(fn, *args, calls=calls)
-                rounds = rounds_for(enqueued, seconds, copies, chainable(got, *args))
+                rounds = rounds_for(enqueued, seconds, copies, chainable(got, *args),
+                                    compile_s=seconds_to_compile)
                 if rounds > 1:      # host-bound: the same arguments, more device work per call
                     try:
                         fn = jax.jit(over_copies(c.fn, rounds)).lower(*args).compile()
