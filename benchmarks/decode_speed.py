@@ -402,17 +402,27 @@ def bench_nm(b: Bench):
             dense = _over_layers(lambda x, w: jnp.dot(x, w, preferred_element_type=jnp.float32).astype(x.dtype))
             _, _, t_dense = b.check_and_time("xla dense", dense, (xs, dense_ws), ref, 2e-2, b.s.layers)
             best = (None, float("nan"))
-            configs = [(nm.NUM_WARPS, nm.NUM_STAGES, nm.TARGET_PROGRAMS, None, False),
-                       (nm.NUM_WARPS, nm.NUM_STAGES, nm.TARGET_PROGRAMS, None, True)]
+            configs = [(nm.NUM_WARPS, nm.NUM_STAGES, nm.TARGET_PROGRAMS, None, False, None),
+                       (nm.NUM_WARPS, nm.NUM_STAGES, nm.TARGET_PROGRAMS, None, True, None)]
             if not b.interpret:
                 # The first sweep: gather-x won at every batch; at batch 1 its w4 s2 p1024 cols64
                 # (1.07x) and w4 s3 p512 cols128 (1.05x) tilings; the plain-x kernels lost.
-                configs = [(nm.NUM_WARPS, nm.NUM_STAGES, nm.TARGET_PROGRAMS, None, True)]
+                configs = [(nm.NUM_WARPS, nm.NUM_STAGES, nm.TARGET_PROGRAMS, None, True, None)]
                 if batch == 1:
-                    configs += [(4, 3, 512, 128, True), (4, 2, 1024, 64, True), (4, 3, 1024, 64, True),
-                                (4, 2, 2048, 64, True)]
-            for warps, stages, programs, cols, gather in configs:
+                    configs += [(4, 3, 512, 128, True, None), (4, 2, 1024, 64, True, None),
+                                (4, 3, 1024, 64, True, None), (4, 2, 2048, 64, True, None)]
+                if batch == 1 and pat == (2, 4):
+                    # Longer group tiles: each load a (group_tile / 4, cols) block of values,
+                    # fewer and larger loads per program (the kernel streams 2.5 TB/s at 64).
+                    configs += [(4, 3, 512, 128, True, 128), (4, 3, 512, 128, True, 256)]
+            packed_by_tile = {None: packs}
+            for warps, stages, programs, cols, gather, group_tile in configs:
                 name = f"kernel{' gather-x' if gather else ''} w{warps} s{stages} p{programs} cols{cols or 'table'}"
+                if group_tile is not None:
+                    name += f" gt{group_tile}"
+                    if group_tile not in packed_by_tile:
+                        packed_by_tile[group_tile] = [nm.compress_nm(w, *pat, group_tile=group_tile)
+                                                      for w in dense_ws]
                 saved = nm.NUM_WARPS, nm.NUM_STAGES, nm.TARGET_PROGRAMS, nm.GATHER_X
                 nm.NUM_WARPS, nm.NUM_STAGES, nm.TARGET_PROGRAMS, nm.GATHER_X = warps, stages, programs, gather
                 try:
@@ -422,7 +432,8 @@ def bench_nm(b: Bench):
                     op = lambda x, p, tile=tile: nm._nm_apply(
                         x, p.values, p.meta, (p.shape, p.n, p.m, p.group_tile, tile, b.interpret, False))
                     fn = _over_layers(op)
-                    _, ok, t = b.check_and_time(name, fn, (xs, packs), ref, 2e-2, b.s.layers)
+                    _, ok, t = b.check_and_time(name, fn, (xs, packed_by_tile[group_tile]), ref, 2e-2,
+                                                b.s.layers)
                 finally:
                     nm.NUM_WARPS, nm.NUM_STAGES, nm.TARGET_PROGRAMS, nm.GATHER_X = saved
                 if ok and not (t >= best[1]):
