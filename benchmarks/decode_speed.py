@@ -393,7 +393,7 @@ def bench_nm(b: Bench):
             wm = jnp.where(nm_mask(jnp.abs(w), *pat), w, 0).astype(jnp.bfloat16)
             dense_ws.append(wm)
             packs.append(nm.compress_nm(wm, *pat))
-        for batch in ((1, 2, 4, 8) if pat == (2, 4) else (1,)):
+        for batch in (BATCHES if pat == (2, 4) else tuple(bt for bt in BATCHES if bt == 1)):
             if b.interpret and batch > 2:
                 continue
             xs = [_normal(b.fresh(), (batch, n)) for _ in range(b.s.layers)]
@@ -668,7 +668,8 @@ def main():
                         help="e2e: also settle close per-site path choices on the whole step "
                              "(SparseFunction.tune) and time the tuned step")
     parser.add_argument("--batches", default=",".join(map(str, BATCHES)),
-                        help="decode batch sizes the ffn and e2e sections measure, e.g. '1,8'")
+                        help="decode batch sizes the ffn, nm and e2e sections measure, e.g. '1,8' "
+                             "(nm: 1:4 and 2:8 at batch 1 only)")
     parser.add_argument("--attention_topk", choices=("auto", "xla"), default="auto",
                         help="the attention rule's top-k: 'auto' (its one-pass kernel on a GPU) "
                              "or 'xla' (XLA's fusions)")
