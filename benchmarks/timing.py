@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import statistics
-import time
 
 import jax
 import jax.numpy as jnp
@@ -29,12 +28,7 @@ def interleaved_seconds(runs, *, calls: int = 10, repeats: int = 15, warmup: int
     for fn, args in runs:
         for _ in range(warmup):
             jax.block_until_ready(fn(*args))
-    times: list[list[float]] = [[] for _ in runs]
-    for _ in range(repeats):
-        for i, (fn, args) in enumerate(runs):
-            t0 = time.perf_counter()
-            for _ in range(calls):
-                out = fn(*args)
-            jax.block_until_ready(out)
-            times[i].append((time.perf_counter() - t0) / calls)
-    return [statistics.median(t) for t in times]
+    # Each turn is one repeat of median_seconds: the mean of ``calls`` back-to-back calls.
+    times = [[median_seconds(fn, *args, calls=calls, repeats=1, warmup=0) for fn, args in runs]
+             for _ in range(repeats)]
+    return [statistics.median(t) for t in zip(*times)]

@@ -477,14 +477,20 @@ def over_input_sets(fn: Callable, is_array: Sequence[bool], rounds: int = 1) -> 
         for r in range(rounds):
             applied = []
             for c, arrays in enumerate(per_copy):
-                drawn, given = iter(arrays), iter(shared)
-                args = [next(drawn) if arr else next(given) for arr in is_array]
+                args = _application_args(arrays, shared, is_array)
                 if r:
                     args = _chained(args, outs[c])
                 applied.append(fn(*args))
             outs = applied
         return outs
     return run
+
+
+def _application_args(arrays: Sequence, shared: Sequence, is_array: Sequence[bool]) -> list:
+    """One application's arguments, in order: its input set's ``arrays`` where ``is_array``,
+    the ``shared`` ones elsewhere."""
+    drawn, given = iter(arrays), iter(shared)
+    return [next(drawn) if arr else next(given) for arr in is_array]
 
 
 def _floating(a) -> bool:
@@ -547,8 +553,7 @@ def measure(candidates: Sequence[Candidate], arg_specs: Sequence, *, calls: int 
         return over_input_sets(fn, is_array, rounds)
 
     def chainable(outputs, per_copy, shared) -> bool:
-        drawn, given = iter(per_copy[0]), iter(shared)
-        first = [next(drawn) if arr else next(given) for arr in is_array]
+        first = _application_args(per_copy[0], shared, is_array)
         return any(map(_floating, jax.tree.leaves(outputs))) and _chain_target(first) is not None
 
     def run():
