@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.append(str(pathlib.Path(__file__).resolve().parent))
-from decode_speed import (FULL, GATE_KERNEL, K_FRAC, ROWS_DOWN, SMOKE, SPLIT_DOWN,  # noqa: E402
+from decode_speed import (FULL, K_FRAC, ROWS_DOWN, SMOKE,  # noqa: E402
                           _dense_gated, _normal, _over_layers, decode_step, lm_params, spark_recipe)
 from step_profile import summarise, top_line, trace  # noqa: E402
 import glob  # noqa: E402
@@ -75,15 +75,14 @@ def cases(s, interpret, key):
                                        jax.tree.map(lambda a: a.astype(jnp.float32), spark[0]), k_frac=K_FRAC)
     ref_dense = _dense_gated(xs[0].astype(jnp.float32), jax.tree.map(lambda a: a.astype(jnp.float32), dense_w[0]))
     out.append(("Spark FFN b1", "dense gated FFN", _over_layers(_dense_gated), (xs, dense_w), ref_dense, s.layers))
-    tiles = (dict(bj=16, bk=32, bn=32) if interpret else
-             dict(bj=32, bk=256, down_tiles=SPLIT_DOWN, gate_tiles=GATE_KERNEL))
-    out.append(("Spark FFN b1", "sparse, split down, gate kernel", _over_layers(functools.partial(
-        sf.topk_ffn_decode, k_frac=K_FRAC, impl="sparse", interpret=interpret, **tiles)), (xs, spark), ref, s.layers))
     rows_pad2 = (dict(bj=16, bk=32, bn=32, gate_pad2=True) if interpret else
                  dict(bj=32, bk=256, down_tiles=ROWS_DOWN, gate_pad2=True))
     out.append(("Spark FFN b1", "sparse, rows down, padded-row gate", _over_layers(functools.partial(
         sf.topk_ffn_decode, k_frac=K_FRAC, impl="sparse", interpret=interpret, **rows_pad2)), (xs, spark), ref,
         s.layers))
+    out.append(("Spark FFN b1", "sparse, rows down, padded-row gate, select kernel", _over_layers(
+        functools.partial(sf.topk_ffn_decode, k_frac=K_FRAC, impl="sparse", interpret=interpret,
+                          select_kernel=True, **rows_pad2)), (xs, spark), ref, s.layers))
     out.append(("Spark FFN b1", "auto", _over_layers(functools.partial(
         sf.topk_ffn_decode, k_frac=K_FRAC, impl="auto", interpret=interpret)), (xs, spark), ref, s.layers))
     out.append(("Spark FFN b1", "selection only (XLA)", _over_layers(
@@ -96,6 +95,17 @@ def cases(s, interpret, key):
     ref = nm.nm_matmul_reference(xs[0], packed[0])
     out.append(("2:4 GEMV", "xla dense (masked weight)", dense, (xs, [p.to_dense() for p in packed]), ref, s.layers))
     out.append(("2:4 GEMV", "nm kernel", _over_layers(functools.partial(nm.nm_matmul, interpret=interpret)),
+                (xs, packed), ref, s.layers))
+
+    # nm_matmul with its table's batch-1 launch (x gathered as it is): kernel µs per launch
+    # against wall µs shows whether XLA launches beside the kernel remain.
+    ws = [jnp.where(nm_mask(jnp.abs(w), 2, 4), w, 0) for w in
+          (_normal(next(keys), (n, n), scale=n ** -0.5) for _ in range(s.layers))]
+    packed = [nm.compress_nm(w, 2, 4) for w in ws]
+    xs = [_normal(next(keys), (1, n)) for _ in range(s.layers)]
+    ref = nm.nm_matmul_reference(xs[0], packed[0])
+    out.append(("nm 2:4 GEMV b1", "xla dense", dense, (xs, ws), ref, s.layers))
+    out.append(("nm 2:4 GEMV b1", "nm_matmul", _over_layers(functools.partial(nm.nm_matmul, interpret=interpret)),
                 (xs, packed), ref, s.layers))
 
     # The end-to-end decode step of decode_speed.py at batch 1: dense, and Spark top-k on the

@@ -222,6 +222,9 @@ def ffn_variants(interpret, batch):
                 "sparse, rows down, act in kernel": dict(
                     impl="sparse", bj=16, bk=32, bn=32, act_in_kernel=True,
                     down_tiles=dict(impl="rows", bc=8, span=32, col_splits=2)),
+                "sparse, rows down, padded-row gate, select kernel": dict(
+                    impl="sparse", bj=16, bk=32, bn=32, gate_pad2=True, select_kernel=True,
+                    down_tiles=dict(impl="rows", bc=8, span=32, col_splits=2)),
                 "auto (choose_impl)": dict(impl="auto")}
     # The first H200 sweep at batch 1: sparse bj16/bj32 48 us, fused atomics 50.7 us,
     # fused bj64 bk128 w8 partials 53.3 us; the predictor GEMV alone 23 us (XLA). The
@@ -247,21 +250,22 @@ def ffn_variants(interpret, batch):
                                                     partials=True),
          "dense (same function, XLA)": dict(impl="dense"),
          "auto (choose_impl)": dict(impl="auto")}
+    # The soft top-k and activation in one kernel (session 9: XLA's two reductions and two
+    # elementwise fusions were 5.4 of the layer's 29.5 µs of kernels at batch 1).
+    select = dict(impl="sparse", bj=32, bk=256, gate_pad2=True, select_kernel=True)
+    v["sparse bj32, rows down, padded-row gate, select kernel"] = dict(select, down_tiles=ROWS_DOWN)
     if batch == 1:
-        # Tilings of the padded-row path's two latency-bound kernels (session 8's profile: the up
-        # kernel 7.2 µs for 2.8 MB, the rows kernel 6.3 µs for 5.1 MB): neuron tiles and warps
-        # of the up kernel, row spans and column strips of the rows kernel.
+        # Session 9's sweep of the padded-row path's tilings at batch 1 (µs): bj32 33.9, bj64
+        # 33.3, bj32 w8 33.0, rows cs16 33.1, cs4 32.7 (within the noise); bj16 36.7, bk128
+        # 34.6 and rows span256 55.4 lost and are not timed again.
         pad2 = dict(impl="sparse", bk=256, gate_pad2=True)
         v.update({
-            "sparse bj16, rows down, padded-row gate": dict(pad2, bj=16, down_tiles=ROWS_DOWN),
-            "sparse bj64, rows down, padded-row gate": dict(pad2, bj=64, down_tiles=ROWS_DOWN),
-            "sparse bj32 w8, rows down, padded-row gate": dict(pad2, bj=32, num_warps=8, down_tiles=ROWS_DOWN),
-            "sparse bj32 bk128, rows down, padded-row gate": dict(pad2, bj=32, bk=128, down_tiles=ROWS_DOWN),
-            "sparse bj32, rows down span256, padded-row gate": dict(pad2, bj=32,
-                                                                    down_tiles=dict(ROWS_DOWN, span=256)),
-            "sparse bj32, rows down cs16, padded-row gate": dict(pad2, bj=32,
-                                                                 down_tiles=dict(ROWS_DOWN, col_splits=16)),
-            "sparse bj32, rows down cs4, padded-row gate": dict(pad2, bj=32, down_tiles=dict(ROWS_DOWN, col_splits=4)),
+            "sparse bj32 w8, rows down cs4, padded-row gate": dict(
+                pad2, bj=32, num_warps=8, down_tiles=dict(ROWS_DOWN, col_splits=4)),
+            "sparse bj32, rows down cs4, padded-row gate, select kernel": dict(
+                select, down_tiles=dict(ROWS_DOWN, col_splits=4)),
+            "sparse bj64 w8, rows down cs4, padded-row gate, select kernel": dict(
+                select, bj=64, num_warps=8, down_tiles=dict(ROWS_DOWN, col_splits=4)),
         })
     if batch > 2:      # the union passes a quarter of the neurons: keep the two cheapest kernels
         v = {k: v[k] for k in ("sparse bj32, split down", "fused bj32 bk256 bn256 w4 atomics",
@@ -381,6 +385,16 @@ def bench_ffn(b: Bench):
 # --------------------------------------------------------------------------- N:M GEMV
 
 
+NM_X_ACCESS_NAMES = {"gather": "gather-x natural", "gather_grouped": "gather-x transposed",
+                     "select": "select-x transposed"}
+
+
+def _nm_launch(x_access, warps, stages, programs, cols) -> tile_tables.NMTiles:
+    """A GPU launch of the N:M kernel, for the sweep."""
+    return tile_tables.NMTiles(cols=cols, x_access=x_access, num_warps=warps, num_stages=stages,
+                               target_programs=programs)
+
+
 def bench_nm(b: Bench):
     n = b.s.gemv
     b.log(f"== compressed N:M GEMV {n}x{n}, bf16")
@@ -402,40 +416,48 @@ def bench_nm(b: Bench):
             dense = _over_layers(lambda x, w: jnp.dot(x, w, preferred_element_type=jnp.float32).astype(x.dtype))
             _, _, t_dense = b.check_and_time("xla dense", dense, (xs, dense_ws), ref, 2e-2, b.s.layers)
             best = (None, float("nan"))
-            configs = [(nm.NUM_WARPS, nm.NUM_STAGES, nm.TARGET_PROGRAMS, None, False, None),
-                       (nm.NUM_WARPS, nm.NUM_STAGES, nm.TARGET_PROGRAMS, None, True, None)]
-            if not b.interpret:
-                # The first sweep: gather-x won at every batch; at batch 1 its w4 s2 p1024 cols64
-                # (1.07x) and w4 s3 p512 cols128 (1.05x) tilings; the plain-x kernels lost.
-                configs = [(nm.NUM_WARPS, nm.NUM_STAGES, nm.TARGET_PROGRAMS, None, True, None)]
-                if batch == 1:
-                    configs += [(4, 3, 512, 128, True, None), (4, 2, 1024, 64, True, None),
-                                (4, 3, 1024, 64, True, None), (4, 2, 2048, 64, True, None)]
-                if batch == 1 and pat == (2, 4):
+            table = tile_tables.nm_tiles("interpret" if b.interpret else "gpu", batch)
+            # (launch, group tile of the packing; None: compress_nm's): the shipped launch, and
+            # the same launch reading x from the (m, batch, G) copy (an XLA transpose beside
+            # the kernel) that every earlier sweep timed.
+            configs = [(table, None), (dataclasses.replace(table, x_access="gather_grouped"), None)]
+            if b.interpret:
+                configs.append((dataclasses.replace(table, x_access="select"), None))
+            elif batch == 1:
+                # Earlier sweeps, all with the copy: gather beat the selects at every batch; at
+                # batch 1 the first sweep's best were w4 s2 p1024 cols64 (1.07x) and w4 s3 p512
+                # cols128 (1.05x), a later one's w4 s3 p1024 cols64 (the table's launch) 1.21x.
+                for access in ("gather", "gather_grouped"):
+                    configs += [(_nm_launch(access, 4, 3, 512, 128), None),
+                                (_nm_launch(access, 4, 2, 1024, 64), None)]
+                configs.append((_nm_launch("gather_grouped", 4, 2, 2048, 64), None))
+                if pat == (2, 4):
                     # Longer group tiles: each load a (group_tile / 4, cols) block of values,
                     # fewer and larger loads per program (the kernel streams 2.5 TB/s at 64).
-                    configs += [(4, 3, 512, 128, True, 128), (4, 3, 512, 128, True, 256)]
+                    configs += [(_nm_launch("gather_grouped", 4, 3, 512, 128), 128),
+                                (_nm_launch("gather_grouped", 4, 3, 512, 128), 256)]
             packed_by_tile = {None: packs}
-            for warps, stages, programs, cols, gather, group_tile in configs:
-                name = f"kernel{' gather-x' if gather else ''} w{warps} s{stages} p{programs} cols{cols or 'table'}"
+            for launch, group_tile in configs:
+                name = (f"kernel {NM_X_ACCESS_NAMES[launch.x_access]} w{launch.num_warps} s{launch.num_stages} "
+                        f"p{launch.target_programs} cols{launch.cols}{' (table)' if launch == table else ''}")
                 if group_tile is not None:
                     name += f" gt{group_tile}"
                     if group_tile not in packed_by_tile:
                         packed_by_tile[group_tile] = [nm.compress_nm(w, *pat, group_tile=group_tile)
                                                       for w in dense_ws]
-                saved = nm.NUM_WARPS, nm.NUM_STAGES, nm.TARGET_PROGRAMS, nm.GATHER_X
-                nm.NUM_WARPS, nm.NUM_STAGES, nm.TARGET_PROGRAMS, nm.GATHER_X = warps, stages, programs, gather
+                saved = nm.X_ACCESS, nm.NUM_WARPS, nm.NUM_STAGES, nm.TARGET_PROGRAMS
+                nm.X_ACCESS, nm.NUM_WARPS, nm.NUM_STAGES, nm.TARGET_PROGRAMS = (
+                    launch.x_access, launch.num_warps, launch.num_stages, launch.target_programs)
                 try:
                     # The kernel itself at every batch (nm_matmul sends batches above
                     # MAX_KERNEL_BATCH to the reference).
-                    tile = cols or tile_tables.nm_tiles("interpret" if b.interpret else "gpu").cols
-                    op = lambda x, p, tile=tile: nm._nm_apply(
-                        x, p.values, p.meta, (p.shape, p.n, p.m, p.group_tile, tile, b.interpret, False))
+                    op = lambda x, p, cols=launch.cols: nm._nm_apply(
+                        x, p.values, p.meta, (p.shape, p.n, p.m, p.group_tile, cols, b.interpret, False))
                     fn = _over_layers(op)
                     _, ok, t = b.check_and_time(name, fn, (xs, packed_by_tile[group_tile]), ref, 2e-2,
                                                 b.s.layers)
                 finally:
-                    nm.NUM_WARPS, nm.NUM_STAGES, nm.TARGET_PROGRAMS, nm.GATHER_X = saved
+                    nm.X_ACCESS, nm.NUM_WARPS, nm.NUM_STAGES, nm.TARGET_PROGRAMS = saved
                 if ok and not (t >= best[1]):
                     best = (name, t)
                 b.detail.append(f"| nm | {pat[0]}:{pat[1]} batch {batch} | {name} | {t_dense:.1f} | {t:.1f} | "

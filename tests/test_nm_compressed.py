@@ -7,6 +7,7 @@ import pytest
 
 from sparsejax import masks
 from sparsejax.kernels import nm_compressed as nm
+from sparsejax.kernels import tile_tables
 
 from kernel_testing import assert_written, rel_error
 
@@ -59,9 +60,11 @@ def test_compress_rejects_bad_input():
         nm.nm_matmul(jnp.ones((1, 16)), w)
 
 
+@pytest.mark.parametrize("x_access", tile_tables.X_ACCESSES)
 @pytest.mark.parametrize("n,m,batch", [(2, 4, 1), (2, 4, 3), (2, 8, 2)])
-def test_kernel_matches_reference(n, m, batch):
-    rng = np.random.default_rng(100 * n + 10 * m + batch)
+def test_kernel_matches_reference(n, m, batch, x_access, monkeypatch):
+    monkeypatch.setattr(nm, "X_ACCESS", x_access)
+    rng = np.random.default_rng(100 * n + 10 * m + batch + 1000 * tile_tables.X_ACCESSES.index(x_access))
     k, cols = 10 * m, 37                      # odd column count, groups padded to the tile
     wm = _nm_weight(rng, k, cols, n, m)
     packed = nm.compress_nm(wm, n, m, group_tile=8)
@@ -73,6 +76,45 @@ def test_kernel_matches_reference(n, m, batch):
     assert_written(out)
     assert rel_error(out, ref) < 1e-5
     assert rel_error(ref, x @ wm) < 1e-5
+
+
+@pytest.mark.parametrize("n,m", [(2, 4), (1, 4), (2, 8)])
+@pytest.mark.parametrize("batch", [1, 2])
+def test_natural_x_gather_matches_reference(n, m, batch, monkeypatch):
+    monkeypatch.setattr(nm, "X_ACCESS", "gather")
+    rng = np.random.default_rng(1000 + 100 * n + 10 * m + batch)
+    group_tile = 8
+    # 29 groups: K is not a multiple of group_tile * m (x is padded to 32 groups), and the
+    # 4 group tiles split K 4 ways, so the gathers cross splits at global group offsets.
+    k, cols = 29 * m, 37                      # 37 columns: not a multiple of the cols tile
+    tiles = tile_tables.nm_tiles("interpret", batch)
+    assert nm._choose_splits(4, -(-cols // tiles.cols), tiles.target_programs) == 4
+    wm = _nm_weight(rng, k, cols, n, m)
+    packed = nm.compress_nm(wm, n, m, group_tile=group_tile)
+    x = jnp.asarray(rng.standard_normal((batch, k)), jnp.float32)
+    out = nm.nm_matmul(x, packed, interpret=True, poison=True)
+    assert out.shape == (batch, cols)
+    assert_written(out)
+    assert rel_error(out, nm.nm_matmul_reference(x, packed)) < 1e-5
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_natural_x_gather_lowers_to_triton_reading_x_as_it_is(batch, monkeypatch):
+    """The GPU table's launch lowers to one Triton call whose x operand is x itself (lowered
+    for CUDA on this machine: Pallas to Triton IR, no PTX)."""
+    pytest.importorskip("jaxlib.triton")
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")   # so the call gets Triton params
+    k = cols = 8192
+    tiles = tile_tables.nm_tiles("gpu", batch)
+    assert tiles.x_access == "gather"
+    packed = jax.eval_shape(lambda w: nm.compress_nm(w, 2, 4), jax.ShapeDtypeStruct((k, cols), jnp.bfloat16))
+    x = jax.ShapeDtypeStruct((batch, k), jnp.bfloat16)
+    call = jax.jit(lambda x, v, mt: nm._nm_apply(
+        x, v, mt, (packed.shape, 2, 4, packed.group_tile, tiles.cols, False, False)))
+    hlo = call.trace(x, packed.values, packed.meta).lower(lowering_platforms=("cuda",)).as_text()
+    [triton_call] = [line for line in hlo.splitlines() if "xla.gpu.triton" in line]
+    assert triton_call.split("(")[1].startswith("%arg0,")   # x, neither padded nor transposed
+    assert "transpose" not in hlo
 
 
 def test_gradients_match_reference():

@@ -168,6 +168,35 @@ def test_masked_spark_ffn_equals_reference(impl, batch, extra):
     assert rel_error(y, ref) < 1e-5
 
 
+@pytest.mark.parametrize("d_ff,batch", [(99, 1), (192, 1), (192, 3)])      # padded row, chunked row
+def test_select_kernel_spark_ffn_equals_reference(d_ff, batch):
+    k1, k2 = jax.random.split(jax.random.key(d_ff + batch))
+    d, r = 40, 16
+    w = sf.decode_weights_from_spark(jax.random.normal(k1, (d, d_ff)) / d ** 0.5,
+                                     jax.random.normal(k2, (d_ff, d)) / d_ff ** 0.5, r)
+    x = jax.random.normal(jax.random.key(200 + batch), (batch, d))
+    ref = sf.topk_ffn_decode_reference(x, w, k_frac=0.08)
+    name, tiling = sf.CHOICE_PATHS["sparse_rows_down_pad2_gate_select"]
+    tiling = dict(tiling, down_tiles=dict(impl="rows", bc=8, span=32, col_splits=2))
+
+    def run(x):
+        return sf.topk_ffn_decode(x, w, k_frac=0.08, impl=name, interpret=True, bj=16, bk=32, bn=32,
+                                  poison=True, **tiling)
+
+    y = run(x)
+    assert y.shape == x.shape
+    assert_written(y)
+    assert rel_error(y, ref) < 1e-5
+    # The threshold is the kernel's: no square root (the standard deviation) left to XLA.
+    eqns = jax.make_jaxpr(run)(x).jaxpr.eqns
+    assert "sqrt" not in {e.primitive.name for e in eqns}
+    if batch == 1 and d_ff == 192:
+        # A chunked row at batch 1 takes the padded-row product as it is: no copy of its first row.
+        gate = next(e for e in eqns if e.primitive.name == "dot_general" and e.invars[1].aval.shape == (r, d_ff))
+        readers = [e.primitive.name for e in eqns if any(v is gate.outvars[0] for v in e.invars)]
+        assert any(name.startswith("custom_vjp") for name in readers), readers
+
+
 def test_padded_row_predictor_runs_a_two_row_product_at_batch_one_only():
     k1, k2 = jax.random.split(jax.random.key(5))
     d, d_ff, r = 40, 99, 16

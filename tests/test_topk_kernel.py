@@ -109,6 +109,64 @@ def test_rows_longer_than_a_program_holds_are_refused():
         st.statistical_topk_pallas(x, k=3, interpret=True)
 
 
+# Rows that are not a power of two but have a power-of-two factor >= MIN_CHUNK are read in
+# chunks (no padded copy): a gated FFN's d_ff. 320 = 64 * 5, 1536 = 512 * 3, 9216 = 1024 * 9.
+@pytest.mark.parametrize("shape", [(3, 320), (2, 2, 1536), (1, 9216)])
+@pytest.mark.parametrize("mode,fill", [("soft", 0.0), ("hard", -2.5)])
+@pytest.mark.parametrize("programs_per_row", [None, 1, 2])
+def test_rows_read_in_chunks_equal_the_reference(shape, mode, fill, programs_per_row):
+    assert st.row_chunk(shape[-1]) is not None
+    x = _rows(sum(shape) + 3, shape)
+    out = st.statistical_topk_pallas(x, k_frac=0.08, mode=mode, fill=fill, interpret=True, poison=True,
+                                     programs_per_row=programs_per_row)
+    ref = st.statistical_topk_reference(x, k_frac=0.08, mode=mode, fill=fill)
+    kept, kept_ref = out != fill, ref != fill
+    np.testing.assert_array_equal(np.asarray(kept), np.asarray(kept_ref))
+    assert 0 < int(kept.sum()) < x.size // 4
+    _assert_close(jnp.where(kept, out, 0), jnp.where(kept_ref, ref, 0), jnp.float32)
+
+
+def test_which_rows_are_read_in_chunks():
+    assert [st.row_chunk(d) for d in (13824, 9216, 320, 200, 77, 1024, 4096)] == \
+        [512, 1024, 64, None, None, None, None]
+
+
+def test_chunked_rows_in_bf16_and_constant_rows():
+    x = _rows(21, (3, 448), jnp.bfloat16)                        # 448 = 64 * 7
+    x = x.at[0].set(0.3).at[1].set(-5.0)
+    out = st.statistical_topk_pallas(x, k=20, interpret=True, poison=True)
+    assert out.dtype == jnp.bfloat16
+    assert not bool(jnp.any(out[:2])) and bool(jnp.any(out[2]))
+    _assert_close(out, st.statistical_topk_reference(x, k=20), jnp.bfloat16)
+
+
+@pytest.mark.parametrize("width", [256, 320, 100])              # power of two, chunked, padded
+def test_activation_on_the_kept_entries(width):
+    x = _rows(width, (4, width))
+    out = st.statistical_topk_pallas(x, k_frac=0.1, activation=jax.nn.gelu, interpret=True, poison=True)
+    soft = topk.statistical_topk(x, k_frac=0.1, axis=-1)
+    ref = jnp.where(soft > 0, jax.nn.gelu(soft), 0.0)
+    np.testing.assert_array_equal(np.asarray(out != 0), np.asarray(soft > 0))
+    _assert_close(out, ref, jnp.float32)
+    _assert_close(out, st.statistical_topk_reference(x, k_frac=0.1, activation=jax.nn.gelu), jnp.float32)
+
+
+def test_activation_gradient_is_the_references():
+    x = _rows(30, (3, 320))
+    w = jax.random.normal(jax.random.key(31), x.shape)
+    g = jax.grad(lambda v: jnp.sum(w * st.statistical_topk_pallas(
+        v, k=24, activation=jax.nn.silu, interpret=True)))(x)
+    g_ref = jax.grad(lambda v: jnp.sum(w * st.statistical_topk_reference(v, k=24, activation=jax.nn.silu)))(x)
+    assert float(jnp.abs(g).max()) > 0
+    _assert_close(g, g_ref, jnp.float32)
+
+
+def test_activation_outside_soft_mode_is_refused():
+    with pytest.raises(ValueError, match="activation outside plain soft mode"):
+        st.statistical_topk_pallas(_rows(1, (2, 64)), k=3, mode="hard", activation=jax.nn.gelu,
+                                   interpret=True)
+
+
 def _masked_scores(seed, rows, width, dtype=jnp.float32):
     """Attention-like rows masked with the dtype's minimum: causal prefixes of every length,
     a row with no valid entry, rows with fewer valid entries than k."""

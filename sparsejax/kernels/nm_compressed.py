@@ -10,8 +10,9 @@ can turn into speed (at most 1.78x).
 
 Hopper's 2:4 sparse tensor cores are not reachable from Pallas: Mosaic GPU
 exposes sparse MMA only for Blackwell (``tcgen05``) and Triton has no sparse
-``mma`` for sm_90. So the kernel expands the indices on chip with selects and
-multiplies on the CUDA cores; the gain is fewer bytes, for small batches.
+``mma`` for sm_90. So the kernel expands the indices on chip, picks ``x`` at
+each kept position (a gathered load, or selects) and multiplies on the CUDA
+cores; the gain is fewer bytes, for small batches.
 
 Packed layout, chosen so the kernel never reshapes or interleaves: groups are
 cut into tiles of ``group_tile`` groups; inside a tile, byte ``r`` of slot ``t``
@@ -20,16 +21,20 @@ bits / 8``) in bit field ``e``. Unpacking field ``e`` of a tile's bytes gives
 the indices of a contiguous run of ``q`` groups.
 
 Kept positions are stored in increasing order, so slot ``t`` of a group holds
-a position in ``[t, m - n + t]``: the kernel needs ``m - n`` selects per value
-and row (2 for 2:4), not ``m``.
+a position in ``[t, m - n + t]``: the select variant needs ``m - n`` selects per
+value and row (2 for 2:4), not ``m``.
 
 The kernel is a ``pl.pallas_call`` (the Triton backend on GPU; interpret mode
-on CPU for tests). Elsewhere, and on GPU for batches above ``MAX_KERNEL_BATCH``,
+on CPU for tests). Its tiles and launch, per backend and batch, come from
+:func:`sparsejax.kernels.tile_tables.nm_tiles`; benchmarks override them
+through the module's ``X_ACCESS``, ``NUM_WARPS``, ``NUM_STAGES`` and
+``TARGET_PROGRAMS``. Elsewhere, and on GPU for batches above ``MAX_KERNEL_BATCH``,
 :func:`nm_matmul` uses :func:`nm_matmul_reference` (expand to dense, XLA dot).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 
@@ -39,7 +44,7 @@ import numpy as np
 from jax.experimental import pallas as pl
 
 from sparsejax.kernels import backends, tile_tables
-from sparsejax.kernels._triton import compiler_params, next_pow2
+from sparsejax.kernels._triton import compiler_params, next_pow2, pad_to
 
 __all__ = ["NMWeight", "compress_nm", "nm_matmul", "nm_matmul_reference", "supported", "describe"]
 
@@ -233,18 +238,21 @@ def describe(backend: str | None = None, interpret: bool = False) -> str:
 
 
 def _nm_kernel(x_ref, v_ref, meta_ref, *rest, n: int, m: int, bits: int, group_tile: int,
-               tiles_per_split: int, gather_x: bool = False):
+               tiles_per_split: int, x_access: str):
     """One output tile of one K split: loop over group tiles, expand indices, multiply-add.
 
-    ``gather_x``: pick ``x`` at each kept position with one gathered load (``x`` is
-    a few KiB, cache-resident) instead of ``m`` selects per value and row.
+    ``x_ref``: with ``x_access="gather"`` the whole ``(batch, K_pad)`` ``x``, gathered
+    at ``group * m + position`` (``x`` is a few KiB, cache-resident); otherwise this
+    split's block of the ``(m, batch, G_pad)`` copy (see ``tile_tables.NMTiles``).
     """
     o_ref = rest[-1]
     per = 8 // bits
     q = group_tile // per
     field = (1 << bits) - 1
-    bn = o_ref.shape[-1]
-    batch = x_ref.shape[1]
+    _, batch, bn = o_ref.shape
+    if x_access == "gather":
+        # The whole x is indexed by global group; values and meta are this split's blocks.
+        split_first_group = pl.program_id(1) * (tiles_per_split * group_tile)
 
     def tile_step(i, acc):
         # Elementwise (q, bn) accumulators, one per row of x: the cross-lane sum
@@ -256,10 +264,15 @@ def _nm_kernel(x_ref, v_ref, meta_ref, *rest, n: int, m: int, bits: int, group_t
                 idx = (meta >> (e * bits)) & field                                  # (q, bn)
                 g0 = i * group_tile + e * q
                 vals = v_ref[t, pl.ds(g0, q), :].astype(jnp.float32)                 # (q, bn)
-                if gather_x:
+                if x_access == "gather":
+                    groups = split_first_group + g0 + jnp.arange(q, dtype=jnp.int32)
+                    positions = groups[:, None] * m + idx                           # (q, bn) along K
+                elif x_access == "gather_grouped":
                     groups = jnp.broadcast_to((g0 + jnp.arange(q, dtype=jnp.int32))[:, None], (q, bn))
                 for b in range(batch):
-                    if gather_x:
+                    if x_access == "gather":
+                        sel = x_ref[b, positions].astype(jnp.float32)               # (q, bn)
+                    elif x_access == "gather_grouped":
                         sel = x_ref[idx, b, groups].astype(jnp.float32)              # (q, bn)
                     else:
                         # Kept positions are stored in increasing order, so slot t holds a
@@ -278,42 +291,57 @@ def _nm_kernel(x_ref, v_ref, meta_ref, *rest, n: int, m: int, bits: int, group_t
         o_ref[0, b, :] = jnp.sum(acc[b], axis=0)
 
 
-def _nm_call(xg, values, meta, *, n, m, bits, group_tile, cols_tile, splits, interpret, poison):
-    _, batch, g_pad = xg.shape
+def _nm_call(x, values, meta, *, n, m, bits, group_tile, tiles, splits, interpret, poison):
+    """Per-split partial sums ``(splits, batch, N_pad)`` f32; ``x`` as ``tiles.x_access`` reads it."""
+    batch = x.shape[0] if tiles.x_access == "gather" else x.shape[1]
     cols = values.shape[2]
     per = 8 // bits
-    g_split = g_pad // splits
+    g_split = values.shape[1] // splits
+    cols_tile = tiles.cols
     out_shape = jax.ShapeDtypeStruct((splits, batch, cols), jnp.float32)
+    if tiles.x_access == "gather":
+        x_spec = pl.BlockSpec(x.shape, lambda j, s: (0, 0))      # whole x: gathers reach any group
+    else:
+        x_spec = pl.BlockSpec((m, batch, g_split), lambda j, s: (0, 0, s))
     in_specs = [
-        pl.BlockSpec((m, batch, g_split), lambda j, s: (0, 0, s)),
+        x_spec,
         pl.BlockSpec((n, g_split, cols_tile), lambda j, s: (0, s, j)),
         pl.BlockSpec((n, g_split // per, cols_tile), lambda j, s: (0, s, j)),
     ]
     out_spec = pl.BlockSpec((1, batch, cols_tile), lambda j, s: (s, 0, j))
-    operands = [xg, values, meta]
+    operands = [x, values, meta]
     aliases = {}
     if poison:   # tests: every output element must be written over the NaNs
         in_specs.append(out_spec)
         aliases = backends.poison_output(operands, out_shape)
     kernel = functools.partial(_nm_kernel, n=n, m=m, bits=bits, group_tile=group_tile,
-                               tiles_per_split=g_split // group_tile, gather_x=GATHER_X)
+                               tiles_per_split=g_split // group_tile, x_access=tiles.x_access)
     params = {}
     if not interpret and jax.default_backend() == "gpu":
-        params["compiler_params"] = compiler_params(NUM_WARPS, NUM_STAGES)
+        params["compiler_params"] = compiler_params(tiles.num_warps, tiles.num_stages)
     return pl.pallas_call(kernel, grid=(cols // cols_tile, splits), in_specs=in_specs,
                           out_specs=out_spec, out_shape=out_shape, input_output_aliases=aliases,
                           interpret=interpret, **params)(*operands)
 
 
-TARGET_PROGRAMS = 512   # programs a GEMV launch should have to fill an H100 (132 SMs)
-NUM_WARPS = 8
-NUM_STAGES = 3
-GATHER_X = False        # a variant for sweeps: one gathered x load per value instead of m selects
+# Sweep overrides of the launch in tile_tables.nm_tiles (benchmarks set and restore them;
+# read when a call is traced). None: the table's value for the backend and batch.
+X_ACCESS: str | None = None
+NUM_WARPS: int | None = None
+NUM_STAGES: int | None = None
+TARGET_PROGRAMS: int | None = None
 
 
-def _choose_splits(tiles: int, col_tiles: int, target_programs: int | None = None) -> int:
+def _launch_tiles(interpret: bool, batch: int, cols: int) -> tile_tables.NMTiles:
+    """The table's launch for ``batch`` rows, ``cols`` outputs per program, overrides applied."""
+    overrides = {"x_access": X_ACCESS, "num_warps": NUM_WARPS, "num_stages": NUM_STAGES,
+                 "target_programs": TARGET_PROGRAMS}
+    tiles = tile_tables.nm_tiles("interpret" if interpret else "gpu", batch)
+    return dataclasses.replace(tiles, cols=cols, **{k: v for k, v in overrides.items() if v is not None})
+
+
+def _choose_splits(tiles: int, col_tiles: int, target_programs: int) -> int:
     """Split K so there are enough programs to fill the GPU (a GEMV has few output tiles)."""
-    target_programs = target_programs or TARGET_PROGRAMS
     splits = 1
     while col_tiles * splits < target_programs and tiles % (splits * 2) == 0:
         splits *= 2
@@ -344,7 +372,7 @@ def nm_matmul(x: jax.Array, packed: NMWeight, *, backend: str | None = None,
     if supported(packed.shape, dtype, batch, backend=kernel, interpret=interpret) is not None \
             or batch == 0:
         return nm_matmul_reference(x, packed)
-    tiles = tile_tables.nm_tiles("interpret" if interpret else "gpu")
+    tiles = tile_tables.nm_tiles("interpret" if interpret else "gpu", batch)
     y = _nm_apply(x.reshape(batch, -1).astype(dtype), packed.values.astype(dtype), packed.meta,
                   (packed.shape, packed.n, packed.m, packed.group_tile, tiles.cols,
                    bool(interpret), bool(poison)))
@@ -356,21 +384,24 @@ def _nm_apply(x2, values, meta, static):
     (k, cols), n, m, group_tile, cols_tile, interpret, poison = static
     bits = _index_bits(m)
     batch = x2.shape[0]
-    # Triton blocks need power-of-two sizes: pad the batch (at most MAX_KERNEL_BATCH rows).
-    batch_pad = next_pow2(batch)
-    x2_pad = jnp.pad(x2, ((0, batch_pad - batch), (0, 0)))
     g = k // m
     g_pad = values.shape[1]
-    cols_tile = min(cols_tile, next_pow2(cols))
-    cols_pad = -(-cols // cols_tile) * cols_tile
-    # x as (m, batch, G): position p of every group is one contiguous row.
-    xg = x2_pad.reshape(batch_pad, g, m).transpose(2, 0, 1)
-    xg = jnp.pad(xg, ((0, 0), (0, 0), (0, g_pad - g)))
+    tiles = _launch_tiles(interpret, batch, min(cols_tile, next_pow2(cols)))
+    cols_pad = -(-cols // tiles.cols) * tiles.cols
+    if tiles.x_access == "gather":
+        # x as it is; zeros for the padded groups (if any), whose positions lie past K.
+        x_in = pad_to(x2, 1, group_tile * m)
+    else:
+        # x as (m, batch, G): position p of every group is one contiguous row. Triton
+        # blocks need power-of-two sizes: pad the batch (at most MAX_KERNEL_BATCH rows).
+        x2_pad = jnp.pad(x2, ((0, next_pow2(batch) - batch), (0, 0)))
+        x_in = x2_pad.reshape(x2_pad.shape[0], g, m).transpose(2, 0, 1)
+        x_in = jnp.pad(x_in, ((0, 0), (0, 0), (0, g_pad - g)))
     values = jnp.pad(values, ((0, 0), (0, 0), (0, cols_pad - cols)))
     meta = jnp.pad(meta, ((0, 0), (0, 0), (0, cols_pad - cols)))
-    splits = _choose_splits(g_pad // group_tile, cols_pad // cols_tile)
-    partial = _nm_call(xg, values, meta, n=n, m=m, bits=bits, group_tile=group_tile,
-                       cols_tile=cols_tile, splits=splits, interpret=interpret, poison=poison)
+    splits = _choose_splits(g_pad // group_tile, cols_pad // tiles.cols, tiles.target_programs)
+    partial = _nm_call(x_in, values, meta, n=n, m=m, bits=bits, group_tile=group_tile, tiles=tiles,
+                       splits=splits, interpret=interpret, poison=poison)
     return jnp.sum(partial, axis=0)[:batch, :cols].astype(x2.dtype)
 
 

@@ -57,6 +57,7 @@ from jax.experimental import pallas as pl
 
 from sparsejax.kernels import backends, path_choice, streaming_choice
 from sparsejax.kernels import sparse_input_gemv as sig
+from sparsejax.kernels import statistical_topk as stk
 from sparsejax.kernels._triton import compiler_params, next_pow2, pad_to
 from sparsejax.kernels.sparse_input_gemv import pltriton
 from sparsejax.topk import resolve_k_frac, statistical_threshold
@@ -475,9 +476,9 @@ def masked_ffn(x_up: jax.Array, act: jax.Array, w_up_t: jax.Array, w_down: jax.A
                activation: Callable | None = None, x_offset: int = 0, interpret: bool = False,
                poison: bool = False) -> jax.Array:
     """``(act * (x_up @ W_u)) @ W_d`` reading only the rows of fired neurons (module doc:
-    ``"fused"`` and ``"sparse"``). ``act`` is ``(B, d_ff)``, zero where a neuron did not
-    fire. ``bk``/``bn`` should divide ``d_up_in``/``d_model`` (else the weights are
-    zero-padded per call); ``unroll`` unrolls the loops over them; ``partials`` (fused)
+    ``"fused"`` and ``"sparse"``). ``act`` is ``(B', d_ff)``, zero where a neuron did not
+    fire; its rows past ``x_up``'s ``B`` are not read. ``bk``/``bn`` should divide
+    ``d_up_in``/``d_model`` (else the weights are zero-padded per call); ``unroll`` unrolls the loops over them; ``partials`` (fused)
     sums per-tile partials in XLA instead of atomics. With ``theta`` ``(B,)`` and
     ``activation``, ``act`` holds the gate pre-activations and the (fused, or up) kernel
     forms ``activation(pre - theta)`` where ``pre > theta`` itself: two XLA launches fewer.
@@ -574,7 +575,10 @@ def topk_ffn_decode(x: jax.Array, weights: DecodeWeights, *, k: Any = None, k_fr
         :func:`~sparsejax.kernels.sparse_input_gemv.sparse_input_gemv` tiles: the
         predictor GEMV on that kernel instead of XLA) or ``gate_pad2=True`` (at batch 1,
         the predictor on XLA with the row padded to two: a GEMM, where XLA's one-row
-        product is a reduction that streams a short, wide gate slowly).
+        product is a reduction that streams a short, wide gate slowly), and
+        ``select_kernel=True`` (the soft top-k and activation in one launch of
+        :func:`sparsejax.kernels.statistical_topk.statistical_topk_pallas`; XLA's where it
+        does not apply).
 
     Returns:
       ``(B, d_model)`` in ``x``'s dtype.
@@ -600,10 +604,13 @@ def topk_ffn_decode(x: jax.Array, weights: DecodeWeights, *, k: Any = None, k_fr
         pre = sig.sparse_input_gemv(weights.gate_input(x), weights.w_gate, impl="masked",
                                     interpret=interpret, out_dtype=jnp.float32, **gate_tiles)
     elif gate_pad2 and x.shape[0] == 1:
-        pre = jnp.dot(jnp.pad(weights.gate_input(x), ((0, 1), (0, 0))), weights.w_gate,
-                      preferred_element_type=jnp.float32)[:1]
+        pre_rows = jnp.dot(jnp.pad(weights.gate_input(x), ((0, 1), (0, 0))), weights.w_gate,
+                           preferred_element_type=jnp.float32)
+        pre = pre_rows[:1]
     else:
         pre = jnp.dot(weights.gate_input(x), weights.w_gate, preferred_element_type=jnp.float32)
+    if not (gate_pad2 and x.shape[0] == 1 and gate_tiles is None):
+        pre_rows = pre
     x_up = weights.up_input(x)
     # The masked kernels read the up input from the whole token (no copy of a slice of it).
     x_offset = 0 if weights.split is None else weights.split
@@ -611,6 +618,19 @@ def topk_ffn_decode(x: jax.Array, weights: DecodeWeights, *, k: Any = None, k_fr
         theta = statistical_threshold(pre, k=k, k_frac=k_frac, axis=-1)
         y = masked_ffn(x, pre, weights.w_up_t, weights.w_down, fused=impl == "fused", theta=theta,
                        activation=activation, x_offset=x_offset, interpret=interpret, **tiling)
+        return y[:, :d_model].astype(x.dtype)
+    select_kernel = tiling.pop("select_kernel", False)
+    if impl in _MASKED_IMPLS and select_kernel and stk.supported(
+            pre, k=k, k_frac=k_frac, activation=activation, interpret=interpret) is None:
+        # The soft top-k and activation in one kernel launch (XLA: two reductions and two
+        # elementwise fusions, 5.4 of 29.5 µs of kernels at batch 1 on the H200). It takes
+        # the padded-row product whole: its first row as an operand would be a copy (a
+        # launch). The padding row (zeros) keeps nothing, and the masked kernels read the
+        # first ``batch`` rows of ``act`` only.
+        act = stk.statistical_topk_pallas(pre_rows, k=k, k_frac=k_frac, activation=activation,
+                                          interpret=interpret)
+        y = masked_ffn(x, act, weights.w_up_t, weights.w_down, fused=impl == "fused",
+                       x_offset=x_offset, interpret=interpret, **tiling)
         return y[:, :d_model].astype(x.dtype)
     if impl in _MASKED_IMPLS or impl == "dense":
         theta = statistical_threshold(pre, k=k, k_frac=k_frac, axis=-1)
@@ -636,12 +656,15 @@ def topk_ffn_decode(x: jax.Array, weights: DecodeWeights, *, k: Any = None, k_fr
 # "sparse_rows_down_act": that with the soft top-k and activation formed in the up kernel (the
 # H200 profile of "sparse_rows_down" at batch 1: XLA's subtract and select, 2.4 of 31.8 µs);
 # "sparse_rows_down_pad2_gate": "sparse_rows_down" with the predictor on XLA's padded-row GEMM
-# (the same profile: the split-K predictor 11.3 µs for 28.3 MB, and its partial sums 1.6 µs).
+# (the same profile: the split-K predictor 11.3 µs for 28.3 MB, and its partial sums 1.6 µs);
+# "..._select": that with the soft top-k and activation in one kernel (select_kernel=True).
 _SPLIT = dict(bk=64, bn=256, steps=4, partials=True)
 _ROWS = dict(impl="rows", bc=16, span=128, col_splits=8, partials=True)
 CHOICE_PATHS = {"sparse_split_gate": ("sparse", dict(down_tiles=_SPLIT, gate_tiles=_SPLIT)),
                 "sparse_rows_down": ("sparse", dict(down_tiles=_ROWS, gate_tiles=_SPLIT)),
                 "sparse_rows_down_pad2_gate": ("sparse", dict(down_tiles=_ROWS, gate_pad2=True)),
+                "sparse_rows_down_pad2_gate_select": ("sparse", dict(down_tiles=_ROWS, gate_pad2=True,
+                                                                     select_kernel=True)),
                 "sparse_rows_down_act": ("sparse", dict(down_tiles=_ROWS, gate_tiles=_SPLIT,
                                                         act_in_kernel=True))}
 
@@ -650,7 +673,8 @@ def choose_impl(batch: int, weights: DecodeWeights, *, k: Any = None, k_frac: An
                 activation: Callable = jax.nn.gelu, dtype=jnp.bfloat16,
                 candidates: tuple[str, ...] = ("fused", "sparse", "sparse_split_gate",
                                                "sparse_rows_down", "sparse_rows_down_act",
-                                               "sparse_rows_down_pad2_gate", "dense"),
+                                               "sparse_rows_down_pad2_gate",
+                                               "sparse_rows_down_pad2_gate_select", "dense"),
                 backend: str | None = None, interpret: bool = False) -> path_choice.Choice:
     """The fastest correct decode path at this batch size, by measurement on the device.
 

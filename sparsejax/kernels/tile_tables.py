@@ -160,22 +160,54 @@ def select_block_sparse_tiles(tiles: BlockSparseTiles, *, m: int, k: int, n: int
     return dataclasses.replace(tiles, schedule=schedule)
 
 
+X_ACCESSES = ("gather", "gather_grouped", "select")
+
+
 @dataclasses.dataclass(frozen=True)
 class NMTiles:
-    """Tiles of the compressed N:M matmul: ``cols`` outputs and ``groups`` N:M groups per step."""
+    """Tiles and launch of the compressed N:M GEMV kernel for one batch size.
+
+    Attributes:
+      cols: output columns per program.
+      x_access: how the kernel reads ``x`` at the kept positions. ``"gather"``: one
+        gathered load per kept value, from ``x`` as it is (no copy beside the kernel).
+        ``"gather_grouped"``: the same gather from an ``(m, batch, G)`` copy of ``x``
+        (an XLA transpose before the kernel; kept so sweeps can compare).
+        ``"select"``: ``m - n`` selects per kept value from that copy.
+      num_warps, num_stages: Triton's (GPU only).
+      target_programs: K is split until a launch has at least this many programs
+        (a GEMV has few output tiles; the partial sums are added in XLA).
+    """
 
     cols: int
-    groups: int
+    x_access: str = "gather"
+    num_warps: int = 4
+    num_stages: int = 3
+    target_programs: int = 1024
+
+    def __post_init__(self):
+        if self.x_access not in X_ACCESSES:
+            raise ValueError(f"NMTiles.x_access must be one of {X_ACCESSES}, got {self.x_access!r}")
 
 
+# {backend: {batch: tiles}}: a batch takes the entry of the largest listed batch <= it.
 _NM = {
-    "gpu": NMTiles(cols=256, groups=64),   # with 8 warps and ~512 programs: best timed on an H100
-    "tpu": NMTiles(cols=128, groups=64),
-    "interpret": NMTiles(cols=16, groups=8),
-    "cpu": NMTiles(cols=16, groups=8),
+    "gpu": {
+        # The best launch of an H200 sweep (2:4, 8192^2, bf16, benchmarks/decode_speed.py):
+        # 1.21x of dense XLA, measured with the gather from the (m, batch, G) copy; the
+        # gather from x as it is reads the same values without that copy's launch.
+        1: NMTiles(cols=64, x_access="gather", num_warps=4, num_stages=3, target_programs=1024),
+        # The launch the previous shipped defaults gave batch 2, with the gather (it beat
+        # the selects at every batch of the first sweep).
+        2: NMTiles(cols=256, x_access="gather", num_warps=8, num_stages=3, target_programs=512),
+    },
+    # Small tiles keep interpret mode fast; the large program target splits K as far as
+    # the tiles allow, so tests cover the partial sums.
+    "interpret": {1: NMTiles(cols=16, x_access="gather", target_programs=512)},
 }
 
 
-def nm_tiles(backend: str) -> NMTiles:
-    """Tiles of the compressed N:M kernel on ``backend``."""
-    return _NM.get(backend, _NM["cpu"])
+def nm_tiles(backend: str, batch: int = 1) -> NMTiles:
+    """Tiles and launch of the compressed N:M kernel on ``backend`` for ``batch`` rows of ``x``."""
+    by_batch = _NM.get(backend, _NM["interpret"])
+    return by_batch[max(b for b in by_batch if b <= batch)]
