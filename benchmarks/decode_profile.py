@@ -94,18 +94,9 @@ def cases(s, interpret, key):
     xs = [_normal(next(keys), (1, n)) for _ in range(s.layers)]
     ref = nm.nm_matmul_reference(xs[0], packed[0])
     out.append(("2:4 GEMV", "xla dense (masked weight)", dense, (xs, [p.to_dense() for p in packed]), ref, s.layers))
+    # nm_matmul with its table's batch-1 launch: kernel µs per launch against wall µs shows
+    # what XLA launches beside the kernel cost.
     out.append(("2:4 GEMV", "nm kernel", _over_layers(functools.partial(nm.nm_matmul, interpret=interpret)),
-                (xs, packed), ref, s.layers))
-
-    # nm_matmul with its table's batch-1 launch (x gathered as it is): kernel µs per launch
-    # against wall µs shows whether XLA launches beside the kernel remain.
-    ws = [jnp.where(nm_mask(jnp.abs(w), 2, 4), w, 0) for w in
-          (_normal(next(keys), (n, n), scale=n ** -0.5) for _ in range(s.layers))]
-    packed = [nm.compress_nm(w, 2, 4) for w in ws]
-    xs = [_normal(next(keys), (1, n)) for _ in range(s.layers)]
-    ref = nm.nm_matmul_reference(xs[0], packed[0])
-    out.append(("nm 2:4 GEMV b1", "xla dense", dense, (xs, ws), ref, s.layers))
-    out.append(("nm 2:4 GEMV b1", "nm_matmul", _over_layers(functools.partial(nm.nm_matmul, interpret=interpret)),
                 (xs, packed), ref, s.layers))
 
     # The end-to-end decode step of decode_speed.py at batch 1: dense, and Spark top-k on the
