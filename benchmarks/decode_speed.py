@@ -79,6 +79,7 @@ K_FRAC = 0.08
 TUNE = False    # --tune: the e2e section also times the program-tuned step
 ATTENTION_TOPK = "auto"   # --attention_topk: the attention rule's impl ("auto": its kernel on a GPU)
 BATCHES = (1, 2, 4, 8)
+FFN_VARIANTS = ()   # --ffn_variants: time only the ffn variants whose names contain one of these
 GOALS = {"gemv": {0.5: 1.8, 0.75: 3.0, 0.9: 6.0}, "ffn": {1: 3.0, 8: 1.5}, "nm": {1: 1.5},
          "e2e": {1: 1.5}}
 
@@ -337,7 +338,10 @@ def bench_ffn(b: Bench):
         b.log(f"  choose_impl at batch {batch}: {choice}")
         best = (None, float("nan"))
         times, fns = {}, {}
-        for name, kw in ffn_variants(b.interpret, batch).items():
+        variants = {name: kw for name, kw in ffn_variants(b.interpret, batch).items()
+                    if not FFN_VARIANTS or kw["impl"] in ("dense", "auto")
+                    or any(f in name for f in FFN_VARIANTS)}
+        for name, kw in variants.items():
             extra = dict(capacity=_capacity(d_ff, batch)) if kw["impl"] in ("xla", "pallas") else {}
             fn = _over_layers(functools.partial(sf.topk_ffn_decode, k_frac=K_FRAC, interpret=b.interpret,
                                                 **extra, **kw))
@@ -681,7 +685,7 @@ def summary_table(b: Bench, variant_header: str) -> list[str]:
 
 
 def main():
-    global TUNE, ATTENTION_TOPK, BATCHES
+    global TUNE, ATTENTION_TOPK, BATCHES, FFN_VARIANTS
     parser = argparse.ArgumentParser()
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, Pallas interpret mode (CPU)")
     parser.add_argument("--only", default="gemv,ffn,nm,e2e")
@@ -695,8 +699,12 @@ def main():
     parser.add_argument("--attention_topk", choices=("auto", "xla"), default="auto",
                         help="the attention rule's top-k: 'auto' (its one-pass kernel on a GPU) "
                              "or 'xla' (XLA's fusions)")
+    parser.add_argument("--ffn_variants", default="",
+                        help="comma-separated name fragments: the ffn section times only the variants "
+                             "whose names contain one (dense and auto always run)")
     args = parser.parse_args()
     TUNE, ATTENTION_TOPK = args.tune, args.attention_topk
+    FFN_VARIANTS = tuple(f for f in args.ffn_variants.split(",") if f)
     BATCHES = tuple(int(bt) for bt in args.batches.split(","))
     interpret = args.smoke or jax.default_backend() != "gpu"
     b = Bench(SMOKE if args.smoke else FULL, interpret, args.budget)

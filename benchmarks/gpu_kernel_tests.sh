@@ -15,4 +15,6 @@ for f in "$@"; do
 done
 # From the copy's folder, so `sparsejax` is the package device_env.sh laid out, not the checkout's.
 cd "$work/tests"
-JAX_PLATFORMS=cuda XLA_FLAGS= python -m pytest -q -p no:cacheprovider "${files[@]}"
+# float32 references at full precision: XLA's default on the GPU rounds a float32 dot's inputs
+# (TF32-like, ~3e-4 relative), far above the kernels' own error the tests bound.
+JAX_DEFAULT_MATMUL_PRECISION=highest JAX_PLATFORMS=cuda XLA_FLAGS= python -m pytest -q -p no:cacheprovider "${files[@]}"
