@@ -69,7 +69,10 @@ def test_kernel_matches_reference(n, m, batch, x_access, monkeypatch):
     wm = _nm_weight(rng, k, cols, n, m)
     packed = nm.compress_nm(wm, n, m, group_tile=8)
     x = jnp.asarray(rng.standard_normal((batch, k)), jnp.float32)
-    assert nm.supported(packed.shape, x.dtype, batch, interpret=True) is None
+    reason = nm.supported(packed.shape, x.dtype, batch, interpret=True)
+    if reason is not None and jax.default_backend() == "gpu":
+        pytest.skip(reason)        # compiled for the GPU (gpu_kernel_tests.sh): batches it sends to XLA
+    assert reason is None
     out = nm.nm_matmul(x, packed, interpret=True, poison=True)
     ref = nm.nm_matmul_reference(x, packed)
     assert out.shape == (batch, cols)
