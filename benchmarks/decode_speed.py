@@ -267,6 +267,12 @@ def ffn_variants(interpret, batch):
                 select, down_tiles=dict(ROWS_DOWN, col_splits=4)),
             "sparse bj64 w8, rows down cs4, padded-row gate, select kernel": dict(
                 select, bj=64, num_warps=8, down_tiles=dict(ROWS_DOWN, col_splits=4)),
+            # The selection kernel shares a row of 13824 (27 chunks) among 27 programs by
+            # default, each reading the whole row for the statistics: fewer, longer programs.
+            "sparse bj32, rows down cs4, padded-row gate, select kernel, 9 programs": dict(
+                select, select_programs=9, down_tiles=dict(ROWS_DOWN, col_splits=4)),
+            "sparse bj32, rows down cs4, padded-row gate, select kernel, 3 programs": dict(
+                select, select_programs=3, down_tiles=dict(ROWS_DOWN, col_splits=4)),
         })
     if batch > 2:      # the union passes a quarter of the neurons: keep the two cheapest kernels
         v = {k: v[k] for k in ("sparse bj32, split down", "fused bj32 bk256 bn256 w4 atomics",
@@ -428,18 +434,16 @@ def bench_nm(b: Bench):
             if b.interpret:
                 configs.append((dataclasses.replace(table, x_access="select"), None))
             elif batch == 1:
-                # Earlier sweeps, all with the copy: gather beat the selects at every batch; at
-                # batch 1 the first sweep's best were w4 s2 p1024 cols64 (1.07x) and w4 s3 p512
-                # cols128 (1.05x), a later one's w4 s3 p1024 cols64 (the table's launch) 1.21x.
-                for access in ("gather", "gather_grouped"):
-                    configs += [(_nm_launch(access, 4, 3, 512, 128), None),
-                                (_nm_launch(access, 4, 2, 1024, 64), None)]
-                configs.append((_nm_launch("gather_grouped", 4, 2, 2048, 64), None))
-                if pat == (2, 4):
-                    # Longer group tiles: each load a (group_tile / 4, cols) block of values,
-                    # fewer and larger loads per program (the kernel streams 2.5 TB/s at 64).
-                    configs += [(_nm_launch("gather_grouped", 4, 3, 512, 128), 128),
-                                (_nm_launch("gather_grouped", 4, 3, 512, 128), 256)]
+                # Earlier sweeps (with the copy unless named): gather beat the selects at every
+                # batch; at batch 1, w4 s3 p1024 cols64 (the table's launch) 1.21-1.24x, w4 s2
+                # p1024 cols64 1.20x, w4 s3 p512 cols128 1.17x, w4 s2 p2048 cols64 1.08x, longer
+                # group tiles (128, 256) 0.8x. Fewer K splits ran faster down to p1024 (4 group
+                # tiles per program): longer programs, fewer pipeline fills, fewer partial sums.
+                configs += [(_nm_launch("gather", 4, 3, 512, 64), None),
+                            (_nm_launch("gather", 4, 3, 256, 64), None),
+                            (_nm_launch("gather", 8, 3, 512, 64), None),
+                            (_nm_launch("gather", 4, 4, 512, 64), None),
+                            (_nm_launch("gather", 4, 3, 512, 32), None)]
             packed_by_tile = {None: packs}
             for launch, group_tile in configs:
                 name = (f"kernel {NM_X_ACCESS_NAMES[launch.x_access]} w{launch.num_warps} s{launch.num_stages} "

@@ -577,8 +577,8 @@ def topk_ffn_decode(x: jax.Array, weights: DecodeWeights, *, k: Any = None, k_fr
         the predictor on XLA with the row padded to two: a GEMM, where XLA's one-row
         product is a reduction that streams a short, wide gate slowly), and
         ``select_kernel=True`` (the soft top-k and activation in one launch of
-        :func:`sparsejax.kernels.statistical_topk.statistical_topk_pallas`; XLA's where it
-        does not apply).
+        :func:`sparsejax.kernels.statistical_topk.statistical_topk_pallas`, its
+        ``programs_per_row`` given by ``select_programs``; XLA's where it does not apply).
 
     Returns:
       ``(B, d_model)`` in ``x``'s dtype.
@@ -620,6 +620,7 @@ def topk_ffn_decode(x: jax.Array, weights: DecodeWeights, *, k: Any = None, k_fr
                        activation=activation, x_offset=x_offset, interpret=interpret, **tiling)
         return y[:, :d_model].astype(x.dtype)
     select_kernel = tiling.pop("select_kernel", False)
+    select_programs = tiling.pop("select_programs", None)
     if impl in _MASKED_IMPLS and select_kernel and stk.supported(
             pre, k=k, k_frac=k_frac, activation=activation, interpret=interpret) is None:
         # The soft top-k and activation in one kernel launch (XLA: two reductions and two
@@ -628,7 +629,7 @@ def topk_ffn_decode(x: jax.Array, weights: DecodeWeights, *, k: Any = None, k_fr
         # launch). The padding row (zeros) keeps nothing, and the masked kernels read the
         # first ``batch`` rows of ``act`` only.
         act = stk.statistical_topk_pallas(pre_rows, k=k, k_frac=k_frac, activation=activation,
-                                          interpret=interpret)
+                                          programs_per_row=select_programs, interpret=interpret)
         y = masked_ffn(x, act, weights.w_up_t, weights.w_down, fused=impl == "fused",
                        x_offset=x_offset, interpret=interpret, **tiling)
         return y[:, :d_model].astype(x.dtype)
