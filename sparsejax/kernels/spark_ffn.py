@@ -478,10 +478,11 @@ def masked_ffn(x_up: jax.Array, act: jax.Array, w_up_t: jax.Array, w_down: jax.A
     """``(act * (x_up @ W_u)) @ W_d`` reading only the rows of fired neurons (module doc:
     ``"fused"`` and ``"sparse"``). ``act`` is ``(B', d_ff)``, zero where a neuron did not
     fire; its rows past ``x_up``'s ``B`` are not read. ``bk``/``bn`` should divide
-    ``d_up_in``/``d_model`` (else the weights are zero-padded per call); ``unroll`` unrolls the loops over them; ``partials`` (fused)
-    sums per-tile partials in XLA instead of atomics. With ``theta`` ``(B,)`` and
-    ``activation``, ``act`` holds the gate pre-activations and the (fused, or up) kernel
-    forms ``activation(pre - theta)`` where ``pre > theta`` itself: two XLA launches fewer.
+    ``d_up_in``/``d_model`` (else the weights are zero-padded per call); ``unroll`` unrolls
+    the loops over them; ``partials`` (fused) sums per-tile partials in XLA instead of
+    atomics. With ``theta`` ``(B,)`` and ``activation``, ``act`` holds the gate
+    pre-activations and the (fused, or up) kernel forms ``activation(pre - theta)`` where
+    ``pre > theta`` itself: two XLA launches fewer.
     ``x_offset``: the up input is ``x_up``'s columns from there on (pass the whole token:
     a kernel's operand cut from it would be a copy, one launch). Returns ``(B, d_model)``
     float32."""

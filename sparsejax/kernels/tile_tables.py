@@ -193,9 +193,10 @@ class NMTiles:
 # {backend: {batch: tiles}}: a batch takes the entry of the largest listed batch <= it.
 _NM = {
     "gpu": {
-        # The best launch of an H200 sweep (2:4, 8192^2, bf16, benchmarks/decode_speed.py):
-        # 1.21x of dense XLA, measured with the gather from the (m, batch, G) copy; the
-        # gather from x as it is reads the same values without that copy's launch.
+        # The best launch of the H200 sweeps (2:4, 8192^2, bf16, benchmarks/decode_speed.py,
+        # session 9): 1.13-1.24x of dense XLA, the gather from x as it is timing as the one
+        # from an (m, batch, G) copy without that copy's launch; 8 warps at 512 programs (the
+        # same warps in flight) timed the same, fewer warps in flight slower.
         1: NMTiles(cols=64, x_access="gather", num_warps=4, num_stages=3, target_programs=1024),
         # The launch the previous shipped defaults gave batch 2, with the gather (it beat
         # the selects at every batch of the first sweep).
