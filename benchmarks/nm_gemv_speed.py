@@ -103,6 +103,7 @@ def main():
                 f"{bytes_ratio:.2f}x), rel err {err:.1e} / {err_x:.1e} {'ok' if ok and ok_x else 'FAIL'}")
         if args.variants and (n, m) == (2, 4):
             x = jnp.asarray(rng.standard_normal((1, size)), jnp.bfloat16)
+            saved = nm.TARGET_PROGRAMS, nm.NUM_WARPS      # None: the launch table's
             for target, warps in ((256, 4), (512, 4), (1024, 4), (512, 8), (1024, 2)):
                 for cols in (64, 128, 256):
                     nm.TARGET_PROGRAMS = target
@@ -115,7 +116,7 @@ def main():
                     except Exception as e:   # noqa: BLE001
                         log(f"variant programs={target} warps={warps} cols_tile={cols}: "
                             f"{type(e).__name__}: {e}"[:300])
-            nm.TARGET_PROGRAMS, nm.NUM_WARPS = 512, 8
+            nm.TARGET_PROGRAMS, nm.NUM_WARPS = saved
         del w, wm, packed
 
     table = ["| N:M | batch | dense us | Pallas kernel us | x dense | fused XLA us | x dense | "
