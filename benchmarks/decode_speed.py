@@ -662,9 +662,10 @@ def bench_e2e(b: Bench):
         if not b.over_budget():
             # The three final programs timed in turn (A B C A B C ...): their ratios do not
             # carry the drift of times taken minutes apart (timing.interleaved_seconds).
+            runs = [(dense, (params, *args)), (final_dense_low, (params, *args)),
+                    (final_spark, (params, *args))]
             t_d, t_dl, t_s = (1e6 * t for t in interleaved_seconds(
-                [(dense, (params, *args)), (final_dense_low, (params, *args)),
-                 (final_spark, (params, *args))], calls=b.s.calls, repeats=b.s.repeats))
+                runs, calls=b.s.calls, repeats=b.s.repeats))
             b.log(f"  interleaved: dense {t_d:.1f} us, dense lowered {t_dl:.1f} us, Spark lowered "
                   f"{t_s:.1f} us")
             b.summary.append(("end-to-end decode step, interleaved timing", f"batch {batch}",
@@ -674,8 +675,7 @@ def bench_e2e(b: Bench):
                               "interleaved timing", f"batch {batch}", "sparsify + lower"
                               + (" + tune" if TUNE else ""), t_dl, t_s, None))
             t_d, t_dl, t_s = (1e6 * t for t in interleaved_seconds(
-                [(dense, (params, *args)), (final_dense_low, (params, *args)),
-                 (final_spark, (params, *args))], calls=b.s.calls, repeats=b.s.repeats, steady=True))
+                runs, calls=b.s.calls, repeats=b.s.repeats, steady=True))
             b.log(f"  interleaved, steady state: dense {t_d:.1f} us, dense lowered {t_dl:.1f} us, "
                   f"Spark lowered {t_s:.1f} us")
             b.summary.append(("end-to-end decode step, steady-state timing", f"batch {batch}",

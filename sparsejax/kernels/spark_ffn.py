@@ -602,16 +602,15 @@ def topk_ffn_decode(x: jax.Array, weights: DecodeWeights, *, k: Any = None, k_fr
     if gate_tiles is not None and impl in _MASKED_IMPLS:
         # The predictor GEMV on the streaming kernel (every input live): XLA's batch-1
         # GEMV for a short, wide (r, d_ff) gate ran at ~1.2 TB/s in the first H200 sweep.
-        pre = sig.sparse_input_gemv(weights.gate_input(x), weights.w_gate, impl="masked",
-                                    interpret=interpret, out_dtype=jnp.float32, **gate_tiles)
+        pre_rows = pre = sig.sparse_input_gemv(weights.gate_input(x), weights.w_gate, impl="masked",
+                                               interpret=interpret, out_dtype=jnp.float32, **gate_tiles)
     elif gate_pad2 and x.shape[0] == 1:
+        # pre_rows: the product as computed (here with its padding row), pre: x's rows of it
         pre_rows = jnp.dot(jnp.pad(weights.gate_input(x), ((0, 1), (0, 0))), weights.w_gate,
                            preferred_element_type=jnp.float32)
         pre = pre_rows[:1]
     else:
-        pre = jnp.dot(weights.gate_input(x), weights.w_gate, preferred_element_type=jnp.float32)
-    if not (gate_pad2 and x.shape[0] == 1 and gate_tiles is None):
-        pre_rows = pre
+        pre_rows = pre = jnp.dot(weights.gate_input(x), weights.w_gate, preferred_element_type=jnp.float32)
     x_up = weights.up_input(x)
     # The masked kernels read the up input from the whole token (no copy of a slice of it).
     x_offset = 0 if weights.split is None else weights.split
