@@ -193,11 +193,11 @@ class NMTiles:
 # {backend: {batch: tiles}}: a batch takes the entry of the largest listed batch <= it.
 _NM = {
     "gpu": {
-        # The best launch of the H200 sweeps (2:4, 8192^2, bf16, benchmarks/decode_speed.py,
-        # session 9): 1.13-1.24x of dense XLA, the gather from x as it is timing as the one
-        # from an (m, batch, G) copy without that copy's launch; 8 warps at 512 programs (the
-        # same warps in flight) timed the same, fewer warps in flight slower.
-        1: NMTiles(cols=64, x_access="gather", num_warps=4, num_stages=3, target_programs=1024),
+        # The best launch of the H200 sweeps (8192^2, bf16, benchmarks/decode_speed.py): the
+        # time follows the warps in flight. Session 10, two calls: 16 warps at 512 programs
+        # 30.3 / 31.9 us at 2:4 against 37.2 / 33.1 for session 9's 4 warps at 1024 (and
+        # 19.5 against 31.2 us at 1:4, 20.1 against 30.4 at 2:8 in the second call).
+        1: NMTiles(cols=64, x_access="gather", num_warps=16, num_stages=3, target_programs=512),
         # The launch the previous shipped defaults gave batch 2, with the gather (it beat
         # the selects at every batch of the first sweep).
         2: NMTiles(cols=256, x_access="gather", num_warps=8, num_stages=3, target_programs=512),
