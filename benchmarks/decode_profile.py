@@ -89,6 +89,24 @@ def cases(s, interpret, key):
         lambda x, w: sf.select_neurons(jnp.dot(w.gate_input(x), w.w_gate, preferred_element_type=jnp.float32),
                                        k_frac=K_FRAC, capacity=d_ff)[0]), (xs, spark), None, s.layers))
 
+    # Batch 8: the union of fired neurons is about half of them; where the sparse paths' time
+    # goes there (CUDA-core kernels reduce one product row per token; mma: the tensor cores).
+    xs8 = [_normal(next(keys), (8, d)) for _ in range(s.layers)]
+    ref8 = sf.topk_ffn_decode_reference(xs8[0].astype(jnp.float32),
+                                        jax.tree.map(lambda a: a.astype(jnp.float32), spark[0]), k_frac=K_FRAC)
+    ref8_dense = _dense_gated(xs8[0].astype(jnp.float32),
+                              jax.tree.map(lambda a: a.astype(jnp.float32), dense_w[0]))
+    out.append(("Spark FFN b8", "dense gated FFN", _over_layers(_dense_gated), (xs8, dense_w), ref8_dense,
+                s.layers))
+    tiles8 = dict(bj=16, bk=32, bn=32) if interpret else dict(bj=32, bk=256)
+    for name, kw in (("sparse, select kernel", dict(select_kernel=True)),
+                     ("sparse, select kernel, mma", dict(select_kernel=True, mma=True)),
+                     ("sparse, select kernel, mma up, CUDA-core down", dict(
+                         select_kernel=True, mma=True, down_tiles=dict(mma=False)))):
+        out.append(("Spark FFN b8", name, _over_layers(functools.partial(
+            sf.topk_ffn_decode, k_frac=K_FRAC, impl="sparse", interpret=interpret, **tiles8, **kw)),
+            (xs8, spark), ref8, s.layers))
+
     ws = [_normal(next(keys), (n, n), scale=n ** -0.5) for _ in range(s.layers)]
     packed = [nm.compress_nm(w, 2, 4, nm_mask(w, 2, 4)) for w in ws]
     xs = [_normal(next(keys), (1, n)) for _ in range(s.layers)]

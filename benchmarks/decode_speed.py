@@ -238,6 +238,8 @@ def ffn_variants(interpret, batch):
                 "sparse, rows down, padded-row gate, select kernel": dict(
                     impl="sparse", bj=16, bk=32, bn=32, gate_pad2=True, select_kernel=True,
                     down_tiles=dict(impl="rows", bc=8, span=32, col_splits=2)),
+                **({"sparse mma, select kernel": dict(impl="sparse", bj=16, bk=32, bn=32, mma=True,
+                                                      select_kernel=True)} if batch > 1 else {}),
                 "auto (choose_impl)": dict(impl="auto")}
     # The first H200 sweep at batch 1: sparse bj16/bj32 48 us, fused atomics 50.7 us,
     # fused bj64 bk128 w8 partials 53.3 us; the predictor GEMV alone 23 us (XLA). The
@@ -267,6 +269,19 @@ def ffn_variants(interpret, batch):
     # elementwise fusions were 5.4 of the layer's 29.5 µs of kernels at batch 1).
     select = dict(impl="sparse", bj=32, bk=256, gate_pad2=True, select_kernel=True)
     v["sparse bj32, rows down, padded-row gate, select kernel"] = dict(select, down_tiles=ROWS_DOWN)
+    if batch > 1:
+        # Session 10: at batch 4 and 8 every CUDA-core path lost to dense (77.8 / 181.2 against
+        # 45.8 / 50.3 µs): each reduces one product row per token. The tensor cores take the
+        # batch as one (16, bk) operand (mma=True), in the up kernel and the down kernel.
+        mma = dict(impl="sparse", select_kernel=True, mma=True)
+        for bj, bk in ((32, 256), (64, 128), (32, 128)):
+            v[f"sparse mma bj{bj} bk{bk}, select kernel"] = dict(mma, bj=bj, bk=bk)
+        v["sparse mma bj32 bk256, select kernel, down bk128 bn128"] = dict(
+            mma, bj=32, bk=256, down_tiles=dict(bk=128, bn=128))
+        v["sparse mma bj32 bk256, select kernel, down 4 steps partials"] = dict(
+            mma, bj=32, bk=256, down_tiles=dict(bk=64, bn=256, steps=4, partials=True))
+        v["sparse mma bj32 bk256, select kernel, rows down"] = dict(mma, bj=32, bk=256, down_tiles=ROWS_DOWN)
+        v["sparse mma bj32 bk256, select kernel, w8"] = dict(mma, bj=32, bk=256, num_warps=8)
     if batch == 1:
         # Session 9's sweep of the padded-row path's tilings at batch 1 (µs): bj32 33.9, bj64
         # 33.3, bj32 w8 33.0, rows cs16 33.1, cs4 32.7 (within the noise); bj16 36.7, bk128

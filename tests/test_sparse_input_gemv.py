@@ -152,7 +152,13 @@ def test_bad_arguments_raise_one_line_errors():
                                                ("fused", 1, dict(gate_pad2=True)),
                                                ("sparse", 1, dict(gate_pad2=True, down_tiles=dict(
                                                    impl="rows", bc=8, span=32, col_splits=2,
-                                                   sum_in_kernel=True)))])
+                                                   sum_in_kernel=True))),
+                                               # the tensor-core kernels: several tokens as one operand
+                                               ("sparse", 2, dict(mma=True)),
+                                               ("sparse", 5, dict(mma=True, act_in_kernel=True)),
+                                               ("sparse", 8, dict(mma=True, select_kernel=True)),
+                                               ("sparse", 3, dict(mma=True, down_tiles=dict(
+                                                   mma=False, bk=16, bn=32)))])
 def test_masked_spark_ffn_equals_reference(impl, batch, extra):
     k1, k2 = jax.random.split(jax.random.key(batch))
     d, d_ff, r = 40, 99, 16
@@ -166,6 +172,15 @@ def test_masked_spark_ffn_equals_reference(impl, batch, extra):
     assert y.shape == x.shape
     assert_written(y)
     assert rel_error(y, ref) < 1e-5
+
+
+def test_masked_spark_ffn_mma_refuses_what_it_cannot_run():
+    x, act = jnp.ones((2, 32)), jnp.ones((2, 64))
+    w_up_t, w_down = jnp.ones((64, 32)), jnp.ones((64, 32))
+    with pytest.raises(ValueError, match="mma=True needs fused=False"):
+        sf.masked_ffn(x, act, w_up_t, w_down, fused=True, mma=True, interpret=True)
+    with pytest.raises(ValueError, match="bj, bk >= 16"):
+        sf.masked_ffn(x, act, w_up_t, w_down, fused=False, mma=True, bj=8, interpret=True)
 
 
 @pytest.mark.parametrize("d_ff,batch", [(99, 1), (192, 1), (192, 3)])      # padded row, chunked row

@@ -389,6 +389,21 @@ def _live_act(act_ref, rows, batch, theta_ref=None, activation=None):
     return acts, live
 
 
+def _live_act_block(act_ref, rows, b_pad, theta_ref=None, activation=None):
+    """:func:`_live_act` for the tensor-core kernel: the ``(b_pad, bj)`` block at once.
+
+    Rows past the batch are zeros (and their thresholds zeros): they fire nothing."""
+    pre = act_ref[pl.ds(0, b_pad), rows]
+    if activation is None:
+        fired, a = pre != 0, pre
+    else:
+        theta = theta_ref[pl.ds(0, b_pad)][:, None]
+        fired = pre > theta
+        a = jnp.where(fired, activation(pre - theta), 0.0)
+    live = jnp.max(fired.astype(jnp.int32), axis=0) > 0
+    return a, live
+
+
 def _loop(n, body, init, unroll):
     """``fori_loop`` or, for short static loops, Python unrolling: unrolled, the
     independent weight loads of all steps can be in flight at once."""
@@ -400,14 +415,14 @@ def _loop(n, body, init, unroll):
     return carry
 
 
-def _masked_rows(w_ref, rows, cols, live, atomic):
-    """``W[rows, cols]`` in float32 with dead rows never read (zeros)."""
+def _masked_rows(w_ref, rows, cols, live, atomic, dtype=jnp.float32):
+    """``W[rows, cols]`` in ``dtype`` (None: as stored) with dead rows never read (zeros)."""
     if atomic:       # dead rows are masked out of the load: no memory traffic for them
         w = pltriton.load(w_ref.at[rows, cols], mask=live[:, None], other=0.0,
                           eviction_policy="evict_first")
     else:            # interpret mode: the same values, read plainly
         w = jnp.where(live[:, None], w_ref[rows, cols], 0)
-    return w.astype(jnp.float32)
+    return w if dtype is None else w.astype(dtype)
 
 
 def _up_rows(x_ref, w_ref, rows, live, batch, bk, atomic, unroll, x_offset=0):
@@ -422,6 +437,27 @@ def _up_rows(x_ref, w_ref, rows, live, batch, bk, atomic, unroll, x_offset=0):
 
     init = tuple(jnp.zeros((live.shape[0],), jnp.float32) for _ in range(batch))
     return _loop(w_ref.shape[1] // bk, step, init, unroll)
+
+
+def _up_kernel_mma(x_ref, act_ref, w_ref, *rest, bj, bk, atomic, unroll, activation=None,
+                   x_offset=0):
+    """:func:`_up_kernel_masked` on the tensor cores, for a batch of several tokens: each
+    step multiplies the ``(b_pad, bk)`` inputs by the tile's live up rows (``b_pad >= 16``,
+    zero rows past the batch), where the CUDA-core form reduces one product row per token."""
+    h_ref = rest[-1]
+    theta_ref = rest[0] if activation is not None else None
+    rows = pl.ds(pl.program_id(0) * bj, bj)
+    b_pad = h_ref.shape[0]
+    act, live = _live_act_block(act_ref, rows, b_pad, theta_ref, activation)
+
+    def step(c, acc):
+        w = _masked_rows(w_ref, rows, pl.ds(c * bk, bk), live, atomic, dtype=None)
+        xs = x_ref[:, pl.ds(x_offset + c * bk, bk)].astype(w.dtype)
+        return acc + jax.lax.dot_general(xs, w, (((1,), (1,)), ((), ())),
+                                         preferred_element_type=jnp.float32)
+
+    up = _loop(w_ref.shape[1] // bk, step, jnp.zeros((b_pad, bj), jnp.float32), unroll)
+    h_ref[:, rows] = (act * up).astype(h_ref.dtype)
 
 
 def _up_kernel_masked(x_ref, act_ref, w_ref, *rest, bj, bk, batch, atomic, unroll,
@@ -473,8 +509,8 @@ def masked_ffn(x_up: jax.Array, act: jax.Array, w_up_t: jax.Array, w_down: jax.A
                fused: bool = True, bj: int = 32, bk: int = 256, bn: int = 256, num_warps: int = 4,
                num_stages: int = 2, unroll: bool = True, partials: bool = False,
                down_tiles: dict | None = None, theta: jax.Array | None = None,
-               activation: Callable | None = None, x_offset: int = 0, interpret: bool = False,
-               poison: bool = False) -> jax.Array:
+               activation: Callable | None = None, x_offset: int = 0, mma: bool = False,
+               interpret: bool = False, poison: bool = False) -> jax.Array:
     """``(act * (x_up @ W_u)) @ W_d`` reading only the rows of fired neurons (module doc:
     ``"fused"`` and ``"sparse"``). ``act`` is ``(B', d_ff)``, zero where a neuron did not
     fire; its rows past ``x_up``'s ``B`` are not read. ``bk``/``bn`` should divide
@@ -484,20 +520,28 @@ def masked_ffn(x_up: jax.Array, act: jax.Array, w_up_t: jax.Array, w_down: jax.A
     pre-activations and the (fused, or up) kernel forms ``activation(pre - theta)`` where
     ``pre > theta`` itself: two XLA launches fewer.
     ``x_offset``: the up input is ``x_up``'s columns from there on (pass the whole token:
-    a kernel's operand cut from it would be a copy, one launch). Returns ``(B, d_model)``
-    float32."""
+    a kernel's operand cut from it would be a copy, one launch).
+    ``mma`` (the two-kernel path): the up kernel multiplies on the tensor cores, the batch
+    padded to 16 rows (``bj``, ``bk`` at least 16); the down projection too unless
+    ``down_tiles`` says ``mma=False``. Returns ``(B, d_model)`` float32."""
     batch = x_up.shape[0]
     if batch > MAX_BATCH:
         raise ValueError(f"masked_ffn: batch {batch} > {MAX_BATCH}; use impl='xla'")
     for name, v in dict(bj=bj, bk=bk, bn=bn).items():
         if v <= 0 or v & (v - 1):
             raise ValueError(f"masked_ffn: {name} must be a power of two, got {v}")
+    if mma and (fused or min(bj, bk) < 16):
+        raise ValueError(f"masked_ffn: mma=True needs fused=False and bj, bk >= 16 "
+                         f"(got fused={fused}, bj={bj}, bk={bk})")
     d_ff, d_out = w_down.shape
-    b_pad = next_pow2(batch)
+    b_pad = max(16, next_pow2(batch)) if mma else next_pow2(batch)
     w_up_t = pad_to(pad_to(w_up_t, 1, bk), 0, bj)
     w_down = pad_to(pad_to(w_down, 1, bn), 0, bj)
     x_up = jnp.pad(x_up, ((0, b_pad - batch), (0, max(0, x_offset + w_up_t.shape[1] - x_up.shape[1]))))
-    act = jnp.pad(act.astype(jnp.float32), ((0, b_pad - batch), (0, w_up_t.shape[0] - d_ff)))
+    if mma:      # the kernel reads the whole (b_pad, bj) block: rows past the batch must be zeros
+        act = act[:batch]
+    act = jnp.pad(act.astype(jnp.float32), ((0, b_pad - act.shape[0] if mma else b_pad - batch),
+                                            (0, w_up_t.shape[0] - d_ff)))
     atomic = not interpret
     programs = w_up_t.shape[0] // bj
     if (theta is None) != (activation is None):
@@ -525,11 +569,17 @@ def masked_ffn(x_up: jax.Array, act: jax.Array, w_up_t: jax.Array, w_down: jax.A
     args, aliases = [x_up, act, w_up_t, *extra], {}
     if poison:   # tests: every entry of h must be written over the NaNs
         aliases = backends.poison_output(args, h_shape)
-    kernel = functools.partial(_up_kernel_masked, bj=bj, bk=bk, batch=batch, atomic=atomic, unroll=unroll,
-                               activation=activation, x_offset=x_offset)
+    if mma:
+        kernel = functools.partial(_up_kernel_mma, bj=bj, bk=bk, atomic=atomic, unroll=unroll,
+                                   activation=activation, x_offset=x_offset)
+    else:
+        kernel = functools.partial(_up_kernel_masked, bj=bj, bk=bk, batch=batch, atomic=atomic,
+                                   unroll=unroll, activation=activation, x_offset=x_offset)
     h = pl.pallas_call(kernel, grid=(programs,), out_shape=h_shape, input_output_aliases=aliases,
                        interpret=interpret, **params)(*args)
-    tiles = {"impl": "masked", **(down_tiles or {})}      # down_tiles may name another impl
+    # down_tiles may name another impl; with mma, XLA fuses h's slice into the down kernel's
+    # padding of its input to 16 rows (one launch either way)
+    tiles = {"impl": "masked", **({"mma": True} if mma else {}), **(down_tiles or {})}
     y = sig.sparse_input_gemv(h[:batch], w_down, interpret=interpret, out_dtype=jnp.float32, **tiles)
     return y[:, :d_out]
 
@@ -658,7 +708,9 @@ def topk_ffn_decode(x: jax.Array, weights: DecodeWeights, *, k: Any = None, k_fr
 # H200 profile of "sparse_rows_down" at batch 1: XLA's subtract and select, 2.4 of 31.8 µs);
 # "sparse_rows_down_pad2_gate": "sparse_rows_down" with the predictor on XLA's padded-row GEMM
 # (the same profile: the split-K predictor 11.3 µs for 28.3 MB, and its partial sums 1.6 µs);
-# "..._select": that with the soft top-k and activation in one kernel (select_kernel=True).
+# "..._select": that with the soft top-k and activation in one kernel (select_kernel=True);
+# "sparse_mma_select": the selection kernel, then both gathered products on the tensor cores
+# (mma=True: a batch of several tokens as one (16, bk) operand; not at batch 1).
 _SPLIT = dict(bk=64, bn=256, steps=4, partials=True)
 _ROWS = dict(impl="rows", bc=16, span=128, col_splits=8, partials=True)
 CHOICE_PATHS = {"sparse_split_gate": ("sparse", dict(down_tiles=_SPLIT, gate_tiles=_SPLIT)),
@@ -667,7 +719,8 @@ CHOICE_PATHS = {"sparse_split_gate": ("sparse", dict(down_tiles=_SPLIT, gate_til
                 "sparse_rows_down_pad2_gate_select": ("sparse", dict(down_tiles=_ROWS, gate_pad2=True,
                                                                      select_kernel=True)),
                 "sparse_rows_down_act": ("sparse", dict(down_tiles=_ROWS, gate_tiles=_SPLIT,
-                                                        act_in_kernel=True))}
+                                                        act_in_kernel=True)),
+                "sparse_mma_select": ("sparse", dict(mma=True, select_kernel=True))}
 
 
 def choose_impl(batch: int, weights: DecodeWeights, *, k: Any = None, k_frac: Any = None,
@@ -675,7 +728,8 @@ def choose_impl(batch: int, weights: DecodeWeights, *, k: Any = None, k_frac: An
                 candidates: tuple[str, ...] = ("fused", "sparse", "sparse_split_gate",
                                                "sparse_rows_down", "sparse_rows_down_act",
                                                "sparse_rows_down_pad2_gate",
-                                               "sparse_rows_down_pad2_gate_select", "dense"),
+                                               "sparse_rows_down_pad2_gate_select",
+                                               "sparse_mma_select", "dense"),
                 backend: str | None = None, interpret: bool = False) -> path_choice.Choice:
     """The fastest correct decode path at this batch size, by measurement on the device.
 
@@ -691,6 +745,8 @@ def choose_impl(batch: int, weights: DecodeWeights, *, k: Any = None, k_frac: An
     for name in candidates:
         why = None if name == "dense" else supported(batch, backend=backend, interpret=interpret)
         impl, tiling = CHOICE_PATHS.get(name, (name, {}))
+        if why is None and batch == 1 and tiling.get("mma"):
+            why = "batch 1: the tensor-core path would pad one token to 16 rows"
         fn = functools.partial(_layer_fn, impl=impl, k=k, k_frac=k_frac, activation=activation,
                                split=weights.split, tiling=tiling, backend=backend,
                                interpret=interpret)
