@@ -577,9 +577,12 @@ def masked_ffn(x_up: jax.Array, act: jax.Array, w_up_t: jax.Array, w_down: jax.A
                                    unroll=unroll, activation=activation, x_offset=x_offset)
     h = pl.pallas_call(kernel, grid=(programs,), out_shape=h_shape, input_output_aliases=aliases,
                        interpret=interpret, **params)(*args)
-    # down_tiles may name another impl; with mma, XLA fuses h's slice into the down kernel's
-    # padding of its input to 16 rows (one launch either way)
     tiles = {"impl": "masked", **({"mma": True} if mma else {}), **(down_tiles or {})}
+    if tiles.get("mma") and tiles["impl"] in ("masked", "gather"):
+        # h's zero rows past the batch are the 16-row operand the tensor cores take: passed
+        # whole, with no slice of its first rows and no padding of them (two launches)
+        return sig.sparse_input_gemv(h, w_down, interpret=interpret, out_dtype=jnp.float32,
+                                     **tiles)[:batch, :d_out]
     y = sig.sparse_input_gemv(h[:batch], w_down, interpret=interpret, out_dtype=jnp.float32, **tiles)
     return y[:, :d_out]
 

@@ -71,6 +71,9 @@ __all__ = ["sparse_input_gemv", "sparse_input_gemv_reference", "live_rows", "liv
            "rows_layout", "supported", "MAX_BATCH", "IMPLS", "COMPACT"]
 
 MAX_BATCH = 8
+# The tensor-core form pads the batch to 16 rows anyway: it takes up to 16 (a caller whose
+# rows are already padded to 16, as masked_ffn's, passes them whole: no slice, no pad).
+MAX_MMA_BATCH = 16
 IMPLS = ("auto", "masked", "gather", "rows", "xla_compact", "xla_dense", "reference")
 COMPACT = ("kernel", "xla")
 
@@ -114,17 +117,19 @@ _KERNELS = {"gpu": backends.TRITON}
 
 
 def supported(shape, dtype, batch: int, *, backend: str | None = None,
-              interpret: bool = False) -> str | None:
+              interpret: bool = False, mma: bool = False) -> str | None:
     """Why the Pallas paths cannot take a ``(K, N)`` weight at this batch (``None``: they can).
 
-    ``backend`` (kernel: ``"triton"``), ``interpret``: see :mod:`sparsejax.kernels.backends`.
+    ``backend`` (kernel: ``"triton"``), ``interpret``: see :mod:`sparsejax.kernels.backends`;
+    ``mma``: the tensor-core form (up to ``MAX_MMA_BATCH`` rows).
     """
     kernel = backends.resolve(backend, interpret, kernels=_KERNELS, interpreted=backends.TRITON,
                               where="supported")
     if len(tuple(shape)) != 2:
         return f"weight shape {tuple(shape)} is not a (K, N) matrix"
-    if not 1 <= batch <= MAX_BATCH:
-        return f"batch {batch} outside 1..{MAX_BATCH} (decode): dense XLA"
+    limit = MAX_MMA_BATCH if mma else MAX_BATCH
+    if not 1 <= batch <= limit:
+        return f"batch {batch} outside 1..{limit} (decode): dense XLA"
     if kernel != backends.TRITON or (pltriton is None and not interpret):
         return backends.reference_reason("sparse-input GEMV", backend, fallback="dense XLA")
     if interpret:
@@ -567,7 +572,8 @@ def sparse_input_gemv(x: jax.Array, w: jax.Array, *, threshold: float = 0.0, imp
     """``where(|x| > threshold, x, 0) @ W``, reading only the rows of ``W`` some token needs.
 
     Args:
-      x: ``(B, K)`` (leading dims are flattened); the Pallas paths take ``B <= MAX_BATCH``.
+      x: ``(B, K)`` (leading dims are flattened); the Pallas paths take ``B <= MAX_BATCH``
+        (``MAX_MMA_BATCH`` with ``mma``).
       w: ``(K, N)`` row-major: row ``k`` (contiguous) is read only if ``x[:, k]`` is live.
       threshold: inputs with ``|x| <= threshold`` count as zero (static float).
       impl: one of ``IMPLS`` (see the module doc). ``"auto"``: ``"masked"`` on GPU
@@ -612,7 +618,8 @@ def sparse_input_gemv(x: jax.Array, w: jax.Array, *, threshold: float = 0.0, imp
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
     batch = x2.shape[0]
-    why = supported(w.shape, w.dtype, batch, backend=backend, interpret=interpret)
+    why = supported(w.shape, w.dtype, batch, backend=backend, interpret=interpret,
+                    mma=bool(mma) and impl in ("masked", "gather"))
     if impl == "auto":
         impl = "masked" if why is None else "xla_dense"
     if impl == "reference":
