@@ -274,18 +274,19 @@ def ffn_variants(interpret, batch):
         # 45.8 / 50.3 µs): each reduces one product row per token. The tensor cores take the
         # batch as one (16, bk) operand (mma=True), in the up kernel and the down kernel.
         mma = dict(impl="sparse", select_kernel=True, mma=True)
-        for bj, bk in ((32, 256), (64, 128), (32, 128)):
-            v[f"sparse mma bj{bj} bk{bk}, select kernel"] = dict(mma, bj=bj, bk=bk)
+        # First sweep: one-tile down programs 68.1-71.4 / 72.1-74.3 µs (bj32/64, bk128/256).
         # The first profile at batch 8 (per layer): the down kernel's one-tile programs (bk64
         # bn256, 1944 of them adding into y with atomics) 36 µs for 31 MB, the up kernel 12.8.
         # Longer programs down the rows: partial sums or fewer atomics.
-        for steps, bn, partials, stages in ((8, 256, True, 2), (8, 128, True, 2), (8, 256, False, 2),
-                                            (8, 256, True, 3), (4, 256, True, 2)):
-            v[f"sparse mma bj32 bk256, select kernel, down {steps} steps bn{bn} "
-              f"{'partials' if partials else 'atomics'} s{stages}"] = dict(
-                mma, bj=32, bk=256, down_tiles=dict(bk=64, bn=bn, steps=steps, partials=partials,
-                                                    num_stages=stages))
-        v["sparse mma bj32 bk256, select kernel, rows down"] = dict(mma, bj=32, bk=256, down_tiles=ROWS_DOWN)
+        # Second sweep (batch 4 / 8, µs): 8 steps bn256 partials s3 47.5 / 47.2 (the choice
+        # path's since), s2 52.9 / 53.1, bn128 53.6 (b8), atomics 55.3 (b8), 4 steps 60.7 (b8);
+        # the rows kernel down 112.8 (b8).
+        for bk, steps, bn, stages in ((64, 8, 256, 3), (64, 8, 256, 4), (32, 16, 256, 3), (32, 16, 256, 4)):
+            v[f"sparse mma bj32 bk256, select kernel, down bk{bk} {steps} steps bn{bn} partials s{stages}"] = dict(
+                mma, bj=32, bk=256, down_tiles=dict(bk=bk, bn=bn, steps=steps, partials=True, num_stages=stages))
+        v["sparse mma bj64 bk256 w8, select kernel, down bk64 8 steps bn256 partials s3"] = dict(
+            mma, bj=64, bk=256, num_warps=8, down_tiles=dict(bk=64, bn=256, steps=8, partials=True,
+                                                             num_stages=3))
     if batch == 1:
         # Session 9's sweep of the padded-row path's tilings at batch 1 (µs): bj32 33.9, bj64
         # 33.3, bj32 w8 33.0, rows cs16 33.1, cs4 32.7 (within the noise); bj16 36.7, bk128
