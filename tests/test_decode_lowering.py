@@ -91,6 +91,27 @@ def test_every_down_candidate_matches_when_forced(path):
         assert paths["ffn/down"][0].startswith(want[path])
 
 
+@pytest.mark.parametrize("path,site,label", [
+    ("sparse_input_mma", "ffn/down", "sparse-input GEMV (Pallas, masked bk64 bn256, tensor cores"),
+    ("sparse_output_mma", "ffn/up", "sparse-output GEMV (Pallas, tensor cores)")])
+def test_tensor_core_candidates_match_at_several_tokens_and_refuse_one(path, site, label):
+    from sparsejax.kernels import path_choice
+
+    sfn = sparsify(_ffn_output_major, [SparkTopK("*", site="ffn", k_frac=0.25)])
+    x = jax.random.normal(jax.random.key(19), (3, 32))
+    sp, ss = sfn.init(_ffn_params(d_ff=512), x)
+    with path_choice.mode(f"force:{path}"):
+        low = sfn.lower(ss, interpret=True)
+        out = low(sp, ss, x)
+        assert _paths(low)[site][0].startswith(label)
+        one = x[:1]
+        low1 = sfn.lower(ss, interpret=True)
+        out1 = low1(sp, ss, one)
+        assert not _paths(low1)[site][0].startswith(label)     # one row: not a candidate
+    assert rel_error(out, sfn(sp, ss, x)) < 1e-5
+    assert rel_error(out1, sfn(sp, ss, one)) < 1e-5
+
+
 def test_flax_layout_up_stays_dense_with_reason_down_is_sparse():
     x = jax.random.normal(jax.random.key(4), (2, 32))
     sfn = sparsify(_ffn_flax_layout, [SparkTopK("*", site="ffn", k_frac=0.25)])
@@ -143,6 +164,21 @@ def test_sparse_output_gemv_writes_live_outputs_and_zeros():
     assert bool(jnp.all(jnp.where(live, True, y == 0)))
     with pytest.raises(ValueError, match="live"):
         sog.sparse_output_gemv(x, w_t, live[:5])
+
+
+@pytest.mark.parametrize("batch", [2, 5, 8])
+def test_sparse_output_gemv_on_the_tensor_cores_writes_live_outputs_and_zeros(batch):
+    x = jax.random.normal(jax.random.key(20 + batch), (batch, 40))
+    w_t = jax.random.normal(jax.random.key(30 + batch), (37, 40))
+    live = jax.random.bernoulli(jax.random.key(40 + batch), 0.4, (37,))
+    ref = sog.sparse_output_gemv_reference(x, w_t, live)
+    y = sog.sparse_output_gemv(x, w_t, live, impl="masked", mma=True, interpret=True, poison=True,
+                               bj=16, bk=16)
+    assert y.shape == ref.shape
+    assert_matches_reference(y, ref, 1e-5)
+    assert bool(jnp.all(jnp.where(live, True, y == 0)))
+    with pytest.raises(ValueError, match="mma=True needs bj, bk >= 16"):
+        sog.sparse_output_gemv(x, w_t, live, impl="masked", mma=True, interpret=True, bj=8, bk=16)
 
 
 def test_streaming_choice_times_every_candidate_over_copies(monkeypatch):

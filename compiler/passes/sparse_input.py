@@ -193,7 +193,8 @@ class ActivationSparseHandler(WeightHandler):
         def dense(x, w):
             return jnp.dot(x, w, preferred_element_type=jnp.float32).astype(jnp.result_type(x, w))
 
-        cands = [path_choice.Candidate(name, _down_kernel(interpret, tiles), why,
+        cands = [path_choice.Candidate(name, _down_kernel(interpret, tiles),
+                                       why or (_ONE_ROW_MMA if tiles.get("mma") and rows == 1 else None),
                                        f"sparse-input GEMV (Pallas, {label})")
                  for name, (label, tiles) in DOWN_VARIANTS.items()]
         cands.append(path_choice.Candidate("xla_dense", dense, None, "XLA dense"))
@@ -213,12 +214,18 @@ class ActivationSparseHandler(WeightHandler):
         def kernel(x, w, lv):
             return sog.sparse_output_gemv(x, w, lv, impl="masked", interpret=interpret)
 
+        def kernel_mma(x, w, lv):
+            return sog.sparse_output_gemv(x, w, lv, impl="masked", interpret=interpret, **UP_MMA_TILES)
+
         def dense(x, w, lv):
             del lv      # the dense product computes every output; dead ones are multiplied by 0
             return jnp.dot(x, w.T, preferred_element_type=jnp.float32).astype(jnp.result_type(x, w))
 
         cands = [path_choice.Candidate("sparse_output", kernel, why,
                                        "sparse-output GEMV (Pallas)"),
+                 path_choice.Candidate("sparse_output_mma", kernel_mma,
+                                       why or (_ONE_ROW_MMA if rows == 1 else None),
+                                       "sparse-output GEMV (Pallas, tensor cores)"),
                  path_choice.Candidate("xla_dense", dense, None, "XLA dense"),
                  _pad2_candidate(dense, rows)]
         union = 1.0 - (1.0 - role.density) ** rows
@@ -300,7 +307,14 @@ DOWN_VARIANTS = {
                            dict(bk=64, bn=256, steps=4, partials=True)),
     "sparse_input_rows": ("rows bc16 span128, 8 column strips, partial sums",
                           dict(impl="rows", bc=16, span=128, col_splits=8, partials=True)),
+    # Several tokens: the tensor cores, 8 row tiles per program into partial sums (the tiles
+    # of the Spark FFN layer's down projection, the H200 sweep at batch 4 and 8).
+    "sparse_input_mma": ("masked bk64 bn256, tensor cores, 8 steps, partial sums",
+                         dict(mma=True, bk=64, bn=256, steps=8, partials=True, num_stages=3)),
 }
+# The up projection's tensor-core tiles (the Spark FFN layer's up kernel at batch 4 and 8).
+UP_MMA_TILES = dict(mma=True, bj=32, bk=256)
+_ONE_ROW_MMA = "one row: the tensor-core form would pad it to 16"
 
 
 # A kernel must beat XLA by this much in isolation to be taken: in the step it also breaks

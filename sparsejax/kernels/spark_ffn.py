@@ -57,6 +57,7 @@ from jax.experimental import pallas as pl
 
 from sparsejax.kernels import backends, path_choice, streaming_choice
 from sparsejax.kernels import sparse_input_gemv as sig
+from sparsejax.kernels import sparse_output_gemv as sog
 from sparsejax.kernels import statistical_topk as stk
 from sparsejax.kernels._triton import compiler_params, next_pow2, pad_to
 from sparsejax.kernels.sparse_input_gemv import pltriton
@@ -415,14 +416,14 @@ def _loop(n, body, init, unroll):
     return carry
 
 
-def _masked_rows(w_ref, rows, cols, live, atomic, dtype=jnp.float32):
-    """``W[rows, cols]`` in ``dtype`` (None: as stored) with dead rows never read (zeros)."""
+def _masked_rows(w_ref, rows, cols, live, atomic):
+    """``W[rows, cols]`` in float32 with dead rows never read (zeros)."""
     if atomic:       # dead rows are masked out of the load: no memory traffic for them
         w = pltriton.load(w_ref.at[rows, cols], mask=live[:, None], other=0.0,
                           eviction_policy="evict_first")
     else:            # interpret mode: the same values, read plainly
         w = jnp.where(live[:, None], w_ref[rows, cols], 0)
-    return w if dtype is None else w.astype(dtype)
+    return w.astype(jnp.float32)
 
 
 def _up_rows(x_ref, w_ref, rows, live, batch, bk, atomic, unroll, x_offset=0):
@@ -447,16 +448,9 @@ def _up_kernel_mma(x_ref, act_ref, w_ref, *rest, bj, bk, atomic, unroll, activat
     h_ref = rest[-1]
     theta_ref = rest[0] if activation is not None else None
     rows = pl.ds(pl.program_id(0) * bj, bj)
-    b_pad = h_ref.shape[0]
-    act, live = _live_act_block(act_ref, rows, b_pad, theta_ref, activation)
-
-    def step(c, acc):
-        w = _masked_rows(w_ref, rows, pl.ds(c * bk, bk), live, atomic, dtype=None)
-        xs = x_ref[:, pl.ds(x_offset + c * bk, bk)].astype(w.dtype)
-        return acc + jax.lax.dot_general(xs, w, (((1,), (1,)), ((), ())),
-                                         preferred_element_type=jnp.float32)
-
-    up = _loop(w_ref.shape[1] // bk, step, jnp.zeros((b_pad, bj), jnp.float32), unroll)
+    act, live = _live_act_block(act_ref, rows, h_ref.shape[0], theta_ref, activation)
+    up = sog.live_rows_product(x_ref, w_ref, rows, live, bk=bk, atomic=atomic, unroll=unroll,
+                               x_offset=x_offset)
     h_ref[:, rows] = (act * up).astype(h_ref.dtype)
 
 

@@ -65,10 +65,46 @@ def _sparse_output_kernel(x_ref, live_ref, w_ref, *rest, bj, bk, batch, atomic, 
         y_ref[pl.ds(b, 1), rows] = jnp.where(live, acc[b], 0.0)[None, :].astype(y_ref.dtype)
 
 
+def live_rows_product(x_ref, w_ref, rows, live, *, bk: int, atomic: bool, unroll: bool,
+                      x_offset: int = 0) -> jax.Array:
+    """``x @ W_t[rows]^T`` on the tensor cores, loading the live rows of ``W_t`` only.
+
+    ``x_ref`` holds the whole batch padded to ``b_pad >= 16`` rows (zeros past it): each K
+    step is one ``(b_pad, bk) x (bk, bj)`` product, where the CUDA-core form reduces one
+    product row per token. ``x_ref``'s columns from ``x_offset`` on are the input.
+    Returns ``(b_pad, bj)`` float32."""
+    def step(c, acc):
+        cols = pl.ds(c * bk, bk)
+        if atomic:       # dead rows are masked out of the load: no memory traffic for them
+            w = pltriton.load(w_ref.at[rows, cols], mask=live[:, None], other=0.0,
+                              eviction_policy="evict_first")
+        else:            # interpret mode: the same values, read plainly
+            w = jnp.where(live[:, None], w_ref[rows, cols], 0)
+        xs = x_ref[:, pl.ds(x_offset + c * bk, bk)].astype(w.dtype)
+        return acc + jax.lax.dot_general(xs, w, (((1,), (1,)), ((), ())),
+                                         preferred_element_type=jnp.float32)
+
+    acc = jnp.zeros((x_ref.shape[0], live.shape[0]), jnp.float32)
+    n_k = w_ref.shape[1] // bk
+    if unroll:           # the steps' loads are independent: let them all be in flight
+        for c in range(n_k):
+            acc = step(c, acc)
+        return acc
+    return jax.lax.fori_loop(0, n_k, step, acc)
+
+
+def _sparse_output_mma_kernel(x_ref, live_ref, w_ref, *rest, bj, bk, atomic, unroll):
+    y_ref = rest[-1]
+    rows = pl.ds(pl.program_id(0) * bj, bj)
+    live = live_ref[rows] != 0
+    acc = live_rows_product(x_ref, w_ref, rows, live, bk=bk, atomic=atomic, unroll=unroll)
+    y_ref[:, rows] = jnp.where(live[None, :], acc, 0.0).astype(y_ref.dtype)
+
+
 def sparse_output_gemv(x: jax.Array, w_t: jax.Array, live: jax.Array, *, impl: str = "auto",
-                       bj: int = 16, bk: int = 256, num_warps: int = 4, num_stages: int = 2,
-                       unroll: bool | None = None, backend: str | None = None, interpret: bool = False,
-                       poison: bool = False, out_dtype=None) -> jax.Array:
+                       bj: int = 16, bk: int = 256, mma: bool = False, num_warps: int = 4,
+                       num_stages: int = 2, unroll: bool | None = None, backend: str | None = None,
+                       interpret: bool = False, poison: bool = False, out_dtype=None) -> jax.Array:
     """``where(live, x @ W_t^T, 0)``, reading only the rows of ``W_t`` whose output is live.
 
     Args:
@@ -79,6 +115,9 @@ def sparse_output_gemv(x: jax.Array, w_t: jax.Array, live: jax.Array, *, impl: s
         ``"masked"``, ``"xla_dense"`` or ``"reference"``.
       bj, bk: outputs per program and the K step (powers of two; ``bk`` should divide K,
         else ``W_t`` is zero-padded per call).
+      mma: multiply on the tensor cores, the batch padded to 16 rows (:func:`live_rows_product`;
+        ``bj``, ``bk`` at least 16): for several tokens, where the CUDA-core form's
+        per-token reductions cost more than the rows it reads.
       unroll: unroll the K loop (default: when it has at most 16 steps).
       backend, interpret: where the kernel may run (:func:`supported`; see
         :mod:`sparsejax.kernels.backends`); interpret: interpret mode (CPU tests).
@@ -110,7 +149,9 @@ def sparse_output_gemv(x: jax.Array, w_t: jax.Array, live: jax.Array, *, impl: s
     for name, v in dict(bj=bj, bk=bk).items():
         if v <= 0 or v & (v - 1):
             raise ValueError(f"sparse_output_gemv: {name} must be a power of two, got {v}")
-    b_pad = next_pow2(batch)
+    if mma and min(bj, bk) < 16:
+        raise ValueError(f"sparse_output_gemv: mma=True needs bj, bk >= 16, got bj={bj}, bk={bk}")
+    b_pad = max(16, next_pow2(batch)) if mma else next_pow2(batch)
     wp = pad_to(pad_to(w_t, 1, bk), 0, bj)        # decode shapes (multiples of 256) copy nothing
     xp = jnp.pad(x2.astype(w_t.dtype), ((0, b_pad - batch), (0, wp.shape[1] - k)))
     livep = pad_to(live.astype(jnp.int32), 0, bj)
@@ -120,8 +161,12 @@ def sparse_output_gemv(x: jax.Array, w_t: jax.Array, live: jax.Array, *, impl: s
         aliases = backends.poison_output(args, out)
     n_k = wp.shape[1] // bk
     unroll = n_k <= 16 if unroll is None else bool(unroll)
-    kernel = functools.partial(_sparse_output_kernel, bj=bj, bk=bk, batch=batch, atomic=not interpret,
-                               unroll=unroll)
+    if mma:
+        kernel = functools.partial(_sparse_output_mma_kernel, bj=bj, bk=bk, atomic=not interpret,
+                                   unroll=unroll)
+    else:
+        kernel = functools.partial(_sparse_output_kernel, bj=bj, bk=bk, batch=batch,
+                                   atomic=not interpret, unroll=unroll)
     params = {} if interpret else dict(compiler_params=compiler_params(num_warps, num_stages))
     y = pl.pallas_call(kernel, grid=(wp.shape[0] // bj,), out_shape=out, input_output_aliases=aliases,
                        interpret=interpret, **params)(*args)
