@@ -99,8 +99,10 @@ def cases(s, interpret, key):
     out.append(("Spark FFN b8", "dense gated FFN", _over_layers(_dense_gated), (xs8, dense_w), ref8_dense,
                 s.layers))
     tiles8 = dict(bj=16, bk=32, bn=32) if interpret else dict(bj=32, bk=256)
+    mma_down = {} if interpret else sf.CHOICE_PATHS["sparse_mma_select"][1]["down_tiles"]
     for name, kw in (("sparse, select kernel", dict(select_kernel=True)),
-                     ("sparse, select kernel, mma", dict(select_kernel=True, mma=True)),
+                     ("sparse, select kernel, mma (choose_impl's sparse_mma_select)", dict(
+                         select_kernel=True, mma=True, down_tiles=mma_down)),
                      ("sparse, select kernel, mma up, CUDA-core down", dict(
                          select_kernel=True, mma=True, down_tiles=dict(mma=False)))):
         out.append(("Spark FFN b8", name, _over_layers(functools.partial(
