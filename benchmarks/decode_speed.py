@@ -281,12 +281,21 @@ def ffn_variants(interpret, batch):
         # Second sweep (batch 4 / 8, µs): 8 steps bn256 partials s3 47.5 / 47.2 (the choice
         # path's since), s2 52.9 / 53.1, bn128 53.6 (b8), atomics 55.3 (b8), 4 steps 60.7 (b8);
         # the rows kernel down 112.8 (b8).
-        for bk, steps, bn, stages in ((64, 8, 256, 3), (64, 8, 256, 4), (32, 16, 256, 3), (32, 16, 256, 4)):
-            v[f"sparse mma bj32 bk256, select kernel, down bk{bk} {steps} steps bn{bn} partials s{stages}"] = dict(
-                mma, bj=32, bk=256, down_tiles=dict(bk=bk, bn=bn, steps=steps, partials=True, num_stages=stages))
-        v["sparse mma bj64 bk256 w8, select kernel, down bk64 8 steps bn256 partials s3"] = dict(
-            mma, bj=64, bk=256, num_warps=8, down_tiles=dict(bk=64, bn=256, steps=8, partials=True,
-                                                             num_stages=3))
+        v["sparse mma bj32 bk256, select kernel, down bk64 8 steps bn256 partials s3"] = dict(
+            mma, bj=32, bk=256, down_tiles=dict(bk=64, bn=256, steps=8, partials=True, num_stages=3))
+        # Third sweep (batch 2 / 4 / 8, µs): bk64 8 steps s3 47.4 / 47.7 / 48.3, s4 - / - / 52.1,
+        # bk32 16 steps s3 / s4 52.3 / 50.5 (b8), bj64 w8 48.2 (b8). The profile at batch 8 (per
+        # layer): down 14.0 µs (2.2 TB/s; 243 programs, under two waves of 132 SMs), up 12.5
+        # (2.5 TB/s). Next: more, shorter down programs at 3 stages, and wider up tiles.
+        down = dict(bk=64, bn=256, steps=8, partials=True, num_stages=3)
+        for name, up, dn in (("down bn128 8 steps s3", {}, dict(down, bn=128)),
+                             ("down bk128 4 steps s3", {}, dict(down, bk=128, steps=4)),
+                             ("down w8", {}, dict(down, num_warps=8)),
+                             ("up bj16", dict(bj=16), down),
+                             ("up bj64 w8 s3", dict(bj=64, num_warps=8, num_stages=3), down),
+                             ("up bk128", dict(bk=128), down)):
+            v[f"sparse mma, select kernel, {name}"] = dict(mma, **{"bj": 32, "bk": 256, **up},
+                                                           down_tiles=dn)
     if batch == 1:
         # Session 9's sweep of the padded-row path's tilings at batch 1 (µs): bj32 33.9, bj64
         # 33.3, bj32 w8 33.0, rows cs16 33.1, cs4 32.7 (within the noise); bj16 36.7, bk128
