@@ -534,8 +534,7 @@ def masked_ffn(x_up: jax.Array, act: jax.Array, w_up_t: jax.Array, w_down: jax.A
     x_up = jnp.pad(x_up, ((0, b_pad - batch), (0, max(0, x_offset + w_up_t.shape[1] - x_up.shape[1]))))
     if mma:      # the kernel reads the whole (b_pad, bj) block: rows past the batch must be zeros
         act = act[:batch]
-    act = jnp.pad(act.astype(jnp.float32), ((0, b_pad - act.shape[0] if mma else b_pad - batch),
-                                            (0, w_up_t.shape[0] - d_ff)))
+    act = jnp.pad(act.astype(jnp.float32), ((0, b_pad - batch), (0, w_up_t.shape[0] - d_ff)))
     atomic = not interpret
     programs = w_up_t.shape[0] // bj
     if (theta is None) != (activation is None):
