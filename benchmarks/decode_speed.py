@@ -239,7 +239,10 @@ def ffn_variants(interpret, batch):
                     impl="sparse", bj=16, bk=32, bn=32, gate_pad2=True, select_kernel=True,
                     down_tiles=dict(impl="rows", bc=8, span=32, col_splits=2)),
                 **({"sparse mma, select kernel": dict(impl="sparse", bj=16, bk=32, bn=32, mma=True,
-                                                      select_kernel=True)} if batch > 1 else {}),
+                                                      select_kernel=True),
+                    "sparse mma, select kernel, tokens padded once": dict(
+                        impl="sparse", bj=16, bk=32, bn=32, mma=True, select_kernel=True, pad_batch=True)}
+                   if batch > 1 else {}),
                 "auto (choose_impl)": dict(impl="auto")}
     # The first H200 sweep at batch 1: sparse bj16/bj32 48 us, fused atomics 50.7 us,
     # fused bj64 bk128 w8 partials 53.3 us; the predictor GEMV alone 23 us (XLA). The
@@ -293,7 +296,8 @@ def ffn_variants(interpret, batch):
                              ("down w8", {}, dict(down, num_warps=8)),
                              ("up bj16", dict(bj=16), down),
                              ("up bj64 w8 s3", dict(bj=64, num_warps=8, num_stages=3), down),
-                             ("up bk128", dict(bk=128), down)):
+                             ("up bk128", dict(bk=128), down),
+                             ("tokens padded once", dict(pad_batch=True), down)):
             v[f"sparse mma, select kernel, {name}"] = dict(mma, **{"bj": 32, "bk": 256, **up},
                                                            down_tiles=dn)
     if batch == 1:

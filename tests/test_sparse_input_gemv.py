@@ -157,6 +157,8 @@ def test_bad_arguments_raise_one_line_errors():
                                                ("sparse", 2, dict(mma=True)),
                                                ("sparse", 5, dict(mma=True, act_in_kernel=True)),
                                                ("sparse", 8, dict(mma=True, select_kernel=True)),
+                                               ("sparse", 6, dict(mma=True, select_kernel=True,
+                                                                  pad_batch=True)),
                                                ("sparse", 3, dict(mma=True, down_tiles=dict(
                                                    mma=False, bk=16, bn=32)))])
 def test_masked_spark_ffn_equals_reference(impl, batch, extra):
@@ -172,6 +174,26 @@ def test_masked_spark_ffn_equals_reference(impl, batch, extra):
     assert y.shape == x.shape
     assert_written(y)
     assert rel_error(y, ref) < 1e-5
+
+
+def test_padding_the_tokens_once_leaves_one_pad_of_activations():
+    k1, k2 = jax.random.split(jax.random.key(7))
+    d, d_ff, r = 40, 99, 16
+    w = sf.decode_weights_from_spark(jax.random.normal(k1, (d, d_ff)) / d ** 0.5,
+                                     jax.random.normal(k2, (d_ff, d)) / d_ff ** 0.5, r)
+    x = jax.random.normal(jax.random.key(8), (5, d))
+
+    def pads(pad_batch):
+        fn = lambda x: sf.topk_ffn_decode(x, w, k_frac=0.08, impl="sparse", interpret=True, bj=16, bk=32,
+                                          bn=32, mma=True, select_kernel=True, pad_batch=pad_batch)
+        eqns = jax.make_jaxpr(fn)(x).jaxpr.eqns
+        # pads that add rows to the tokens or the selection (5 -> 16; the weights' pads to the
+        # tiles and the column pads are the same in both, and none at the decode shapes)
+        return sum((e.primitive.name == "pad" or "pad" in str(e.params.get("name", "")))
+                   and e.invars[0].aval.shape[0] == 5
+                   and e.outvars[0].aval.shape[0] == 16 for e in eqns)
+
+    assert (pads(False), pads(True)) == (2, 1)
 
 
 def test_masked_spark_ffn_mma_refuses_what_it_cannot_run():

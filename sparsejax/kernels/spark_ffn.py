@@ -519,8 +519,9 @@ def masked_ffn(x_up: jax.Array, act: jax.Array, w_up_t: jax.Array, w_down: jax.A
     padded to 16 rows (``bj``, ``bk`` at least 16); the down projection too unless
     ``down_tiles`` says ``mma=False``. Returns ``(B, d_model)`` float32."""
     batch = x_up.shape[0]
-    if batch > MAX_BATCH:
-        raise ValueError(f"masked_ffn: batch {batch} > {MAX_BATCH}; use impl='xla'")
+    limit = sig.MAX_MMA_BATCH if mma else MAX_BATCH      # mma: rows already padded to 16 pass whole
+    if batch > limit:
+        raise ValueError(f"masked_ffn: batch {batch} > {limit}; use impl='xla'")
     for name, v in dict(bj=bj, bk=bk, bn=bn).items():
         if v <= 0 or v & (v - 1):
             raise ValueError(f"masked_ffn: {name} must be a power of two, got {v}")
@@ -625,7 +626,9 @@ def topk_ffn_decode(x: jax.Array, weights: DecodeWeights, *, k: Any = None, k_fr
         product is a reduction that streams a short, wide gate slowly), and
         ``select_kernel=True`` (the soft top-k and activation in one launch of
         :func:`sparsejax.kernels.statistical_topk.statistical_topk_pallas`, its
-        ``programs_per_row`` given by ``select_programs``; XLA's where it does not apply).
+        ``programs_per_row`` given by ``select_programs``; XLA's where it does not apply);
+        with ``mma=True``, ``pad_batch=True`` pads the tokens to 16 rows once, before the
+        predictor, instead of the kernels' inputs separately.
 
     Returns:
       ``(B, d_model)`` in ``x``'s dtype.
@@ -643,6 +646,13 @@ def topk_ffn_decode(x: jax.Array, weights: DecodeWeights, *, k: Any = None, k_fr
         raise ValueError(f"topk_ffn_decode: impl={impl!r} cannot run here "
                          f"({supported(1, backend=backend, interpret=interpret)}); use impl='xla', "
                          "'dense' or 'auto', or interpret=True on CPU")
+    rows = x.shape[0]
+    if (tiling.pop("pad_batch", False) and impl in _MASKED_IMPLS and tiling.get("mma")
+            and 1 < rows < sig.MAX_MMA_BATCH):
+        # One pad of the tokens to the tensor cores' 16 rows, shared by the predictor, the
+        # selection and the up kernel (masked_ffn then pads neither x nor act: one launch
+        # where there were two). The zero rows fire no neuron and give zero outputs.
+        x = jnp.pad(x, ((0, sig.MAX_MMA_BATCH - rows), (0, 0)))
     gate_tiles = tiling.pop("gate_tiles", None)
     gate_pad2 = tiling.pop("gate_pad2", False)
     if gate_tiles is not None and impl in _MASKED_IMPLS:
@@ -664,7 +674,7 @@ def topk_ffn_decode(x: jax.Array, weights: DecodeWeights, *, k: Any = None, k_fr
         theta = statistical_threshold(pre, k=k, k_frac=k_frac, axis=-1)
         y = masked_ffn(x, pre, weights.w_up_t, weights.w_down, fused=impl == "fused", theta=theta,
                        activation=activation, x_offset=x_offset, interpret=interpret, **tiling)
-        return y[:, :d_model].astype(x.dtype)
+        return y[:rows, :d_model].astype(x.dtype)
     select_kernel = tiling.pop("select_kernel", False)
     select_programs = tiling.pop("select_programs", None)
     if impl in _MASKED_IMPLS and select_kernel and stk.supported(
@@ -678,7 +688,7 @@ def topk_ffn_decode(x: jax.Array, weights: DecodeWeights, *, k: Any = None, k_fr
                                           programs_per_row=select_programs, interpret=interpret)
         y = masked_ffn(x, act, weights.w_up_t, weights.w_down, fused=impl == "fused",
                        x_offset=x_offset, interpret=interpret, **tiling)
-        return y[:, :d_model].astype(x.dtype)
+        return y[:rows, :d_model].astype(x.dtype)
     if impl in _MASKED_IMPLS or impl == "dense":
         theta = statistical_threshold(pre, k=k, k_frac=k_frac, axis=-1)
         act = jnp.where(pre > theta, activation(pre - theta), 0.0)
@@ -687,13 +697,13 @@ def topk_ffn_decode(x: jax.Array, weights: DecodeWeights, *, k: Any = None, k_fr
         else:
             y = masked_ffn(x, act, weights.w_up_t, weights.w_down, fused=impl == "fused",
                            x_offset=x_offset, interpret=interpret, **tiling)
-        return y[:, :d_model].astype(x.dtype)
+        return y[:rows, :d_model].astype(x.dtype)
     if capacity is None:
         raise ValueError(f"topk_ffn_decode: impl={impl!r} needs capacity (the index-list length)")
     act, idx, count = select_neurons(pre, k=k, k_frac=k_frac, capacity=capacity, activation=activation)
     y = gathered_ffn(x_up, act, weights.w_up_t, weights.w_down, idx, count, impl=impl,
                      interpret=interpret, **tiling)
-    return y[:, :d_model].astype(x.dtype)
+    return y[:rows, :d_model].astype(x.dtype)
 
 
 # choose_impl's candidates beyond the plain impl names: (impl, tiling). "sparse_split_gate":
@@ -721,6 +731,7 @@ CHOICE_PATHS = {"sparse_split_gate": ("sparse", dict(down_tiles=_SPLIT, gate_til
                 "sparse_rows_down_act": ("sparse", dict(down_tiles=_ROWS, gate_tiles=_SPLIT,
                                                         act_in_kernel=True)),
                 "sparse_mma_select": ("sparse", dict(mma=True, select_kernel=True, down_tiles=_MMA_DOWN))}
+# Not yet a candidate (unmeasured): "sparse_mma_select" with pad_batch=True.
 
 
 def choose_impl(batch: int, weights: DecodeWeights, *, k: Any = None, k_frac: Any = None,
