@@ -144,6 +144,18 @@ def cases(s, interpret, key):
                 jax.jit(lambda p, *a: dlow(p, dstate, *a)), (params, *args), dense_ref, 1))
     out.append(("e2e decode b1", "Spark lowered step", jax.jit(lambda p, *a: low(p, sstate, *a)),
                 (params, *args), ref, 1))
+
+    # Batch 2, where the Spark step ran below dense in session 10 with no kernel kept: the
+    # Spark rules' own top-k launches against what the sparse GEMVs save.
+    shape2 = shape[:1] + (2,) + shape[2:]
+    args2 = (jax.random.randint(next(keys), (2,), 0, s.vocab), _normal(next(keys), shape2),
+             _normal(next(keys), shape2))
+    out.append(("e2e decode b2", "dense step", jax.jit(step), (params, *args2),
+                jax.jit(step)(params, *args2)[0], 1))
+    out.append(("e2e decode b2", "Spark step, not lowered (XLA)", jax.jit(lambda p, *a: sfn(p, sstate, *a)),
+                (params, *args2), jax.jit(lambda p, *a: sfn(p, sstate, *a))(params, *args2)[0], 1))
+    out.append(("e2e decode b2", "Spark lowered step", jax.jit(lambda p, *a: low(p, sstate, *a)),
+                (params, *args2), jax.jit(lambda p, *a: sfn(p, sstate, *a))(params, *args2)[0], 1))
     return out
 
 
