@@ -46,6 +46,7 @@ import jax.numpy as jnp
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from sparsejax import monarch  # noqa: E402
+from sparsejax.kernels import monarch_block_sparse as mbs  # noqa: E402
 from sparsejax.kernels import monarch_matmul as mk  # noqa: E402
 from timing import median_seconds  # noqa: E402
 
@@ -126,6 +127,13 @@ def paths(n, nb, q, p, s, interpret, tokens):
         return mk._fused_blocks(u, f["w1"], f["w2"], cfg)
 
     out["kernel_noP2"] = (block_major, ("fwd",), why)
+    # The two factors as block-sparse products on the block-sparse kernel (no transpose of the
+    # intermediate; P2 as XLA's transpose of the output), forward and backward.
+    # (The smoke's tiny shapes take small blocks, which only the interpreted kernel runs.)
+    blocks = mbs.blocks_for(nb, q, p, s, sides=(8, 4, 2, 1)) if interpret else None
+    out["block_sparse"] = (
+        lambda x, f: mbs.monarch_matmul_block_sparse(x, f, n, blocks=blocks, interpret=interpret),
+        ("fwd", "fb"), mbs.supported((1, nb * p), shapes, blocks=blocks, interpret=interpret))
     return out
 
 
@@ -159,7 +167,7 @@ class Budget:
         return self.end - time.perf_counter()
 
 
-PRIMARY = ("einsum", "kernel")    # timed for every shape first; the rest while the budget lasts
+PRIMARY = ("einsum", "block_sparse", "kernel")   # timed for every shape first; the rest while the budget lasts
 # Then these (dx through the kernel first: it lowers at every shape now), then the tiles.
 SECOND = ["kernel_fdx", "einsum_p1alt", "kernel_noP2", "kernel_grp", "einsum_ref", "einsum_f32out"]
 

@@ -268,6 +268,29 @@ def test_no_second_trace_of_a_scan_where_every_choice_is_the_default():
     assert calls == []
 
 
+def test_a_monarch_site_can_take_the_block_sparse_products(fake_timing, monkeypatch):
+    # Measured fastest (faked here), a site multiplies by its factors as two block-sparse
+    # products; on the CPU the candidate is refused (no kernel) and never measured.
+    from sparsejax.compiler.passes import factorized
+    from sparsejax.kernels import monarch_block_sparse
+
+    times = {"einsum": 30.0, "xla_dense": 20.0, "block_sparse": 10.0}
+    fake_timing(lambda c, s, **kw: {x.name: times[x.name] for x in c if x.name in times})
+    sfn, sparams, sstate, x = _monarch_model()
+    want = sfn(sparams, sstate, x)
+    assert "block-sparse" not in {r.path: r.kernel for r in sfn.report().rows}["params/layers/up/kernel"]
+    monkeypatch.setattr(monarch_block_sparse, "SIDES", (4, 2, 1))      # the test model's small factors
+    monkeypatch.setattr(factorized.monarch_block_sparse, "supported", lambda *a, **k: None)
+    from sparsejax.kernels import path_choice as pc
+    pc.clear_cache()
+    sfn, sparams, sstate, x = _monarch_model()
+    y = sfn(sparams, sstate, x)
+    chex.assert_trees_all_close(y, want, rtol=2e-5, atol=2e-5)
+    kernels = {r.path: r.kernel for r in sfn.report().rows}
+    assert kernels["params/layers/up/kernel"].startswith(
+        "Monarch as two block-sparse products (block-sparse kernel) (10 µs")
+
+
 def test_fused_kernel_support_is_asked_of_the_kernel_module(monkeypatch):
     # On a GPU the pass asks the kernel module whether the fused kernel applies; on CPU it
     # never reaches that call, so pretend to be on a GPU and check the answer is a reason or None.

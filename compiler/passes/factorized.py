@@ -5,8 +5,9 @@ program as a ParamRef with no dense value. At a matmul whose layout matches the
 one the factors were built for, the site computes ``x @ W`` by its fastest
 correct path (:mod:`sparsejax.kernels.path_choice`, measured once per signature
 on an accelerator): the einsums of the reference (the default, and the only
-choice on CPU), the fused Monarch kernel, or the dense matrix rebuilt from the
-factors and one XLA dot. A stacked leaf sliced by a scan or indexed per layer
+choice on CPU), the fused Monarch kernel, the two factors as block-sparse products on
+the block-sparse kernel (:mod:`sparsejax.kernels.monarch_block_sparse`: no transpose of
+the intermediate), or the dense matrix rebuilt from the factors and one XLA dot. A stacked leaf sliced by a scan or indexed per layer
 (``w[i]`` in a fori_loop) multiplies by that layer's factors. Any other use (a
 tied weight read as an embedding, a weight scaled or transposed first)
 materializes the dense matrix: right, just not fast; the report's compute column
@@ -34,7 +35,7 @@ from sparsejax.compiler.interpreter import bind_eqn
 from sparsejax.compiler.param_ref import ParamRef, materialize
 from sparsejax.compiler.passes.base import (PathChoosing, WeightHandler, direct_site_reason,
                                              matmul_at_site)
-from sparsejax.kernels import monarch_matmul, path_choice
+from sparsejax.kernels import monarch_block_sparse, monarch_matmul, path_choice
 from sparsejax.layout import WeightLayout
 from sparsejax.rules import BlockDiagonal, Monarch
 
@@ -207,6 +208,11 @@ class FactorizedHandler(PathChoosing, WeightHandler):
                                   describe=self._einsum_label)]
         if kind.flops_kind == "monarch":
             candidates.append(_other_permutation(x_shape, factors, n, unflat))
+            candidates.append(path_choice.Candidate(
+                "block_sparse", lambda x, *f: monarch_block_sparse.monarch_matmul_block_sparse(
+                    x, unflat(f), n),
+                monarch_block_sparse.supported(x_shape, factors),
+                "Monarch as two block-sparse products (block-sparse kernel)"))
         if kind.kernel is not None:
             fused, why_not = kind.kernel
             candidates.append(path_choice.Candidate(
