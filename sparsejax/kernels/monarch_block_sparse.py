@@ -35,7 +35,7 @@ from sparsejax.kernels.block_sparse.tables import BlockSparseWeight, tables_of
 from sparsejax.kernels.monarch_matmul import (_blocks_in, _dims, _interleave_out,
                                               _w1_rows_block_major)
 
-__all__ = ["monarch_matmul_block_sparse", "pack_factors", "blocks_for", "supported"]
+__all__ = ["monarch_matmul_block_sparse", "pack_factors", "blocks_for", "blocks_problem", "supported"]
 
 # Block sides tried, largest first: the Mosaic GPU block-sparse kernel's (a module knob, so
 # tests can run a small model through this path in interpret mode).

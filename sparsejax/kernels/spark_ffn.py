@@ -418,12 +418,7 @@ def _loop(n, body, init, unroll):
 
 def _masked_rows(w_ref, rows, cols, live, atomic):
     """``W[rows, cols]`` in float32 with dead rows never read (zeros)."""
-    if atomic:       # dead rows are masked out of the load: no memory traffic for them
-        w = pltriton.load(w_ref.at[rows, cols], mask=live[:, None], other=0.0,
-                          eviction_policy="evict_first")
-    else:            # interpret mode: the same values, read plainly
-        w = jnp.where(live[:, None], w_ref[rows, cols], 0)
-    return w.astype(jnp.float32)
+    return sog.load_live_rows(w_ref, rows, cols, live, atomic).astype(jnp.float32)
 
 
 def _up_rows(x_ref, w_ref, rows, live, batch, bk, atomic, unroll, x_offset=0):

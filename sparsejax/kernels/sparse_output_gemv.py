@@ -38,6 +38,15 @@ def sparse_output_gemv_reference(x: jax.Array, w_t: jax.Array, live: jax.Array, 
     return jnp.where(live, y, 0.0).astype(out_dtype)
 
 
+def load_live_rows(w_ref, rows, cols, live, atomic: bool) -> jax.Array:
+    """``W[rows, cols]`` as stored, dead rows zeros and never read: ``atomic`` (compiled) masks
+    them out of the load, so they cost no memory traffic; interpret mode reads plainly."""
+    if atomic:
+        return pltriton.load(w_ref.at[rows, cols], mask=live[:, None], other=0.0,
+                             eviction_policy="evict_first")
+    return jnp.where(live[:, None], w_ref[rows, cols], 0)
+
+
 def _sparse_output_kernel(x_ref, live_ref, w_ref, *rest, bj, bk, batch, atomic, unroll):
     y_ref = rest[-1]                     # rest[0] is the poisoned output alias in tests
     rows = pl.ds(pl.program_id(0) * bj, bj)
@@ -46,12 +55,7 @@ def _sparse_output_kernel(x_ref, live_ref, w_ref, *rest, bj, bk, batch, atomic, 
 
     def step(c, acc):
         cols = pl.ds(c * bk, bk)
-        if atomic:       # dead rows are masked out of the load: no memory traffic for them
-            w = pltriton.load(w_ref.at[rows, cols], mask=live[:, None], other=0.0,
-                              eviction_policy="evict_first")
-        else:            # interpret mode: the same values, read plainly
-            w = jnp.where(live[:, None], w_ref[rows, cols], 0)
-        w = w.astype(jnp.float32)
+        w = load_live_rows(w_ref, rows, cols, live, atomic).astype(jnp.float32)
         return tuple(a + jnp.sum(w * x_ref[b, cols].astype(jnp.float32)[None, :], axis=1)
                      for b, a in enumerate(acc))
 
@@ -75,11 +79,7 @@ def live_rows_product(x_ref, w_ref, rows, live, *, bk: int, atomic: bool, unroll
     Returns ``(b_pad, bj)`` float32."""
     def step(c, acc):
         cols = pl.ds(c * bk, bk)
-        if atomic:       # dead rows are masked out of the load: no memory traffic for them
-            w = pltriton.load(w_ref.at[rows, cols], mask=live[:, None], other=0.0,
-                              eviction_policy="evict_first")
-        else:            # interpret mode: the same values, read plainly
-            w = jnp.where(live[:, None], w_ref[rows, cols], 0)
+        w = load_live_rows(w_ref, rows, cols, live, atomic)
         xs = x_ref[:, pl.ds(x_offset + c * bk, bk)].astype(w.dtype)
         return acc + jax.lax.dot_general(xs, w, (((1,), (1,)), ((), ())),
                                          preferred_element_type=jnp.float32)
