@@ -264,3 +264,19 @@ def test_auto_layer_runs_the_chosen_path_and_matches_the_reference():
     ref = sf.topk_ffn_decode_reference(x, w, k_frac=0.25)
     y = jax.jit(lambda x, w: sf.topk_ffn_decode(x, w, k_frac=0.25, impl="auto"))(x, w)
     assert rel_error(y, ref) < 1e-5
+
+
+@pytest.mark.parametrize("name", sorted(sf.CHOICE_PATHS))
+def test_every_choice_path_equals_the_reference(name):
+    # What choose_impl may pick, with its own tilings (the tensor-core paths at several tokens).
+    impl, tiling = sf.CHOICE_PATHS[name]
+    batch = 3 if tiling.get("mma") else 1
+    k1, k2 = jax.random.split(jax.random.key(11))
+    d, d_ff, r = 40, 99, 16
+    w = sf.decode_weights_from_spark(jax.random.normal(k1, (d, d_ff)) / d ** 0.5,
+                                     jax.random.normal(k2, (d_ff, d)) / d_ff ** 0.5, r)
+    x = jax.random.normal(jax.random.key(12), (batch, d))
+    y = sf.topk_ffn_decode(x, w, k_frac=0.08, impl=impl, interpret=True, bj=16, bk=32, bn=32,
+                           **tiling)
+    assert y.shape == x.shape
+    assert rel_error(y, sf.topk_ffn_decode_reference(x, w, k_frac=0.08)) < 1e-5

@@ -725,8 +725,10 @@ CHOICE_PATHS = {"sparse_split_gate": ("sparse", dict(down_tiles=_SPLIT, gate_til
                                                                      select_kernel=True)),
                 "sparse_rows_down_act": ("sparse", dict(down_tiles=_ROWS, gate_tiles=_SPLIT,
                                                         act_in_kernel=True)),
-                "sparse_mma_select": ("sparse", dict(mma=True, select_kernel=True, down_tiles=_MMA_DOWN))}
-# Not yet a candidate (unmeasured): "sparse_mma_select" with pad_batch=True.
+                "sparse_mma_select": ("sparse", dict(mma=True, select_kernel=True, down_tiles=_MMA_DOWN)),
+                # the tokens padded to 16 rows once, before the predictor (one pad launch fewer)
+                "sparse_mma_select_padded": ("sparse", dict(mma=True, select_kernel=True, pad_batch=True,
+                                                            down_tiles=_MMA_DOWN))}
 
 
 def choose_impl(batch: int, weights: DecodeWeights, *, k: Any = None, k_frac: Any = None,
@@ -735,7 +737,8 @@ def choose_impl(batch: int, weights: DecodeWeights, *, k: Any = None, k_frac: An
                                                "sparse_rows_down", "sparse_rows_down_act",
                                                "sparse_rows_down_pad2_gate",
                                                "sparse_rows_down_pad2_gate_select",
-                                               "sparse_mma_select", "dense"),
+                                               "sparse_mma_select", "sparse_mma_select_padded",
+                                               "dense"),
                 backend: str | None = None, interpret: bool = False) -> path_choice.Choice:
     """The fastest correct decode path at this batch size, by measurement on the device.
 
