@@ -281,6 +281,7 @@ def test_a_monarch_site_can_take_the_block_sparse_products(fake_timing, monkeypa
     assert "block-sparse" not in {r.path: r.kernel for r in sfn.report().rows}["params/layers/up/kernel"]
     monkeypatch.setattr(monarch_block_sparse, "SIDES", (4, 2, 1))      # the test model's small factors
     monkeypatch.setattr(factorized.monarch_block_sparse, "supported", lambda *a, **k: None)
+    monkeypatch.setattr(factorized, "BLOCK_SPARSE_MIN_TOKENS", 1)     # the test model's 10 tokens
     from sparsejax.kernels import path_choice as pc
     pc.clear_cache()
     sfn, sparams, sstate, x = _monarch_model()
@@ -289,6 +290,16 @@ def test_a_monarch_site_can_take_the_block_sparse_products(fake_timing, monkeypa
     kernels = {r.path: r.kernel for r in sfn.report().rows}
     assert kernels["params/layers/up/kernel"].startswith(
         "Monarch as two block-sparse products (block-sparse kernel) (10 µs")
+
+
+def test_block_sparse_monarch_is_no_candidate_at_decode():
+    from sparsejax.compiler.passes import factorized
+    factors = {"w1": jax.ShapeDtypeStruct((4, 256, 256), jnp.bfloat16),
+               "w2": jax.ShapeDtypeStruct((4, 1024, 256), jnp.bfloat16)}
+    for tokens in (1, 8, factorized.BLOCK_SPARSE_MIN_TOKENS - 1):
+        assert "decode" in factorized.block_sparse_monarch_unsupported((tokens, 1024), factors)
+    # at prefill and training sizes the kernel module answers (on the CPU: no kernel here)
+    assert "decode" not in factorized.block_sparse_monarch_unsupported((8192, 1024), factors)
 
 
 def test_fused_kernel_support_is_asked_of_the_kernel_module(monkeypatch):

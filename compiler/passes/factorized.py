@@ -71,6 +71,21 @@ def fused_monarch_unsupported(x_shape, factors) -> str | None:
     return monarch_matmul.supported(x_shape, factors)
 
 
+# Below this many tokens (decode) the block-sparse Monarch path is not a candidate either: the
+# block-sparse kernel pads the tokens to its 128-row tiles, and where the tokens are few the
+# einsums, or the stored dense product, read each weight once (unmeasured at decode: kept out
+# so a decode step does not compile the kernels for a path with nothing to win there).
+BLOCK_SPARSE_MIN_TOKENS = 64
+
+
+def block_sparse_monarch_unsupported(x_shape, factors) -> str | None:
+    """Why the two-block-sparse-products path cannot run these shapes here (None if it can)."""
+    if x_shape[0] < BLOCK_SPARSE_MIN_TOKENS:
+        return (f"{x_shape[0]} tokens (decode): the block-sparse kernel pads them to its "
+                f"128-row tiles")
+    return monarch_block_sparse.supported(x_shape, factors)
+
+
 def monarch_einsums(x2, factors, out_features):
     """The einsum path: bf16 backward einsums on GPU, the float32-exact reference elsewhere."""
     return monarch_matmul.monarch_matmul(x2, factors, out_features, impl=None)
@@ -211,7 +226,7 @@ class FactorizedHandler(PathChoosing, WeightHandler):
             candidates.append(path_choice.Candidate(
                 "block_sparse", lambda x, *f: monarch_block_sparse.monarch_matmul_block_sparse(
                     x, unflat(f), n),
-                monarch_block_sparse.supported(x_shape, factors),
+                block_sparse_monarch_unsupported(x_shape, factors),
                 "Monarch as two block-sparse products (block-sparse kernel)"))
         if kind.kernel is not None:
             fused, why_not = kind.kernel
