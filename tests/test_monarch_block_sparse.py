@@ -95,3 +95,51 @@ def test_kernel_tiles_and_refusals_name_the_reason():
     with pytest.raises(ValueError, match="block side 8 does not divide q / nblocks = 4"):
         mbs.monarch_matmul_block_sparse(jnp.ones((2, 64)), _factors(0, 64, 128, 4), 128,
                                         blocks=((8, 8), (8, 8)))
+
+
+@pytest.mark.parametrize("d,hidden,nb", [(64, 128, 4), (48, 96, 2)])
+def test_two_monarch_products_in_a_row_skip_the_output_interleave_between_them(d, hidden, nb):
+    # The producer leaves its output block-major (no P2), an elementwise op runs on it as it
+    # is, and the consumer's L rows are permuted instead: the same function, forward and
+    # gradients, as the reference chain.
+    f1 = _factors(1, d, hidden, nb)
+    f2 = _factors(2, hidden, d, nb)
+    x = jax.random.normal(jax.random.key(3), (6, d))
+    small = dict(sides=(8, 4, 2, 1))
+    b1 = mbs.blocks_for(nb, *f1["w1"].shape[1:], f1["w2"].shape[1], **small)
+    b2 = mbs.blocks_for(nb, *f2["w1"].shape[1:], f2["w2"].shape[1], interleaved=nb, **small)
+
+    def chain(x, f1, f2):
+        z = mbs.monarch_matmul_block_sparse(x, f1, hidden, blocks=b1, block_major_output=True,
+                                            interpret=True, poison=True)
+        return mbs.monarch_matmul_block_sparse(jax.nn.gelu(z), f2, d, blocks=b2, interleaved_input=nb,
+                                               interpret=True, poison=True)
+
+    def reference(x, f1, f2):
+        return mm.monarch_matmul_reference(jax.nn.gelu(mm.monarch_matmul_reference(x, f1, hidden)), f2, d)
+
+    y = chain(x, f1, f2)
+    assert_written(y)
+    assert rel_error(y, reference(x, f1, f2)) < 1e-5
+    grads = lambda fn: jax.grad(lambda *a: jnp.sum(jnp.sin(fn(*a))), argnums=(0, 1, 2))(x, f1, f2)
+    for a, b in zip(jax.tree.leaves(grads(chain)), jax.tree.leaves(grads(reference))):
+        assert rel_error(a, b) < 1e-5
+    # without the interleave the producer's output is a permutation of the reference's
+    z = mbs.monarch_matmul_block_sparse(x, f1, hidden, blocks=b1, block_major_output=True, interpret=True)
+    s = f1["w2"].shape[1]
+    natural = z.reshape(6, nb, s).transpose(0, 2, 1).reshape(6, hidden)
+    assert rel_error(natural, mm.monarch_matmul_reference(x, f1, hidden)) < 1e-5
+
+
+def test_interleaved_and_block_major_refuse_what_they_cannot_order():
+    f = _factors(4, 64, 128, 4)
+    with pytest.raises(ValueError, match="block-major output needs out_features = nblocks \\* s = 128"):
+        mbs.monarch_matmul_block_sparse(jnp.ones((2, 64)), f, 120, blocks=((4, 8), (4, 8)),
+                                        block_major_output=True)
+    with pytest.raises(ValueError, match="interleaved input needs all nblocks \\* p = 64 features"):
+        mbs.monarch_matmul_block_sparse(jnp.ones((2, 62)), f, 128, blocks=((4, 8), (4, 8)),
+                                        interleaved_input=4)
+    # p = 16 interleaved by 4 blocks: runs of 4 rows, so an 8-row tile spans two input blocks
+    with pytest.raises(ValueError, match="block side 8 does not divide p / interleaved = 4"):
+        mbs.monarch_matmul_block_sparse(jnp.ones((2, 64)), f, 128, blocks=((8, 8), (4, 8)),
+                                        interleaved_input=4)

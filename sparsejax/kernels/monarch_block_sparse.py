@@ -46,25 +46,29 @@ def _side(v: int, sides) -> int | None:
     return next((b for b in sides if v % b == 0), None)
 
 
-def blocks_problem(nb: int, q: int, p: int, s: int, blocks) -> str | None:
-    """Why ``blocks`` (``(L's block, R's block)``) do not tile these factors (``None``: they do)."""
+def blocks_problem(nb: int, q: int, p: int, s: int, blocks, interleaved: int = 0) -> str | None:
+    """Why ``blocks`` (``(L's block, R's block)``) do not tile these factors (``None``: they do);
+    ``interleaved``: see :func:`pack_factors` (``L``'s row tiles then divide ``p / interleaved``)."""
     (lk, ln), (rk, rn) = blocks
     if q % nb:
         return f"q = {q} is not a multiple of nblocks = {nb}"
-    for name, size, side in (("p", p, lk), ("q", q, ln), ("q / nblocks", q // nb, rk), ("s", s, rn)):
+    if interleaved and p % interleaved:
+        return f"p = {p} is not a multiple of the input's {interleaved} interleaved blocks"
+    rows_l = ("p / interleaved", p // interleaved) if interleaved else ("p", p)
+    for name, size, side in ((*rows_l, lk), ("q", q, ln), ("q / nblocks", q // nb, rk), ("s", s, rn)):
         if size % side:
             return f"block side {side} does not divide {name} = {size}"
     return None
 
 
-def blocks_for(nb: int, q: int, p: int, s: int, sides=None):
+def blocks_for(nb: int, q: int, p: int, s: int, sides=None, interleaved: int = 0):
     """``(L's block, R's block)`` for these factor sizes, or ``None`` where a side divides
-    none of the sizes it must (the runs of ``R`` are ``q / nb`` long). ``sides``: default
-    :data:`SIDES`."""
+    none of the sizes it must (the runs of ``R`` are ``q / nb`` long; with ``interleaved``,
+    ``L``'s rows come in runs of ``p / interleaved``). ``sides``: default :data:`SIDES`."""
     sides = SIDES if sides is None else sides
-    if q % nb:
+    if q % nb or (interleaved and p % interleaved):
         return None
-    sides_l = (_side(p, sides), _side(q, sides))
+    sides_l = (_side(p // interleaved if interleaved else p, sides), _side(q, sides))
     sides_r = (_side(q // nb, sides), _side(s, sides))
     if None in sides_l or None in sides_r:
         return None
@@ -72,17 +76,34 @@ def blocks_for(nb: int, q: int, p: int, s: int, sides=None):
 
 
 @functools.lru_cache(maxsize=None)
-def _plan_l(nb: int, q: int, p: int, block: tuple[int, int]):
-    """Tables of ``L`` and, per packed block, its tile ``(i, row tile, column tile)`` of
-    ``w1r[i].T`` (``(p, q)``)."""
+def _plan_l(nb: int, q: int, p: int, block: tuple[int, int], interleaved: int = 0):
+    """Tables of ``L`` and, per packed block, the indices ``(i, m, a)`` of its entries in
+    ``w1r`` (``L[i·p + a, i·q + m] = w1r[i, m, a]``); ``None`` where a row tile would span
+    two input blocks.
+
+    ``interleaved``: the input's features come in the order a producing Monarch site of
+    that many blocks leaves them when it skips its ``P2`` (stored row ``jp·s' + e`` holds
+    feature ``e·interleaved + jp``), so ``L``'s rows are permuted alike."""
     bk, bn = block
-    rt, ct = p // bk, q // bn
-    mask = np.zeros((nb * rt, nb * ct), bool)
-    for i in range(nb):
-        mask[i * rt:(i + 1) * rt, i * ct:(i + 1) * ct] = True
-    tables = tables_of(mask, (nb * p, nb * q), block)
+    k_ext, ct = nb * p, q // bn
+    stored = np.arange(k_ext)
+    if interleaved:
+        sp = k_ext // interleaved
+        natural = (stored % sp) * interleaved + stored // sp
+    else:
+        natural = stored
+    tile_block = (natural // p).reshape(-1, bk)          # each row tile's input block
+    if (tile_block != tile_block[:, :1]).any():
+        return None
+    mask = np.zeros((k_ext // bk, nb * ct), bool)
+    for t, i in enumerate(tile_block[:, 0]):
+        mask[t, i * ct:(i + 1) * ct] = True
+    tables = tables_of(mask, (k_ext, nb * q), block)
     rows, cols = np.asarray(tables.row_of), np.asarray(tables.col_of)
-    return tables, (rows // rt, rows % rt, cols % ct)
+    i = tile_block[rows, 0]
+    a = natural[rows[:, None] * bk + np.arange(bk)] - i[:, None] * p
+    m = (cols % ct)[:, None] * bn + np.arange(bn)
+    return tables, (i[:, None, None], m[:, None, :], a[:, :, None])
 
 
 @functools.lru_cache(maxsize=None)
@@ -111,22 +132,27 @@ def _tiles(m: jax.Array, block: tuple[int, int]) -> jax.Array:
     return m.reshape(nb, r // bk, bk, c // bn, bn).transpose(0, 1, 3, 2, 4)
 
 
-def pack_factors(w1: jax.Array, w2: jax.Array, blocks) -> tuple[BlockSparseWeight, BlockSparseWeight]:
+def pack_factors(w1: jax.Array, w2: jax.Array, blocks, interleaved: int = 0
+                 ) -> tuple[BlockSparseWeight, BlockSparseWeight]:
     """``(L, R)`` as :class:`BlockSparseWeight` from the factors (differentiable in them);
-    ``blocks``: ``(L's block, R's block)``, e.g. from :func:`blocks_for`."""
+    ``blocks``: ``(L's block, R's block)``, e.g. from :func:`blocks_for`; ``interleaved``:
+    ``L``'s rows for an input left in block-major order (see :func:`_plan_l`)."""
     nb, q, p = w1.shape
     s = w2.shape[1]
     block_l, block_r = (tuple(int(v) for v in b) for b in blocks)
-    tables_l, (il, rl, cl) = _plan_l(nb, q, p, block_l)
+    plan = _plan_l(nb, q, p, block_l, interleaved)
+    if plan is None:
+        raise ValueError(f"pack_factors: a row tile of {block_l[0]} spans two input blocks of the "
+                         f"input interleaved by {interleaved} blocks")
+    tables_l, (il, ml, al) = plan
     tables_r, (jr, rr, cr) = _plan_r(nb, q, s, block_r)
-    tiles_l = _tiles(_w1_rows_block_major(w1).transpose(0, 2, 1), block_l)
     tiles_r = _tiles(w2.transpose(0, 2, 1), block_r)
-    return (BlockSparseWeight(tiles_l[il, rl, cl], tables_l),
+    return (BlockSparseWeight(_w1_rows_block_major(w1)[il, ml, al], tables_l),
             BlockSparseWeight(tiles_r[jr, rr, cr], tables_r))
 
 
-def supported(x_shape, factors, dtype=None, *, blocks=None, backend: str | None = None,
-              interpret: bool = False) -> str | None:
+def supported(x_shape, factors, dtype=None, *, blocks=None, interleaved_input: int = 0,
+              backend: str | None = None, interpret: bool = False) -> str | None:
     """Why this path cannot run the block-sparse kernel here (``None``: it can)."""
     w1, w2 = factors["w1"], factors["w2"]
     nb, q, p = w1.shape[-3:]
@@ -134,11 +160,13 @@ def supported(x_shape, factors, dtype=None, *, blocks=None, backend: str | None 
     if w1.ndim != 3:
         return "stacked factors: one layer at a time"
     if blocks is None:
-        blocks = blocks_for(nb, q, p, s)
+        blocks = blocks_for(nb, q, p, s, interleaved=interleaved_input)
         if blocks is None:
-            return (f"no block side in {SIDES} (the block-sparse kernel's) divides each of p = {p}, "
+            rows = (f"p / {interleaved_input} = {p / interleaved_input:g}" if interleaved_input
+                    else f"p = {p}")
+            return (f"no block side in {SIDES} (the block-sparse kernel's) divides each of {rows}, "
                     f"q = {q}, q / nblocks = {q / nb:g} and s = {s}")
-    why = blocks_problem(nb, q, p, s, blocks)
+    why = blocks_problem(nb, q, p, s, blocks, interleaved_input)
     if why is not None:
         return why
     dtype = dtype or jnp.result_type(w1.dtype, w2.dtype)
@@ -150,29 +178,48 @@ def supported(x_shape, factors, dtype=None, *, blocks=None, backend: str | None 
 
 
 def monarch_matmul_block_sparse(x: jax.Array, factors, out_features: int | None = None, *,
-                                blocks=None, backend: str | None = None,
+                                blocks=None, interleaved_input: int = 0,
+                                block_major_output: bool = False, backend: str | None = None,
                                 interpret: bool = False, poison: bool = False) -> jax.Array:
     """``x @ W`` for Monarch factors through two block-sparse products (module doc).
 
     Same function as :func:`sparsejax.kernels.monarch_matmul.monarch_matmul_reference`
     (f32 accumulation, the intermediate rounded to the compute dtype); differentiable in
     ``x`` and the factors. ``blocks``: ``(L's block, R's block)`` (default
-    :func:`blocks_for`; tests pass small ones). ``backend``, ``interpret``, ``poison``: as
+    :func:`blocks_for`; tests pass small ones).
+
+    Two Monarch products in a row need not move the activation between them:
+    ``block_major_output`` leaves this product's output without ``P2`` (feature
+    ``j·s + e`` holds output ``e·nb + j``; needs ``out_features = nb·s``), and
+    ``interleaved_input=nb'`` takes an input so ordered by a producer of ``nb'`` blocks
+    (``L``'s rows are permuted instead). Elementwise ops between the two commute with
+    the order.
+
+    ``backend``, ``interpret``, ``poison``: as
     :func:`~sparsejax.kernels.block_sparse.block_sparse_matmul` takes them. Where no kernel applies,
     :func:`sparsejax.kernels.block_sparse.block_sparse_matmul` computes the same product
     with its plain-JAX reference.
     """
-    nb, q, p, s, n = _dims(x.shape[-1], factors, out_features, "monarch_matmul_block_sparse")
-    blocks = blocks or blocks_for(nb, q, p, s)
-    why = (supported(x.shape, factors, blocks=blocks, backend="reference") if blocks is None
-           else blocks_problem(nb, q, p, s, blocks))
+    where = "monarch_matmul_block_sparse"
+    nb, q, p, s, n = _dims(x.shape[-1], factors, out_features, where)
+    if interleaved_input and x.shape[-1] != nb * p:
+        raise ValueError(f"{where}: an interleaved input needs all nblocks * p = {nb * p} features, "
+                         f"got {x.shape[-1]}")
+    if block_major_output and n != nb * s:
+        raise ValueError(f"{where}: a block-major output needs out_features = nblocks * s = "
+                         f"{nb * s}, got {n}")
+    blocks = blocks or blocks_for(nb, q, p, s, interleaved=interleaved_input)
+    why = (supported(x.shape, factors, interleaved_input=interleaved_input, backend="reference")
+           if blocks is None else blocks_problem(nb, q, p, s, blocks, interleaved_input))
     if why is not None:
-        raise ValueError(f"monarch_matmul_block_sparse: {why}")
+        raise ValueError(f"{where}: {why}")
     w1, w2 = factors["w1"], factors["w2"]
     dtype = jnp.result_type(x.dtype, w1.dtype, w2.dtype)
-    left, right = pack_factors(w1.astype(dtype), w2.astype(dtype), blocks)
+    left, right = pack_factors(w1.astype(dtype), w2.astype(dtype), blocks, interleaved_input)
     u = _blocks_in(x, nb, p, dtype).reshape(-1, nb * p)
     h = bs.block_sparse_matmul(u, left, backend=backend, interpret=interpret, poison=poison)
     z = bs.block_sparse_matmul(h.astype(dtype), right, backend=backend, interpret=interpret,
                                poison=poison)
+    if block_major_output:
+        return z.reshape(*x.shape[:-1], n)
     return _interleave_out(z.reshape(-1, nb, s), x.shape[:-1], n)
