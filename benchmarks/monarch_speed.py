@@ -27,7 +27,10 @@ measured in the same run. Paths:
   most output blocks per program; a block pair's whole slice per stage-one accumulator;
   256-column output tiles);
   ``kernel_noP2``: the kernel's block-major output before XLA's output transpose (what
-  the transpose costs; a consumer inside a model absorbs it).
+  the transpose costs; a consumer inside a model absorbs it);
+* ``block_sparse``: the two factors as block-sparse products (``monarch_block_sparse``),
+  forward and backward; ``block_sparse_noP2``: the same leaving the output block-major, as
+  a producer chained to another Monarch site does (checked through the interleave).
 
 Prints the table last and writes it to ``$OUT/monarch_speed.md`` when ``$OUT`` is set.
 Paths past the time budget (``--budget_s``) are listed as skipped.
@@ -134,6 +137,12 @@ def paths(n, nb, q, p, s, interpret, tokens):
     out["block_sparse"] = (
         lambda x, f: mbs.monarch_matmul_block_sparse(x, f, n, blocks=blocks, interpret=interpret),
         ("fwd", "fb"), mbs.supported((1, nb * p), shapes, blocks=blocks, interpret=interpret))
+    # Diagnostic: the same without P2 (block-major output, as a producer chained to another
+    # Monarch site leaves it), forward and backward: what the output transpose costs.
+    out["block_sparse_noP2"] = (
+        lambda x, f: mbs.monarch_matmul_block_sparse(x, f, n, blocks=blocks, interpret=interpret,
+                                                     block_major_output=True),
+        ("fwd", "fb"), out["block_sparse"][2] or (None if n == nb * s else "padded output"))
     return out
 
 
@@ -169,7 +178,8 @@ class Budget:
 
 PRIMARY = ("einsum", "block_sparse", "kernel")   # timed for every shape first; the rest while the budget lasts
 # Then these (dx through the kernel first: it lowers at every shape now), then the tiles.
-SECOND = ["kernel_fdx", "einsum_p1alt", "kernel_noP2", "kernel_grp", "einsum_ref", "einsum_f32out"]
+SECOND = ["block_sparse_noP2", "kernel_fdx", "einsum_p1alt", "kernel_noP2", "kernel_grp", "einsum_ref",
+          "einsum_f32out"]
 
 
 def prepare_shape(tokens, k, n, nb, args):
@@ -209,6 +219,9 @@ def run_path(ctx, name, budget):
         full = fn
         if name == "kernel_noP2":   # checked through the interleave, timed without it
             full = lambda x, f: mk._interleave_out(fn(x, f), x.shape[:-1], n)
+        if name == "block_sparse_noP2":
+            full = lambda x, f: mk._interleave_out(fn(x, f).reshape(-1, ctx["nb"], n // ctx["nb"]),
+                                                   x.shape[:-1], n)
         compiled = {"fwd": jax.jit(full), "fb": fwd_bwd(full)}
         errs = []
         for (cx, cf, cct), (ry, (rx, rf)) in zip(ctx["checks"], ctx["refs"]):
@@ -230,8 +243,9 @@ def run_path(ctx, name, budget):
         if "fwd" in parts:
             timed = compiled["fwd"] if full is fn else jax.jit(fn)   # reuse the compiled check
             row["fwd"] = median_seconds(timed, x, f, **ctx["timing"])
-        if "fb" in parts:
-            row["fb"] = median_seconds(compiled["fb"], x, f, ct, **ctx["timing"])
+        if "fb" in parts:    # without the interleave (noP2) the cotangent's order is moot
+            timed = compiled["fb"] if full is fn else fwd_bwd(fn)
+            row["fb"] = median_seconds(timed, x, f, ct, **ctx["timing"])
     except Exception as e:  # report, keep measuring the rest
         row["note"] = f"failed: {type(e).__name__}: {str(e).splitlines()[0][:160]}"
         print(f"{dense['shape']} nb={ctx['nb']} {name}: {row['note']}", file=sys.stderr)
