@@ -3,6 +3,7 @@ compiler params."""
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 
 
@@ -28,3 +29,14 @@ def pad_to(a, axis: int, multiple: int):
     pads = [(0, 0)] * a.ndim
     pads[axis] = (0, extra)
     return jnp.pad(a, pads)
+
+
+def loop(n: int, body, init, unroll: bool):
+    """``fori_loop(0, n, body, init)`` or, for short static loops, Python unrolling: unrolled,
+    the independent weight loads of all steps can be in flight at once."""
+    if not unroll:
+        return jax.lax.fori_loop(0, n, body, init)
+    carry = init
+    for c in range(n):
+        carry = body(c, carry)
+    return carry

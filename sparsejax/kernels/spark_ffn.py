@@ -59,7 +59,7 @@ from sparsejax.kernels import backends, path_choice, streaming_choice
 from sparsejax.kernels import sparse_input_gemv as sig
 from sparsejax.kernels import sparse_output_gemv as sog
 from sparsejax.kernels import statistical_topk as stk
-from sparsejax.kernels._triton import compiler_params, next_pow2, pad_to
+from sparsejax.kernels._triton import compiler_params, loop, next_pow2, pad_to
 from sparsejax.kernels.sparse_input_gemv import pltriton
 from sparsejax.topk import resolve_k_frac, statistical_threshold
 
@@ -405,17 +405,6 @@ def _live_act_block(act_ref, rows, b_pad, theta_ref=None, activation=None):
     return a, live
 
 
-def _loop(n, body, init, unroll):
-    """``fori_loop`` or, for short static loops, Python unrolling: unrolled, the
-    independent weight loads of all steps can be in flight at once."""
-    if not unroll:
-        return jax.lax.fori_loop(0, n, body, init)
-    carry = init
-    for c in range(n):
-        carry = body(c, carry)
-    return carry
-
-
 def _masked_rows(w_ref, rows, cols, live, atomic):
     """``W[rows, cols]`` in float32 with dead rows never read (zeros)."""
     return sog.load_live_rows(w_ref, rows, cols, live, atomic).astype(jnp.float32)
@@ -432,7 +421,7 @@ def _up_rows(x_ref, w_ref, rows, live, batch, bk, atomic, unroll, x_offset=0):
                      for b, a in enumerate(acc))
 
     init = tuple(jnp.zeros((live.shape[0],), jnp.float32) for _ in range(batch))
-    return _loop(w_ref.shape[1] // bk, step, init, unroll)
+    return loop(w_ref.shape[1] // bk, step, init, unroll)
 
 
 def _up_kernel_mma(x_ref, act_ref, w_ref, *rest, bj, bk, atomic, unroll, activation=None,
@@ -491,7 +480,7 @@ def _fused_kernel(x_ref, act_ref, wu_ref, wd_ref, *rest, bj, bk, bn, batch, atom
                 y_ref[pl.ds(b, 1), cols] = y_ref[pl.ds(b, 1), cols] + part
         return carry
 
-    _loop(wd_ref.shape[1] // bn, step, 0, unroll)
+    loop(wd_ref.shape[1] // bn, step, 0, unroll)
 
 
 def masked_ffn(x_up: jax.Array, act: jax.Array, w_up_t: jax.Array, w_down: jax.Array, *,

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from sparsejax.kernels import backends
-from sparsejax.kernels._triton import compiler_params, next_pow2, pad_to
+from sparsejax.kernels._triton import compiler_params, loop, next_pow2, pad_to
 from sparsejax.kernels.sparse_input_gemv import MAX_BATCH, pltriton, supported
 
 __all__ = ["sparse_output_gemv", "sparse_output_gemv_reference", "supported", "IMPLS"]
@@ -51,7 +51,6 @@ def _sparse_output_kernel(x_ref, live_ref, w_ref, *rest, bj, bk, batch, atomic, 
     y_ref = rest[-1]                     # rest[0] is the poisoned output alias in tests
     rows = pl.ds(pl.program_id(0) * bj, bj)
     live = live_ref[rows] != 0
-    n_k = w_ref.shape[1] // bk
 
     def step(c, acc):
         cols = pl.ds(c * bk, bk)
@@ -59,12 +58,8 @@ def _sparse_output_kernel(x_ref, live_ref, w_ref, *rest, bj, bk, batch, atomic, 
         return tuple(a + jnp.sum(w * x_ref[b, cols].astype(jnp.float32)[None, :], axis=1)
                      for b, a in enumerate(acc))
 
-    acc = tuple(jnp.zeros((bj,), jnp.float32) for _ in range(batch))
-    if unroll:           # the steps' loads are independent: let them all be in flight
-        for c in range(n_k):
-            acc = step(c, acc)
-    else:
-        acc = jax.lax.fori_loop(0, n_k, step, acc)
+    acc = loop(w_ref.shape[1] // bk, step, tuple(jnp.zeros((bj,), jnp.float32) for _ in range(batch)),
+               unroll)
     for b in range(batch):
         y_ref[pl.ds(b, 1), rows] = jnp.where(live, acc[b], 0.0)[None, :].astype(y_ref.dtype)
 
@@ -84,13 +79,8 @@ def live_rows_product(x_ref, w_ref, rows, live, *, bk: int, atomic: bool, unroll
         return acc + jax.lax.dot_general(xs, w, (((1,), (1,)), ((), ())),
                                          preferred_element_type=jnp.float32)
 
-    acc = jnp.zeros((x_ref.shape[0], live.shape[0]), jnp.float32)
-    n_k = w_ref.shape[1] // bk
-    if unroll:           # the steps' loads are independent: let them all be in flight
-        for c in range(n_k):
-            acc = step(c, acc)
-        return acc
-    return jax.lax.fori_loop(0, n_k, step, acc)
+    return loop(w_ref.shape[1] // bk, step, jnp.zeros((x_ref.shape[0], live.shape[0]), jnp.float32),
+                unroll)
 
 
 def _sparse_output_mma_kernel(x_ref, live_ref, w_ref, *rest, bj, bk, atomic, unroll):
