@@ -7,11 +7,11 @@ correct path (:mod:`sparsejax.kernels.path_choice`, measured once per signature
 on an accelerator): the einsums of the reference (the default, and the only
 choice on CPU), the fused Monarch kernel, the two factors as block-sparse products on
 the block-sparse kernel (:mod:`sparsejax.kernels.monarch_block_sparse`: no transpose of
-the intermediate), or the dense matrix rebuilt from the factors and one XLA dot. A stacked leaf sliced by a scan or indexed per layer
-(``w[i]`` in a fori_loop) multiplies by that layer's factors. Any other use (a
-tied weight read as an embedding, a weight scaled or transposed first)
-materializes the dense matrix: right, just not fast; the report's compute column
-says which sites took which path.
+the intermediate), or the dense matrix rebuilt from the factors and one XLA dot. A
+stacked leaf sliced by a scan or indexed per layer (``w[i]`` in a fori_loop) multiplies
+by that layer's factors. Any other use (a tied weight read as an embedding, a weight
+scaled or transposed first) materializes the dense matrix: right, just not fast; the
+report's compute column says which sites took which path.
 
 For inference, ``lower(premasked=True)`` gives each factorized leaf its dense product
 as well (``premask`` multiplies the factors out once, stored beside them under
