@@ -25,9 +25,13 @@ def test_nm_sites_take_the_compressed_kernel_and_match_the_masked_program():
     x = jax.random.normal(jax.random.key(2), (1, 32))
     sfn = sparsify(fn, [NM("w", n=2, m=4), NM("v", n=1, m=4, gradient="ste")])
     sp, ss = sfn.init(params, x)
-    low = sfn.lower(ss, interpret=True)
-    assert rel_error(low(sp, ss, x), sfn(sp, ss, x)) < 1e-5
-    paths = _paths(low)
+    from sparsejax.kernels import path_choice
+
+    # The deterministic choice (a GPU would measure, and XLA wins at 1 x 32 there): the kernel.
+    with path_choice.mode("off"):
+        low = sfn.lower(ss, interpret=True)
+        assert rel_error(low(sp, ss, x), sfn(sp, ss, x)) < 1e-5
+        paths = _paths(low)
     assert paths["w"] == ["compressed 2:4 GEMV (Pallas)"]
     assert "gradient='ste'" in paths["v"][0]          # STE needs gradients at pruned weights: XLA
 
@@ -121,9 +125,12 @@ def test_flax_layout_up_stays_dense_with_reason_down_is_sparse():
     x = jax.random.normal(jax.random.key(4), (2, 32))
     sfn = sparsify(_ffn_flax_layout, [SparkTopK("*", site="ffn", k_frac=0.25)])
     sp, ss = sfn.init(_ffn_params(up_major=False), x)
-    low = sfn.lower(ss, interpret=True)
-    assert rel_error(low(sp, ss, x), sfn(sp, ss, x)) < 1e-5
-    paths = _paths(low)
+    from sparsejax.kernels import path_choice
+
+    with path_choice.mode("off"):     # the deterministic choice (a GPU would measure)
+        low = sfn.lower(ss, interpret=True)
+        assert rel_error(low(sp, ss, x), sfn(sp, ss, x)) < 1e-5
+        paths = _paths(low)
     assert "not contiguous" in paths["ffn/up"][0]
     assert paths["ffn/down"] == ["sparse-input GEMV (Pallas, masked bk64 bn256)"]
     assert paths["ffn/gate"][0].startswith("XLA dense")
@@ -150,6 +157,7 @@ def test_unruled_dense_weights_take_their_measured_path_and_match(path, label):
     assert paths["proj"][0].startswith(label) and (path or paths["proj"][0] == label)
 
 
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="asserts what a CPU does")
 def test_without_interpret_on_cpu_every_site_stays_dense():
     x = jax.random.normal(jax.random.key(5), (2, 32))
     sfn = sparsify(_ffn_output_major, [SparkTopK("*", site="ffn", k_frac=0.25)])
