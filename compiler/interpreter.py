@@ -115,6 +115,13 @@ class Interpreter:
             return var.val
         return self._envs[-1].get(var, default) if self._envs else default
 
+    def deferred_value(self, var) -> Callable[[], Any]:
+        """A thunk that reads ``var`` from the innermost jaxpr being walked now, when it is
+        called later in the same walk: a value after its hooks (an eqn's output hook runs
+        after the eqn's own site has returned)."""
+        env = self._envs[-1]
+        return lambda: env[var]
+
     def emit(self, key: Key, value: Any) -> None:
         """Hands a value computed at ``key`` out of the program (see the class docstring)."""
         self.sink[key] = value

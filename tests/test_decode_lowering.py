@@ -281,3 +281,27 @@ def test_dense_gemv_gives_a_model_with_no_rule_the_measured_gemv_paths(path, lab
         assert rel_error(grads[k], want[k]) < 1e-5, k
     with pytest.raises(ValueError, match="dense_gemv must be a bool"):
         sfn.lower(ss, interpret=True, dense_gemv="yes")
+
+
+def test_up_sites_read_their_live_mask_from_the_spark_hook_not_a_second_top_k(monkeypatch):
+    from sparsejax import topk
+    from sparsejax.kernels import path_choice
+
+    modes = []
+    original = topk.statistical_topk
+
+    def counting(x, *args, **kwargs):
+        modes.append(kwargs.get("mode"))
+        return original(x, *args, **kwargs)
+
+    monkeypatch.setattr(topk, "statistical_topk", counting)
+    x = jax.random.normal(jax.random.key(3), (3, 32))
+    sfn = sparsify(_ffn_output_major, [SparkTopK("*", site="ffn", k_frac=0.25)])
+    sp, ss = sfn.init(_ffn_params(), x)
+    with path_choice.mode("off"):
+        low = sfn.lower(ss, interpret=True)
+        modes.clear()
+        out = low(sp, ss, x)
+        assert _paths(low)["ffn/up"] == ["sparse-output GEMV (Pallas)"]
+    assert modes and "mask" not in modes           # the hook's top-k only: no second one
+    assert rel_error(out, sfn(sp, ss, x)) < 1e-5

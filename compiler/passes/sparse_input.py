@@ -10,8 +10,8 @@ read:
   threshold 0, so the product is exact);
 * the **up** projection is needed only at fired neurons: a sparse-*output*
   GEMV (:func:`sparsejax.kernels.sparse_output_gemv.sparse_output_gemv`). Its
-  live mask is the top-k of the gate, computed at the gate site (the same
-  ``statistical_topk`` the Spark hook applies, which XLA merges with it). Dead
+  live mask is read from the Spark hook's top-k of the gate (the neurons some
+  token keeps), so the gate is selected once. Dead
   up outputs are written as zeros, which the model multiplies by
   ``act(0) = 0`` (GELU, SiLU, ReLU): the same answer.
 
@@ -147,10 +147,7 @@ class ActivationSparseHandler(WeightHandler):
             return self._site_or_original(original, lambda: self._plain(key, eqn, operand, x, ref.value))
         if role.kind == "gate":
             out = self._site_or_original(original, lambda: self._gate(key, eqn, operand, x, ref.value))
-            # The Spark hook replaces this output by its top-k; the same top-k here
-            # (merged with the hook's by XLA) says which neurons the up site needs.
-            kept = topk.statistical_topk(out[0], **role.rule.k_args(role.width), mode="mask")
-            self.context[role.ffn_key] = jnp.any(kept.reshape(-1, kept.shape[-1]), axis=0)
+            self.context[role.ffn_key] = self._live_mask(interp, eqn, key, role, out[0])
             return out
         w = ref.value       # contracted dims lead (down) or trail (up): reshapes copy nothing
         if role.kind == "down":
@@ -159,8 +156,28 @@ class ActivationSparseHandler(WeightHandler):
         live = self.context.pop(role.ffn_key, None)
         if live is None:                 # no gate mask in this trace: dense up
             return original()
+        if callable(live):               # read from the Spark hook's output (_live_mask)
+            live = live()
         return self._site_or_original(original, lambda: matmul_at_site(
             eqn, operand, x, lambda x2: self._up(key, role, x2, w.reshape(-1, x2.shape[-1]), live)))
+
+    @staticmethod
+    def _live_mask(interp, eqn, key, role, gate):
+        """The neurons the up site must compute: those where some token's top-k gate is non-zero.
+
+        Where the Spark hook rewrites this very equation's output (the gate dot), the mask is
+        read from the hook's result once it is in the environment (a thunk the up site calls):
+        one top-k per FFN, and the mask is exactly the entries that reach the activation (a
+        kept entry whose soft value is 0 gives ``act(0) = 0``, as a dead one does). A second
+        top-k here would cost a second pass over the gate (the hook's may be a Pallas kernel,
+        which XLA cannot merge with). Elsewhere, the rule's top-k of the gate."""
+        def any_row(kept):
+            return jnp.any(kept.reshape(-1, kept.shape[-1]), axis=0)
+
+        if key in interp.hooks and len(eqn.outvars) == 1:
+            hooked = interp.deferred_value(eqn.outvars[0])
+            return lambda: any_row(hooked() != 0)
+        return any_row(topk.statistical_topk(gate, **role.rule.k_args(role.width), mode="mask"))
 
     @staticmethod
     def _site_or_original(original, lowered):
