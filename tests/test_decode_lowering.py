@@ -2,6 +2,7 @@
 compressed N:M GEMV, Spark FFN sites to the sparse-input / sparse-output GEMVs."""
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -177,6 +178,22 @@ def test_sparse_output_gemv_writes_live_outputs_and_zeros():
     assert bool(jnp.all(jnp.where(live, True, y == 0)))
     with pytest.raises(ValueError, match="live"):
         sog.sparse_output_gemv(x, w_t, live[:5])
+
+
+@pytest.mark.parametrize("batch", [2, 4])
+def test_sparse_output_gemv_unpadded_writes_the_result_dtype_directly(batch):
+    # Rows a power of two and N a multiple of bj: the kernel's own output is the result.
+    x = jax.random.normal(jax.random.key(30 + batch), (batch, 48)).astype(jnp.bfloat16)
+    w_t = jax.random.normal(jax.random.key(31), (64, 48)).astype(jnp.bfloat16)
+    live = jax.random.bernoulli(jax.random.key(32), 0.3, (64,)).astype(jnp.int32)
+    ref = sog.sparse_output_gemv_reference(x, w_t, live)
+    y = sog.sparse_output_gemv(x, w_t, live, impl="masked", interpret=True, poison=True, bj=16, bk=16)
+    assert y.dtype == jnp.bfloat16 and y.shape == (batch, 64)
+    assert_matches_reference(y, ref, 1e-2)
+    assert bool(jnp.all(jnp.where(live != 0, True, y == 0)))
+    prims = [e.primitive.name for e in jax.make_jaxpr(functools.partial(
+        sog.sparse_output_gemv, impl="masked", interpret=True, bj=16, bk=16))(x, w_t, live).eqns]
+    assert "slice" not in prims and "convert_element_type" not in prims
 
 
 @pytest.mark.parametrize("batch", [2, 5, 8])

@@ -246,14 +246,15 @@ class ActivationSparseHandler(WeightHandler):
                  path_choice.Candidate("xla_dense", dense, None, "XLA dense"),
                  _pad2_candidate(dense, rows)]
         union = 1.0 - (1.0 - role.density) ** rows
-        live_sample = np.random.default_rng(0).random(w_t.shape[0]) < union   # numpy: see _sparse_sample
+        # int32, as the kernel reads it (the site converts its mask where XLA computes it)
+        live_sample = (np.random.default_rng(0).random(w_t.shape[0]) < union).astype(np.int32)
         signature = (f"M{rows}|N{w_t.shape[0]}|K{w_t.shape[1]}|{jnp.dtype(w_t.dtype).name}|"
                      f"density{role.density:.3f}")
         # Not checked against XLA: the kernel writes zeros at dead outputs, XLA computes them.
         fn = self._chosen(key, "sparse_output_gemv", signature, cands,
                           [jax.ShapeDtypeStruct((rows, w_t.shape[1]), x2.dtype),
                            jax.ShapeDtypeStruct(w_t.shape, w_t.dtype), live_sample], check=False)
-        return fn(x2.reshape(rows, -1), w_t, live).reshape(*x2.shape[:-1], w_t.shape[0])
+        return fn(x2.reshape(rows, -1), w_t, live.astype(jnp.int32)).reshape(*x2.shape[:-1], w_t.shape[0])
 
     def _gate(self, key, eqn, operand, x, w):
         return self._plain(key, eqn, operand, x, w)

@@ -100,7 +100,8 @@ def sparse_output_gemv(x: jax.Array, w_t: jax.Array, live: jax.Array, *, impl: s
     Args:
       x: ``(..., K)``; the kernel takes up to ``MAX_BATCH`` rows.
       w_t: ``(N, K)``: output ``j``'s weights are row ``j``.
-      live: ``(N,)`` bool, the outputs to compute (the union over the batch).
+      live: ``(N,)`` bool or integer (non-zero: live), the outputs to compute (the union over
+        the batch).
       impl: ``"auto"`` (the kernel on GPU within the batch limit, else dense XLA),
         ``"masked"``, ``"xla_dense"`` or ``"reference"``.
       bj, bk: outputs per program and the K step (powers of two; ``bk`` should divide K,
@@ -145,7 +146,10 @@ def sparse_output_gemv(x: jax.Array, w_t: jax.Array, live: jax.Array, *, impl: s
     wp = pad_to(pad_to(w_t, 1, bk), 0, bj)        # decode shapes (multiples of 256) copy nothing
     xp = jnp.pad(x2.astype(w_t.dtype), ((0, b_pad - batch), (0, wp.shape[1] - k)))
     livep = pad_to(live.astype(jnp.int32), 0, bj)
-    out = jax.ShapeDtypeStruct((b_pad, wp.shape[0]), jnp.float32)
+    # Unpadded, the kernel writes the result's dtype itself: no slice and cast after it (a
+    # launch of its own wherever XLA cannot fuse it into the consumer).
+    exact = b_pad == batch and wp.shape[0] == n
+    out = jax.ShapeDtypeStruct((b_pad, wp.shape[0]), out_dtype if exact else jnp.float32)
     args, aliases = [xp, livep, wp], {}
     if poison:
         aliases = backends.poison_output(args, out)
@@ -160,4 +164,4 @@ def sparse_output_gemv(x: jax.Array, w_t: jax.Array, live: jax.Array, *, impl: s
     params = {} if interpret else dict(compiler_params=compiler_params(num_warps, num_stages))
     y = pl.pallas_call(kernel, grid=(wp.shape[0] // bj,), out_shape=out, input_output_aliases=aliases,
                        interpret=interpret, **params)(*args)
-    return y[:batch, :n].astype(out_dtype).reshape(*lead, n)
+    return (y if exact else y[:batch, :n].astype(out_dtype)).reshape(*lead, n)
