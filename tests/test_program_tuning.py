@@ -56,6 +56,16 @@ def test_close_calls_are_the_runner_ups_within_the_margin():
     assert [c[0] for c in program_tuning.close_calls(recorded, 1.5)] == ["a", "b"]
 
 
+def test_every_alternative_within_the_margin_is_a_close_call_not_only_the_runner_up():
+    # The einsums won alone; the fused kernel (3rd) is within 25% and may compose better in
+    # the program (its output layout fused into the next op), so it is tried too; dense is not.
+    choice = pc.Choice("einsum", "E", "measured",
+                       {"einsum": 10.0, "einsum_transpose": 10.5, "fused_kernel": 11.5, "xla_dense": 14.0})
+    names = ("einsum", "einsum_transpose", "fused_kernel", "xla_dense")
+    assert program_tuning.close_calls({"a": (choice, names)}, 0.25) == [
+        ("a", "einsum", "einsum_transpose", 10.0, 10.5), ("a", "einsum", "fused_kernel", 10.0, 11.5)]
+
+
 def test_a_movable_path_is_tried_whatever_it_measured_alone():
     # "a": the einsums won alone by 40%, but the dense rebuild can leave the loop: tried.
     # "b": the movable path is the chosen one: nothing to try. "c": the runner-up is close and

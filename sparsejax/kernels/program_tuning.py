@@ -8,8 +8,8 @@ at 1.18× with the block-sparse kernel at every site. :func:`tune` settles such 
 calls by timing the program itself:
 
 1. trace and time ``step`` once, recording every choice its sites make;
-2. for each signature whose runner-up measured within ``margin`` of the winner, retrace
-   and time the program with that signature on the runner-up (one signature at a time,
+2. for each signature whose other candidates measured within ``margin`` of the winner,
+   retrace and time the program with that signature on each of them (one switch at a time,
    greedily, keeping each switch that makes the program faster by more than ``min_gain``,
    against the program without it timed again right after: a GPU's timings drift over the
    minutes a tuning takes, so a switch is not credited with what the drift gave);
@@ -77,22 +77,23 @@ class Tuning:
 
 
 def close_calls(recorded: dict, margin: float) -> list[tuple[str, str, str, float, float]]:
-    """``(key, chosen, alternative, chosen_us, alternative_us)`` for each recorded choice whose
-    runner-up (among the supported candidates with a measured time) is within ``margin``
-    (a fraction: 0.25 = 25% slower) of the chosen path, and for each movable candidate
-    (``Candidate.movable``: its time alone overstates its cost in a program) not chosen,
-    whatever it measured; closest first."""
+    """``(key, chosen, alternative, chosen_us, alternative_us)`` for each recorded choice and
+    each of its other candidates (supported, with a measured time) within ``margin`` (a
+    fraction: 0.25 = 25% slower) of the chosen path, not only the runner-up: the third-fastest
+    alone may be the one that composes best (a kernel whose output layout XLA fuses into the
+    next op, say); and for each movable candidate (``Candidate.movable``: its time alone
+    overstates its cost in a program) not chosen, whatever it measured; closest first."""
     out = []
     for key, (choice, names, *movable) in recorded.items():
         times = {n: t for n, t in choice.times_us.items() if n in names}
         if choice.name not in times or len(times) < 2:
             continue
         mine = times[choice.name]
-        runner = min((n for n in times if n != choice.name), key=times.get)
         tried = set()
-        if times[runner] <= (1.0 + margin) * mine:
-            out.append((key, choice.name, runner, mine, times[runner]))
-            tried.add(runner)
+        for name in sorted((n for n in times if n != choice.name), key=times.get):
+            if times[name] <= (1.0 + margin) * mine:
+                out.append((key, choice.name, name, mine, times[name]))
+                tried.add(name)
         for name in (movable[0] if movable else ()):
             if name != choice.name and name in times and name not in tried:
                 out.append((key, choice.name, name, mine, times[name]))
@@ -116,7 +117,7 @@ def tune(step: Callable, *args, invalidate: Callable[[], None], margin: float = 
       args: its arguments.
       invalidate: drops the cached rewritten programs, so the next trace chooses again
         (``SparseFunction.invalidate``, or a function calling it on several).
-      margin: which choices are close: the runner-up measured at most this fraction slower.
+      margin: which choices are close: an alternative measured at most this fraction slower.
       min_gain: a switch is kept only if the program gets faster by more than this fraction
         (timing noise on a GPU is about 1%), both against the best time so far and against
         the program without the switch timed again after it.
