@@ -241,7 +241,10 @@ def ffn_variants(interpret, batch):
                 **({"sparse mma, select kernel": dict(impl="sparse", bj=16, bk=32, bn=32, mma=True,
                                                       select_kernel=True),
                     "sparse mma, select kernel, tokens padded once": dict(
-                        impl="sparse", bj=16, bk=32, bn=32, mma=True, select_kernel=True, pad_batch=True)}
+                        impl="sparse", bj=16, bk=32, bn=32, mma=True, select_kernel=True, pad_batch=True),
+                    "sparse mma, select kernel, down gather": dict(
+                        impl="sparse", bj=16, bk=32, bn=32, mma=True, select_kernel=True,
+                        down_tiles=dict(impl="gather", mma=True, bc=16, bn=32, splits=2))}
                    if batch > 1 else {}),
                 "auto (choose_impl)": dict(impl="auto")}
     # The first H200 sweep at batch 1: sparse bj16/bj32 48 us, fused atomics 50.7 us,
@@ -297,7 +300,17 @@ def ffn_variants(interpret, batch):
                              ("up bj16", dict(bj=16), down),
                              ("up bj64 w8 s3", dict(bj=64, num_warps=8, num_stages=3), down),
                              ("up bk128", dict(bk=128), down),
-                             ("tokens padded once", dict(pad_batch=True), down)):
+                             ("tokens padded once", dict(pad_batch=True), down),
+                             # Session 11: the seven above lost to the shipped tiles (45.9 µs at
+                             # batch 8). The masked down tiles load about half their rows at
+                             # batch 8 (49% union), each load's mask waiting on its h tile; the
+                             # gather form loads full tiles of live rows from XLA's live-row list.
+                             ("down gather bc64 splits16", {},
+                              dict(impl="gather", mma=True, bc=64, bn=256, splits=16)),
+                             ("down gather bc64 splits32", {},
+                              dict(impl="gather", mma=True, bc=64, bn=256, splits=32)),
+                             ("down gather bc32 splits32 s3", {},
+                              dict(impl="gather", mma=True, bc=32, bn=256, splits=32, num_stages=3))):
             v[f"sparse mma, select kernel, {name}"] = dict(mma, **{"bj": 32, "bk": 256, **up},
                                                            down_tiles=dn)
     if batch == 1:
