@@ -524,7 +524,9 @@ def bench_nm(b: Bench):
                 # w8 p512 (the same warps) 34.2; 4 stages and 32 columns lost. More warps next.
                 # Session 10 (two calls, 2:4): w16 p512 30.3 / 31.9 µs, w8 p512 35.4 / 34.3, w8
                 # p1024 36.2 / 35.9, w8 p2048 35.0 / 32.4, w8 s2 p1024 37.5 / 36.1, w4 p1024
-                # 37.2 / 33.1; w16 p512 is the table's launch since. Now: 16 and 32 warps.
+                # 37.2 / 33.1; w16 p512 is the table's launch since. Session 11 (2:4): w16 p1024
+                # 32.6, s2 / s4 32.8, cols128 35.2, w32 p512 / p1024 37.3 / 38.1, w16 p256 44.7
+                # against the table's 32.7: the launch space is exhausted.
                 configs += [(_nm_launch("gather", 16, 3, 1024, 64), None),
                             (_nm_launch("gather", 32, 3, 512, 64), None),
                             (_nm_launch("gather", 32, 3, 1024, 64), None),

@@ -257,13 +257,16 @@ def _gather_kernel(meta_ref, idx_ref, x_ref, w_ref, _y_in, y_ref, *, bc, bn, spl
         live = p0 + jnp.arange(bc, dtype=jnp.int32) < count
         row = jnp.where(live, idx_ref[pl.ds(p0, bc)], 0)               # dead positions read row 0
         if mma:
-            xz = jnp.where(live[None, :], x_ref[:, row].astype(jnp.float32), 0.0)   # (B_pad, bc)
+            # x arrives transposed, (K, B_pad): a row gather, as for W (the Triton backend
+            # cannot gather columns of a 2-D ref), then (B_pad, bc) for the tensor cores.
+            xz = jnp.where(live[:, None], x_ref[row, :].astype(jnp.float32), 0.0).T
         else:
             xz = [jnp.where(live, x_ref[b, row].astype(jnp.float32), 0.0) for b in range(batch)]
         part = _tile_product(xz, w_ref[row, cols], batch, mma)           # gathered (bc, bn) rows
         return _accumulate(acc, part, mma)
 
-    acc = jax.lax.fori_loop(0, trips, chunk, _zero_acc(x_ref.shape[0], bn, batch, mma))
+    b_pad = x_ref.shape[1] if mma else x_ref.shape[0]
+    acc = jax.lax.fori_loop(0, trips, chunk, _zero_acc(b_pad, bn, batch, mma))
     _add_out(y_ref, cols, acc, batch, mma, atomic)
 
 
@@ -463,7 +466,7 @@ def _gather(x, w, *, threshold, bc, bn, splits, mma, num_warps, num_stages, inte
     kernel = functools.partial(_gather_kernel, bc=bc, bn=bn, splits=splits, batch=batch, mma=mma,
                                atomic=not interpret)
     grid = (wp.shape[1] // bn, splits)
-    y = _call(kernel, grid, [meta, idx, xp, wp], b_pad, wp.shape[1], interpret=interpret,
+    y = _call(kernel, grid, [meta, idx, xp.T if mma else xp, wp], b_pad, wp.shape[1], interpret=interpret,
               poison=poison, num_warps=num_warps, num_stages=num_stages)
     return y[:batch, :n]
 
