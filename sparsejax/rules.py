@@ -393,11 +393,13 @@ class SparkTopK(ActivationRule):
     Exactly one of ``k`` (entries per row) and ``k_frac`` (fraction) is given;
     the default is ``k_frac=0.08`` for FFNs and ``k=256`` keys for attention.
     ``impl`` picks the top-k's implementation (see
-    :func:`sparsejax.kernels.statistical_topk.statistical_topk`): ``"auto"`` takes the
-    one-pass Pallas kernel on a GPU (for attention, one launch for the statistics
-    over the unmasked scores and the selection); the default ``"xla"`` stays
-    partitionable by XLA's sharding (a Pallas call is not), as multi-device
-    training needs.
+    :func:`sparsejax.kernels.statistical_topk.statistical_topk`): ``"pallas"`` the
+    one-pass kernel (for attention, one launch for the statistics over the unmasked
+    scores and the selection); ``"auto"`` the faster of the kernel and XLA's top-k per
+    site shape by :mod:`~sparsejax.kernels.path_choice` (the kernel where nothing is
+    measured and it applies; program tuning also tries XLA's, which fuses with the ops
+    around it); the default ``"xla"`` stays partitionable by XLA's sharding (a Pallas
+    call is not), as multi-device training needs.
     """
 
     pattern: str | re.Pattern = "*"

@@ -168,3 +168,70 @@ def test_bad_spark_rules():
     with pytest.raises(ValueError, match=r"selects no attention site; sites found: none"):
         sj.sparsify(lambda p, x: x @ p["w"], sj.SparkTopK(site="attention")).init(
             params, jnp.ones((2, 4)))
+
+
+def _kernel_applies(monkeypatch, times):
+    """The top-k kernel counts as applying here (it runs in interpret mode on the CPU), and
+    measuring is faked with ``times`` per candidate."""
+    from sparsejax.kernels import path_choice as pc
+    from sparsejax.kernels import statistical_topk as stk
+
+    monkeypatch.setattr(stk, "supported", lambda *a, **kw: None)
+    monkeypatch.setattr(pc, "_measuring_pays", lambda: True)
+    monkeypatch.setattr(pc, "measure", lambda cands, specs, **kw: {c.name: times[c.name] for c in cands})
+
+
+def _attention_setup():
+    x = jax.random.normal(jax.random.key(2), (2, 9, 16))
+    plain = PlainAttention(2, 8)
+    params = plain.init(jax.random.key(3), x)
+    sfn = sj.sparsify(plain.apply, sj.SparkTopK(site="attention", k=3, impl="auto"))
+    sparams, sstate = sfn.init(params, x)
+    return sfn, sparams, sstate, x
+
+
+def _kernels(step, args) -> int:
+    return str(jax.make_jaxpr(lambda *a: step(*a))(*args)).count("pallas_call")
+
+
+def test_auto_topk_takes_the_measured_faster_path(fresh_paths, monkeypatch):
+    from sparsejax.kernels import path_choice as pc
+
+    sfn, sparams, sstate, x = _attention_setup()
+    _kernel_applies(monkeypatch, {"pallas": 2.0, "xla": 5.0})
+    with pc.recording() as seen:
+        out = sfn(sparams, sstate, x)
+    assert _kernels(sfn, (sparams, sstate, x)) == 1
+    (choice, names, movable), = [v for k, v in seen.items() if k.startswith("statistical_topk|attention")]
+    assert choice.name == "pallas" and names == ("pallas", "xla") and movable == ("xla",)
+    pc.clear_cache()
+    _kernel_applies(monkeypatch, {"pallas": 6.0, "xla": 5.0})
+    sfn.invalidate()
+    out_xla = sfn(sparams, sstate, x)
+    assert _kernels(sfn, (sparams, sstate, x)) == 0
+    chex.assert_trees_all_close(out, out_xla, rtol=1e-5, atol=1e-5)
+    # forced either way
+    for path, kernels in (("pallas", 1), ("xla", 0)):
+        with pc.mode(f"force:{path}"):
+            sfn.invalidate()
+            assert _kernels(sfn, (sparams, sstate, x)) == kernels
+
+
+def test_program_tuning_tries_xla_topk_where_the_kernel_won_alone(fresh_paths, monkeypatch):
+    sfn, sparams, sstate, x = _attention_setup()
+    _kernel_applies(monkeypatch, {"pallas": 2.0, "xla": 5.0})      # alone: the kernel by 2.5x
+    step = lambda p, s, v: jnp.sum(sfn(p, s, v) ** 2)
+    args = (sparams, sstate, x)
+    assert _kernels(step, args) == 1
+    # In the program XLA's top-k fuses with its neighbours: faster without the kernel.
+    tuning = sfn.tune(step, *args, timer=lambda f, a: 1.0 + 0.1 * _kernels(f, a))
+    assert [(t.path, t.kept) for t in tuning.trials] == [("xla", True)]
+    assert _kernels(step, args) == 0                                 # the verdict is obeyed
+
+
+def test_auto_topk_where_the_kernel_does_not_apply_is_xla_unmeasured(fresh_paths, monkeypatch):
+    from sparsejax.kernels import path_choice as pc
+
+    monkeypatch.setattr(pc, "measure", lambda *a, **kw: pytest.fail("measured"))
+    sfn, sparams, sstate, x = _attention_setup()           # the CPU: no top-k kernel
+    assert _kernels(sfn, (sparams, sstate, x)) == 0
