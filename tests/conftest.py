@@ -62,12 +62,10 @@ def fresh_paths(monkeypatch):
 # The slowest tests (each 7-30 s on 2 cores: train.py subprocesses, notebook kernels, multi-
 # process runs) start first. pytest-xdist hands out tests in collection order, and
 # tests/test_train.py comes late in it: a 30 s test started last kept one worker busy while
-# the other had nothing left to run. (xdist's first batch of consecutive tests also runs the
-# three notebooks one after another, so the gpu and tpu ones load the tour's programs from
-# the compilation cache.) Only the order changes; every test still runs.
+# the other had nothing left to run. Only the order changes; every test still runs.
 _RUN_FIRST = (
     "tests/test_train.py::test_sigkill_and_resume_ends_bit_identical",
-    "tests/test_notebooks.py::test_notebook_executes_without_errors",
+    "tests/test_notebooks.py::test_tour_notebook_executes_without_errors",
     "tests/test_distributed.py::test_two_processes_follow_the_one_process_curve",
     "tests/test_soups.py::test_train_py_runs_imp_with_soups",
     "tests/test_train.py::test_eight_devices_follow_the_one_device_curve",

@@ -1,6 +1,7 @@
-"""Every notebook runs top to bottom (headless, on CPU at small sizes), the stored
-notebooks are what notebooks/build.py writes, and the benchmark summary the
-notebooks plot quotes its sources exactly."""
+"""The tour runs top to bottom (headless, on CPU at small sizes) and the GPU and TPU
+notebooks' own cells run after the tour cells they read, the stored notebooks are what
+notebooks/build.py writes, and the benchmark summary the notebooks plot quotes its sources
+exactly."""
 
 import json
 import os
@@ -23,27 +24,59 @@ def _build_module():
     return build
 
 
-@pytest.mark.parametrize("name", NOTEBOOK_NAMES)
-def test_notebook_executes_without_errors(name, monkeypatch):
+def _execute(nb, monkeypatch):
+    """Runs ``nb`` in a fresh kernel; returns its outputs (raises CellExecutionError naming
+    the failing cell)."""
     # The kernel inherits this environment: small sizes, and figures drawn by the
     # inline backend (Agg underneath), so the plotting code really renders.
     monkeypatch.setenv("SPARSEJAX_NOTEBOOK_SIZE", "small")
     monkeypatch.setenv("MPLBACKEND", "module://matplotlib_inline.backend_inline")
     monkeypatch.setenv("JAX_PLATFORMS", "cpu")
-    nb = nbformat.read(NOTEBOOKS / f"{name}.ipynb", as_version=4)
     client = nbclient.NotebookClient(nb, timeout=CELL_TIMEOUT_S, kernel_name="python3",
                                      resources={"metadata": {"path": str(NOTEBOOKS)}})
-    client.execute()    # raises CellExecutionError naming the failing cell
+    client.execute()
     outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])]
     assert not [o for o in outputs if o.output_type == "error"]
+    return outputs
+
+
+def _stream_text(outputs) -> str:
+    return "".join(o.get("text", "") for o in outputs if o.output_type == "stream")
+
+
+def test_tour_notebook_executes_without_errors(monkeypatch):
+    outputs = _execute(nbformat.read(NOTEBOOKS / "tour.ipynb", as_version=4), monkeypatch)
     images = [o for o in outputs if o.output_type == "display_data" and "image/png" in o.data]
     # activation densities, mask patterns, schedule + losses, per-layer density, speed chart
-    assert len(images) >= 5, f"{name}: {len(images)} figures rendered"
-    text = "".join(o.get("text", "") for o in outputs if o.output_type == "stream")
+    assert len(images) >= 5, f"{len(images)} figures rendered"
+    text = _stream_text(outputs)
     assert "sizes: small (backend cpu)" in text
     assert "activation sites:" in text                     # the LM's report
     assert "no block-sparse kernel on backend 'cpu'" in text   # lowering says it fell back
     assert "goals met" in text                             # the speed chart read the summary
+
+
+@pytest.mark.parametrize("kind", ["gpu", "tpu"])
+def test_backend_notebook_cells_execute_after_the_tour_cells_they_read(kind, monkeypatch):
+    # gpu.ipynb and tpu.ipynb are the tour with a few cells of their own in place of or after
+    # the tour's (test_gpu_and_tpu_notebooks_are_the_tour_plus_backend_notes; the tour runs in
+    # full above). Each backend's code cells run here after the tour cells they read: the
+    # set-up (imports, sizes) and the lowering whose result their timing cell times. The
+    # whole tour again per backend would double the suite's largest part for no new line.
+    build = _build_module()
+    tour = {meta["slot"]: cell for cell, meta in build.read_cells(build.SOURCES / "tour.py")
+            if "slot" in meta}
+    own = build.read_cells(build.SOURCES / f"{kind}.py")
+    own_code = [(cell, meta) for cell, meta in own if cell.cell_type == "code"]
+    assert {meta.get("slot") or meta.get("after") for _, meta in own_code} == {"device", "lower_code"}
+    replaced = {meta["slot"]: cell for cell, meta in own_code if "slot" in meta}
+    after = [cell for cell, meta in own_code if meta.get("after") == "lower_code"]
+    nb = nbformat.v4.new_notebook(cells=[replaced["device"], tour["setup"], tour["lower_code"], *after])
+    text = _stream_text(_execute(nb, monkeypatch))
+    assert "| backend: cpu" in text                           # the backend's device cell
+    assert "sizes: small (backend cpu)" in text
+    assert "no block-sparse kernel on backend 'cpu'" in text
+    assert "XLA dense" in text and "× dense" in text          # the backend's timing cell
 
 
 def test_stored_notebooks_are_built_from_the_cells_and_have_no_outputs():

@@ -40,7 +40,7 @@ for d in jax.devices():
     print(" ", d.platform, d.device_kind)
 
 
-# %%
+# %% slot="setup"
 import json
 import os
 import pathlib
