@@ -280,6 +280,9 @@ def ffn_variants(interpret, batch):
         # 45.8 / 50.3 µs): each reduces one product row per token. The tensor cores take the
         # batch as one (16, bk) operand (mma=True), in the up kernel and the down kernel.
         mma = dict(impl="sparse", select_kernel=True, mma=True)
+        # the shipped down tiles (choose_impl's sparse_mma_select): 8 row tiles per program
+        # into partial sums, 3 stages
+        down = dict(sf.CHOICE_PATHS["sparse_mma_select"][1]["down_tiles"])
         # First sweep: one-tile down programs 68.1-71.4 / 72.1-74.3 µs (bj32/64, bk128/256).
         # The first profile at batch 8 (per layer): the down kernel's one-tile programs (bk64
         # bn256, 1944 of them adding into y with atomics) 36 µs for 31 MB, the up kernel 12.8.
@@ -288,12 +291,11 @@ def ffn_variants(interpret, batch):
         # path's since), s2 52.9 / 53.1, bn128 53.6 (b8), atomics 55.3 (b8), 4 steps 60.7 (b8);
         # the rows kernel down 112.8 (b8).
         v["sparse mma bj32 bk256, select kernel, down bk64 8 steps bn256 partials s3"] = dict(
-            mma, bj=32, bk=256, down_tiles=dict(bk=64, bn=256, steps=8, partials=True, num_stages=3))
+            mma, bj=32, bk=256, down_tiles=down)
         # Third sweep (batch 2 / 4 / 8, µs): bk64 8 steps s3 47.4 / 47.7 / 48.3, s4 - / - / 52.1,
         # bk32 16 steps s3 / s4 52.3 / 50.5 (b8), bj64 w8 48.2 (b8). The profile at batch 8 (per
         # layer): down 14.0 µs (2.2 TB/s; 243 programs, under two waves of 132 SMs), up 12.5
         # (2.5 TB/s). Next: more, shorter down programs at 3 stages, and wider up tiles.
-        down = dict(bk=64, bn=256, steps=8, partials=True, num_stages=3)
         for name, up, dn in (("down bn128 8 steps s3", {}, dict(down, bn=128)),
                              ("down bk128 4 steps s3", {}, dict(down, bk=128, steps=4)),
                              ("down w8", {}, dict(down, num_warps=8)),
