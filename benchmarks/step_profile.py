@@ -26,8 +26,6 @@ kernels (a check that the script runs, not a measurement). Prints the table last
 from __future__ import annotations
 
 import argparse
-import collections
-import glob
 import os
 import pathlib
 import re
@@ -41,6 +39,7 @@ import jax.numpy as jnp
 sys.path.append(str(pathlib.Path(__file__).resolve().parent))
 from timing import median_seconds  # noqa: E402
 
+from sparsejax.kernels import device_timing  # noqa: E402
 from sparsejax.models import transformer  # noqa: E402
 
 CATEGORIES = ("Pallas / Mosaic kernels", "GEMM (cuBLAS / CUTLASS)", "attention (cuDNN)",
@@ -62,43 +61,10 @@ def category(kernel: str, hlo_op: str) -> str:
     return "copies and other"
 
 
-def _stat(event, key: str) -> str:
-    for k, v in event.stats:
-        if k == key:
-            return str(v)
-    return ""
-
-
 def kernel_stats(trace_dir: str) -> dict[tuple[str, str], list[float]]:
-    """``[total µs, launches]`` per (kernel, hlo op) over the trace in ``trace_dir``: the GPU
-    streams' events, else (no GPU plane: CPU) the XLA ops on the host's threads. Empty when
-    the profiler wrote no trace."""
-    files = glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True)
-    if not files:
-        return {}
-    data = jax.profiler.ProfileData.from_file(max(files, key=os.path.getmtime))
-    totals: dict[tuple[str, str], list[float]] = collections.defaultdict(lambda: [0.0, 0])
-    device = [p for p in data.planes if p.name.startswith("/device:GPU")]
-    if device:
-        for plane in device:
-            for line in plane.lines:
-                if not line.name.startswith("Stream"):   # derived lines repeat the same time
-                    continue
-                for e in line.events:
-                    t = totals[(e.name, _stat(e, "hlo_op"))]
-                    t[0] += e.duration_ns / 1e3
-                    t[1] += 1
-        return dict(totals)
-    for plane in data.planes:                 # CPU: XLA ops on the host's threads
-        for line in plane.lines:
-            for e in line.events:
-                op = _stat(e, "hlo_op")
-                # A loop's or call's event spans its body's ops, which have events of their own.
-                if op and not op.startswith(("while", "conditional", "call")):
-                    t = totals[(e.name, op)]
-                    t[0] += e.duration_ns / 1e3
-                    t[1] += 1
-    return dict(totals)
+    """``[total µs, launches]`` per (kernel, hlo op) over the trace in ``trace_dir`` (the
+    library's reading of a profile, :func:`sparsejax.kernels.device_timing.kernel_events`)."""
+    return device_timing.kernel_events(trace_dir)
 
 
 def trace(step, steps: int, warmup: int = 1) -> dict[tuple[str, str], tuple[float, float]]:

@@ -333,3 +333,74 @@ def test_a_reference_is_timed_as_the_baseline_and_never_chosen(monkeypatch, tmp_
     with pc.mode("force:dense"):    # not a candidate: forcing it gives the deterministic choice
         assert pc.choose("op", "sig2", _candidates(), SPECS, reference=ref,
                          reference_specs=ref_specs).name == "einsum"
+
+
+def test_device_seconds_sums_the_kernels_of_a_call():
+    from sparsejax.kernels import device_timing as dtm
+    small = jax.jit(lambda a: jnp.tanh(a[:64, :64] @ a[:64, :64]))
+    large = jax.jit(lambda a: jnp.tanh(a @ a) @ a)
+    a = jax.random.normal(jax.random.key(0), (512, 512))
+    t_small = dtm.device_seconds(small, a, calls=3)
+    t_large = dtm.device_seconds(large, a, calls=3)
+    assert t_small is not None and t_large is not None
+    assert t_large.launches >= 1 and t_large.kernel_s > t_small.kernel_s > 0
+    assert t_large.seconds == pytest.approx(t_large.kernel_s + dtm.LAUNCH_GAP_S * t_large.launches)
+
+
+def test_device_seconds_keeps_out_of_a_running_trace(tmp_path):
+    from sparsejax.kernels import device_timing as dtm
+    jax.profiler.start_trace(str(tmp_path))
+    try:
+        assert dtm.device_seconds(jax.jit(lambda a: a + 1), jnp.ones(4), calls=1) is None
+    finally:
+        jax.profiler.stop_trace()
+
+
+def _host_bound(monkeypatch, device_us):
+    """Every wall timing host-bound; the profiler's device time per call from ``device_us``, in
+    the order the candidates are timed (µs per application, times the sets and rounds)."""
+    from sparsejax.kernels import device_timing as dtm
+    monkeypatch.setattr(pc, "enqueue_seconds", lambda fn, *a, **kw: 1.0)
+    monkeypatch.setattr(pc, "rounds_for", lambda *a, **kw: 1)
+    it = iter(device_us)
+
+    def fake(fn, *args, calls=10, warmup=1):
+        jax.block_until_ready(fn(*args))
+        us = next(it)
+        return None if us is None else dtm.DeviceTime(kernel_s=us * 1e-6 * 3, launches=0)
+    monkeypatch.setattr(dtm, "device_seconds", fake)
+
+
+def test_host_bound_candidates_are_compared_by_their_device_time(monkeypatch):
+    _host_bound(monkeypatch, [30.0, 10.0])      # einsum, then xla_dense
+    wall = {}
+    times = pc.measure(_candidates(), SPECS, calls=1, repeats=1, copies=3, wall_us=wall,
+                       device=True)
+    assert times == pytest.approx({"einsum": 30.0, "xla_dense": 10.0})
+    assert set(wall) == {"einsum", "xla_dense"} and all(0 < v < 1e6 for v in wall.values())
+    # Off the accelerator (the default on CPU) the wall clock stands.
+    _host_bound(monkeypatch, [30.0, 10.0])
+    wall = {}
+    times = pc.measure(_candidates(), SPECS, calls=1, repeats=1, copies=3, wall_us=wall)
+    assert wall == {} and times["einsum"] != pytest.approx(30.0)
+
+
+def test_without_a_device_time_for_every_candidate_the_wall_clock_stands(monkeypatch):
+    _host_bound(monkeypatch, [30.0, None])
+    wall = {}
+    times = pc.measure(_candidates(), SPECS, calls=1, repeats=1, copies=3, wall_us=wall,
+                       device=True)
+    assert wall == {} and times["einsum"] != pytest.approx(30.0)
+
+
+def test_a_choice_timed_by_the_device_says_so_in_the_cache(monkeypatch, tmp_path):
+    monkeypatch.setattr(pc, "_measuring_pays", lambda: True)
+
+    def measured(cands, specs, wall_us=None, **kw):
+        wall_us.update({"einsum": 9.0, "xla_dense": 12.0})
+        return {"einsum": 5.0, "xla_dense": 2.0}
+    monkeypatch.setattr(pc, "measure", measured)
+    monkeypatch.setenv("SPARSEJAX_PATH_CACHE", str(tmp_path / "c.json"))
+    assert pc.choose("op", "sig", _candidates(), SPECS, baseline="xla_dense").name == "xla_dense"
+    saved = json.loads((tmp_path / "c.json").read_text())["entries"]["op|sig"]
+    assert saved["timed_by"] == "device" and saved["path"] == "xla_dense"
