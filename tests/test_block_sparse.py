@@ -105,6 +105,67 @@ def test_pack_works_under_jit_with_traced_weights():
     assert jitted.tables == eager.tables
 
 
+# --------------------------------------------------------------------------- the kept blocks' product in XLA ops
+
+
+@pytest.mark.parametrize("kind", ["random", "zero", "dense", "one_per_row"])
+@pytest.mark.parametrize("m,k,n,block", [(1, 37, 29, (8, 16)), (3, 24, 40, (8, 8)), (13, 40, 24, (16, 8))])
+def test_kept_blocks_product_matches_reference_forward_and_backward(kind, m, k, n, block):
+    rng = np.random.default_rng(hash((kind, m, k, n, "blocks")) % 2**32)
+    x, packed = _operands(rng, m, k, n, block, kind, lead=(2,))
+    out = bs.block_sparse_matmul_blocks(x, packed)
+    assert out.shape == (2, m, n) and out.dtype == x.dtype
+    ref = bs.block_sparse_matmul_reference(x, packed)
+    if kind == "zero":
+        assert np.abs(np.asarray(out)).max() == 0
+    else:
+        assert rel_error(out, ref) < 1e-5
+    cot = jnp.asarray(rng.standard_normal((2, m, n)), jnp.float32)
+    loss = lambda fn: (lambda x, p: jnp.sum(fn(x, p) * cot))
+    gx, gp = jax.grad(loss(bs.block_sparse_matmul_blocks), argnums=(0, 1))(x, packed)
+    rx, rp = jax.grad(loss(bs.block_sparse_matmul_reference), argnums=(0, 1))(x, packed)
+    np.testing.assert_allclose(np.asarray(gx), np.asarray(rx), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(np.asarray(gp.blocks), np.asarray(rp.blocks), rtol=1e-4, atol=1e-4)
+
+
+def test_kept_blocks_product_in_bfloat16_accumulates_in_float32():
+    rng = np.random.default_rng(21)
+    x, packed = _operands(rng, 2, 256, 128, (64, 32), "random", dtype=jnp.bfloat16)
+    out = bs.block_sparse_matmul_blocks(x, packed)
+    assert out.dtype == jnp.bfloat16
+    want = np.asarray(x, np.float64) @ np.asarray(packed.to_dense(), np.float64)
+    assert rel_error(out, want) < 1e-2
+
+
+def test_kept_blocks_product_with_device_tables_ignores_padded_slots():
+    rng = np.random.default_rng(22)
+    layers, k, n, block = 3, 40, 24, (8, 8)
+    grid = (5, 3)
+    bmasks = np.stack([rng.random(grid) < d for d in (0.2, 0.5, 0.9)])
+    bmasks[0, 0, 0] = True
+    w = jnp.asarray(rng.standard_normal((layers, k, n)), jnp.float32)
+    stacked = bs.pack_stacked(w, bmasks, block)
+    x = jnp.asarray(rng.standard_normal((2, k)), jnp.float32)
+
+    def per_layer(blocks, index):
+        # Padded slots (past col_ptr[-1]) poisoned: they must not reach the output.
+        real = jnp.arange(stacked.tables.capacity) < index.col_ptr[-1]
+        blocks = jnp.where(real[:, None, None], blocks, jnp.nan)
+        return bs.block_sparse_matmul_blocks(x, bs.BlockSparseWeight(blocks, stacked.tables, index))
+
+    ys = jax.lax.map(lambda a: per_layer(*a), (stacked.blocks, stacked.index))
+    for layer in range(layers):
+        dense = np.asarray(w[layer]) * np.kron(bmasks[layer], np.ones(block, bool))[:k, :n]
+        np.testing.assert_allclose(np.asarray(ys[layer]), np.asarray(x) @ dense, rtol=1e-5, atol=1e-5)
+
+
+def test_kept_blocks_product_rejects_a_stack_it_is_not_sliced_from():
+    rng = np.random.default_rng(23)
+    stacked = bs.pack_stacked(jnp.ones((2, 16, 16)), rng.random((2, 2, 2)) < 0.5, (8, 8))
+    with pytest.raises(ValueError, match="block_sparse_matmul_blocks: a stacked weight"):
+        bs.block_sparse_matmul_blocks(jnp.ones((1, 16)), stacked)
+
+
 # --------------------------------------------------------------------------- kernel vs reference
 
 

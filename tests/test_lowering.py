@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 import sparsejax as sj
+from sparsejax.kernels import block_sparse as bs
 from sparsejax.kernels import path_choice as pc
 
 
@@ -93,7 +94,7 @@ def test_cpu_choice_is_deterministic(fresh_paths):
         "block-sparse kernel (Pallas kernel in interpret mode)"}
 
 
-@pytest.mark.parametrize("path", ["kernel", "xla_dense", "reference"])
+@pytest.mark.parametrize("path", ["kernel", "xla_dense", "reference", "xla_blocks"])
 def test_each_forced_path_computes_the_masked_answer(fresh_paths, path):
     sfn, sparams, sstate, x = _setup(seed=8)
     with pc.mode(f"force:{path}"):   # the reference is a candidate where no kernel runs
@@ -102,9 +103,30 @@ def test_each_forced_path_computes_the_masked_answer(fresh_paths, path):
         jaxpr = str(fast.rewritten_jaxpr(sparams, sstate, x))
     assert ("pallas_call" in jaxpr) == (path == "kernel")
     label = {"kernel": "block-sparse kernel", "xla_dense": "XLA dense",
-             "reference": "block-sparse reference"}[path]
+             "reference": "block-sparse reference",
+             "xla_blocks": "XLA product of the kept blocks"}[path]
     assert all(k.startswith(label) and "(forced)" in k for k in _kernels(fast).values())
     chex.assert_trees_all_close(y, sfn(sparams, sstate, x), rtol=1e-5, atol=1e-5)
+
+
+def test_kept_blocks_product_is_offered_at_a_few_rows_only_and_differentiates(fresh_paths):
+    sfn, sparams, sstate, _ = _setup(seed=9)
+    cot = jax.random.normal(jax.random.key(3), (2, 2, 8))
+    loss = lambda f: (lambda p, x: jnp.sum(f(p, sstate, x) * cot))
+    x = jax.random.normal(jax.random.key(4), (2, 40))
+    with pc.mode("force:xla_blocks"):
+        fast = sfn.lower(sstate)
+        g_fast = jax.grad(loss(fast), argnums=(0, 1))(sparams, x)
+    assert all(k.startswith("XLA product of the kept blocks") for k in _kernels(fast).values())
+    chex.assert_trees_all_close(g_fast, jax.grad(loss(sfn), argnums=(0, 1))(sparams, x),
+                                rtol=1e-5, atol=1e-5)
+    # Past MAX_ROWS rows it is no candidate: forcing it falls back to the deterministic path.
+    many = jax.random.normal(jax.random.key(5), (bs.MAX_ROWS + 1, 40))
+    with pc.mode("force:xla_blocks"):
+        fast = sfn.lower(sstate)
+        y = fast(sparams, sstate, many)
+    assert all(k.startswith("XLA dense masked matmul") for k in _kernels(fast).values())
+    chex.assert_trees_all_close(y, sfn(sparams, sstate, many), rtol=1e-5, atol=1e-5)
 
 
 def test_measured_choice_of_xla_computes_via_xla_and_reports_times(fresh_paths, monkeypatch):
@@ -113,13 +135,13 @@ def test_measured_choice_of_xla_computes_via_xla_and_reports_times(fresh_paths, 
 
     def fake_measure(candidates, specs, **kw):
         seen.append(([c.name for c in candidates], [s.shape for s in specs]))
-        return {"kernel": 40.0, "xla_dense": 10.0}
+        return {"kernel": 40.0, "xla_dense": 10.0, "xla_blocks": 20.0}
 
     monkeypatch.setattr(pc, "_measuring_pays", lambda: True)
     monkeypatch.setattr(pc, "measure", fake_measure)
     fast = sfn.lower(sstate, interpret=True)
     assert "pallas_call" not in str(fast.rewritten_jaxpr(sparams, sstate, x))
-    assert seen[0] == (["kernel", "xla_dense"], [(5, 40), (40, 48)])
+    assert seen[0] == (["kernel", "xla_dense", "xla_blocks"], [(5, 40), (40, 48)])
     assert set(_kernels(fast).values()) == {"XLA dense masked matmul (10 µs, measured)"}
     chex.assert_trees_all_close(fast(sparams, sstate, x), sfn(sparams, sstate, x), atol=1e-6)
     # Under jax.grad the sites are chosen again, for forward + backward.
@@ -134,7 +156,8 @@ def test_measured_choice_of_xla_computes_via_xla_and_reports_times(fresh_paths, 
 def test_measured_kernel_choice_reports_its_time_against_dense(fresh_paths, monkeypatch):
     sfn, sparams, sstate, x = _setup(seed=10)
     monkeypatch.setattr(pc, "_measuring_pays", lambda: True)
-    monkeypatch.setattr(pc, "measure", lambda c, s, **kw: {"kernel": 5.0, "xla_dense": 10.0})
+    monkeypatch.setattr(pc, "measure", lambda c, s, **kw: {"kernel": 5.0, "xla_dense": 10.0,
+                                                          "xla_blocks": 7.0})
     fast = sfn.lower(sstate, interpret=True)
     assert "pallas_call" in str(fast.rewritten_jaxpr(sparams, sstate, x))
     assert set(_kernels(fast).values()) == {
@@ -148,8 +171,9 @@ def test_candidates_measure_for_real_forward_and_backward(fresh_paths):
     handler = fast._handlers["params/a/kernel"]
     w = sparams["params"]["a"]["kernel"]
     want = x @ (w * sstate["masks"]["params"]["a"]["kernel"])
-    candidates = handler._candidates(jnp.float32)
-    assert [c.name for c in candidates if c.unsupported is None] == ["kernel", "xla_dense"]
+    candidates = handler._candidates(jnp.float32, x.shape[0])
+    assert ([c.name for c in candidates if c.unsupported is None]
+            == ["kernel", "xla_dense", "xla_blocks"])
     for c in candidates:
         chex.assert_trees_all_close(jax.jit(c.fn)(x, w), want, rtol=1e-5, atol=1e-5)
 

@@ -80,6 +80,24 @@ def test_scanned_layers_lower_with_per_layer_tables(stack):
                for k in kernels.values()), kernels
 
 
+def test_scanned_layers_take_the_kept_blocks_product_with_per_layer_tables(stack):
+    from sparsejax.kernels import path_choice as pc
+    sfn, sparams, sstate, x, _ = stack
+    with pc.mode("force:xla_blocks"):        # 5 rows: a few-row site, where it is offered
+        fast = sfn.lower(sstate)
+        y = jax.jit(fast)(sparams, sstate, x)
+        g_fast = jax.jit(jax.grad(_loss(fast, sstate), argnums=(0, 1)))(sparams, x)
+        packed = sfn.lower(sstate, packed=True)
+        y_packed = jax.jit(packed)(packed.pack(sparams), sstate, x)
+    assert all(r.kernel.startswith("XLA product of the kept blocks") for r in fast.report().rows)
+    want = sfn(sparams, sstate, x)
+    chex.assert_trees_all_close(y, want, rtol=1e-5, atol=1e-5)
+    chex.assert_trees_all_close(y_packed, want, rtol=1e-5, atol=1e-5)
+    g_ref = jax.jit(jax.grad(_loss(sfn, sstate), argnums=(0, 1)))(sparams, x)
+    chex.assert_trees_all_close(g_fast, g_ref, rtol=1e-4, atol=1e-5)
+    assert not np.any(np.asarray(g_fast[0]["params"]["layers"]["a"]["kernel"][1]))
+
+
 def test_pack_stacked_matches_dense_and_tables_travel_through_a_scan():
     rng = np.random.default_rng(0)
     mask = _layer_masks(40, 48, 8, 16, rng)

@@ -207,7 +207,7 @@ def test_group_candidates_agree_and_a_measured_loss_keeps_sites_apart(fresh_path
     # Where fusion measures slower, each member takes its own path.
     monkeypatch.setattr(pc, "_measuring_pays", lambda: True)
     group_times = {"fused_kernel": 9.0, "separate": 5.0, "xla_dense": 8.0}
-    site_times = {"kernel": 1.0, "xla_dense": 2.0}
+    site_times = {"kernel": 1.0, "xla_dense": 2.0, "xla_blocks": 3.0}
     monkeypatch.setattr(pc, "measure", lambda cands, specs, **kw: {
         c.name: (group_times if len(specs) > 2 else site_times)[c.name]
         for c in cands if c.unsupported is None})

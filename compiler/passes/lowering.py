@@ -222,13 +222,14 @@ class BlockSparseHandler(PathChoosing, MaskHandler):
                 # XLA's candidate differs: a plain dense product when the leaf is pre-masked.
                 + (",premasked" if self.premasked else ""))
 
-    def _candidates(self, dtype):
-        """The site's paths as functions of ``(x2, w)``, ``w`` the dense ``(K, N)`` weight.
+    def _candidates(self, dtype, m: int):
+        """The site's paths as functions of ``(x2, w)``, ``w`` the dense ``(K, N)`` weight,
+        for ``m`` rows of ``x2``.
 
-        Each includes what the program does around the product: the kernel and the
-        reference gather the kept blocks (and scatter ``dW`` back), XLA multiplies
-        by the mask. A stacked leaf is measured on its first layer's tables (the
-        signature carries the whole stack's column counts).
+        Each includes what the program does around the product: the kernel, the kept blocks'
+        product in XLA ops and the reference gather the kept blocks (and scatter ``dW``
+        back), XLA multiplies by the mask. A stacked leaf is measured on its first layer's
+        tables (the signature carries the whole stack's column counts).
         """
         ok, why = self._kernel_support(dtype)
         mask = self.mask_matrix(0)
@@ -245,6 +246,15 @@ class BlockSparseHandler(PathChoosing, MaskHandler):
             if not self.premasked else
             path_choice.Candidate("xla_dense", lambda x, w: jnp.matmul(x, w),
                                   describe="XLA dense matmul (pre-masked weight)"),
+            # At a few rows (decode) the kernel's row tiles leave most of the GPU idle; the kept
+            # blocks' product in XLA ops spreads the work over every kept block.
+            path_choice.Candidate(
+                "xla_blocks", lambda x, w: block_sparse.block_sparse_matmul_blocks(x, gather(w)),
+                None if m <= block_sparse.MAX_ROWS else
+                f"{m} rows: the kept blocks' product in XLA ops is offered at up to "
+                f"{block_sparse.MAX_ROWS}",
+                "XLA product of the kept blocks (gathered rows of x, batched product, "
+                "per-column sum)"),
             # The kernel's plain-JAX twin: a candidate only where no kernel runs (it never
             # beats XLA's masked product, so measuring it beside a kernel costs for nothing).
             path_choice.Candidate(
@@ -290,12 +300,14 @@ class BlockSparseHandler(PathChoosing, MaskHandler):
         # measurement weight is not: the candidates agree only on masked weights.
         # The kernel's work (the least of the candidates'): where even it is compute-bound,
         # the inputs' place (L2 or HBM) does not decide the timing and two input sets do.
-        choice = self._choose(key, OP, self._signature(m, dtype), self._candidates(dtype), specs,
+        choice = self._choose(key, OP, self._signature(m, dtype), self._candidates(dtype, m), specs,
                               check=not self.premasked, flops=2.0 * m * k * n * self._density)
         if choice.name == "xla_dense":
             return bind_eqn(eqn, [materialize(x) for x in invals])
         if choice.name == "reference":
             fn = lambda x2: block_sparse.block_sparse_matmul_reference(x2, state)
+        elif choice.name == "xla_blocks":
+            fn = lambda x2: block_sparse.block_sparse_matmul_blocks(x2, state)
         else:
             fn = lambda x2: block_sparse.block_sparse_matmul(
                 x2, state, backend=self.backend, interpret=self.interpret)

@@ -239,10 +239,10 @@ class SiblingGroup(PathChoosing):
             h = mem.handler
             spec = [jax.ShapeDtypeStruct((m, h.tables.shape[0]), dtype),
                     jax.ShapeDtypeStruct(h.tables.shape, dtype)]
-            own = h._choose(mem.key, OP, h._signature(m, dtype), h._candidates(dtype), spec,
+            own = h._choose(mem.key, OP, h._signature(m, dtype), h._candidates(dtype, m), spec,
                             check=not h.premasked,
                             flops=2.0 * m * h.tables.shape[0] * h.tables.shape[1] * h._density)
-            alone.append(next(c.fn for c in h._candidates(dtype) if c.name == own.name))
+            alone.append(next(c.fn for c in h._candidates(dtype, m) if c.name == own.name))
 
         def separate(x, *ws):
             return [fn(x, w) for fn, w in zip(alone, ws)]

@@ -8,6 +8,8 @@ common; splash attention: mask_info / kernel):
   weight, for the lowering pass).
 * :mod:`.ops`: :func:`block_sparse_matmul` (dispatch to a kernel, the custom
   VJP), :func:`block_sparse_matmul_reference` and :func:`supported`.
+* :mod:`.xla_blocks`: :func:`block_sparse_matmul_blocks`, the kept blocks' product in XLA
+  ops for a few rows (decode): a candidate the lowering pass measures beside the kernel.
 * :mod:`.tpu`: the ``pl.pallas_call`` kernels (TPU; interpret mode on CPU).
 * :mod:`.mosaic_gpu`, :mod:`.mosaic_gpu_ws`: the Mosaic GPU kernels (Hopper):
   the single-warpgroup tile kernel and the dW kernel; the warp-specialized
@@ -46,6 +48,7 @@ from sparsejax.kernels.block_sparse.tables import (
     stacked_tables,
     tables_of,
 )
+from sparsejax.kernels.block_sparse.xla_blocks import MAX_ROWS, block_sparse_matmul_blocks
 
 __all__ = [
     "BlockSparseWeight",
@@ -62,6 +65,8 @@ __all__ = [
     "index_of",
     "block_sparse_matmul",
     "block_sparse_matmul_reference",
+    "block_sparse_matmul_blocks",
+    "MAX_ROWS",
     "supported",
     "describe",
 ]
