@@ -182,3 +182,50 @@ def test_overrides_outrank_caches_but_not_forcing(fresh_paths):
     assert pc.choose("op", "sig", cands, specs).name == "kernel"       # the override is gone
     with pc.overriding({"op|sig": "gone"}):                               # not a candidate: ignored
         assert pc.choose("op", "sig", cands, specs).name == "kernel"
+
+
+def test_fallbacks_are_the_sites_off_their_baseline():
+    on_kernel = pc.Choice("kernel", "kernel", "measured", {"kernel": 5.0, "xla_dense": 10.0}, "xla_dense")
+    on_xla = pc.Choice("xla_dense", "XLA", "measured", {"kernel": 15.0, "xla_dense": 10.0}, "xla_dense")
+    # A factorized site's baseline is the dense program's product, no path it can take.
+    factorized = pc.Choice("einsum", "einsums", "measured", {"einsum": 5.0, "xla_dense": 9.0},
+                           "dense_reference")
+    no_fallback = pc.Choice("einsum", "einsums", "measured", {"einsum": 5.0}, "dense_reference")
+    recorded = {"a": (on_kernel, ("kernel", "xla_dense")), "b": (on_xla, ("kernel", "xla_dense")),
+                "c": (factorized, ("einsum", "xla_dense"), ()), "d": (no_fallback, ("einsum",), ())}
+    assert program_tuning.fallbacks(recorded) == {"a": "xla_dense", "c": "xla_dense"}
+
+
+def test_sites_that_win_alone_and_lose_together_fall_back_to_xla_together(fresh_paths, monkeypatch):
+    sfn, sparams, sstate, x = _setup(seed=11)
+    _fake_sites(monkeypatch, {"kernel": 5.0, "xla_dense": 10.0})       # alone, the kernel by 2x
+    fast = sfn.lower(sstate, interpret=True)
+    step = lambda p, s, x: fast(p, s, x)
+    args = (sparams, sstate, x)
+    assert _kernels_in(step, args) == 2
+    # Together the two kernels cost the program more than XLA at both sites; one alone pays.
+    program = {0: 1.0, 1: 0.9, 2: 1.2}
+    tuning = fast.tune(step, *args, timer=lambda f, a: program[_kernels_in(f, a)])
+    first = tuning.trials[0]
+    assert (first.key, first.kept, first.program_s) == (program_tuning.EVERY_SITE, True, 1.0)
+    assert first.site_us == (10.0, 20.0)
+    # Then each site is tried back on its own choice: the first pays and is kept, the second not.
+    assert [(t.was, t.path, t.kept) for t in tuning.trials[1:]] == [
+        ("xla_dense", "kernel", True), ("xla_dense", "kernel", False)]
+    assert tuning.final_s == pytest.approx(0.9) and sorted(tuning.verdicts.values()) == ["kernel", "xla_dense"]
+    # Later traces take the verdicts, with no override in force.
+    monkeypatch.setattr(pc, "measure", lambda *a, **kw: pytest.fail("measured again"))
+    assert _kernels_in(step, args) == 1
+    chex.assert_trees_all_close(fast(*args), sfn(*args), rtol=1e-5, atol=1e-5)
+
+
+def test_the_fallback_program_is_not_kept_where_the_per_site_choices_are_faster(fresh_paths,
+                                                                                monkeypatch):
+    sfn, sparams, sstate, x = _setup(seed=12)
+    _fake_sites(monkeypatch, {"kernel": 5.0, "xla_dense": 10.0})
+    fast = sfn.lower(sstate, interpret=True)
+    step = lambda p, s, x: fast(p, s, x)
+    tuning = fast.tune(step, sparams, sstate, x, timer=lambda f, a: 1.0 - 0.1 * _kernels_in(f, a))
+    assert [(t.key, t.kept) for t in tuning.trials] == [(program_tuning.EVERY_SITE, False)]
+    assert tuning.verdicts == {} and tuning.final_s == tuning.base_s == pytest.approx(0.8)
+    assert _kernels_in(step, (sparams, sstate, x)) == 2

@@ -8,7 +8,13 @@ at 1.18× with the block-sparse kernel at every site. :func:`tune` settles such 
 calls by timing the program itself:
 
 1. trace and time ``step`` once, recording every choice its sites make;
-2. for each signature whose other candidates measured within ``margin`` of the winner,
+2. where any site took a path other than its fallback (XLA's product, the path the dense
+   program's own site takes), time the program with every such site on its fallback at
+   once: the program-level form of "never slower than dense". Sites timed alone can each
+   win and still lose together (a decode step whose Pallas GEMVs each measured faster ran
+   at 0.70× of the same model on XLA). Where that program is faster it is kept, and each
+   site is then tried back on its own choice, one at a time, as a switch like those below;
+3. for each signature whose other candidates measured within ``margin`` of the winner,
    retrace and time the program with that signature on each of them (one switch at a time,
    greedily, keeping each switch that makes the program faster by more than ``min_gain``,
    against the program without it timed again right after: a GPU's timings drift over the
@@ -16,7 +22,7 @@ calls by timing the program itself:
    likewise for each *movable* path (``Candidate.movable``), whose time alone overstates its
    cost in the program whatever it measured (a Monarch weight that a scan can rebuild once
    for every layer);
-3. keep the verdicts (:func:`path_choice.remember_program_verdict`): later traces take
+4. keep the verdicts (:func:`path_choice.remember_program_verdict`): later traces take
    them from the cache (and the user cache file, ``SPARSEJAX_PATH_CACHE``), and the
    report says so.
 
@@ -29,6 +35,7 @@ measured times, so there is nothing to settle and :func:`tune` only times the pr
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from typing import Callable, Sequence
 
@@ -36,7 +43,10 @@ import jax
 
 from sparsejax.kernels import path_choice
 
-__all__ = ["Trial", "Tuning", "close_calls", "tune"]
+__all__ = ["Trial", "Tuning", "close_calls", "fallbacks", "tune"]
+
+# The key a trial of every site on its fallback at once is reported under.
+EVERY_SITE = "every site not on its fallback"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,6 +110,20 @@ def close_calls(recorded: dict, margin: float) -> list[tuple[str, str, str, floa
     return sorted(out, key=lambda c: c[4] / max(c[3], 1e-9))
 
 
+def fallbacks(recorded: dict) -> dict[str, str]:
+    """``{key: path}``: each recorded site that took a path other than its fallback, and that
+    fallback: the choice's baseline where it is one of the site's candidates (XLA's product),
+    else its ``xla_dense`` candidate (a factorized site's baseline is the dense program's own
+    product, which it cannot take; its dense matrix rebuilt from the factors is the nearest)."""
+    out = {}
+    for key, (choice, names, *_) in recorded.items():
+        fallback = (choice.baseline if choice.baseline in names else
+                    "xla_dense" if "xla_dense" in names else None)
+        if fallback is not None and choice.name != fallback:
+            out[key] = fallback
+    return out
+
+
 def _program_seconds(step: Callable, args: Sequence, repeats: int) -> float:
     fn = jax.jit(step)
     return path_choice.median_seconds(fn, *args, calls=5, repeats=repeats, warmup=2)
@@ -137,29 +161,62 @@ def tune(step: Callable, *args, invalidate: Callable[[], None], margin: float = 
     invalidate()
     with path_choice.recording() as recorded:
         base = timed()
-    candidates = close_calls(dict(recorded), margin)[:max_trials]
+    recorded = dict(recorded)
     verdicts: dict[str, str] = {}
     best, trials = base, []
-    for key, was, path, was_us, path_us in candidates:
-        if budget_s is not None and time.perf_counter() - start > budget_s:
-            break
+    kept_switches = []          # (key, was, path, program seconds) to remember
+
+    def out_of_time() -> bool:
+        return budget_s is not None and time.perf_counter() - start > budget_s
+
+    def trial(switches: dict) -> tuple[float, float | None, bool]:
+        """The program with ``switches`` on top of the verdicts so far: its time, the
+        incumbent's time taken again after it (where it beat the best so far), kept or not."""
         invalidate()
-        with path_choice.overriding({**verdicts, key: path}):
+        with path_choice.overriding({**verdicts, **switches}):
             t = timed()
         again = None
         if t < best * (1.0 - min_gain):
             invalidate()
             with path_choice.overriding(dict(verdicts)):
                 again = timed()
-        kept = again is not None and t < again * (1.0 - min_gain)
+        return t, again, again is not None and t < again * (1.0 - min_gain)
+
+    candidates = close_calls(recorded, margin)
+    fallback = fallbacks(recorded)
+    if fallback and not out_of_time():
+        t, again, kept = trial(fallback)
+        chosen = sum(recorded[k][0].times_us.get(recorded[k][0].name, math.nan) for k in fallback)
+        alone = sum(recorded[k][0].times_us.get(p, math.nan) for k, p in fallback.items())
+        trials.append(Trial(EVERY_SITE, "their own choices", "their fallbacks", (chosen, alone),
+                            t, kept, again))
+        if kept:
+            verdicts.update(fallback)
+            best = t
+            kept_switches += [(k, recorded[k][0].name, p, again, t) for k, p in fallback.items()]
+            # Each site may still do better on its own choice, or on a close alternative.
+            candidates = ([(k, p, recorded[k][0].name, *(recorded[k][0].times_us.get(n, math.nan)
+                                                          for n in (p, recorded[k][0].name)))
+                           for k, p in fallback.items()]
+                          + [c for c in candidates if c[2] != fallback.get(c[0])])
+        elif again is not None:
+            best = again
+    for key, was, path, was_us, path_us in candidates[:max_trials]:
+        if out_of_time():
+            break
+        was = verdicts.get(key, was)        # the path the site is on now
+        if was == path:
+            continue
+        t, again, kept = trial({key: path})
         trials.append(Trial(key, was, path, (was_us, path_us), t, kept, again))
         if kept:
             verdicts[key], best = path, t
+            kept_switches.append((key, was, path, again, t))
         elif again is not None:
             best = again        # the incumbent's latest time: what the next switch must beat
-    for t in trials:
-        if t.kept:
-            path_choice.remember_program_verdict(t.key, t.path, {t.was: base * 1e6,
-                                                                 t.path: t.program_s * 1e6})
+    for key, was, path, was_s, program_s in kept_switches:
+        if verdicts.get(key) == path:
+            path_choice.remember_program_verdict(key, path, {was: was_s * 1e6,
+                                                             path: program_s * 1e6})
     invalidate()
     return Tuning(base, tuple(trials), verdicts, best)
