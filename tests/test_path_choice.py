@@ -403,6 +403,11 @@ def test_a_choice_timed_by_the_device_says_so_in_the_cache(monkeypatch, tmp_path
         return {"einsum": 5.0, "xla_dense": 2.0}
     monkeypatch.setattr(pc, "measure", measured)
     monkeypatch.setenv("SPARSEJAX_PATH_CACHE", str(tmp_path / "c.json"))
-    assert pc.choose("op", "sig", _candidates(), SPECS, baseline="xla_dense").name == "xla_dense"
+    first = pc.choose("op", "sig", _candidates(), SPECS, baseline="xla_dense")
+    assert (first.name, first.source, first.timed_by) == ("xla_dense", "measured", "device")
+    assert first.summary() == "XLA dense (2 µs, measured, device time)"
     saved = json.loads((tmp_path / "c.json").read_text())["entries"]["op|sig"]
     assert saved["timed_by"] == "device" and saved["path"] == "xla_dense"
+    # Taken from the cache later, the choice still says how it was timed.
+    again = pc.choose("op", "sig", _candidates(), SPECS, baseline="xla_dense")
+    assert (again.source, again.timed_by) == ("cache", "device")

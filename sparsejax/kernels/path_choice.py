@@ -114,6 +114,9 @@ class Choice:
         of :mod:`sparsejax.kernels.program_tuning`, or one in force, :func:`overriding`).
       times_us: median microseconds of each measured candidate (empty if none was measured).
       baseline: the candidate the times are compared against (XLA dense), if given.
+      timed_by: ``"wall"`` (the wall clock over back-to-back calls) or ``"device"`` (the
+        profiler's device time, where the wall clock measured the host's dispatch; see
+        :func:`measure`).
     """
 
     name: str
@@ -121,16 +124,18 @@ class Choice:
     source: str
     times_us: Mapping[str, float] = dataclasses.field(default_factory=dict)
     baseline: str | None = None
+    timed_by: str = "wall"
 
     def summary(self) -> str:
         """One phrase for a report column: the path, and its time against the baseline."""
         text = self.label
         mine = self.times_us.get(self.name)
         base = self.times_us.get(self.baseline) if self.baseline else None
+        how = self.source + (", device time" if self.timed_by == "device" else "")
         if mine is not None and base is not None and self.name != self.baseline:
-            text += f" ({mine:.0f} µs vs dense {base:.0f} µs, {base / mine:.2f}×, {self.source})"
+            text += f" ({mine:.0f} µs vs dense {base:.0f} µs, {base / mine:.2f}×, {how})"
         elif mine is not None:
-            text += f" ({mine:.0f} µs, {self.source})"
+            text += f" ({mine:.0f} µs, {how})"
         elif self.source != "default":
             text += f" ({self.source})"
         return text
@@ -746,7 +751,7 @@ def _choose(op, signature, supported, arg_specs, *, baseline, check, flops, copi
         known = entry.get("times_us", {})
         if reference is not None and reference.name in known:
             baseline = reference.name
-        return Choice(c.name, c.label, source, known, baseline)
+        return Choice(c.name, c.label, source, known, baseline, entry.get("timed_by", "wall"))
     if m == "table" or not _measuring_pays():
         return _default_choice(supported, baseline, "default")
     logging = os.environ.get("SPARSEJAX_PATHS_LOG", "") not in ("", "0")
@@ -793,7 +798,7 @@ def _choose(op, signature, supported, arg_specs, *, baseline, check, flops, copi
         entry["timed_by"] = "device"      # the profiler's device time, see measure()
     _remember(key, entry)
     c = next(c for c in supported if c.name == best)
-    return Choice(c.name, c.label, "measured", times, baseline)
+    return Choice(c.name, c.label, "measured", times, baseline, "device" if wall else "wall")
 
 
 def write_table(path, entries: Mapping[str, dict] | None = None, device=None) -> None:
