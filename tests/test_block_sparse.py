@@ -109,8 +109,7 @@ def test_pack_works_under_jit_with_traced_weights():
 
 
 @pytest.mark.parametrize("kind,m,k,n,block", [
-    ("random", 1, 37, 29, (8, 16)), ("random", 13, 40, 24, (16, 8)), ("zero", 3, 24, 40, (8, 8)),
-    ("dense", 3, 24, 40, (8, 8)), ("one_per_row", 1, 37, 29, (8, 16))])
+    ("random", 1, 37, 29, (8, 16)), ("one_per_row", 13, 40, 24, (16, 8)), ("zero", 3, 24, 40, (8, 8))])
 def test_kept_blocks_product_matches_reference_forward_and_backward(kind, m, k, n, block):
     rng = np.random.default_rng(hash((kind, m, k, n, "blocks")) % 2**32)
     x, packed = _operands(rng, m, k, n, block, kind, lead=(2,))

@@ -35,7 +35,9 @@ def falls(history) -> bool:
 def test_every_preset_trains(tmp_path, recipe):
     # monarch4 also settles its path choices on the whole step first (on the CPU: nothing to
     # settle, the step timed once and training unchanged)
-    cfg = tiny(tmp_path, recipe=recipe, mesh="data:1", tune_paths=recipe == "monarch4")
+    # No checkpoint along the way (saving is tested below, and took a quarter of each run here).
+    cfg = tiny(tmp_path, recipe=recipe, mesh="data:1", tune_paths=recipe == "monarch4",
+               checkpoint_every=10_000)
     if recipe == "monarch4_proj":
         # projects given weights: start from a short dense run's final params
         train.train_and_evaluate(tiny(tmp_path / "dense", recipe="dense", steps=10, mesh="data:1"))
