@@ -11,6 +11,7 @@ import pytest
 import sparsejax as sj
 from sparsejax.training import checkpointing
 from sparsejax.kernels import block_sparse
+from sparsejax.kernels import path_choice as pc
 
 from kernel_testing import rel_error
 
@@ -81,7 +82,6 @@ def test_scanned_layers_lower_with_per_layer_tables(stack):
 
 
 def test_scanned_layers_take_the_kept_blocks_product_with_per_layer_tables(stack):
-    from sparsejax.kernels import path_choice as pc
     sfn, sparams, sstate, x, _ = stack
     with pc.mode("force:xla_blocks"):        # 5 rows: a few-row site, where it is offered
         fast = sfn.lower(sstate)

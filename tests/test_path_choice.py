@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from sparsejax.kernels import device_timing as dtm
 from sparsejax.kernels import path_choice as pc
 
 
@@ -336,7 +337,6 @@ def test_a_reference_is_timed_as_the_baseline_and_never_chosen(monkeypatch, tmp_
 
 
 def test_device_seconds_sums_the_kernels_of_a_call():
-    from sparsejax.kernels import device_timing as dtm
     small = jax.jit(lambda a: jnp.tanh(a[:64, :64] @ a[:64, :64]))
     large = jax.jit(lambda a: jnp.tanh(a @ a) @ a)
     a = jax.random.normal(jax.random.key(0), (512, 512))
@@ -348,7 +348,6 @@ def test_device_seconds_sums_the_kernels_of_a_call():
 
 
 def test_device_seconds_keeps_out_of_a_running_trace(tmp_path):
-    from sparsejax.kernels import device_timing as dtm
     jax.profiler.start_trace(str(tmp_path))
     try:
         assert dtm.device_seconds(jax.jit(lambda a: a + 1), jnp.ones(4), calls=1) is None
@@ -359,7 +358,6 @@ def test_device_seconds_keeps_out_of_a_running_trace(tmp_path):
 def _host_bound(monkeypatch, device_us):
     """Every wall timing host-bound; the profiler's device time per call from ``device_us``, in
     the order the candidates are timed (µs per application, times the sets and rounds)."""
-    from sparsejax.kernels import device_timing as dtm
     monkeypatch.setattr(pc, "enqueue_seconds", lambda fn, *a, **kw: 1.0)
     monkeypatch.setattr(pc, "rounds_for", lambda *a, **kw: 1)
     it = iter(device_us)
