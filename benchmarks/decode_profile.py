@@ -31,10 +31,9 @@ sys.path.append(str(pathlib.Path(__file__).resolve().parent))
 from decode_speed import (FULL, K_FRAC, ROWS_DOWN, SMOKE,  # noqa: E402
                           _dense_gated, _normal, _over_layers, decode_step, lm_params, spark_recipe)
 from step_profile import summarise, top_line, trace  # noqa: E402
-import glob  # noqa: E402
-import tempfile  # noqa: E402
 from timing import enqueue_seconds, median_seconds, rel_err  # noqa: E402
 
+from sparsejax.kernels import device_timing  # noqa: E402
 from sparsejax.kernels import nm_compressed as nm  # noqa: E402
 from sparsejax.kernels import spark_ffn as sf  # noqa: E402
 from sparsejax.kernels import sparse_input_gemv as sig  # noqa: E402
@@ -163,26 +162,12 @@ def timeline(fn, args, calls: int = 3) -> list[str]:
     """Every device event of ``calls`` back-to-back calls, in start order: the stream (line),
     the kernel, its start, duration and the idle gap before it on the device, in µs. Where
     wall time exceeds kernel time, this shows between which kernels the device waits."""
-    jax.block_until_ready(fn(*args))
-    with tempfile.TemporaryDirectory() as d:
-        jax.profiler.start_trace(d)
-        try:
-            for _ in range(calls):
-                out = fn(*args)
-            jax.block_until_ready(out)
-        finally:
-            jax.profiler.stop_trace()
-        files = glob.glob(os.path.join(d, "**", "*.xplane.pb"), recursive=True)
-        if not files:
-            return ["(no trace)"]
-        data = jax.profiler.ProfileData.from_file(files[0])
-        events = []
-        for plane in data.planes:
-            if not plane.name.startswith("/device:GPU"):
-                continue
-            for line in plane.lines:
-                for e in line.events:
-                    events.append((e.start_ns, e.duration_ns, line.name, e.name))
+    data = device_timing.profile_calls(lambda: fn(*args), calls)
+    if data is None:
+        return ["(no trace)"]
+    events = [(e.start_ns, e.duration_ns, line.name, e.name)
+              for plane in data.planes if plane.name.startswith("/device:GPU")
+              for line in plane.lines for e in line.events]
     events.sort()
     lines, end = [], None
     t0 = events[0][0] if events else 0

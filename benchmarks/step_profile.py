@@ -30,7 +30,6 @@ import os
 import pathlib
 import re
 import sys
-import tempfile
 import time
 
 import jax
@@ -61,27 +60,13 @@ def category(kernel: str, hlo_op: str) -> str:
     return "copies and other"
 
 
-def kernel_stats(trace_dir: str) -> dict[tuple[str, str], list[float]]:
-    """``[total µs, launches]`` per (kernel, hlo op) over the trace in ``trace_dir`` (the
-    library's reading of a profile, :func:`sparsejax.kernels.device_timing.kernel_events`)."""
-    return device_timing.kernel_events(trace_dir)
-
-
 def trace(step, steps: int, warmup: int = 1) -> dict[tuple[str, str], tuple[float, float]]:
     """``(µs, launches)`` per step for each (kernel, hlo op): ``step()`` (no arguments; returns
     what to wait on) is called ``warmup`` times untraced, then ``steps`` times under
-    ``jax.profiler``, and the trace's totals are divided by ``steps``."""
-    for _ in range(warmup):
-        jax.block_until_ready(step())
-    with tempfile.TemporaryDirectory() as d:
-        jax.profiler.start_trace(d)
-        try:
-            for _ in range(steps):
-                out = step()
-            jax.block_until_ready(out)
-        finally:
-            jax.profiler.stop_trace()
-        return {k: (us / steps, n / steps) for k, (us, n) in kernel_stats(d).items()}
+    ``jax.profiler`` (:func:`sparsejax.kernels.device_timing.profile_calls`), and the trace's
+    totals are divided by ``steps``."""
+    events = device_timing.kernel_events(device_timing.profile_calls(step, steps, warmup))
+    return {k: (us / steps, n / steps) for k, (us, n) in events.items()}
 
 
 def kernel_kind(kernel: str) -> str:

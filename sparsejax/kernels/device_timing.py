@@ -22,10 +22,11 @@ import dataclasses
 import glob
 import os
 import tempfile
+from typing import Any, Callable
 
 import jax
 
-__all__ = ["DeviceTime", "LAUNCH_GAP_S", "device_seconds", "kernel_events"]
+__all__ = ["DeviceTime", "LAUNCH_GAP_S", "device_seconds", "kernel_events", "profile_calls"]
 
 
 # Device time between two back-to-back kernels on one stream, charged per launch: on the H200 a
@@ -54,14 +55,36 @@ def _stat(event, key: str) -> str:
     return ""
 
 
-def kernel_events(trace_dir: str) -> dict[tuple[str, str], list[float]]:
-    """``[total µs, launches]`` per (kernel, hlo op) over the trace in ``trace_dir``: the GPU
-    streams' events, else (no GPU plane: CPU) the XLA ops on the host's threads. Empty when
-    the profiler wrote no trace."""
-    files = glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True)
-    if not files:
+def profile_calls(run: Callable[[], Any], calls: int, warmup: int = 1):
+    """``jax.profiler``'s record of ``calls`` back-to-back calls of ``run()`` (no arguments;
+    returns what to wait on) after ``warmup`` untraced ones, as a ``ProfileData``; ``None``
+    where no trace could be taken (another one is running: this keeps out of its way) or
+    none was written."""
+    for _ in range(warmup):
+        jax.block_until_ready(run())
+    with tempfile.TemporaryDirectory() as d:
+        try:
+            jax.profiler.start_trace(d)
+        except Exception:
+            return None
+        try:
+            for _ in range(calls):
+                out = run()
+            jax.block_until_ready(out)
+        finally:
+            jax.profiler.stop_trace()
+        files = glob.glob(os.path.join(d, "**", "*.xplane.pb"), recursive=True)
+        if not files:
+            return None
+        return jax.profiler.ProfileData.from_file(max(files, key=os.path.getmtime))
+
+
+def kernel_events(data) -> dict[tuple[str, str], list[float]]:
+    """``[total µs, launches]`` per (kernel, hlo op) in a profile (:func:`profile_calls`): the
+    GPU streams' events, else (no GPU plane: CPU) the XLA ops on the host's threads. Empty for
+    ``None``."""
+    if data is None:
         return {}
-    data = jax.profiler.ProfileData.from_file(max(files, key=os.path.getmtime))
     totals: dict[tuple[str, str], list[float]] = collections.defaultdict(lambda: [0.0, 0])
     device = [p for p in data.planes if p.name.startswith("/device:GPU")]
     if device:
@@ -90,20 +113,7 @@ def device_seconds(fn, *args, calls: int = 10, warmup: int = 1) -> DeviceTime | 
     """The device time of one call of ``fn(*args)``, from ``calls`` calls traced by the profiler
     after ``warmup`` untraced ones; ``None`` where no trace could be taken or it holds no kernel
     events (the caller's wall-clock timing stands)."""
-    for _ in range(warmup):
-        jax.block_until_ready(fn(*args))
-    with tempfile.TemporaryDirectory() as d:
-        try:
-            jax.profiler.start_trace(d)
-        except Exception:        # another trace is running (the user's): keep out of its way
-            return None
-        try:
-            for _ in range(calls):
-                out = fn(*args)
-            jax.block_until_ready(out)
-        finally:
-            jax.profiler.stop_trace()
-        events = kernel_events(d)
+    events = kernel_events(profile_calls(lambda: fn(*args), calls, warmup))
     if not events:
         return None
     total_us = sum(us for us, _ in events.values())
