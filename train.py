@@ -614,6 +614,10 @@ def train_and_evaluate(cfg: Config | Prepared, *, devices=None) -> dict:
                           _global_batch(train_batches.batch(position), batch_sharding),
                           repeats=5, budget_s=300.0)
         progress.print("path tuning: " + tuning.summary())
+        if tuning.compiler_options:     # the step compiled faster under these XLA options
+            step_fn = jax.jit(step_plain, in_shardings=(state_sharding, batch_sharding),
+                              out_shardings=(state_sharding, None), donate_argnums=0,
+                              compiler_options=tuning.compiler_options)
     unread = None      # (step, metrics) of a logged step whose values are not yet read
 
     def read_log():

@@ -10,7 +10,9 @@ the operation over ``LAYERS`` different weight sets (together far more than the
 60 MB L2), called back to back (``timing.median_seconds``: median over repeats
 of the mean of several calls after warm-up), divided by ``LAYERS``. Dense XLA
 is timed the same way in the same run. No CUDA graphs: launch gaps inside one
-jit are what a real decode step pays.
+jit are what a real decode step pays. The GEMV sections also give each function's
+device time (``Bench.device_us``: its kernels' durations from the profiler plus
+0.4 µs per launch), the time a CUDA graph of it would approach; those rows say so.
 
 Sections (``--only`` picks some):
 
@@ -47,6 +49,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sparsejax import sparsify
+from sparsejax.kernels import device_timing
 from sparsejax.kernels import nm_compressed as nm
 from sparsejax.kernels import path_choice
 from sparsejax.kernels import spark_ffn as sf
@@ -115,6 +118,21 @@ class Bench:
 
     def time_us(self, fn, *args) -> float:
         return 1e6 * median_seconds(fn, *args, calls=self.s.calls, repeats=self.s.repeats, warmup=2)
+
+    def device_us(self, name, fn, args, per=1) -> float:
+        """µs of device time per layer of ``fn(*args)``: its kernels' durations from the profiler
+        plus ``device_timing.LAUNCH_GAP_S`` per launch (what a CUDA graph of the call would take;
+        the host's enqueueing left out). NaN where no trace can be taken (interpret mode: the
+        CPU's ops are not the kernels')."""
+        if self.interpret or self.over_budget():
+            return float("nan")
+        t = device_timing.device_seconds(fn, *args, calls=self.s.calls)
+        if t is None:
+            return float("nan")
+        us = 1e6 * t.seconds / per
+        self.log(f"  {name}, device time: {us:.1f} us ({1e6 * t.kernel_s / per:.1f} us in "
+                 f"{t.launches / per:.1f} kernels a layer)")
+        return us
 
     def check_and_time(self, name, fn, args, ref, tol, per=1):
         """(rel err, ok, µs per layer) of a jitted ``fn(*args)``; checked against ``ref`` first."""
@@ -206,14 +224,24 @@ def bench_gemv(b: Bench):
         _, _, t_dense = b.check_and_time("xla dense", dense, (xs, ws), ref, 2e-2, b.s.layers)
         pad2 = _over_layers(lambda x, w: jnp.dot(_pad_row(x), w, preferred_element_type=jnp.float32)[:1]
                             .astype(x.dtype))
-        best = (None, float("nan"))
+        dev_dense = b.device_us("xla dense", dense, (xs, ws), b.s.layers)
+        best, best_dev = (None, float("nan")), (None, float("nan"))
         for name, fn in {"xla dense, batch padded to 2 rows": pad2, **fns}.items():
             _, ok, t = b.check_and_time(name, fn, (xs, ws), ref, 2e-2, b.s.layers)
+            dev = b.device_us(name, fn, (xs, ws), b.s.layers) if ok else float("nan")
             if ok and not (t >= best[1]) and not name.startswith("xla dense"):
                 best = (name, t)
+            if ok and not (dev >= best_dev[1]) and not name.startswith("xla dense"):
+                best_dev = (name, dev)
             b.detail.append(f"| gemv | {zero:.0%} zero | {name} | {t_dense:.1f} | {t:.1f} | {t_dense / t:.2f} |")
-        b.summary.append(("sparse-input GEMV", f"{n}², {zero:.0%} zero, batch 1", best[0], t_dense, best[1],
-                          GOALS["gemv"][zero]))
+            if dev == dev:
+                b.detail.append(f"| gemv, device time | {zero:.0%} zero | {name} | {dev_dense:.1f} | {dev:.1f} | "
+                                f"{dev_dense / dev:.2f} |")
+        case = f"{n}², {zero:.0%} zero, batch 1"
+        b.summary.append(("sparse-input GEMV", case, best[0], t_dense, best[1], GOALS["gemv"][zero]))
+        if best_dev[0] is not None:
+            b.summary.append(("sparse-input GEMV, device time", case, best_dev[0], dev_dense, best_dev[1],
+                              GOALS["gemv"][zero]))
 
 
 # --------------------------------------------------------------------------- Spark FFN layer
@@ -577,6 +605,11 @@ def bench_nm(b: Bench):
                 b.summary.append(("compressed N:M GEMV, interleaved", case, best[0], inter[0], inter[1], goal))
                 b.summary.append(("compressed N:M GEMV, steady-state timing", case, best[0], steady[0],
                                   steady[1], goal))
+                with _nm_launch_set(launch):
+                    dev = [b.device_us(f"{label}", f, a, b.s.layers)
+                           for label, (f, a) in zip(("xla dense", best[0]), runs)]
+                if dev[1] == dev[1]:
+                    b.summary.append(("compressed N:M GEMV, device time", case, best[0], dev[0], dev[1], goal))
 
 
 # --------------------------------------------------------------------------- end to end
@@ -703,8 +736,9 @@ def bench_e2e(b: Bench):
         if TUNE:
             dtuning = dlow.tune(lambda p, *a: dlow(p, dss, *a), params, *args)
             b.log("  dense lowered: " + dtuning.summary().replace("\n", "\n  "))
-            if dtuning.verdicts:
-                final_dense_low = jax.jit(lambda p, *a: dlow(p, dss, *a))
+            if dtuning.verdicts or dtuning.compiler_options:
+                final_dense_low = jax.jit(lambda p, *a: dlow(p, dss, *a),
+                                          compiler_options=dtuning.compiler_options or None)
                 _, _, t_dense_low = b.check_and_time(
                     "dense model, lowered (dense_gemv=True), program-tuned", final_dense_low,
                     (params, *args), dense_ref, 3e-2)
@@ -736,8 +770,8 @@ def bench_e2e(b: Bench):
             tuning = low.tune(lambda p, *a: low(p, ss, *a), params, *args)
             b.log("  " + tuning.summary().replace("\n", "\n  "))
             t_tuned = t_low       # no switch kept: the step already timed
-            if tuning.verdicts:
-                tuned = jax.jit(lambda p, *a: low(p, ss, *a))
+            if tuning.verdicts or tuning.compiler_options:
+                tuned = jax.jit(lambda p, *a: low(p, ss, *a), compiler_options=tuning.compiler_options or None)
                 _, _, t_tuned = b.check_and_time("Spark top-k, lowered, program-tuned", tuned,
                                                  (params, *args), ref, 3e-2)
                 final_spark = tuned

@@ -180,11 +180,11 @@ def train_step(v: Variant):
     return step, tx
 
 
-def train_runner(v: Variant):
+def train_runner(v: Variant, compiler_options: dict | None = None):
     """``run(sstate, tokens) -> loss``: one jitted AdamW step of ``v`` on its own copy of the params."""
     step, tx = train_step(v)
     params = jax.tree.map(jnp.copy, v.params)
-    jstep = jax.jit(step, donate_argnums=(0, 1))
+    jstep = jax.jit(step, donate_argnums=(0, 1), compiler_options=compiler_options)
     state = [params, tx.init(params)]
 
     def run(sstate, tokens):
@@ -220,15 +220,18 @@ def _profile(v: Variant, measure: str, step, t0) -> None:
 def _tune(v: Variant, measure: str, sfn, step, args, out: dict, t0, repeats: int, retime) -> None:
     """``--tune``: the sparse function's close per-site choices settled on the whole ``step``
     (``SparseFunction.tune``). The program with the switches kept is timed again as the
-    measure was (``retime()``, a fresh trace) and joins the table as ``"<measure> tuned"``;
-    with none kept it is the program already timed."""
+    measure was (``retime(compiler_options)``, a fresh trace compiled with the XLA options
+    the tuning kept) and joins the table as ``"<measure> tuned"``; with none kept it is the
+    program already timed."""
     if not TUNE or v.name == "dense":
         return
     tuning = sfn.tune(step, *args, repeats=repeats, budget_s=TUNE_BUDGET_S)
-    out[f"{measure} tuned"] = retime() if tuning.verdicts else out[measure]
-    v.paths[f"{measure} tuned"] = ("; ".join(f"{key.split('|', 1)[1][:70]}: {path}"
-                                             for key, path in tuning.verdicts.items())
-                                   or f"no switch kept of {len(tuning.trials)} tried")
+    options = tuning.compiler_options
+    out[f"{measure} tuned"] = (retime(options or None) if tuning.verdicts or options
+                               else out[measure])
+    kept = [f"{key.split('|', 1)[1][:70]}: {path}" for key, path in tuning.verdicts.items()]
+    kept += [f"XLA {k}={val}" for k, val in options.items()]
+    v.paths[f"{measure} tuned"] = "; ".join(kept) or f"no switch kept of {len(tuning.trials)} tried"
     _progress(t0, f"{v.name} {measure} tuned: {tuning.summary()}")
 
 
@@ -250,7 +253,7 @@ def time_variant(v: Variant, measures, batch, seq, smoke) -> dict:
         v.paths["prefill"] = path_summary(v.infer_fwd.report()) if v.name != "dense" else ""
         _tune(v, "prefill", v.infer_fwd, lambda *a: v.infer_fwd(*a),
               (infer_params, v.sstate, tokens), out, t0, repeats,
-              lambda: prefill_seconds(jax.jit(lambda *a: v.infer_fwd(*a))))
+              lambda o: prefill_seconds(jax.jit(lambda *a: v.infer_fwd(*a), compiler_options=o)))
     if "train" in measures:
         train_seconds = lambda run: median_seconds(run, v.sstate, tokens, calls=calls,
                                                    repeats=repeats)
@@ -263,7 +266,7 @@ def time_variant(v: Variant, measures, batch, seq, smoke) -> dict:
         if TUNE and v.name != "dense":
             step, tx = train_step(v)
             _tune(v, "train", v.train_fwd, step, (v.params, tx.init(v.params), v.sstate, tokens),
-                  out, t0, repeats, lambda: train_seconds(train_runner(v)))
+                  out, t0, repeats, lambda o: train_seconds(train_runner(v, o)))
     for m in measures:
         if not m.startswith("decode"):
             continue
@@ -286,7 +289,8 @@ def time_variant(v: Variant, measures, batch, seq, smoke) -> dict:
         v.paths[m] = path_summary(v.infer_fwd.report()) if v.name != "dense" else ""
         fwd = v.infer_fwd
         _tune(v, m, fwd, lambda p, s, c: fwd(p, s, tok, c, pos), (infer_params, v.sstate, cache),
-              out, t0, repeats, lambda: decode_seconds(jax.jit(lambda *a: fwd(*a))))
+              out, t0, repeats,
+              lambda o: decode_seconds(jax.jit(lambda *a: fwd(*a), compiler_options=o)))
     return out
 
 

@@ -756,7 +756,9 @@ class SparseFunction:
         plain function that calls it (a forward, a decode step, a training step), each way:
         :func:`sparsejax.kernels.program_tuning.tune` (keyword arguments go there). The
         verdicts are kept in the path choice's cache, so later traces take them; returns the
-        :class:`~sparsejax.kernels.program_tuning.Tuning` (``.summary()`` says what changed).
+        :class:`~sparsejax.kernels.program_tuning.Tuning` (``.summary()`` says what changed;
+        ``.compiler_options``, where not empty, are XLA options the step compiled faster
+        with on a GPU: ``jax.jit(step, compiler_options=tuning.compiler_options)``).
         """
         return program_tuning.tune(step, *args, invalidate=self.invalidate, **kwargs)
 

@@ -229,3 +229,59 @@ def test_the_fallback_program_is_not_kept_where_the_per_site_choices_are_faster(
     assert [(t.key, t.kept) for t in tuning.trials] == [(program_tuning.EVERY_SITE, False)]
     assert tuning.verdicts == {} and tuning.final_s == tuning.base_s == pytest.approx(0.8)
     assert _kernels_in(step, (sparams, sstate, x)) == 2
+
+
+def test_one_site_off_its_fallback_is_tried_once_under_its_own_key(fresh_paths, monkeypatch):
+    model = Net()
+    x = jax.random.normal(jax.random.key(13), (5, 40))
+    sfn = sj.sparsify(model.apply, [sj.Block("*a/kernel", 0.6, block=(8, 16))])
+    sparams, sstate = sfn.init(model.init(jax.random.key(14), x), x)
+    # Alone the kernel wins by 10%, so XLA is also a close call: the same switch as the
+    # fallback trial, which must not be timed twice.
+    _fake_sites(monkeypatch, {"kernel": 9.0, "xla_dense": 10.0})
+    fast = sfn.lower(sstate, interpret=True)
+    step = lambda p, s, x: fast(p, s, x)
+    tuning = fast.tune(step, sparams, sstate, x, timer=lambda f, a: 1.0 - 0.1 * _kernels_in(f, a))
+    (trial,) = tuning.trials
+    assert trial.key.startswith("block_sparse_matmul|") and (trial.was, trial.path) == ("kernel", "xla_dense")
+    assert not trial.kept and trial.site_us == (9.0, 10.0) and tuning.verdicts == {}
+    assert _kernels_in(step, (sparams, sstate, x)) == 1
+
+
+def _options_timer(with_options: float, calls: list):
+    def timer(f, a, compiler_options=None):
+        calls.append(compiler_options)
+        return with_options if compiler_options else 1.0
+    return timer
+
+
+def test_compiler_options_that_speed_the_program_up_are_returned(fresh_paths, monkeypatch):
+    sfn, sparams, sstate, x = _setup(seed=15)
+    _fake_sites(monkeypatch, {"kernel": 20.0, "xla_dense": 10.0})      # no close call, none off XLA
+    fast = sfn.lower(sstate, interpret=True)
+    step = lambda p, s, x: fast(p, s, x)
+    options = {"xla_gpu_enable_triton_gemm": False}
+    calls = []
+    tuning = fast.tune(step, sparams, sstate, x, timer=_options_timer(0.8, calls),
+                       compiler_trials=[options])
+    assert tuning.compiler_options == options and tuning.final_s == pytest.approx(0.8)
+    (trial,) = tuning.trials
+    assert (trial.key, trial.kept, trial.incumbent_s) == (program_tuning.COMPILER_OPTIONS, True, 1.0)
+    # the base program, the trial, and the program without the options timed again after it
+    assert calls == [None, options, None]
+    assert "compiler_options={'xla_gpu_enable_triton_gemm': False}" in tuning.summary()
+    # The options compile the step on this backend too, to the same result.
+    with_options = jax.jit(step, compiler_options=tuning.compiler_options)
+    chex.assert_trees_all_close(with_options(sparams, sstate, x), step(sparams, sstate, x))
+
+
+def test_compiler_options_that_do_not_pay_are_dropped(fresh_paths, monkeypatch):
+    sfn, sparams, sstate, x = _setup(seed=16)
+    _fake_sites(monkeypatch, {"kernel": 20.0, "xla_dense": 10.0})
+    fast = sfn.lower(sstate, interpret=True)
+    calls = []
+    tuning = fast.tune(lambda p, s, x: fast(p, s, x), sparams, sstate, x,
+                       timer=_options_timer(0.995, calls),      # within the noise (min_gain 1%)
+                       compiler_trials=[{"xla_gpu_enable_triton_gemm": False}])
+    assert tuning.compiler_options == {} and [t.kept for t in tuning.trials] == [False]
+    assert tuning.final_s == tuning.base_s == 1.0 and "compiler_options=" not in tuning.summary()

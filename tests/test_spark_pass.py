@@ -224,10 +224,10 @@ def test_program_tuning_tries_xla_topk_where_the_kernel_won_alone(fresh_paths, m
     args = (sparams, sstate, x)
     assert _kernels(step, args) == 1
     # In the program XLA's top-k fuses with its neighbours: faster without the kernel.
-    # XLA's top-k is the site's fallback: the first trial, every site on it, is kept; the
+    # XLA's top-k is the site's fallback: the first trial, the one site on it, is kept; the
     # site tried back on the kernel is not.
     tuning = sfn.tune(step, *args, timer=lambda f, a: 1.0 + 0.1 * _kernels(f, a))
-    assert [(t.path, t.kept) for t in tuning.trials] == [("their fallbacks", True), ("pallas", False)]
+    assert [(t.path, t.kept) for t in tuning.trials] == [("xla", True), ("pallas", False)]
     assert tuning.verdicts and set(tuning.verdicts.values()) == {"xla"}
     assert _kernels(step, args) == 0                                 # the verdict is obeyed
 

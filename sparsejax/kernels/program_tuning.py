@@ -22,7 +22,14 @@ calls by timing the program itself:
    likewise for each *movable* path (``Candidate.movable``), whose time alone overstates its
    cost in the program whatever it measured (a Monarch weight that a scan can rebuild once
    for every layer);
-4. keep the verdicts (:func:`path_choice.remember_program_verdict`): later traces take
+4. on a GPU, time the program once more under each of ``compiler_trials`` (XLA options for
+   the step's own compile): a program the rewrite filled with small batched products and
+   transposes can compile worse than its sites did alone. On an H200 a Monarch(4) LM's
+   training step took 87.0 ms with XLA's default GEMM fusions (Triton kernels around the
+   Monarch einsums and their transposes) and 74.7 ms with them off (cuBLAS), while the dense
+   step stayed at 73-74 ms either way. An option that makes the step faster is kept in
+   ``Tuning.compiler_options``, which the caller passes to its ``jax.jit``;
+5. keep the verdicts (:func:`path_choice.remember_program_verdict`): later traces take
    them from the cache (and the user cache file, ``SPARSEJAX_PATH_CACHE``), and the
    report says so.
 
@@ -43,10 +50,16 @@ import jax
 
 from sparsejax.kernels import path_choice
 
-__all__ = ["Trial", "Tuning", "close_calls", "fallbacks", "tune"]
+__all__ = ["COMPILER_OPTIONS", "EVERY_SITE", "GPU_COMPILER_TRIALS", "Trial", "Tuning", "close_calls",
+           "fallbacks", "tune"]
 
 # The key a trial of every site on its fallback at once is reported under.
 EVERY_SITE = "every site not on its fallback"
+# The key a trial of XLA options for the step's compile is reported under.
+COMPILER_OPTIONS = "XLA options for the step's compile"
+# XLA options tried on a GPU (``tune``'s default ``compiler_trials``): the GEMM fusions that
+# XLA emits as Triton kernels, off (every dot a cuBLAS call, its operands' transposes separate).
+GPU_COMPILER_TRIALS = ({"xla_gpu_enable_triton_gemm": False},)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,6 +86,9 @@ class Tuning:
     trials: tuple[Trial, ...]
     verdicts: dict
     final_s: float
+    # XLA options the step compiled faster with: pass them on, ``jax.jit(step,
+    # compiler_options=tuning.compiler_options)`` (empty: the defaults won).
+    compiler_options: dict = dataclasses.field(default_factory=dict)
 
     def summary(self) -> str:
         lines = [f"program {self.base_s * 1e3:.3f} ms with the per-site choices, "
@@ -80,9 +96,13 @@ class Tuning:
         for t in self.trials:
             again = ("" if t.incumbent_s is None else
                      f" against {t.incumbent_s * 1e3:.3f} ms without it, timed again")
+            alone = ("" if t.key == COMPILER_OPTIONS else
+                     f"alone {t.site_us[0]:.1f} vs {t.site_us[1]:.1f} µs; ")
             lines.append(f"  {'kept' if t.kept else 'not kept'}: {t.key}: {t.was} -> {t.path} "
-                         f"(alone {t.site_us[0]:.1f} vs {t.site_us[1]:.1f} µs; program "
-                         f"{t.program_s * 1e3:.3f} ms{again})")
+                         f"({alone}program {t.program_s * 1e3:.3f} ms{again})")
+        if self.compiler_options:
+            lines.append(f"  compile the step with jax.jit(..., compiler_options="
+                         f"{self.compiler_options!r})")
         return "\n".join(lines)
 
 
@@ -124,15 +144,21 @@ def fallbacks(recorded: dict) -> dict[str, str]:
     return out
 
 
-def _program_seconds(step: Callable, args: Sequence, repeats: int) -> float:
-    fn = jax.jit(step)
+def _program_seconds(step: Callable, args: Sequence, repeats: int,
+                     compiler_options: dict | None = None) -> float:
+    fn = jax.jit(step, compiler_options=compiler_options or None)
     return path_choice.median_seconds(fn, *args, calls=5, repeats=repeats, warmup=2)
+
+
+def _options_label(options: dict) -> str:
+    return ", ".join(f"{k}={v}" for k, v in options.items())
 
 
 def tune(step: Callable, *args, invalidate: Callable[[], None], margin: float = 0.25,
          min_gain: float = 0.01, repeats: int = 15, max_trials: int = 8,
          budget_s: float | None = None,
-         timer: Callable[[Callable, Sequence], float] | None = None) -> Tuning:
+         timer: Callable[..., float] | None = None,
+         compiler_trials: Sequence[dict] | None = None) -> Tuning:
     """Settles close per-site path choices by timing ``step(*args)`` as a whole.
 
     Args:
@@ -148,14 +174,21 @@ def tune(step: Callable, *args, invalidate: Callable[[], None], margin: float = 
       repeats, max_trials: timing repeats per program, and at most this many switches tried.
       budget_s: no trial starts once this many seconds have passed (each trial compiles the
         whole step: tens of seconds for a training step on a GPU); the closest calls go first.
-      timer: ``timer(step, args) -> seconds`` (default: jit, warm up, median of back-to-back calls).
+      timer: ``timer(step, args) -> seconds`` (default: jit, warm up, median of back-to-back
+        calls); for a compiler trial it is called as ``timer(step, args, compiler_options=...)``.
+      compiler_trials: XLA option sets to try the finished program under, one at a time
+        (default: :data:`GPU_COMPILER_TRIALS` on a GPU, none elsewhere). One that makes the
+        program faster by more than ``min_gain`` lands in ``Tuning.compiler_options``.
     """
     step = getattr(step, "__wrapped__", step)      # a jitted step would not retrace
-    timer = timer or (lambda f, a: _program_seconds(f, a, repeats))
+    timer = timer or (lambda f, a, **kw: _program_seconds(f, a, repeats, **kw))
+    if compiler_trials is None:
+        compiler_trials = GPU_COMPILER_TRIALS if jax.default_backend() == "gpu" else ()
 
-    def timed() -> float:
+    def timed(options: dict | None = None) -> float:
         # JAX caches a function's trace by its identity: a new one per trial retraces it.
-        return timer(lambda *a: step(*a), args)
+        kwargs = {"compiler_options": options} if options else {}
+        return timer(lambda *a: step(*a), args, **kwargs)
 
     start = time.perf_counter()
     invalidate()
@@ -169,12 +202,13 @@ def tune(step: Callable, *args, invalidate: Callable[[], None], margin: float = 
     def out_of_time() -> bool:
         return budget_s is not None and time.perf_counter() - start > budget_s
 
-    def trial(switches: dict) -> tuple[float, float | None, bool]:
-        """The program with ``switches`` on top of the verdicts so far: its time, the
-        incumbent's time taken again after it (where it beat the best so far), kept or not."""
+    def trial(switches: dict, options: dict | None = None) -> tuple[float, float | None, bool]:
+        """The program with ``switches`` on top of the verdicts so far (compiled with
+        ``options``): its time, the incumbent's time taken again after it (where it beat the
+        best so far), kept or not."""
         invalidate()
         with path_choice.overriding({**verdicts, **switches}):
-            t = timed()
+            t = timed(options)
         again = None
         if t < best * (1.0 - min_gain):
             invalidate()
@@ -188,8 +222,13 @@ def tune(step: Callable, *args, invalidate: Callable[[], None], margin: float = 
         t, again, kept = trial(fallback)
         chosen = sum(recorded[k][0].times_us.get(recorded[k][0].name, math.nan) for k in fallback)
         alone = sum(recorded[k][0].times_us.get(p, math.nan) for k, p in fallback.items())
-        trials.append(Trial(EVERY_SITE, "their own choices", "their fallbacks", (chosen, alone),
-                            t, kept, again))
+        if len(fallback) == 1:      # one site: the trial is that site's own switch
+            (key, path), = fallback.items()
+            trials.append(Trial(key, recorded[key][0].name, path, (chosen, alone), t, kept, again))
+            candidates = [c for c in candidates if (c[0], c[2]) != (key, path)]
+        else:
+            trials.append(Trial(EVERY_SITE, "their own choices", "their fallbacks", (chosen, alone),
+                                t, kept, again))
         if kept:
             verdicts.update(fallback)
             best = t
@@ -214,9 +253,21 @@ def tune(step: Callable, *args, invalidate: Callable[[], None], margin: float = 
             kept_switches.append((key, was, path, again, t))
         elif again is not None:
             best = again        # the incumbent's latest time: what the next switch must beat
+    options: dict = {}
+    for candidate in compiler_trials:
+        if out_of_time():
+            break
+        t, again, kept = trial({}, dict(candidate))
+        trials.append(Trial(COMPILER_OPTIONS, "XLA's defaults", _options_label(candidate),
+                            (math.nan, math.nan), t, kept, again))
+        if kept:
+            options, best = dict(candidate), t
+            break       # the first option set that wins: each trial compiles the whole step
+        if again is not None:
+            best = again
     for key, was, path, was_s, program_s in kept_switches:
         if verdicts.get(key) == path:
             path_choice.remember_program_verdict(key, path, {was: was_s * 1e6,
                                                              path: program_s * 1e6})
     invalidate()
-    return Tuning(base, tuple(trials), verdicts, best)
+    return Tuning(base, tuple(trials), verdicts, best, options)
