@@ -285,3 +285,23 @@ def test_compiler_options_that_do_not_pay_are_dropped(fresh_paths, monkeypatch):
                        compiler_trials=[{"xla_gpu_enable_triton_gemm": False}])
     assert tuning.compiler_options == {} and [t.kept for t in tuning.trials] == [False]
     assert tuning.final_s == tuning.base_s == 1.0 and "compiler_options=" not in tuning.summary()
+
+
+def test_trials_after_kept_compiler_options_compile_under_them(fresh_paths, monkeypatch):
+    sfn, sparams, sstate, x = _setup(seed=17)
+    _fake_sites(monkeypatch, {"kernel": 11.0, "xla_dense": 10.0})      # two close calls
+    fast = sfn.lower(sstate, interpret=True)
+    options = {"xla_gpu_enable_triton_gemm": False}
+    calls = []
+
+    def timer(f, a, compiler_options=None):
+        calls.append(compiler_options)
+        return (0.8 if compiler_options else 1.0) - 0.05 * _kernels_in(f, a)
+
+    tuning = fast.tune(lambda p, s, x: fast(p, s, x), sparams, sstate, x, timer=timer,
+                       compiler_trials=[options])
+    # the options first (one trial, before the close calls), then each switch under them
+    assert [t.key for t in tuning.trials][0] == program_tuning.COMPILER_OPTIONS
+    assert calls[:3] == [None, options, None] and all(c == options for c in calls[3:])
+    assert [t.kept for t in tuning.trials] == [True, True, True]
+    assert tuning.compiler_options == options and tuning.final_s == pytest.approx(0.7)

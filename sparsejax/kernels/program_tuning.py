@@ -14,7 +14,16 @@ calls by timing the program itself:
    win and still lose together (a decode step whose Pallas GEMVs each measured faster ran
    at 0.70× of the same model on XLA). Where that program is faster it is kept, and each
    site is then tried back on its own choice, one at a time, as a switch like those below;
-3. for each signature whose other candidates measured within ``margin`` of the winner,
+3. on a GPU, time the program under each of ``compiler_trials`` (XLA options for the step's
+   own compile): a program the rewrite filled with small batched products and transposes
+   can compile worse than its sites did alone. On an H200 a Monarch(4) LM's training step
+   took 87.0 ms with XLA's default GEMM fusions (Triton kernels around the Monarch einsums
+   and their transposes) and 74.7 ms with them off for the whole process (``XLA_FLAGS``;
+   cuBLAS), while the dense step stayed at 73-74 ms either way. An option set that makes the step faster is kept in
+   ``Tuning.compiler_options`` (the caller passes it to its ``jax.jit``), and the trials
+   after it compile under it. It goes before the close calls: one trial, where the gain may
+   be largest, and a budget spent on close calls would never reach it;
+4. for each signature whose other candidates measured within ``margin`` of the winner,
    retrace and time the program with that signature on each of them (one switch at a time,
    greedily, keeping each switch that makes the program faster by more than ``min_gain``,
    against the program without it timed again right after: a GPU's timings drift over the
@@ -22,13 +31,6 @@ calls by timing the program itself:
    likewise for each *movable* path (``Candidate.movable``), whose time alone overstates its
    cost in the program whatever it measured (a Monarch weight that a scan can rebuild once
    for every layer);
-4. on a GPU, time the program once more under each of ``compiler_trials`` (XLA options for
-   the step's own compile): a program the rewrite filled with small batched products and
-   transposes can compile worse than its sites did alone. On an H200 a Monarch(4) LM's
-   training step took 87.0 ms with XLA's default GEMM fusions (Triton kernels around the
-   Monarch einsums and their transposes) and 74.7 ms with them off (cuBLAS), while the dense
-   step stayed at 73-74 ms either way. An option that makes the step faster is kept in
-   ``Tuning.compiler_options``, which the caller passes to its ``jax.jit``;
 5. keep the verdicts (:func:`path_choice.remember_program_verdict`): later traces take
    them from the cache (and the user cache file, ``SPARSEJAX_PATH_CACHE``), and the
    report says so.
@@ -202,18 +204,20 @@ def tune(step: Callable, *args, invalidate: Callable[[], None], margin: float = 
     def out_of_time() -> bool:
         return budget_s is not None and time.perf_counter() - start > budget_s
 
-    def trial(switches: dict, options: dict | None = None) -> tuple[float, float | None, bool]:
-        """The program with ``switches`` on top of the verdicts so far (compiled with
-        ``options``): its time, the incumbent's time taken again after it (where it beat the
-        best so far), kept or not."""
+    options: dict = {}      # the XLA options kept: every later trial compiles under them
+
+    def trial(switches: dict, try_options: dict | None = None) -> tuple[float, float | None, bool]:
+        """The program with ``switches`` on top of the verdicts so far, compiled with
+        ``try_options`` (else the options kept): its time, the incumbent's time taken again
+        after it (where it beat the best so far), kept or not."""
         invalidate()
         with path_choice.overriding({**verdicts, **switches}):
-            t = timed(options)
+            t = timed(options if try_options is None else try_options)
         again = None
         if t < best * (1.0 - min_gain):
             invalidate()
             with path_choice.overriding(dict(verdicts)):
-                again = timed()
+                again = timed(options)
         return t, again, again is not None and t < again * (1.0 - min_gain)
 
     candidates = close_calls(recorded, margin)
@@ -240,6 +244,17 @@ def tune(step: Callable, *args, invalidate: Callable[[], None], margin: float = 
                           + [c for c in candidates if c[2] != fallback.get(c[0])])
         elif again is not None:
             best = again
+    for candidate in compiler_trials:
+        if out_of_time():
+            break
+        t, again, kept = trial({}, dict(candidate))
+        trials.append(Trial(COMPILER_OPTIONS, "XLA's defaults", _options_label(candidate),
+                            (math.nan, math.nan), t, kept, again))
+        if kept:
+            options, best = dict(candidate), t
+            break       # the first option set that wins: each trial compiles the whole step
+        if again is not None:
+            best = again
     for key, was, path, was_us, path_us in candidates[:max_trials]:
         if out_of_time():
             break
@@ -253,18 +268,6 @@ def tune(step: Callable, *args, invalidate: Callable[[], None], margin: float = 
             kept_switches.append((key, was, path, again, t))
         elif again is not None:
             best = again        # the incumbent's latest time: what the next switch must beat
-    options: dict = {}
-    for candidate in compiler_trials:
-        if out_of_time():
-            break
-        t, again, kept = trial({}, dict(candidate))
-        trials.append(Trial(COMPILER_OPTIONS, "XLA's defaults", _options_label(candidate),
-                            (math.nan, math.nan), t, kept, again))
-        if kept:
-            options, best = dict(candidate), t
-            break       # the first option set that wins: each trial compiles the whole step
-        if again is not None:
-            best = again
     for key, was, path, was_s, program_s in kept_switches:
         if verdicts.get(key) == path:
             path_choice.remember_program_verdict(key, path, {was: was_s * 1e6,
