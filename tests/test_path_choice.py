@@ -124,6 +124,26 @@ def test_rounds_are_chained_so_xla_can_neither_merge_nor_fuse_them():
     assert pc._chain_target([jnp.ones((64, 64)), jnp.ones((64, 64))]) is None
 
 
+def test_every_application_over_the_input_sets_is_one_trace_and_lowering():
+    traced = []
+
+    def kernel_like(x, w):
+        traced.append(x.shape)     # once per trace: a Pallas kernel lowers once per trace
+        return x @ w
+
+    sets = [[jax.random.normal(jax.random.key(c), (2, 16)), jax.random.normal(jax.random.key(5 + c), (16, 256))]
+            for c in range(6)]
+    run = pc.over_input_sets(kernel_like, [True, True], rounds=3)
+    lowered = jax.jit(run).lower(sets, [])
+    assert traced == [(2, 16)]
+    # XLA inlines the calls: the compiled program holds every application's product.
+    compiled = lowered.compile().as_text()
+    assert compiled.count(" dot(") + compiled.count(" reduce(") >= 18
+    out = run(sets, [])
+    for c in range(6):
+        np.testing.assert_allclose(out[c], sets[c][0] @ sets[c][1], rtol=1e-6)
+
+
 def test_a_host_bound_candidate_is_timed_again_over_rounds(monkeypatch):
     traced = []
 
@@ -138,24 +158,26 @@ def test_a_host_bound_candidate_is_timed_again_over_rounds(monkeypatch):
     times = pc.measure([pc.Candidate("xla", count)], gemv, calls=1, repeats=1, copies=4,
                        rounds_us=rounds, enqueue_us=enqueue)
     assert rounds == {"xla": 3} and 0 < times["xla"] < float("inf") and enqueue["xla"] > 0
-    # Traced once per input set for the first timing, then once per set and round.
-    assert len(traced) == 4 + 4 * 3
+    # Traced once: every application, of one round or three, calls the same jit of it.
+    assert traced == [(1, 64)]
 
 
 def test_a_candidate_that_fails_over_rounds_keeps_its_one_round_time(monkeypatch):
-    calls = []
+    real = pc.over_input_sets
 
-    def fails_when_chained(x, w):
-        calls.append(1)
-        if len(calls) > 4:        # traced once per input set for one round, then the rounds
-            raise RuntimeError("too large over rounds")
-        return x @ w
+    def fails_over_rounds(fn, is_array, rounds=1):
+        if rounds > 1:            # a program too large to compile, say
+            def too_large(*args):
+                raise RuntimeError("too large over rounds")
+            return too_large
+        return real(fn, is_array, rounds)
 
+    monkeypatch.setattr(pc, "over_input_sets", fails_over_rounds)
     monkeypatch.setattr(pc, "rounds_for", lambda enqueue_s, seconds, copies, chainable, compile_s: 2)
     gemv = [jax.ShapeDtypeStruct((1, 64), jnp.float32), jax.ShapeDtypeStruct((64, 32), jnp.float32)]
     rounds = {}
     with pytest.warns(UserWarning, match="failed over 2 rounds"):
-        times = pc.measure([pc.Candidate("xla", fails_when_chained)], gemv, calls=1, repeats=1,
+        times = pc.measure([pc.Candidate("xla", lambda x, w: x @ w)], gemv, calls=1, repeats=1,
                            copies=4, rounds_us=rounds)
     assert 0 < times["xla"] < float("inf") and rounds == {"xla": 1}
 
@@ -205,15 +227,29 @@ def test_a_candidate_that_fails_when_measured_is_never_chosen():
     assert times["kernel"] == float("inf") and times["xla_dense"] > 0
 
 
-def test_measure_runs_each_candidate_over_several_input_sets():
-    seen = []
+def _primitives(closed) -> list[str]:
+    """Every equation's primitive in a jaxpr, called jaxprs (``jit``) looked into at each call."""
+    names = []
+    for e in closed.jaxpr.eqns:
+        names.append(e.primitive.name)
+        inner = e.params.get("jaxpr")
+        if inner is not None and hasattr(inner, "jaxpr"):
+            names += _primitives(inner)
+    return names
 
-    def count(x, w):
-        seen.append(x.shape)        # traced once per copy inside the one timed jit
-        return x @ w
 
-    times = pc.measure([pc.Candidate("xla", count)], SPECS, calls=1, repeats=1, copies=3)
-    assert seen == [(8, 16)] * 3 and times["xla"] > 0
+def test_measure_runs_each_candidate_over_several_input_sets(monkeypatch):
+    programs = []
+    real_compile_all = pc._compile_all
+
+    def spy(candidates, wrap, args):
+        programs.extend(jax.make_jaxpr(wrap(c.fn))(*args) for c in candidates)
+        return real_compile_all(candidates, wrap, args)
+
+    monkeypatch.setattr(pc, "_compile_all", spy)
+    times = pc.measure([pc.Candidate("xla", lambda x, w: x @ w)], SPECS, calls=1, repeats=1, copies=3)
+    (program,) = programs
+    assert _primitives(program).count("dot_general") == 3 and times["xla"] > 0
     # Small inputs get many sets (dispatch and L2 would decide otherwise), large ones one.
     assert pc.copies_for(SPECS) == pc.MAX_COPIES
     # A 1024x1024 bf16 decode weight and its row: streamed past the L2, not held in it.
@@ -239,7 +275,7 @@ def test_each_input_set_is_its_own_buffer_not_a_slice(monkeypatch):
                        calls=1, repeats=1, copies=3)
     assert times["xla"] > 0
     (program,) = programs
-    prims = [e.primitive.name for e in program.jaxpr.eqns]
+    prims = _primitives(program)
     assert prims.count("dot_general") == 3
     prims = set(prims)
     assert "dot_general" in prims and not prims & {"slice", "dynamic_slice", "gather", "squeeze"}
