@@ -581,12 +581,16 @@ def train_and_evaluate(cfg: Config | Prepared, *, devices=None) -> dict:
     eval_fn = functools.partial(eval_step, sfn=sfn, with_aux=l1 is not None,
                                 param_sharding=gathered)
 
+    def jit_step(compiler_options=None):
+        return jax.jit(step_plain, in_shardings=(state_sharding, batch_sharding),
+                       out_shardings=(state_sharding, None), donate_argnums=0,
+                       compiler_options=compiler_options)
+
     if outer is not None:
         step_fn = outer.wrap(step_fn, total_steps=cfg.steps,
                              log_at=lambda s: s % cfg.log_every == 0 or s == cfg.steps)
     else:
-        step_fn = jax.jit(step_fn, in_shardings=(state_sharding, batch_sharding),
-                          out_shardings=(state_sharding, None), donate_argnums=0)
+        step_fn = jit_step()
     eval_fn = jax.jit(eval_fn, in_shardings=(state_sharding, batch_sharding))
 
     def evaluate(state):
@@ -615,9 +619,7 @@ def train_and_evaluate(cfg: Config | Prepared, *, devices=None) -> dict:
                           repeats=5, budget_s=300.0)
         progress.print("path tuning: " + tuning.summary())
         if tuning.compiler_options:     # the step compiled faster under these XLA options
-            step_fn = jax.jit(step_plain, in_shardings=(state_sharding, batch_sharding),
-                              out_shardings=(state_sharding, None), donate_argnums=0,
-                              compiler_options=tuning.compiler_options)
+            step_fn = jit_step(tuning.compiler_options)
     unread = None      # (step, metrics) of a logged step whose values are not yet read
 
     def read_log():

@@ -56,6 +56,25 @@ def test_every_preset_trains(tmp_path, recipe):
     assert "eval_loss" in written and (tmp_path / "run" / "curves.png").stat().st_size > 0
 
 
+def test_xla_options_kept_by_path_tuning_compile_the_training_step(tmp_path, monkeypatch):
+    import sparsejax
+    from sparsejax.kernels import program_tuning
+
+    options = {"xla_gpu_enable_triton_gemm": False}     # what tuning keeps on a GPU, say
+    monkeypatch.setattr(sparsejax.SparseFunction, "tune", lambda self, step, *a, **kw: program_tuning.Tuning(
+        1.0, (), {}, 0.9, dict(options)))
+    seen, real_jit = [], jax.jit
+
+    def spy(fun, *a, **kw):
+        seen.append(kw.get("compiler_options"))
+        return real_jit(fun, *a, **kw)
+
+    monkeypatch.setattr(jax, "jit", spy)
+    result = train.train_and_evaluate(tiny(tmp_path, recipe="monarch4", mesh="data:1", tune_paths=True,
+                                           steps=4, eval_every=4, checkpoint_every=10_000))
+    assert options in seen and np.isfinite(result["history"][-1]["loss"])
+
+
 def test_vision_model_trains(tmp_path):
     cfg = tiny(tmp_path, model="mixer", recipe="nm24", batch_size=32, steps=60, mesh="data:1")
     result = train.train_and_evaluate(cfg)

@@ -19,10 +19,11 @@ calls by timing the program itself:
    can compile worse than its sites did alone. On an H200 a Monarch(4) LM's training step
    took 87.0 ms with XLA's default GEMM fusions (Triton kernels around the Monarch einsums
    and their transposes) and 74.7 ms with them off for the whole process (``XLA_FLAGS``;
-   cuBLAS), while the dense step stayed at 73-74 ms either way. An option set that makes the step faster is kept in
-   ``Tuning.compiler_options`` (the caller passes it to its ``jax.jit``), and the trials
-   after it compile under it. It goes before the close calls: one trial, where the gain may
-   be largest, and a budget spent on close calls would never reach it;
+   cuBLAS), while the dense step stayed at 73-74 ms either way. An option set that makes
+   the step faster is kept in ``Tuning.compiler_options`` (the caller passes it to its
+   ``jax.jit``), and the trials after it compile under it. It goes before the close calls:
+   one trial, where the gain may be largest, and a budget spent on close calls would never
+   reach it;
 4. for each signature whose other candidates measured within ``margin`` of the winner,
    retrace and time the program with that signature on each of them (one switch at a time,
    greedily, keeping each switch that makes the program faster by more than ``min_gain``,
@@ -178,9 +179,10 @@ def tune(step: Callable, *args, invalidate: Callable[[], None], margin: float = 
         whole step: tens of seconds for a training step on a GPU); the closest calls go first.
       timer: ``timer(step, args) -> seconds`` (default: jit, warm up, median of back-to-back
         calls); for a compiler trial it is called as ``timer(step, args, compiler_options=...)``.
-      compiler_trials: XLA option sets to try the finished program under, one at a time
-        (default: :data:`GPU_COMPILER_TRIALS` on a GPU, none elsewhere). One that makes the
-        program faster by more than ``min_gain`` lands in ``Tuning.compiler_options``.
+      compiler_trials: XLA option sets to try the program under, one at a time, after the
+        fallback trial and before the close calls (default: :data:`GPU_COMPILER_TRIALS` on a
+        GPU, none elsewhere). The first that makes the program faster by more than
+        ``min_gain`` lands in ``Tuning.compiler_options``.
     """
     step = getattr(step, "__wrapped__", step)      # a jitted step would not retrace
     timer = timer or (lambda f, a, **kw: _program_seconds(f, a, repeats, **kw))
