@@ -6,9 +6,24 @@ their outputs as NaN, so an entry the kernel never wrote stays NaN: :func:`asser
 catches it, and :func:`assert_matches_reference` checks it before measuring the error.
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+
+def jit_call(f, *args, **static):
+    """``f(*args, **static)`` as one compiled program (``static``: sizes, flags, tilings).
+
+    Run op by op, each operation at each new shape was a program of its own to compile, which
+    was most of the kernel tests' time; jitted, the same function is one program."""
+    return jax.jit(functools.partial(f, **static))(*args)
+
+
+def normal(seed, shape, dtype=np.float32) -> jax.Array:
+    """Standard normal entries drawn by numpy (a jax.random draw compiles a program per shape)."""
+    return jnp.asarray(np.random.default_rng(seed).standard_normal(shape).astype(dtype))
 
 
 def as_float64(a) -> np.ndarray:

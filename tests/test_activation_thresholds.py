@@ -69,7 +69,9 @@ def test_teal_per_layer_thresholds_match_hand_written_program_and_hit_target(set
         return jax.lax.scan(layer, x, (params, jnp.arange(L)))[0]
 
     x = jax.random.normal(jax.random.key(7), (B, T, D))
-    np.testing.assert_allclose(sfn(sp, ss, x), reference(params, x), rtol=1e-5, atol=1e-5)
+    # (jitted, both: one program each, where op by op every operation was one to compile)
+    np.testing.assert_allclose(jax.jit(sfn)(sp, ss, x), jax.jit(reference)(params, x), rtol=1e-5,
+                               atol=1e-5)
     # layers see different activations, so their thresholds differ
     assert len({float(v) for v in th[names["down"]][:, 0]}) == L
     for name, info in sfn._threshold_info.items():
@@ -94,11 +96,13 @@ def test_cats_and_chess_cut_the_gate_activation(setup):
                 return h + (_cut(a, t[i]) * (h @ p["up"])) @ p["down"], None
             return jax.lax.scan(layer, x, (params, jnp.arange(L)))[0]
 
-        np.testing.assert_allclose(sfn(sp, ss, x), reference(params, x), rtol=1e-5, atol=1e-5)
+        # (jitted, both: one program each, where op by op every operation was one to compile)
+        np.testing.assert_allclose(jax.jit(sfn)(sp, ss, x), jax.jit(reference)(params, x), rtol=1e-5,
+                                   atol=1e-5)
         (info,) = sfn._threshold_info.values()
         np.testing.assert_allclose(info["measured"], 0.5, atol=0.03)
-        g = jax.grad(lambda p: jnp.sum(sfn(p, ss, x) ** 2))(sp)
-        assert all(bool(jnp.all(jnp.isfinite(v))) for v in jax.tree.leaves(g))
+        g = jax.jit(jax.grad(lambda p: jnp.sum(sfn(p, ss, x) ** 2)))(sp)
+        assert all(np.isfinite(np.asarray(v)).all() for v in jax.tree.leaves(g))
 
 
 def test_chess_channel_thresholds_follow_the_up_branch(setup):

@@ -113,17 +113,19 @@ def test_pack_works_under_jit_with_traced_weights():
 def test_kept_blocks_product_matches_reference_forward_and_backward(kind, m, k, n, block):
     rng = np.random.default_rng(hash((kind, m, k, n, "blocks")) % 2**32)
     x, packed = _operands(rng, m, k, n, block, kind, lead=(2,))
-    out = bs.block_sparse_matmul_blocks(x, packed)
+    # jitted, here and below: one program each, where op by op every operation at every new
+    # shape was a program to compile
+    out = jax.jit(bs.block_sparse_matmul_blocks)(x, packed)
     assert out.shape == (2, m, n) and out.dtype == x.dtype
-    ref = bs.block_sparse_matmul_reference(x, packed)
+    ref = jax.jit(bs.block_sparse_matmul_reference)(x, packed)
     if kind == "zero":
         assert np.abs(np.asarray(out)).max() == 0
     else:
         assert rel_error(out, ref) < 1e-5
     cot = jnp.asarray(rng.standard_normal((2, m, n)), jnp.float32)
     loss = lambda fn: (lambda x, p: jnp.sum(fn(x, p) * cot))
-    gx, gp = jax.grad(loss(bs.block_sparse_matmul_blocks), argnums=(0, 1))(x, packed)
-    rx, rp = jax.grad(loss(bs.block_sparse_matmul_reference), argnums=(0, 1))(x, packed)
+    gx, gp = jax.jit(jax.grad(loss(bs.block_sparse_matmul_blocks), argnums=(0, 1)))(x, packed)
+    rx, rp = jax.jit(jax.grad(loss(bs.block_sparse_matmul_reference), argnums=(0, 1)))(x, packed)
     np.testing.assert_allclose(np.asarray(gx), np.asarray(rx), rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(np.asarray(gp.blocks), np.asarray(rp.blocks), rtol=1e-4, atol=1e-4)
 
@@ -196,8 +198,9 @@ def test_pallas_kernel_gradients_match_reference(kind):
         return jnp.sum(fn(x, p) * cot)
 
     kern = lambda x, p: bs.block_sparse_matmul(x, p, interpret=True, poison=True)
-    gx_r, gp_r = jax.grad(functools.partial(loss, bs.block_sparse_matmul_reference), (0, 1))(x, packed)
-    gx_k, gp_k = jax.grad(functools.partial(loss, kern), (0, 1))(x, packed)
+    gx_r, gp_r = jax.jit(jax.grad(functools.partial(loss, bs.block_sparse_matmul_reference), (0, 1)))(
+        x, packed)
+    gx_k, gp_k = jax.jit(jax.grad(functools.partial(loss, kern), (0, 1)))(x, packed)
     assert isinstance(gp_k, bs.BlockSparseWeight) and gp_k.tables == packed.tables
     assert_written(gx_k, gp_k.blocks)
     if kind == "zero":
@@ -224,12 +227,13 @@ def test_mosaic_gpu_kernel_in_interpret_mode_forward_and_backward():
         return jnp.sum(fn(x, p).astype(jnp.float32) * cot)
 
     kern = lambda x, p: bs.block_sparse_matmul(x, p, backend="mosaic_gpu", interpret=True)
-    y_k = kern(x, packed)
-    y_r = bs.block_sparse_matmul_reference(x, packed)
+    y_k = jax.jit(kern)(x, packed)
+    y_r = jax.jit(bs.block_sparse_matmul_reference)(x, packed)
     assert_written(y_k)
     assert rel_error(y_k, y_r) < 1e-2
-    gx_r, gp_r = jax.grad(functools.partial(loss, bs.block_sparse_matmul_reference), (0, 1))(x, packed)
-    gx_k, gp_k = jax.grad(functools.partial(loss, kern), (0, 1))(x, packed)
+    gx_r, gp_r = jax.jit(jax.grad(functools.partial(loss, bs.block_sparse_matmul_reference), (0, 1)))(
+        x, packed)
+    gx_k, gp_k = jax.jit(jax.grad(functools.partial(loss, kern), (0, 1)))(x, packed)
     assert_written(gx_k)
     assert rel_error(gx_k, gx_r) < 1e-2
     assert rel_error(gp_k.blocks, gp_r.blocks) < 1e-2

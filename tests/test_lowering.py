@@ -23,7 +23,7 @@ class Net(nn.Module):
 def _setup(seed):
     model = Net()
     x = jax.random.normal(jax.random.key(seed), (5, 40))
-    params = model.init(jax.random.key(seed + 1), x)
+    params = jax.jit(model.init)(jax.random.key(seed + 1), x)   # one program, not one per op
     sfn = sj.sparsify(model.apply, [sj.Block("*a/kernel", 0.6, block=(8, 16)),
                                     sj.Block("*b/kernel", 0.5, block=(8, 8))])
     sparams, sstate = sfn.init(params, x)
@@ -55,11 +55,12 @@ def test_lowered_equals_masked(kind):
     sstate = {"masks": masks}
     fast = sfn.lower(sstate, interpret=True)
     assert all("interpret" in r.kernel for r in fast.report().rows)
-    chex.assert_trees_all_close(fast(sparams, sstate, x), sfn(sparams, sstate, x),
+    # (jitted: one program each, where op by op every operation was a program to compile)
+    chex.assert_trees_all_close(jax.jit(fast)(sparams, sstate, x), jax.jit(sfn)(sparams, sstate, x),
                                 rtol=1e-5, atol=1e-5)
     loss = lambda f: (lambda p, x: jnp.sum(jnp.sin(f(p, sstate, x))))
-    g_fast = jax.grad(loss(fast), argnums=(0, 1))(sparams, x)
-    g_ref = jax.grad(loss(sfn), argnums=(0, 1))(sparams, x)
+    g_fast = jax.jit(jax.grad(loss(fast), argnums=(0, 1)))(sparams, x)
+    g_ref = jax.jit(jax.grad(loss(sfn), argnums=(0, 1)))(sparams, x)
     chex.assert_trees_all_close(g_fast, g_ref, rtol=1e-4, atol=1e-5)
 
 
@@ -189,9 +190,9 @@ def test_packed_unrolled_model_on_each_path(fresh_paths, path):
         y = jax.jit(packed)(pparams, sstate, x)
         g = jax.jit(jax.grad(lambda p: jnp.sum(jnp.sin(packed(p, sstate, x)))))(pparams)
     assert pparams["params"]["b"]["kernel"].shape == (6, 8, 8)     # 12 blocks of 8×8, half kept
-    chex.assert_trees_all_close(y, sfn(sparams, sstate, x), rtol=1e-5, atol=1e-5)
+    chex.assert_trees_all_close(y, jax.jit(sfn)(sparams, sstate, x), rtol=1e-5, atol=1e-5)
     # The gradient of a kept block is the masked program's gradient there.
-    g_ref = jax.grad(lambda p: jnp.sum(jnp.sin(sfn(p, sstate, x))))(sparams)
+    g_ref = jax.jit(jax.grad(lambda p: jnp.sum(jnp.sin(sfn(p, sstate, x)))))(sparams)
     handler = packed._handlers["params/b/kernel"]
     chex.assert_trees_all_close(g["params"]["b"]["kernel"],
                                 handler.pack_leaf(g_ref["params"]["b"]["kernel"]), rtol=1e-4, atol=1e-5)
@@ -226,12 +227,12 @@ def test_premasked_copy_computes_the_masked_function_without_multiplying_masks(p
     fast = sfn.lower(sstate, interpret=True, premasked=True)
     pre = fast.premask(sparams, sstate)
     with pc.mode(f"force:{path}"):
-        chex.assert_trees_all_close(fast(pre, sstate, x), sfn(sparams, sstate, x),
+        chex.assert_trees_all_close(jax.jit(fast)(pre, sstate, x), jax.jit(sfn)(sparams, sstate, x),
                                     rtol=1e-5, atol=1e-5)
         # Gradients still reach kept weights only.
         loss = lambda f, p: jnp.sum(jnp.sin(f(p, sstate, x)))
-        g = jax.grad(lambda p: loss(fast, p))(pre)
-        g_ref = jax.grad(lambda p: loss(sfn, p))(sparams)
+        g = jax.jit(jax.grad(lambda p: loss(fast, p)))(pre)
+        g_ref = jax.jit(jax.grad(lambda p: loss(sfn, p)))(sparams)
         chex.assert_trees_all_close(g, g_ref, rtol=1e-4, atol=1e-5)
         if path == "xla_dense":   # XLA's path is the plain dense product: no mask multiply
             plain = sfn.lower(sstate, interpret=True)

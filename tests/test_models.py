@@ -129,12 +129,13 @@ def test_fused_attention_matches_the_explicit_form_and_sparsify_finds_every_kern
     model, variables = tiny_lm
     tokens = _tokens(3, (2, 13))
     fused = tr.TransformerLM(TINY.replace(attention="fused"))
-    want = model.apply(variables, tokens)
-    np.testing.assert_allclose(fused.apply(variables, tokens), want, rtol=1e-5, atol=1e-5)
+    # (jitted: one program each, where op by op every operation was a program to compile)
+    want = jax.jit(model.apply)(variables, tokens)
+    np.testing.assert_allclose(jax.jit(fused.apply)(variables, tokens), want, rtol=1e-5, atol=1e-5)
     # Decoding with a KV cache keeps the explicit form: it matches the full forward's last row.
     cache = tr.init_cache(TINY, 2, 13)
-    prefix, cache = fused.apply(variables, tokens[:, :12], cache, 0)
-    last, _ = fused.apply(variables, tokens[:, 12:], cache, 12)
+    prefix, cache = jax.jit(lambda v, t, c: fused.apply(v, t, c, 0))(variables, tokens[:, :12], cache)
+    last, _ = jax.jit(lambda v, t, c: fused.apply(v, t, c, 12))(variables, tokens[:, 12:], cache)
     np.testing.assert_allclose(last[:, 0], want[:, 12], rtol=1e-4, atol=1e-4)
     sfn = sj.sparsify(fused.apply, sj.Prune(r"re:.*(attn|mlp)/.*/kernel", sparsity=0.5))
     sfn.init(variables, tokens)
@@ -239,9 +240,11 @@ def test_lm_kv_cache_decoding_matches_the_full_forward(scan):
     cfg = tr.TransformerConfig(d_model=32, n_layers=2, n_heads=4, d_ff=48, scan_layers=scan)
     model = tr.TransformerLM(cfg)
     tokens = jax.random.randint(jax.random.key(0), (2, 7), 0, 256)
-    params = model.init(jax.random.key(1), tokens)
-    full = model.apply(params, tokens)
-    logits, cache = model.apply(params, tokens[:, :4], tr.init_cache(cfg, 2, 10), 0)
+    # (jitted: one program each, where op by op every operation was a program to compile)
+    params = jax.jit(model.init)(jax.random.key(1), tokens)
+    full = jax.jit(model.apply)(params, tokens)
+    logits, cache = jax.jit(lambda p, t, c: model.apply(p, t, c, 0))(params, tokens[:, :4],
+                                                                      tr.init_cache(cfg, 2, 10))
     steps = [logits]
     decode = jax.jit(model.apply)
     for i in range(4, 7):   # one token at a time, the position traced

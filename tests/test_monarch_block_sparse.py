@@ -11,7 +11,7 @@ from sparsejax import monarch
 from sparsejax.kernels import monarch_block_sparse as mbs
 from sparsejax.kernels import monarch_matmul as mm
 
-from kernel_testing import assert_written, rel_error
+from kernel_testing import assert_written, jit_call, normal, rel_error
 
 # (K, N, nblocks, (L's block, R's block)): square, up, down, and K and N padded to the blocks
 SHAPES = [(64, 64, 4, ((8, 8), (4, 8))), (64, 128, 4, ((4, 8), (4, 8))),
@@ -20,15 +20,18 @@ SHAPES = [(64, 64, 4, ((8, 8), (4, 8))), (64, 128, 4, ((4, 8), (4, 8))),
 
 
 def _factors(seed, k, n, nb, dtype=jnp.float32):
-    return monarch.init_factors(jax.random.key(seed), k, n, nb, dtype)
+    # jitted, and below the products and their gradients: one program each, where op by op
+    # every operation at every new shape was a program to compile
+    return jax.jit(lambda key: monarch.init_factors(key, k, n, nb, dtype))(jax.random.key(seed))
 
 
 @pytest.mark.parametrize("k,n,nb,blocks", SHAPES)
 def test_product_matches_the_monarch_reference(k, n, nb, blocks):
     f = _factors(k + n, k, n, nb)
-    x = jax.random.normal(jax.random.key(1), (3, 5, k))
-    ref = mm.monarch_matmul_reference(x, f, n)
-    y = mbs.monarch_matmul_block_sparse(x, f, n, blocks=blocks, interpret=True, poison=True)
+    x = normal(1, (3, 5, k))
+    ref = jit_call(mm.monarch_matmul_reference, x, f, out_features=n)
+    y = jit_call(mbs.monarch_matmul_block_sparse, x, f, out_features=n, blocks=blocks, interpret=True,
+                 poison=True)
     assert y.shape == ref.shape
     assert_written(y)
     assert rel_error(y, ref) < 1e-5
@@ -37,8 +40,8 @@ def test_product_matches_the_monarch_reference(k, n, nb, blocks):
 @pytest.mark.parametrize("k,n,nb,blocks", SHAPES[1:4])
 def test_gradients_match_the_monarch_reference(k, n, nb, blocks):
     f = _factors(2 * k + n, k, n, nb)
-    x = jax.random.normal(jax.random.key(2), (9, k))
-    loss = lambda fn: jax.grad(lambda x, f: jnp.sum(jnp.sin(fn(x, f))), argnums=(0, 1))(x, f)
+    x = normal(2, (9, k))
+    loss = lambda fn: jax.jit(jax.grad(lambda x, f: jnp.sum(jnp.sin(fn(x, f))), argnums=(0, 1)))(x, f)
     got = loss(lambda x, f: mbs.monarch_matmul_block_sparse(x, f, n, blocks=blocks, interpret=True))
     want = loss(lambda x, f: mm.monarch_matmul_reference(x, f, n))
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
@@ -104,7 +107,7 @@ def test_two_monarch_products_in_a_row_skip_the_output_interleave_between_them(d
     # gradients, as the reference chain.
     f1 = _factors(1, d, hidden, nb)
     f2 = _factors(2, hidden, d, nb)
-    x = jax.random.normal(jax.random.key(3), (6, d))
+    x = normal(3, (6, d))
     small = dict(sides=(8, 4, 2, 1))
     b1 = mbs.blocks_for(nb, *f1["w1"].shape[1:], f1["w2"].shape[1], **small)
     b2 = mbs.blocks_for(nb, *f2["w1"].shape[1:], f2["w2"].shape[1], interleaved=nb, **small)
@@ -118,17 +121,18 @@ def test_two_monarch_products_in_a_row_skip_the_output_interleave_between_them(d
     def reference(x, f1, f2):
         return mm.monarch_matmul_reference(jax.nn.gelu(mm.monarch_matmul_reference(x, f1, hidden)), f2, d)
 
-    y = chain(x, f1, f2)
+    y = jax.jit(chain)(x, f1, f2)
     assert_written(y)
-    assert rel_error(y, reference(x, f1, f2)) < 1e-5
-    grads = lambda fn: jax.grad(lambda *a: jnp.sum(jnp.sin(fn(*a))), argnums=(0, 1, 2))(x, f1, f2)
+    assert rel_error(y, jax.jit(reference)(x, f1, f2)) < 1e-5
+    grads = lambda fn: jax.jit(jax.grad(lambda *a: jnp.sum(jnp.sin(fn(*a))), argnums=(0, 1, 2)))(x, f1, f2)
     for a, b in zip(jax.tree.leaves(grads(chain)), jax.tree.leaves(grads(reference))):
         assert rel_error(a, b) < 1e-5
     # without the interleave the producer's output is a permutation of the reference's
-    z = mbs.monarch_matmul_block_sparse(x, f1, hidden, blocks=b1, block_major_output=True, interpret=True)
+    z = jit_call(mbs.monarch_matmul_block_sparse, x, f1, out_features=hidden, blocks=b1,
+                 block_major_output=True, interpret=True)
     s = f1["w2"].shape[1]
-    natural = z.reshape(6, nb, s).transpose(0, 2, 1).reshape(6, hidden)
-    assert rel_error(natural, mm.monarch_matmul_reference(x, f1, hidden)) < 1e-5
+    natural = np.asarray(z).reshape(6, nb, s).transpose(0, 2, 1).reshape(6, hidden)
+    assert rel_error(natural, jit_call(mm.monarch_matmul_reference, x, f1, out_features=hidden)) < 1e-5
 
 
 def test_interleaved_and_block_major_refuse_what_they_cannot_order():

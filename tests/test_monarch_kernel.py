@@ -9,20 +9,24 @@ import pytest
 from sparsejax import monarch
 from sparsejax.kernels import monarch_matmul as mk
 
-from kernel_testing import assert_matches_reference
+from kernel_testing import assert_matches_reference, normal
 
 
+# The factors' init, and each product with its gradients, run jitted: one program each, where
+# op by op every operation at every new shape was a program to compile.
 def _problem(seed, t, k, n, nb, dtype):
-    kf, kx, kc = jax.random.split(jax.random.PRNGKey(seed), 3)
-    f = monarch.init_factors(kf, k, n, nb, dtype)
-    x = jax.random.normal(kx, (t, k), jnp.float32).astype(dtype)
-    ct = jax.random.normal(kc, (t, n), jnp.float32).astype(dtype)
+    f = jax.jit(lambda key: monarch.init_factors(key, k, n, nb, dtype))(jax.random.PRNGKey(seed))
+    rng = np.random.default_rng(seed)
+    x = jnp.asarray(rng.standard_normal((t, k)).astype(np.float32).astype(dtype))
+    ct = jnp.asarray(rng.standard_normal((t, n)).astype(np.float32).astype(dtype))
     return x, f, ct
 
 
 def _value_and_grads(fn, x, f, ct):
-    y, vjp = jax.vjp(fn, x, f)
-    return y, vjp(ct)
+    def run(x, f, ct):
+        y, vjp = jax.vjp(fn, x, f)
+        return y, vjp(ct)
+    return jax.jit(run)(x, f, ct)
 
 
 def test_fused_kernel_in_interpret_mode_matches_reference():
@@ -71,7 +75,7 @@ def test_einsum_path_keeps_leading_axes_and_jits():
     x3 = x.reshape(2, 3, 24)
     y = jax.jit(lambda x, f: mk.monarch_matmul_einsum(x, f, 30))(x3, f)
     assert y.shape == (2, 3, 30)
-    assert_matches_reference(y, monarch.matmul_reference(x3, f, 30), 1e-6)
+    assert_matches_reference(y, jax.jit(lambda x, f: monarch.matmul_reference(x, f, 30))(x3, f), 1e-6)
 
 
 def _activation_transposes(jaxpr, tokens):
@@ -124,7 +128,7 @@ def test_core_operands_fold_the_permutation(k, n, nb):
         assert_matches_reference(z.transpose(0, 2, 1).reshape(7, nb * s)[:, :n], want, 1e-5)
     # The input gradient's core runs on the transposed operands.
     at, bt = mk._transposed_core_operands(a, b)
-    g = jax.random.normal(jax.random.PRNGKey(0), z.shape)
+    g = normal(0, z.shape)
     dx = jax.vjp(lambda u: mk.core_reference(u, a, b), u)[1](g)[0]
     assert_matches_reference(mk.core_reference(g, at, bt), dx, 1e-5)
 

@@ -9,12 +9,14 @@ from sparsejax import masks
 from sparsejax.kernels import nm_compressed as nm
 from sparsejax.kernels import tile_tables
 
-from kernel_testing import assert_written, rel_error
+from kernel_testing import assert_written, jit_call, rel_error
 
 
 def _nm_weight(rng, k, n_cols, n, m):
+    # jitted, as the kernels and references below: one program, where op by op every
+    # operation at every new shape was a program to compile
     w = jnp.asarray(rng.standard_normal((k, n_cols)), jnp.float32)
-    return jnp.where(masks.nm_mask(jnp.abs(w), n, m), w, 0)
+    return jax.jit(lambda w: jnp.where(masks.nm_mask(jnp.abs(w), n, m), w, 0))(w)
 
 
 @pytest.mark.parametrize("n,m", [(2, 4), (1, 4), (2, 8)])
@@ -73,12 +75,12 @@ def test_kernel_matches_reference(n, m, batch, x_access, monkeypatch):
     if reason is not None and jax.default_backend() == "gpu":
         pytest.skip(reason)        # compiled for the GPU (gpu_kernel_tests.sh): batches it sends to XLA
     assert reason is None
-    out = nm.nm_matmul(x, packed, interpret=True, poison=True)
-    ref = nm.nm_matmul_reference(x, packed)
+    out = jit_call(nm.nm_matmul, x, packed, interpret=True, poison=True)
+    ref = jit_call(nm.nm_matmul_reference, x, packed)
     assert out.shape == (batch, cols)
     assert_written(out)
     assert rel_error(out, ref) < 1e-5
-    assert rel_error(ref, x @ wm) < 1e-5
+    assert rel_error(ref, np.asarray(x) @ np.asarray(wm)) < 1e-5
 
 
 @pytest.mark.parametrize("n,m", [(2, 4), (1, 4), (2, 8)])
@@ -95,10 +97,10 @@ def test_natural_x_gather_matches_reference(n, m, batch, monkeypatch):
     wm = _nm_weight(rng, k, cols, n, m)
     packed = nm.compress_nm(wm, n, m, group_tile=group_tile)
     x = jnp.asarray(rng.standard_normal((batch, k)), jnp.float32)
-    out = nm.nm_matmul(x, packed, interpret=True, poison=True)
+    out = jit_call(nm.nm_matmul, x, packed, interpret=True, poison=True)
     assert out.shape == (batch, cols)
     assert_written(out)
-    assert rel_error(out, nm.nm_matmul_reference(x, packed)) < 1e-5
+    assert rel_error(out, jit_call(nm.nm_matmul_reference, x, packed)) < 1e-5
 
 
 @pytest.mark.parametrize("batch", [1, 2])
@@ -131,8 +133,9 @@ def test_gradients_match_reference():
         return jnp.sum(fn(x, p) * cot)
 
     kern = lambda x, p: nm.nm_matmul(x, p, interpret=True)
-    gx_r, gp_r = jax.grad(lambda x, p: loss(nm.nm_matmul_reference, x, p), (0, 1), allow_int=True)(x, packed)
-    gx_k, gp_k = jax.grad(lambda x, p: loss(kern, x, p), (0, 1), allow_int=True)(x, packed)
+    gx_r, gp_r = jax.jit(jax.grad(lambda x, p: loss(nm.nm_matmul_reference, x, p), (0, 1),
+                                  allow_int=True))(x, packed)
+    gx_k, gp_k = jax.jit(jax.grad(lambda x, p: loss(kern, x, p), (0, 1), allow_int=True))(x, packed)
     assert rel_error(gx_k, gx_r) < 1e-5
     assert rel_error(gp_k.values, gp_r.values) < 1e-5
 

@@ -333,7 +333,7 @@ def test_calibration_linen_scan_stack_is_per_layer():
                                         scan_layers=True)
     model = transformer.TransformerLM(cfg)
     x = jax.random.randint(jax.random.key(0), (2, 8), 0, 32)
-    params = model.init(jax.random.key(1), x)
+    params = jax.jit(model.init)(jax.random.key(1), x)      # one program, not one per operation
     stats = calibration.calibrate(model.apply, params, [x])
     assert stats["params/layers/mlp/down/kernel"].gram.shape == (2, 32, 32)   # one per layer
     assert stats["params/lm_head/kernel"].gram.shape == (16, 16)

@@ -199,14 +199,14 @@ def _spark_mlp_oracle(params, x, k_frac):
 def test_ffn_site_at_batch_size_one():
     model = nn.Sequential([nn.Dense(64), nn.gelu, nn.Dense(32)])
     x4 = jax.random.normal(jax.random.key(0), (4, 16))
-    params = model.init(jax.random.key(1), x4)
+    params = jax.jit(model.init)(jax.random.key(1), x4)   # jitted: one program, not one per op
     oracle = jax.jit(_spark_mlp_oracle, static_argnums=2)
     for init_x, call_x in ((x4, x4[:1]), (x4[:1], x4[:1]), (x4[:1], x4)):
         sfn = sj.sparsify(model.apply, sj.SparkTopK(site="ffn", k_frac=0.25))
         sparams, sstate = sfn.init(params, init_x)
-        out = sfn(sparams, sstate, call_x)
+        out = jax.jit(sfn)(sparams, sstate, call_x)
         chex.assert_trees_all_close(out, oracle(params, call_x, 0.25), rtol=1e-5, atol=1e-6)
-    assert not np.allclose(out, model.apply(params, call_x), atol=1e-3)
+    assert not np.allclose(out, jax.jit(model.apply)(params, call_x), atol=1e-3)
 
 
 def test_rule_with_sites_at_init_refuses_a_call_without_any():
@@ -376,8 +376,8 @@ def test_rules_select_weights_by_what_they_do(mixed):
     sfn = sj.sparsify(model.apply, sj.NM(sj.MatmulWeights(), n=2, m=4))
     sparams, sstate = sfn.init(params, tokens)
     assert set(sfn.masked_paths) == {"params/w", "params/dense/kernel", "params/head/kernel"}
-    chex.assert_trees_all_close(sfn(sparams, sstate, tokens),
-                                model.apply(sfn.dense_params(sparams, sstate), tokens))
+    chex.assert_trees_all_close(jax.jit(sfn)(sparams, sstate, tokens),
+                                jax.jit(model.apply)(sfn.dense_params(sparams, sstate), tokens))
     sfn = sj.sparsify(model.apply, sj.NM(sj.MatmulWeights(head=False), n=2, m=4))
     sfn.init(params, tokens)
     assert set(sfn.masked_paths) == {"params/w", "params/dense/kernel"}

@@ -23,7 +23,8 @@ def _lm(scan: bool):
                                         n_heads=2, d_ff=128, scan_layers=scan, dtype="bfloat16")
     model = transformer.TransformerLM(cfg)
     tokens = jax.random.randint(jax.random.key(0), (2, 8), 0, cfg.vocab_size)
-    return cfg, model, tokens, model.init(jax.random.key(1), tokens)
+    # (jitted: one program, where op by op every operation was a program to compile)
+    return cfg, model, tokens, jax.jit(model.init)(jax.random.key(1), tokens)
 
 
 def _bf16(tree):
@@ -89,6 +90,6 @@ def test_spark_ffn_decode_step_takes_the_sparse_gemv_after_a_prefill_init():
     tok, pos = tokens[:1, :1], jnp.int32(3)
     decode = low.rewritten_jaxpr(_bf16(sp), ss, tok, cache, pos).jaxpr
     assert _count(decode, "pallas_call") >= cfg.n_layers       # a sparse down GEMV per layer
-    got = low(_bf16(sp), ss, tok, cache, pos)[0]
-    want = sfn(_bf16(sp), ss, tok, cache, pos)[0]
+    got = jax.jit(low)(_bf16(sp), ss, tok, cache, pos)[0]
+    want = jax.jit(sfn)(_bf16(sp), ss, tok, cache, pos)[0]
     assert _rel(got, want) < 2e-2

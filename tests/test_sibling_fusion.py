@@ -30,9 +30,15 @@ def _shapes():
             "down": (F, D)}
 
 
+# Inputs drawn by numpy; the programs (masked, lowered, and their gradients) run jitted: one
+# program each, where op by op every operation at every new shape was a program to compile.
+def _normal(rng, shape, scale=1.0):
+    return jnp.asarray((scale * rng.standard_normal(shape)).astype(np.float32))
+
+
 def _params(stack=()):
-    keys = jax.random.split(jax.random.key(0), 7)
-    return {n: 0.2 * jax.random.normal(k, (*stack, *s)) for (n, s), k in zip(_shapes().items(), keys)}
+    rng = np.random.default_rng(0)
+    return {n: _normal(rng, (*stack, *s), 0.2) for n, s in _shapes().items()}
 
 
 def unrolled(params, x):
@@ -43,7 +49,7 @@ def scanned(params, x):
     return jax.lax.scan(lambda h, p: (_block(h, p), None), x, params)[0]
 
 
-X = jax.random.normal(jax.random.key(1), (5, D))
+X = _normal(np.random.default_rng(1), (5, D))
 
 
 def _pallas_calls(fn, sparams, sstate):
@@ -60,10 +66,10 @@ def _check_against_masked(sfn, fast, sparams, sstate):
     with pc.mode("force:kernel"):
         y = jax.jit(fast)(sparams, sstate, X)
         g = jax.jit(jax.grad(loss(fast)))(sparams)
-    chex.assert_trees_all_close(y, sfn(sparams, sstate, X), rtol=1e-5, atol=1e-5)
+    chex.assert_trees_all_close(y, jax.jit(sfn)(sparams, sstate, X), rtol=1e-5, atol=1e-5)
     # A dW for each member: the masked program's to float32 precision (the norm of the
     # difference, as the kernel tests measure it), and exactly zero outside the kept blocks.
-    g_ref = jax.grad(loss(sfn))(sparams)
+    g_ref = jax.jit(jax.grad(loss(sfn)))(sparams)
     for name in g:
         assert rel_error(g[name], g_ref[name]) < 1e-5, name
         assert not np.any(np.asarray(g[name])[~np.asarray(sstate["masks"][name], bool)]), name
@@ -87,13 +93,13 @@ def test_unrolled_siblings_run_as_one_kernel_and_match_the_masked_program(fresh_
     # XLA's product of the concatenated masked weights, the group's third path, computes it too.
     with pc.mode("force:xla_dense"):   # a fresh copy: rewrites are cached per signature
         fast = sfn.lower(sstate, interpret=True, fuse_siblings=True)
-        y = fast(sparams, sstate, X)
-        g = jax.grad(lambda p: jnp.sum(jnp.sin(fast(p, sstate, X))))(sparams)
+        y = jax.jit(fast)(sparams, sstate, X)
+        g = jax.jit(jax.grad(lambda p: jnp.sum(jnp.sin(fast(p, sstate, X)))))(sparams)
         assert "pallas_call" not in str(fast.rewritten_jaxpr(sparams, sstate, X))
     assert _kernels(fast)["v"].startswith("fused with q, k: XLA dense matmul of the concatenated "
                                           "masked weights")
-    chex.assert_trees_all_close(y, sfn(sparams, sstate, X), rtol=1e-5, atol=1e-5)
-    g_ref = jax.grad(lambda p: jnp.sum(jnp.sin(sfn(p, sstate, X))))(sparams)
+    chex.assert_trees_all_close(y, jax.jit(sfn)(sparams, sstate, X), rtol=1e-5, atol=1e-5)
+    g_ref = jax.jit(jax.grad(lambda p: jnp.sum(jnp.sin(sfn(p, sstate, X)))))(sparams)
     assert all(rel_error(g[n], g_ref[n]) < 1e-5 for n in g)
 
 
@@ -133,7 +139,7 @@ def test_packed_and_premasked_siblings_fuse(fresh_paths, form):
     with pc.mode("force:kernel"):
         y = jax.jit(fast)(params, sstate, X)
         assert str(fast.rewritten_jaxpr(params, sstate, X)).count("pallas_call") == 4
-    chex.assert_trees_all_close(y, sfn(sparams, sstate, X), rtol=1e-5, atol=1e-5)
+    chex.assert_trees_all_close(y, jax.jit(sfn)(sparams, sstate, X), rtol=1e-5, atol=1e-5)
 
 
 def test_lm_with_scanned_layers_finds_qkv_and_gate_up(fresh_paths):
@@ -142,8 +148,8 @@ def test_lm_with_scanned_layers_finds_qkv_and_gate_up(fresh_paths):
     cfg = transformer.TransformerConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=2, d_ff=64,
                                         scan_layers=True, dtype="bfloat16")
     model = transformer.TransformerLM(cfg)
-    tokens = jax.random.randint(jax.random.key(0), (2, 8), 0, cfg.vocab_size)
-    params = model.init(jax.random.key(1), tokens)
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, (2, 8)), jnp.int32)
+    params = jax.jit(model.init)(jax.random.key(1), tokens)
     sfn = sj.sparsify(model.apply, [sj.Block(r"re:.*(attn/(q|k|v|o)|mlp/(gate|up|down))/kernel",
                                              0.5, block=(8, 8))])
     sparams, sstate = sfn.init(params, tokens, rng=jax.random.key(2))
@@ -157,7 +163,7 @@ def test_lm_with_scanned_layers_finds_qkv_and_gate_up(fresh_paths):
         "fused with params/layers/attn/q/kernel, params/layers/attn/k/kernel: one block-sparse")
     assert kernels["params/layers/mlp/gate/kernel"].startswith(
         "fused with params/layers/mlp/up/kernel: one block-sparse")
-    want = sfn(sparams, sstate, tokens)
+    want = jax.jit(sfn)(sparams, sstate, tokens)
     assert float(jnp.max(jnp.abs(y - want))) < 0.05 * float(jnp.max(jnp.abs(want)))  # bf16
 
 
@@ -166,7 +172,7 @@ def _three(params, x):
 
 
 def test_what_is_not_fused(fresh_paths):
-    params = {n: 0.3 * jax.random.normal(jax.random.key(i), (D, D)) for i, n in enumerate("qkv")}
+    params = {n: _normal(np.random.default_rng(i), (D, D), 0.3) for i, n in enumerate("qkv")}
     # Another block shape: q and k are not siblings; v reads another input.
     sfn = sj.sparsify(_three, [sj.Block("q", 0.5, block=(8, 8)), sj.Block("re:(k|v)", 0.5,
                                                                           block=(8, 16))])
@@ -185,7 +191,7 @@ def test_what_is_not_fused(fresh_paths):
     assert kernels["q"].startswith("fused with k:") and kernels["o"].startswith("XLA (mask is not")
     assert not kernels["v"].startswith("fused")
     with pc.mode("force:kernel"):
-        chex.assert_trees_all_close(fast(sparams, sstate, X), sfn(sparams, sstate, X),
+        chex.assert_trees_all_close(jax.jit(fast)(sparams, sstate, X), jax.jit(sfn)(sparams, sstate, X),
                                     rtol=1e-5, atol=1e-5)
 
 
@@ -217,5 +223,5 @@ def test_group_candidates_agree_and_a_measured_loss_keeps_sites_apart(fresh_path
                                    "dense 2 µs, 2.00×, "), kernels
     assert ("; not fused with q, v: each sibling on its own path (5 µs vs dense 8 µs, 1.60×, "
             "measured)") in kernels["k"], kernels
-    chex.assert_trees_all_close(fast(sparams, sstate, X), sfn(sparams, sstate, X),
+    chex.assert_trees_all_close(jax.jit(fast)(sparams, sstate, X), jax.jit(sfn)(sparams, sstate, X),
                                 rtol=1e-5, atol=1e-5)

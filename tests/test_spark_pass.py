@@ -34,30 +34,36 @@ class PlainAttention(nn.Module):
         return jnp.einsum("...hqe,hed->...qd", jnp.einsum("...hqk,...hke->...hqe", weights, v), wo)
 
 
+# Inputs are drawn by numpy; inits, forward passes and gradients run jitted: one program each,
+# where op by op every operation at every new shape was a program to compile.
+def _normal(seed, shape):
+    return jnp.asarray(np.random.default_rng(seed).standard_normal(shape).astype(np.float32))
+
+
 def test_ffn_pass_equals_spark_ffn_module():
-    x = jax.random.normal(jax.random.key(0), (3, 7, 24))
+    x = _normal(0, (3, 7, 24))
     dense, spark = GatedFFN(d_ff=96), SparkFFN(d_ff=96, k_frac=0.1)
-    params = dense.init(jax.random.key(1), x)
+    params = jax.jit(dense.init)(jax.random.key(1), x)
     sfn = sj.sparsify(dense.apply, sj.SparkTopK(site="ffn", k_frac=0.1))
     sparams, sstate = sfn.init(params, x)
-    out = sfn(sparams, sstate, x)
-    chex.assert_trees_all_close(out, spark.apply(params, x), rtol=1e-5, atol=1e-6)
-    assert not np.allclose(out, dense.apply(params, x), atol=1e-3)
-    g = jax.grad(lambda p: jnp.sum(sfn(p, sstate, x) ** 2))(sparams)
-    g_ref = jax.grad(lambda p: jnp.sum(spark.apply(p, x) ** 2))(params)
+    out = jax.jit(sfn)(sparams, sstate, x)
+    chex.assert_trees_all_close(out, jax.jit(spark.apply)(params, x), rtol=1e-5, atol=1e-6)
+    assert not np.allclose(out, jax.jit(dense.apply)(params, x), atol=1e-3)
+    g = jax.jit(jax.grad(lambda p: jnp.sum(sfn(p, sstate, x) ** 2)))(sparams)
+    g_ref = jax.jit(jax.grad(lambda p: jnp.sum(spark.apply(p, x) ** 2)))(params)
     chex.assert_trees_all_close(g, g_ref, rtol=1e-4, atol=1e-6)
 
 
 def test_ffn_pass_with_the_pallas_kernel_equals_xla():
-    x = jax.random.normal(jax.random.key(4), (2, 5, 24))
+    x = _normal(4, (2, 5, 24))
     dense = GatedFFN(d_ff=96)
-    params = dense.init(jax.random.key(5), x)
+    params = jax.jit(dense.init)(jax.random.key(5), x)
     outs, grads = [], []
     for impl in ("xla", "pallas"):      # pallas: interpret mode on CPU
         sfn = sj.sparsify(dense.apply, sj.SparkTopK(site="ffn", k_frac=0.1, impl=impl))
         sparams, sstate = sfn.init(params, x)
         outs.append(jax.jit(sfn)(sparams, sstate, x))
-        grads.append(jax.grad(lambda p: jnp.sum(sfn(p, sstate, x) ** 2))(sparams))
+        grads.append(jax.jit(jax.grad(lambda p: jnp.sum(sfn(p, sstate, x) ** 2)))(sparams))
     chex.assert_trees_all_close(outs[1], outs[0], rtol=1e-5, atol=1e-6)
     chex.assert_trees_all_close(grads[1], grads[0], rtol=1e-4, atol=1e-6)
     with pytest.raises(ValueError, match="impl must be 'xla', 'pallas' or 'auto'"):
@@ -66,30 +72,30 @@ def test_ffn_pass_with_the_pallas_kernel_equals_xla():
 
 @pytest.mark.parametrize("impl", ["xla", "pallas"])    # pallas: the kernel, interpret mode on CPU
 def test_attention_pass_equals_spark_attention_module(impl):
-    x = jax.random.normal(jax.random.key(2), (2, 9, 16))
+    x = _normal(2, (2, 9, 16))
     plain, spark = PlainAttention(2, 8), SparkAttention(num_heads=2, head_dim=8, k=3)
-    params = plain.init(jax.random.key(3), x)
+    params = jax.jit(plain.init)(jax.random.key(3), x)
     sfn = sj.sparsify(plain.apply, sj.SparkTopK(site="attention", k=3, impl=impl))
     sparams, sstate = sfn.init(params, x)
-    out = sfn(sparams, sstate, x)
-    chex.assert_trees_all_close(out, spark.apply(params, x), rtol=1e-5, atol=1e-5)
-    assert not np.allclose(out, plain.apply(params, x), atol=1e-3)
+    out = jax.jit(sfn)(sparams, sstate, x)
+    chex.assert_trees_all_close(out, jax.jit(spark.apply)(params, x), rtol=1e-5, atol=1e-5)
+    assert not np.allclose(out, jax.jit(plain.apply)(params, x), atol=1e-3)
     assert (str(sfn.rewritten_jaxpr(sparams, sstate, x)).count("pallas_call") > 0) == (impl == "pallas")
 
 
 def test_attention_kernel_keeps_the_models_causal_mask_and_gradients():
     """A causal model's masked scores stay masked through the kernel, rows with at most k
     visible keys keep them all, and the gradients are the XLA path's."""
-    x = jax.random.normal(jax.random.key(4), (2, 12, 32))
+    x = _normal(4, (2, 12, 32))
     model = Layer()
-    params = model.init(jax.random.key(5), x, None)
+    params = jax.jit(lambda key, x: model.init(key, x, None))(jax.random.key(5), x)
     outs, grads = [], []
     for impl in ("xla", "pallas"):
         sfn = sj.sparsify(lambda p, v: model.apply(p, v, None)[0],
                           sj.SparkTopK(site="attention", k=4, impl=impl))
         sparams, sstate = sfn.init(params, x)
-        outs.append(sfn(sparams, sstate, x))
-        grads.append(jax.grad(lambda p: jnp.sum(sfn(p, sstate, x) ** 2))(sparams))
+        outs.append(jax.jit(sfn)(sparams, sstate, x))
+        grads.append(jax.jit(jax.grad(lambda p: jnp.sum(sfn(p, sstate, x) ** 2)))(sparams))
     chex.assert_trees_all_close(outs[1], outs[0], rtol=1e-5, atol=1e-5)
     chex.assert_trees_all_close(grads[1], grads[0], rtol=1e-4, atol=1e-5)
 
@@ -114,9 +120,9 @@ class ScannedLM(nn.Module):
 
 
 def test_scanned_lm_sites_and_measured_kept_fraction():
-    x = jax.random.normal(jax.random.key(4), (4, 16, 16))
+    x = _normal(4, (4, 16, 16))
     model = ScannedLM()
-    params = model.init(jax.random.key(5), x)
+    params = jax.jit(model.init)(jax.random.key(5), x)
     sfn = sj.sparsify(model.apply, [sj.SparkTopK("*mlp*", site="ffn", k_frac=0.125),
                                     sj.SparkTopK(site="attention", k=4)])
     with pytest.raises(ValueError, match=r"SparkTopK\('\*mlp\*'.*selects no ffn site"):
@@ -148,7 +154,7 @@ def test_nnx_model_without_names():
 
     graphdef, state = nnx.split(FFN(nnx.Rngs(0)))
     fn = lambda s, x: nnx.merge(graphdef, s)(x)
-    x = jax.random.normal(jax.random.key(1), (64, 12))
+    x = _normal(1, (64, 12))
     sfn = sj.sparsify(fn, sj.SparkTopK(site="ffn", k_frac=0.1, mode="hard"))
     sparams, sstate = sfn.init(state, x)
     [site] = sfn.report().activations
@@ -182,9 +188,9 @@ def _kernel_applies(monkeypatch, times):
 
 
 def _attention_setup():
-    x = jax.random.normal(jax.random.key(2), (2, 9, 16))
+    x = _normal(2, (2, 9, 16))
     plain = PlainAttention(2, 8)
-    params = plain.init(jax.random.key(3), x)
+    params = jax.jit(plain.init)(jax.random.key(3), x)
     sfn = sj.sparsify(plain.apply, sj.SparkTopK(site="attention", k=3, impl="auto"))
     sparams, sstate = sfn.init(params, x)
     return sfn, sparams, sstate, x

@@ -8,7 +8,7 @@ import pytest
 from sparsejax.kernels import spark_ffn as sf
 from sparsejax.kernels import sparse_input_gemv as sg
 
-from kernel_testing import assert_written, rel_error
+from kernel_testing import assert_written, jit_call, normal, rel_error
 
 TILES = dict(bk=16, bn=32, bc=8, splits=2)
 
@@ -25,14 +25,14 @@ def _sparse_x(seed, batch, k, zero_frac):
     ("gather", 2, 48, 33, True), ("xla_compact", 3, 96, 130, None), ("xla_dense", 1, 100, 70, None)])
 def test_every_path_equals_the_reference_with_threshold(impl, batch, k, n, mma):
     x = _sparse_x(batch + k, batch, k, 0.6)
-    w = jax.random.normal(jax.random.key(n), (k, n))
-    ref = sg.sparse_input_gemv_reference(x, w, threshold=0.3)
-    y = sg.sparse_input_gemv(x, w, threshold=0.3, impl=impl, interpret=True, mma=mma, **TILES)
+    w = normal(n, (k, n))
+    ref = jit_call(sg.sparse_input_gemv_reference, x, w, threshold=0.3)
+    y = jit_call(sg.sparse_input_gemv, x, w, threshold=0.3, impl=impl, interpret=True, mma=mma, **TILES)
     assert y.shape == (batch, n)
     assert_written(y)
     assert rel_error(y, ref) < 1e-5
     # the threshold really drops inputs: without it the answer differs
-    assert rel_error(sg.sparse_input_gemv_reference(x, w), ref) > 1e-3
+    assert rel_error(jit_call(sg.sparse_input_gemv_reference, x, w), ref) > 1e-3
 
 
 @pytest.mark.parametrize("batch,k,mma,steps,partials,unroll", [
@@ -40,10 +40,10 @@ def test_every_path_equals_the_reference_with_threshold(impl, batch, k, n, mma):
     (1, 48, False, 8, True, None)])
 def test_masked_split_steps_and_partials_equal_the_reference(batch, k, mma, steps, partials, unroll):
     x = _sparse_x(7 * batch + k, batch, k, 0.7)
-    w = jax.random.normal(jax.random.key(k), (k, 70))
-    ref = sg.sparse_input_gemv_reference(x, w, threshold=0.2)
-    y = sg.sparse_input_gemv(x, w, threshold=0.2, impl="masked", interpret=True, poison=True, mma=mma,
-                             bk=16, bn=32, steps=steps, partials=partials, unroll=unroll)
+    w = normal(k, (k, 70))
+    ref = jit_call(sg.sparse_input_gemv_reference, x, w, threshold=0.2)
+    y = jit_call(sg.sparse_input_gemv, x, w, threshold=0.2, impl="masked", interpret=True, poison=True,
+                 mma=mma, bk=16, bn=32, steps=steps, partials=partials, unroll=unroll)
     assert y.shape == (batch, 70)
     assert_written(y)
     assert rel_error(y, ref) < 1e-5
@@ -59,10 +59,10 @@ def test_masked_split_steps_and_partials_equal_the_reference(batch, k, mma, step
     (2, 150, 40, 0.0, dict(compact="xla", bc=8, col_splits=2, programs=3, sum_in_kernel=True))])
 def test_rows_equals_the_reference(batch, k, n, threshold, knobs):
     x = _sparse_x(11 * batch + k, batch, k, 0.6)
-    w = jax.random.normal(jax.random.key(k + n), (k, n))
-    ref = sg.sparse_input_gemv_reference(x, w, threshold=threshold)
-    y = sg.sparse_input_gemv(x, w, threshold=threshold, impl="rows", interpret=True, poison=True,
-                             **knobs)
+    w = normal(k + n, (k, n))
+    ref = jit_call(sg.sparse_input_gemv_reference, x, w, threshold=threshold)
+    y = jit_call(sg.sparse_input_gemv, x, w, threshold=threshold, impl="rows", interpret=True,
+                 poison=True, **knobs)
     assert y.shape == (batch, n)
     assert_written(y)
     assert rel_error(y, ref) < 1e-5
@@ -75,12 +75,12 @@ def test_rows_all_dead_is_zero_and_all_live_is_the_dense_product(compact):
     rng = np.random.default_rng(5)
     w = jnp.asarray(rng.standard_normal((90, 50)), jnp.float32)
     x = jnp.asarray(rng.uniform(0.5, 1.5, (3, 90)) * rng.choice([-1.0, 1.0], (3, 90)), jnp.float32)
-    dead = sg.sparse_input_gemv(x, w, threshold=2.0, **knobs)     # every |x| <= 1.5: no live row
+    dead = jit_call(sg.sparse_input_gemv, x, w, threshold=2.0, **knobs)   # every |x| <= 1.5: no live row
     np.testing.assert_array_equal(np.asarray(dead), 0.0)
-    y = sg.sparse_input_gemv(x, w, **knobs)                        # no input is zero: every row live
+    y = jit_call(sg.sparse_input_gemv, x, w, **knobs)              # no input is zero: every row live
     assert_written(y)
-    assert rel_error(y, sg.sparse_input_gemv_reference(x, w)) < 1e-5
-    assert rel_error(y, x @ w) < 1e-5
+    assert rel_error(y, jit_call(sg.sparse_input_gemv_reference, x, w)) < 1e-5
+    assert rel_error(y, np.asarray(x) @ np.asarray(w)) < 1e-5
 
 
 
@@ -91,11 +91,11 @@ def test_bf16_inputs_at_the_rounded_threshold_count_as_dead(impl):
     rng = np.random.default_rng(2)
     x = rng.standard_normal((2, 96)).astype(np.float32)
     x[:, ::3] = 0.30078125 * np.sign(x[:, ::3])
-    x = jnp.asarray(x, jnp.bfloat16)
-    w = jnp.asarray(rng.standard_normal((96, 40)), jnp.bfloat16)
-    ref = sg.sparse_input_gemv_reference(x, w, threshold=0.3, out_dtype=jnp.float32)
-    y = sg.sparse_input_gemv(x, w, threshold=0.3, impl=impl, interpret=True, bk=16, bn=32, span=32,
-                             bc=8, col_splits=2, out_dtype=jnp.float32)
+    x = jnp.asarray(x.astype(jnp.bfloat16))
+    w = jnp.asarray(rng.standard_normal((96, 40)).astype(jnp.bfloat16))
+    ref = jit_call(sg.sparse_input_gemv_reference, x, w, threshold=0.3, out_dtype=jnp.float32)
+    y = jit_call(sg.sparse_input_gemv, x, w, threshold=0.3, impl=impl, interpret=True, bk=16, bn=32,
+                 span=32, bc=8, col_splits=2, out_dtype=jnp.float32)
     assert rel_error(y, ref) < 1e-5
 
 def test_rows_layout_covers_every_row_and_column():
@@ -109,7 +109,7 @@ def test_rows_layout_covers_every_row_and_column():
 
 def test_compact_list_overflow_falls_back_to_dense():
     x = _sparse_x(0, 2, 64, 0.2)
-    w = jax.random.normal(jax.random.key(1), (64, 24))
+    w = normal(1, (64, 24))
     live = sg.live_rows(x)
     idx, count = sg.live_row_list(live, 8)
     assert int(count) == int(live.sum()) > 8
@@ -138,6 +138,12 @@ def test_bad_arguments_raise_one_line_errors():
         sg.sparse_input_gemv(x, w, impl="rows", interpret=True, compact="host")
 
 
+def _spark_weights(seed, d, d_ff, r):
+    wi = normal(2 * seed, (d, d_ff)) / d ** 0.5
+    wo = normal(2 * seed + 1, (d_ff, d)) / d_ff ** 0.5
+    return jit_call(sf.decode_weights_from_spark, wi, wo, predictor_dims=r)
+
+
 @pytest.mark.parametrize("impl,batch,extra", [("fused", 1, dict(unroll=False)), ("sparse", 3, {}),
                                                ("fused", 2, dict(partials=True, act_in_kernel=True)),
                                                ("sparse", 3, dict(act_in_kernel=True, down_tiles=dict(
@@ -162,26 +168,22 @@ def test_bad_arguments_raise_one_line_errors():
                                                ("sparse", 3, dict(mma=True, down_tiles=dict(
                                                    mma=False, bk=16, bn=32)))])
 def test_masked_spark_ffn_equals_reference(impl, batch, extra):
-    k1, k2 = jax.random.split(jax.random.key(batch))
     d, d_ff, r = 40, 99, 16
-    wi = jax.random.normal(k1, (d, d_ff)) / d ** 0.5
-    wo = jax.random.normal(k2, (d_ff, d)) / d_ff ** 0.5
-    w = sf.decode_weights_from_spark(wi, wo, r)
-    x = jax.random.normal(jax.random.key(100 + batch), (batch, d))
-    ref = sf.topk_ffn_decode_reference(x, w, k_frac=0.08)
+    w = _spark_weights(batch, d, d_ff, r)
+    x = normal(100 + batch, (batch, d))
+    ref = jit_call(sf.topk_ffn_decode_reference, x, w, k_frac=0.08)
     extra = dict(extra, poison=True)
-    y = sf.topk_ffn_decode(x, w, k_frac=0.08, impl=impl, interpret=True, bj=16, bk=32, bn=32, **extra)
+    y = jit_call(sf.topk_ffn_decode, x, w, k_frac=0.08, impl=impl, interpret=True, bj=16, bk=32, bn=32,
+                 **extra)
     assert y.shape == x.shape
     assert_written(y)
     assert rel_error(y, ref) < 1e-5
 
 
 def test_padding_the_tokens_once_leaves_one_pad_of_activations():
-    k1, k2 = jax.random.split(jax.random.key(7))
     d, d_ff, r = 40, 99, 16
-    w = sf.decode_weights_from_spark(jax.random.normal(k1, (d, d_ff)) / d ** 0.5,
-                                     jax.random.normal(k2, (d_ff, d)) / d_ff ** 0.5, r)
-    x = jax.random.normal(jax.random.key(8), (5, d))
+    w = _spark_weights(7, d, d_ff, r)
+    x = normal(8, (5, d))
 
     def pads(pad_batch):
         fn = lambda x: sf.topk_ffn_decode(x, w, k_frac=0.08, impl="sparse", interpret=True, bj=16, bk=32,
@@ -207,12 +209,10 @@ def test_masked_spark_ffn_mma_refuses_what_it_cannot_run():
 
 @pytest.mark.parametrize("d_ff,batch", [(99, 1), (192, 1), (192, 3)])      # padded row, chunked row
 def test_select_kernel_spark_ffn_equals_reference(d_ff, batch):
-    k1, k2 = jax.random.split(jax.random.key(d_ff + batch))
     d, r = 40, 16
-    w = sf.decode_weights_from_spark(jax.random.normal(k1, (d, d_ff)) / d ** 0.5,
-                                     jax.random.normal(k2, (d_ff, d)) / d_ff ** 0.5, r)
-    x = jax.random.normal(jax.random.key(200 + batch), (batch, d))
-    ref = sf.topk_ffn_decode_reference(x, w, k_frac=0.08)
+    w = _spark_weights(d_ff + batch, d, d_ff, r)
+    x = normal(200 + batch, (batch, d))
+    ref = jit_call(sf.topk_ffn_decode_reference, x, w, k_frac=0.08)
     name, tiling = sf.CHOICE_PATHS["sparse_rows_down_pad2_gate_select"]
     tiling = dict(tiling, down_tiles=dict(impl="rows", bc=8, span=32, col_splits=2))
 
@@ -220,7 +220,7 @@ def test_select_kernel_spark_ffn_equals_reference(d_ff, batch):
         return sf.topk_ffn_decode(x, w, k_frac=0.08, impl=name, interpret=True, bj=16, bk=32, bn=32,
                                   poison=True, **tiling)
 
-    y = run(x)
+    y = jax.jit(run)(x)
     assert y.shape == x.shape
     assert_written(y)
     assert rel_error(y, ref) < 1e-5
@@ -235,13 +235,11 @@ def test_select_kernel_spark_ffn_equals_reference(d_ff, batch):
 
 
 def test_padded_row_predictor_runs_a_two_row_product_at_batch_one_only():
-    k1, k2 = jax.random.split(jax.random.key(5))
     d, d_ff, r = 40, 99, 16
-    w = sf.decode_weights_from_spark(jax.random.normal(k1, (d, d_ff)) / d ** 0.5,
-                                     jax.random.normal(k2, (d_ff, d)) / d_ff ** 0.5, r)
+    w = _spark_weights(5, d, d_ff, r)
 
     def gate_rows(batch):
-        x = jax.random.normal(jax.random.key(6), (batch, d))
+        x = normal(6, (batch, d))
         jaxpr = jax.make_jaxpr(lambda x: sf.topk_ffn_decode(
             x, w, k_frac=0.08, impl="sparse", interpret=True, bj=16, bk=32, bn=32, gate_pad2=True))(x)
         return [e.invars[0].aval.shape[0] for e in jaxpr.jaxpr.eqns
@@ -257,11 +255,10 @@ def test_choose_impl_is_deterministic_dense_on_cpu():
 
 
 def test_auto_layer_runs_the_chosen_path_and_matches_the_reference():
-    k1, k2, k3 = jax.random.split(jax.random.key(11), 3)
-    w = sf.decode_weights_from_gated(jax.random.normal(k1, (24, 64)) / 5, jax.random.normal(k2, (24, 64)) / 5,
-                                     jax.random.normal(k3, (64, 24)) / 8)
-    x = jax.random.normal(jax.random.key(12), (2, 24))
-    ref = sf.topk_ffn_decode_reference(x, w, k_frac=0.25)
+    w = jit_call(sf.decode_weights_from_gated, normal(11, (24, 64)) / 5, normal(12, (24, 64)) / 5,
+                 normal(13, (64, 24)) / 8)
+    x = normal(14, (2, 24))
+    ref = jit_call(sf.topk_ffn_decode_reference, x, w, k_frac=0.25)
     y = jax.jit(lambda x, w: sf.topk_ffn_decode(x, w, k_frac=0.25, impl="auto"))(x, w)
     assert rel_error(y, ref) < 1e-5
 
@@ -271,12 +268,10 @@ def test_every_choice_path_equals_the_reference(name):
     # What choose_impl may pick, with its own tilings (the tensor-core paths at several tokens).
     impl, tiling = sf.CHOICE_PATHS[name]
     batch = 3 if tiling.get("mma") else 1
-    k1, k2 = jax.random.split(jax.random.key(11))
     d, d_ff, r = 40, 99, 16
-    w = sf.decode_weights_from_spark(jax.random.normal(k1, (d, d_ff)) / d ** 0.5,
-                                     jax.random.normal(k2, (d_ff, d)) / d_ff ** 0.5, r)
-    x = jax.random.normal(jax.random.key(12), (batch, d))
-    y = sf.topk_ffn_decode(x, w, k_frac=0.08, impl=impl, interpret=True, bj=16, bk=32, bn=32,
-                           **tiling)
+    w = _spark_weights(11, d, d_ff, r)
+    x = normal(12, (batch, d))
+    y = jit_call(sf.topk_ffn_decode, x, w, k_frac=0.08, impl=impl, interpret=True, bj=16, bk=32, bn=32,
+                 **tiling)
     assert y.shape == x.shape
-    assert rel_error(y, sf.topk_ffn_decode_reference(x, w, k_frac=0.08)) < 1e-5
+    assert rel_error(y, jit_call(sf.topk_ffn_decode_reference, x, w, k_frac=0.08)) < 1e-5

@@ -95,8 +95,15 @@ def custom_fn(params, x):
     return jnp.sum(custom_matmul(x, params["w"]) ** 2, axis=-1)
 
 
+# Inputs are drawn by numpy, and the models' inits and the programs compared below run
+# jitted: one program each, where op by op every operation at every new shape was a
+# program to compile.
+def _normal(seed, shape, scale=1.0):
+    return jnp.asarray((scale * np.random.default_rng(seed).standard_normal(shape)).astype(np.float32))
+
+
 def _linen(model, x):
-    variables = model.init(jax.random.key(1), x)
+    variables = jax.jit(model.init)(jax.random.key(1), x)
     return model.apply, variables
 
 
@@ -105,24 +112,18 @@ def _nnx(x):
     return (lambda s, x: nnx.merge(graphdef, s)(x)), state
 
 
-def _plain_params(key):
-    k = jax.random.split(key, 4)
-    return {"stack": jax.random.normal(k[0], (3, 8, 8)) / 3,
-            "loop": jax.random.normal(k[1], (8, 8)) / 3,
-            "out": jax.random.normal(k[2], (8, 4))}
+def _plain_params(seed):
+    return {"stack": _normal(seed, (3, 8, 8), 1 / 3), "loop": _normal(seed + 1, (8, 8), 1 / 3),
+            "out": _normal(seed + 2, (8, 4))}
 
 
 CASES = {
-    "linen_mlp": lambda: (*_linen(MLP(), jnp.ones((4, 10))), jax.random.normal(jax.random.key(2), (4, 10))),
-    "linen_scan": lambda: (*_linen(ScannedStack(), jnp.ones((2, 5, 6))),
-                           jax.random.normal(jax.random.key(2), (2, 5, 6))),
-    "conv": lambda: (*_linen(ConvNet(), jnp.ones((2, 9, 9, 3))),
-                     jax.random.normal(jax.random.key(2), (2, 9, 9, 3))),
-    "nnx": lambda: (*_nnx(None), jax.random.normal(jax.random.key(2), (3, 12))),
-    "control_flow": lambda: (control_flow_fn, _plain_params(jax.random.key(4)),
-                             jax.random.normal(jax.random.key(2), (2, 8))),
-    "custom_vjp": lambda: (custom_fn, {"w": jax.random.normal(jax.random.key(5), (6, 7))},
-                           jax.random.normal(jax.random.key(2), (3, 6))),
+    "linen_mlp": lambda: (*_linen(MLP(), jnp.ones((4, 10))), _normal(2, (4, 10))),
+    "linen_scan": lambda: (*_linen(ScannedStack(), jnp.ones((2, 5, 6))), _normal(2, (2, 5, 6))),
+    "conv": lambda: (*_linen(ConvNet(), jnp.ones((2, 9, 9, 3))), _normal(2, (2, 9, 9, 3))),
+    "nnx": lambda: (*_nnx(None), _normal(2, (3, 12))),
+    "control_flow": lambda: (control_flow_fn, _plain_params(4), _normal(2, (2, 8))),
+    "custom_vjp": lambda: (custom_fn, {"w": _normal(5, (6, 7))}, _normal(2, (3, 6))),
 }
 
 
@@ -137,7 +138,7 @@ def test_empty_recipe_reproduces_fn(name):
     fn, params, x = CASES[name]()
     sfn = sj.sparsify(fn, sj.Recipe([]))
     sparams, sstate = sfn.init(params, x)
-    tree_allclose(sfn(sparams, sstate, x), fn(params, x), rtol=0, atol=0)
+    tree_allclose(jax.jit(sfn)(sparams, sstate, x), jax.jit(fn)(params, x), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
@@ -146,11 +147,11 @@ def test_masked_recipe_equals_oracle(name):
     sfn = sj.sparsify(fn, _recipe(name))
     sparams, sstate = sfn.init(params, x)
     masks = [m for m in jax.tree.leaves(sstate["masks"])]
-    assert masks and all(0 < float(m.mean()) < 1 for m in masks)
-    expected = fn(oracle_params(sparams, sstate), x)
-    tree_allclose(sfn(sparams, sstate, x), expected, rtol=1e-6, atol=1e-6)
+    assert masks and all(0 < np.asarray(m).mean() < 1 for m in masks)
+    expected = jax.jit(lambda p, s, x: fn(oracle_params(p, s), x))(sparams, sstate, x)
+    tree_allclose(jax.jit(sfn)(sparams, sstate, x), expected, rtol=1e-6, atol=1e-6)
     # and the masks really change the output (a no-op rewrite would fail here)
-    assert not np.allclose(np.asarray(expected), np.asarray(fn(params, x)))
+    assert not np.allclose(np.asarray(expected), np.asarray(jax.jit(fn)(params, x)))
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
@@ -161,11 +162,12 @@ def test_grad_matches_oracle(name):
     loss = lambda p: jnp.sum(jnp.sin(sfn(p, sstate, x)))
     oracle = lambda p: jnp.sum(jnp.sin(fn(oracle_params(p, sstate), x)))
     if name == "control_flow":  # a while loop with a traced trip count: forward mode only
-        tangent = jax.tree.map(lambda p: jax.random.normal(jax.random.key(7), p.shape), sparams)
+        tangent = jax.tree.map(lambda p: _normal(7, p.shape), sparams)
         tree_allclose(jax.jit(lambda p: jax.jvp(loss, (p,), (tangent,)))(sparams),
-                      jax.jvp(oracle, (sparams,), (tangent,)), rtol=1e-5, atol=1e-5)
+                      jax.jit(lambda p: jax.jvp(oracle, (p,), (tangent,)))(sparams), rtol=1e-5, atol=1e-5)
         return
-    tree_allclose(jax.jit(jax.grad(loss))(sparams), jax.grad(oracle)(sparams), rtol=1e-5, atol=1e-5)
+    tree_allclose(jax.jit(jax.grad(loss))(sparams), jax.jit(jax.grad(oracle))(sparams), rtol=1e-5,
+                  atol=1e-5)
 
 
 def test_scan_masks_each_layer_separately():
@@ -234,13 +236,13 @@ def test_custom_vjp_without_a_site_inside_keeps_its_rule():
         h = doubled_grad_lookup(p["emb"], ids)
         return jnp.sum((h @ p["emb"].T) ** 2)
 
-    params = {"emb": jax.random.normal(jax.random.key(0), (10, 8))}
+    params = {"emb": _normal(0, (10, 8))}
     ids = jnp.array([1, 1, 3, 7])
     sfn = sj.sparsify(tied, sj.Recipe([sj.Prune("emb", 0.5)]))
     sparams, sstate = sfn.init(params, ids)
     mask = sstate["masks"]["emb"]
-    got = jax.grad(lambda p: sfn(p, sstate, ids))(sparams)["emb"]
-    want = jax.grad(tied)({"emb": sparams["emb"] * mask}, ids)["emb"] * mask
+    got = jax.jit(jax.grad(lambda p: sfn(p, sstate, ids)))(sparams)["emb"]
+    want = jax.jit(lambda p: jax.grad(tied)({"emb": p["emb"] * mask}, ids)["emb"] * mask)(sparams)
     assert 0 < float(jnp.mean(mask)) < 1
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
     assert not any("custom_vjp_call" in n for n in sfn.report().notes)
@@ -269,13 +271,13 @@ def test_second_call_does_not_retrace():
 
 def test_vmap_and_checkpoint():
     fn, sfn, sparams, sstate, x = _mlp_setup()
-    xs = jax.random.normal(jax.random.key(9), (3, 4, 10))
+    xs = _normal(9, (3, 4, 10))
     oracle = oracle_params(sparams, sstate)
-    tree_allclose(jax.vmap(lambda xb: sfn(sparams, sstate, xb))(xs),
-                  jax.vmap(lambda xb: fn(oracle, xb))(xs), atol=1e-6)
+    tree_allclose(jax.jit(jax.vmap(lambda xb: sfn(sparams, sstate, xb)))(xs),
+                  jax.jit(jax.vmap(lambda xb: fn(oracle, xb)))(xs), atol=1e-6)
     loss = jax.checkpoint(lambda p: jnp.sum(sfn(p, sstate, x) ** 2))
-    tree_allclose(jax.grad(loss)(sparams),
-                  jax.grad(lambda p: jnp.sum(fn(oracle_params(p, sstate), x) ** 2))(sparams),
+    tree_allclose(jax.jit(jax.grad(loss))(sparams),
+                  jax.jit(jax.grad(lambda p: jnp.sum(fn(oracle_params(p, sstate), x) ** 2)))(sparams),
                   rtol=1e-5, atol=1e-5)
 
 
@@ -284,7 +286,7 @@ def test_jit_on_eight_device_mesh():
     fn, sfn, sparams, sstate, _ = _mlp_setup()
     mesh = jax.sharding.Mesh(np.array(jax.devices()[:8]).reshape(4, 2), ("data", "model"))
     P = jax.sharding.PartitionSpec
-    x = jax.random.normal(jax.random.key(3), (8, 10))
+    x = _normal(3, (8, 10))
     x_sharded = jax.device_put(x, jax.sharding.NamedSharding(mesh, P("data", None)))
     kernel_sharding = jax.sharding.NamedSharding(mesh, P(None, "model"))
     sparams = jax.tree.map(
@@ -294,21 +296,23 @@ def test_jit_on_eight_device_mesh():
                    out_shardings=jax.sharding.NamedSharding(mesh, P("data", None)))
     out = step(sparams, sstate, x_sharded)
     assert out.sharding.spec == P("data", None)
-    tree_allclose(out, fn(oracle_params(sparams, sstate), x), rtol=1e-5, atol=1e-5)
+    tree_allclose(out, jax.jit(lambda p, s, x: fn(oracle_params(p, s), x))(sparams, sstate, x),
+                  rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("gradient", ["masked", "ste", "srste"])
 def test_gradient_modes(gradient):
-    params = {"w": jax.random.normal(jax.random.key(0), (8, 6))}
-    x = jax.random.normal(jax.random.key(1), (5, 8))
+    params = {"w": _normal(0, (8, 6))}
+    x = _normal(1, (5, 8))
     fn = lambda p, x: jnp.tanh(x @ p["w"])
     sfn = sj.sparsify(fn, sj.Prune("w", 0.5, gradient=gradient, srste_decay=0.1))
     sparams, sstate = sfn.init(params, x)
-    m = sstate["masks"]["w"].astype(jnp.float32)
-    g = jax.grad(lambda p: jnp.sum(sfn(p, sstate, x)))(sparams)["w"]
-    g_masked_w = jax.grad(lambda w: jnp.sum(fn({"w": w}, x)))(params["w"] * m)
+    m = np.asarray(sstate["masks"]["w"], np.float32)
+    g = jax.jit(jax.grad(lambda p: jnp.sum(sfn(p, sstate, x))))(sparams)["w"]
+    g_masked_w = np.asarray(jax.jit(jax.grad(lambda w: jnp.sum(fn({"w": w}, x))))(params["w"] * m))
+    w = np.asarray(params["w"])
     expected = {"masked": g_masked_w * m, "ste": g_masked_w,
-                "srste": g_masked_w + 0.1 * (1 - m) * params["w"]}[gradient]
+                "srste": g_masked_w + 0.1 * (1 - m) * w}[gradient]
     np.testing.assert_allclose(g, expected, rtol=1e-5, atol=1e-6)
 
 

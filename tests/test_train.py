@@ -31,18 +31,32 @@ def falls(history) -> bool:
     return np.mean(losses[-2:]) < 0.85 * np.mean(losses[:2])
 
 
+# No checkpoint along the way (saving is tested below, and took a quarter of each run here).
+PRESET_RUN = dict(mesh="data:1", checkpoint_every=10_000)
+
+
+@pytest.fixture(scope="module")
+def dense_run(tmp_path_factory):
+    """The dense preset's run, trained once per module: test_every_preset_trains[dense] checks
+    it, and its workdir is the finished run of another model that
+    test_workdir_of_another_model_is_refused needs."""
+    tmp_path = tmp_path_factory.mktemp("dense")
+    return tmp_path, train.train_and_evaluate(tiny(tmp_path, recipe="dense", **PRESET_RUN))
+
+
 @pytest.mark.parametrize("recipe", sorted(presets.PRESETS))
-def test_every_preset_trains(tmp_path, recipe):
+def test_every_preset_trains(tmp_path, recipe, request):
     # monarch4 also settles its path choices on the whole step first (on the CPU: nothing to
     # settle, the step timed once and training unchanged)
-    # No checkpoint along the way (saving is tested below, and took a quarter of each run here).
-    cfg = tiny(tmp_path, recipe=recipe, mesh="data:1", tune_paths=recipe == "monarch4",
-               checkpoint_every=10_000)
+    cfg = tiny(tmp_path, recipe=recipe, tune_paths=recipe == "monarch4", **PRESET_RUN)
     if recipe == "monarch4_proj":
         # projects given weights: start from a short dense run's final params
         train.train_and_evaluate(tiny(tmp_path / "dense", recipe="dense", steps=10, mesh="data:1"))
         cfg.steps, cfg.init_from = 20, str(tmp_path / "dense" / "run")
-    result = train.train_and_evaluate(cfg)
+    if recipe == "dense":
+        tmp_path, result = request.getfixturevalue("dense_run")
+    else:
+        result = train.train_and_evaluate(cfg)
     losses = [h["loss"] for h in result["history"]]
     if recipe == "monarch4_proj":
         # starts from trained weights: less to fall than from scratch, but it still learns
@@ -174,11 +188,13 @@ def _run_cli(args, env_extra=None):
 
 def _cli_args(workdir, **overrides):
     settings = {**TINY, "steps": 30, "checkpoint_every": 10, "workdir": str(workdir),
-                "recipe": "rigl90", **overrides}
+                "recipe": "rigl90", "mesh": "data:1", **overrides}
     return [f"--{k}={v}" for k, v in settings.items()]
 
 
 def test_sigkill_and_resume_ends_bit_identical(tmp_path):
+    # On one device (mesh data:1, a third less time per run than the eight the CLI takes by
+    # default); restoring into sharded templates is test_checkpointing's.
     straight = _run_cli(_cli_args(tmp_path / "straight"))
     assert straight.returncode == 0, straight.stderr[-2000:]
     # the test-only kill switch is an environment variable, not a flag --help would show
@@ -232,10 +248,10 @@ def test_empty_data_path(tmp_path):
         train.prepare(tiny(tmp_path, data=str(empty)))
 
 
-def test_workdir_of_another_model_is_refused(tmp_path):
-    train.train_and_evaluate(tiny(tmp_path, steps=5, mesh="data:1"))
+def test_workdir_of_another_model_is_refused(dense_run):
+    tmp_path, _ = dense_run          # a finished run's workdir (its settings but the model's)
     with pytest.raises(ValueError, match="different"):
-        train.prepare(tiny(tmp_path, steps=5, d_model=48, mesh="data:1"))
+        train.prepare(tiny(tmp_path, recipe="dense", d_model=48, **PRESET_RUN))
 
 
 def test_cli_prints_one_line_error(tmp_path):
