@@ -231,7 +231,7 @@ def bench_gemv(b: Bench):
             dev = b.device_us(name, fn, (xs, ws), b.s.layers) if ok else float("nan")
             if ok and not (t >= best[1]) and not name.startswith("xla dense"):
                 best = (name, t)
-            if ok and not (dev >= best_dev[1]) and not name.startswith("xla dense"):
+            if dev == dev and not (dev >= best_dev[1]) and not name.startswith("xla dense"):
                 best_dev = (name, dev)
             b.detail.append(f"| gemv | {zero:.0%} zero | {name} | {t_dense:.1f} | {t:.1f} | {t_dense / t:.2f} |")
             if dev == dev:
@@ -606,7 +606,7 @@ def bench_nm(b: Bench):
                 b.summary.append(("compressed N:M GEMV, steady-state timing", case, best[0], steady[0],
                                   steady[1], goal))
                 with _nm_launch_set(launch):
-                    dev = [b.device_us(f"{label}", f, a, b.s.layers)
+                    dev = [b.device_us(label, f, a, b.s.layers)
                            for label, (f, a) in zip(("xla dense", best[0]), runs)]
                 if dev[1] == dev[1]:
                     b.summary.append(("compressed N:M GEMV, device time", case, best[0], dev[0], dev[1], goal))
