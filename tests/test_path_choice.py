@@ -238,7 +238,8 @@ def _primitives(closed) -> list[str]:
     return names
 
 
-def test_measure_runs_each_candidate_over_several_input_sets(monkeypatch):
+def _programs_measured(monkeypatch) -> list:
+    """The jaxpr of each program ``measure`` compiles from here on, appended as it compiles."""
     programs = []
     real_compile_all = pc._compile_all
 
@@ -247,6 +248,11 @@ def test_measure_runs_each_candidate_over_several_input_sets(monkeypatch):
         return real_compile_all(candidates, wrap, args)
 
     monkeypatch.setattr(pc, "_compile_all", spy)
+    return programs
+
+
+def test_measure_runs_each_candidate_over_several_input_sets(monkeypatch):
+    programs = _programs_measured(monkeypatch)
     times = pc.measure([pc.Candidate("xla", lambda x, w: x @ w)], SPECS, calls=1, repeats=1, copies=3)
     (program,) = programs
     assert _primitives(program).count("dot_general") == 3 and times["xla"] > 0
@@ -262,14 +268,7 @@ def test_measure_runs_each_candidate_over_several_input_sets(monkeypatch):
 def test_each_input_set_is_its_own_buffer_not_a_slice(monkeypatch):
     # A slice of one stacked array is a copy XLA materialises before a custom call: a
     # kernel's timing would carry a read and a write of its whole weight.
-    programs = []
-    real_compile_all = pc._compile_all
-
-    def spy(candidates, wrap, args):
-        programs.extend(jax.make_jaxpr(wrap(c.fn))(*args) for c in candidates)
-        return real_compile_all(candidates, wrap, args)
-
-    monkeypatch.setattr(pc, "_compile_all", spy)
+    programs = _programs_measured(monkeypatch)
     shared = np.ones((4,), np.float32)        # a concrete input, passed to every copy
     times = pc.measure([pc.Candidate("xla", lambda x, w, bias: x @ w + bias)], [*SPECS, shared],
                        calls=1, repeats=1, copies=3)
